@@ -1,0 +1,3 @@
+"""bidistill."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,53 @@
+"""Atomic file writing: a file that exists is whole.
+
+Every output (h5, CSV, JSON, PNG, checkpoint) is written to a temporary name in the *target*
+folder and renamed into place when complete, so a killed process never leaves a half file that a
+rerun would mistake for finished work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` when the block ends.
+
+    Side effects: creates ``target``'s folder; on an exception the temporary file is removed and
+    ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp" + target.suffix
+    )
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(target: str | Path, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(target: str | Path, data: Any) -> None:
+    write_text(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_csv(target: str | Path, frame: Any, **to_csv_kwargs: Any) -> None:
+    """Write a pandas DataFrame atomically (``index=False`` unless told otherwise)."""
+    to_csv_kwargs.setdefault("index", False)
+    with atomic_path(target) as tmp:
+        frame.to_csv(tmp, **to_csv_kwargs)

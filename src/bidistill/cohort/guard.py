@@ -1,0 +1,75 @@
+"""Leakage guard: refuse a clinical feature that alone separates the training labels.
+
+A feature with single-feature AUC >= 0.95 on the training patients is almost always the label in
+disguise (a count of positive nodes, the surgery chosen with the nodal status known). The run
+stops with an error that names it, unless the config lists it in ``cohort.allow_separating``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from bidistill.cohort.parsers import is_blank, normalise_text
+from bidistill.config import ClinicalColumn, ClinicalKind
+from bidistill.errors import CohortError
+
+SEPARATION_AUC = 0.95
+
+
+def separation_auc(cells: pd.Series, labels: pd.Series, col: ClinicalColumn) -> float | None:
+    """AUC of one feature alone on its observed rows (direction-free); None when undefined."""
+    observed = ~cells.map(is_blank)
+    x, y = cells[observed], labels[observed].to_numpy()
+    if len(np.unique(y)) < 2:
+        return None
+    if col.kind == ClinicalKind.numeric:
+        score = pd.to_numeric(x, errors="coerce").to_numpy(float)
+    elif col.kind == ClinicalKind.ordinal:
+        order = {normalise_text(c): i for i, c in enumerate(col.categories or [])}
+        score = np.array([order.get(normalise_text(v), np.nan) for v in x], dtype=float)
+    else:
+        # Categories have no order: score each level by its positive rate, the best any
+        # single-feature rule can do.
+        text = x.map(normalise_text)
+        score = text.map(pd.Series(y, index=text.index).groupby(text).mean()).to_numpy(float)
+    keep = ~np.isnan(score)
+    if len(np.unique(y[keep])) < 2:
+        return None
+    auc = roc_auc_score(y[keep], score[keep])
+    return float(max(auc, 1 - auc))
+
+
+def check_separating_features(
+    frame: pd.DataFrame,
+    labels: pd.Series,
+    columns: list[ClinicalColumn],
+    allow: list[str] | tuple[str, ...] = (),
+) -> dict[str, float]:
+    """Raise ``CohortError`` for any feature that separates ``labels`` almost perfectly.
+
+    Args:
+        frame: training patients, one column per clinical feature.
+        labels: their labels (0/1), aligned with ``frame``.
+        columns: the clinical columns to check.
+        allow: feature or column names that may separate (the config's ``allow_separating``).
+
+    Returns:
+        feature name → single-feature AUC, for the log.
+    """
+    aucs = {}
+    for col in columns:
+        auc = separation_auc(frame[col.feature_name], labels, col)
+        if auc is None:
+            continue
+        aucs[col.feature_name] = auc
+        allowed = col.feature_name in allow or col.column in allow
+        if auc >= SEPARATION_AUC and not allowed:
+            raise CohortError(
+                f"clinical feature '{col.column}' alone separates the training labels "
+                f"(AUC {auc:.3f} >= {SEPARATION_AUC}): it is probably the label in disguise. "
+                f"Remove it from cohort.clinical, or list it in cohort.allow_separating if it is "
+                "a legitimate predictor"
+            )
+    return aucs

@@ -1,0 +1,87 @@
+"""Value parsers for the messy cells of real clinical registries.
+
+Every parser takes one raw cell (text, number or blank) and returns a float, or NaN for a blank.
+Text is NFKC-normalised first, which turns full-width symbols such as "＜5%" and "３０" into their
+ASCII forms. A cell that cannot be read raises ``ValueError`` with the reason; the table loader adds
+the file, row and column.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from typing import Any
+
+_NUMBER = r"[-+]?\d+(?:[.,]\d+)?"
+_NUMBER_RE = re.compile(rf"^\s*({_NUMBER})\s*([a-zA-Zµ%]*)\s*$")
+_PERCENT_RE = re.compile(
+    rf"^(?P<cmp>[<>≤≥]=?)?\s*(?P<lo>{_NUMBER})\s*(?P<lo_pct>%?)"
+    rf"(?:\s*(?:-|–|~|to)\s*(?P<hi>{_NUMBER})\s*(?P<hi_pct>%?))?$"
+)
+
+
+def is_blank(cell: Any) -> bool:
+    """True for None, NaN and text that is empty or whitespace only."""
+    if cell is None:
+        return True
+    if isinstance(cell, float) and math.isnan(cell):
+        return True
+    return isinstance(cell, str) and not normalise_text(cell)
+
+
+def normalise_text(cell: Any) -> str:
+    """NFKC-normalised text with whitespace collapsed; whole floats lose their ``.0``.
+
+    Spreadsheets turn a grade of 2 into 2.0; as a category it must read "2".
+    """
+    if isinstance(cell, float) and cell.is_integer():
+        cell = int(cell)
+    text = unicodedata.normalize("NFKC", str(cell))
+    return " ".join(text.split())
+
+
+def _to_float(token: str) -> float:
+    # A lone comma is a decimal comma ("3,5"); registries outside the anglosphere write them.
+    return float(token.replace(",", "."))
+
+
+def parse_number(cell: Any) -> float:
+    """A number from a cell: ``3.5``, ``"3,5"``, ``" 2.1 cm "`` → float; blank → NaN."""
+    if is_blank(cell):
+        return math.nan
+    if isinstance(cell, (int, float)) and not isinstance(cell, bool):
+        return float(cell)
+    match = _NUMBER_RE.match(normalise_text(cell))
+    if not match:
+        raise ValueError("expected a number (e.g. 3.5 or 3,5)")
+    return _to_float(match.group(1))
+
+
+def parse_percent(cell: Any) -> float:
+    """A percentage as a fraction in [0, 1].
+
+    Reads ``0.3`` and ``"0.3"`` (already a fraction), ``30`` and ``"30%"`` (percent),
+    ``"30-40%"`` (a range: its midpoint, 0.35), ``"<5%"``, ``"＜5%"``, ``"＞30%"`` (a censored
+    value: the bound itself, 0.05 and 0.30, since the registry gives nothing finer). A bare number
+    above 1 is read as percent. Blank → NaN.
+    """
+    if is_blank(cell):
+        return math.nan
+    if isinstance(cell, (int, float)) and not isinstance(cell, bool):
+        value, is_percent = float(cell), cell > 1
+    else:
+        match = _PERCENT_RE.match(normalise_text(cell).replace(" %", "%"))
+        if not match:
+            raise ValueError('expected a percentage such as "30%", "0.3", "30-40%" or "<5%"')
+        lo = _to_float(match["lo"])
+        hi = _to_float(match["hi"]) if match["hi"] else lo
+        value = (lo + hi) / 2
+        is_percent = bool(match["lo_pct"] or match["hi_pct"]) or max(lo, hi) > 1
+    fraction = value / 100 if is_percent else value
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"a percentage must lie between 0% and 100% (read {fraction:.0%})")
+    return fraction
+
+
+PARSERS = {"number": parse_number, "percent": parse_percent}

@@ -1,0 +1,217 @@
+"""Synthetic feature cohorts that anyone can make offline (tests, demo, benchmarks).
+
+The label comes from two latent patient traits: ``w``, visible only in the slides, and ``c``,
+visible only in the clinical table, plus noise. So each modality alone is informative, both
+together are better, and a WSI-only model can learn part of what the clinical data adds; the
+situation that bidirectional distillation is built for.
+
+Slides carry ``w`` as a multiple-instance signal: a fraction of 'key' instances (drawn around a
+key prototype) among background instances (drawn around tissue prototypes), with the key fraction
+rising with ``w``. Clinical values carry ``c`` with realistic mess: decimal commas, Ki67 strings
+with full-width symbols, per-feature blanks, and some patients with no clinical data at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bidistill._io import write_csv, write_text
+from bidistill.features.store import feature_path, write_feature_file
+
+SYNTHETIC_ENCODER = "synthetic"
+
+
+def make_feature_cohort(
+    out_dir: str | Path,
+    *,
+    patients: int = 200,
+    seed: int = 0,
+    dim: int = 64,
+    instances: tuple[int, int] = (50, 300),
+    two_slide_share: float = 0.1,
+    no_clinical_share: float = 0.05,
+    with_split: bool = True,
+    progress: bool = False,
+) -> Path:
+    """Write a cohort table, one .h5 feature file per slide and a ready config.
+
+    Side effects: creates ``out_dir/cohort.csv``, ``out_dir/features/<slide_id>.h5`` and
+    ``out_dir/config.yaml`` (every file written atomically).
+
+    Returns:
+        The path of the experiment config.
+    """
+    if patients < 20:
+        raise ValueError(f"a synthetic cohort needs at least 20 patients, got {patients}")
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    traits = _patient_traits(rng, patients)
+    table = _clinical_table(rng, traits, no_clinical_share)
+    prototypes = _prototypes(rng, dim)
+    rows = []
+    iterator = range(patients)
+    if progress:
+        from rich.progress import track
+
+        iterator = track(iterator, description="synthetic slides")
+    for i in iterator:
+        n_slides = 2 if rng.random() < two_slide_share else 1
+        bag = _bag(rng, prototypes, traits["key_fraction"][i], instances)
+        for s, part in enumerate(np.array_split(bag, n_slides)):
+            slide_id = f"S{i:04d}" + (f"-{s + 1}" if n_slides > 1 else "")
+            write_feature_file(
+                feature_path(out_dir / "features", slide_id),
+                part,
+                _grid_coords(len(part)),
+                encoder=SYNTHETIC_ENCODER,
+                patch_size=256,
+                mpp=0.5,
+            )
+            rows.append({"slide_id": slide_id, **table[i]})
+    frame = pd.DataFrame(rows)
+    if with_split:
+        frame["split"] = frame["patient_id"].map(_splits(rng, traits["label"], table))
+    # Shuffle rows so that a patient's slides are not adjacent (real tables are not sorted).
+    frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    write_csv(out_dir / "cohort.csv", frame)
+    config_path = out_dir / "config.yaml"
+    write_text(config_path, feature_cohort_config(with_split=with_split))
+    return config_path
+
+
+def _patient_traits(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    w = rng.normal(size=n)  # seen by the slides only
+    c = rng.normal(size=n)  # seen by the clinical table only
+    score = 1.4 * w + 1.2 * c + rng.normal(scale=0.8, size=n)
+    label = (score > np.quantile(score, 0.6)).astype(int)  # ~40% positive, like BCNB's N+
+    key_fraction = 1 / (1 + np.exp(-(1.6 * w - 2.2)))  # ≈ 3% to 50% key instances
+    return {"w": w, "c": c, "label": label, "key_fraction": key_fraction}
+
+
+def _clinical_table(rng, traits, no_clinical_share: float) -> list[dict]:
+    c, label = traits["c"], traits["label"]
+    n = len(c)
+    age = np.round(52 + 6 * c + rng.normal(scale=9, size=n)).astype(int)
+    size = np.clip(np.exp(0.9 + 0.25 * c + rng.normal(scale=0.3, size=n)), 0.3, 12)
+    grade = np.clip(np.round(2 + 0.6 * c + rng.normal(scale=0.6, size=n)), 1, 3).astype(int)
+    ki67 = np.clip(20 + 12 * c + rng.normal(scale=10, size=n), 1, 90)
+    er_positive = rng.random(n) < 0.75 - 0.1 * np.tanh(c)
+    subtype = rng.choice(["Luminal A", "Luminal B", "HER2(+)", "Triple negative"], size=n)
+    no_clinical = rng.random(n) < no_clinical_share
+    rows = []
+    for i in range(n):
+        row = {
+            "patient_id": f"P{i:04d}",
+            "nodal_status": "N+" if label[i] else "N0",
+            # The label in disguise: must be refused as a feature (config leakage_columns).
+            "positive_nodes": int(rng.integers(1, 9)) if label[i] else 0,
+            "age": str(age[i]),
+            "tumour_size_cm": _messy_number(rng, size[i]),
+            "er": "Positive" if er_positive[i] else "Negative",
+            "grade": str(grade[i]),
+            "ki67": _messy_percent(rng, ki67[i]),
+            "subtype": subtype[i],
+        }
+        for key in ("age", "tumour_size_cm", "er", "grade", "ki67", "subtype"):
+            if no_clinical[i] or rng.random() < 0.06:
+                row[key] = ""
+        rows.append(row)
+    return rows
+
+
+def _messy_number(rng, value: float) -> str:
+    text = f"{value:.1f}"
+    roll = rng.random()
+    if roll < 0.15:
+        return text.replace(".", ",")  # decimal comma
+    if roll < 0.25:
+        return f" {text} "  # stray whitespace
+    return text
+
+
+def _messy_percent(rng, value: float) -> str:
+    roll = rng.random()
+    if value < 5 or roll < 0.05:
+        return rng.choice(["＜5%", "<5%"])
+    if value > 60 and roll < 0.5:
+        return "＞30%"
+    if roll < 0.3:
+        lo = int(value // 10 * 10)
+        return f"{lo}-{lo + 10}%"
+    if roll < 0.45:
+        return f"{value / 100:.2f}"
+    return f"{value:.0f}%"
+
+
+def _prototypes(rng, dim: int) -> dict[str, np.ndarray]:
+    return {
+        "background": rng.normal(size=(6, dim)).astype(np.float32),
+        "key": rng.normal(size=dim).astype(np.float32),
+    }
+
+
+def _bag(rng, prototypes, key_fraction: float, instances: tuple[int, int]) -> np.ndarray:
+    n = int(rng.integers(instances[0], instances[1] + 1))
+    n_key = rng.binomial(n, key_fraction)
+    background = prototypes["background"][rng.integers(0, len(prototypes["background"]), n - n_key)]
+    centres = np.concatenate([np.repeat(prototypes["key"][None], n_key, 0), background])
+    bag = centres + rng.normal(scale=1.0, size=centres.shape)
+    return bag[rng.permutation(n)].astype(np.float32)
+
+
+def _grid_coords(n: int, patch: int = 256) -> np.ndarray:
+    side = int(np.ceil(np.sqrt(n)))
+    idx = np.arange(n)
+    return np.stack([idx % side, idx // side], axis=1).astype(np.int64) * patch
+
+
+def _splits(rng, labels: np.ndarray, table: list[dict]) -> dict[str, str]:
+    """Stratified 60/20/20 train/val/test by patient."""
+    names = {}
+    for cls in (0, 1):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        cut1, cut2 = int(0.6 * len(members)), int(0.8 * len(members))
+        for j, i in enumerate(members):
+            names[table[i]["patient_id"]] = "train" if j < cut1 else "val" if j < cut2 else "test"
+    return names
+
+
+def feature_cohort_config(*, with_split: bool = True) -> str:
+    """The experiment config that goes with a synthetic feature cohort."""
+    split_line = "  split_column: split\n" if with_split else ""
+    return f"""\
+# Experiment on a synthetic feature cohort made by `bidistill synth features`.
+# The slide features are random vectors with a planted signal, not real histology.
+name: synthetic
+cohort:
+  table: cohort.csv
+  patient_column: patient_id
+  slide_column: slide_id
+  label:
+    column: nodal_status
+    positive: ["N+"]
+    negative: ["N0"]
+{split_line}  leakage_columns: [positive_nodes]
+  clinical:
+    - {{column: age, kind: numeric}}
+    - {{column: tumour_size_cm, kind: numeric, parser: number}}
+    - {{column: er, kind: binary, positive: [Positive]}}
+    - {{column: grade, kind: ordinal, categories: ["1", "2", "3"]}}
+    - {{column: ki67, kind: numeric, parser: percent}}
+    - {{column: subtype, kind: categorical}}
+features:
+  dir: features
+  encoder: {SYNTHETIC_ENCODER}
+methods: [bd, wsi-only, clinical-only, fusion-mean, moddrop]
+training:
+  epochs: 20
+  batch_size: 16
+  patience: 6
+  seed: 0
+evaluation:
+  mask_seeds: 10
+  bootstrap: 1000
+"""

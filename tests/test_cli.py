@@ -1,0 +1,82 @@
+"""The command line through typer's runner and one real subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from bidistill.cli import app
+from bidistill.config import load_config
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command_with_examples():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("init", "config", "synth", "bcnb"):
+        assert command in result.output
+    for args in (["init"], ["config"], ["synth", "features"]):
+        sub = runner.invoke(app, [*args, "--help"])
+        assert sub.exit_code == 0 and "Example:" in sub.output, args
+
+
+def test_init_writes_a_template_that_validates(tmp_path):
+    out = tmp_path / "exp.yaml"
+    result = runner.invoke(app, ["init", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_config(out).cohort.patient_column == "patient_id"
+    again = runner.invoke(app, ["init", "-o", str(out)])
+    assert again.exit_code == 1 and "--force" in again.output
+
+
+def test_config_prints_resolved_config_or_a_clear_error(tmp_path):
+    out = tmp_path / "exp.yaml"
+    runner.invoke(app, ["init", "-o", str(out)])
+    result = runner.invoke(app, ["config", str(out)])
+    assert result.exit_code == 0 and str(tmp_path / "cohort.csv") in result.output
+    out.write_text(out.read_text().replace("epochs: 40", "epoch: 40"))
+    bad = runner.invoke(app, ["config", str(out)])
+    assert bad.exit_code == 1
+    assert "unknown key 'epoch' in section 'training'" in bad.output
+    assert "Traceback" not in bad.output
+
+
+def test_synth_features_makes_a_loadable_cohort(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "synth",
+            "features",
+            "--out",
+            str(tmp_path),
+            "--patients",
+            "30",
+            "--dim",
+            "8",
+            "--min-instances",
+            "5",
+            "--max-instances",
+            "9",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    from bidistill.cohort import load_cohort
+
+    cohort = load_cohort(load_config(tmp_path / "config.yaml").cohort)
+    assert len(cohort.patients) == 30
+
+
+@pytest.mark.slow
+def test_console_script_runs_in_a_subprocess(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bidistill", "init", "-o", str(tmp_path / "x.yaml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "x.yaml").is_file()
