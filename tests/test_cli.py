@@ -33,6 +33,22 @@ def test_init_writes_a_template_that_validates(tmp_path):
     assert again.exit_code == 1 and "--force" in again.output
 
 
+def test_init_bcnb_template_validates_and_refuses_leaking_columns(tmp_path):
+    out = tmp_path / "bcnb.yaml"
+    result = runner.invoke(app, ["init", "--bcnb", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(out)
+    assert cfg.cohort.label.column == "ALN status"
+    assert [c.feature_name for c in cfg.cohort.clinical] == [
+        "age",
+        "tumour_size",
+        "er",
+        "pr",
+        "her2",
+    ]
+    assert {"Surgical", "Number of lymph node metastases"} <= set(cfg.cohort.leakage_columns)
+
+
 def test_config_prints_resolved_config_or_a_clear_error(tmp_path):
     out = tmp_path / "exp.yaml"
     runner.invoke(app, ["init", "-o", str(out)])

@@ -36,7 +36,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _fail(err: Exception) -> NoReturn:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, markup=False)
+    from rich.text import Text
+
+    console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False)
     raise typer.Exit(code=1)
 
 
@@ -157,3 +159,184 @@ def tile(
             console.print(f"  {slide_id}: {reason}", highlight=False, markup=False)
         if not summary.tiled and not summary.skipped:
             raise typer.Exit(code=1)
+
+
+# --- BCNB ---------------------------------------------------------------------------------------
+
+
+@bcnb_app.command("prepare")
+def bcnb_prepare(
+    root: Path = typer.Option(..., "--root", help="The BCNB download (holds the clinical xlsx)."),
+    out: Path = typer.Option(..., "--out", help="Folder for cohort.csv and config.yaml."),
+    task: str = typer.Option(
+        "aln", "--task", help="aln | aln-n0-vs-1-2 | aln-n0-vs-gt2 | er | pr | her2."
+    ),
+    features: str = typer.Option(
+        "balnmp5", "--features", help="balnmp5 (age, size, ER, PR, HER2) | all (no leakage)."
+    ),
+) -> None:
+    """Turn the BCNB download into a cohort table and a ready experiment config.
+
+    Works without WSIs/ (clinical-only). Prints what it found: patients, slides, annotations,
+    label balance per split and missing values per column.
+
+    Example: bidistill bcnb prepare --root BCNB --out bcnb-aln --task aln --features balnmp5
+    """
+    from bidistill.cohort.bcnb import prepare_bcnb
+
+    try:
+        report = prepare_bcnb(root, out, task=task, feature_set=features)
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(report.format())
+    typer.echo(f"next: bidistill run {report.config_path} --out {out / 'run'}")
+
+
+@synth_app.command("bcnb")
+def synth_bcnb(
+    out: Path = typer.Option(..., "--out", help="Folder to write the BCNB-layout cohort into."),
+    patients: int = typer.Option(30, "--patients", min=10, help="Number of patients (slides)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: same seed, same bytes."),
+    slide_width: int = typer.Option(2048, "--slide-width", min=512, help="Slide width in px."),
+    slide_height: int = typer.Option(1536, "--slide-height", min=512, help="Slide height in px."),
+    signal: float = typer.Option(
+        1.0, "--signal", min=0.0, help="Strength of the ALN signal in the tumour pixels."
+    ),
+) -> None:
+    """Make a synthetic cohort in the exact BCNB layout (xlsx, split files, JPEG slides, JSON
+    tumour polygons) whose ALN status shows in the tumour nuclei.
+
+    Example: bidistill synth bcnb --out synth-bcnb --patients 30 --seed 0
+    """
+    from bidistill.cohort.synth_bcnb import make_bcnb_folder
+
+    make_bcnb_folder(
+        out,
+        patients=patients,
+        seed=seed,
+        slide_size=(slide_width, slide_height),
+        signal=signal,
+        progress=True,
+    )
+    size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
+    console.print(
+        f"wrote a synthetic BCNB folder of {patients} patients to {out} ({size_mb:.1f} MB); "
+        f"next: bidistill bcnb prepare --root {out} --out {out}-cohort",
+        highlight=False,
+    )
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Experiment YAML."),
+    out: Path = typer.Option(..., "--out", help="Run folder; each method writes out/<method>/."),
+    method: list[str] = typer.Option(
+        None, "--method", "-m", help="Method to train (repeatable); default: the config's methods."
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override training.epochs."),
+    seed: int | None = typer.Option(None, "--seed", help="Override training.seed."),
+    fold: int = typer.Option(0, "--fold", min=0, help="Fold to train (kfold splits)."),
+) -> None:
+    """Train methods on the cohort's feature files; a method whose predictions.csv exists is
+    skipped (delete its folder to retrain).
+
+    Example: bidistill train experiment.yaml --method bd --out runs/exp1
+    """
+    try:
+        from bidistill.training.cli_train import train_from_config
+
+        written = train_from_config(
+            _load(config), out, methods=method or None, epochs=epochs, seed=seed, fold=fold
+        )
+    except _user_errors() as err:
+        _fail(err)
+    for path in written:
+        console.print(f"{path.name}: {path}", highlight=False)
+
+
+# --- run / evaluate / demo ----------------------------------------------------------------------
+
+
+def _print_auc_table(metrics, title: str) -> None:
+    """AUC per method (rows) and test missing rate (columns); the best per rate in bold."""
+    from rich.table import Table
+
+    rates = sorted(metrics["missing_rate"].unique())
+    best = metrics.groupby("missing_rate")["auc"].max()
+    table = Table(title=title, title_justify="left")
+    table.add_column("method")
+    for rate in rates:
+        table.add_column(f"r={rate:g}", justify="right")
+    for method, rows in metrics.groupby("method", sort=False):
+        by_rate = rows.set_index("missing_rate")["auc"]
+        table.add_row(method, *(f"[bold]{by_rate[r]:.3f}[/]" if by_rate[r] >= best[r] - 1e-12
+                                else f"{by_rate[r]:.3f}" for r in rates))
+    Console().print(table)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Experiment YAML."),
+    out: Path = typer.Option(..., "--out", help="Run directory (created; reused to resume)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+) -> None:
+    """Run every stage of the experiment that is not done yet: train each method, evaluate
+    the missing-clinical-data sweep, write metrics.csv and report.html. Rerun to resume.
+
+    Example: bidistill run experiment.yaml --out runs/exp1
+    """
+    from bidistill.pipeline import run_experiment
+
+    try:
+        result = run_experiment(config, out, progress=not no_progress)
+    except _user_errors() as err:
+        _fail(err)
+    _print_auc_table(result.metrics, "AUC by test missing rate (mean over mask seeds)")
+    console.print(f"report: {out / 'report.html'}", highlight=False)
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="Run directory with <method>/predictions.csv."),
+) -> None:
+    """(Re)compute the missing-rate sweep, metrics, DeLong tests, figures and report of a run
+    directory from its methods' predictions (no training).
+
+    Example: bidistill evaluate runs/exp1
+    """
+    from bidistill.evaluation import evaluate_run
+
+    try:
+        tables = evaluate_run(run_dir)
+    except _user_errors() as err:
+        _fail(err)
+    _print_auc_table(tables.metrics, "AUC by test missing rate (mean over mask seeds)")
+    console.print(f"report: {run_dir / 'report.html'}", highlight=False)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_run"), "--out", help="Folder for the cohort and run."),
+    patients: int = typer.Option(240, "--patients", min=40, help="Synthetic patients."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic cohort."),
+) -> None:
+    """Make a small synthetic cohort, train BD and the baselines, evaluate, and write the
+    report: the whole tool in a few minutes on a laptop CPU. Rerun to resume.
+
+    Example: bidistill demo --out demo_run
+    """
+    import time
+
+    from bidistill.pipeline import run_demo
+
+    start = time.perf_counter()
+    try:
+        result = run_demo(out, patients=patients, seed=seed)
+    except _user_errors() as err:
+        _fail(err)
+    _print_auc_table(result.metrics, "Demo: AUC by share of test patients without clinical data")
+    console.print(
+        f"done in {time.perf_counter() - start:.0f} s. Report: {result.run_dir / 'report.html'}"
+        f"  (tables: {result.run_dir / 'metrics.csv'})",
+        highlight=False,
+    )

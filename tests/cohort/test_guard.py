@@ -49,3 +49,10 @@ def test_reversed_direction_is_caught_too():
 def test_blank_cells_are_ignored():
     with_blanks = FRAME.assign(age=FRAME["age"].where(rng.random(200) > 0.3))
     assert "age" in check_separating_features(with_blanks, LABELS, [AGE])
+
+
+def test_tiny_classes_are_not_judged():
+    """Three positives separated by chance are no evidence of leakage."""
+    labels = pd.Series([1, 1, 1] + [0] * 30)
+    frame = pd.DataFrame({"age": [90.0, 91.0, 92.0] + list(range(40, 70))})
+    assert check_separating_features(frame, labels, [AGE]) == {}

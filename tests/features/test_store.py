@@ -62,3 +62,19 @@ def test_errors_name_the_file(tmp_path):
             patch_size=1,
             mpp=1,
         )
+
+
+def test_written_files_get_the_umask_mode_not_a_private_one(tmp_path):
+    path = write_feature_file(
+        tmp_path / "s.h5",
+        np.zeros((1, 2), np.float32),
+        np.zeros((1, 2)),
+        encoder="e",
+        patch_size=1,
+        mpp=1,
+    )
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

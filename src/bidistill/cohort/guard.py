@@ -16,14 +16,18 @@ from bidistill.config import ClinicalColumn, ClinicalKind
 from bidistill.errors import CohortError
 
 SEPARATION_AUC = 0.95
+# With a handful of patients per class a weak feature separates them perfectly by chance; the
+# guard judges only features observed in at least this many patients of each class.
+MIN_PER_CLASS = 10
 
 
 def separation_auc(cells: pd.Series, labels: pd.Series, col: ClinicalColumn) -> float | None:
-    """AUC of one feature alone on its observed rows (direction-free); None when undefined."""
+    """AUC of one feature alone on its observed rows (direction-free).
+
+    None when fewer than ``MIN_PER_CLASS`` patients of either class have the feature.
+    """
     observed = ~cells.map(is_blank)
     x, y = cells[observed], labels[observed].to_numpy()
-    if len(np.unique(y)) < 2:
-        return None
     if col.kind == ClinicalKind.numeric:
         score = pd.to_numeric(x, errors="coerce").to_numpy(float)
     elif col.kind == ClinicalKind.ordinal:
@@ -35,7 +39,7 @@ def separation_auc(cells: pd.Series, labels: pd.Series, col: ClinicalColumn) -> 
         text = x.map(normalise_text)
         score = text.map(pd.Series(y, index=text.index).groupby(text).mean()).to_numpy(float)
     keep = ~np.isnan(score)
-    if len(np.unique(y[keep])) < 2:
+    if np.bincount(y[keep].astype(int), minlength=2).min() < MIN_PER_CLASS:
         return None
     auc = roc_auc_score(y[keep], score[keep])
     return float(max(auc, 1 - auc))
