@@ -35,6 +35,11 @@ def test_generic_template_validates_as_written(tmp_path):
     # every section of the experiment file is present in the template, spelled as the model says
     raw = yaml.safe_load(template_text())
     assert set(raw) == set(ExperimentConfig.model_fields)
+    # the stage sections list every key, so the template documents the whole schema
+    for section in ("slides", "tiling", "features", "training", "evaluation"):
+        model = ExperimentConfig.model_fields[section].annotation
+        model = getattr(model, "__args__", (model,))[0]  # SlidesConfig | None
+        assert set(raw[section]) == set(model.model_fields), section
 
 
 def test_paths_are_relative_to_the_config_file(tmp_path):

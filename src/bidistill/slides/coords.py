@@ -1,0 +1,140 @@
+"""The tile-coordinates file: ``<coords_dir>/<slide_id>.h5``, the tiling stage's output.
+
+Dataset ``coords`` int64 [n, 2] (level-0 x, y of each tile's top-left corner) and attributes
+``patch_size`` (px at the target MPP), ``patch_size_level0``, ``level`` (pyramid level to read
+from), ``mpp`` (target), ``slide_mpp``, ``mask_kind``, ``width``, ``height``,
+``bidistill_version`` (unknown MPPs are NaN). For a folder of patches the coords are synthetic,
+(i, 0), and a string dataset ``paths`` holds the patch file names. Written atomically: a file
+that exists is whole, which is what lets a killed tiling run resume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from bidistill import __version__
+from bidistill._io import atomic_path
+from bidistill.errors import BidistillError
+
+REQUIRED_ATTRS = ("patch_size", "patch_size_level0", "level", "mpp", "mask_kind", "width", "height")
+
+
+class CoordsFileError(BidistillError, ValueError):
+    """A coords file that breaks the contract; the message names the file."""
+
+
+@dataclass
+class CoordsFile:
+    coords: np.ndarray  # [n, 2] int64, level-0 x, y (patch folders: i, 0)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    paths: list[str] | None = None  # patch folders: file name of each tile
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.attrs["patch_size"])
+
+    @property
+    def patch_size_level0(self) -> int:
+        return int(self.attrs["patch_size_level0"])
+
+
+def coords_path(coords_dir: str | Path, slide_id: str) -> Path:
+    return Path(coords_dir) / f"{slide_id}.h5"
+
+
+def _nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def write_coords(
+    path: str | Path,
+    coords: np.ndarray,
+    *,
+    patch_size: int,
+    patch_size_level0: int,
+    level: int,
+    mpp: float | None,
+    slide_mpp: float | None,
+    mask_kind: str,
+    width: int,
+    height: int,
+    paths: list[str] | None = None,
+    extra_attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write one slide's tile coordinates atomically.
+
+    Side effects: creates ``path`` (and its folder); an existing file is replaced only when the
+    new one is complete.
+    """
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    if paths is not None and len(paths) != len(coords):
+        raise CoordsFileError(f"{path}: {len(paths)} paths for {len(coords)} coords")
+    path = Path(path)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("coords", data=coords)
+        if paths is not None:
+            names = np.array(paths, dtype=object)
+            h5.create_dataset("paths", data=names, dtype=h5py.string_dtype())
+        h5.attrs.update(
+            {
+                "patch_size": int(patch_size),
+                "patch_size_level0": int(patch_size_level0),
+                "level": int(level),
+                "mpp": _nan_if_none(mpp),
+                "slide_mpp": _nan_if_none(slide_mpp),
+                "mask_kind": str(mask_kind),
+                "width": int(width),
+                "height": int(height),
+                "bidistill_version": __version__,
+                **(extra_attrs or {}),
+            }
+        )
+    return path
+
+
+def read_coords(path: str | Path) -> CoordsFile:
+    """Read a coords file (ours; CLAM's coords files also load when they carry these attrs).
+
+    Raises:
+        CoordsFileError: missing file, not HDF5, no ``coords`` [n, 2], or a missing attribute;
+            the message names the file and says how to remake it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CoordsFileError(f"{path}: coords file not found (make it with `bidistill tile`)")
+    try:
+        with h5py.File(path, "r") as h5:
+            if "coords" not in h5:
+                raise CoordsFileError(f"{path}: no 'coords' dataset (remake with `bidistill tile`)")
+            coords = np.asarray(h5["coords"][()], dtype=np.int64)
+            attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+            paths = None
+            if "paths" in h5:
+                paths = [p.decode() if isinstance(p, bytes) else str(p) for p in h5["paths"][()]]
+    except OSError as err:
+        raise CoordsFileError(f"{path}: not a readable HDF5 file ({err})") from err
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise CoordsFileError(f"{path}: 'coords' must be [n, 2], got {coords.shape}")
+    missing = [a for a in REQUIRED_ATTRS if a not in attrs]
+    if missing:
+        raise CoordsFileError(
+            f"{path}: missing attributes {missing} (remake it with `bidistill tile`)"
+        )
+    for key in ("mpp", "slide_mpp"):
+        if key in attrs and isinstance(attrs[key], float) and math.isnan(attrs[key]):
+            attrs[key] = None
+    return CoordsFile(coords=coords, attrs=attrs, paths=paths)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
