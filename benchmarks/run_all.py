@@ -22,7 +22,9 @@ def main(names: list[str]) -> int:
         print(f"\n=== {script.stem} ===", flush=True)
         start = time.perf_counter()
         code = subprocess.call([sys.executable, str(script)], cwd=HERE.parent)
-        print(f"--- {script.stem}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"--- {script.stem}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True
+        )
         if code:
             failed.append(script.stem)
     if failed:

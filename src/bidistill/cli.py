@@ -38,7 +38,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def _fail(err: Exception) -> NoReturn:
     from rich.text import Text
 
-    console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False)
+    console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -150,13 +150,14 @@ def tile(
         f"{len(summary.skipped)} already done, {len(summary.failed)} failed; "
         f"coords in {coords_dir}, QC images in {coords_dir / 'qc'}",
         highlight=False,
+        soft_wrap=True,
     )
     for slide_id in summary.empty:
         console.print(f"[yellow]warning:[/] {slide_id}: no tile kept; open its QC image")
     if summary.failed:
         console.print(f"[bold red]{len(summary.failed)} slides failed:[/]")
         for slide_id, reason in summary.failed.items():
-            console.print(f"  {slide_id}: {reason}", highlight=False, markup=False)
+            console.print(f"  {slide_id}: {reason}", highlight=False, markup=False, soft_wrap=True)
         if not summary.tiled and not summary.skipped:
             raise typer.Exit(code=1)
 
@@ -258,7 +259,7 @@ def train(
 
 
 def _print_auc_table(metrics, title: str) -> None:
-    """AUC per method (rows) and test missing rate (columns); the best per rate in bold."""
+    """AUC per method (rows) and test missing rate (columns); the best per rate marked *."""
     from rich.table import Table
 
     rates = sorted(metrics["missing_rate"].unique())
@@ -269,9 +270,13 @@ def _print_auc_table(metrics, title: str) -> None:
         table.add_column(f"r={rate:g}", justify="right")
     for method, rows in metrics.groupby("method", sort=False):
         by_rate = rows.set_index("missing_rate")["auc"]
-        table.add_row(method, *(f"[bold]{by_rate[r]:.3f}[/]" if by_rate[r] >= best[r] - 1e-12
-                                else f"{by_rate[r]:.3f}" for r in rates))
+        cells = [
+            f"[bold]{by_rate[r]:.3f}*[/]" if by_rate[r] >= best[r] - 1e-12 else f"{by_rate[r]:.3f}"
+            for r in rates
+        ]
+        table.add_row(method, *cells)
     Console().print(table)
+    console.print("* best at that rate", highlight=False)
 
 
 @app.command()
@@ -280,8 +285,10 @@ def run(
     out: Path = typer.Option(..., "--out", help="Run directory (created; reused to resume)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
-    """Run every stage of the experiment that is not done yet: train each method, evaluate
-    the missing-clinical-data sweep, write metrics.csv and report.html. Rerun to resume.
+    """Run every stage not done yet: train each method, evaluate, report. Rerun to resume.
+
+    Writes the run directory: config.yaml, splits.json, one folder per method, predictions.csv,
+    metrics.csv, metrics_by_seed.csv, delong.csv, report.html, report.md and figures/.
 
     Example: bidistill run experiment.yaml --out runs/exp1
     """
@@ -299,8 +306,9 @@ def run(
 def evaluate(
     run_dir: Path = typer.Argument(..., help="Run directory with <method>/predictions.csv."),
 ) -> None:
-    """(Re)compute the missing-rate sweep, metrics, DeLong tests, figures and report of a run
-    directory from its methods' predictions (no training).
+    """Recompute the missing-rate sweep, metrics, DeLong tests and report of a run directory.
+
+    Reads each <method>/predictions.csv (nothing is trained) and the run's config.yaml.
 
     Example: bidistill evaluate runs/exp1
     """
@@ -320,8 +328,10 @@ def demo(
     patients: int = typer.Option(240, "--patients", min=40, help="Synthetic patients."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic cohort."),
 ) -> None:
-    """Make a small synthetic cohort, train BD and the baselines, evaluate, and write the
-    report: the whole tool in a few minutes on a laptop CPU. Rerun to resume.
+    """Train BD and baselines on a small synthetic cohort and write the report (minutes).
+
+    The whole tool end to end on a laptop CPU: cohort in OUT/cohort, run in OUT/run. Reruns
+    resume.
 
     Example: bidistill demo --out demo_run
     """

@@ -1,0 +1,100 @@
+"""Reading the evaluation's input: each method's ``<run_dir>/<method>/predictions.csv``.
+
+Columns (docs/internal-interfaces.md): ``patient_id, split, fold, label, clinical_available,
+prob_present, prob_absent``, one row per patient of every split (and per fold in k-fold mode).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bidistill.errors import BidistillError
+
+PREDICTION_COLUMNS = (
+    "patient_id",
+    "split",
+    "fold",
+    "label",
+    "clinical_available",
+    "prob_present",
+    "prob_absent",
+)
+SPLITS = ("train", "val", "test")
+
+
+class PredictionsError(BidistillError, ValueError):
+    """A method's predictions file that cannot be evaluated; the message names file and row."""
+
+
+def method_predictions_path(run_dir: str | Path, method: str) -> Path:
+    return Path(run_dir) / method / "predictions.csv"
+
+
+def read_method_predictions(path: str | Path) -> pd.DataFrame:
+    """Read and check one method's predictions.
+
+    Returns:
+        The frame with ``patient_id`` and ``split`` as str, ``fold`` and ``label`` as int,
+        ``clinical_available`` as bool and the probabilities as float64.
+
+    Raises:
+        PredictionsError: missing file or column, bad value (named by file, row and column),
+            or a patient listed twice in a split of a fold.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionsError(f"{path}: predictions file not found (train the method first)")
+    frame = pd.read_csv(path, dtype={"patient_id": str, "split": str})
+    missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
+    if missing:
+        raise PredictionsError(
+            f"{path}: missing columns {missing}; expected {', '.join(PREDICTION_COLUMNS)}"
+        )
+    frame = frame[list(PREDICTION_COLUMNS)].copy()
+    _check_values(path, frame)
+    frame["fold"] = frame["fold"].astype(int)
+    frame["label"] = frame["label"].astype(int)
+    frame["clinical_available"] = frame["clinical_available"].map(_as_bool)
+    dupes = frame.duplicated(["patient_id", "split", "fold"])
+    if dupes.any():
+        row = int(np.flatnonzero(dupes)[0])
+        raise PredictionsError(
+            f"{path}: row {row + 2}: patient '{frame.patient_id.iloc[row]}' listed twice in "
+            f"split '{frame.split.iloc[row]}' of fold {frame.fold.iloc[row]}"
+        )
+    return frame
+
+
+def _as_bool(value: object) -> bool:
+    return str(value).strip().lower() in {"true", "1", "1.0", "yes"}
+
+
+def _check_values(path: Path, frame: pd.DataFrame) -> None:
+    def fail(mask: pd.Series, column: str, expected: str) -> None:
+        row = int(np.flatnonzero(mask.to_numpy())[0])
+        raise PredictionsError(
+            f"{path}: row {row + 2}, column '{column}': expected {expected}, "
+            f"got {str(frame[column].iloc[row])!r}"
+        )
+
+    bad_split = ~frame["split"].isin(SPLITS)
+    if bad_split.any():
+        fail(bad_split, "split", "one of train, val, test")
+    for column in ("fold", "label"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        allowed = values.isin([0, 1]) if column == "label" else (values >= 0) & (values % 1 == 0)
+        if (~allowed).any():
+            fail(~allowed, column, "0 or 1" if column == "label" else "a fold number >= 0")
+    bools = frame["clinical_available"].astype(str).str.strip().str.lower()
+    bad_bool = ~bools.isin({"true", "false", "0", "1", "0.0", "1.0", "yes", "no"})
+    if bad_bool.any():
+        fail(bad_bool, "clinical_available", "true or false")
+    for column in ("prob_present", "prob_absent"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = ~((values >= 0) & (values <= 1))
+        if bad.any():
+            fail(bad, column, "a probability in [0, 1]")
+        frame[column] = values.astype(np.float64)

@@ -1,0 +1,203 @@
+"""Statistics for binary classifiers: AUC with bootstrap CIs, DeLong's test, thresholded metrics.
+
+Everything works on numpy arrays and is vectorised so that a full missing-modality sweep (10
+methods x 6 rates x 10 mask seeds, 1000 bootstrap resamples) takes seconds.
+
+The AUC is a mean over (positive, negative) pairs of the kernel ψ(x, y) = 1[x > y] + ½·1[x = y].
+Averaging predictions over mask seeds (and folds) averages that kernel, so the seed-averaged AUC
+is again a pairwise mean. Both the bootstrap and DeLong's test work on such averaged kernels,
+which makes them test the seed-averaged AUC that ``metrics.csv`` reports: patients are resampled
+(bootstrap) or treated as the random unit (DeLong), and the randomness of the masks is averaged
+out by the seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+# --- AUC kernels --------------------------------------------------------------------------------
+
+
+def pair_kernel(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """ψ over all (positive, negative) pairs.
+
+    Args:
+        scores: ``[..., n]`` scores; leading axes are e.g. methods or mask seeds.
+        labels: ``[n]`` 0/1.
+
+    Returns:
+        ``[..., n_pos, n_neg]`` float64: 1 where the positive scores higher, ½ on ties, else 0.
+    """
+    labels = np.asarray(labels).astype(bool)
+    pos = scores[..., labels][..., :, None]
+    neg = scores[..., ~labels][..., None, :]
+    return (pos > neg) + 0.5 * (pos == neg)
+
+
+def bootstrap_auc(
+    kernels: np.ndarray, *, n_boot: int = 1000, seed: int = 0, chunk: int = 200
+) -> np.ndarray:
+    """AUCs of stratified patient-level bootstrap resamples.
+
+    Each resample draws ``n_pos`` positives and ``n_neg`` negatives with replacement (so both
+    classes keep their size); its AUC is ``w_pos @ K @ w_neg / (n_pos * n_neg)`` with the
+    multiplicities ``w`` of each patient. The same resamples are used for every kernel, so the
+    resampled AUCs of different methods and rates are paired.
+
+    Args:
+        kernels: ``[m, n_pos, n_neg]`` pair kernels (from ``pair_kernel``, optionally averaged
+            over mask seeds).
+        n_boot: number of resamples.
+        seed: seed of the resampling.
+        chunk: resamples computed at once (bounds memory to ``chunk * n_neg`` per kernel).
+
+    Returns:
+        ``[m, n_boot]`` resampled AUCs.
+    """
+    m, n_pos, n_neg = kernels.shape
+    rng = np.random.default_rng(seed)
+    w_pos = rng.multinomial(n_pos, np.full(n_pos, 1 / n_pos), size=n_boot).astype(np.float64)
+    w_neg = rng.multinomial(n_neg, np.full(n_neg, 1 / n_neg), size=n_boot).astype(np.float64)
+    out = np.empty((m, n_boot))
+    for start in range(0, n_boot, chunk):
+        stop = min(start + chunk, n_boot)
+        # [m, b, n_neg] = w_pos[b, n_pos] @ K[m, n_pos, n_neg], then weighted by w_neg.
+        weighted = np.einsum("bi,mij->mbj", w_pos[start:stop], kernels, optimize=True)
+        out[:, start:stop] = np.einsum("mbj,bj->mb", weighted, w_neg[start:stop])
+    return out / (n_pos * n_neg)
+
+
+def percentile_ci(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval along the last axis: ``(low [...], high [...])``."""
+    alpha = (1 - level) / 2
+    low, high = np.quantile(samples, [alpha, 1 - alpha], axis=-1)
+    return low, high
+
+
+# --- DeLong -------------------------------------------------------------------------------------
+
+
+@dataclass
+class DelongComponents:
+    """DeLong's structural components of ``m`` correlated AUCs on the same patients.
+
+    ``v10[k, i]``: share of negatives that positive ``i`` outranks under score ``k`` (ties ½);
+    ``v01[k, j]``: share of positives that outrank negative ``j``. Their means are the AUCs.
+    Components of several mask seeds may be averaged: they stay those of the averaged kernel.
+    """
+
+    v10: np.ndarray  # [m, n_pos]
+    v01: np.ndarray  # [m, n_neg]
+
+    @property
+    def aucs(self) -> np.ndarray:
+        return self.v10.mean(axis=1)
+
+    def covariance(self) -> np.ndarray:
+        """``[m, m]`` DeLong covariance of the AUCs."""
+        n_pos, n_neg = self.v10.shape[1], self.v01.shape[1]
+        s10 = np.atleast_2d(np.cov(self.v10))
+        s01 = np.atleast_2d(np.cov(self.v01))
+        return s10 / n_pos + s01 / n_neg
+
+
+def delong_components(scores: np.ndarray, labels: np.ndarray) -> DelongComponents:
+    """Structural components by the midrank algorithm of Sun & Xu (2014), O(m·n log n).
+
+    Args:
+        scores: ``[m, n]`` scores of ``m`` classifiers on the same ``n`` patients.
+        labels: ``[n]`` 0/1, both classes present.
+    """
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    labels = np.asarray(labels).astype(bool)
+    pos, neg = scores[:, labels], scores[:, ~labels]
+    n_pos, n_neg = pos.shape[1], neg.shape[1]
+    rank_pos = stats.rankdata(pos, axis=1)  # midranks within the positives
+    rank_neg = stats.rankdata(neg, axis=1)
+    rank_all = stats.rankdata(np.concatenate([pos, neg], axis=1), axis=1)
+    # A positive's rank among all minus its rank among positives = negatives below it (ties ½).
+    v10 = (rank_all[:, :n_pos] - rank_pos) / n_neg
+    v01 = 1.0 - (rank_all[:, n_pos:] - rank_neg) / n_pos
+    return DelongComponents(v10=v10, v01=v01)
+
+
+def delong_test(components: DelongComponents, a: int, b: int) -> tuple[float, float, float]:
+    """Paired two-sided DeLong test of AUC[a] = AUC[b].
+
+    Returns:
+        ``(auc_a - auc_b, z, p)``; identical scores give z = 0 and p = 1.
+    """
+    aucs = components.aucs
+    cov = components.covariance()
+    diff = float(aucs[a] - aucs[b])
+    var = float(cov[a, a] + cov[b, b] - 2 * cov[a, b])
+    if var <= 1e-15:
+        return diff, 0.0, 1.0 if abs(diff) < 1e-12 else 0.0
+    z = diff / np.sqrt(var)
+    return diff, float(z), float(2 * stats.norm.sf(abs(z)))
+
+
+def holm(p_values: np.ndarray) -> np.ndarray:
+    """Holm–Bonferroni adjusted p-values (NaNs are left out and stay NaN)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full_like(p, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="mergesort")]
+    m = len(order)
+    steps = (m - np.arange(m)) * p[order]
+    adjusted[order] = np.minimum(np.maximum.accumulate(steps), 1.0)
+    return adjusted
+
+
+# --- threshold and thresholded metrics ----------------------------------------------------------
+
+
+def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The threshold maximising sensitivity + specificity − 1 (predict positive if p ≥ t).
+
+    Ties in J go to the highest threshold (the first ROC point reaching the maximum).
+    """
+    labels = np.asarray(labels).astype(bool)
+    order = np.argsort(-probs, kind="mergesort")
+    sorted_probs, sorted_labels = probs[order], labels[order]
+    tp = np.cumsum(sorted_labels)
+    fp = np.cumsum(~sorted_labels)
+    # The last index of each run of equal scores: thresholds between distinct values.
+    ends = np.r_[np.flatnonzero(np.diff(sorted_probs) != 0), len(probs) - 1]
+    j = tp[ends] / tp[-1] - fp[ends] / fp[-1]
+    return float(sorted_probs[ends[np.argmax(j)]])
+
+
+def threshold_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """Accuracy, balanced accuracy, F1, sensitivity, specificity at ``p >= threshold``."""
+    labels = np.asarray(labels).astype(bool)
+    pred = probs >= threshold
+    tp = float(np.sum(pred & labels))
+    tn = float(np.sum(~pred & ~labels))
+    fp = float(np.sum(pred & ~labels))
+    fn = float(np.sum(~pred & labels))
+    sensitivity = tp / (tp + fn) if tp + fn else np.nan
+    specificity = tn / (tn + fp) if tn + fp else np.nan
+    return {
+        "accuracy": (tp + tn) / len(labels),
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+    }
+
+
+def brier_score(labels: np.ndarray, probs: np.ndarray) -> float:
+    return float(np.mean((probs - labels) ** 2))
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, *, bins: int = 10) -> float:
+    """ECE over ``bins`` equal-width probability bins, weighted by the patients in each bin."""
+    which = np.clip((probs * bins).astype(int), 0, bins - 1)
+    # Σ_b (n_b / n)·|mean p_b − mean y_b| = Σ_b |Σ p − Σ y| / n
+    prob_sums = np.bincount(which, weights=probs, minlength=bins)
+    label_sums = np.bincount(which, weights=labels.astype(np.float64), minlength=bins)
+    return float(np.sum(np.abs(prob_sums - label_sums)) / len(probs))

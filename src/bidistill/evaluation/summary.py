@@ -1,0 +1,218 @@
+"""From swept predictions to the tables of the run directory.
+
+Replicates. Every statistic is computed for each replicate, one (fold, mask seed) pair; in holdout
+mode there is one fold. ``metrics.csv`` reports the mean over replicates, and ``auc_std`` the
+standard deviation over mask seeds (of the fold-averaged AUC), i.e. how much the AUC depends on
+*which* patients lose their clinical data. In k-fold mode ``auc_fold_std`` is the standard
+deviation over folds (of the seed-averaged AUC).
+
+Confidence interval. ``auc_ci_low``/``auc_ci_high`` are the percentile interval of a stratified
+patient-level bootstrap of the replicate-averaged AUC: each resample draws test patients with
+replacement within each label, and its AUC is the mean over replicates of the resample's AUC
+(see ``metrics.bootstrap_auc``; the resamples are shared by every method and rate). The interval
+thus covers the patient-sampling uncertainty of the reported number, with the mask randomness
+averaged out rather than added.
+
+Threshold. Per method, rate and replicate, the threshold is chosen on the validation patients of
+that fold, masked by the same nested scheme at the same rate and seed (Youden's J by default, or
+the fixed threshold of the config), and then applied to the test patients. Nothing about the
+test set enters the threshold.
+
+DeLong. At each rate, each method's seed-averaged AUC is compared with the reference method's
+(``bd`` by default) by DeLong's paired test on the replicate-averaged structural components;
+p-values are Holm-corrected across the methods at that rate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from bidistill.config import EvaluationConfig
+from bidistill.evaluation import metrics as M
+from bidistill.evaluation.inputs import PredictionsError
+from bidistill.evaluation.missing import SplitSweep
+
+log = logging.getLogger(__name__)
+
+# The DESIGN contract's columns come first, in this order.
+CONTRACT_COLUMNS = [
+    "method",
+    "missing_rate",
+    "auc",
+    "auc_std",
+    "auc_ci_low",
+    "auc_ci_high",
+    "accuracy",
+    "f1",
+    "sensitivity",
+    "specificity",
+    "n_patients",
+]
+THRESHOLD_METRICS = ["accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity"]
+SEED_METRICS = ["auc", *THRESHOLD_METRICS, "brier", "ece", "threshold", "missing_share"]
+FALLBACK_THRESHOLD = 0.5
+
+
+@dataclass
+class EvaluationTables:
+    metrics: pd.DataFrame  # one row per (method, missing_rate): metrics.csv
+    by_seed: pd.DataFrame  # one row per (method, missing_rate, fold, mask_seed)
+    delong: pd.DataFrame  # one row per (method, missing_rate) other than the reference
+    bootstrap: dict[str, np.ndarray]  # method -> [R, n_boot] resampled AUCs
+
+
+def summarize(
+    test: list[SplitSweep], val: list[SplitSweep | None], cfg: EvaluationConfig
+) -> EvaluationTables:
+    """Compute every table from the test sweeps and the validation sweeps of each fold.
+
+    Args:
+        test: one test sweep per fold (same patients, methods, rates and seeds in each).
+        val: the validation sweep of each fold, or None where a fold has no validation patients
+            (the threshold then falls back to 0.5, with a warning).
+        cfg: the evaluation section of the config.
+    """
+    first = test[0]
+    if len(np.unique(first.labels)) < 2:
+        raise PredictionsError(
+            f"the test split has only label {first.labels[0]}: AUC needs both classes"
+        )
+    by_seed = pd.DataFrame([row for t, v in zip(test, val) for row in _replicate_rows(t, v, cfg)])
+    bootstrap: dict[str, np.ndarray] = {}
+    ci_rows = []
+    n_rates = len(first.rates)
+    for method in first.methods:
+        low, high = np.full(n_rates, np.nan), np.full(n_rates, np.nan)
+        if cfg.bootstrap:
+            kernels = _averaged_kernels(test, method)  # [R, n_pos, n_neg]
+            bootstrap[method] = M.bootstrap_auc(kernels, n_boot=cfg.bootstrap, seed=0)
+            low, high = M.percentile_ci(bootstrap[method], cfg.ci_level)
+        ci_rows += [
+            {"method": method, "missing_rate": rate, "auc_ci_low": lo, "auc_ci_high": hi}
+            for rate, lo, hi in zip(first.rates, low, high)
+        ]
+    metrics = _aggregate(by_seed, pd.DataFrame(ci_rows), n_patients=len(first.patient_ids))
+    metrics["n_positive"] = int(first.labels.sum())
+    delong = _delong_table(test, cfg.reference_method)
+    return EvaluationTables(metrics=metrics, by_seed=by_seed, delong=delong, bootstrap=bootstrap)
+
+
+def _replicate_rows(
+    test: SplitSweep, val: SplitSweep | None, cfg: EvaluationConfig
+) -> list[dict[str, object]]:
+    rows = []
+    val_usable = val is not None and len(np.unique(val.labels)) == 2
+    if cfg.threshold == "youden" and not val_usable:
+        log.warning(
+            "fold %d: no validation patients of both classes; using threshold %.1f",
+            test.fold,
+            FALLBACK_THRESHOLD,
+        )
+    for method, probs in test.probs.items():
+        kernels = M.pair_kernel(probs, test.labels)  # [K, R, n_pos, n_neg]
+        aucs = kernels.mean(axis=(-2, -1))  # [K, R]
+        for k, seed in enumerate(test.seeds):
+            for r, rate in enumerate(test.rates):
+                if not isinstance(cfg.threshold, str):
+                    threshold = float(cfg.threshold)
+                elif val_usable:
+                    threshold = M.youden_threshold(val.labels, val.probs[method][k, r])
+                else:
+                    threshold = FALLBACK_THRESHOLD
+                p = probs[k, r]
+                rows.append(
+                    {
+                        "method": method,
+                        "missing_rate": rate,
+                        "fold": test.fold,
+                        "mask_seed": int(seed),
+                        "auc": aucs[k, r],
+                        **M.threshold_metrics(test.labels, p, threshold),
+                        "brier": M.brier_score(test.labels, p),
+                        "ece": M.expected_calibration_error(test.labels, p),
+                        "threshold": threshold,
+                        "missing_share": float(test.masks[k, r].mean()),
+                    }
+                )
+    return rows
+
+
+def _averaged_kernels(test: list[SplitSweep], method: str) -> np.ndarray:
+    """``[R, n_pos, n_neg]`` pair kernel averaged over folds and mask seeds."""
+    total = sum(M.pair_kernel(t.probs[method], t.labels).mean(axis=0) for t in test)
+    return total / len(test)
+
+
+def _aggregate(by_seed: pd.DataFrame, ci: pd.DataFrame, *, n_patients: int) -> pd.DataFrame:
+    keys = ["method", "missing_rate"]
+    order = list(dict.fromkeys(by_seed["method"]))
+    means = by_seed.groupby(keys, sort=False)[SEED_METRICS].mean()
+    # std over seeds of the fold-mean AUC; std over folds of the seed-mean AUC.
+    seed_auc = by_seed.groupby([*keys, "mask_seed"], sort=False)["auc"].mean()
+    fold_auc = by_seed.groupby([*keys, "fold"], sort=False)["auc"].mean()
+    means["auc_std"] = seed_auc.groupby(level=keys, sort=False).std(ddof=0)
+    means["auc_fold_std"] = fold_auc.groupby(level=keys, sort=False).std(ddof=0)
+    means["n_folds"] = fold_auc.groupby(level=keys, sort=False).size()
+    means["n_mask_seeds"] = seed_auc.groupby(level=keys, sort=False).size()
+    table = means.reset_index().merge(ci, on=keys, how="left")
+    table["n_patients"] = n_patients
+    table["method"] = pd.Categorical(table["method"], categories=order, ordered=True)
+    table = table.sort_values(keys).reset_index(drop=True)
+    table["method"] = table["method"].astype(str)
+    rest = [c for c in table.columns if c not in CONTRACT_COLUMNS]
+    return table[CONTRACT_COLUMNS + rest]
+
+
+def _delong_table(test: list[SplitSweep], reference: str) -> pd.DataFrame:
+    columns = [
+        "method",
+        "reference",
+        "missing_rate",
+        "auc",
+        "auc_reference",
+        "auc_difference",
+        "z",
+        "p_value",
+        "p_holm",
+    ]
+    methods = test[0].methods
+    if reference not in methods:
+        log.warning("reference method '%s' not evaluated: no DeLong tests", reference)
+        return pd.DataFrame(columns=columns)
+    ref = methods.index(reference)
+    rows = []
+    for r, rate in enumerate(test[0].rates):
+        components = _averaged_components(test, r)
+        tests = [(m, *M.delong_test(components, i, ref)) for i, m in enumerate(methods) if i != ref]
+        adjusted = M.holm(np.array([t[3] for t in tests]))
+        aucs = components.aucs
+        for (method, diff, z, p), p_adj in zip(tests, adjusted):
+            rows.append(
+                {
+                    "method": method,
+                    "reference": reference,
+                    "missing_rate": rate,
+                    "auc": aucs[methods.index(method)],
+                    "auc_reference": aucs[ref],
+                    "auc_difference": diff,
+                    "z": z,
+                    "p_value": p,
+                    "p_holm": p_adj,
+                }
+            )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _averaged_components(test: list[SplitSweep], r: int) -> M.DelongComponents:
+    """DeLong components of all methods at rate index ``r``, averaged over folds and seeds."""
+    v10, v01, count = 0.0, 0.0, 0
+    for t in test:
+        for k in range(len(t.seeds)):
+            scores = np.stack([t.probs[m][k, r] for m in t.methods])  # [methods, n]
+            comp = M.delong_components(scores, t.labels)
+            v10, v01, count = v10 + comp.v10, v01 + comp.v01, count + 1
+    return M.DelongComponents(v10=v10 / count, v01=v01 / count)

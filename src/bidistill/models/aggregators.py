@@ -1,0 +1,152 @@
+"""MIL aggregators: a padded bag of instance features in, one bag embedding and weights out.
+
+Every aggregator takes ``bags`` [B, N, D] with ``tile_valid`` [B, N] (True = real instance) and
+returns an ``Aggregate``: the embedding [B, H] and per-instance weights [B, N] that are zero on
+padding. Padding never changes the result. A bag with no valid instance (it cannot come from our
+data loader, but a caller may build one) gets a zero embedding and zero weights instead of NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+AggregatorName = Literal["abmil", "mean", "transmil"]
+
+
+@dataclass
+class Aggregate:
+    embedding: Tensor  # [B, H]
+    attention: Tensor  # [B, N], sums to 1 over the valid instances of each non-empty bag
+
+
+def masked_softmax(scores: Tensor, valid: Tensor) -> Tensor:
+    """Softmax over the last axis restricted to ``valid``; an all-invalid row gives zeros."""
+    scores = scores.masked_fill(~valid, float("-inf"))
+    # A row of -inf would softmax to NaN: give it a finite score, then zero it.
+    empty = ~valid.any(dim=-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1)
+    return weights * valid
+
+
+class _Projection(nn.Sequential):
+    """Instance features D → H: the first and most expensive layer of every aggregator."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, dropout: float):
+        super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+
+
+class GatedAttentionMIL(nn.Module):
+    """Gated attention MIL pooling (Ilse, Tomczak & Welling, ICML 2018).
+
+    With h_k = ReLU(W_p x_k) the projected instances,
+
+        a_k = softmax_k( w^T [ tanh(V h_k) ⊙ sigmoid(U h_k) ] ),    z = Σ_k a_k h_k.
+
+    Args:
+        in_dim: D, the feature dimension of the .h5 files.
+        hidden_dim: H, the embedding size.
+        attention_dim: size of the gated attention layer.
+        dropout: on the projected instances.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 128, attention_dim: int = 64, dropout=0.25):
+        super().__init__()
+        self.project = _Projection(in_dim, hidden_dim, dropout)
+        self.attention_v = nn.Linear(hidden_dim, attention_dim)
+        self.attention_u = nn.Linear(hidden_dim, attention_dim)
+        self.attention_w = nn.Linear(attention_dim, 1)
+        self.out_dim = hidden_dim
+
+    def forward(self, bags: Tensor, tile_valid: Tensor) -> Aggregate:
+        h = self.project(bags)  # [B, N, H]
+        gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
+        scores = self.attention_w(gate).squeeze(-1)  # [B, N]
+        weights = masked_softmax(scores, tile_valid)
+        return Aggregate(torch.einsum("bn,bnh->bh", weights, h), weights)
+
+
+class MeanPoolMIL(nn.Module):
+    """Mean of the projected instances: the simplest baseline aggregator."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25):
+        super().__init__()
+        self.project = _Projection(in_dim, hidden_dim, dropout)
+        self.out_dim = hidden_dim
+
+    def forward(self, bags: Tensor, tile_valid: Tensor) -> Aggregate:
+        h = self.project(bags)
+        valid = tile_valid.to(h.dtype)
+        weights = valid / valid.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return Aggregate(torch.einsum("bn,bnh->bh", weights, h), weights)
+
+
+class TransMIL(nn.Module):
+    """A TransMIL-style aggregator (Shao et al., NeurIPS 2021): a class token and self-attention.
+
+    Two differences from the published model, both deliberate: exact multi-head attention
+    replaces the Nyström approximation (bags that fit in memory need no approximation), and the
+    PPEG convolution is left out because it needs instances laid out on a square grid, which a
+    patient's pooled, subsampled bag is not. The returned weights are the class token's attention
+    over the instances in the last layer, averaged over heads.
+    """
+
+    def __init__(
+        self, in_dim: int, hidden_dim: int = 128, heads: int = 4, layers: int = 2, dropout=0.25
+    ):
+        super().__init__()
+        self.project = _Projection(in_dim, hidden_dim, dropout)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(layers))
+        self.attentions = nn.ModuleList(
+            nn.MultiheadAttention(hidden_dim, heads, dropout=0.1, batch_first=True)
+            for _ in range(layers)
+        )
+        self.feedforwards = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(hidden_dim),
+                nn.Linear(hidden_dim, 2 * hidden_dim),
+                nn.GELU(),
+                nn.Linear(2 * hidden_dim, hidden_dim),
+            )
+            for _ in range(layers)
+        )
+        self.final_norm = nn.LayerNorm(hidden_dim)
+        self.out_dim = hidden_dim
+
+    def forward(self, bags: Tensor, tile_valid: Tensor) -> Aggregate:
+        h = self.project(bags)
+        x = torch.cat([self.cls_token.expand(len(h), -1, -1), h], dim=1)  # [B, 1+N, H]
+        # The class token is always valid, so no row of the attention is fully masked.
+        always = torch.ones_like(tile_valid[:, :1])
+        ignore = ~torch.cat([always, tile_valid], dim=1)  # PyTorch: True = ignore
+        weights = None
+        for norm, attention, feedforward in zip(self.norms, self.attentions, self.feedforwards):
+            y = norm(x)
+            attended, weights = attention(y, y, y, key_padding_mask=ignore, need_weights=True)
+            x = x + attended
+            x = x + feedforward(x)
+        cls_weights = weights[:, 0, 1:] * tile_valid  # [B, N], heads averaged by PyTorch
+        # The class token also attends to itself: renormalise over the instances.
+        cls_weights = cls_weights / cls_weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return Aggregate(self.final_norm(x[:, 0]), cls_weights)
+
+
+def make_aggregator(
+    name: AggregatorName, in_dim: int, hidden_dim: int, dropout: float
+) -> nn.Module:
+    """An aggregator by name: ``abmil`` (gated attention), ``mean`` or ``transmil``."""
+    if name == "abmil":
+        return GatedAttentionMIL(
+            in_dim, hidden_dim, attention_dim=max(hidden_dim // 2, 8), dropout=dropout
+        )
+    if name == "mean":
+        return MeanPoolMIL(in_dim, hidden_dim, dropout)
+    if name == "transmil":
+        heads = 4 if hidden_dim % 4 == 0 else 1
+        return TransMIL(in_dim, hidden_dim, heads=heads, dropout=dropout)
+    raise ValueError(f"unknown aggregator {name!r}; choose abmil, mean or transmil")

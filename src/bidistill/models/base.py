@@ -1,0 +1,176 @@
+"""The method interface: one ``nn.Module`` contract shared by BD and every baseline.
+
+A method is built from ``MethodDims`` (what the data looks like) and its validated options. It
+implements ``forward(batch) -> Output`` and ``loss(batch, output) -> dict`` whose ``"total"`` is
+optimised and whose other entries are the named, already weighted terms that make up the total
+(logged one column each). A method decides per sample what to do when ``clinical_present`` is
+False.
+
+Methods that train in steps declare ``stages()``: the trainer runs the stages in order, each a
+full training run with its own optimiser and early stopping, and sets ``method.stage`` before
+each. ``select`` names the validation AUC a stage is selected on: with clinical data
+``present``, with it ``absent``, or ``routed`` (the mean of both, for methods that route by
+modality).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from bidistill.models.aggregators import AggregatorName, make_aggregator
+
+Selection = Literal["present", "absent", "routed"]
+
+
+class MethodOptions(BaseModel):
+    """Options every method accepts; a method's own options subclass this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aggregator: AggregatorName = Field(default="abmil", description="abmil, mean or transmil.")
+    hidden_dim: int = Field(default=128, ge=2, description="Bag embedding size.")
+    clinical_hidden: int = Field(default=64, ge=2, description="Clinical embedding size.")
+    dropout: float = Field(default=0.25, ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class MethodDims:
+    """The shapes a method is built for.
+
+    Attributes:
+        in_dim: D, the instance feature dimension (from the .h5 files).
+        clinical_dim: C, the encoded clinical width (values + one indicator per feature).
+        n_clinical_features: F, the number of clinical features.
+        feature_slices: feature f's value columns are ``clinical[:, start:stop]``.
+    """
+
+    in_dim: int
+    clinical_dim: int
+    n_clinical_features: int
+    feature_slices: tuple[tuple[int, int], ...]
+
+    @property
+    def n_values(self) -> int:
+        return self.clinical_dim - self.n_clinical_features
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    select: Selection
+    epochs: int | None = None  # None: the training config's epochs
+
+
+class Method(nn.Module):
+    """Base class: shared loss helpers, class weights, the all-missing clinical row, stages."""
+
+    name: ClassVar[str] = ""  # set by ``register_method``
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    selection: ClassVar[Selection] = "routed"
+
+    def __init__(self, dims: MethodDims, options: MethodOptions):
+        super().__init__()
+        self.dims = dims
+        self.options = options
+        self.stage = self.stages()[0].name
+        self.register_buffer("class_weights", torch.ones(2), persistent=False)
+        # What the fitted ClinicalEncoder outputs for a patient with no clinical data (imputed
+        # values, indicators 1). Saved with the weights; the trainer sets it before training.
+        blank = torch.zeros(dims.clinical_dim)
+        blank[dims.n_values :] = 1.0
+        self.register_buffer("blank_clinical", blank)
+
+    # --- stages and setup -------------------------------------------------------------------
+
+    def stages(self) -> list[Stage]:
+        return [Stage("main", self.selection)]
+
+    def set_stage(self, name: str) -> None:
+        names = [s.name for s in self.stages()]
+        if name not in names:
+            raise ValueError(f"{self.name}: unknown stage {name!r}; stages are {names}")
+        self.stage = name
+
+    def set_class_weights(self, weights: Tensor) -> None:
+        """Per-class weights [2] for the cross-entropy terms (inverse class frequency)."""
+        self.class_weights = weights.to(self.class_weights)
+
+    def set_blank_clinical(self, values: Tensor) -> None:
+        """The encoder's output for an all-missing clinical row, [C]."""
+        if values.shape != self.blank_clinical.shape:
+            raise ValueError(
+                f"blank clinical row has shape {tuple(values.shape)}, "
+                f"expected {tuple(self.blank_clinical.shape)}"
+            )
+        self.blank_clinical.copy_(values)
+
+    def make_aggregator(self) -> nn.Module:
+        o = self.options
+        return make_aggregator(o.aggregator, self.dims.in_dim, o.hidden_dim, o.dropout)
+
+    # --- clinical input helpers -------------------------------------------------------------
+
+    def withhold_clinical(self, clinical: Tensor, withhold: Tensor) -> Tensor:
+        """Replace whole patients' clinical rows by the all-missing row where ``withhold`` [B]."""
+        return torch.where(withhold[:, None], self.blank_clinical.expand_as(clinical), clinical)
+
+    def drop_features(self, clinical: Tensor, clinical_valid: Tensor, rate: float) -> Tensor:
+        """Training augmentation: mark each observed feature missing with probability ``rate``.
+
+        A dropped feature gets exactly what the encoder gives a blank cell: its imputed value
+        and indicator 1.
+        """
+        if rate <= 0 or not self.training:
+            return clinical
+        drop = (torch.rand(clinical_valid.shape, device=clinical.device) < rate) & clinical_valid
+        columns = torch.zeros_like(clinical, dtype=torch.bool)
+        for f, (start, stop) in enumerate(self.dims.feature_slices):
+            columns[:, start:stop] = drop[:, f : f + 1]
+            columns[:, self.dims.n_values + f] = drop[:, f]
+        return torch.where(columns, self.blank_clinical.expand_as(clinical), clinical)
+
+    # --- loss helpers -----------------------------------------------------------------------
+
+    def ce(self, logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Class-weighted cross-entropy, averaged over the samples where ``mask`` [B] is True.
+
+        Returns 0 (connected to the graph) when no sample is selected.
+        """
+        weights = self.class_weights[labels]
+        if mask is not None:
+            weights = weights * mask.to(weights.dtype)
+        per_sample = F.cross_entropy(logits, labels, reduction="none")
+        return (per_sample * weights).sum() / weights.sum().clamp_min(1e-8)
+
+
+def masked_mean(per_sample: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``per_sample`` [B] over ``mask`` [B]; 0 when the mask is empty."""
+    if mask is None:
+        return per_sample.mean()
+    m = mask.to(per_sample.dtype)
+    return (per_sample * m).sum() / m.sum().clamp_min(1.0)
+
+
+def mse(prediction: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error per sample (mean over features), averaged over ``mask``."""
+    return masked_mean(((prediction - target) ** 2).mean(dim=-1), mask)
+
+
+def distillation_kl(
+    teacher_logits: Tensor, student_logits: Tensor, temperature: float, mask: Tensor | None = None
+) -> Tensor:
+    """T² · KL(softmax(sg(z_t)/T) ‖ softmax(z_s/T)), averaged over ``mask``.
+
+    The teacher is detached here (the stop-gradient sg), so only the student learns from this
+    term. T² keeps the gradient scale independent of T (Hinton et al. 2015).
+    """
+    teacher = torch.log_softmax(teacher_logits.detach() / temperature, dim=-1)
+    student = torch.log_softmax(student_logits / temperature, dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum(dim=-1)
+    return temperature**2 * masked_mean(kl, mask)

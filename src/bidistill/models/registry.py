@@ -1,0 +1,99 @@
+"""The method registry: a method is one class and one ``@register_method`` line.
+
+The built-in methods are registered by importing their modules explicitly in
+``_register_builtin_methods`` (never through a ``from x import *`` side effect), the first time
+the registry is asked for anything.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from bidistill.errors import ConfigError
+from bidistill.models.base import Method, MethodDims
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a ``Method`` subclass available as ``name``."""
+
+    def register(cls: type[Method]) -> type[Method]:
+        if name in _METHODS and _METHODS[name] is not cls:
+            warnings.warn(f"method {name!r} registered twice; the later one wins", stacklevel=2)
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return register
+
+
+def _register_builtin_methods() -> None:
+    from bidistill.models import bd, composite, fusion, shaspec, unimodal  # noqa: F401
+
+
+def list_methods() -> list[str]:
+    """The registered method names, sorted."""
+    _register_builtin_methods()
+    return sorted(_METHODS)
+
+
+def get_method_class(name: str) -> type[Method]:
+    """The class registered as ``name``; a ``ConfigError`` listing the valid names otherwise."""
+    _register_builtin_methods()
+    if name not in _METHODS:
+        hint = difflib.get_close_matches(name, list(_METHODS), n=1)
+        did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(
+            f"unknown method '{name}'.{did_you_mean} Valid methods: {', '.join(sorted(_METHODS))}"
+        )
+    return _METHODS[name]
+
+
+def create_method(
+    name: str,
+    *,
+    in_dim: int,
+    clinical_dim: int,
+    n_clinical_features: int,
+    feature_slices: Sequence[Sequence[int]],
+    **options: Any,
+) -> Method:
+    """Build a method by name with validated options.
+
+    ``None`` options are dropped so that the method's own defaults apply.
+
+    Raises:
+        ConfigError: unknown method, or an option that is unknown or invalid (named, with the
+            method's valid options).
+    """
+    cls = get_method_class(name)
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        validated = cls.Options.model_validate(given)
+    except ValidationError as err:
+        valid = ", ".join(cls.Options.model_fields)
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                hint = difflib.get_close_matches(key, list(cls.Options.model_fields), n=1)
+                tip = f" (did you mean '{hint[0]}'?)" if hint else ""
+                problems.append(f"unknown option '{key}'{tip}")
+            else:
+                problems.append(f"option '{key}': {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError(
+            f"method '{name}': " + "; ".join(problems) + f". Valid options: {valid}"
+        ) from None
+    dims = MethodDims(
+        in_dim=int(in_dim),
+        clinical_dim=int(clinical_dim),
+        n_clinical_features=int(n_clinical_features),
+        feature_slices=tuple((int(a), int(b)) for a, b in feature_slices),
+    )
+    return cls(dims, validated)

@@ -1,0 +1,327 @@
+"""Bags of instance features per patient, and their collation into padded ``Batch``es.
+
+Feature files are read through a ``FeatureStore``: held in RAM when they fit (the fast path on
+CPU, where reading .h5 files would dominate an epoch), otherwise opened lazily, once per process,
+because h5py handles must not cross into data-loader worker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+import torch
+
+from bidistill.errors import FeatureFileError
+from bidistill.features.store import feature_path, read_feature_file
+from bidistill.models.batch import Batch
+
+log = logging.getLogger(__name__)
+
+# In-memory mode 'auto' keeps features in RAM when they take at most this share of the free memory.
+_RAM_SHARE = 0.4
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo; a conservative 4 GiB where that file does not exist."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+class FeatureStore:
+    """slide id → features [n, D] (float32 or float16, as stored).
+
+    Args:
+        features_dir: folder of ``<slide_id>.h5`` files.
+        slide_ids: the slides that will be asked for; all are checked up front.
+        in_memory: ``yes`` loads every file now, ``no`` reads on demand, ``auto`` loads when the
+            features fit comfortably in the available memory.
+
+    Raises:
+        FeatureFileError: a file is missing, or the files disagree on the feature dimension.
+    """
+
+    def __init__(
+        self,
+        features_dir: str | Path,
+        slide_ids: Sequence[str],
+        *,
+        in_memory: Literal["auto", "yes", "no"] = "auto",
+        progress: bool = False,
+    ):
+        self.features_dir = Path(features_dir)
+        self.slide_ids = list(dict.fromkeys(slide_ids))
+        self._arrays: dict[str, np.ndarray] = {}
+        self._handles: dict[str, h5py.File] = {}
+        self._pid = os.getpid()
+        shapes = self._check_files()
+        self.lengths = {slide: shape[0] for slide, shape in shapes.items()}
+        dims = {shape[-1] for shape in shapes.values()}
+        if len(dims) > 1:
+            by_dim = {d: next(s for s, sh in shapes.items() if sh[-1] == d) for d in dims}
+            raise FeatureFileError(
+                f"{self.features_dir}: feature files have different dimensions "
+                f"({', '.join(f'{d} in {s}.h5' for d, s in sorted(by_dim.items()))}); extract "
+                "every slide with the same encoder"
+            )
+        self.dim = dims.pop() if dims else 0
+        n_bytes = sum(int(np.prod(shape)) * 4 for shape in shapes.values())
+        if in_memory == "yes" or (
+            in_memory == "auto" and n_bytes <= _RAM_SHARE * available_memory_bytes()
+        ):
+            self._load_all(progress)
+        log.info(
+            "%d feature files, D=%d, %.0f MB, in memory: %s",
+            len(self.slide_ids),
+            self.dim,
+            n_bytes / 2**20,
+            self.in_memory,
+        )
+
+    @property
+    def in_memory(self) -> bool:
+        return len(self._arrays) == len(self.slide_ids) and bool(self.slide_ids)
+
+    def _check_files(self) -> dict[str, tuple[int, ...]]:
+        missing = [s for s in self.slide_ids if not feature_path(self.features_dir, s).is_file()]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise FeatureFileError(
+                f"{self.features_dir}: no feature file for slides {missing[:5]}{more} (expected "
+                "<slide_id>.h5; extract them with `bidistill extract`)"
+            )
+        shapes = {}
+        for slide in self.slide_ids:
+            path = feature_path(self.features_dir, slide)
+            try:
+                with h5py.File(path, "r") as h5:
+                    shapes[slide] = tuple(h5["features"].shape)
+            except (OSError, KeyError) as err:
+                raise FeatureFileError(f"{path}: not a readable feature file ({err})") from err
+        return shapes
+
+    def _load_all(self, progress: bool) -> None:
+        slides = self.slide_ids
+        if progress:
+            from rich.progress import track
+
+            slides = track(slides, description="loading features", transient=True)
+        for slide in slides:
+            self._arrays[slide] = read_feature_file(
+                feature_path(self.features_dir, slide), with_coords=False
+            ).features
+
+    def get(self, slide_id: str) -> np.ndarray:
+        """Features of one slide [n, D]."""
+        if slide_id in self._arrays:
+            return self._arrays[slide_id]
+        if os.getpid() != self._pid:  # a forked worker: never reuse the parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(slide_id)
+        if handle is None:
+            handle = self._handles[slide_id] = h5py.File(
+                feature_path(self.features_dir, slide_id), "r"
+            )
+        features = handle["features"][()]
+        return features[0] if features.ndim == 3 else features
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+class StoreBags:
+    """Bag i = the concatenated features of patient i's slides (a patient is one bag)."""
+
+    def __init__(self, store: FeatureStore, slides_per_patient: Sequence[Sequence[str]]):
+        self.store = store
+        self.slides_per_patient = [list(s) for s in slides_per_patient]
+
+    def __len__(self) -> int:
+        return len(self.slides_per_patient)
+
+    def lengths(self) -> list[int]:
+        """Instances per bag, read from the file headers (no features loaded)."""
+        return [sum(self.store.lengths[s] for s in slides) for slides in self.slides_per_patient]
+
+    def __call__(self, i: int) -> np.ndarray:
+        parts = [self.store.get(s) for s in self.slides_per_patient[i]]
+        if not parts:
+            return np.zeros((0, self.store.dim), dtype=np.float32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+class ArrayBags:
+    """Bags given as arrays (prediction on features already in memory)."""
+
+    def __init__(self, bags: Sequence[np.ndarray]):
+        self.bags = list(bags)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def lengths(self) -> list[int]:
+        return [len(b) for b in self.bags]
+
+    def __call__(self, i: int) -> np.ndarray:
+        return self.bags[i]
+
+
+class PatientBags(torch.utils.data.Dataset):
+    """One item per patient: its bag, encoded clinical data and label.
+
+    In training (``max_instances`` set) a bag larger than ``max_instances`` is cut to a random
+    subset: an augmentation and a memory bound. The subset depends only on (seed, epoch,
+    patient), never on the worker that draws it, so runs repeat exactly.
+
+    Args:
+        bags: callable i → features [n_i, D].
+        clinical: float [n, C]; clinical_valid: bool [n, F]; clinical_present: bool [n].
+        labels: int [n] or None.
+    """
+
+    def __init__(
+        self,
+        bags: StoreBags | ArrayBags,
+        clinical: np.ndarray,
+        clinical_valid: np.ndarray,
+        clinical_present: np.ndarray,
+        labels: np.ndarray | None = None,
+        *,
+        max_instances: int | None = None,
+        seed: int = 0,
+    ):
+        self.bags = bags
+        self.clinical = torch.as_tensor(np.array(clinical, dtype=np.float32))
+        self.clinical_valid = torch.as_tensor(np.array(clinical_valid, dtype=bool))
+        self.clinical_present = torch.as_tensor(np.array(clinical_present, dtype=bool))
+        self.labels = None if labels is None else torch.as_tensor(np.array(labels, np.int64))
+        self.max_instances = max_instances
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def lengths(self) -> list[int]:
+        """Instances per item as ``__getitem__`` returns it (after the training subset)."""
+        cap = self.max_instances or np.iinfo(np.int64).max
+        return [min(n, cap) for n in self.bags.lengths()]
+
+    def __len__(self) -> int:
+        return len(self.clinical)
+
+    def __getitem__(self, i: int) -> dict:
+        features = torch.from_numpy(np.asarray(self.bags(i)))
+        n = len(features)
+        if self.max_instances is not None and n > self.max_instances:
+            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) % 2**62)
+            keep = torch.randperm(n, generator=generator)[: self.max_instances].sort().values
+            features = features[keep]
+        return {
+            "features": features,
+            "clinical": self.clinical[i],
+            "clinical_valid": self.clinical_valid[i],
+            "clinical_present": self.clinical_present[i],
+            "label": None if self.labels is None else self.labels[i],
+        }
+
+
+class LengthBucketSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of bags of similar size, so that little compute goes into padding.
+
+    Shuffled: the patients are shuffled, cut into pools of ``pool_batches`` batches, sorted by
+    bag length within a pool and batched, and the batches are shuffled. Not shuffled: all
+    patients sorted by length (prediction: iterate the sampler beside the loader to
+    know which patients each batch holds).
+
+    Args:
+        lengths: instances per item.
+        generator: the source of the shuffles (seeded by the trainer).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        pool_batches: int = 8,
+    ):
+        self.lengths = torch.as_tensor(list(lengths))
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+        self.pool = batch_size * pool_batches
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = torch.argsort(self.lengths, stable=True)
+            yield from (
+                order[i : i + self.batch_size].tolist() for i in range(0, n, self.batch_size)
+            )
+            return
+        order = torch.randperm(n, generator=self.generator)
+        batches = []
+        for start in range(0, n, self.pool):
+            pool = order[start : start + self.pool]
+            pool = pool[torch.argsort(self.lengths[pool], stable=True)]
+            batches += [
+                pool[i : i + self.batch_size].tolist() for i in range(0, len(pool), self.batch_size)
+            ]
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[b]
+
+
+def collate_bags(items: list[dict]) -> Batch:
+    """Pad the bags to the largest one in the batch; ``tile_valid`` marks the real instances."""
+    lengths = [len(item["features"]) for item in items]
+    dim = items[0]["features"].shape[-1]
+    n_max = max(max(lengths), 1)  # an empty bag still gets one (invalid) slot
+    bags = torch.zeros(len(items), n_max, dim)
+    tile_valid = torch.zeros(len(items), n_max, dtype=torch.bool)
+    for b, (item, n) in enumerate(zip(items, lengths)):
+        bags[b, :n] = item["features"].float()  # float16 files are computed in float32
+        tile_valid[b, :n] = True
+    labels = None if items[0]["label"] is None else torch.stack([i["label"] for i in items])
+    return Batch(
+        bags=bags,
+        tile_valid=tile_valid,
+        clinical=torch.stack([i["clinical"] for i in items]),
+        clinical_valid=torch.stack([i["clinical_valid"] for i in items]),
+        clinical_present=torch.stack([i["clinical_present"] for i in items]),
+        labels=labels,
+    )
+
+
+def withhold_clinical(batch: Batch, blank_clinical: torch.Tensor) -> Batch:
+    """The batch as if no patient had clinical data (what "prob_absent" predicts from).
+
+    Args:
+        blank_clinical: [C], the fitted encoder's output for an all-blank row.
+    """
+    return Batch(
+        bags=batch.bags,
+        tile_valid=batch.tile_valid,
+        clinical=blank_clinical.to(batch.clinical).expand_as(batch.clinical).clone(),
+        clinical_valid=torch.zeros_like(batch.clinical_valid),
+        clinical_present=torch.zeros_like(batch.clinical_present),
+        labels=batch.labels,
+    )

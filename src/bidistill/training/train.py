@@ -1,0 +1,314 @@
+"""``train_method``: one method, one fold, from a cohort and its feature files to a run folder.
+
+Writes ``<run_dir>/<method>/``: ``model.safetensors``, ``model.json``, ``clinical_encoder.json``,
+``train_log.csv`` and, last, ``predictions.csv`` (its existence means the method is done, so a
+rerun skips it). Every statistic (clinical encoding, class weights, model selection) comes from
+the training and validation patients only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from bidistill._io import write_csv
+from bidistill.cohort import (
+    ClinicalEncoder,
+    Cohort,
+    EncodedClinical,
+    Splits,
+    check_separating_features,
+)
+from bidistill.config import ExperimentConfig, MethodConfig
+from bidistill.models import Method, create_method
+from bidistill.training.checkpoint import save_checkpoint
+from bidistill.training.data import (
+    ArrayBags,
+    FeatureStore,
+    LengthBucketSampler,
+    PatientBags,
+    StoreBags,
+    collate_bags,
+)
+from bidistill.training.loop import fit, predict_loader, resolve_device
+from bidistill.training.seeding import seed_everything, seed_worker
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.csv"
+TRAIN_LOG = "train_log.csv"
+
+
+def class_weights(labels: np.ndarray) -> torch.Tensor:
+    """Inverse class frequency, n / (2 n_c), so both classes weigh the same in total."""
+    counts = np.bincount(labels, minlength=2).astype(np.float64)
+    return torch.tensor(len(labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def open_feature_store(
+    config: ExperimentConfig, cohort: Cohort, *, progress: bool = False
+) -> FeatureStore:
+    """The cohort's feature files, in RAM when ``training.in_memory`` allows."""
+    return FeatureStore(
+        config.features.dir,
+        cohort.slides["slide_id"].tolist(),
+        in_memory=config.training.in_memory,
+        progress=progress,
+    )
+
+
+def _loader(dataset: PatientBags, batch_size: int, *, shuffle: bool, workers: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    sampler = LengthBucketSampler(
+        dataset.lengths(), batch_size, shuffle=shuffle, generator=generator
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_bags,
+        num_workers=workers,
+        worker_init_fn=seed_worker if workers else None,
+        generator=generator,
+    )
+
+
+@dataclass
+class _Part:
+    """The patients of one split with their encoded data."""
+
+    ids: list[str]
+    dataset: PatientBags
+
+
+def train_method(
+    config: ExperimentConfig,
+    method_cfg: MethodConfig,
+    run_dir: str | Path,
+    *,
+    cohort: Cohort,
+    splits: Splits,
+    fold: int = 0,
+    store: FeatureStore | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train one method on one fold and write its folder (see the module docstring).
+
+    Args:
+        config: the experiment; ``config.training`` gives the optimiser, epochs and seed.
+        method_cfg: the method's name and options.
+        run_dir: the run folder; the method writes ``run_dir/<method name>/``.
+        store: feature files already opened (several methods on one cohort share one).
+        progress: show a progress bar per epoch.
+
+    Returns:
+        The method's folder.
+
+    Raises:
+        ConfigError: unknown method or option. CohortError: a separating clinical feature.
+        FeatureFileError: missing or inconsistent feature files.
+    """
+    method_dir = Path(run_dir) / method_cfg.name
+    if (method_dir / PREDICTIONS).is_file():
+        log.info("%s: done already (%s exists), skipped", method_cfg.name, PREDICTIONS)
+        return method_dir
+    tcfg = config.training
+    started = time.perf_counter()
+    chosen = splits.folds[fold]
+    split_ids = {"train": list(chosen.train), "val": list(chosen.val), "test": list(splits.test)}
+
+    train_rows = cohort.subset(split_ids["train"])
+    check_separating_features(
+        train_rows[cohort.feature_names],
+        train_rows["label"],
+        cohort.columns,
+        config.cohort.allow_separating,
+    )
+    encoder = ClinicalEncoder(cohort.columns).fit(train_rows[cohort.feature_names])
+    store = store or open_feature_store(config, cohort, progress=progress)
+
+    seed_everything(tcfg.seed)
+    method = create_method(
+        method_cfg.name,
+        in_dim=store.dim,
+        clinical_dim=encoder.n_outputs_,
+        n_clinical_features=encoder.n_features_,
+        feature_slices=encoder.feature_slices_,
+        **method_cfg.options,
+    )
+    device = resolve_device(tcfg.device)
+    method.set_blank_clinical(torch.from_numpy(encoder.missing_row().values[0]))
+    train_labels = train_rows["label"].to_numpy(np.int64)
+    if tcfg.class_weighting:
+        method.set_class_weights(class_weights(train_labels))
+    method.to(device)
+
+    parts = {
+        name: _Part(
+            ids,
+            _patient_bags(
+                cohort,
+                ids,
+                encoder,
+                store,
+                max_instances=tcfg.max_instances if name == "train" else None,
+                seed=tcfg.seed,
+            ),
+        )
+        for name, ids in split_ids.items()
+    }
+    workers = tcfg.num_workers
+    train_loader = _loader(
+        parts["train"].dataset, tcfg.batch_size, shuffle=True, workers=workers, seed=tcfg.seed
+    )
+    val_loader = _loader(
+        parts["val"].dataset, tcfg.batch_size, shuffle=False, workers=workers, seed=tcfg.seed
+    )
+    val_labels = cohort.subset(split_ids["val"])["label"].to_numpy(np.int64)
+    result = fit(
+        method, train_loader, val_loader, val_labels, tcfg, device=device, progress=progress
+    )
+
+    meta = {
+        "fold": fold,
+        "selection": [
+            {
+                "stage": s.stage,
+                "select": st.select,
+                "best_epoch": s.best_epoch,
+                "val_score": s.best_score,
+                "epochs_run": s.epochs_run,
+            }
+            for s, st in zip(result.stages, method.stages())
+        ],
+        "training": tcfg.model_dump(mode="json"),
+        "features": {
+            "dir": str(config.features.dir),
+            "encoder": config.features.encoder,
+            "dim": store.dim,
+        },
+        "patients": split_ids,
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
+    save_checkpoint(method_dir, method, encoder, meta)
+    write_csv(method_dir / TRAIN_LOG, pd.DataFrame(result.log_rows))
+    predictions = _predict_all(method, parts, cohort, fold, tcfg.batch_size, device)
+    write_csv(method_dir / PREDICTIONS, predictions)  # last: marks the method as done
+    log.info("%s: trained in %.1f s", method.name, time.perf_counter() - started)
+    return method_dir
+
+
+def _patient_bags(
+    cohort: Cohort,
+    ids: list[str],
+    encoder: ClinicalEncoder,
+    store: FeatureStore,
+    *,
+    max_instances: int | None,
+    seed: int,
+) -> PatientBags:
+    rows = cohort.subset(ids)
+    encoded = encoder.transform(rows[cohort.feature_names])
+    slides = _slides_by_patient(cohort)
+    bags = StoreBags(store, [slides.get(p, []) for p in ids])
+    return PatientBags(
+        bags,
+        encoded.values,
+        encoded.valid,
+        encoded.present,
+        rows["label"].to_numpy(np.int64),
+        max_instances=max_instances,
+        seed=seed,
+    )
+
+
+def _slides_by_patient(cohort: Cohort) -> dict[str, list[str]]:
+    # One groupby over the whole table (not a filter per patient): rows of a patient need not
+    # be adjacent, and 1000 filters would cost seconds.
+    return {str(p): list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
+
+
+def _predict_all(
+    method: Method,
+    parts: dict[str, _Part],
+    cohort: Cohort,
+    fold: int,
+    batch_size: int,
+    device: torch.device,
+) -> pd.DataFrame:
+    frames = []
+    for split, part in parts.items():
+        loader = _loader(part.dataset, batch_size, shuffle=False, workers=0, seed=0)
+        prob_present, prob_absent = predict_loader(method, loader, device)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "patient_id": part.ids,
+                    "split": split,
+                    "fold": fold,
+                    "label": cohort.subset(part.ids)["label"].to_numpy(np.int64),
+                    "clinical_available": part.dataset.clinical_present.numpy(),
+                    "prob_present": prob_present,
+                    "prob_absent": prob_absent,
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclass
+class BagPredictions:
+    """Predictions for n bags.
+
+    Attributes:
+        probabilities: float [n], P(label = 1).
+        attention: n arrays [n_i], the routed aggregator's instance weights (None for methods
+            without a bag), in each bag's instance order.
+    """
+
+    probabilities: np.ndarray
+    attention: list[np.ndarray] | None
+
+
+@torch.no_grad()
+def predict_bags(
+    method: Method,
+    bags: Sequence[np.ndarray],
+    clinical: EncodedClinical,
+    *,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+) -> BagPredictions:
+    """Predict new patients from their bags and encoded clinical data (whole bags, eval mode).
+
+    Args:
+        method: a trained method (``load_trained``).
+        bags: one array [n_i, D] per patient (its slides' features concatenated).
+        clinical: the fitted encoder's ``transform`` of the patients' clinical rows (use
+            ``encoder.missing_row(n)`` to predict without clinical data).
+    """
+    if len(bags) != len(clinical.values):
+        raise ValueError(f"{len(bags)} bags but {len(clinical.values)} clinical rows")
+    dataset = PatientBags(ArrayBags(bags), clinical.values, clinical.valid, clinical.present)
+    loader = _loader(dataset, batch_size, shuffle=False, workers=0, seed=0)
+    method.eval()
+    device = torch.device(device)
+    probabilities = np.zeros(len(bags), dtype=np.float32)
+    attention: list[np.ndarray | None] = [None] * len(bags)
+    for indices, batch in zip(loader.batch_sampler, loader):
+        output = method(batch.to(device))
+        probabilities[indices] = output.probabilities.float().cpu().numpy()
+        if output.attention is not None:
+            lengths = batch.tile_valid.sum(dim=1).tolist()
+            weights = output.attention.float().cpu()
+            for b, (i, n) in enumerate(zip(indices, lengths)):
+                attention[i] = weights[b, :n].numpy()
+    has_attention = any(a is not None for a in attention)
+    return BagPredictions(probabilities, attention if has_attention else None)

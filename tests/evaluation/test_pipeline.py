@@ -1,0 +1,116 @@
+"""`bidistill run` end to end on a small synthetic cohort, with real training (few epochs)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bidistill.cli import app
+from bidistill.cohort.synthetic import make_feature_cohort
+from bidistill.errors import ConfigError
+from bidistill.pipeline import run_experiment
+
+RUN_FILES = [
+    "config.yaml",
+    "splits.json",
+    "cohort.json",
+    "predictions.csv",
+    "metrics.csv",
+    "metrics_by_seed.csv",
+    "delong.csv",
+    "report.html",
+    "report.md",
+    "run.log",
+    "run.json",
+    "figures/auc_vs_missing.png",
+    "figures/roc.png",
+    "figures/calibration.png",
+    "bd/model.safetensors",
+    "bd/predictions.csv",
+]
+
+
+def _cohort(tmp_path, *, methods, **overrides) -> object:
+    config = make_feature_cohort(tmp_path / "cohort", patients=90, dim=16, instances=(8, 24))
+    raw = yaml.safe_load(config.read_text())
+    raw["methods"] = methods
+    raw["training"].update(epochs=2, patience=2, batch_size=16)
+    raw["evaluation"] = {"mask_seeds": 3, "bootstrap": 100}
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+@pytest.mark.slow
+def test_run_writes_the_run_directory_and_resumes(tmp_path) -> None:
+    config = _cohort(tmp_path, methods=["bd", "wsi-only"])
+    out = tmp_path / "run"
+    result = run_experiment(config, out, progress=False)
+    assert result.trained == ["bd", "wsi-only"] and result.evaluated
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    assert set(result.metrics.method) == {"bd", "wsi-only"}
+    assert result.metrics.auc.between(0, 1).all()
+    predictions = pd.read_csv(out / "predictions.csv")
+    test_patients = len(yaml.safe_load((out / "splits.json").read_text())["test"])
+    assert len(predictions) == 2 * 6 * 3 * test_patients
+
+    # A second call finds everything done.
+    report_time = (out / "report.html").stat().st_mtime_ns
+    again = run_experiment(config, out, progress=False)
+    assert again.trained == [] and not again.evaluated
+    assert (out / "report.html").stat().st_mtime_ns == report_time
+
+    # An added method is the only one trained; then everything is evaluated again.
+    raw = yaml.safe_load(config.read_text())
+    raw["methods"].append("clinical-only")
+    config.write_text(yaml.safe_dump(raw))
+    added = run_experiment(config, out, progress=False)
+    assert added.trained == ["clinical-only"] and added.evaluated
+    assert set(added.metrics.method) == {"bd", "wsi-only", "clinical-only"}
+
+    # Other training settings would mix two experiments in one folder: refused.
+    raw["training"]["epochs"] = 3
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="other training settings"):
+        run_experiment(config, out, progress=False)
+
+
+@pytest.mark.slow
+def test_kfold_and_train_time_missingness(tmp_path) -> None:
+    config = _cohort(tmp_path, methods=["bd"])
+    raw = yaml.safe_load(config.read_text())
+    raw["cohort"]["splits"] = {"mode": "kfold", "folds": 2}
+    config.write_text(yaml.safe_dump(raw))
+    result = run_experiment(config, tmp_path / "cv", progress=False)
+    assert (result.metrics.n_folds == 2).all()
+    assert (tmp_path / "cv" / "folds" / "fold1" / "bd" / "model.safetensors").is_file()
+
+    raw["cohort"]["splits"] = {"mode": "table"}
+    raw["evaluation"]["train_missing_rates"] = [0.5]
+    config.write_text(yaml.safe_dump(raw))
+    grid = run_experiment(config, tmp_path / "grid", progress=False)
+    assert "train_missing/0.5/bd" in grid.trained
+    table = pd.read_csv(tmp_path / "grid" / "train_missing.csv")
+    assert set(table.train_missing_rate) == {0.5} and len(table) == 6
+    stripped = pd.read_csv(tmp_path / "grid" / "train_missing" / "0.5" / "bd" / "predictions.csv")
+    train = stripped[stripped.split == "train"]
+    assert 0.45 < 1 - train.clinical_available.mean() < 0.6  # half (+ genuinely missing)
+    assert stripped[stripped.split == "test"].clinical_available.mean() > 0.85
+
+
+def test_cli_evaluate_prints_the_table_and_fails_cleanly(tmp_path) -> None:
+    from .synthetic import write_run
+
+    write_run(tmp_path / "run", methods=("bd", "wsi-only"), n_patients=120)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["evaluate", str(tmp_path / "run")])
+    assert ok.exit_code == 0, ok.output
+    assert "wsi-only" in ok.output and "r=0.8" in ok.output
+    empty = runner.invoke(app, ["evaluate", str(tmp_path / "nothing")])
+    assert empty.exit_code == 1
+    assert "no <method>/predictions.csv to evaluate" in " ".join(empty.output.split())
+    assert "Traceback" not in empty.output

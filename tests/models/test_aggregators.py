@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from bidistill.models import make_aggregator, masked_softmax
+
+from .helpers import IN_DIM, make_batch, pad_more
+
+AGGREGATORS = ["abmil", "mean", "transmil"]
+
+
+@pytest.mark.parametrize("name", AGGREGATORS)
+@pytest.mark.parametrize("hidden", [30, 64])  # 30: not a multiple of the TransMIL heads
+def test_padding_never_changes_a_bag(name, hidden):
+    torch.manual_seed(0)
+    agg = make_aggregator(name, IN_DIM, hidden, dropout=0.25).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        plain = agg(batch.bags, batch.tile_valid)
+        padded_batch = pad_more(batch, 7)
+        padded = agg(padded_batch.bags, padded_batch.tile_valid)
+    assert plain.embedding.shape == (5, hidden)
+    torch.testing.assert_close(padded.embedding, plain.embedding, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded.attention[:, :11], plain.attention, atol=1e-6, rtol=1e-5)
+    assert torch.all(padded.attention[:, 11:] == 0)
+    assert torch.all(plain.attention[~batch.tile_valid] == 0)
+    torch.testing.assert_close(plain.attention.sum(dim=1), torch.ones(5))
+
+
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_bag_embedding_depends_on_each_instance_and_order_does_not_matter(name):
+    torch.manual_seed(0)
+    agg = make_aggregator(name, IN_DIM, 32, dropout=0.0).eval()
+    batch = make_batch(b=1, n=9)
+    perm = torch.randperm(9)
+    with torch.no_grad():
+        a = agg(batch.bags, batch.tile_valid).embedding
+        b = agg(batch.bags[:, perm], batch.tile_valid[:, perm]).embedding
+        changed = batch.bags.clone()
+        changed[0, 4] += 1.0
+        c = agg(changed, batch.tile_valid).embedding
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_fully_masked_bag_gives_finite_output(name):
+    agg = make_aggregator(name, IN_DIM, 32, dropout=0.0).eval()
+    bags = torch.randn(2, 4, IN_DIM)
+    valid = torch.tensor([[True, True, False, False], [False] * 4])
+    with torch.no_grad():
+        out = agg(bags, valid)
+    assert torch.isfinite(out.embedding).all()
+    assert torch.all(out.attention[1] == 0)
+
+
+def test_masked_softmax_zero_row_instead_of_nan():
+    weights = masked_softmax(torch.randn(2, 3), torch.tensor([[True, False, True], [False] * 3]))
+    assert torch.isfinite(weights).all()
+    assert weights[0, 1] == 0 and weights[1].sum() == 0
+    assert torch.isclose(weights[0].sum(), torch.tensor(1.0))
+
+
+def test_unknown_aggregator_is_refused():
+    with pytest.raises(ValueError, match="abmil, mean or transmil"):
+        make_aggregator("maxpool", IN_DIM, 8, 0.0)

@@ -1,0 +1,111 @@
+"""Every registered method (parametrized over the registry, so a new one is tested too)."""
+
+import pytest
+import torch
+
+from bidistill.errors import ConfigError
+from bidistill.models import list_methods
+
+from .helpers import build, make_batch, pad_more
+
+EXPECTED = {
+    "bd",
+    "wsi-only",
+    "clinical-only",
+    "clinical-linear",
+    "fusion-zero",
+    "fusion-mean",
+    "moddrop",
+    "switch",
+    "kd",
+    "ae-impute",
+    "ensemble",
+    "shaspec",
+}
+
+
+def test_registry_lists_every_method():
+    assert set(list_methods()) >= EXPECTED
+
+
+def test_unknown_method_lists_the_valid_names():
+    with pytest.raises(ConfigError, match="unknown method 'bd2'.*Did you mean 'bd'.*wsi-only"):
+        build("bd2")
+
+
+def test_none_options_keep_the_defaults():
+    assert build("bd", lambda_kd=None).options.lambda_kd == 0.5
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_stage_gives_named_finite_losses_and_gradients(name):
+    method = build(name).train()
+    batch = make_batch()
+    for stage in method.stages():
+        method.set_stage(stage.name)
+        method.zero_grad(set_to_none=True)
+        out = method(batch)
+        assert out.logits.shape == (5, 2)
+        terms = method.loss(batch, out)
+        assert "total" in terms and len(terms) >= 2
+        assert all(torch.isfinite(v) and v.dim() == 0 for v in terms.values()), terms
+        torch.testing.assert_close(terms["total"], sum(v for k, v in terms.items() if k != "total"))
+        terms["total"].backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
+
+
+@pytest.mark.parametrize("name", list_methods())
+@pytest.mark.parametrize("aggregator", ["abmil", "transmil"])
+def test_padding_and_missing_clinical_in_eval(name, aggregator):
+    method = build(name, aggregator=aggregator).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        out = method(batch)
+        padded = method(pad_more(batch, 5))
+        again = method(batch)
+    torch.testing.assert_close(padded.logits, out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again.logits, out.logits)  # eval: no dropout, no random drops
+    probabilities = out.probabilities
+    assert probabilities.shape == (5,) and torch.all((probabilities >= 0) & (probabilities <= 1))
+    assert torch.isfinite(out.logits).all()  # rows 1 and 4 have no clinical data
+    if out.attention is not None:
+        assert torch.all(out.attention[~batch.tile_valid] == 0)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_unknown_option_is_an_error_naming_it(name):
+    with pytest.raises(ConfigError, match=f"method '{name}': unknown option 'colour'"):
+        build(name, colour="blue")
+
+
+def test_fusion_zero_and_mean_differ_only_in_the_fill():
+    zero, mean = build("fusion-zero"), build("fusion-mean")
+    batch = make_batch()
+    filled = zero.clinical_input(batch)
+    assert torch.equal(mean.clinical_input(batch), batch.clinical)
+    missing = ~batch.clinical_valid
+    assert torch.all(filled[:, :6][:, [0, 1, 5]][missing[:, [0, 1, 3]]] == 0)
+    assert torch.equal(filled[:, 6:], batch.clinical[:, 6:])  # indicators kept
+
+
+def test_ensemble_averages_probabilities_where_clinical_is_present():
+    method = build("ensemble").eval()
+    batch = make_batch()
+    with torch.no_grad():
+        out = method(batch)
+    p_wsi = torch.softmax(out.extras["logits_wsi"], -1)[:, 1]
+    p_clin = torch.softmax(out.extras["logits_clinical"], -1)[:, 1]
+    present = batch.clinical_present
+    expected = torch.where(present, (p_wsi + p_clin) / 2, p_wsi)
+    torch.testing.assert_close(out.probabilities, expected)
+
+
+def test_kd_student_stage_freezes_the_teacher():
+    method = build("kd")
+    method.set_stage("student")
+    method.train()
+    assert not method.teacher.training and method.student.training
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+    batch = make_batch()
+    terms = method.loss(batch, method(batch))
+    assert set(terms) == {"ce_student", "kl", "total"} and torch.isfinite(terms["kl"])

@@ -1,0 +1,68 @@
+"""Save → load → the same predictions; refusing what cannot be loaded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bidistill.cohort import load_cohort
+from bidistill.training import CheckpointError, load_trained, predict_bags
+from bidistill.training.data import FeatureStore, StoreBags
+
+from .conftest import fast_config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bd", "kd", "clinical-only"])
+def test_loaded_method_reproduces_the_saved_predictions(trained_run, tiny_cohort, name):
+    method, encoder, meta = load_trained(trained_run / name)
+    assert not method.training and meta["method"] == name
+    saved = pd.read_csv(trained_run / name / "predictions.csv", dtype={"patient_id": str})
+    test = saved[saved["split"] == "test"]
+    config = fast_config(tiny_cohort)
+    cohort = load_cohort(config.cohort)
+    ids = test["patient_id"].tolist()
+    rows = cohort.subset(ids)[cohort.feature_names]
+    store = FeatureStore(config.features.dir, cohort.slides["slide_id"].tolist())
+    slides = {p: list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
+    bags = StoreBags(store, [slides[p] for p in ids])
+    bag_list = [bags(i) for i in range(len(ids))]
+
+    present = predict_bags(method, bag_list, encoder.transform(rows), batch_size=3)
+    absent = predict_bags(method, bag_list, encoder.missing_row(len(ids)), batch_size=5)
+    np.testing.assert_allclose(present.probabilities, test["prob_present"], atol=1e-5)
+    np.testing.assert_allclose(absent.probabilities, test["prob_absent"], atol=1e-5)
+    if name == "clinical-only":
+        assert present.attention is None
+    else:
+        assert [len(a) for a in present.attention] == [len(b) for b in bag_list]
+        assert all(abs(a.sum() - 1) < 1e-4 for a in present.attention)
+
+
+@pytest.mark.slow
+def test_checkpoint_from_a_newer_version_is_refused(trained_run, tmp_path):
+    copy = tmp_path / "wsi-only"
+    shutil.copytree(trained_run / "wsi-only", copy)
+    meta = json.loads((copy / "model.json").read_text())
+    meta["bidistill_version"] = "99.0.0"
+    (copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="written by bidistill 99.0.0, newer than"):
+        load_trained(copy)
+
+
+@pytest.mark.slow
+def test_missing_or_mismatched_files_are_named(trained_run, tmp_path):
+    copy = tmp_path / "bd"
+    shutil.copytree(trained_run / "bd", copy)
+    meta = json.loads((copy / "model.json").read_text())
+    meta["options"]["hidden_dim"] = 64  # weights were trained with 128
+    (copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="model.safetensors: does not fit bd"):
+        load_trained(copy)
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors: missing"):
+        load_trained(copy)

@@ -1,0 +1,147 @@
+"""Training every method end to end on real files, and the run-folder contract."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from bidistill.cohort import load_cohort, resolve_splits
+from bidistill.config import MethodConfig
+from bidistill.models import get_method_class, list_methods
+from bidistill.training import train_method
+
+from .conftest import fast_config
+
+PREDICTION_COLUMNS = [
+    "patient_id",
+    "split",
+    "fold",
+    "label",
+    "clinical_available",
+    "prob_present",
+    "prob_absent",
+]
+CLINICAL_ONLY = {"clinical-only", "clinical-linear"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_methods())
+def test_each_method_learns_with_named_finite_losses(trained_run, name):
+    method_dir = trained_run / name
+    for file in (
+        "model.safetensors",
+        "model.json",
+        "clinical_encoder.json",
+        "train_log.csv",
+        "predictions.csv",
+    ):
+        assert (method_dir / file).is_file(), file
+    log = pd.read_csv(method_dir / "train_log.csv")
+    loss_columns = [c for c in log.columns if c.startswith("loss_")]
+    assert "loss_total" in loss_columns and len(loss_columns) >= 2
+    assert np.isfinite(log[loss_columns].to_numpy(float)[~log[loss_columns].isna()]).all()
+    assert {"stage", "epoch", "val_auc_present", "val_auc_absent", "val_score"} <= set(log)
+    # It learns: the validation AUC it is selected on is clearly above chance.
+    assert log["val_score"].max() >= 0.65, log[["stage", "epoch", "val_score"]]
+    # The saved model is the best epoch of the last stage: its predictions give that score.
+    predictions = pd.read_csv(method_dir / "predictions.csv")
+    val = predictions[predictions["split"] == "val"]
+    aucs = {c: roc_auc_score(val["label"], val[f"prob_{c}"]) for c in ("present", "absent")}
+    last = log[log["stage"] == log["stage"].iloc[-1]]
+    best = last.loc[last["val_score"].idxmax()]
+    assert aucs["present"] == pytest.approx(best["val_auc_present"], abs=1e-6)
+    assert aucs["absent"] == pytest.approx(best["val_auc_absent"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_methods())
+def test_predictions_cover_every_patient_present_and_absent(trained_run, tiny_cohort, name):
+    predictions = pd.read_csv(trained_run / name / "predictions.csv", dtype={"patient_id": str})
+    assert list(predictions.columns) == PREDICTION_COLUMNS
+    cohort = load_cohort(fast_config(tiny_cohort).cohort)
+    assert sorted(predictions["patient_id"]) == sorted(cohort.patients.index)
+    assert set(predictions["split"]) == {"train", "val", "test"}
+    labels = cohort.labels.loc[predictions["patient_id"]].to_numpy()
+    assert np.array_equal(predictions["label"].to_numpy(), labels)
+    assert predictions[["prob_present", "prob_absent"]].apply(lambda c: c.between(0, 1)).all().all()
+    no_clinical = ~predictions["clinical_available"]
+    assert no_clinical.any()  # the synthetic cohort has patients without clinical data
+    # Withholding data the patient does not have changes nothing.
+    np.testing.assert_allclose(
+        predictions.loc[no_clinical, "prob_present"],
+        predictions.loc[no_clinical, "prob_absent"],
+        atol=1e-6,
+    )
+    if name == "wsi-only":
+        np.testing.assert_allclose(predictions["prob_present"], predictions["prob_absent"])
+    elif name in CLINICAL_ONLY:
+        assert np.ptp(predictions["prob_absent"]) < 1e-6  # the all-missing row, for everyone
+    meta = json.loads((trained_run / name / "model.json").read_text())
+    assert meta["method"] == name
+    assert set(meta["patients"]) == {"train", "val", "test"}
+    assert [s["select"] for s in meta["selection"]] == [
+        s.select for s in get_method_class(name)(*_dims_and_options(meta, name)).stages()
+    ]
+
+
+def _dims_and_options(meta, name):
+    from bidistill.models.base import MethodDims
+
+    dims = meta["dims"]
+    dims = MethodDims(
+        dims["in_dim"],
+        dims["clinical_dim"],
+        dims["n_clinical_features"],
+        tuple(tuple(s) for s in dims["feature_slices"]),
+    )
+    return dims, get_method_class(name).Options.model_validate(meta["options"])
+
+
+@pytest.mark.slow
+def test_same_seed_same_predictions_and_a_done_method_is_skipped(tiny_cohort, tmp_path):
+    config = fast_config(tiny_cohort, epochs=3)
+    cohort = load_cohort(config.cohort)
+    splits = resolve_splits(cohort, config.cohort.splits, tmp_path / "splits.json")
+    bd = MethodConfig(name="bd", feature_dropout=0.2, warmup_epochs=1)
+    runs = []
+    for i in range(2):
+        method_dir = train_method(
+            config, bd, tmp_path / f"run{i}", cohort=cohort, splits=splits, progress=False
+        )
+        runs.append(pd.read_csv(method_dir / "predictions.csv"))
+    pd.testing.assert_frame_equal(runs[0], runs[1])
+    config.training.seed = 1
+    other = train_method(
+        config, bd, tmp_path / "seed1", cohort=cohort, splits=splits, progress=False
+    )
+    assert not np.allclose(
+        pd.read_csv(other / "predictions.csv")["prob_present"], runs[0]["prob_present"]
+    )
+    # predictions.csv marks a finished method: a rerun leaves it alone.
+    done = tmp_path / "run0" / "bd" / "predictions.csv"
+    stamp = done.stat().st_mtime_ns
+    train_method(config, bd, tmp_path / "run0", cohort=cohort, splits=splits, progress=False)
+    assert done.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_data_loader_workers_give_the_same_predictions(tiny_cohort, tmp_path):
+    results = []
+    for workers in (0, 2):
+        config = fast_config(tiny_cohort, epochs=2, num_workers=workers, in_memory="no")
+        cohort = load_cohort(config.cohort)
+        splits = resolve_splits(cohort, config.cohort.splits, tmp_path / "splits.json")
+        method_dir = train_method(
+            config,
+            MethodConfig(name="moddrop"),
+            tmp_path / f"w{workers}",
+            cohort=cohort,
+            splits=splits,
+            progress=False,
+        )
+        results.append(pd.read_csv(method_dir / "predictions.csv"))
+    pd.testing.assert_frame_equal(results[0], results[1])
