@@ -1,14 +1,20 @@
 """Synthetic feature cohorts that anyone can make offline (tests, demo, benchmarks).
 
-The label comes from two latent patient traits: ``w``, visible only in the slides, and ``c``,
-visible only in the clinical table, plus noise. So each modality alone is informative, both
-together are better, and a WSI-only model can learn part of what the clinical data adds; the
-situation that bidirectional distillation is built for.
+The label comes from two latent patient traits, ``w`` and ``c``, plus noise. The slides show
+``w`` (through biological noise) and a faint trace of ``c``; the clinical table shows ``c``. So
+each modality alone is informative, both together are better, and a WSI-only model can learn
+part of what the clinical data adds: the situation that bidirectional distillation is built for.
 
 Slides carry ``w`` as a multiple-instance signal: a fraction of 'key' instances (drawn around a
 key prototype) among background instances (drawn around tissue prototypes), with the key fraction
-rising with ``w``. Clinical values carry ``c`` with realistic mess: decimal commas, Ki67 strings
-with full-width symbols, per-feature blanks, and some patients with no clinical data at all.
+rising with ``w``. The trace of ``c`` is 'marker' instances, background instances nudged along one
+direction, whose share rises with ``c`` (real slides show part of what the clinical table
+records: grade, proliferation, receptor status). A model trained with the clinical data at hand
+has little reason to learn the faint trace; one that must do without it does, which is what
+separates the methods when clinical data goes missing.
+
+Clinical values carry ``c`` with realistic mess: decimal commas, Ki67 strings with full-width
+symbols, per-feature blanks, and some patients with no clinical data at all.
 """
 
 from __future__ import annotations
@@ -59,7 +65,9 @@ def make_feature_cohort(
         iterator = track(iterator, description="synthetic slides")
     for i in iterator:
         n_slides = 2 if rng.random() < two_slide_share else 1
-        bag = _bag(rng, prototypes, traits["key_fraction"][i], instances)
+        bag = _bag(
+            rng, prototypes, traits["key_fraction"][i], traits["marker_fraction"][i], instances
+        )
         for s, part in enumerate(np.array_split(bag, n_slides)):
             slide_id = f"S{i:04d}" + (f"-{s + 1}" if n_slides > 1 else "")
             write_feature_file(
@@ -87,8 +95,20 @@ def _patient_traits(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     c = rng.normal(size=n)  # seen by the clinical table only
     score = 1.4 * w + 1.2 * c + rng.normal(scale=0.8, size=n)
     label = (score > np.quantile(score, 0.6)).astype(int)  # ~40% positive, like BCNB's N+
-    key_fraction = 1 / (1 + np.exp(-(1.6 * w - 2.2)))  # ≈ 3% to 50% key instances
-    return {"w": w, "c": c, "label": label, "key_fraction": key_fraction}
+    # The slides see w through biological noise, as a biopsy samples only part of a tumour.
+    key_fraction = _sigmoid(1.6 * (w + rng.normal(scale=0.6, size=n)) - 2.2)  # ≈ 3% to 60%
+    marker_fraction = _sigmoid(1.5 * c - 1.5)  # ≈ 5% to 80% marker instances
+    return {
+        "w": w,
+        "c": c,
+        "label": label,
+        "key_fraction": key_fraction,
+        "marker_fraction": marker_fraction,
+    }
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
 
 
 def _clinical_table(rng, traits, no_clinical_share: float) -> list[dict]:
@@ -147,16 +167,23 @@ def _messy_percent(rng, value: float) -> str:
 
 
 def _prototypes(rng, dim: int) -> dict[str, np.ndarray]:
+    marker = rng.normal(size=dim)
     return {
         "background": rng.normal(size=(6, dim)).astype(np.float32),
         "key": rng.normal(size=dim).astype(np.float32),
+        # A nudge of a third of the instance noise's norm: faint per instance, clear in a bag.
+        "marker_shift": (0.08 * marker).astype(np.float32),
     }
 
 
-def _bag(rng, prototypes, key_fraction: float, instances: tuple[int, int]) -> np.ndarray:
+def _bag(
+    rng, prototypes, key_fraction: float, marker_fraction: float, instances: tuple[int, int]
+) -> np.ndarray:
     n = int(rng.integers(instances[0], instances[1] + 1))
     n_key = rng.binomial(n, key_fraction)
     background = prototypes["background"][rng.integers(0, len(prototypes["background"]), n - n_key)]
+    marked = rng.random(len(background)) < marker_fraction
+    background = background + marked[:, None] * prototypes["marker_shift"]
     centres = np.concatenate([np.repeat(prototypes["key"][None], n_key, 0), background])
     bag = centres + rng.normal(scale=1.0, size=centres.shape)
     return bag[rng.permutation(n)].astype(np.float32)
