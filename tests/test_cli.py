@@ -96,3 +96,19 @@ def test_console_script_runs_in_a_subprocess(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "x.yaml").is_file()
+
+
+def test_config_checks_method_names_and_options_before_any_work(tmp_path):
+    out = tmp_path / "exp.yaml"
+    runner.invoke(app, ["init", "-o", str(out)])
+    text = out.read_text()
+    out.write_text(text.replace("lambda_kd: 0.5", "lambda_kdd: 0.5"))
+    bad = runner.invoke(app, ["config", str(out)])
+    assert bad.exit_code == 1
+    assert "exp.yaml: methods: method 'bd': unknown option 'lambda_kdd'" in bad.output
+    assert "did you mean 'lambda_kd'?" in bad.output
+    out.write_text(text.replace("  - wsi-only\n", "  - wsi_only\n"))
+    bad = runner.invoke(app, ["run", str(out), "--out", str(tmp_path / "run")])
+    assert bad.exit_code == 1
+    assert "unknown method 'wsi_only'. Did you mean 'wsi-only'?" in bad.output
+    assert not (tmp_path / "run").exists()  # nothing written before the config is checked

@@ -78,9 +78,12 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
     Example: bidistill config experiment.yaml
     """
     from bidistill.config import dump_config
+    from bidistill.models.registry import check_method_configs
 
     try:
-        typer.echo(dump_config(_load(config)))
+        loaded = _load(config)
+        check_method_configs(loaded.methods, source=config)
+        typer.echo(dump_config(loaded))
     except _user_errors() as err:
         _fail(err)
 

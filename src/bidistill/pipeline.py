@@ -68,6 +68,9 @@ def run_experiment(
     """
     out_dir = Path(out_dir)
     config = load_config(config_path)
+    from bidistill.models.registry import check_method_configs
+
+    check_method_configs(config.methods, source=config_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     handler = _add_file_log(out_dir / "run.log")
     started = time.time()

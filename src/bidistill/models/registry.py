@@ -72,10 +72,26 @@ def create_method(
         ConfigError: unknown method, or an option that is unknown or invalid (named, with the
             method's valid options).
     """
+    validated = validate_options(name, options)
+    dims = MethodDims(
+        in_dim=int(in_dim),
+        clinical_dim=int(clinical_dim),
+        n_clinical_features=int(n_clinical_features),
+        feature_slices=tuple((int(a), int(b)) for a, b in feature_slices),
+    )
+    return get_method_class(name)(dims, validated)
+
+
+def validate_options(name: str, options: dict[str, Any]) -> Any:
+    """The method's validated options model (run before any work, so typos fail fast).
+
+    Raises:
+        ConfigError: unknown method, or an option that is unknown or invalid.
+    """
     cls = get_method_class(name)
     given = {k: v for k, v in options.items() if v is not None}
     try:
-        validated = cls.Options.model_validate(given)
+        return cls.Options.model_validate(given)
     except ValidationError as err:
         valid = ", ".join(cls.Options.model_fields)
         problems = []
@@ -90,10 +106,17 @@ def create_method(
         raise ConfigError(
             f"method '{name}': " + "; ".join(problems) + f". Valid options: {valid}"
         ) from None
-    dims = MethodDims(
-        in_dim=int(in_dim),
-        clinical_dim=int(clinical_dim),
-        n_clinical_features=int(n_clinical_features),
-        feature_slices=tuple((int(a), int(b)) for a, b in feature_slices),
-    )
-    return cls(dims, validated)
+
+
+def check_method_configs(methods: Sequence[Any], *, source: Any) -> None:
+    """Validate every configured method's name and options before any work starts.
+
+    Args:
+        methods: the config's ``MethodConfig`` entries (``name`` and ``options``).
+        source: the config file, named in the error.
+    """
+    for method in methods:
+        try:
+            validate_options(method.name, method.options)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: methods: {err}") from None
