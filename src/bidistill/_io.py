@@ -59,3 +59,16 @@ def write_csv(target: str | Path, frame: Any, **to_csv_kwargs: Any) -> None:
     to_csv_kwargs.setdefault("index", False)
     with atomic_path(target) as tmp:
         frame.to_csv(tmp, **to_csv_kwargs)
+
+
+def h5_attrs(h5: Any) -> dict[str, Any]:
+    """An HDF5 object's attributes as plain Python values (str, int, float)."""
+    return {key: _plain(value) for key, value in h5.attrs.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy scalar
+        return value.item()
+    return value

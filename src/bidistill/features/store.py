@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from bidistill import __version__
-from bidistill._io import atomic_path
+from bidistill._io import atomic_path, h5_attrs
 from bidistill.errors import FeatureFileError
 
 REQUIRED_ATTRS = ("encoder", "patch_size", "mpp", "level")
@@ -93,7 +93,7 @@ def read_feature_file(path: str | Path, *, with_coords: bool = True) -> FeatureF
                 raise FeatureFileError(f"{path}: no 'features' dataset (found {list(h5)})")
             features = h5["features"][()]
             coords = h5["coords"][()] if with_coords and "coords" in h5 else None
-            attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+            attrs = h5_attrs(h5)
     except OSError as err:
         raise FeatureFileError(f"{path}: not a readable HDF5 file ({err})") from err
     if features.ndim == 3 and features.shape[0] == 1:  # CLAM's older [1, n, D] layout
@@ -111,11 +111,3 @@ def feature_dim(path: str | Path) -> int:
     """D of a feature file, read without loading the features."""
     with h5py.File(path, "r") as h5:
         return int(h5["features"].shape[-1])
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from bidistill import __version__
-from bidistill._io import atomic_path
+from bidistill._io import atomic_path, h5_attrs
 from bidistill.errors import BidistillError
 
 REQUIRED_ATTRS = ("patch_size", "patch_size_level0", "level", "mpp", "mask_kind", "width", "height")
@@ -113,7 +113,7 @@ def read_coords(path: str | Path) -> CoordsFile:
             if "coords" not in h5:
                 raise CoordsFileError(f"{path}: no 'coords' dataset (remake with `bidistill tile`)")
             coords = np.asarray(h5["coords"][()], dtype=np.int64)
-            attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+            attrs = h5_attrs(h5)
             paths = None
             if "paths" in h5:
                 paths = [p.decode() if isinstance(p, bytes) else str(p) for p in h5["paths"][()]]
@@ -130,11 +130,3 @@ def read_coords(path: str | Path) -> CoordsFile:
         if key in attrs and isinstance(attrs[key], float) and math.isnan(attrs[key]):
             attrs[key] = None
     return CoordsFile(coords=coords, attrs=attrs, paths=paths)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
