@@ -122,3 +122,15 @@ def test_dump_round_trips(tmp_path):
     cfg = load_config(write_yaml(tmp_path, MINIMAL))
     again = parse_config(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+
+
+def test_one_method_twice_needs_labels():
+    twice = [{"name": "bd"}, {"name": "bd", "prompt": "wsi"}]
+    with pytest.raises(ConfigError, match="listed more than once.*'label'"):
+        parse_config({**MINIMAL, "methods": twice})
+    twice[1]["label"] = "bd-wsi"
+    cfg = parse_config({**MINIMAL, "methods": twice})
+    assert [m.key for m in cfg.methods] == ["bd", "bd-wsi"]
+    assert cfg.methods[1].options == {"prompt": "wsi"}  # the label is not a method option
+    with pytest.raises(ConfigError, match="label"):
+        parse_config({**MINIMAL, "methods": [{"name": "bd", "label": "../x"}]})

@@ -240,7 +240,18 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str
+    name: str = Field(description="Registry name, e.g. bd, wsi-only.")
+    label: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+        description="Name of this entry in the run directory and the report (default: the "
+        "method name), so one method can run twice with other options.",
+    )
+
+    @property
+    def key(self) -> str:
+        """The entry's folder name in the run directory and its name in the report."""
+        return self.label or self.name
 
     @property
     def options(self) -> dict[str, Any]:
@@ -314,10 +325,12 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _unique_methods(self) -> ExperimentConfig:
-        names = [m.name for m in self.methods]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        keys = [m.key for m in self.methods]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
-            raise ValueError(f"methods listed more than once: {dupes}")
+            raise ValueError(
+                f"methods listed more than once: {dupes} (give each variant its own 'label')"
+            )
         return self
 
     def resolve_paths(self, base_dir: Path) -> ExperimentConfig:

@@ -171,14 +171,14 @@ class _Trainer:
         """Train every configured method not done in ``run_dir``; returns those trained."""
         trained = []
         for method_cfg in self.config.methods:
-            if (run_dir / method_cfg.name / "predictions.csv").is_file():
-                log.info("%s: done already, skipped", method_cfg.name)
+            if (run_dir / method_cfg.key / "predictions.csv").is_file():
+                log.info("%s: done already, skipped", method_cfg.key)
                 continue
             start = time.perf_counter()
-            log.info("%s: training (%d fold(s))", method_cfg.name, len(splits.folds))
+            log.info("%s: training (%d fold(s))", method_cfg.key, len(splits.folds))
             self._train(method_cfg, run_dir, splits, cohort or self.cohort)
-            self.seconds[f"{run_dir.name}/{method_cfg.name}"] = time.perf_counter() - start
-            trained.append(method_cfg.name)
+            self.seconds[f"{run_dir.name}/{method_cfg.key}"] = time.perf_counter() - start
+            trained.append(method_cfg.key)
         return trained
 
     def _train(self, method_cfg, run_dir: Path, splits, cohort) -> None:
@@ -199,7 +199,7 @@ class _Trainer:
             method_dir = train_method(self.config, method_cfg, fold_dir, fold=fold, **common)
             frames.append(pd.read_csv(method_dir / "predictions.csv", dtype={"patient_id": str}))
         write_csv(
-            run_dir / method_cfg.name / "predictions.csv", pd.concat(frames, ignore_index=True)
+            run_dir / method_cfg.key / "predictions.csv", pd.concat(frames, ignore_index=True)
         )
 
 
@@ -208,7 +208,7 @@ def _evaluation_current(out_dir: Path, config: ExperimentConfig) -> bool:
     if not report.is_file() or not (out_dir / "metrics.csv").is_file():
         return False
     inputs = [out_dir / "config.yaml"]
-    inputs += [out_dir / m.name / "predictions.csv" for m in config.methods]
+    inputs += [out_dir / m.key / "predictions.csv" for m in config.methods]
     return all(p.stat().st_mtime <= report.stat().st_mtime for p in inputs)
 
 

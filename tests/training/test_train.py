@@ -145,3 +145,32 @@ def test_data_loader_workers_give_the_same_predictions(tiny_cohort, tmp_path):
         )
         results.append(pd.read_csv(method_dir / "predictions.csv"))
     pd.testing.assert_frame_equal(results[0], results[1])
+
+
+def test_labelled_variants_of_one_method_train_side_by_side(tiny_cohort, tmp_path):
+    """Two `bd` entries with their own labels: each gets its folder and its own options."""
+    import json
+
+    from bidistill.cohort import load_cohort, resolve_splits
+    from bidistill.config import MethodConfig
+    from bidistill.training import open_feature_store, train_method
+
+    from .conftest import fast_config
+
+    config = fast_config(tiny_cohort, epochs=1)
+    cohort = load_cohort(config.cohort)
+    splits = resolve_splits(cohort, config.cohort.splits, tmp_path / "splits.json")
+    store = open_feature_store(config, cohort)
+    variants = [
+        MethodConfig(name="bd", label="bd-learned"),
+        MethodConfig(name="bd", label="bd-wsi", prompt="wsi"),
+    ]
+    for variant in variants:
+        train_method(
+            config, variant, tmp_path, cohort=cohort, splits=splits, store=store, progress=False
+        )
+    for variant in variants:
+        meta = json.loads((tmp_path / variant.label / "model.json").read_text())
+        assert meta["method"] == "bd"
+        assert meta["options"]["prompt"] == ("wsi" if variant.label == "bd-wsi" else "learned")
+    assert not (tmp_path / "bd").exists()

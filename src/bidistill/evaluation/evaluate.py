@@ -123,7 +123,7 @@ def evaluate_run(
 
 def _methods(run_dir: Path, config: ExperimentConfig | None) -> list[str]:
     if config is not None:
-        methods = [m.name for m in config.methods]
+        methods = [m.key for m in config.methods]
         missing = [m for m in methods if not method_predictions_path(run_dir, m).is_file()]
         if missing:
             raise PredictionsError(

@@ -34,7 +34,7 @@ def train_from_config(
         config.training.epochs = epochs
     if seed is not None:
         config.training.seed = seed
-    configured = {m.name: m for m in config.methods}
+    configured = {m.key: m for m in config.methods}
     chosen = [configured.get(name, MethodConfig(name=name)) for name in methods or configured]
     for method_cfg in chosen:
         get_method_class(method_cfg.name)  # unknown names fail before any work

@@ -115,9 +115,9 @@ def train_method(
         ConfigError: unknown method or option. CohortError: a separating clinical feature.
         FeatureFileError: missing or inconsistent feature files.
     """
-    method_dir = Path(run_dir) / method_cfg.name
+    method_dir = Path(run_dir) / method_cfg.key
     if (method_dir / PREDICTIONS).is_file():
-        log.info("%s: done already (%s exists), skipped", method_cfg.name, PREDICTIONS)
+        log.info("%s: done already (%s exists), skipped", method_cfg.key, PREDICTIONS)
         return method_dir
     tcfg = config.training
     started = time.perf_counter()
