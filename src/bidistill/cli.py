@@ -328,7 +328,9 @@ def evaluate(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_run"), "--out", help="Folder for the cohort and run."),
-    patients: int = typer.Option(240, "--patients", min=40, help="Synthetic patients."),
+    patients: int = typer.Option(
+        1058, "--patients", min=40, help="Synthetic patients (1058: the size of BCNB)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic cohort."),
 ) -> None:
     """Train BD and baselines on a small synthetic cohort and write the report (minutes).
