@@ -241,8 +241,9 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help="Override training.seed."),
     fold: int = typer.Option(0, "--fold", min=0, help="Fold to train (kfold splits)."),
 ) -> None:
-    """Train methods on the cohort's feature files; a method whose predictions.csv exists is
-    skipped (delete its folder to retrain).
+    """Train methods on the cohort's feature files (finished methods are skipped).
+
+    A method whose predictions.csv exists is done; delete its folder to retrain it.
 
     Example: bidistill train experiment.yaml --method bd --out runs/exp1
     """
@@ -333,7 +334,7 @@ def demo(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic cohort."),
 ) -> None:
-    """Train BD and baselines on a small synthetic cohort and write the report (minutes).
+    """Train BD and baselines on a synthetic cohort and write the report (about 30 s).
 
     The whole tool end to end on a laptop CPU: cohort in OUT/cohort, run in OUT/run. Reruns
     resume.
