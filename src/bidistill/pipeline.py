@@ -124,9 +124,28 @@ def _write_resolved_config(config: ExperimentConfig, out_dir: Path) -> None:
                 f"{out_dir} holds a run made with other {', '.join(changed)} settings "
                 f"(see {target}); use a new --out folder, or delete the folder to start over"
             )
+        _check_method_options(previous, config, out_dir)
         if target.read_text(encoding="utf-8") == text:
             return  # unchanged: keep the file's time, so the evaluation stays current
     write_text(target, text)
+
+
+def _check_method_options(previous: ExperimentConfig, config: ExperimentConfig, out_dir: Path):
+    """Refuse a method entry whose options changed while its folder exists: the trained folder
+    (skipped as done) would otherwise be reported under the new options."""
+    before = {m.key: m.model_dump(mode="json") for m in previous.methods}
+    for method in config.methods:
+        old = before.get(method.key)
+        if old is None or old == method.model_dump(mode="json"):
+            continue
+        folders = [out_dir / method.key, *out_dir.glob(f"folds/*/{method.key}")]
+        folders += out_dir.glob(f"train_missing/*/{method.key}")
+        if any(f.exists() for f in folders):
+            raise ConfigError(
+                f"{out_dir}: method '{method.key}' was trained with other options "
+                f"({old}); give the new entry its own `label`, or delete {out_dir / method.key} "
+                "to train it again"
+            )
 
 
 def _section(config: ExperimentConfig, name: str) -> Any:

@@ -27,7 +27,9 @@ def test_parse_percent_reads_registry_forms(cell, expected):
     assert parse_percent(cell) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("cell", ["", "   ", None, float("nan")])
+@pytest.mark.parametrize(
+    "cell", ["", "   ", None, float("nan"), "NA", " n/a ", "-", "#N/A", "null"]
+)
 def test_blank_cells_are_nan(cell):
     assert math.isnan(parse_percent(cell))
     assert math.isnan(parse_number(cell))
@@ -58,3 +60,15 @@ def test_normalise_text_drops_whole_float_tail_and_collapses_space():
     assert normalise_text(2.0) == "2"
     assert normalise_text("  Luminal   A ") == "Luminal A"
     assert normalise_text(2.5) == "2.5"
+
+
+def test_whole_number_text_reads_like_a_whole_float():
+    assert normalise_text("2.0") == "2" and normalise_text(" -3.00 ") == "-3"
+    assert normalise_text("2.05") == "2.05" and normalise_text("P2.0a") == "P2.0a"
+
+
+def test_comma_with_three_digits_is_ambiguous():
+    with pytest.raises(ValueError, match="ambiguous"):
+        parse_number("1,234")
+    assert parse_number("0,125") == pytest.approx(0.125)
+    assert parse_number("12,5") == pytest.approx(12.5)

@@ -172,3 +172,39 @@ def test_leakage_column_refused_as_feature(tmp_path):
             leakage_columns=["nodes"],
             clinical=[{"column": "nodes", "kind": "numeric"}],
         )
+
+
+def test_blank_label_on_a_later_row_is_filled_by_the_patient(tmp_path):
+    # A merged label cell in a spreadsheet leaves the patient's second slide row blank.
+    rows = [list(r) for r in ROWS]
+    rows[2][2] = ""
+    cohort = load_cohort(cohort_config(write(tmp_path, rows)))
+    assert cohort.slides_of("P1") == ["S1a", "S1b"]
+    assert cohort.patients.loc["P1", "label"] == 1
+
+
+def test_patient_partly_outside_the_label_classes_is_refused(tmp_path):
+    rows = [list(r) for r in ROWS]
+    rows[2][2] = "N+(>2)"  # P1: N+ on one slide row, an excluded class on the other
+    with pytest.raises(CohortError, match=r"patient 'P1' has conflicting values.*'status'"):
+        load_cohort(cohort_config(write(tmp_path, rows)))
+
+
+def test_binary_written_as_csv_floats_reads_like_excel(tmp_path):
+    # pandas writes a float column (1.0 / 0.0 / NaN) to CSV as "1.0", "0.0" and "".
+    rows = [list(r) for r in ROWS]
+    for r in rows:
+        r[7] = {"Positive": "1.0", "Negative": "0.0", "": ""}[r[7]]
+    cohort = load_cohort(
+        cohort_config(write(tmp_path, rows), clinical=[{"column": "er", "kind": "binary"}])
+    )
+    assert cohort.patients["er"].tolist()[:3] == ["1", "0", "1"]
+
+
+def test_not_recorded_markers_are_blank_not_a_category(tmp_path):
+    rows = [list(r) for r in ROWS]
+    rows[1][8] = "N/A"  # P2's subtype
+    rows[1][4] = "NA"  # P2's age
+    cohort = load_cohort(cohort_config(write(tmp_path, rows)))
+    assert pd.isna(cohort.patients.loc["P2", "subtype"])
+    assert pd.isna(cohort.patients.loc["P2", "age"])

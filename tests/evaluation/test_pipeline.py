@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from bidistill.cli import app
 from bidistill.cohort.synthetic import make_feature_cohort
+from bidistill.config import dump_config, load_config
 from bidistill.errors import ConfigError
 from bidistill.pipeline import run_experiment
 
@@ -114,3 +115,16 @@ def test_cli_evaluate_prints_the_table_and_fails_cleanly(tmp_path) -> None:
     assert empty.exit_code == 1
     assert "no <method>/predictions.csv to evaluate" in " ".join(empty.output.split())
     assert "Traceback" not in empty.output
+
+
+def test_changed_options_of_a_trained_method_are_refused(tmp_path) -> None:
+    config = _cohort(tmp_path, methods=[{"name": "bd", "lambda_kd": 0.5}])
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_config(load_config(config)))
+    (out / "bd").mkdir()  # trained (or training) with lambda_kd 0.5
+    raw = yaml.safe_load(config.read_text())
+    raw["methods"] = [{"name": "bd", "lambda_kd": 1.0}]
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="method 'bd' was trained with other options"):
+        run_experiment(config, out, progress=False)

@@ -174,3 +174,38 @@ def test_labelled_variants_of_one_method_train_side_by_side(tiny_cohort, tmp_pat
         assert meta["method"] == "bd"
         assert meta["options"]["prompt"] == ("wsi" if variant.label == "bd-wsi" else "learned")
     assert not (tmp_path / "bd").exists()
+
+
+def test_training_patients_are_predicted_on_whole_bags(tiny_cohort, tmp_path):
+    """max_instances caps bags while training only: saved train predictions use whole bags."""
+    import numpy as np
+    import pandas as pd
+
+    from bidistill.cohort import load_cohort, resolve_splits
+    from bidistill.config import MethodConfig
+    from bidistill.training import load_trained, open_feature_store, predict_bags, train_method
+
+    from .conftest import fast_config
+
+    config = fast_config(tiny_cohort, epochs=1, max_instances=4)
+    cohort = load_cohort(config.cohort)
+    splits = resolve_splits(cohort, config.cohort.splits, tmp_path / "splits.json")
+    store = open_feature_store(config, cohort)
+    method_dir = train_method(
+        config,
+        MethodConfig(name="wsi-only"),
+        tmp_path,
+        cohort=cohort,
+        splits=splits,
+        store=store,
+        progress=False,
+    )
+    saved = pd.read_csv(method_dir / "predictions.csv", dtype={"patient_id": str})
+    train = saved[saved["split"] == "train"].head(8)
+    method, encoder, _ = load_trained(method_dir)
+    bags = [
+        np.concatenate([store.get(s) for s in cohort.slides_of(p)]) for p in train["patient_id"]
+    ]
+    rows = cohort.subset(train["patient_id"].tolist())[cohort.feature_names]
+    whole = predict_bags(method, bags, encoder.transform(rows))
+    np.testing.assert_allclose(whole.probabilities, train["prob_present"], atol=1e-5)

@@ -88,7 +88,7 @@ class ClinicalEncoder:
             std = float(observed.std()) if len(observed) > 1 else 1.0
             return {"kind": kind.value, "mean": mean, "std": std if std > 1e-12 else 1.0}
         if kind == ClinicalKind.binary:
-            positive = [v.casefold() for v in (col.positive or DEFAULT_POSITIVE)]
+            positive = [normalise_text(v).casefold() for v in (col.positive or DEFAULT_POSITIVE)]
             x = self._binary(cells, positive)
             mean = float(np.nanmean(x)) if np.isfinite(x).any() else 0.0
             return {"kind": kind.value, "positive": positive, "mean": mean}

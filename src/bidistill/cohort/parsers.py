@@ -20,14 +20,20 @@ _PERCENT_RE = re.compile(
     rf"(?:\s*(?:-|–|~|to)\s*(?P<hi>{_NUMBER})\s*(?P<hi_pct>%?))?$"
 )
 
+_WHOLE_FLOAT_TEXT = re.compile(r"^([-+]?\d+)\.0+$")
+
+
+# Registry spellings of "not recorded" (pandas' own NA strings among them): blank, not a category.
+MISSING_MARKERS = frozenset({"na", "n/a", "#n/a", "nan", "null", "none", "-", "--", "—", "?"})
+
 
 def is_blank(cell: Any) -> bool:
-    """True for None, NaN and text that is empty or whitespace only."""
+    """True for None, NaN, empty text and the usual "not recorded" markers (NA, N/A, -, ...)."""
     if cell is None:
         return True
     if isinstance(cell, float) and math.isnan(cell):
         return True
-    return isinstance(cell, str) and not normalise_text(cell)
+    return isinstance(cell, str) and normalise_text(cell).casefold() in {"", *MISSING_MARKERS}
 
 
 def normalise_text(cell: Any) -> str:
@@ -37,12 +43,20 @@ def normalise_text(cell: Any) -> str:
     """
     if isinstance(cell, float) and cell.is_integer():
         cell = int(cell)
-    text = unicodedata.normalize("NFKC", str(cell))
-    return " ".join(text.split())
+    text = " ".join(unicodedata.normalize("NFKC", str(cell)).split())
+    # A CSV written from a float column (pandas writes 1 as "1.0") must read like Excel's 1.0.
+    return _WHOLE_FLOAT_TEXT.sub(r"\1", text)
 
 
 def _to_float(token: str) -> float:
     # A lone comma is a decimal comma ("3,5"); registries outside the anglosphere write them.
+    # With three digits after it ("1,234") it may as well separate thousands: refuse to guess.
+    whole, _, fraction = token.lstrip("+-").partition(",")
+    if len(fraction) == 3 and whole.strip("0"):
+        raise ValueError(
+            f"{token!r} is ambiguous (thousands separator or decimal comma); "
+            f"write {whole}{fraction} or {whole}.{fraction}"
+        )
     return float(token.replace(",", "."))
 
 

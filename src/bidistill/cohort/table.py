@@ -26,6 +26,8 @@ SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 # Spreadsheet row of the first data row: row 1 holds the header.
 _FIRST_ROW = 2
+# Parsed label of a value outside both label lists (such rows leave the cohort).
+_EXCLUDED = -1
 
 
 @dataclass
@@ -119,7 +121,8 @@ def load_cohort(cfg: CohortConfig, *, mpp_column: str | None = None) -> Cohort:
             PARSERS["number"](v) if not is_blank(v) else np.nan for v in raw[mpp_column]
         ]
 
-    unlabelled = frame["label"].isna()
+    frame = _fill_patient_labels(frame, cfg, path)
+    unlabelled = frame["label"].isna() | (frame["label"] == _EXCLUDED)
     if unlabelled.any():
         log.warning(
             "%s: %d rows left out: label '%s' blank or outside positive/negative values",
@@ -177,8 +180,25 @@ def _parse_labels(cells: pd.Series, cfg: CohortConfig, path: Path, rows: np.ndar
         elif negative is None or value in negative:
             labels.append(0)
         else:
-            labels.append(np.nan)  # outside this task's classes, e.g. N+(>2) for N0 vs N+(1-2)
+            labels.append(_EXCLUDED)  # outside this task's classes, e.g. N+(>2) for N0 vs N+(1-2)
     return labels
+
+
+def _fill_patient_labels(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:
+    """Fill a blank label cell from the patient's other rows (a merged cell in a spreadsheet
+    leaves every row but the first blank), so that no slide of a labelled patient is lost; a
+    patient whose rows are partly outside the task's classes is an error."""
+    filled = frame.groupby("patient_id", sort=False)["label"].transform(lambda s: s.ffill().bfill())
+    excluded = filled == _EXCLUDED
+    mixed = excluded.groupby(frame["patient_id"]).transform(lambda s: 0 < s.sum() < len(s))
+    if mixed.any():
+        patient = frame.loc[mixed, "patient_id"].iloc[0]
+        rows = ", ".join(str(r) for r in frame.loc[frame["patient_id"] == patient, "row"])
+        raise CohortError(
+            f"{path}: patient '{patient}' has conflicting values in column "
+            f"'{cfg.label.column}' on rows {rows}: some are outside label.positive/negative"
+        )
+    return frame.assign(label=filled)
 
 
 def _parse_splits(raw: pd.DataFrame, cfg: CohortConfig, path: Path, rows: np.ndarray) -> list:

@@ -48,7 +48,8 @@ class ClinicalOnly(Method):
     """An MLP on the encoded clinical vector (values + missing indicators); no slides.
 
     Trained on the patients with clinical data. Without clinical data it sees the all-missing
-    row and predicts what it learned for it (close to the training prior).
+    row, which it never trained on: one constant for every such patient (AUC 0.5), which is
+    the honest answer of a model that has nothing to go on.
     """
 
     selection = "present"

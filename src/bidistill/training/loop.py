@@ -2,7 +2,8 @@
 
 One loop serves every method: a method's ``stages()`` are run in order, each with a fresh
 optimiser and its own early stopping on the validation AUC the stage names (clinical data
-present, absent, or the mean of both for methods that route by modality). At the end of a stage
+present, scored on the patients that have it; absent; or the mean of both, with clinical data
+as given and withheld, for methods that route by modality). At the end of a stage
 the best epoch's weights are restored.
 """
 
@@ -60,9 +61,18 @@ def auc_or_nan(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def selection_score(select: Selection, auc_present: float, auc_absent: float) -> float:
+def selection_score(
+    select: Selection, auc_present: float, auc_absent: float, auc_with_clinical: float
+) -> float:
+    """The validation score a stage is selected on.
+
+    ``present`` scores the patients that have clinical data (``auc_with_clinical``): the others
+    would be scored by whatever the method does without it, e.g. the still untrained student
+    of ``kd``'s teacher stage or BD's single-modal branch during warm-up, which is noise for
+    this stage. It falls back to every patient when that subset lacks one of the classes.
+    """
     if select == "present":
-        return auc_present
+        return auc_with_clinical if np.isfinite(auc_with_clinical) else auc_present
     if select == "absent":
         return auc_absent
     return (auc_present + auc_absent) / 2
@@ -168,6 +178,7 @@ def _fit_stage(
     best = StageResult(stage.name, best_epoch=-1, best_score=-math.inf, epochs_run=0)
     best_state = None
     stale = 0
+    with_clinical = val_loader.dataset.clinical_present.numpy()
     bar = _EpochBar(
         progress, f"{method.name}/{stage.name}" if len(method.stages()) > 1 else method.name
     )
@@ -182,7 +193,8 @@ def _fit_stage(
             prob_present, prob_absent = predict_loader(method, val_loader, device)
             auc_present = auc_or_nan(val_labels, prob_present)
             auc_absent = auc_or_nan(val_labels, prob_absent)
-            score = selection_score(stage.select, auc_present, auc_absent)
+            auc_with_clinical = auc_or_nan(val_labels[with_clinical], prob_present[with_clinical])
+            score = selection_score(stage.select, auc_present, auc_absent, auc_with_clinical)
             log_rows.append(
                 {
                     "stage": stage.name,
@@ -191,6 +203,7 @@ def _fit_stage(
                     **{f"loss_{k}": v for k, v in terms.items()},
                     "val_auc_present": auc_present,
                     "val_auc_absent": auc_absent,
+                    "val_auc_with_clinical": auc_with_clinical,
                     "val_score": score,
                     "seconds": time.perf_counter() - started,
                 }

@@ -245,6 +245,8 @@ def _predict_all(
 ) -> pd.DataFrame:
     frames = []
     for split, part in parts.items():
+        # Whole bags for every split: the training set's instance cap is an augmentation.
+        part.dataset.max_instances = None
         loader = _loader(part.dataset, batch_size, shuffle=False, workers=0, seed=0)
         prob_present, prob_absent = predict_loader(method, loader, device)
         frames.append(
