@@ -278,8 +278,13 @@ def _train_missing_grid(
     for rate in config.evaluation.train_missing_rates:
         sub_dir = out_dir / "train_missing" / f"{rate:g}"
         sub_dir.mkdir(parents=True, exist_ok=True)
-        write_text(sub_dir / "config.yaml", dump_config(config))
-        splits.save(sub_dir / "splits.json")
+        # Rewritten only when changed: its time stamp tells whether the evaluation is current.
+        text = dump_config(config)
+        sub_config = sub_dir / "config.yaml"
+        if not sub_config.is_file() or sub_config.read_text(encoding="utf-8") != text:
+            write_text(sub_config, text)
+        if not (sub_dir / "splits.json").is_file():
+            splits.save(sub_dir / "splits.json")
         stripped = strip_training_clinical(cohort, splits, rate)
         done = trainer.train_all(sub_dir, splits, cohort=stripped)
         trained += [f"train_missing/{rate:g}/{m}" for m in done]

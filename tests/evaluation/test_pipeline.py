@@ -101,6 +101,11 @@ def test_kfold_and_train_time_missingness(tmp_path) -> None:
     train = stripped[stripped.split == "train"]
     assert 0.45 < 1 - train.clinical_available.mean() < 0.6  # half (+ genuinely missing)
     assert stripped[stripped.split == "test"].clinical_available.mean() > 0.85
+    # A rerun finds the grid done: nothing trained, its report not rewritten.
+    grid_report = tmp_path / "grid" / "train_missing" / "0.5" / "report.html"
+    before = grid_report.stat().st_mtime_ns
+    again = run_experiment(config, tmp_path / "grid", progress=False)
+    assert again.trained == [] and grid_report.stat().st_mtime_ns == before
 
 
 def test_cli_evaluate_prints_the_table_and_fails_cleanly(tmp_path) -> None:
