@@ -134,3 +134,12 @@ def test_one_method_twice_needs_labels():
     assert cfg.methods[1].options == {"prompt": "wsi"}  # the label is not a method option
     with pytest.raises(ConfigError, match="label"):
         parse_config({**MINIMAL, "methods": [{"name": "bd", "label": "../x"}]})
+
+
+def test_tiling_magnification_sets_the_target_mpp():
+    cfg = parse_config({**MINIMAL, "tiling": {"magnification": 40}})
+    assert cfg.tiling.mpp == pytest.approx(0.25)
+    cfg = parse_config({**MINIMAL, "tiling": {"magnification": 20, "mpp": 0.5}})
+    assert cfg.tiling.mpp == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="magnification 10 means mpp 1, but mpp is 0.5"):
+        parse_config({**MINIMAL, "tiling": {"magnification": 10, "mpp": 0.5}})

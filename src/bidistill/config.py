@@ -183,6 +183,12 @@ class TilingConfig(_Section):
     mpp: float | None = Field(
         default=0.5, gt=0, description="Target microns per pixel; null tiles at level 0."
     )
+    magnification: float | None = Field(
+        default=None,
+        gt=0,
+        description="Target objective magnification instead of mpp (20 means 0.5 µm/px, the "
+        "usual 10 / magnification convention).",
+    )
     overlap: int = Field(default=0, ge=0, description="Overlap between tiles in pixels.")
     mask: MaskKind = Field(
         default=MaskKind.auto,
@@ -205,6 +211,20 @@ class TilingConfig(_Section):
     )
     workers: int = Field(default=1, ge=1, description="Slides tiled in parallel (processes).")
     qc: bool = Field(default=True, description="Write a QC PNG per slide.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _magnification_sets_mpp(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("magnification") is None:
+            return data
+        mpp = 10 / float(data["magnification"])
+        given = data.get("mpp")
+        if given is not None and abs(float(given) - mpp) > 1e-9 and "mpp" in data:
+            raise ValueError(
+                f"magnification {data['magnification']} means mpp {mpp:g}, but mpp is {given}: "
+                "give one of them"
+            )
+        return {**data, "mpp": mpp}
 
     @model_validator(mode="after")
     def _overlap_below_patch(self) -> TilingConfig:
