@@ -283,6 +283,11 @@ def _print_auc_table(metrics, title: str) -> None:
     console.print("* best at that rate", highlight=False)
 
 
+def _print_run_summary(metrics, run_dir: Path) -> None:
+    _print_auc_table(metrics, "AUC by test missing rate (mean over mask seeds)")
+    console.print(f"report: {run_dir / 'report.html'}", highlight=False)
+
+
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="Experiment YAML."),
@@ -302,8 +307,7 @@ def run(
         result = run_experiment(config, out, progress=not no_progress)
     except _user_errors() as err:
         _fail(err)
-    _print_auc_table(result.metrics, "AUC by test missing rate (mean over mask seeds)")
-    console.print(f"report: {out / 'report.html'}", highlight=False)
+    _print_run_summary(result.metrics, out)
 
 
 @app.command()
@@ -322,8 +326,7 @@ def evaluate(
         tables = evaluate_run(run_dir)
     except _user_errors() as err:
         _fail(err)
-    _print_auc_table(tables.metrics, "AUC by test missing rate (mean over mask seeds)")
-    console.print(f"report: {run_dir / 'report.html'}", highlight=False)
+    _print_run_summary(tables.metrics, run_dir)
 
 
 @app.command()
