@@ -11,7 +11,7 @@ from bidistill.models.batch import Batch, Output
 from bidistill.models.blocks import ClinicalMLP
 from bidistill.models.fusion import FusionModel
 from bidistill.models.registry import register_method
-from bidistill.models.unimodal import WSIClassifier, route
+from bidistill.models.unimodal import WSIClassifier, route, route_outputs
 
 
 @register_method("switch")
@@ -33,12 +33,8 @@ class Switch(Method):
     def forward(self, batch: Batch) -> Output:
         wsi = self.wsi(batch)
         fusion = self.fusion(batch, batch.clinical)
-        present = batch.clinical_present
-        return Output(
-            logits=route(present, fusion.logits, wsi.logits),
-            attention=route(present, fusion.attention, wsi.attention),
-            extras={"logits_wsi": wsi.logits, "logits_fusion": fusion.logits},
-        )
+        extras = {"logits_wsi": wsi.logits, "logits_fusion": fusion.logits}
+        return route_outputs(batch.clinical_present, fusion, wsi, extras)
 
     def loss(self, batch: Batch, output: Output) -> dict[str, Tensor]:
         x = output.extras
@@ -128,12 +124,8 @@ class OneWayKD(Method):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage == "teacher"):
             teacher = self.teacher(batch, batch.clinical)
         student = self.student(batch)
-        present = batch.clinical_present
-        return Output(
-            logits=route(present, teacher.logits, student.logits),
-            attention=route(present, teacher.attention, student.attention),
-            extras={"logits_teacher": teacher.logits, "logits_student": student.logits},
-        )
+        extras = {"logits_teacher": teacher.logits, "logits_student": student.logits}
+        return route_outputs(batch.clinical_present, teacher, student, extras)
 
     def loss(self, batch: Batch, output: Output) -> dict[str, Tensor]:
         x, o = output.extras, self.options

@@ -97,3 +97,14 @@ def route(present: Tensor, when_present: Tensor, when_absent: Tensor) -> Tensor:
     """Per sample: ``when_present`` where ``present`` [B], else ``when_absent``."""
     shape = (-1,) + (1,) * (when_present.dim() - 1)
     return torch.where(present.view(shape), when_present, when_absent)
+
+
+def route_outputs(
+    present: Tensor, when_present: Output, when_absent: Output, extras: dict[str, Tensor]
+) -> Output:
+    """One output from two sub-models' outputs: logits and attention routed per sample."""
+    return Output(
+        logits=route(present, when_present.logits, when_absent.logits),
+        attention=route(present, when_present.attention, when_absent.attention),
+        extras=extras,
+    )
