@@ -44,7 +44,7 @@ FUSION = ("fusion-zero", "fusion-mean", "moddrop", "switch")
 
 
 def make_cohort(cache: Path) -> Path:
-    from bidistill.cohort.synthetic import make_feature_cohort
+    from bidistill.synthetic.features import make_feature_cohort
 
     config = cache / "config.yaml"
     if not config.is_file():

@@ -112,3 +112,26 @@ def test_config_checks_method_names_and_options_before_any_work(tmp_path):
     assert bad.exit_code == 1
     assert "unknown method 'wsi_only'. Did you mean 'wsi-only'?" in bad.output
     assert not (tmp_path / "run").exists()  # nothing written before the config is checked
+
+
+def test_bad_input_is_one_line_and_a_bug_names_its_log(tmp_path, monkeypatch):
+    missing = runner.invoke(app, ["config", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 1
+    assert missing.output.strip().splitlines() == [
+        f"error: {tmp_path / 'nope.yaml'}: config file not found (make one with `bidistill init`)"
+    ]
+    assert "Traceback" not in missing.output
+
+    import bidistill.pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a planted bug")
+
+    monkeypatch.setattr(bidistill.pipeline, "run_experiment", broken)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    result = runner.invoke(app, ["run", str(tmp_path / "x.yaml"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "unexpected RuntimeError: a planted bug" in result.output
+    (log_file,) = tmp_path.glob("bidistill-error-*.log")
+    assert "Traceback" in log_file.read_text() and str(log_file) in result.output.replace("\n", "")

@@ -1,19 +1,74 @@
 """The `bidistill` command line: thin wrappers that parse, validate and call one stage each.
 
 Heavy imports (torch, openslide, pandas) happen inside the commands so that `--help` stays fast.
-Our own errors (bad config, bad table, bad file) are caught once, here, and printed as one clear
-message with a non-zero exit; anything else is a bug and keeps its traceback.
+Errors are handled once, at the top (``_HandledGroup``): our own errors (bad config, bad table,
+bad file: ``BidistillError``) print as one line and exit 1; anything else is a bug, printed as a
+short message that names the log file holding its traceback, and also exits 1. Commands
+therefore just raise.
 """
 
 from __future__ import annotations
 
+import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import NoReturn
 
 import typer
+import typer.core
 from rich.console import Console
 
+console = Console(stderr=True)
+
+
+class _HandledGroup(typer.core.TyperGroup):
+    """The root command group: turns every exception of a command into one clear message."""
+
+    def invoke(self, ctx):
+        from bidistill.errors import BidistillError
+
+        try:
+            return super().invoke(ctx)
+        except BidistillError as err:
+            _print_error(str(err))
+        except KeyboardInterrupt:
+            _print_error("interrupted; run the same command again to resume")
+            raise typer.Exit(130) from None
+        except Exception as err:
+            if type(err).__module__.split(".")[0] in ("typer", "click"):
+                raise  # exits, usage errors and --help: typer prints them itself
+            log_path = _write_traceback(err)  # a bug: keep the traceback, but in a file
+            _print_error(
+                f"unexpected {type(err).__name__}: {err}. This is a bug in bidistill; the "
+                f"traceback is in {log_path} (please attach it to a bug report)"
+            )
+        raise typer.Exit(1)
+
+
+def _print_error(message: str) -> None:
+    from rich.text import Text
+
+    console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+
+
+def _write_traceback(err: BaseException) -> Path:
+    """Where the traceback is: the stage's own log when the stage logged it there and said so
+    (``err.log_path``), else a new file in the temporary folder, written here."""
+    log_path = getattr(err, "log_path", None)
+    if log_path is not None and Path(log_path).is_file():
+        return Path(log_path)
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    fd, name = tempfile.mkstemp(prefix=f"bidistill-error-{stamp}-", suffix=".log")
+    with open(fd, "w", encoding="utf-8") as log_file:
+        log_file.write(f"bidistill {' '.join(sys.argv[1:])}\n{text}")
+    return Path(name)
+
+
 app = typer.Typer(
+    cls=_HandledGroup,
     name="bidistill",
     help="Whole-slide image + clinical models that keep working when clinical data is missing.",
     no_args_is_help=True,
@@ -25,20 +80,10 @@ bcnb_app = typer.Typer(help="The BCNB breast-cancer cohort (axillary lymph node 
 app.add_typer(synth_app, name="synth")
 app.add_typer(bcnb_app, name="bcnb")
 
-console = Console(stderr=True)
 
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The exception types that mean bad input (not a bug): printed without a traceback."""
-    from bidistill.errors import BidistillError
-
-    return (BidistillError,)
-
-
-def _fail(err: Exception) -> NoReturn:
-    from rich.text import Text
-
-    console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False, soft_wrap=True)
+def _fail(message: str) -> NoReturn:
+    """Stop a command with one error line (for checks made in the CLI itself)."""
+    _print_error(message)
     raise typer.Exit(code=1)
 
 
@@ -64,7 +109,7 @@ def init(
     from bidistill.templates import template_text
 
     if output.exists() and not force:
-        _fail(FileExistsError(f"{output} exists; pass --force to overwrite it"))
+        _fail(f"{output} exists; pass --force to overwrite it")
     from bidistill._io import write_text
 
     write_text(output, template_text(bcnb=bcnb))
@@ -80,12 +125,9 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
     from bidistill.config import dump_config
     from bidistill.models.registry import check_method_configs
 
-    try:
-        loaded = _load(config)
-        check_method_configs(loaded.methods, source=config)
-        typer.echo(dump_config(loaded))
-    except _user_errors() as err:
-        _fail(err)
+    loaded = _load(config)
+    check_method_configs(loaded.methods, source=config)
+    typer.echo(dump_config(loaded))
 
 
 # --- synthetic cohorts --------------------------------------------------------------------------
@@ -105,10 +147,10 @@ def synth_features(
 
     Example: bidistill synth features --out synth --patients 300 --seed 0
     """
-    from bidistill.cohort.synthetic import make_feature_cohort
+    from bidistill.synthetic.features import make_feature_cohort
 
     if max_instances < min_instances:
-        _fail(ValueError("--max-instances must be at least --min-instances"))
+        _fail("--max-instances must be at least --min-instances")
     config = make_feature_cohort(
         out,
         patients=patients,
@@ -142,11 +184,8 @@ def tile(
     """
     from bidistill.slides.run import tile_from_config
 
-    try:
-        cfg = _load(config)
-        summary = tile_from_config(cfg, workers=workers, skip_errors=skip_errors)
-    except _user_errors() as err:
-        _fail(err)
+    cfg = _load(config)
+    summary = tile_from_config(cfg, workers=workers, skip_errors=skip_errors)
     coords_dir = cfg.tiling.coords_dir
     console.print(
         f"tiled {len(summary.tiled)} slides ({sum(summary.tiled.values())} tiles), "
@@ -188,10 +227,7 @@ def bcnb_prepare(
     """
     from bidistill.cohort.bcnb import prepare_bcnb
 
-    try:
-        report = prepare_bcnb(root, out, task=task, feature_set=features)
-    except _user_errors() as err:
-        _fail(err)
+    report = prepare_bcnb(root, out, task=task, feature_set=features)
     typer.echo(report.format())
     typer.echo(f"next: bidistill run {report.config_path} --out {out / 'run'}")
 
@@ -212,7 +248,7 @@ def synth_bcnb(
 
     Example: bidistill synth bcnb --out synth-bcnb --patients 30 --seed 0
     """
-    from bidistill.cohort.synth_bcnb import make_bcnb_folder
+    from bidistill.synthetic.bcnb import make_bcnb_folder
 
     make_bcnb_folder(
         out,
@@ -247,14 +283,11 @@ def train(
 
     Example: bidistill train experiment.yaml --method bd --out runs/exp1
     """
-    try:
-        from bidistill.training.cli_train import train_from_config
+    from bidistill.training.cli_train import train_from_config
 
-        written = train_from_config(
-            _load(config), out, methods=method or None, epochs=epochs, seed=seed, fold=fold
-        )
-    except _user_errors() as err:
-        _fail(err)
+    written = train_from_config(
+        _load(config), out, methods=method or None, epochs=epochs, seed=seed, fold=fold
+    )
     for path in written:
         console.print(f"{path.name}: {path}", highlight=False)
 
@@ -303,10 +336,7 @@ def run(
     """
     from bidistill.pipeline import run_experiment
 
-    try:
-        result = run_experiment(config, out, progress=not no_progress)
-    except _user_errors() as err:
-        _fail(err)
+    result = run_experiment(config, out, progress=not no_progress)
     _print_run_summary(result.metrics, out)
 
 
@@ -322,10 +352,7 @@ def evaluate(
     """
     from bidistill.evaluation import evaluate_run
 
-    try:
-        tables = evaluate_run(run_dir)
-    except _user_errors() as err:
-        _fail(err)
+    tables = evaluate_run(run_dir)
     _print_run_summary(tables.metrics, run_dir)
 
 
@@ -349,10 +376,7 @@ def demo(
     from bidistill.pipeline import run_demo
 
     start = time.perf_counter()
-    try:
-        result = run_demo(out, patients=patients, seed=seed)
-    except _user_errors() as err:
-        _fail(err)
+    result = run_demo(out, patients=patients, seed=seed)
     _print_auc_table(result.metrics, "Demo: AUC by share of test patients without clinical data")
     console.print(
         f"done in {time.perf_counter() - start:.0f} s. Report: {result.run_dir / 'report.html'}"

@@ -19,3 +19,7 @@ class FeatureFileError(BidistillError, ValueError):
 
 class SlideError(BidistillError, OSError):
     """A slide that cannot be read; the message names the file and the reason."""
+
+
+class CheckpointError(BidistillError):
+    """A trained-method folder that cannot be loaded; the message names the file."""

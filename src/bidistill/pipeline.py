@@ -95,8 +95,9 @@ def run_experiment(
         metrics = pd.read_csv(out_dir / "metrics.csv")
         _write_run_info(out_dir, started, trained)
         return RunResult(run_dir=out_dir, metrics=metrics, trained=trained, evaluated=evaluated)
-    except Exception:
+    except Exception as err:
         log.exception("run stopped")
+        err.log_path = out_dir / "run.log"  # the CLI's error handler points the user there
         raise
     finally:
         logging.getLogger("bidistill").removeHandler(handler)
@@ -331,7 +332,7 @@ def run_demo(
     """
     import yaml
 
-    from bidistill.cohort.synthetic import make_feature_cohort
+    from bidistill.synthetic.features import make_feature_cohort
 
     out_dir = Path(out_dir)
     config_path = out_dir / "cohort" / "config.yaml"

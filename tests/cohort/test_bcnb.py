@@ -21,9 +21,9 @@ from bidistill.cohort.bcnb import (
     read_clinical,
     read_splits,
 )
-from bidistill.cohort.synth_bcnb import make_bcnb_folder
 from bidistill.config import load_config, parse_config
 from bidistill.errors import CohortError, ConfigError
+from bidistill.synthetic.bcnb import make_bcnb_folder
 
 N_PATIENTS = 24
 # Written out by hand (not read from bcnb.TASKS) so a wrong table entry fails here.

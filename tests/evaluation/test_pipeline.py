@@ -8,10 +8,10 @@ import yaml
 from typer.testing import CliRunner
 
 from bidistill.cli import app
-from bidistill.cohort.synthetic import make_feature_cohort
 from bidistill.config import dump_config, load_config
 from bidistill.errors import ConfigError
 from bidistill.pipeline import run_experiment
+from bidistill.synthetic.features import make_feature_cohort
 
 RUN_FILES = [
     "config.yaml",

@@ -166,7 +166,7 @@ def test_cli_tile_with_skip_errors_summarises_failures(tmp_path, slides_dir):
 
 def test_cli_tile_on_a_synthetic_bcnb_folder(tmp_path):
     from bidistill.cohort.bcnb import prepare_bcnb
-    from bidistill.cohort.synth_bcnb import make_bcnb_folder
+    from bidistill.synthetic.bcnb import make_bcnb_folder
 
     root = make_bcnb_folder(
         tmp_path / "BCNB", patients=10, seed=0, slide_size=(1024, 768), progress=False

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from bidistill.cohort import load_cohort, resolve_splits
-from bidistill.cohort.synthetic import make_feature_cohort
 from bidistill.config import load_config
 from bidistill.models import list_methods
+from bidistill.synthetic.features import make_feature_cohort
 
 
 def fast_config(config_path: Path, **training):

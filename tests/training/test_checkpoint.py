@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 
 from bidistill.cohort import load_cohort
-from bidistill.training import CheckpointError, load_trained, predict_bags
-from bidistill.training.data import FeatureStore, StoreBags
+from bidistill.errors import CheckpointError
+from bidistill.features import FeatureStore
+from bidistill.inference import load_trained, predict_bags
+from bidistill.training.data import StoreBags
 
 from .conftest import fast_config
 

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from bidistill.errors import FeatureFileError
-from bidistill.features.store import feature_path, write_feature_file
+from bidistill.features.store import FeatureStore, feature_path, write_feature_file
 from bidistill.training.data import (
     ArrayBags,
-    FeatureStore,
     LengthBucketSampler,
     PatientBags,
     StoreBags,

@@ -8,9 +8,8 @@ from torch import Tensor, nn
 
 from bidistill.config import TrainingConfig
 from bidistill.models import Batch, Method, MethodDims, MethodOptions, Output
-from bidistill.training.data import ArrayBags, PatientBags
+from bidistill.training.data import ArrayBags, PatientBags, bag_loader
 from bidistill.training.loop import fit
-from bidistill.training.train import _loader
 
 
 class ScriptedMethod(Method):
@@ -54,7 +53,7 @@ def test_present_stage_is_selected_on_the_patients_with_clinical_data():
     present = np.arange(n) < n // 2
     clinical = np.stack([np.zeros(n), (~present).astype(float)], axis=1)
     dataset = PatientBags(ArrayBags(bags), clinical, present[:, None], present, labels)
-    loader = _loader(dataset, 64, shuffle=False, workers=0, seed=0)
+    loader = bag_loader(dataset, 64, shuffle=False, workers=0, seed=0)
     cfg = TrainingConfig(epochs=2, patience=5, warmup_epochs=0, grad_clip=None)
 
     method = ScriptedMethod()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bidistill.training import load_trained, predict_bags
+from bidistill.inference import load_trained, predict_bags
 
 FROZEN = Path(__file__).resolve().parents[1] / "data" / "checkpoint-0.1.0"
 

@@ -183,7 +183,8 @@ def test_training_patients_are_predicted_on_whole_bags(tiny_cohort, tmp_path):
 
     from bidistill.cohort import load_cohort, resolve_splits
     from bidistill.config import MethodConfig
-    from bidistill.training import load_trained, open_feature_store, predict_bags, train_method
+    from bidistill.inference import load_trained, predict_bags
+    from bidistill.training import open_feature_store, train_method
 
     from .conftest import fast_config
 

@@ -1,4 +1,5 @@
-"""The .h5 feature store (DESIGN contract, the layout CLAM and TRIDENT write).
+"""The .h5 feature files (DESIGN contract, the layout CLAM and TRIDENT write) and the store that
+serves them to training and prediction.
 
 ``<features_dir>/<slide_id>.h5``: dataset ``features`` float32/float16 ``[n, D]``, dataset
 ``coords`` int64 ``[n, 2]`` (level-0 x, y of each tile's top-left corner), attributes ``encoder``,
@@ -7,9 +8,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -17,6 +21,8 @@ import numpy as np
 from bidistill import __version__
 from bidistill._io import atomic_path, h5_attrs
 from bidistill.errors import FeatureFileError
+
+log = logging.getLogger(__name__)
 
 REQUIRED_ATTRS = ("encoder", "patch_size", "mpp", "level")
 
@@ -111,3 +117,126 @@ def feature_dim(path: str | Path) -> int:
     """D of a feature file, read without loading the features."""
     with h5py.File(path, "r") as h5:
         return int(h5["features"].shape[-1])
+
+
+# In-memory mode 'auto' keeps features in RAM when they take at most this share of the free memory.
+_RAM_SHARE = 0.4
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo; a conservative 4 GiB where that file does not exist."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+class FeatureStore:
+    """slide id → features [n, D] (float32 or float16, as stored).
+
+    Held in RAM when they fit (the fast path on CPU, where reading .h5 files would dominate an
+    epoch), otherwise opened lazily, once per process, because h5py handles must not cross into
+    data-loader worker processes.
+
+    Args:
+        features_dir: folder of ``<slide_id>.h5`` files.
+        slide_ids: the slides that will be asked for; all are checked up front.
+        in_memory: ``yes`` loads every file now, ``no`` reads on demand, ``auto`` loads when the
+            features fit comfortably in the available memory.
+
+    Raises:
+        FeatureFileError: a file is missing, or the files disagree on the feature dimension.
+    """
+
+    def __init__(
+        self,
+        features_dir: str | Path,
+        slide_ids: Sequence[str],
+        *,
+        in_memory: Literal["auto", "yes", "no"] = "auto",
+        progress: bool = False,
+    ):
+        self.features_dir = Path(features_dir)
+        self.slide_ids = list(dict.fromkeys(slide_ids))
+        self._arrays: dict[str, np.ndarray] = {}
+        self._handles: dict[str, h5py.File] = {}
+        self._pid = os.getpid()
+        shapes = self._check_files()
+        self.lengths = {slide: shape[0] for slide, shape in shapes.items()}
+        dims = {shape[-1] for shape in shapes.values()}
+        if len(dims) > 1:
+            by_dim = {d: next(s for s, sh in shapes.items() if sh[-1] == d) for d in dims}
+            raise FeatureFileError(
+                f"{self.features_dir}: feature files have different dimensions "
+                f"({', '.join(f'{d} in {s}.h5' for d, s in sorted(by_dim.items()))}); extract "
+                "every slide with the same encoder"
+            )
+        self.dim = dims.pop() if dims else 0
+        n_bytes = sum(int(np.prod(shape)) * 4 for shape in shapes.values())
+        if in_memory == "yes" or (
+            in_memory == "auto" and n_bytes <= _RAM_SHARE * available_memory_bytes()
+        ):
+            self._load_all(progress)
+        log.info(
+            "%d feature files, D=%d, %.0f MB, in memory: %s",
+            len(self.slide_ids),
+            self.dim,
+            n_bytes / 2**20,
+            self.in_memory,
+        )
+
+    @property
+    def in_memory(self) -> bool:
+        return len(self._arrays) == len(self.slide_ids) and bool(self.slide_ids)
+
+    def _check_files(self) -> dict[str, tuple[int, ...]]:
+        missing = [s for s in self.slide_ids if not feature_path(self.features_dir, s).is_file()]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise FeatureFileError(
+                f"{self.features_dir}: no feature file for slides {missing[:5]}{more} (expected "
+                "<slide_id>.h5; extract them with `bidistill extract`)"
+            )
+        shapes = {}
+        for slide in self.slide_ids:
+            path = feature_path(self.features_dir, slide)
+            try:
+                with h5py.File(path, "r") as h5:
+                    shapes[slide] = tuple(h5["features"].shape)
+            except (OSError, KeyError) as err:
+                raise FeatureFileError(f"{path}: not a readable feature file ({err})") from err
+        return shapes
+
+    def _load_all(self, progress: bool) -> None:
+        slides = self.slide_ids
+        if progress:
+            from rich.progress import track
+
+            slides = track(slides, description="loading features", transient=True)
+        for slide in slides:
+            self._arrays[slide] = read_feature_file(
+                feature_path(self.features_dir, slide), with_coords=False
+            ).features
+
+    def get(self, slide_id: str) -> np.ndarray:
+        """Features of one slide [n, D]."""
+        if slide_id in self._arrays:
+            return self._arrays[slide_id]
+        if os.getpid() != self._pid:  # a forked worker: never reuse the parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(slide_id)
+        if handle is None:
+            handle = self._handles[slide_id] = h5py.File(
+                feature_path(self.features_dir, slide_id), "r"
+            )
+        features = handle["features"][()]
+        return features[0] if features.ndim == 3 else features
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state

@@ -10,36 +10,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from bidistill._io import write_csv
 from bidistill.cohort import (
     ClinicalEncoder,
     Cohort,
-    EncodedClinical,
     Splits,
     check_separating_features,
 )
 from bidistill.config import ExperimentConfig, MethodConfig
+from bidistill.features.store import FeatureStore
 from bidistill.models import Method, create_method
 from bidistill.training.checkpoint import save_checkpoint
-from bidistill.training.data import (
-    ArrayBags,
-    FeatureStore,
-    LengthBucketSampler,
-    PatientBags,
-    StoreBags,
-    collate_bags,
-)
+from bidistill.training.data import PatientBags, StoreBags, bag_loader
 from bidistill.training.loop import fit, predict_loader, resolve_device
-from bidistill.training.seeding import seed_everything, seed_worker
+from bidistill.training.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +53,6 @@ def open_feature_store(
         cohort.slides["slide_id"].tolist(),
         in_memory=config.training.in_memory,
         progress=progress,
-    )
-
-
-def _loader(dataset: PatientBags, batch_size: int, *, shuffle: bool, workers: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    sampler = LengthBucketSampler(
-        dataset.lengths(), batch_size, shuffle=shuffle, generator=generator
-    )
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate_bags,
-        num_workers=workers,
-        worker_init_fn=seed_worker if workers else None,
-        generator=generator,
     )
 
 
@@ -165,10 +141,10 @@ def train_method(
         for name, ids in split_ids.items()
     }
     workers = tcfg.num_workers
-    train_loader = _loader(
+    train_loader = bag_loader(
         parts["train"].dataset, tcfg.batch_size, shuffle=True, workers=workers, seed=tcfg.seed
     )
-    val_loader = _loader(
+    val_loader = bag_loader(
         parts["val"].dataset, tcfg.batch_size, shuffle=False, workers=workers, seed=tcfg.seed
     )
     val_labels = cohort.subset(split_ids["val"])["label"].to_numpy(np.int64)
@@ -247,7 +223,7 @@ def _predict_all(
     for split, part in parts.items():
         # Whole bags for every split: the training set's instance cap is an augmentation.
         part.dataset.max_instances = None
-        loader = _loader(part.dataset, batch_size, shuffle=False, workers=0, seed=0)
+        loader = bag_loader(part.dataset, batch_size, shuffle=False, workers=0, seed=0)
         prob_present, prob_absent = predict_loader(method, loader, device)
         frames.append(
             pd.DataFrame(
@@ -263,54 +239,3 @@ def _predict_all(
             )
         )
     return pd.concat(frames, ignore_index=True)
-
-
-@dataclass
-class BagPredictions:
-    """Predictions for n bags.
-
-    Attributes:
-        probabilities: float [n], P(label = 1).
-        attention: n arrays [n_i], the routed aggregator's instance weights (None for methods
-            without a bag), in each bag's instance order.
-    """
-
-    probabilities: np.ndarray
-    attention: list[np.ndarray] | None
-
-
-@torch.no_grad()
-def predict_bags(
-    method: Method,
-    bags: Sequence[np.ndarray],
-    clinical: EncodedClinical,
-    *,
-    batch_size: int = 4,
-    device: str | torch.device = "cpu",
-) -> BagPredictions:
-    """Predict new patients from their bags and encoded clinical data (whole bags, eval mode).
-
-    Args:
-        method: a trained method (``load_trained``).
-        bags: one array [n_i, D] per patient (its slides' features concatenated).
-        clinical: the fitted encoder's ``transform`` of the patients' clinical rows (use
-            ``encoder.missing_row(n)`` to predict without clinical data).
-    """
-    if len(bags) != len(clinical.values):
-        raise ValueError(f"{len(bags)} bags but {len(clinical.values)} clinical rows")
-    dataset = PatientBags(ArrayBags(bags), clinical.values, clinical.valid, clinical.present)
-    loader = _loader(dataset, batch_size, shuffle=False, workers=0, seed=0)
-    method.eval()
-    device = torch.device(device)
-    probabilities = np.zeros(len(bags), dtype=np.float32)
-    attention: list[np.ndarray | None] = [None] * len(bags)
-    for indices, batch in zip(loader.batch_sampler, loader):
-        output = method(batch.to(device))
-        probabilities[indices] = output.probabilities.float().cpu().numpy()
-        if output.attention is not None:
-            lengths = batch.tile_valid.sum(dim=1).tolist()
-            weights = output.attention.float().cpu()
-            for b, (i, n) in enumerate(zip(indices, lengths)):
-                attention[i] = weights[b, :n].numpy()
-    has_attention = any(a is not None for a in attention)
-    return BagPredictions(probabilities, attention if has_attention else None)

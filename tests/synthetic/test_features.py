@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from bidistill.cohort import ClinicalEncoder, load_cohort
-from bidistill.cohort.synthetic import make_feature_cohort
 from bidistill.config import load_config
 from bidistill.features.store import read_feature_file
+from bidistill.synthetic.features import make_feature_cohort
 
 
 def digest(folder):

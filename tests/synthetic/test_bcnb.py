@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from bidistill.cli import app
-from bidistill.cohort.synth_bcnb import make_bcnb_folder
+from bidistill.synthetic.bcnb import make_bcnb_folder
 
 COLUMNS = [
     "Patient ID",
