@@ -218,7 +218,7 @@ def _labels(
     frame, summary.dropped = drop_unlisted(frame, cells)
     blank = frame["label"].isna()
     summary.blank_patients = int(frame.loc[blank, "patient_id"].nunique())
-    log.info("%s: %s", path, summary.format())
+    log.debug("%s: %s", path, summary.format())  # the caller shows it (pipeline, train)
     return frame[~blank], summary
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from pydantic import BaseModel
 
 from bidistill._io import h5_attrs
 from bidistill.config import ExperimentConfig, MethodConfig
@@ -21,11 +22,29 @@ TRAINING_SECTIONS = ("cohort", "slides", "tiling", "features", "training")
 
 
 def config_sections(config: ExperimentConfig, names: Iterable[str]) -> dict[str, Any]:
-    out = {}
-    for name in names:
-        value = getattr(config, name)
-        out[name] = value.model_dump(mode="json") if value is not None else None
-    return out
+    """The named sections' settings, without their paths (see ``settings``)."""
+    return {name: settings(getattr(config, name)) for name in names}
+
+
+def settings(section: BaseModel | None) -> Any:
+    """A config section as JSON without its paths: what the paths point to is fingerprinted by
+    content (cohort rows, feature files), so a project folder that moves keeps its results."""
+    if section is None:
+        return None
+    return section.model_dump(mode="json", exclude=_path_fields(section))
+
+
+def _path_fields(model: BaseModel) -> dict[str, Any]:
+    exclude: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path):
+            exclude[name] = True
+        elif isinstance(value, BaseModel):
+            nested = _path_fields(value)
+            if nested:
+                exclude[name] = nested
+    return exclude
 
 
 def cohort_rows(cohort, patient_ids: Iterable[str]) -> dict[str, Any]:
