@@ -36,7 +36,7 @@ import pandas as pd
 
 from bidistill._io import write_csv, write_json, write_text
 from bidistill.config import ExperimentConfig, dump_config, load_config
-from bidistill.errors import ConfigError
+from bidistill.errors import BidistillError, ConfigError
 from bidistill.runs.fingerprint import (
     StageInputs,
     check_stage,
@@ -104,6 +104,9 @@ def run_experiment(
         handler = _add_file_log(out_dir / "run.log")
         try:
             return _run(config, config_path, out_dir, progress=progress, say=tell)
+        except BidistillError as err:  # bad input: the message says it all, no traceback
+            log.error("run stopped: %s", err)
+            raise
         except Exception as err:
             log.exception("run stopped")
             err.log_path = out_dir / "run.log"  # the CLI's error handler points the user there

@@ -126,8 +126,30 @@ def method_inputs(
     )
     inputs.add("splits", {k: sorted(v) for k, v in split_ids.items()}, says="the splits")
     inputs.add_items("cohort", cohort_rows(cohort, patients), says="cohort rows", unit="patient(s)")
-    if len(slides):
+    if len(slides) and reads_slides(method):
         inputs.add_items(
             "features", features.of(sorted(slides)), says="feature files", unit="slide(s)"
         )
     return inputs
+
+
+def reads_slides(method: MethodConfig) -> bool:
+    """Whether a method's predictions depend on the slide features: it holds a MIL aggregator.
+
+    Found by building the method on toy dimensions (a clinical-only model is not retrained
+    when a feature file changes); anything that cannot be built counts as reading them.
+    """
+    from bidistill.models import create_method
+
+    try:
+        model = create_method(
+            method.name,
+            in_dim=4,
+            clinical_dim=2,
+            n_clinical_features=1,
+            feature_slices=((0, 1),),
+            **method.options,
+        )
+    except Exception:  # noqa: BLE001 - unknown here means "assume it reads the slides"
+        return True
+    return any(type(m).__module__ == "bidistill.models.aggregators" for m in model.modules())
