@@ -52,9 +52,11 @@ class PredictionMemoryError(BidistillError, MemoryError):
 
 
 @contextlib.contextmanager
-def streaming_aggregation(method: nn.Module, chunk: int = CHUNK_INSTANCES) -> Iterator[None]:
+def streaming_aggregation(method: nn.Module, chunk: int | None = None) -> Iterator[None]:
     """Within the block, the method's gated-attention and mean-pool aggregators process bags
-    larger than ``chunk`` instances ``chunk`` at a time (eval mode: dropout is off)."""
+    larger than ``chunk`` (default ``CHUNK_INSTANCES``) instances ``chunk`` at a time (eval
+    mode: dropout is off)."""
+    chunk = CHUNK_INSTANCES if chunk is None else chunk
     patched = []
     for module in method.modules():
         if isinstance(module, GatedAttentionMIL | MeanPoolMIL):
