@@ -69,12 +69,6 @@ def test_without_negative_the_table_shows_what_becomes_0(tmp_path):
     assert re.search(r"'N \+' +→ 0 \(negative\) \(2\)", shown)
 
 
-def test_label_table_is_on_the_console_before_training(trained_run):
-    config, run_dir = trained_run
-    log = (run_dir / "run.log").read_text()
-    assert "label 'nodal_status': value → class (patients)" in log
-
-
 # --- identifiers --------------------------------------------------------------------------------
 
 

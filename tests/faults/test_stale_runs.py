@@ -34,6 +34,7 @@ def test_unchanged_rerun_in_a_moved_folder_redoes_nothing(run_copy):
     assert "training" not in output
     assert (run_dir / "metrics.csv").read_bytes() == metrics
     assert (run_dir / "report.html").stat().st_mtime_ns == report
+    assert "label 'nodal_status': value → class (patients)" in output  # before any work
 
 
 def test_relabelled_patients_retrain_every_method_and_update_the_results(run_copy):
