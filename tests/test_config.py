@@ -114,7 +114,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("cohort: [unclosed")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match="bad.yaml: line 1, column 18: not valid YAML"):
         load_config(bad)
 
 

@@ -9,6 +9,7 @@ therefore just raise.
 
 from __future__ import annotations
 
+import errno
 import sys
 import tempfile
 import time
@@ -39,12 +40,31 @@ class _HandledGroup(typer.core.TyperGroup):
         except Exception as err:
             if type(err).__module__.split(".")[0] in ("typer", "click"):
                 raise  # exits, usage errors and --help: typer prints them itself
-            log_path = _write_traceback(err)  # a bug: keep the traceback, but in a file
-            _print_error(
-                f"unexpected {type(err).__name__}: {err}. This is a bug in bidistill; the "
-                f"traceback is in {log_path} (please attach it to a bug report)"
-            )
+            log_path = _write_traceback(err)  # keep the traceback, but in a file
+            _print_error(_describe_unexpected(err, log_path))
         raise typer.Exit(1)
+
+
+# The machine's doing, not a bug: a full disk, a read-only or forbidden folder, no memory.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _describe_unexpected(err: Exception, log_path: Path) -> str:
+    if isinstance(err, OSError) and err.errno in _ENVIRONMENT_ERRNOS:
+        where = f"{err.filename}: " if err.filename else ""
+        return (
+            f"{where}{err.strerror}; free space or fix the folder's permissions, then run the "
+            f"same command again to resume (details in {log_path})"
+        )
+    if isinstance(err, MemoryError):
+        return (
+            "out of memory; close other programs, or set training.in_memory: no, then run the "
+            f"same command again to resume (details in {log_path})"
+        )
+    return (
+        f"unexpected {type(err).__name__}: {err}. This is a bug in bidistill; the traceback is "
+        f"in {log_path} (please attach it to a bug report)"
+    )
 
 
 def _print_error(message: str) -> None:
@@ -79,6 +99,11 @@ synth_app = typer.Typer(help="Make synthetic cohorts for tests, demos and benchm
 bcnb_app = typer.Typer(help="The BCNB breast-cancer cohort (axillary lymph node metastasis).")
 app.add_typer(synth_app, name="synth")
 app.add_typer(bcnb_app, name="bcnb")
+
+
+def _say(message: str) -> None:
+    """What a stage decided (label table, stages kept or redone), as it decides it."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def _fail(message: str) -> NoReturn:
@@ -137,7 +162,9 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
 def synth_features(
     out: Path = typer.Option(..., "--out", help="Folder to write the cohort into."),
     patients: int = typer.Option(200, "--patients", min=20, help="Number of patients."),
-    seed: int = typer.Option(0, "--seed", help="Random seed: same seed, same bytes."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, max=2**32 - 1, help="Random seed: same seed, same bytes."
+    ),
     dim: int = typer.Option(64, "--dim", min=2, help="Feature dimension D."),
     min_instances: int = typer.Option(50, "--min-instances", min=1),
     max_instances: int = typer.Option(300, "--max-instances", min=1),
@@ -236,7 +263,9 @@ def bcnb_prepare(
 def synth_bcnb(
     out: Path = typer.Option(..., "--out", help="Folder to write the BCNB-layout cohort into."),
     patients: int = typer.Option(30, "--patients", min=10, help="Number of patients (slides)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed: same seed, same bytes."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, max=2**32 - 1, help="Random seed: same seed, same bytes."
+    ),
     slide_width: int = typer.Option(2048, "--slide-width", min=512, help="Slide width in px."),
     slide_height: int = typer.Option(1536, "--slide-height", min=512, help="Slide height in px."),
     signal: float = typer.Option(
@@ -274,7 +303,9 @@ def train(
         None, "--method", "-m", help="Method to train (repeatable); default: the config's methods."
     ),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override training.epochs."),
-    seed: int | None = typer.Option(None, "--seed", help="Override training.seed."),
+    seed: int | None = typer.Option(
+        None, "--seed", min=0, max=2**32 - 1, help="Override training.seed."
+    ),
     fold: int = typer.Option(0, "--fold", min=0, help="Fold to train (kfold splits)."),
 ) -> None:
     """Train methods on the cohort's feature files (finished methods are skipped).
@@ -286,7 +317,7 @@ def train(
     from bidistill.training.cli_train import train_from_config
 
     written = train_from_config(
-        _load(config), out, methods=method or None, epochs=epochs, seed=seed, fold=fold
+        _load(config), out, methods=method or None, epochs=epochs, seed=seed, fold=fold, say=_say
     )
     for path in written:
         console.print(f"{path.name}: {path}", highlight=False)
@@ -336,7 +367,7 @@ def run(
     """
     from bidistill.pipeline import run_experiment
 
-    result = run_experiment(config, out, progress=not no_progress)
+    result = run_experiment(config, out, progress=not no_progress, say=_say)
     _print_run_summary(result.metrics, out)
 
 
@@ -350,9 +381,18 @@ def evaluate(
 
     Example: bidistill evaluate runs/exp1
     """
-    from bidistill.evaluation import evaluate_run
+    import contextlib
 
-    tables = evaluate_run(run_dir)
+    from bidistill.evaluation import evaluate_run
+    from bidistill.runs import lock_run_dir
+
+    held = (
+        lock_run_dir(run_dir, command=f"evaluate {run_dir}", say=_say)
+        if run_dir.is_dir()
+        else contextlib.nullcontext()  # evaluate_run says there is nothing to evaluate
+    )
+    with held:
+        tables = evaluate_run(run_dir)
     _print_run_summary(tables.metrics, run_dir)
 
 
@@ -362,7 +402,9 @@ def demo(
     patients: int = typer.Option(
         1058, "--patients", min=40, help="Synthetic patients (1058: the size of BCNB)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic cohort."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, max=2**32 - 1, help="Seed of the synthetic cohort."
+    ),
 ) -> None:
     """Train BD and baselines on a synthetic cohort and write the report (about 30 s).
 
@@ -376,7 +418,7 @@ def demo(
     from bidistill.pipeline import run_demo
 
     start = time.perf_counter()
-    result = run_demo(out, patients=patients, seed=seed)
+    result = run_demo(out, patients=patients, seed=seed, say=_say)
     _print_auc_table(result.metrics, "Demo: AUC by share of test patients without clinical data")
     console.print(
         f"done in {time.perf_counter() - start:.0f} s. Report: {result.run_dir / 'report.html'}"

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from bidistill.errors import ConfigError
 
@@ -27,8 +35,30 @@ else:  # pragma: no cover - Python 3.10
             return str(self.value)
 
 
+# Seeds reach NumPy's legacy seeding and scikit-learn's random_state, which take 32 bits.
+MAX_SEED = 2**32 - 1
+# torch device names a config may hold; whether the device exists is checked when a stage starts.
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$"
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity in any number: `lr: .inf` would pass `gt=0` and wreck the training.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads `epochs: true` as 1; a YAML boolean where a number belongs is a typo.
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _expects_number(field.annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+def _expects_number(annotation: Any) -> bool:
+    """True when ``annotation`` admits int or float but not bool (``int``, ``float | None``...)."""
+    members = set(getattr(annotation, "__args__", ())) or {annotation}
+    return bool(members & {int, float}) and bool not in members
 
 
 # --- cohort -------------------------------------------------------------------------------------
@@ -87,9 +117,23 @@ class LabelConfig(_Section):
     positive: list[str] = Field(min_length=1, description="Values of the column that mean 1.")
     negative: list[str] | None = Field(
         default=None,
-        description="Values that mean 0; default: every other non-blank value. Rows whose value "
-        "is in neither list are left out of the cohort (and counted in the log).",
+        description="Values that mean 0; default: every other non-blank value. With `negative` "
+        "set, a value in neither list is an error unless `unlisted: drop`.",
     )
+    unlisted: Literal["error", "drop"] = Field(
+        default="error",
+        description="What a label value in neither list does: `error` stops with a list of such "
+        "values; `drop` leaves those patients out (and says how many).",
+    )
+
+    @model_validator(mode="after")
+    def _unlisted_needs_negative(self) -> LabelConfig:
+        if self.unlisted == "drop" and self.negative is None:
+            raise ValueError(
+                "'unlisted: drop' needs 'negative': without it every value that is not "
+                "positive means 0, so no value is unlisted"
+            )
+        return self
 
 
 class SplitMode(StrEnum):
@@ -104,7 +148,7 @@ class SplitConfig(_Section):
     val_fraction: float = Field(default=0.15, gt=0, lt=1)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
     folds: int = Field(default=5, ge=2, description="kfold: number of folds over train+val.")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the random splits.")
 
 
 class CohortConfig(_Section):
@@ -249,7 +293,7 @@ class FeaturesConfig(_Section):
     batch_size: int = Field(default=64, ge=1)
     num_workers: int = Field(default=2, ge=0)
     precision: Literal["float32", "float16"] = "float32"
-    device: str = "auto"
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda...")
 
 
 # --- methods, training, evaluation --------------------------------------------------------------
@@ -292,17 +336,23 @@ class TrainingConfig(_Section):
     )
     in_memory: Literal["auto", "yes", "no"] = "auto"
     num_workers: int = Field(default=0, ge=0)
-    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, mps.")
-    seed: int = 0
+    device: str = Field(
+        default="auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:1, mps."
+    )
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of weights and shuffling.")
 
 
 class EvaluationConfig(_Section):
-    missing_rates: list[float] = Field(default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    missing_rates: list[float] = Field(default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0], min_length=1)
     mask_seeds: int = Field(default=10, ge=1)
     bootstrap: int = Field(default=1000, ge=0)
     ci_level: float = Field(default=0.95, gt=0, lt=1)
     threshold: Literal["youden"] | float = "youden"
-    reference_method: str = "bd"
+    reference_method: str = Field(
+        default="bd",
+        description="The method every other is tested against (DeLong); default: bd, or the "
+        "first method when bd is not run.",
+    )
     train_missing_rates: list[float] = Field(
         default_factory=list,
         description="Optional grid: share of training patients without "
@@ -331,7 +381,9 @@ class ExperimentConfig(_Section):
     slides: SlidesConfig | None = None
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
-    methods: list[MethodConfig] = Field(default_factory=lambda: [MethodConfig(name="bd")])
+    methods: list[MethodConfig] = Field(
+        default_factory=lambda: [MethodConfig(name="bd")], min_length=1
+    )
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
@@ -351,6 +403,20 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"methods listed more than once: {dupes} (give each variant its own 'label')"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _reference_is_a_method(self) -> ExperimentConfig:
+        keys = [m.key for m in self.methods]
+        reference = self.evaluation.reference_method
+        if reference in keys:
+            return self
+        if "reference_method" in self.evaluation.model_fields_set:
+            raise ValueError(
+                f"evaluation.reference_method '{reference}' is not one of the methods "
+                f"({', '.join(keys)}); name one of them"
+            )
+        self.evaluation.reference_method = keys[0]  # the default 'bd' is not run
         return self
 
     def resolve_paths(self, base_dir: Path) -> ExperimentConfig:
@@ -379,12 +445,48 @@ def load_config(path: str | Path) -> ExperimentConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (make one with `bidistill init`)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: line {line}: not UTF-8 text (byte {err.object[err.start]:#04x}); save the "
+            "file as UTF-8"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{path}: {_describe_yaml_error(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return parse_config(raw, source=path).resolve_paths(path.parent.resolve())
+
+
+def _describe_yaml_error(err: yaml.YAMLError) -> str:
+    """One line: where (line, column) and what, without PyYAML's multi-line excerpt."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    return f"{where}not valid YAML: {problem}" + (f" ({context})" if context else "")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently, so a second `training:` section would quietly replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"key '{key}' appears twice (first on line {seen[key].line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_config(raw: dict[str, Any], *, source: str | Path = "<config>") -> ExperimentConfig:
@@ -393,6 +495,8 @@ def parse_config(raw: dict[str, Any], *, source: str | Path = "<config>") -> Exp
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
         lines = [_describe_error(e, raw) for e in err.errors()]
+        if len(lines) == 1:
+            raise ConfigError(f"{source}: invalid config: {lines[0]}") from None
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
 
 
@@ -430,6 +534,11 @@ def _describe_error(error: dict[str, Any], raw: dict[str, Any]) -> str:
     got = error.get("input")
     if expected and kind.endswith(("_type", "_parsing")):
         return f"'{key}': expected {expected}, got {got!r}"
+    if kind == "value_error":  # our own validators: the message says it all
+        message = str(error["msg"]).removeprefix("Value error, ")
+        return message if not loc else f"'{key}': {message}"
+    if kind == "string_pattern_mismatch" and loc[-1] == "device":
+        return f"'{key}': expected auto, cpu, cuda, cuda:N, mps or xpu, got {got!r}"
     return f"'{key}': {error['msg']} (got {got!r})"
 
 

@@ -1,11 +1,16 @@
 """``bidistill run``: every stage of an experiment that is not done yet, in order.
 
-resolve config -> load cohort -> ``splits.json`` -> train each method -> evaluate -> report.
+resolve config -> checks -> load cohort -> ``splits.json`` -> train each method -> evaluate.
 
-Each stage is skipped when its outputs exist: a method whose ``<method>/predictions.csv`` exists
-is trained already (``train_method`` writes that file last), and the evaluation is redone only
-when a method's predictions or the config are newer than ``report.html``. So an interrupted run
-continues where it stopped, and adding a method to the config trains only that method.
+Before any work: the config, the methods, the training device and the output folder are checked,
+the folder is locked (``bidistill.runs.lock``: a second run on it is refused), the label table is
+shown, and the splits are checked for both classes. Each stage records in ``run.json`` what it
+consumed (``bidistill.runs.fingerprint``): the cohort rows, splits and feature files a method was
+trained on, the predictions and settings the evaluation used. A rerun redoes exactly the stages
+whose inputs changed, says why on the console, and keeps the others, so an interrupted run
+continues where it stopped and adding a method trains only that method. A trained method's
+``predictions.csv`` is written last and its record after it, so a stage that stopped half-way is
+never taken for done.
 
 k-fold mode trains each fold into ``folds/fold<i>/<method>/`` and then joins the folds'
 predictions into ``<method>/predictions.csv`` (with its ``fold`` column).
@@ -19,9 +24,9 @@ test rates, and writes ``train_missing.csv`` (one row per training rate, method 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,13 +36,26 @@ import pandas as pd
 
 from bidistill._io import write_csv, write_json, write_text
 from bidistill.config import ExperimentConfig, dump_config, load_config
-from bidistill.errors import ConfigError
+from bidistill.errors import BidistillError, ConfigError
+from bidistill.runs.fingerprint import (
+    StageInputs,
+    check_stage,
+    forget_stage,
+    read_run_info,
+    record_stage,
+    write_run_info,
+)
+from bidistill.runs.inputs import FeatureIdentities, file_digest, method_inputs, settings
+from bidistill.runs.lock import lock_run_dir
+from bidistill.runs.preflight import check_device, check_trainable_cohort, prepare_output_dir
 
 log = logging.getLogger(__name__)
 
 # Sections that decide what a trained method is; a run directory refuses a config that changes
 # them (methods may be added and evaluation settings changed: that only adds or redoes work).
 FIXED_SECTIONS = ("cohort", "slides", "tiling", "features", "training")
+
+Say = Callable[[str], None]
 
 
 @dataclasses.dataclass
@@ -49,7 +67,11 @@ class RunResult:
 
 
 def run_experiment(
-    config_path: str | Path, out_dir: str | Path, *, progress: bool = True
+    config_path: str | Path,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    say: Say | None = None,
 ) -> RunResult:
     """Run every stage of the experiment that is not done yet.
 
@@ -57,13 +79,17 @@ def run_experiment(
         config_path: the experiment YAML.
         out_dir: the run directory (created when missing).
         progress: show progress bars while training.
+        say: where to write what the run decides (label table, stages redone or kept and why);
+            everything said also goes to ``run.log``. Default: the log only.
 
     Side effects: writes the run directory of DESIGN.md (``config.yaml``, ``splits.json``,
-    ``cohort.json``, one folder per method, the evaluation files, ``run.log``, ``run.json``).
+    ``cohort.json``, one folder per method, the evaluation files, ``run.log``, ``run.json``);
+    holds ``run.lock`` while it runs.
 
     Raises:
-        ConfigError: bad config, or ``out_dir`` holds a run of a config with other cohort,
-            features or training settings.
+        ConfigError: bad config or device, an unusable ``out_dir``, or ``out_dir`` holds a run
+            of a config with other cohort, features or training settings.
+        RunDirBusyError: another process is running in ``out_dir``.
         CohortError, FeatureFileError, PredictionsError: bad input files.
     """
     out_dir = Path(out_dir)
@@ -71,37 +97,58 @@ def run_experiment(
     from bidistill.models.registry import check_method_configs
 
     check_method_configs(config.methods, source=config_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handler = _add_file_log(out_dir / "run.log")
-    started = time.time()
-    try:
-        _write_resolved_config(config, out_dir)
-        log.info("run %s: config %s", out_dir, config_path)
-        from bidistill.cohort import load_cohort, resolve_splits
+    check_device(config.training.device, "training.device")
+    prepare_output_dir(out_dir)
+    tell = _teller(say)
+    with lock_run_dir(out_dir, command=f"run {config_path} --out {out_dir}", say=tell):
+        handler = _add_file_log(out_dir / "run.log")
+        try:
+            return _run(config, config_path, out_dir, progress=progress, say=tell)
+        except BidistillError as err:  # bad input: the message says it all, no traceback
+            log.error("run stopped: %s", err)
+            raise
+        except Exception as err:
+            log.exception("run stopped")
+            err.log_path = out_dir / "run.log"  # the CLI's error handler points the user there
+            raise
+        finally:
+            logging.getLogger("bidistill").removeHandler(handler)
+            handler.close()
 
-        cohort = load_cohort(config.cohort)
-        splits = resolve_splits(cohort, config.cohort.splits, out_dir / "splits.json")
-        _write_cohort_summary(out_dir, config, cohort)
-        trainer = _Trainer(config, cohort, progress=progress)
-        trained = trainer.train_all(out_dir, splits)
-        evaluated = False
-        if trained or not _evaluation_current(out_dir, config):
-            _evaluate(out_dir, config, started)
-            evaluated = True
-        else:
-            log.info("evaluation is up to date (report.html newer than every prediction)")
-        if config.evaluation.train_missing_rates:
-            trained += _train_missing_grid(out_dir, config, cohort, splits, trainer)
-        metrics = pd.read_csv(out_dir / "metrics.csv")
-        _write_run_info(out_dir, started, trained)
-        return RunResult(run_dir=out_dir, metrics=metrics, trained=trained, evaluated=evaluated)
-    except Exception as err:
-        log.exception("run stopped")
-        err.log_path = out_dir / "run.log"  # the CLI's error handler points the user there
-        raise
-    finally:
-        logging.getLogger("bidistill").removeHandler(handler)
-        handler.close()
+
+def _teller(say: Say | None) -> Say:
+    """``say`` that also logs (so that ``run.log`` holds what the console showed)."""
+
+    def tell(message: str) -> None:
+        log.info("%s", message)
+        if say is not None:
+            say(message)
+
+    return tell
+
+
+def _run(
+    config: ExperimentConfig, config_path: str | Path, out_dir: Path, *, progress: bool, say: Say
+) -> RunResult:
+    started = time.time()
+    _write_resolved_config(config, out_dir)
+    log.info("run %s: config %s", out_dir, config_path)
+    from bidistill.cohort import load_cohort
+
+    cohort = load_cohort(config.cohort)
+    if cohort.label_summary is not None:
+        say(cohort.label_summary.format())
+    splits = _resolve_splits(out_dir, config, cohort, say)
+    check_trainable_cohort(cohort, splits)
+    _write_cohort_summary(out_dir, config, cohort)
+    trainer = _Trainer(config, cohort, root=out_dir, progress=progress, say=say)
+    trained = trainer.train_all(out_dir, splits)
+    evaluated = _evaluate_if_stale(out_dir, out_dir, config, say, started=started)
+    if config.evaluation.train_missing_rates:
+        trained += _train_missing_grid(out_dir, config, cohort, splits, trainer, say)
+    metrics = pd.read_csv(out_dir / "metrics.csv")
+    _write_run_info(out_dir, started, trained)
+    return RunResult(run_dir=out_dir, metrics=metrics, trained=trained, evaluated=evaluated)
 
 
 def _add_file_log(path: Path) -> logging.Handler:
@@ -127,13 +174,13 @@ def _write_resolved_config(config: ExperimentConfig, out_dir: Path) -> None:
             )
         _check_method_options(previous, config, out_dir)
         if target.read_text(encoding="utf-8") == text:
-            return  # unchanged: keep the file's time, so the evaluation stays current
+            return
     write_text(target, text)
 
 
 def _check_method_options(previous: ExperimentConfig, config: ExperimentConfig, out_dir: Path):
     """Refuse a method entry whose options changed while its folder exists: the trained folder
-    (skipped as done) would otherwise be reported under the new options."""
+    would otherwise be reported under the new options."""
     before = {m.key: m.model_dump(mode="json") for m in previous.methods}
     for method in config.methods:
         old = before.get(method.key)
@@ -150,8 +197,38 @@ def _check_method_options(previous: ExperimentConfig, config: ExperimentConfig, 
 
 
 def _section(config: ExperimentConfig, name: str) -> Any:
-    value = getattr(config, name)
-    return value.model_dump(mode="json") if value is not None else None
+    # Paths left out: a moved project folder is the same experiment; its files are
+    # fingerprinted by content, so what changed with the move is still found.
+    return settings(getattr(config, name))
+
+
+def _resolve_splits(out_dir: Path, config: ExperimentConfig, cohort, say: Say):
+    """``splits.json``, made again only when the patients or the split settings changed (a
+    changed label keeps the splits: they are the run's record of who is tested)."""
+    from bidistill.cohort import Splits, make_splits, resolve_splits
+    from bidistill.cohort.splits import check_splits
+
+    path = out_dir / "splits.json"
+    split_cfg = config.cohort.splits
+    table_split = cohort.patients["split"].where(cohort.patients["split"].notna(), None)
+    inputs = StageInputs()
+    inputs.add("config", split_cfg.model_dump(mode="json"), says="cohort.splits settings")
+    inputs.add_items(
+        "patients", table_split.to_dict(), says="the cohort's patients", unit="patient(s)"
+    )
+    check = check_stage(out_dir, "splits", inputs, [path])
+    if check:
+        splits = Splits.load(path)
+        check_splits(splits, cohort)
+    elif not check.recorded:  # made before records existed, or by `bidistill train`: reuse
+        splits = resolve_splits(cohort, split_cfg, path)
+    else:
+        say(f"splits: made again: {check.reason}")
+        splits = make_splits(cohort, split_cfg)
+        splits.save(path)
+    if not check:
+        record_stage(out_dir, "splits", inputs)
+    return splits
 
 
 def _write_cohort_summary(out_dir: Path, config: ExperimentConfig, cohort) -> None:
@@ -173,10 +250,14 @@ def _write_cohort_summary(out_dir: Path, config: ExperimentConfig, cohort) -> No
 
 
 class _Trainer:
-    """Trains methods on one cohort, opening the feature files once and only when needed."""
+    """Trains the methods whose inputs changed, opening the feature files once, when needed."""
 
-    def __init__(self, config: ExperimentConfig, cohort, *, progress: bool) -> None:
-        self.config, self.cohort, self.progress = config, cohort, progress
+    def __init__(
+        self, config: ExperimentConfig, cohort, *, root: Path, progress: bool, say: Say
+    ) -> None:
+        self.config, self.cohort, self.root = config, cohort, root
+        self.progress, self.say = progress, say
+        self.features = FeatureIdentities(config.features.dir)
         self._store = None
         self.seconds: dict[str, float] = {}
 
@@ -184,91 +265,142 @@ class _Trainer:
         if self._store is None:
             from bidistill.training import open_feature_store
 
+            # Opening checks every feature file (features/hygiene.py): before any training.
             self._store = open_feature_store(self.config, self.cohort, progress=self.progress)
         return self._store
 
     def train_all(self, run_dir: Path, splits, cohort=None) -> list[str]:
-        """Train every configured method not done in ``run_dir``; returns those trained."""
-        trained = []
+        """Train every configured method not current in ``run_dir``; returns those trained."""
+        cohort = cohort if cohort is not None else self.cohort
+        trained, current = [], []
         for method_cfg in self.config.methods:
-            if (run_dir / method_cfg.key / "predictions.csv").is_file():
-                log.info("%s: done already, skipped", method_cfg.key)
-                continue
-            start = time.perf_counter()
-            log.info("%s: training (%d fold(s))", method_cfg.key, len(splits.folds))
-            self._train(method_cfg, run_dir, splits, cohort or self.cohort)
-            self.seconds[f"{run_dir.name}/{method_cfg.key}"] = time.perf_counter() - start
-            trained.append(method_cfg.key)
+            if self._train_method(method_cfg, run_dir, splits, cohort):
+                trained.append(method_cfg.key)
+            else:
+                current.append(method_cfg.key)
+        if current:
+            where = self._stage(run_dir) or "this run"
+            self.say(f"up to date in {where}, kept: {', '.join(current)}")
         return trained
 
-    def _train(self, method_cfg, run_dir: Path, splits, cohort) -> None:
+    def _train_method(self, method_cfg, run_dir: Path, splits, cohort) -> bool:
+        if len(splits.folds) == 1:
+            return self._train_fold(method_cfg, run_dir, splits, cohort, 0)
+        trained = [
+            self._train_fold(method_cfg, run_dir / "folds" / f"fold{k}", splits, cohort, k)
+            for k in range(len(splits.folds))
+        ]
+        joined = run_dir / method_cfg.key / "predictions.csv"
+        if any(trained) or not joined.is_file():
+            frames = [
+                pd.read_csv(
+                    run_dir / "folds" / f"fold{k}" / method_cfg.key / "predictions.csv",
+                    dtype={"patient_id": str},
+                )
+                for k in range(len(splits.folds))
+            ]
+            write_csv(joined, pd.concat(frames, ignore_index=True))
+        return any(trained)
+
+    def _train_fold(self, method_cfg, fold_dir: Path, splits, cohort, fold: int) -> bool:
+        """Train one method on one fold unless its record matches its inputs."""
         from bidistill.training import train_method
 
-        common = {
-            "cohort": cohort,
-            "splits": splits,
-            "store": self.store(),
-            "progress": self.progress,
-        }
-        if len(splits.folds) == 1:
-            train_method(self.config, method_cfg, run_dir, fold=0, **common)
-            return
-        frames = []
-        for fold in range(len(splits.folds)):
-            fold_dir = run_dir / "folds" / f"fold{fold}"
-            method_dir = train_method(self.config, method_cfg, fold_dir, fold=fold, **common)
-            frames.append(pd.read_csv(method_dir / "predictions.csv", dtype={"patient_id": str}))
-        write_csv(
-            run_dir / method_cfg.key / "predictions.csv", pd.concat(frames, ignore_index=True)
+        method_dir = fold_dir / method_cfg.key
+        stage = self._stage(method_dir)
+        chosen = splits.folds[fold]
+        split_ids = {"train": chosen.train, "val": chosen.val, "test": splits.test}
+        inputs = method_inputs(self.config, method_cfg, cohort, split_ids, self.features)
+        predictions = method_dir / "predictions.csv"
+        check = check_stage(self.root, stage, inputs, [predictions])
+        if check:
+            return False
+        self.say(f"{stage}: training" + (f" again: {check.reason}" if check.recorded else ""))
+        forget_stage(self.root, stage)
+        predictions.unlink(missing_ok=True)  # stale: the method is not done until retrained
+        start = time.perf_counter()
+        train_method(
+            self.config,
+            method_cfg,
+            fold_dir,
+            cohort=cohort,
+            splits=splits,
+            fold=fold,
+            store=self.store(),
+            progress=self.progress,
         )
+        self.seconds[stage] = time.perf_counter() - start
+        record_stage(self.root, stage, inputs)
+        return True
+
+    def _stage(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix() if path != self.root else ""
 
 
-def _evaluation_current(out_dir: Path, config: ExperimentConfig) -> bool:
-    report = out_dir / "report.html"
-    if not report.is_file() or not (out_dir / "metrics.csv").is_file():
-        return False
-    inputs = [out_dir / "config.yaml"]
-    inputs += [out_dir / m.key / "predictions.csv" for m in config.methods]
-    return all(p.stat().st_mtime <= report.stat().st_mtime for p in inputs)
-
-
-def _evaluate(out_dir: Path, config: ExperimentConfig, started: float) -> None:
+def _evaluate_if_stale(
+    root: Path, run_dir: Path, config: ExperimentConfig, say: Say, *, started: float | None = None
+) -> bool:
+    """Evaluate ``run_dir`` unless its record matches the predictions and settings; returns
+    whether it evaluated."""
     from bidistill.evaluation import evaluate_run
 
+    stage = "evaluate" if run_dir == root else f"{run_dir.relative_to(root).as_posix()}/evaluate"
+    inputs = StageInputs()
+    inputs.add(
+        "config",
+        {
+            "name": config.name,
+            "evaluation": config.evaluation.model_dump(mode="json"),
+            "methods": [m.key for m in config.methods],
+        },
+        says="evaluation settings",
+    )
+    inputs.add("splits", file_digest(run_dir / "splits.json"), says="splits.json")
+    inputs.add_items(
+        "predictions",
+        {m.key: file_digest(run_dir / m.key / "predictions.csv") for m in config.methods},
+        says="predictions",
+        unit="method(s)",
+    )
+    outputs = [run_dir / name for name in ("metrics.csv", "report.html", "predictions.csv")]
+    check = check_stage(root, stage, inputs, outputs)
+    if check:
+        say(f"{stage}: up to date")
+        return False
+    say(f"{stage}: evaluating" + (f" again: {check.reason}" if check.recorded else ""))
+    forget_stage(root, stage)
     log.info("evaluating %d methods", len(config.methods))
-    evaluate_run(
-        out_dir,
-        config=config,
-        provenance={
+    provenance = None
+    if started is not None:
+        provenance = {
             "run started": datetime.fromtimestamp(started, timezone.utc).isoformat(
                 timespec="seconds"
             ),
             "run time until evaluation (s)": round(time.time() - started, 1),
-        },
-    )
+        }
+    evaluate_run(run_dir, config=config, provenance=provenance)
+    record_stage(root, stage, inputs)
+    return True
 
 
 def _write_run_info(out_dir: Path, started: float, trained: list[str]) -> None:
-    info_path = out_dir / "run.json"
-    history = json.loads(info_path.read_text()).get("calls", []) if info_path.is_file() else []
-    history.append(
+    info = read_run_info(out_dir)
+    info.setdefault("calls", []).append(
         {
             "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.time() - started, 1),
             "trained": trained,
         }
     )
-    write_json(info_path, {"calls": history})
+    write_run_info(out_dir, info)
 
 
 # --- train-time missingness grid ----------------------------------------------------------------
 
 
 def _train_missing_grid(
-    out_dir: Path, config: ExperimentConfig, cohort, splits, trainer: _Trainer
+    out_dir: Path, config: ExperimentConfig, cohort, splits, trainer: _Trainer, say: Say
 ) -> list[str]:
-    from bidistill.evaluation import evaluate_run
-
     if len(splits.folds) > 1:
         raise ConfigError(
             "evaluation.train_missing_rates needs a holdout split (cohort.splits.mode other "
@@ -279,18 +411,15 @@ def _train_missing_grid(
     for rate in config.evaluation.train_missing_rates:
         sub_dir = out_dir / "train_missing" / f"{rate:g}"
         sub_dir.mkdir(parents=True, exist_ok=True)
-        # Rewritten only when changed: its time stamp tells whether the evaluation is current.
         text = dump_config(config)
         sub_config = sub_dir / "config.yaml"
         if not sub_config.is_file() or sub_config.read_text(encoding="utf-8") != text:
             write_text(sub_config, text)
-        if not (sub_dir / "splits.json").is_file():
-            splits.save(sub_dir / "splits.json")
+        splits.save(sub_dir / "splits.json")  # the same bytes when unchanged
         stripped = strip_training_clinical(cohort, splits, rate)
         done = trainer.train_all(sub_dir, splits, cohort=stripped)
         trained += [f"train_missing/{rate:g}/{m}" for m in done]
-        if done or not _evaluation_current(sub_dir, config):
-            evaluate_run(sub_dir, config=config)
+        _evaluate_if_stale(out_dir, sub_dir, config, say)
         metrics = pd.read_csv(sub_dir / "metrics.csv")
         rows.append(metrics.assign(train_missing_rate=rate))
     table = pd.concat(rows, ignore_index=True)
@@ -321,7 +450,12 @@ DEMO_METHODS = ["bd", "wsi-only", "clinical-only", "fusion-mean", "moddrop"]
 
 
 def run_demo(
-    out_dir: str | Path, *, patients: int = 1058, seed: int = 0, progress: bool = True
+    out_dir: str | Path,
+    *,
+    patients: int = 1058,
+    seed: int = 0,
+    progress: bool = True,
+    say: Say | None = None,
 ) -> RunResult:
     """A synthetic feature cohort in ``out_dir/cohort`` and its full run in ``out_dir/run``.
 
@@ -354,4 +488,4 @@ def run_demo(
             "# `bidistill demo` config: a synthetic cohort, BD and baselines."
             "\n" + yaml.safe_dump(raw, sort_keys=False),
         )
-    return run_experiment(config_path, out_dir / "run", progress=progress)
+    return run_experiment(config_path, out_dir / "run", progress=progress, say=say)

@@ -79,11 +79,19 @@ def test_xlsx_with_numeric_cells_reads_like_csv(tmp_path):
     pd.testing.assert_frame_equal(csv.patients, xlsx.patients, check_dtype=False)
 
 
-def test_label_values_outside_both_lists_leave_the_cohort(tmp_path):
+def test_label_values_outside_both_lists_are_an_error_unless_dropped(tmp_path):
     rows = [*ROWS, ("P7", "S7", "N+(>2)", "train", "50", "", "", "", "")]
-    cohort = load_cohort(cohort_config(write(tmp_path, rows)))
+    table = write(tmp_path, rows)
+    with pytest.raises(CohortError, match=r"'N\+\(>2\)' \(1 patients; rows 9\)"):
+        load_cohort(cohort_config(table))
+    label = {"column": "status", "positive": ["N+"], "negative": ["N0"], "unlisted": "drop"}
+    cohort = load_cohort(cohort_config(table, label=label))
     assert "P7" not in cohort.patients.index
     assert "S7" not in set(cohort.slides["slide_id"])
+    assert cohort.label_summary.dropped == {"N+(>2)": 1}
+    assert "left out 1 patients whose label is in neither list: 'N+(>2)' (1)" in (
+        cohort.label_summary.format()
+    )
 
 
 def test_without_split_column_split_is_none(tmp_path):
@@ -186,8 +194,9 @@ def test_blank_label_on_a_later_row_is_filled_by_the_patient(tmp_path):
 def test_patient_partly_outside_the_label_classes_is_refused(tmp_path):
     rows = [list(r) for r in ROWS]
     rows[2][2] = "N+(>2)"  # P1: N+ on one slide row, an excluded class on the other
+    label = {"column": "status", "positive": ["N+"], "negative": ["N0"], "unlisted": "drop"}
     with pytest.raises(CohortError, match=r"patient 'P1' has conflicting values.*'status'"):
-        load_cohort(cohort_config(write(tmp_path, rows)))
+        load_cohort(cohort_config(write(tmp_path, rows), label=label))
 
 
 def test_binary_written_as_csv_floats_reads_like_excel(tmp_path):

@@ -65,14 +65,17 @@ ALN_LEAKAGE = (ALN_STATUS, "Number of lymph node metastases", "Surgical")
 
 @dataclass(frozen=True)
 class BcnbTask:
-    """A binary task: ``label`` column values in ``positive`` are 1, in ``negative`` 0; any other
-    value leaves the patient out. ``leakage`` lists the columns that reveal the label."""
+    """A binary task: ``label`` column values in ``positive`` are 1, in ``negative`` 0.
+    ``leakage`` lists the columns that reveal the label. A sub-task (``leaves_out``) leaves out
+    the patients with any other value (its config says ``unlisted: drop``); for the others, any
+    other value is an error."""
 
     label: str
     positive: tuple[str, ...]
     negative: tuple[str, ...]
     leakage: tuple[str, ...]
     description: str
+    leaves_out: bool = False
 
     @property
     def excluded_columns(self) -> set[str]:
@@ -83,8 +86,12 @@ class BcnbTask:
 # HER2 IHC score decides the HER2 status, so they leak the receptor labels.
 TASKS: dict[str, BcnbTask] = {
     "aln": BcnbTask(ALN_STATUS, ("N+(1-2)", "N+(>2)"), ("N0",), ALN_LEAKAGE, "N0 vs N+ (any)"),
-    "aln-n0-vs-1-2": BcnbTask(ALN_STATUS, ("N+(1-2)",), ("N0",), ALN_LEAKAGE, "N0 vs N+(1-2)"),
-    "aln-n0-vs-gt2": BcnbTask(ALN_STATUS, ("N+(>2)",), ("N0",), ALN_LEAKAGE, "N0 vs N+(>2)"),
+    "aln-n0-vs-1-2": BcnbTask(
+        ALN_STATUS, ("N+(1-2)",), ("N0",), ALN_LEAKAGE, "N0 vs N+(1-2)", leaves_out=True
+    ),
+    "aln-n0-vs-gt2": BcnbTask(
+        ALN_STATUS, ("N+(>2)",), ("N0",), ALN_LEAKAGE, "N0 vs N+(>2)", leaves_out=True
+    ),
     "er": BcnbTask("ER", ("Positive",), ("Negative",), ("Molecular subtype",), "ER status"),
     "pr": BcnbTask("PR", ("Positive",), ("Negative",), ("Molecular subtype",), "PR status"),
     "her2": BcnbTask(
@@ -367,6 +374,8 @@ def config_text(
         "positive": list(spec.positive),
         "negative": list(spec.negative),
     }
+    if spec.leaves_out:
+        cohort["label"]["unlisted"] = "drop"
     if has_splits:
         cohort["split_column"] = "split"
     cohort["clinical"] = clinical

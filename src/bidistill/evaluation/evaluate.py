@@ -72,6 +72,7 @@ def evaluate_run(
     eval_cfg = config.evaluation if config else EvaluationConfig()
     methods = _methods(run_dir, config)
     predictions = {m: read_method_predictions(method_predictions_path(run_dir, m)) for m in methods}
+    check_against_splits(run_dir, predictions)
     test, val = _sweeps(predictions, eval_cfg)
     tables = summarize(test, val, eval_cfg)
 
@@ -135,6 +136,46 @@ def _methods(run_dir: Path, config: ExperimentConfig | None) -> list[str]:
     if not methods:
         raise PredictionsError(f"{run_dir}: no <method>/predictions.csv to evaluate")
     return methods
+
+
+def check_against_splits(run_dir: Path, predictions: dict[str, pd.DataFrame]) -> None:
+    """Every method predicts exactly the validation and test patients of ``splits.json``: an
+    AUC over what is left of an edited or truncated file would look like a result.
+
+    Raises:
+        PredictionsError: naming the file, the split and the patients missing or extra.
+    """
+    from bidistill.cohort import Splits
+
+    splits_path = run_dir / "splits.json"
+    if not splits_path.is_file():
+        return
+    splits = Splits.load(splits_path)
+    for method, frame in predictions.items():
+        path = method_predictions_path(run_dir, method)
+        for fold, chosen in enumerate(splits.folds):
+            rows = frame[frame["fold"] == fold] if len(splits.folds) > 1 else frame
+            for split, expected in (("test", splits.test), ("val", chosen.val)):
+                found = set(rows.loc[rows["split"] == split, "patient_id"])
+                missing = sorted(set(map(str, expected)) - found)
+                extra = sorted(found - set(map(str, expected)))
+                if missing or extra:
+                    where = f"fold {fold}, " if len(splits.folds) > 1 else ""
+                    problem = (
+                        f"{len(missing)} {split} patients of splits.json have no prediction "
+                        f"({_first(missing)})"
+                        if missing
+                        else f"{len(extra)} {split} patients are not in splits.json "
+                        f"({_first(extra)})"
+                    )
+                    raise PredictionsError(
+                        f"{path}: {where}{problem}; the file does not match the run's splits: "
+                        f"train the method again with `bidistill run CONFIG --out {run_dir}`"
+                    )
+
+
+def _first(ids: list[str], shown: int = 5) -> str:
+    return ", ".join(ids[:shown]) + (", …" if len(ids) > shown else "")
 
 
 def _sweeps(

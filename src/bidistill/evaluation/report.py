@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,20 +281,36 @@ def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
     if inputs.cohort.get("splits"):
         lines += _md_frame(pd.DataFrame(inputs.cohort["splits"]).set_index("split")) + [""]
     for column, share in inputs.cohort.get("clinical_missing", {}).items():
-        lines.append(f"- `{column}` missing in {share:.1%} of patients")
+        lines.append(f"- {_md(column)} missing in {share:.1%} of patients")
     for key, value in inputs.cohort.items():
         if key not in ("splits", "clinical_missing"):
-            lines.append(f"- {key}: {_fmt(value)}")
+            lines.append(f"- {_md(key)}: {_md(_fmt(value))}")
     lines += ["", "## Provenance", ""]
-    lines += [f"- {key}: {_fmt(value)}" for key, value in inputs.provenance.items()]
+    lines += [f"- {_md(key)}: {_md(_fmt(value))}" for key, value in inputs.provenance.items()]
     if inputs.config_text:
-        lines += ["", "```yaml", inputs.config_text.rstrip(), "```"]
+        lines += ["", *_md_code(inputs.config_text.rstrip(), "yaml")]
     return "\n".join(lines) + "\n"
+
+
+def _md(text: object) -> str:
+    """Text from the data (column names, values) as inert Markdown: HTML is escaped (a column
+    named ``<script>`` must not become markup), and so are table pipes and code ticks."""
+    escaped = html.escape(str(text), quote=False)
+    return escaped.replace("|", "\\|").replace("`", "\\`").replace("\n", " ")
+
+
+def _md_code(text: str, language: str) -> list[str]:
+    """A fenced code block (inert in Markdown) whose fence is longer than any run of
+    backticks in ``text``, so the text cannot close it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + language, text, fence]
 
 
 def _md_frame(frame: pd.DataFrame) -> list[str]:
     head = [frame.index.name or ""] + [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(_md(h) for h in head) + " |", "|" + "---|" * len(head)]
     for key, row in frame.iterrows():
-        lines.append("| " + " | ".join([str(key)] + [_fmt(v) for v in row]) + " |")
+        cells = [str(key)] + [_fmt(v) for v in row]
+        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
     return lines

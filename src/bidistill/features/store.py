@@ -20,7 +20,15 @@ import numpy as np
 
 from bidistill import __version__
 from bidistill._io import atomic_path, h5_attrs
+from bidistill._paths import find_named
 from bidistill.errors import FeatureFileError
+from bidistill.features.hygiene import (
+    available_memory_bytes,
+    check_layout,
+    check_values,
+    checked_shape,
+    scan_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +43,9 @@ class FeatureFile:
 
 
 def feature_path(features_dir: str | Path, slide_id: str) -> Path:
-    return Path(features_dir) / f"{slide_id}.h5"
+    """``<features_dir>/<slide_id>.h5``, kept inside ``features_dir`` (an id that climbs out
+    is refused) and found under its NFC or NFD spelling alike."""
+    return find_named(features_dir, slide_id, ".h5")
 
 
 def write_feature_file(
@@ -104,8 +114,8 @@ def read_feature_file(path: str | Path, *, with_coords: bool = True) -> FeatureF
         raise FeatureFileError(f"{path}: not a readable HDF5 file ({err})") from err
     if features.ndim == 3 and features.shape[0] == 1:  # CLAM's older [1, n, D] layout
         features = features[0]
-    if features.ndim != 2:
-        raise FeatureFileError(f"{path}: 'features' must be [n, D], got {features.shape}")
+    check_layout(path, features.shape, features.dtype)
+    check_values(path, features)
     if coords is None:
         coords = np.zeros((len(features), 2), dtype=np.int64)
     elif coords.ndim == 3 and coords.shape[0] == 1:
@@ -121,18 +131,6 @@ def feature_dim(path: str | Path) -> int:
 
 # In-memory mode 'auto' keeps features in RAM when they take at most this share of the free memory.
 _RAM_SHARE = 0.4
-
-
-def available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo; a conservative 4 GiB where that file does not exist."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 2**30
 
 
 class FeatureStore:
@@ -180,7 +178,9 @@ class FeatureStore:
         if in_memory == "yes" or (
             in_memory == "auto" and n_bytes <= _RAM_SHARE * available_memory_bytes()
         ):
-            self._load_all(progress)
+            self._load_all(progress)  # read_feature_file checks the values as it loads
+        else:
+            self._scan_values()
         log.info(
             "%d feature files, D=%d, %.0f MB, in memory: %s",
             len(self.slide_ids),
@@ -206,10 +206,17 @@ class FeatureStore:
             path = feature_path(self.features_dir, slide)
             try:
                 with h5py.File(path, "r") as h5:
-                    shapes[slide] = tuple(h5["features"].shape)
+                    shapes[slide] = checked_shape(path, h5["features"])  # features/hygiene.py
             except (OSError, KeyError) as err:
                 raise FeatureFileError(f"{path}: not a readable feature file ({err})") from err
         return shapes
+
+    def _scan_values(self) -> None:
+        """NaN/inf anywhere fails now, not in the middle of training (one read of each file)."""
+        for slide in self.slide_ids:
+            path = feature_path(self.features_dir, slide)
+            with h5py.File(path, "r") as h5:
+                scan_values(path, h5["features"])
 
     def _load_all(self, progress: bool) -> None:
         slides = self.slide_ids

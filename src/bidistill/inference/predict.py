@@ -10,7 +10,8 @@ import torch
 
 from bidistill.cohort import EncodedClinical
 from bidistill.models import Method
-from bidistill.training.data import ArrayBags, PatientBags, bag_loader
+from bidistill.training.bounded import prediction_loader, streaming_aggregation
+from bidistill.training.data import ArrayBags, PatientBags
 
 
 @dataclass
@@ -47,18 +48,20 @@ def predict_bags(
     if len(bags) != len(clinical.values):
         raise ValueError(f"{len(bags)} bags but {len(clinical.values)} clinical rows")
     dataset = PatientBags(ArrayBags(bags), clinical.values, clinical.valid, clinical.present)
-    loader = bag_loader(dataset, batch_size, shuffle=False, workers=0, seed=0)
+    dim = method.dims.in_dim
+    loader = prediction_loader(dataset, batch_size, method=method, dim=dim)  # bounded memory
     method.eval()
     device = torch.device(device)
     probabilities = np.zeros(len(bags), dtype=np.float32)
     attention: list[np.ndarray | None] = [None] * len(bags)
-    for indices, batch in zip(loader.batch_sampler, loader):
-        output = method(batch.to(device))
-        probabilities[indices] = output.probabilities.float().cpu().numpy()
-        if output.attention is not None:
-            lengths = batch.tile_valid.sum(dim=1).tolist()
-            weights = output.attention.float().cpu()
-            for b, (i, n) in enumerate(zip(indices, lengths)):
-                attention[i] = weights[b, :n].numpy()
+    with streaming_aggregation(method):
+        for indices, batch in zip(loader.batch_sampler, loader):
+            output = method(batch.to(device))
+            probabilities[indices] = output.probabilities.float().cpu().numpy()
+            if output.attention is not None:
+                lengths = batch.tile_valid.sum(dim=1).tolist()
+                weights = output.attention.float().cpu()
+                for b, (i, n) in enumerate(zip(indices, lengths)):
+                    attention[i] = weights[b, :n].numpy()
     has_attention = any(a is not None for a in attention)
     return BagPredictions(probabilities, attention if has_attention else None)

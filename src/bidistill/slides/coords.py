@@ -20,6 +20,7 @@ import numpy as np
 
 from bidistill import __version__
 from bidistill._io import atomic_path, h5_attrs
+from bidistill._paths import find_named
 from bidistill.errors import BidistillError
 
 REQUIRED_ATTRS = ("patch_size", "patch_size_level0", "level", "mpp", "mask_kind", "width", "height")
@@ -45,7 +46,8 @@ class CoordsFile:
 
 
 def coords_path(coords_dir: str | Path, slide_id: str) -> Path:
-    return Path(coords_dir) / f"{slide_id}.h5"
+    """``<coords_dir>/<slide_id>.h5`` (kept inside ``coords_dir``; NFC/NFD names alike)."""
+    return find_named(coords_dir, slide_id, ".h5")
 
 
 def _nan_if_none(value: float | None) -> float:

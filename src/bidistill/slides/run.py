@@ -18,6 +18,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from bidistill._io import write_json
+from bidistill._paths import lookup_named
 from bidistill.config import ExperimentConfig, TilingConfig
 from bidistill.errors import BidistillError, ConfigError, SlideError
 from bidistill.slides.coords import coords_path
@@ -110,7 +111,7 @@ def jobs_from_config(config: ExperimentConfig) -> tuple[list[SlideJob], dict[str
     missing: dict[str, str] = {}
     for row in table.itertuples(index=False):
         slide_id = str(row.slide_id)
-        path = files.get(slide_id)
+        path = lookup_named(files, slide_id)  # NFC or NFD file names alike
         if path is None:
             missing[slide_id] = (
                 f"{slides_cfg.dir}: no slide file for '{slide_id}' (looked for "

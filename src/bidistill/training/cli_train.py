@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from bidistill.cohort import load_cohort, resolve_splits
 from bidistill.config import ExperimentConfig, MethodConfig
 from bidistill.errors import ConfigError
 from bidistill.models import get_method_class
+from bidistill.runs.lock import lock_run_dir
+from bidistill.runs.preflight import check_device, check_trainable_cohort, prepare_output_dir
 from bidistill.training.train import open_feature_store, train_method
 
 log = logging.getLogger(__name__)
@@ -22,11 +25,14 @@ def train_from_config(
     epochs: int | None = None,
     seed: int | None = None,
     fold: int = 0,
+    say: Callable[[str], None] = log.info,
 ) -> list[Path]:
     """Train the named methods (default: the config's) and return their folders.
 
     A method named on the command line but not in the config trains with its default options.
     Splits come from ``out/splits.json`` when it exists, so every method sees the same patients.
+    The device, the output folder and the label table are checked first; ``out`` is locked
+    while it trains (one bidistill process per run folder).
 
     Side effects: writes ``out/splits.json`` and ``out/<method>/``.
     """
@@ -38,12 +44,21 @@ def train_from_config(
     chosen = [configured.get(name, MethodConfig(name=name)) for name in methods or configured]
     for method_cfg in chosen:
         get_method_class(method_cfg.name)  # unknown names fail before any work
-    cohort = load_cohort(config.cohort)
-    splits = resolve_splits(cohort, config.cohort.splits, Path(out) / "splits.json")
-    if fold >= len(splits.folds):
-        raise ConfigError(f"--fold {fold}: the splits have {len(splits.folds)} fold(s)")
-    store = open_feature_store(config, cohort, progress=True)
-    return [
-        train_method(config, method_cfg, out, cohort=cohort, splits=splits, fold=fold, store=store)
-        for method_cfg in chosen
-    ]
+    check_device(config.training.device, "training.device")
+    out = Path(out)
+    prepare_output_dir(out)
+    with lock_run_dir(out, command=f"train --out {out}", say=say):
+        cohort = load_cohort(config.cohort)
+        if cohort.label_summary is not None:
+            say(cohort.label_summary.format())
+        splits = resolve_splits(cohort, config.cohort.splits, out / "splits.json")
+        if fold >= len(splits.folds):
+            raise ConfigError(f"--fold {fold}: the splits have {len(splits.folds)} fold(s)")
+        check_trainable_cohort(cohort, splits)
+        store = open_feature_store(config, cohort, progress=True)
+        return [
+            train_method(
+                config, method_cfg, out, cohort=cohort, splits=splits, fold=fold, store=store
+            )
+            for method_cfg in chosen
+        ]

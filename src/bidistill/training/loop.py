@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 from bidistill.config import TrainingConfig
+from bidistill.errors import BidistillError
 from bidistill.models.base import Method, Selection, Stage
 from bidistill.models.batch import Batch
 from bidistill.training.data import withhold_clinical
@@ -28,8 +29,9 @@ from bidistill.training.data import withhold_clinical
 log = logging.getLogger(__name__)
 
 
-class TrainingDivergedError(RuntimeError):
-    """A loss term became NaN or infinite."""
+class TrainingDivergedError(BidistillError, RuntimeError):
+    """A loss term became NaN or infinite (the settings' doing, e.g. the learning rate, since
+    the feature files are checked for NaN/inf when they are opened)."""
 
 
 def resolve_device(name: str) -> torch.device:

@@ -27,9 +27,14 @@ from bidistill.cohort import (
 from bidistill.config import ExperimentConfig, MethodConfig
 from bidistill.features.store import FeatureStore
 from bidistill.models import Method, create_method
+from bidistill.training.bounded import (
+    check_prediction_memory,
+    prediction_loader,
+    streaming_aggregation,
+)
 from bidistill.training.checkpoint import save_checkpoint
 from bidistill.training.data import PatientBags, StoreBags, bag_loader
-from bidistill.training.loop import fit, predict_loader, resolve_device
+from bidistill.training.loop import TrainingDivergedError, fit, predict_loader, resolve_device
 from bidistill.training.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -140,6 +145,8 @@ def train_method(
         )
         for name, ids in split_ids.items()
     }
+    for part in parts.values():  # before training: a bag too large to predict fails now
+        check_prediction_memory(method, part.dataset.bags.lengths(), store.dim, part.ids)
     workers = tcfg.num_workers
     train_loader = bag_loader(
         parts["train"].dataset, tcfg.batch_size, shuffle=True, workers=workers, seed=tcfg.seed
@@ -176,6 +183,7 @@ def train_method(
     save_checkpoint(method_dir, method, encoder, meta)
     write_csv(method_dir / TRAIN_LOG, pd.DataFrame(result.log_rows))
     predictions = _predict_all(method, parts, cohort, fold, tcfg.batch_size, device)
+    _refuse_non_finite(predictions, method_cfg.key, method_dir / PREDICTIONS)
     write_csv(method_dir / PREDICTIONS, predictions)  # last: marks the method as done
     log.info("%s: trained in %.1f s", method.name, time.perf_counter() - started)
     return method_dir
@@ -223,8 +231,12 @@ def _predict_all(
     for split, part in parts.items():
         # Whole bags for every split: the training set's instance cap is an augmentation.
         part.dataset.max_instances = None
-        loader = bag_loader(part.dataset, batch_size, shuffle=False, workers=0, seed=0)
-        prob_present, prob_absent = predict_loader(method, loader, device)
+        # Bounded memory for any bag size (training/bounded.py).
+        loader = prediction_loader(
+            part.dataset, batch_size, method=method, dim=method.dims.in_dim, names=part.ids
+        )
+        with streaming_aggregation(method):
+            prob_present, prob_absent = predict_loader(method, loader, device)
         frames.append(
             pd.DataFrame(
                 {
@@ -239,3 +251,18 @@ def _predict_all(
             )
         )
     return pd.concat(frames, ignore_index=True)
+
+
+def _refuse_non_finite(predictions: pd.DataFrame, key: str, target: Path) -> None:
+    """A method whose predictions hold NaN is never marked done (``predictions.csv`` is not
+    written), so a rerun trains it again instead of evaluating NaN."""
+    probabilities = predictions[["prob_present", "prob_absent"]].to_numpy()
+    bad = ~np.isfinite(probabilities).all(axis=1)
+    if bad.any():
+        patients = predictions.loc[bad, "patient_id"].tolist()
+        shown = ", ".join(map(str, patients[:5])) + (", …" if len(patients) > 5 else "")
+        raise TrainingDivergedError(
+            f"{key}: predictions are NaN for {len(patients)} of {len(bad)} patients ({shown}); "
+            f"{target} is not written, so the method is not done: check those patients' "
+            "feature files, or lower training.lr"
+        )

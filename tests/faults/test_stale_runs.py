@@ -1,0 +1,108 @@
+"""Run fingerprints: a rerun redoes exactly the stages whose inputs changed, and says so."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import pandas as pd
+
+from bidistill.features import feature_path
+
+from .conftest import edit_config, invoke, slide_of_split, table
+
+
+def _rerun(config, run_dir):
+    result = invoke("run", config, "--out", run_dir, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
+def _finished(run_dir) -> dict[str, str]:
+    stages = json.loads((run_dir / "run.json").read_text())["stages"]
+    return {name: record["finished"] + str(record["inputs"]) for name, record in stages.items()}
+
+
+def test_unchanged_rerun_in_a_moved_folder_redoes_nothing(run_copy):
+    config, run_dir = run_copy
+    metrics = (run_dir / "metrics.csv").read_bytes()
+    report = (run_dir / "report.html").stat().st_mtime_ns
+    output = _rerun(config, run_dir)
+    assert "up to date in this run, kept: wsi-only, clinical-only" in output
+    assert "evaluate: up to date" in output
+    assert "training" not in output
+    assert (run_dir / "metrics.csv").read_bytes() == metrics
+    assert (run_dir / "report.html").stat().st_mtime_ns == report
+    assert "label 'nodal_status': value → class (patients)" in output  # before any work
+
+
+def test_relabelled_patients_retrain_every_method_and_update_the_results(run_copy):
+    config, run_dir = run_copy
+    rows = table(config)
+    relabel = rows.loc[rows["nodal_status"] == "N0", "patient_id"].iloc[:8].tolist()
+    rows.loc[rows["patient_id"].isin(relabel), "nodal_status"] = "N+"
+    rows.to_csv(config.parent / "cohort.csv", index=False)
+    output = _rerun(config, run_dir)
+    assert "wsi-only: training again: cohort rows: changed for 8 patient(s)" in output
+    assert "clinical-only: training again: cohort rows: changed for 8 patient(s)" in output
+    assert "evaluate: evaluating again: predictions: changed for 2 method(s)" in output
+    predictions = pd.read_csv(run_dir / "wsi-only" / "predictions.csv", dtype={"patient_id": str})
+    assert (predictions.set_index("patient_id").loc[relabel, "label"] == 1).all()
+    long = pd.read_csv(run_dir / "predictions.csv", dtype={"patient": str, "patient_id": str})
+    id_column = "patient_id" if "patient_id" in long else "patient"
+    relabelled_test = long[long[id_column].isin(relabel)]
+    assert relabelled_test.empty or (relabelled_test["label"] == 1).all()
+
+
+def test_a_changed_feature_file_retrains_only_the_methods_that_read_it(run_copy):
+    config, run_dir = run_copy
+    slide = slide_of_split(config, "train")
+    path = feature_path(config.parent / "features", slide)
+    with h5py.File(path, "a") as h5:
+        h5["features"][0, 0] += 1.0
+    before = _finished(run_dir)
+    output = _rerun(config, run_dir)
+    assert f"wsi-only: training again: feature files: changed for 1 slide(s) ({slide})" in output
+    assert "up to date in this run, kept: clinical-only" in output
+    after = _finished(run_dir)
+    assert after["clinical-only"] == before["clinical-only"]
+    assert after["wsi-only"] != before["wsi-only"]
+
+
+def test_changed_evaluation_settings_redo_only_the_evaluation(run_copy):
+    config, run_dir = run_copy
+    edit_config(config, lambda raw: raw["evaluation"].update(bootstrap=30))
+    output = _rerun(config, run_dir)
+    assert "evaluate: evaluating again: evaluation settings changed" in output
+    assert "training" not in output
+
+
+def test_a_deleted_report_is_made_again(run_copy):
+    config, run_dir = run_copy
+    (run_dir / "report.html").unlink()
+    output = _rerun(config, run_dir)
+    assert "evaluate: evaluating again: report.html is missing" in output
+    assert (run_dir / "report.html").is_file()
+
+
+def test_a_patient_moved_to_another_split_makes_new_splits(run_copy):
+    config, run_dir = run_copy
+    rows = table(config)
+    moved = rows.loc[rows["split"] == "train", "patient_id"].iloc[0]
+    rows.loc[rows["patient_id"] == moved, "split"] = "test"
+    rows.to_csv(config.parent / "cohort.csv", index=False)
+    output = _rerun(config, run_dir)
+    assert f"splits: made again: the cohort's patients: changed for 1 patient(s) ({moved})" in (
+        output
+    )
+    assert moved in json.loads((run_dir / "splits.json").read_text())["test"]
+    assert "wsi-only: training again: the splits changed" in output
+
+
+def test_a_method_killed_before_its_predictions_is_the_only_one_retrained(run_copy):
+    config, run_dir = run_copy
+    (run_dir / "wsi-only" / "predictions.csv").unlink()  # as a kill -9 during training leaves it
+    output = _rerun(config, run_dir)
+    assert "wsi-only: training again: predictions.csv is missing" in output
+    assert "kept: clinical-only" in output
