@@ -186,7 +186,9 @@ class TrainedRun:
         self._check_features(inputs)
         frame = clinical_frame(cohort, [p.patient_id for p in inputs], self.folds[0].encoder)
         encoded = [fold.encoder.transform(frame) for fold in self.folds]
-        missing = frame.isna()
+        # Missing as the model saw it: blank cells and categories unseen in training.
+        names = np.array(self.folds[0].encoder.feature_names_in_, dtype=object)
+        missing = ~encoded[0].valid
         sequence: Sequence[int] | Iterator[int] = range(len(inputs))
         if progress:
             from rich.progress import track
@@ -196,7 +198,7 @@ class TrainedRun:
             yield self._predict_one(
                 inputs[i],
                 [_row(e, i) for e in encoded],
-                [str(c) for c in missing.columns[missing.iloc[i].to_numpy()]],
+                [str(c) for c in names[missing[i]]],
                 with_attention=with_attention,
                 memory_budget=memory_budget,
             )
