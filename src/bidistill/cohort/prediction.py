@@ -58,8 +58,8 @@ def load_prediction_cohort(
     Args:
         table: CSV or XLSX, or a DataFrame of the table's cells.
         cfg: the run's cohort section (column names, kinds, parsers).
-        other_columns: further columns the run knows and prediction ignores (e.g. the
-            ``slides.mpp_column``).
+        other_columns: further columns the run knows and prediction ignores (the training
+            table's other columns, the ``slides.mpp_column``).
 
     Raises:
         CohortError: a required id column is absent, a clinical column is unknown to the run,
@@ -135,9 +135,9 @@ def _check_prediction_columns(
         hint = difflib.get_close_matches(column, clinical, n=1)
         did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
         raise CohortError(
-            f"{path}: column '{column}' is not a clinical column of the run.{did_you_mean} "
-            f"The run was trained on: {', '.join(clinical) or 'no clinical columns'}; remove "
-            "the column (or rename it to the run's name) so that nothing is silently ignored"
+            f"{path}: column '{column}' is not a column the run knows.{did_you_mean} "
+            f"The run's clinical columns: {', '.join(clinical) or 'none'}; remove the column "
+            "(or rename it to the run's name) so that nothing is silently ignored"
         )
 
 
