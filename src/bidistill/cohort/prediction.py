@@ -144,22 +144,20 @@ def _check_prediction_columns(
 def _per_patient(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:
     """One row per patient; a patient's rows must agree (blank cells are filled by the others)."""
     names = {c.feature_name: c.column for c in cfg.clinical}
-    records = {}
-    for patient_id, group in frame.groupby("patient_id", sort=False):
-        record = {}
-        for name, column in names.items():
-            values = group[name].dropna()
-            distinct = pd.unique(values)
-            if len(distinct) > 1:
-                rows = ", ".join(str(r) for r in group.loc[values.index, "row"])
-                raise CohortError(
-                    f"{path}: patient '{patient_id}' has conflicting values in column "
-                    f"'{column}' ({', '.join(map(str, distinct))}) on rows {rows}"
-                )
-            record[name] = distinct[0] if len(distinct) else np.nan
-        records[str(patient_id)] = record
-    patients = pd.DataFrame.from_dict(records, orient="index", columns=list(names))
-    patients.index.name = "patient_id"
+    grouped = frame.groupby("patient_id", sort=False)
+    patients = pd.DataFrame(index=pd.Index(grouped.size().index.astype(str), name="patient_id"))
+    for name, column in names.items():
+        conflicting = grouped[name].nunique(dropna=True) > 1
+        if conflicting.any():
+            patient_id = conflicting.index[conflicting.to_numpy()][0]
+            group = frame[(frame["patient_id"] == patient_id) & frame[name].notna()]
+            distinct = ", ".join(map(str, pd.unique(group[name])))
+            rows = ", ".join(str(r) for r in group["row"])
+            raise CohortError(
+                f"{path}: patient '{patient_id}' has conflicting values in column "
+                f"'{column}' ({distinct}) on rows {rows}"
+            )
+        patients[name] = grouped[name].first().to_numpy()  # the first non-blank value
     return patients
 
 
