@@ -102,13 +102,23 @@ class FileBag:
         self.n_instances = sum(self.lengths)
 
     def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        """Row blocks read into one buffer that every block reuses: a block is valid until the
+        next one is asked for (so two blocks never sit in memory at once)."""
+        buffer: np.ndarray | None = None
         for path in self.paths:
             with h5py.File(path, "r") as h5:
                 dataset = h5["features"]
                 n = dataset.shape[-2]
+                if buffer is None or buffer.dtype != dataset.dtype:
+                    buffer = np.empty((min(rows, max(n, 1)), self.dim), dtype=dataset.dtype)
                 for start in range(0, n, rows):
                     stop = min(start + rows, n)
-                    yield dataset[0, start:stop] if dataset.ndim == 3 else dataset[start:stop]
+                    if stop - start > len(buffer):
+                        buffer = np.empty((stop - start, self.dim), dtype=dataset.dtype)
+                    block = buffer[: stop - start]
+                    where = np.s_[0, start:stop] if dataset.ndim == 3 else np.s_[start:stop]
+                    dataset.read_direct(block, source_sel=where)
+                    yield block
 
 
 def _features_shape(path: Path) -> tuple[int, ...]:
