@@ -436,8 +436,10 @@ def _load_run(run_dir: Path, method: str | None, config: Path | None, device: st
 @app.command()
 def predict(
     run_dir: Path = typer.Option(..., "--run", help=_RUN_HELP),
-    features: list[Path] = typer.Option(..., "--features", help=_FEATURES_HELP),
     out: Path = typer.Option(..., "--out", help="CSV to write, one row per patient."),
+    features: list[Path] = typer.Option(
+        None, "--features", help=_FEATURES_HELP + " Not needed by clinical-only methods."
+    ),
     clinical: Path | None = typer.Option(None, "--clinical", help=_CLINICAL_HELP),
     method: str | None = typer.Option(None, "--method", "-m", help=_METHOD_HELP),
     patient: list[str] = typer.Option(None, "--patient", help="Only this patient (repeatable)."),
@@ -459,7 +461,7 @@ def predict(
     with _warnings_as_lines():
         trained = _load_run(run_dir, method, config, device)
         table = trained.predict(
-            features,
+            features or None,
             clinical,
             patients=patient or None,
             memory_budget=int(memory_budget * 2**20),
@@ -474,12 +476,16 @@ def predict(
         highlight=False,
         soft_wrap=True,
     )
-    features_args = " ".join(f"--features {f}" for f in features)
-    console.print(
-        f"next: bidistill heatmap --run {run_dir} {features_args} --out {out.parent / 'heatmaps'}",
-        highlight=False,
-        soft_wrap=True,
-    )
+    if features:
+        features_args = " ".join(f"--features {f}" for f in features)
+        console.print(
+            f"next: bidistill heatmap --run {run_dir} {features_args} "
+            f"--out {out.parent / 'heatmaps'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        console.print(f"next: open {out}", highlight=False, soft_wrap=True)
 
 
 @app.command()

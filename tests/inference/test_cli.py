@@ -97,3 +97,16 @@ def test_heatmap_for_a_method_without_slides_is_refused(demo_run, demo_cohort, t
     result = bidistill("heatmap", "--run", demo_run, "--method", "clinical-only",
                        "--features", demo_cohort / "features", "--out", tmp_path)  # fmt: skip
     assert result.exit_code == 1 and "clinical-only does not read slides" in result.output
+
+
+def test_a_clinical_only_method_predicts_from_the_table_alone(demo_run, demo_cohort, tmp_path):
+    table = new_patients_table(demo_cohort, tmp_path / "new.csv", drop=["ki67"])
+    out = tmp_path / "pred.csv"
+    result = bidistill("predict", "--run", demo_run, "--method", "clinical-only",
+                       "--clinical", table, "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.output and "'ki67': missing for every patient" in result.output
+    predicted = pd.read_csv(out, dtype={"patient_id": str}).set_index("patient_id")
+    assert set(predicted["branch"]) == {"clinical-only"} and (predicted["tiles"] == 0).all()
+    result = bidistill("predict", "--run", demo_run, "--clinical", table, "--out", out)
+    assert result.exit_code == 1 and "no features were given (--features)" in result.output

@@ -38,7 +38,6 @@ from bidistill.models.batch import Batch, Output
 
 MiB = 2**20
 DEFAULT_MEMORY_BUDGET = 512 * MiB
-MIN_MEMORY_BUDGET = 4 * MiB
 _FLOAT = 4  # bytes per float32
 
 
