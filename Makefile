@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install test lint format demo bench docs clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
+
+# The config reference is generated from the pydantic models (a test fails when it is stale).
+docs: install
+	$(BIN)/python -m bidistill.config_docs > docs/config.md
 
 clean:
 	rm -rf $(VENV) demo_run .pytest_cache

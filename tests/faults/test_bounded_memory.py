@@ -105,12 +105,10 @@ def test_the_run_checks_prediction_memory_before_training(tmp_path, monkeypatch)
     assert not (tmp_path / "run" / "wsi-only" / "model.safetensors").exists()
 
 
-def test_predict_bags_handles_a_bag_far_larger_than_a_chunk(monkeypatch):
-    import bidistill.training.bounded as bounded
+def test_predict_bags_handles_a_bag_far_larger_than_a_chunk():
     from bidistill.cohort.encoder import EncodedClinical
     from bidistill.inference import predict_bags
 
-    monkeypatch.setattr(bounded, "CHUNK_INSTANCES", 1000)
     method = _method()
     bags = [np.random.default_rng(0).normal(size=(n, 8)).astype("float32") for n in (5, 12_345)]
     clinical = EncodedClinical(
@@ -118,14 +116,13 @@ def test_predict_bags_handles_a_bag_far_larger_than_a_chunk(monkeypatch):
         valid=np.zeros((2, 1), bool),
         present=np.zeros(2, bool),
     )
-    widths = []
+    rows = []
     for module in method.modules():
         if isinstance(module, GatedAttentionMIL):
-            module.project.register_forward_hook(lambda m, i, o: widths.append(i[0].shape[1]))
-    streamed = predict_bags(method, bags, clinical)
-    assert max(widths) == 1000  # streamed
-    monkeypatch.setattr(bounded, "CHUNK_INSTANCES", 10**9)
-    one_pass = predict_bags(method, bags, clinical)
-    assert max(widths) == 12_345  # one pass
+            module.project.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[-2]))
+    streamed = predict_bags(method, bags, clinical, memory_budget=2**20)
+    assert 1 < max(rows) < 12_345  # encoded in chunks
+    rows.clear()
+    one_pass = predict_bags(method, bags, clinical, memory_budget=2**30)
+    assert max(rows) == 12_345  # one pass
     np.testing.assert_allclose(streamed.probabilities, one_pass.probabilities, rtol=1e-5)
-    assert len(streamed.attention[1]) == 12_345

@@ -80,3 +80,27 @@ def test_both_modalities_carry_the_label(tmp_path):
 def test_too_few_patients_is_refused(tmp_path):
     with pytest.raises(ValueError, match="at least 20 patients"):
         make_feature_cohort(tmp_path, patients=5)
+
+
+def test_planted_key_instances_are_recorded_per_slide(synth_cohort):
+    """key_instances.h5 marks, per slide, the instances drawn around the key prototype."""
+    from bidistill.synthetic.features import KEY_INSTANCES, read_key_instances
+
+    cfg = load_config(synth_cohort)
+    cohort = load_cohort(cfg.cohort)
+    features, keys, shares = [], [], {}
+    for row in cohort.slides.itertuples():
+        f = read_feature_file(cfg.features.dir / f"{row.slide_id}.h5").features
+        key = read_key_instances(synth_cohort.parent / KEY_INSTANCES, row.slide_id)
+        assert key.dtype == bool and key.shape == (len(f),)
+        features.append(f)
+        keys.append(key)
+        shares.setdefault(row.patient_id, []).append(key)
+    features, keys = np.concatenate(features), np.concatenate(keys)
+    centre = features[keys].mean(axis=0)
+    distance = np.linalg.norm(features - centre, axis=1)
+    # key instances lie around one prototype, the others around other prototypes
+    assert distance[keys].mean() < 0.8 * distance[~keys].mean()
+    share = pd.Series({p: np.concatenate(k).mean() for p, k in shares.items()})
+    labels = cohort.labels
+    assert share[labels == 1].mean() > share[labels == 0].mean() + 0.1

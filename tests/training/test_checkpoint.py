@@ -34,8 +34,9 @@ def test_loaded_method_reproduces_the_saved_predictions(trained_run, tiny_cohort
     bags = StoreBags(store, [slides[p] for p in ids])
     bag_list = [bags(i) for i in range(len(ids))]
 
-    present = predict_bags(method, bag_list, encoder.transform(rows), batch_size=3)
-    absent = predict_bags(method, bag_list, encoder.missing_row(len(ids)), batch_size=5)
+    # a small memory budget: bags are encoded in chunks of about 15 instances
+    present = predict_bags(method, bag_list, encoder.transform(rows), memory_budget=2**16)
+    absent = predict_bags(method, bag_list, encoder.missing_row(len(ids)))
     np.testing.assert_allclose(present.probabilities, test["prob_present"], atol=1e-5)
     np.testing.assert_allclose(absent.probabilities, test["prob_absent"], atol=1e-5)
     if name == "clinical-only":

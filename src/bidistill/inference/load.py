@@ -7,17 +7,23 @@ this version does not know.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from safetensors.torch import load_file
 
 from bidistill import __version__
 from bidistill.cohort import ClinicalEncoder
+from bidistill.config import ExperimentConfig
 from bidistill.errors import CheckpointError
 from bidistill.models import Method, create_method
 from bidistill.training.checkpoint import ENCODER, META, WEIGHTS
+
+log = logging.getLogger(__name__)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -76,3 +82,33 @@ def load_trained(
     method.set_stage(stages[-1])
     encoder = ClinicalEncoder.load(method_dir / ENCODER)
     return method.to(device).eval(), encoder, meta
+
+
+FALLBACK_THRESHOLD = 0.5
+
+
+def decision_thresholds(method_dir: Path, cfg: ExperimentConfig) -> dict[str, float]:
+    """The method's decision thresholds, with clinical data (``present``) and without
+    (``absent``), chosen on its validation patients as the evaluation does."""
+    from bidistill.evaluation.metrics import youden_threshold
+
+    fixed = cfg.evaluation.threshold
+    if not isinstance(fixed, str):
+        return {"present": float(fixed), "absent": float(fixed)}
+    path = method_dir / "predictions.csv"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the method's training did not finish")
+    saved = pd.read_csv(path, dtype={"patient_id": str})
+    val = saved[saved["split"] == "val"]
+    if val["label"].nunique() < 2:
+        log.warning(
+            "%s: no validation patients of both classes; decisions use threshold %.1f",
+            path,
+            FALLBACK_THRESHOLD,
+        )
+        return {"present": FALLBACK_THRESHOLD, "absent": FALLBACK_THRESHOLD}
+    labels = val["label"].to_numpy()
+    return {
+        "present": youden_threshold(labels, val["prob_present"].to_numpy(np.float64)),
+        "absent": youden_threshold(labels, val["prob_absent"].to_numpy(np.float64)),
+    }

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from bidistill.cohort import EncodedClinical
+from bidistill.inference.chunked import (
+    DEFAULT_MEMORY_BUDGET,
+    ArrayBag,
+    BagSource,
+    predict_bag,
+)
 from bidistill.models import Method
-from bidistill.training.bounded import prediction_loader, streaming_aggregation
-from bidistill.training.data import ArrayBags, PatientBags
 
 
 @dataclass
@@ -22,46 +26,66 @@ class BagPredictions:
         probabilities: float [n], P(label = 1).
         attention: n arrays [n_i], the routed aggregator's instance weights (None for methods
             without a bag), in each bag's instance order.
+        branches: n dicts, aggregator path → its instance weights [n_i] (every branch of the
+            method, e.g. BD's ``aggregator_multi`` and ``aggregator_single``).
+        routed: n aggregator paths (or None): the branch each prediction used.
     """
 
     probabilities: np.ndarray
     attention: list[np.ndarray] | None
+    branches: list[dict[str, np.ndarray]] = field(default_factory=list)
+    routed: list[str | None] = field(default_factory=list)
 
 
-@torch.no_grad()
 def predict_bags(
     method: Method,
-    bags: Sequence[np.ndarray],
+    bags: Sequence[np.ndarray | BagSource],
     clinical: EncodedClinical,
     *,
-    batch_size: int = 4,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> BagPredictions:
-    """Predict new patients from their bags and encoded clinical data (whole bags, eval mode).
+    """Predict new patients from their whole bags and encoded clinical data (eval mode).
+
+    Each bag is encoded in chunks sized to ``memory_budget`` (``inference.chunked``), so a bag
+    of any size predicts in bounded memory, and gives the same numbers as a padded batch.
 
     Args:
-        method: a trained method (``load_trained``).
-        bags: one array [n_i, D] per patient (its slides' features concatenated).
+        method: a trained method (``load_trained``), on ``device``.
+        bags: one per patient: an array [n_i, D] (its slides' features concatenated) or a
+            ``BagSource`` such as ``FileBag`` (read from the .h5 files a chunk at a time).
         clinical: the fitted encoder's ``transform`` of the patients' clinical rows (use
             ``encoder.missing_row(n)`` to predict without clinical data).
+        memory_budget: bytes for what grows with a bag.
     """
     if len(bags) != len(clinical.values):
         raise ValueError(f"{len(bags)} bags but {len(clinical.values)} clinical rows")
-    dataset = PatientBags(ArrayBags(bags), clinical.values, clinical.valid, clinical.present)
-    dim = method.dims.in_dim
-    loader = prediction_loader(dataset, batch_size, method=method, dim=dim)  # bounded memory
-    method.eval()
-    device = torch.device(device)
-    probabilities = np.zeros(len(bags), dtype=np.float32)
-    attention: list[np.ndarray | None] = [None] * len(bags)
-    with streaming_aggregation(method):
-        for indices, batch in zip(loader.batch_sampler, loader):
-            output = method(batch.to(device))
-            probabilities[indices] = output.probabilities.float().cpu().numpy()
-            if output.attention is not None:
-                lengths = batch.tile_valid.sum(dim=1).tolist()
-                weights = output.attention.float().cpu()
-                for b, (i, n) in enumerate(zip(indices, lengths)):
-                    attention[i] = weights[b, :n].numpy()
-    has_attention = any(a is not None for a in attention)
-    return BagPredictions(probabilities, attention if has_attention else None)
+    values = torch.as_tensor(np.asarray(clinical.values, dtype=np.float32))
+    valid = torch.as_tensor(np.asarray(clinical.valid, dtype=bool))
+    indices = range(len(bags))
+    if progress:
+        from rich.progress import track
+
+        indices = track(indices, description="predicting", transient=True)
+    outputs = [
+        predict_bag(
+            method,
+            bags[i] if hasattr(bags[i], "chunks") else ArrayBag(bags[i]),
+            values[i],
+            valid[i],
+            bool(clinical.present[i]),
+            memory_budget=memory_budget,
+            device=device,
+        )
+        for i in indices
+    ]
+    probabilities = np.array([o.probability for o in outputs], dtype=np.float32)
+    routed = [o.routed for o in outputs]
+    attention = [o.attention[r] for o, r in zip(outputs, routed) if r is not None]
+    return BagPredictions(
+        probabilities,
+        attention if len(attention) == len(outputs) and outputs else None,
+        branches=[o.attention for o in outputs],
+        routed=routed,
+    )

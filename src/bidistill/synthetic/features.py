@@ -15,19 +15,25 @@ separates the methods when clinical data goes missing.
 
 Clinical values carry ``c`` with realistic mess: decimal commas, Ki67 strings with full-width
 symbols, per-feature blanks, and some patients with no clinical data at all.
+
+The ground truth of the planted signal is kept beside the table in ``key_instances.h5``: one
+bool dataset per slide id, True for a key instance, in the order of the slide's feature file.
+Attention maps can be checked against it (do the hottest tiles hold the key instances?).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 
-from bidistill._io import write_csv, write_text
+from bidistill._io import atomic_path, write_csv, write_text
 from bidistill.features.store import feature_path, write_feature_file
 
 SYNTHETIC_ENCODER = "synthetic"
+KEY_INSTANCES = "key_instances.h5"
 
 
 def make_feature_cohort(
@@ -44,7 +50,8 @@ def make_feature_cohort(
 ) -> Path:
     """Write a cohort table, one .h5 feature file per slide and a ready config.
 
-    Side effects: creates ``out_dir/cohort.csv``, ``out_dir/features/<slide_id>.h5`` and
+    Side effects: creates ``out_dir/cohort.csv``, ``out_dir/features/<slide_id>.h5``,
+    ``out_dir/key_instances.h5`` (the planted key instances of each slide) and
     ``out_dir/config.yaml`` (every file written atomically).
 
     Returns:
@@ -58,6 +65,7 @@ def make_feature_cohort(
     table = _clinical_table(rng, traits, no_clinical_share)
     prototypes = _prototypes(rng, dim)
     rows = []
+    key_instances: dict[str, np.ndarray] = {}
     iterator = range(patients)
     if progress:
         from rich.progress import track
@@ -65,11 +73,13 @@ def make_feature_cohort(
         iterator = track(iterator, description="synthetic slides")
     for i in iterator:
         n_slides = 2 if rng.random() < two_slide_share else 1
-        bag = _bag(
+        bag, is_key = _bag(
             rng, prototypes, traits["key_fraction"][i], traits["marker_fraction"][i], instances
         )
-        for s, part in enumerate(np.array_split(bag, n_slides)):
+        parts = zip(np.array_split(bag, n_slides), np.array_split(is_key, n_slides))
+        for s, (part, part_is_key) in enumerate(parts):
             slide_id = f"S{i:04d}" + (f"-{s + 1}" if n_slides > 1 else "")
+            key_instances[slide_id] = part_is_key
             write_feature_file(
                 feature_path(out_dir / "features", slide_id),
                 part,
@@ -85,9 +95,23 @@ def make_feature_cohort(
     # Shuffle rows so that a patient's slides are not adjacent (real tables are not sorted).
     frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     write_csv(out_dir / "cohort.csv", frame)
+    write_key_instances(out_dir / KEY_INSTANCES, key_instances)
     config_path = out_dir / "config.yaml"
     write_text(config_path, feature_cohort_config(with_split=with_split))
     return config_path
+
+
+def write_key_instances(path: Path, key_instances: dict[str, np.ndarray]) -> None:
+    """Write the planted key-instance masks, one bool dataset per slide id (atomically)."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        for slide_id, mask in key_instances.items():
+            h5.create_dataset(slide_id, data=np.asarray(mask, dtype=bool))
+
+
+def read_key_instances(path: str | Path, slide_id: str) -> np.ndarray:
+    """The planted key-instance mask of one slide, bool [n] (see ``make_feature_cohort``)."""
+    with h5py.File(path, "r") as h5:
+        return np.asarray(h5[slide_id][()], dtype=bool)
 
 
 def _patient_traits(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
@@ -178,7 +202,8 @@ def _prototypes(rng, dim: int) -> dict[str, np.ndarray]:
 
 def _bag(
     rng, prototypes, key_fraction: float, marker_fraction: float, instances: tuple[int, int]
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
+    """One patient's instances [n, D] and which of them are key instances, bool [n]."""
     n = int(rng.integers(instances[0], instances[1] + 1))
     n_key = rng.binomial(n, key_fraction)
     background = prototypes["background"][rng.integers(0, len(prototypes["background"]), n - n_key)]
@@ -186,7 +211,8 @@ def _bag(
     background = background + marked[:, None] * prototypes["marker_shift"]
     centres = np.concatenate([np.repeat(prototypes["key"][None], n_key, 0), background])
     bag = centres + rng.normal(scale=1.0, size=centres.shape)
-    return bag[rng.permutation(n)].astype(np.float32)
+    order = rng.permutation(n)
+    return bag[order].astype(np.float32), order < n_key  # the first n_key centres are key
 
 
 def _grid_coords(n: int, patch: int = 256) -> np.ndarray:

@@ -1,0 +1,176 @@
+"""Tables of new patients for prediction: the training table's layout, without labels.
+
+A prediction table holds the columns the run was trained with: the patient id, the slide id
+(when the run used slides) and any of the run's clinical columns. Labels and splits are not
+needed (they are ignored when present, so the training table itself can be passed). Values are
+parsed exactly as in training. A clinical column the run never saw is refused: it would be
+silently ignored, and it is often a renamed column the user expects to count. A run column that
+the table lacks is missing for every patient (with a warning), as a blank cell would be.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bidistill.cohort.parsers import is_blank, normalise_text
+from bidistill.cohort.table import _FIRST_ROW, _parse_clinical, read_table
+from bidistill.config import CohortConfig
+from bidistill.errors import CohortError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictionCohort:
+    """New patients: clinical values per patient and their slides.
+
+    Attributes:
+        patients: indexed by patient id (str), one column per clinical feature of the run
+            (parsed as in training, NaN for blank).
+        slides: ``slide_id``, ``patient_id``; one row per slide (empty without a slide column).
+        missing_columns: the run's clinical columns that the table lacks.
+        source: the table file.
+    """
+
+    patients: pd.DataFrame
+    slides: pd.DataFrame
+    missing_columns: list[str]
+    source: Path
+
+    def slides_of(self) -> dict[str, list[str]]:
+        """patient id → its slide ids, in table order."""
+        grouped = self.slides.groupby("patient_id", sort=False)["slide_id"]
+        return {str(p): list(s) for p, s in grouped}
+
+
+def load_prediction_cohort(
+    table: str | Path | pd.DataFrame, cfg: CohortConfig, *, other_columns: Sequence[str] = ()
+) -> PredictionCohort:
+    """Read a table of new patients with the run's column declarations (``cfg``).
+
+    Args:
+        table: CSV or XLSX, or a DataFrame of the table's cells.
+        cfg: the run's cohort section (column names, kinds, parsers).
+        other_columns: further columns the run knows and prediction ignores (the training
+            table's other columns, the ``slides.mpp_column``).
+
+    Raises:
+        CohortError: a required id column is absent, a clinical column is unknown to the run,
+            a cell cannot be parsed, or a patient's rows disagree; the message names the file,
+            row and column.
+    """
+    if isinstance(table, pd.DataFrame):
+        path = Path("<table>")
+        raw = table.astype(object).where(table.notna(), "").astype(str)
+        raw.columns = [str(c).strip() for c in raw.columns]
+        raw = raw.reset_index(drop=True)
+    else:
+        path = Path(table)
+        raw = read_table(path, cfg.sheet)
+    _check_prediction_columns(raw, cfg, path, other_columns)
+    rows = raw.index.to_numpy() + _FIRST_ROW
+    frame = pd.DataFrame(index=raw.index)
+    frame["patient_id"] = [normalise_text(v) for v in raw[cfg.patient_column]]
+    blank = np.flatnonzero(frame["patient_id"].isin(["", "nan"]))
+    if len(blank):
+        raise CohortError(
+            f"{path}: row {rows[blank[0]]}: blank patient id in '{cfg.patient_column}'"
+        )
+    frame["row"] = rows
+    missing = [c.column for c in cfg.clinical if c.column not in raw.columns]
+    for col in cfg.clinical:
+        if col.column in raw.columns:
+            frame[col.feature_name] = _parse_clinical(raw[col.column], col, path, rows)
+        else:
+            frame[col.feature_name] = np.nan
+    if missing:
+        log.warning(
+            "%s: no column %s: missing for every patient", path, ", ".join(map(repr, missing))
+        )
+    if cfg.slide_column and cfg.slide_column in raw.columns:
+        frame["slide_id"] = [
+            None if is_blank(v) else normalise_text(v) for v in raw[cfg.slide_column]
+        ]
+    return PredictionCohort(
+        patients=_per_patient(frame, cfg, path),
+        slides=_slides(frame, cfg, path),
+        missing_columns=missing,
+        source=path,
+    )
+
+
+def _check_prediction_columns(
+    raw: pd.DataFrame, cfg: CohortConfig, path: Path, other_columns: Sequence[str]
+) -> None:
+    if cfg.patient_column not in raw.columns:
+        raise CohortError(
+            f"{path}: no patient id column '{cfg.patient_column}' (the run's "
+            f"cohort.patient_column); the table has columns: {', '.join(map(repr, raw.columns))}"
+        )
+    if cfg.slide_column and cfg.slide_column not in raw.columns:
+        raise CohortError(
+            f"{path}: no slide id column '{cfg.slide_column}' (the run's cohort.slide_column), "
+            "so no patient can be matched to a feature file"
+        )
+    known = {
+        cfg.patient_column,
+        cfg.slide_column,
+        cfg.label.column,
+        cfg.split_column,
+        *cfg.leakage_columns,
+        *other_columns,
+        *(c.column for c in cfg.clinical),
+    }
+    clinical = [c.column for c in cfg.clinical]
+    for column in raw.columns:
+        if column in known:
+            continue
+        hint = difflib.get_close_matches(column, clinical, n=1)
+        did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
+        raise CohortError(
+            f"{path}: column '{column}' is not a column the run knows.{did_you_mean} "
+            f"The run's clinical columns: {', '.join(clinical) or 'none'}; remove the column "
+            "(or rename it to the run's name) so that nothing is silently ignored"
+        )
+
+
+def _per_patient(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:
+    """One row per patient; a patient's rows must agree (blank cells are filled by the others)."""
+    names = {c.feature_name: c.column for c in cfg.clinical}
+    grouped = frame.groupby("patient_id", sort=False)
+    patients = pd.DataFrame(index=pd.Index(grouped.size().index.astype(str), name="patient_id"))
+    for name, column in names.items():
+        conflicting = grouped[name].nunique(dropna=True) > 1
+        if conflicting.any():
+            patient_id = conflicting.index[conflicting.to_numpy()][0]
+            group = frame[(frame["patient_id"] == patient_id) & frame[name].notna()]
+            distinct = ", ".join(map(str, pd.unique(group[name])))
+            rows = ", ".join(str(r) for r in group["row"])
+            raise CohortError(
+                f"{path}: patient '{patient_id}' has conflicting values in column "
+                f"'{column}' ({distinct}) on rows {rows}"
+            )
+        patients[name] = grouped[name].first().to_numpy()  # the first non-blank value
+    return patients
+
+
+def _slides(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:
+    if "slide_id" not in frame:
+        return pd.DataFrame(columns=["slide_id", "patient_id"])
+    slides = frame.loc[frame["slide_id"].notna(), ["row", "slide_id", "patient_id"]]
+    repeated = slides[slides["slide_id"].duplicated(keep=False)]
+    if len(repeated):
+        slide_id = repeated["slide_id"].iloc[0]
+        rows = ", ".join(str(r) for r in repeated.loc[repeated["slide_id"] == slide_id, "row"])
+        raise CohortError(
+            f"{path}: slide id '{slide_id}' (column '{cfg.slide_column}') appears on rows {rows}; "
+            "each slide must appear once"
+        )
+    return slides[["slide_id", "patient_id"]].reset_index(drop=True)

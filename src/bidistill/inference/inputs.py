@@ -1,0 +1,117 @@
+"""New patients' inputs: feature files found in folders or lists, matched to a table's patients.
+
+Without a table each feature file is one patient (its slide id is the patient id) without
+clinical data. With a table, the patients and their slides come from the table, and every slide
+must have a feature file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bidistill.cohort import ClinicalEncoder
+from bidistill.cohort.prediction import PredictionCohort
+from bidistill.errors import CohortError, FeatureFileError
+
+FeaturesArg = str | Path | Sequence[str | Path] | None
+
+
+@dataclass
+class PatientInput:
+    patient_id: str
+    slide_ids: list[str]
+    paths: list[Path]  # one .h5 per slide, in the order of slide_ids
+
+
+def patient_inputs(
+    files: dict[str, Path] | None,
+    cohort: PredictionCohort | None,
+    wanted: Sequence[str] | None,
+    *,
+    needs_bags: bool,
+) -> list[PatientInput]:
+    """The patients to predict, each with its slides' feature files.
+
+    Args:
+        files: slide id → feature file (``feature_files``), or None.
+        cohort: the table of new patients, or None (then every file is a patient).
+        wanted: only these patient ids, in this order.
+        needs_bags: the method reads slides, so every patient needs a feature file.
+
+    Raises:
+        FeatureFileError: a slide of the table without a feature file. CohortError: an
+            unknown patient id, or a patient without slides for a method that needs them.
+    """
+    if cohort is None:
+        if files is None:
+            raise FeatureFileError("no features given: pass a folder or files of .h5 features")
+        inputs = [PatientInput(s, [s], [p]) for s, p in files.items()]
+    else:
+        slides_of = cohort.slides_of()
+        inputs, absent = [], []
+        for patient_id in cohort.patients.index:
+            slide_ids = slides_of.get(patient_id, [])
+            absent += [s for s in slide_ids if files is None or s not in files]
+            paths = [files[s] for s in slide_ids if files is not None and s in files]
+            inputs.append(PatientInput(patient_id, slide_ids, paths))
+        if needs_bags and absent:
+            _refuse_missing_features(files, absent, cohort.source)
+    if wanted is not None:
+        by_id = {p.patient_id: p for p in inputs}
+        unknown = [str(w) for w in wanted if str(w) not in by_id]
+        if unknown:
+            raise CohortError(
+                f"patients {unknown[:5]} not found among the {len(by_id)} patients given "
+                f"(e.g. {', '.join(list(by_id)[:3])})"
+            )
+        inputs = [by_id[str(w)] for w in wanted]
+    empty = [p.patient_id for p in inputs if not p.paths]
+    if needs_bags and empty:
+        raise CohortError(
+            f"patients {empty[:5]} have no slide in the table, and the method predicts from slides"
+        )
+    return inputs
+
+
+def feature_files(features: FeaturesArg) -> dict[str, Path] | None:
+    """slide id → .h5 file, from folders and files."""
+    if features is None:
+        return None
+    items = [features] if isinstance(features, str | Path) else list(features)
+    files: dict[str, Path] = {}
+    for item in map(Path, items):
+        if item.is_dir():
+            for path in sorted(item.glob("*.h5")):
+                files.setdefault(path.stem, path)
+        elif item.is_file():
+            files[item.stem] = item
+        else:
+            raise FeatureFileError(f"{item}: no such feature file or folder")
+    if not files:
+        raise FeatureFileError(f"{', '.join(map(str, items))}: no .h5 feature files")
+    return files
+
+
+def _refuse_missing_features(files: dict[str, Path] | None, absent: list[str], table: Path):
+    if files is None:
+        raise FeatureFileError(f"{table}: lists slides, but no features were given (--features)")
+    more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+    folders = sorted({str(p.parent) for p in files.values()})
+    raise FeatureFileError(
+        f"no feature file for slides {absent[:5]}{more} of {table} (looked in "
+        f"{', '.join(folders)} for <slide_id>.h5)"
+    )
+
+
+def clinical_frame(
+    cohort: PredictionCohort | None, patient_ids: list[str], encoder: ClinicalEncoder
+) -> pd.DataFrame:
+    names = list(encoder.feature_names_in_)
+    if cohort is None:
+        return pd.DataFrame(np.nan, index=pd.Index(patient_ids, name="patient_id"), columns=names)
+    return cohort.patients.loc[patient_ids, names]

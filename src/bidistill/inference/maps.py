@@ -1,0 +1,219 @@
+"""``bidistill heatmap``: for each slide of the chosen patients, every file a reviewer needs.
+
+Per slide, in the output folder:
+
+- ``<slide_id>.heatmap.png``: attention over the thumbnail, one panel per branch;
+- ``<slide_id>.montage.png``: the top-k and bottom-k tiles (needs the slide's pixels);
+- ``<slide_id>.tiles.csv``: every tile's level-0 box, scores and percentiles;
+- ``<slide_id>.tiles.geojson``: the tiles as QuPath detections with the scores as measurements;
+- ``<slide_id>.tissue.geojson``: the outline of the mask tiling kept tiles from.
+
+Plus ``predictions.csv`` for the patients drawn. A slide given as a patch folder has no
+geometry: it gets the montage and the CSV. A slide without an image (no ``--slides`` match)
+gets the map over a white canvas, the CSV and the tile GeoJSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from bidistill._io import write_csv
+from bidistill.config import ExperimentConfig, MaskKind
+from bidistill.errors import BidistillError, SlideError
+from bidistill.inference.chunked import DEFAULT_MEMORY_BUDGET
+from bidistill.inference.export import (
+    contours_geojson,
+    tile_size_level0,
+    tiles_geojson,
+    write_geojson,
+    write_tiles_csv,
+)
+from bidistill.inference.heatmap import render_heatmap, render_montage
+from bidistill.inference.inputs import FeaturesArg
+from bidistill.inference.results import PatientPrediction, SlideAttention
+from bidistill.inference.run import ClinicalArg, TrainedRun
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MapsSummary:
+    """What ``write_attention_maps`` wrote.
+
+    Attributes:
+        predictions: one row per patient drawn (also in ``out_dir/predictions.csv``).
+        files: slide id → the files written for it.
+        without_image: slides drawn without a slide image (no ``--slides`` match).
+    """
+
+    out_dir: Path
+    predictions: pd.DataFrame
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    without_image: list[str] = field(default_factory=list)
+
+
+class SlideFinder:
+    """slide id → slide file or patch folder, among files, patch folders and folders of slides.
+
+    A folder named by the slide id is that slide's patch folder; any other folder is a folder
+    of slides (``<slide_id>.<ext>`` files and ``<slide_id>/`` patch folders).
+
+    Raises:
+        SlideError: an item that does not exist.
+    """
+
+    def __init__(self, items: Sequence[str | Path]):
+        from bidistill.slides.run import index_slide_files
+
+        self.folders: dict[str, Path] = {}
+        self.indexed: dict[str, Path] = {}
+        self.files: dict[str, Path] = {}
+        for item in map(Path, items):
+            if item.is_dir():
+                self.folders.setdefault(item.name, item)
+                for slide_id, path in index_slide_files(item).items():
+                    self.indexed.setdefault(slide_id, path)
+            elif item.is_file():
+                self.files[item.stem] = item
+            else:
+                raise SlideError(f"{item}: no such slide file or folder")
+
+    def find(self, slide_id: str) -> Path | None:
+        return self.files.get(slide_id) or self.folders.get(slide_id) or self.indexed.get(slide_id)
+
+
+def write_attention_maps(
+    run: TrainedRun,
+    features: FeaturesArg,
+    out_dir: str | Path,
+    *,
+    clinical: ClinicalArg = None,
+    slides: Sequence[str | Path] = (),
+    patients: Sequence[str] | None = None,
+    top_k: int = 8,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = False,
+) -> MapsSummary:
+    """Predict the patients and write heatmaps, montages and exports for each of their slides.
+
+    Raises:
+        BidistillError: the method has no attention (clinical-only). SlideError: a slide file
+            cannot be read. FeatureFileError, CohortError: as ``TrainedRun.predict``.
+    """
+    if not run.aggregators:
+        raise BidistillError(
+            f"{run.method} does not read slides, so it has no attention to draw; pick a method "
+            "with slides (--method)"
+        )
+    out_dir = Path(out_dir)
+    images = SlideFinder(slides)
+    summary = MapsSummary(out_dir, pd.DataFrame())
+    rows = []
+    for patient in run.iter_patients(
+        features,
+        clinical,
+        patients=patients,
+        with_attention=True,
+        memory_budget=memory_budget,
+        progress=progress,
+    ):
+        rows.append(patient.row(run.method))
+        for attention in patient.slides:
+            image = images.find(attention.slide_id)
+            if image is None:
+                summary.without_image.append(attention.slide_id)
+            summary.files[attention.slide_id] = write_slide_maps(
+                out_dir, attention, patient, run.config, image=image, top_k=top_k
+            )
+    summary.predictions = pd.DataFrame(rows)
+    write_csv(out_dir / "predictions.csv", summary.predictions)
+    return summary
+
+
+def write_slide_maps(
+    out_dir: Path,
+    attention: SlideAttention,
+    patient: PatientPrediction,
+    config: ExperimentConfig,
+    *,
+    image: Path | None,
+    top_k: int,
+) -> list[Path]:
+    """Every file for one slide (see the module docstring); returns the paths written."""
+    from bidistill.slides.reader import open_slide
+    from bidistill.slides.run import slide_cache_dir
+
+    def target(kind: str) -> Path:  # not with_suffix: slide ids may hold dots
+        return out_dir / f"{attention.slide_id}.{kind}"
+
+    title = (
+        f"{attention.slide_id} (patient {patient.patient_id}): "
+        f"P({config.cohort.label.positive[0]}) = {patient.probability:.2f} "
+        f"→ {patient.predicted} (threshold {patient.threshold:.2f}), branch: {patient.branch}"
+    )
+    slide = None
+    if image is not None:
+        mpp = config.slides.mpp if config.slides else None
+        slide = open_slide(image, mpp, cache_dir=slide_cache_dir(config))
+    try:
+        whole = slide is not None and not slide.is_patch_folder
+        tile = tile_size_level0(attention, slide.mpp if whole else None)
+        written = [write_tiles_csv(target("tiles.csv"), attention, tile)]
+        if slide is None or whole:
+            written.append(write_geojson(target("tiles.geojson"), tiles_geojson(attention, tile)))
+            written.append(
+                render_heatmap(
+                    target("heatmap.png"),
+                    attention,
+                    tile_size=tile,
+                    title=title,
+                    slide=slide,
+                )
+            )
+        if slide is not None:
+            written.append(
+                render_montage(
+                    target("montage.png"),
+                    attention,
+                    slide,
+                    tile_size=tile,
+                    title=title,
+                    k=top_k,
+                )
+            )
+        if whole:
+            mask, downsample, kind = tiling_mask(slide, config, attention.slide_id, tile)
+            name = "Tissue" if kind == MaskKind.tissue else "Region"
+            contours = contours_geojson(mask, downsample, name=name)
+            written.append(write_geojson(target("tissue.geojson"), contours))
+        return written
+    finally:
+        if slide is not None:
+            slide.close()
+
+
+def tiling_mask(slide, config: ExperimentConfig, slide_id: str, tile_size: int):
+    """The mask tiling keeps tiles from, made as ``bidistill tile`` makes it with the run's
+    tiling settings (a new slide without an annotation file gets tissue detection).
+
+    Returns:
+        (mask bool [h, w], (dx, dy) level-0 pixels per mask pixel, the mask kind used).
+    """
+    from bidistill.slides.run import locate_annotations
+    from bidistill.slides.tiling import slide_mask, thumbnail_downsample
+
+    annotations_dir = config.slides.annotations_dir if config.slides else None
+    annotations = locate_annotations(annotations_dir, slide_id)
+    tiling = config.tiling
+    if tiling.mask == MaskKind.annotations and annotations is None:
+        tiling = tiling.model_copy(update={"mask": MaskKind.tissue})
+    thumbnail, downsample = slide.thumbnail(
+        thumbnail_downsample(slide.width, slide.height, tile_size)
+    )
+    mask, _, kind = slide_mask(slide, tiling, thumbnail, downsample, annotations)
+    return mask, downsample, kind

@@ -1,0 +1,153 @@
+"""What prediction returns: a row per patient and, when asked for, attention over each slide."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+from bidistill.errors import FeatureFileError
+from bidistill.inference.identity import file_identity
+
+
+@dataclass
+class SlideAttention:
+    """Attention over one slide's tiles.
+
+    Attributes:
+        slide_id: the feature file's stem.
+        feature_file: the ``.h5`` file.
+        coords: int64 [n, 2], level-0 (x, y) of each tile's top-left corner (patch folders:
+            the patch index and 0).
+        scores: branch → attention weights [n] (this slide's part of the patient's bag, whose
+            weights sum to 1 over all of the patient's slides).
+        routed: the branch whose weights the prediction used (None without a bag).
+        attrs: the feature file's attributes (``patch_size``, ``mpp``, ...).
+    """
+
+    slide_id: str
+    feature_file: Path
+    coords: np.ndarray
+    scores: dict[str, np.ndarray]
+    routed: str | None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def branches(self) -> list[str]:
+        return list(self.scores)
+
+    def percentiles(self, branch: str | None = None) -> np.ndarray:
+        """A branch's scores as within-slide percentiles in [0, 1] (ties share a rank)."""
+        scores = self.scores[branch or self.routed or self.branches[0]]
+        if len(scores) < 2:
+            return np.ones(len(scores))
+        return (rankdata(scores) - 1) / (len(scores) - 1)
+
+    def frame(self) -> pd.DataFrame:
+        """One row per tile: ``tile, x, y``, the routed branch's ``attention`` and
+        ``percentile``, and with several branches ``attention_<branch>`` and
+        ``percentile_<branch>`` for each."""
+        frame = pd.DataFrame(
+            {"tile": np.arange(len(self.coords)), "x": self.coords[:, 0], "y": self.coords[:, 1]}
+        )
+        if not self.scores:
+            return frame
+        main = self.routed or self.branches[0]
+        frame["attention"] = self.scores[main]
+        frame["percentile"] = self.percentiles(main)
+        if len(self.scores) > 1:
+            for branch, scores in self.scores.items():
+                frame[f"attention_{branch}"] = scores
+                frame[f"percentile_{branch}"] = self.percentiles(branch)
+        return frame
+
+
+@dataclass
+class PatientPrediction:
+    """One patient's prediction, with attention per slide when asked for.
+
+    Attributes:
+        probability: P(positive label); the mean over the fold models of a k-fold run.
+        threshold: the run's validation threshold for the patient's route.
+        decision: 1 when ``probability >= threshold``.
+        predicted: the decision as a label value of the run (e.g. ``N+``).
+        branch: the branch (or model) that predicted: ``multi-modal`` or ``single-modal`` for
+            BD, the sub-model for ``switch``/``kd``, the method's name for one-model methods.
+        clinical_present: the patient had at least one clinical value.
+        clinical_missing: the run's clinical features the patient lacks.
+        slides: per slide attention (``TrainedRun.attention`` only).
+    """
+
+    patient_id: str
+    probability: float
+    threshold: float
+    decision: int
+    predicted: str
+    branch: str
+    clinical_present: bool
+    clinical_missing: list[str]
+    slide_ids: list[str]
+    n_tiles: int
+    slides: list[SlideAttention] = field(default_factory=list)
+
+    def row(self, method: str) -> dict[str, Any]:
+        return {
+            "patient_id": self.patient_id,
+            "method": method,
+            "probability": self.probability,
+            "threshold": self.threshold,
+            "decision": self.decision,
+            "predicted": self.predicted,
+            "branch": self.branch,
+            "clinical_present": self.clinical_present,
+            "clinical_missing": ";".join(self.clinical_missing),
+            "slides": ";".join(self.slide_ids),
+            "tiles": self.n_tiles,
+        }
+
+
+PREDICTION_COLUMNS = list(PatientPrediction("", 0.0, 0.0, 0, "", "", False, [], [], 0).row(""))
+
+
+def split_by_slide(
+    slide_ids: list[str],
+    paths: list[Path],
+    lengths: list[int],
+    attention: dict[str, np.ndarray],
+    routed: str | None,
+) -> list[SlideAttention]:
+    """A patient's attention (branch → weights over its whole bag) cut into its slides, with
+    each slide's tile coordinates."""
+    slides = []
+    stops = np.cumsum(lengths)
+    for slide_id, path, stop, n in zip(slide_ids, paths, stops, lengths):
+        start = stop - n
+        slides.append(
+            SlideAttention(
+                slide_id=slide_id,
+                feature_file=path,
+                coords=_read_coords(path, n),
+                scores={b: a[start:stop] for b, a in attention.items()},
+                routed=routed,
+                attrs=file_identity(path),
+            )
+        )
+    return slides
+
+
+def _read_coords(path: Path, n: int) -> np.ndarray:
+    with h5py.File(path, "r") as h5:
+        if "coords" not in h5:
+            raise FeatureFileError(
+                f"{path}: no 'coords' dataset, so attention cannot be placed on the slide"
+            )
+        coords = np.asarray(h5["coords"][()], dtype=np.int64)
+    coords = coords[0] if coords.ndim == 3 else coords
+    if coords.shape != (n, 2):
+        raise FeatureFileError(f"{path}: 'coords' is {coords.shape}, expected ({n}, 2)")
+    return coords

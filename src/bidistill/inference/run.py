@@ -1,0 +1,393 @@
+"""``load_run``: a trained run as an object that predicts for new patients and shows its attention.
+
+    run = load_run("runs/exp1")                       # the reference method (bd) unless told
+    table = run.predict("new/features", clinical="new/patients.csv")
+    patients = run.attention("new/features", clinical="new/patients.csv", patients=["P7"])
+
+New patients come as ``.h5`` feature files (one per slide, the DESIGN layout) and, optionally, a
+table in the layout of the training table without labels (``cohort.prediction``). Each patient's
+clinical values go through the run's fitted encoder; the method routes the patient by what is
+present (BD: the multi-modal branch with clinical data, the single-modal without). Bags are
+encoded in bounded memory (``inference.chunked``) and attention is mapped back to each slide's
+tiles. A k-fold run predicts with the mean of its fold models.
+
+The decision threshold is the one the evaluation uses: chosen on the run's validation patients
+(Youden's J unless the config fixes one), with their clinical data as recorded for patients who
+have clinical data, and with it withheld for patients who have none.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bidistill.cohort import ClinicalEncoder, EncodedClinical
+from bidistill.cohort.prediction import PredictionCohort, load_prediction_cohort
+from bidistill.config import ExperimentConfig, load_config
+from bidistill.errors import CheckpointError, CohortError, ConfigError
+from bidistill.inference.chunked import (
+    DEFAULT_MEMORY_BUDGET,
+    FileBag,
+    find_aggregators,
+    predict_bag,
+)
+from bidistill.inference.identity import check_feature_identity, run_identity
+from bidistill.inference.inputs import (
+    FeaturesArg,
+    PatientInput,
+    clinical_frame,
+    feature_files,
+    patient_inputs,
+)
+from bidistill.inference.load import decision_thresholds, load_trained
+from bidistill.inference.results import PREDICTION_COLUMNS, PatientPrediction, split_by_slide
+from bidistill.models import Method
+from bidistill.training.checkpoint import WEIGHTS
+
+log = logging.getLogger(__name__)
+
+ClinicalArg = str | Path | pd.DataFrame | None
+_BRANCH_NAMES = {"aggregator_multi": "multi-modal", "aggregator_single": "single-modal"}
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _FoldModel:
+    method_dir: Path
+    method: Method
+    encoder: ClinicalEncoder
+    meta: dict[str, Any]
+    thresholds: dict[str, float]  # "present" / "absent"
+
+
+class TrainedRun:
+    """A trained method of a run directory, ready to predict (``load_run`` makes one).
+
+    Attributes:
+        run_dir: the run directory.
+        method: the method's key (its folder name).
+        config: the run's experiment config.
+        folds: the fold models (one for a holdout run).
+        device: where the models run.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        method: str,
+        config: ExperimentConfig,
+        folds: list[_FoldModel],
+        device: torch.device,
+    ):
+        self.run_dir = run_dir
+        self.method = method
+        self.config = config
+        self.folds = folds
+        self.device = device
+        first = folds[0]
+        self.aggregators = list(find_aggregators(first.method))
+        self._branch_names = _branch_names(self.aggregators, first.meta["method"])
+        self.identity, self.identity_source = run_identity(first.meta)
+        self.feature_dim = int(first.meta["dims"]["in_dim"])
+
+    @property
+    def branches(self) -> list[str]:
+        """The method's attention branches (BD: ``multi-modal``, ``single-modal``)."""
+        return list(self._branch_names.values())
+
+    def predict(
+        self,
+        features: FeaturesArg = None,
+        clinical: ClinicalArg = None,
+        *,
+        patients: Sequence[str] | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        progress: bool = False,
+    ) -> pd.DataFrame:
+        """Predict new patients.
+
+        Args:
+            features: a folder of ``<slide_id>.h5`` files, one file, or a list of files.
+            clinical: a table (path or DataFrame) in the training table's layout, labels not
+                needed. Without it, each feature file is one patient without clinical data.
+            patients: predict only these patient ids.
+            memory_budget: bytes for what grows with a bag (see ``inference.chunked``).
+
+        Returns:
+            One row per patient: ``patient_id, method, probability, threshold, decision,
+            predicted, branch, clinical_present, clinical_missing, slides, tiles``.
+
+        Raises:
+            CohortError: a bad table. FeatureFileError: a missing or foreign feature file.
+        """
+        rows = [
+            p.row(self.method)
+            for p in self.iter_patients(
+                features,
+                clinical,
+                patients=patients,
+                with_attention=False,
+                memory_budget=memory_budget,
+                progress=progress,
+            )
+        ]
+        return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+
+    def attention(
+        self,
+        features: FeaturesArg,
+        clinical: ClinicalArg = None,
+        *,
+        patients: Sequence[str] | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ) -> list[PatientPrediction]:
+        """Predict and keep every branch's attention over each slide's tiles.
+
+        Same arguments as ``predict``; each ``PatientPrediction.slides`` holds a
+        ``SlideAttention`` per slide (``.frame()`` gives one row per tile).
+        """
+        return list(
+            self.iter_patients(
+                features,
+                clinical,
+                patients=patients,
+                with_attention=True,
+                memory_budget=memory_budget,
+            )
+        )
+
+    def iter_patients(
+        self,
+        features: FeaturesArg,
+        clinical: ClinicalArg = None,
+        *,
+        patients: Sequence[str] | None = None,
+        with_attention: bool = False,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        progress: bool = False,
+    ) -> Iterator[PatientPrediction]:
+        """Patients one at a time (so that attention is held for one patient only).
+
+        Every input is checked before the first prediction: the table, the feature files'
+        presence, identity and dimension.
+        """
+        files = feature_files(features)
+        cohort = self._cohort(clinical)
+        inputs = patient_inputs(files, cohort, patients, needs_bags=bool(self.aggregators))
+        self._check_features(inputs)
+        frame = clinical_frame(cohort, [p.patient_id for p in inputs], self.folds[0].encoder)
+        encoded = [fold.encoder.transform(frame) for fold in self.folds]
+        # Missing as the model saw it: blank cells and categories unseen in training.
+        names = np.array(self.folds[0].encoder.feature_names_in_, dtype=object)
+        missing = ~encoded[0].valid
+        sequence: Sequence[int] | Iterator[int] = range(len(inputs))
+        if progress:
+            from rich.progress import track
+
+            sequence = track(sequence, description="predicting", transient=True)
+        for i in sequence:
+            yield self._predict_one(
+                inputs[i],
+                [_row(e, i) for e in encoded],
+                [str(c) for c in names[missing[i]]],
+                with_attention=with_attention,
+                memory_budget=memory_budget,
+            )
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def _cohort(self, clinical: ClinicalArg) -> PredictionCohort | None:
+        if clinical is None:
+            return None
+        slides_cfg = self.config.slides
+        other = [slides_cfg.mpp_column] if slides_cfg and slides_cfg.mpp_column else []
+        # Columns of the training table that were not features were ignored in training too;
+        # only a column the run has never seen is refused (often a renamed clinical column).
+        other += _training_table_columns(self.config)
+        return load_prediction_cohort(clinical, self.config.cohort, other_columns=other)
+
+    def _check_features(self, inputs: list[PatientInput]) -> None:
+        if not self.aggregators:
+            return
+        for item in inputs:
+            for path in item.paths:
+                check_feature_identity(
+                    path, self.identity, self.identity_source, dim=self.feature_dim
+                )
+
+    # --- prediction -----------------------------------------------------------------------------
+
+    def _predict_one(
+        self,
+        item: PatientInput,
+        clinical_rows: list[EncodedClinical],
+        clinical_missing: list[str],
+        *,
+        with_attention: bool,
+        memory_budget: int,
+    ) -> PatientPrediction:
+        bag = FileBag(item.paths)
+        present = bool(clinical_rows[0].present[0])
+        outputs = []
+        for fold, row in zip(self.folds, clinical_rows):
+            outputs.append(
+                predict_bag(
+                    fold.method,
+                    bag,
+                    torch.from_numpy(row.values[0]),
+                    torch.from_numpy(row.valid[0]),
+                    bool(row.present[0]),
+                    memory_budget=memory_budget,
+                    device=self.device,
+                )
+            )
+        route = "present" if present else "absent"
+        probability = float(np.mean([o.probability for o in outputs]))
+        threshold = float(np.mean([f.thresholds[route] for f in self.folds]))
+        decision = int(probability >= threshold)
+        routed = outputs[0].routed
+        method_name = self.folds[0].meta["method"]
+        branch = self._branch_names.get(routed, method_name) if routed else method_name
+        slides = []
+        if with_attention and self.aggregators:
+            mean_attention = {
+                self._branch_names[name]: np.mean([o.attention[name] for o in outputs], axis=0)
+                for name in self.aggregators
+            }
+            slides = split_by_slide(
+                item.slide_ids, item.paths, bag.lengths, mean_attention, branch if routed else None
+            )
+        return PatientPrediction(
+            patient_id=item.patient_id,
+            probability=probability,
+            threshold=threshold,
+            decision=decision,
+            predicted=self._label_name(decision),
+            branch=branch,
+            clinical_present=present,
+            clinical_missing=clinical_missing,
+            slide_ids=item.slide_ids,
+            n_tiles=bag.n_instances,
+            slides=slides,
+        )
+
+    def _label_name(self, decision: int) -> str:
+        label = self.config.cohort.label
+        if decision:
+            return str(label.positive[0])
+        return str(label.negative[0]) if label.negative else f"not {label.positive[0]}"
+
+
+def _training_table_columns(config: ExperimentConfig) -> list[str]:
+    """The header of the run's training table, when it can still be read (else nothing)."""
+    from bidistill.cohort.table import read_table
+
+    try:
+        return list(read_table(Path(config.cohort.table), config.cohort.sheet).columns)
+    except CohortError:
+        return []
+
+
+def _row(encoded: EncodedClinical, i: int) -> EncodedClinical:
+    return EncodedClinical(
+        encoded.values[i : i + 1], encoded.valid[i : i + 1], encoded.present[i : i + 1]
+    )
+
+
+def _branch_names(aggregators: list[str], method_name: str) -> dict[str, str]:
+    """Display names: BD's branches by modality, sub-models by name, else the method's name."""
+    if len(aggregators) == 1:
+        return {aggregators[0]: method_name}
+    return {a: _BRANCH_NAMES.get(a, a.removesuffix(".aggregator")) for a in aggregators}
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_run(
+    run_dir: str | Path,
+    method: str | None = None,
+    *,
+    config: str | Path | None = None,
+    device: str = "auto",
+) -> TrainedRun:
+    """Load a trained method of a run directory for prediction.
+
+    Args:
+        run_dir: what ``bidistill run`` (or ``bidistill train``) wrote.
+        method: the method's folder name; default: the config's reference method (``bd``)
+            when it was trained, else the first trained method of the config.
+        config: the experiment YAML; default: ``<run_dir>/config.yaml`` (``bidistill run``
+            writes it; pass it for a run made by ``bidistill train``).
+        device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ...
+
+    Raises:
+        CheckpointError: no such run or method, or a method trained by a newer bidistill.
+        ConfigError: no config to read the table layout from.
+    """
+    from bidistill.training.loop import resolve_device
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: run directory not found")
+    cfg = _run_config(run_dir, config)
+    trained = _trained_methods(run_dir)
+    if not trained:
+        raise CheckpointError(
+            f"{run_dir}: no trained method (no <method>/{WEIGHTS}); train with `bidistill run`"
+        )
+    key = method or _default_method(cfg, trained)
+    if key not in trained:
+        raise CheckpointError(
+            f"{run_dir}: no trained method '{key}'; trained: {', '.join(sorted(trained))}"
+        )
+    torch_device = resolve_device(device)
+    folds = []
+    for method_dir in trained[key]:
+        model, encoder, meta = load_trained(method_dir, device=torch_device)
+        folds.append(
+            _FoldModel(method_dir, model, encoder, meta, decision_thresholds(method_dir, cfg))
+        )
+    return TrainedRun(run_dir, key, cfg, folds, torch_device)
+
+
+def _run_config(run_dir: Path, config: str | Path | None) -> ExperimentConfig:
+    if config is not None:
+        return load_config(config)
+    if (run_dir / "config.yaml").is_file():
+        return load_config(run_dir / "config.yaml")
+    raise ConfigError(
+        f"{run_dir}: no config.yaml (a run made by `bidistill train`); give the experiment "
+        "config it was trained with (--config)"
+    )
+
+
+def _trained_methods(run_dir: Path) -> dict[str, list[Path]]:
+    """method key → its trained folders: ``<run>/<method>/`` (holdout), else
+    ``<run>/folds/fold<i>/<method>/`` (k-fold: one model per fold)."""
+    per_fold: dict[str, list[Path]] = {}
+    folds = [p for p in run_dir.glob("folds/fold*") if p.name.removeprefix("fold").isdigit()]
+    for fold_dir in sorted(folds, key=lambda p: int(p.name.removeprefix("fold"))):
+        for weights in sorted(fold_dir.glob(f"*/{WEIGHTS}")):
+            per_fold.setdefault(weights.parent.name, []).append(weights.parent)
+    holdout = {w.parent.name: [w.parent] for w in sorted(run_dir.glob(f"*/{WEIGHTS}"))}
+    return {**per_fold, **holdout}
+
+
+def _default_method(cfg: ExperimentConfig, trained: dict[str, list[Path]]) -> str:
+    reference = cfg.evaluation.reference_method
+    if reference in trained:
+        return reference
+    for method in cfg.methods:
+        if method.key in trained:
+            return method.key
+    return sorted(trained)[0]
