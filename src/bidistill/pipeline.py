@@ -71,6 +71,8 @@ def run_experiment(
     from bidistill.models.registry import check_method_configs
 
     check_method_configs(config.methods, source=config_path)
+    # Checked before the run directory exists, so that a config error leaves nothing behind.
+    check_before_run(config, config_path, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     handler = _add_file_log(out_dir / "run.log")
     started = time.time()
@@ -79,6 +81,7 @@ def run_experiment(
         log.info("run %s: config %s", out_dir, config_path)
         from bidistill.cohort import load_cohort, resolve_splits
 
+        log.info("loading the cohort table %s", config.cohort.table)
         cohort = load_cohort(config.cohort)
         splits = resolve_splits(cohort, config.cohort.splits, out_dir / "splits.json")
         _write_cohort_summary(out_dir, config, cohort)
@@ -102,6 +105,22 @@ def run_experiment(
     finally:
         logging.getLogger("bidistill").removeHandler(handler)
         handler.close()
+
+
+def check_before_run(config: ExperimentConfig, config_path: str | Path, out_dir: Path) -> None:
+    """Raise ``ConfigError`` naming every missing file or column that would stop the run."""
+    from bidistill.preflight import check_config_paths
+
+    untrained = [m for m in config.methods if not (out_dir / m.key / "predictions.csv").is_file()]
+    blocking = [
+        f for f in check_config_paths(config, need_features=bool(untrained)) if f.blocks_run
+    ]
+    if blocking:
+        problems = "\n  ".join(f"{f.key}: {f.detail}" for f in blocking)
+        raise ConfigError(
+            f"{config_path}: cannot run:\n  {problems}\n(`bidistill config {config_path}` "
+            "checks every path)"
+        )
 
 
 def _add_file_log(path: Path) -> logging.Handler:
@@ -156,7 +175,7 @@ def _section(config: ExperimentConfig, name: str) -> Any:
 
 def _write_cohort_summary(out_dir: Path, config: ExperimentConfig, cohort) -> None:
     """``cohort.json``: what the report says about the cohort beyond the per-split counts."""
-    from bidistill.features.store import feature_dim, feature_path
+    from bidistill.features.store import feature_dim, feature_path, read_feature_file
 
     clinical = cohort.clinical_frame
     summary: dict[str, Any] = {
@@ -169,6 +188,11 @@ def _write_cohort_summary(out_dir: Path, config: ExperimentConfig, cohort) -> No
         first = feature_path(config.features.dir, str(cohort.slides["slide_id"].iloc[0]))
         if first.is_file():
             summary["feature dimension"] = feature_dim(first)
+            # The files' own record of their encoder is the truth the report's banner reads
+            # (synthetic features, random-init encoders); the config only names what it expects.
+            encoder = read_feature_file(first, with_coords=False).attrs.get("encoder")
+            if encoder:
+                summary["feature encoder"] = str(encoder)
     write_json(out_dir / "cohort.json", summary)
 
 
