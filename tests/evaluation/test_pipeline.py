@@ -26,8 +26,11 @@ RUN_FILES = [
     "run.log",
     "run.json",
     "figures/auc_vs_missing.png",
-    "figures/roc.png",
-    "figures/calibration.png",
+    "figures/roc_r0.png",
+    "figures/roc_r0.8.png",
+    "figures/roc_r1.png",
+    "figures/calibration_r0.png",
+    "figures/calibration_r1.png",
     "bd/model.safetensors",
     "bd/predictions.csv",
 ]

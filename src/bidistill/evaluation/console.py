@@ -77,3 +77,62 @@ def print_results(
     if warning:
         console.print(Text.assemble(("warning: ", "bold yellow"), warning), highlight=False)
     return headline
+
+
+def print_comparison(result, *, console: Console | None = None) -> None:
+    """The comparison of several runs: AUC and CI per (run, method) and rate, with the paired
+    tests against the first run's same method."""
+    from bidistill.evaluation.headline import format_p
+
+    console = console or Console()
+    table_data = result.table
+    reference = result.runs[0]
+    significant = {
+        (row.run, row.method, float(row.missing_rate))
+        for row in result.delong.itertuples()
+        if row.p_holm < 0.05
+    }
+    rates = sorted(table_data["missing_rate"].unique())
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table.add_column("run", no_wrap=True)
+    table.add_column("method", no_wrap=True)
+    for rate in rates:
+        table.add_column(f"r={rate:g}", justify="right", no_wrap=True)
+    for (run, method), rows in table_data.groupby(["run", "method"], sort=False):
+        by_rate = rows.set_index("missing_rate")
+        cells = []
+        for rate in rates:
+            if rate not in by_rate.index:
+                cells.append(Text("–"))
+                continue
+            row = by_rate.loc[rate]
+            mark = "*" if (run, method, float(rate)) in significant else " "
+            cell = Text(f"{row.auc:.3f}{mark}")
+            if pd.notna(row.auc_ci_low):
+                cell.append(f"\n{_short(row.auc_ci_low)}–{_short(row.auc_ci_high)} ", style="dim")
+            cells.append(cell)
+        table.add_row(run, method, *cells)
+    n = ", ".join(
+        f"{run} {int(rows['n_patients'].iloc[0])}" for run, rows in table_data.groupby("run")
+    )
+    console.print(f"AUC by run, method and missing rate (test patients: {n})", style="bold")
+    console.print(table)
+    console.print(
+        f"{RATE_MEANING}. *: differs from the same method in {reference} at that rate "
+        "(paired DeLong, Holm-corrected p < 0.05).",
+        highlight=False,
+    )
+    if len(result.delong):
+        smallest = result.delong.loc[result.delong["p_holm"].idxmin()]
+        console.print(
+            f"{int((result.delong['p_holm'] < 0.05).sum())} of {len(result.delong)} paired tests "
+            f"significant; smallest: {smallest.run} {smallest.method} at r = "
+            f"{smallest.missing_rate:g}, {smallest.auc_difference:+.3f} AUC, "
+            f"{format_p(smallest.p_holm)}.",
+            highlight=False,
+        )
+    for run, why in result.unpaired.items():
+        console.print(
+            Text.assemble(("not tested: ", "yellow"), f"{run} has {why}: compare its CIs only."),
+            highlight=False,
+        )

@@ -22,12 +22,13 @@ RATE_MEANING = "r = share of test patients whose clinical data is withheld (0: a
 
 
 def format_p(p: float) -> str:
-    """One p-value format everywhere: ``p < 0.001``, ``p = 0.004``, ``p = 0.41``."""
+    """One p-value format everywhere: ``p < 0.001``, ``p = 0.004``, ``p = 0.032``, ``p = 0.41``
+    (three decimals below 0.1, two above)."""
     if p is None or not np.isfinite(p):
         return "p = n/a"
     if p < 0.001:
         return "p < 0.001"
-    if p < 0.01:
+    if p < 0.1:
         return f"p = {p:.3f}"
     return f"p = {min(p, 1.0):.2f}"
 
@@ -93,15 +94,25 @@ class Headline:
         return (
             f"{len(self.methods)} methods ({', '.join(self.methods)}) on "
             f"{self.n_patients} test patients ({self.n_positive} positive), with clinical data "
-            f"withheld from {_share(rates[0])} to {_share(rates[-1])} of them."
+            f"withheld from {_share(rates[0])} to {_share(rates[-1])} of them (r = "
+            f"{rate_label(rates[0])} to {rate_label(rates[-1])})."
         )
 
     def winners(self) -> str:
-        """Who has the highest AUC at which rates."""
+        """Who has the highest AUC at which rates, with the AUCs at the ends of each span."""
+        by_rate = {r.rate: r for r in self.rates}
         groups = _runs([(r.best, r.rate) for r in self.rates])
         if len(groups) == 1 and len(self.rates) > 1:
-            return f"{groups[0][0]} has the highest AUC at every rate."
-        parts = [f"{method} at {rate_span(rates)}" for method, rates in groups]
+            first, last = self.rates[0], self.rates[-1]
+            return (
+                f"{groups[0][0]} has the highest AUC at every rate: {first.auc:.3f} at "
+                f"r = {rate_label(first.rate)}, {last.auc:.3f} at r = {rate_label(last.rate)}."
+            )
+        parts = []
+        for method, rates in groups:
+            aucs = [f"{by_rate[r].auc:.3f}" for r in (rates[0], rates[-1])]
+            span = aucs[0] if len(rates) == 1 else f"{aucs[0]} to {aucs[1]}"
+            parts.append(f"{method} at {rate_span(rates)} ({span})")
         return "Highest AUC: " + "; ".join(parts) + "."
 
     def significance(self) -> str:
