@@ -7,7 +7,7 @@ from pathlib import Path
 
 # The cohort that `bidistill init --synthetic` writes beside the template: big enough for the
 # report's statistics to mean something, small enough to train five methods in about a minute.
-SYNTHETIC_COHORT = {"patients": 300, "dim": 32, "instances": (20, 60)}
+SYNTHETIC_COHORT = {"patients": 300, "dim": 16, "instances": (10, 40)}
 
 
 def template_text(*, bcnb: bool = False, synthetic: bool = False) -> str:
