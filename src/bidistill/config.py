@@ -325,6 +325,17 @@ class EvaluationConfig(_Section):
         return t
 
 
+class TrackingConfig(_Section):
+    mlflow: str | None = Field(
+        default=None,
+        description="MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, or a folder "
+        "such as file:mlruns, relative to this file); needs `pip install 'bidistill[mlflow]'`.",
+    )
+    experiment: str | None = Field(
+        default=None, description="MLflow experiment name; default: the config's name."
+    )
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     cohort: CohortConfig
@@ -334,6 +345,7 @@ class ExperimentConfig(_Section):
     methods: list[MethodConfig] = Field(default_factory=lambda: [MethodConfig(name="bd")])
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -362,7 +374,21 @@ class ExperimentConfig(_Section):
                 value = getattr(section, name)
                 if isinstance(value, Path) and not value.is_absolute():
                     setattr(section, name, (base_dir / value).resolve())
+        if self.tracking.mlflow:
+            self.tracking.mlflow = resolve_tracking_uri(self.tracking.mlflow, base_dir)
         return self
+
+
+def resolve_tracking_uri(uri: str, base_dir: Path) -> str:
+    """A plain or ``file:`` path, relative to the config file, as an absolute ``file://`` URI;
+    any other URI (``http://``, ``sqlite:///``, ``databricks``) as it is."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file") or (parsed.scheme == "file" and parsed.netloc):
+        return uri
+    path = Path(parsed.path if parsed.scheme == "file" else uri)
+    return (path if path.is_absolute() else (base_dir / path).resolve()).as_uri()
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -76,7 +76,11 @@ def run_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
     handler = _add_file_log(out_dir / "run.log")
     started = time.time()
+    tracker = None
     try:
+        from bidistill.tracking import open_tracker
+
+        tracker = open_tracker(config, out_dir)
         _write_resolved_config(config, out_dir)
         log.info("run %s: config %s", out_dir, config_path)
         from bidistill.cohort import load_cohort, resolve_splits
@@ -85,7 +89,7 @@ def run_experiment(
         cohort = load_cohort(config.cohort)
         splits = resolve_splits(cohort, config.cohort.splits, out_dir / "splits.json")
         _write_cohort_summary(out_dir, config, cohort)
-        trainer = _Trainer(config, cohort, progress=progress)
+        trainer = _Trainer(config, cohort, progress=progress, after_method=tracker.sync)
         trained = trainer.train_all(out_dir, splits)
         evaluated = False
         if trained or not _evaluation_current(out_dir, config):
@@ -97,9 +101,13 @@ def run_experiment(
             trained += _train_missing_grid(out_dir, config, cohort, splits, trainer)
         metrics = pd.read_csv(out_dir / "metrics.csv")
         _write_run_info(out_dir, started, trained)
+        tracker.sync()
+        tracker.finish(ok=True)
         return RunResult(run_dir=out_dir, metrics=metrics, trained=trained, evaluated=evaluated)
     except Exception as err:
         log.exception("run stopped")
+        if tracker is not None:
+            tracker.finish(ok=False)
         err.log_path = out_dir / "run.log"  # the CLI's error handler points the user there
         raise
     finally:
@@ -111,6 +119,10 @@ def check_before_run(config: ExperimentConfig, config_path: str | Path, out_dir:
     """Raise ``ConfigError`` naming every missing file or column that would stop the run."""
     from bidistill.preflight import check_config_paths
 
+    if config.tracking.mlflow:
+        from bidistill.tracking import require_mlflow
+
+        require_mlflow()
     untrained = [m for m in config.methods if not (out_dir / m.key / "predictions.csv").is_file()]
     blocking = [
         f for f in check_config_paths(config, need_features=bool(untrained)) if f.blocks_run
@@ -199,8 +211,11 @@ def _write_cohort_summary(out_dir: Path, config: ExperimentConfig, cohort) -> No
 class _Trainer:
     """Trains methods on one cohort, opening the feature files once and only when needed."""
 
-    def __init__(self, config: ExperimentConfig, cohort, *, progress: bool) -> None:
+    def __init__(
+        self, config: ExperimentConfig, cohort, *, progress: bool, after_method=None
+    ) -> None:
         self.config, self.cohort, self.progress = config, cohort, progress
+        self.after_method = after_method  # called after each method of the main run trains
         self._store = None
         self.seconds: dict[str, float] = {}
 
@@ -223,6 +238,8 @@ class _Trainer:
             self._train(method_cfg, run_dir, splits, cohort or self.cohort)
             self.seconds[f"{run_dir.name}/{method_cfg.key}"] = time.perf_counter() - start
             trained.append(method_cfg.key)
+            if self.after_method is not None and cohort is None:
+                self.after_method()
         return trained
 
     def _train(self, method_cfg, run_dir: Path, splits, cohort) -> None:
