@@ -314,6 +314,10 @@ def synth_bcnb(
 
     Example: bidistill synth bcnb --out synth-bcnb --patients 30 --seed 0
     """
+    _say(
+        f"writing a synthetic BCNB folder of {patients} patients ({slide_width} x {slide_height} "
+        f"px JPEG slides) to {out} ..."
+    )
     from bidistill.synthetic.bcnb import make_bcnb_folder
 
     make_bcnb_folder(

@@ -207,7 +207,9 @@ class TilingConfig(_Section):
         description="Tissue detection: drop regions smaller than this share of the slide.",
     )
     remove_pen: bool = Field(
-        default=True, description="Tissue detection: treat blue, green and black ink as background."
+        default=True,
+        description="Treat blue, green and black ink as background, and drop tiles with blue or "
+        "green marker on more than 1% of them, whatever the mask.",
     )
     workers: int = Field(default=1, ge=1, description="Slides tiled in parallel (processes).")
     qc: bool = Field(default=True, description="Write a QC PNG per slide.")
