@@ -114,7 +114,7 @@ def test_console_table_shows_n_cis_significance_and_explains_r():
     console = Console(record=True, width=100)
     print_results(metrics, delong, reference="bd", console=console)
     text = console.export_text()
-    assert "AUC on 40 test patients (16 positive), mean over 10 mask seeds" in text
+    assert "AUC on 40 test patients (16 positive), mean of 10 mask seeds; 95% CI below" in text
     assert ".75–.85" in text  # bd's CI at r = 0
     assert "0.700*" in text and "0.700 " in text  # wsi differs from bd at r = 0 only
     assert "r = share of test patients whose clinical data is withheld" in text

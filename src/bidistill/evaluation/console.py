@@ -59,10 +59,10 @@ def print_results(
     console = console or Console()
     headline = build_headline(metrics, delong, reference)
     seeds = int(metrics["n_mask_seeds"].max()) if "n_mask_seeds" in metrics else None
-    over = f", mean over {seeds} mask seeds" if seeds and seeds > 1 else ""
+    over = f", mean of {seeds} mask seeds" if seeds and seeds > 1 else ""
     console.print(
         f"AUC on {headline.n_patients} test patients ({headline.n_positive} positive){over}; "
-        "below each AUC its 95% CI",
+        "95% CI below",
         highlight=False,
         style="bold",
     )
