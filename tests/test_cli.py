@@ -55,7 +55,7 @@ def test_usage_line_names_arguments_plainly():
     result = runner.invoke(app, ["run", "--help"])
     assert "Usage: bidistill run [OPTIONS] CONFIG" in result.output
     compare = runner.invoke(app, ["compare", "--help"])
-    assert "Usage: bidistill compare [OPTIONS] RUN..." in compare.output
+    assert re.search(r"Usage: bidistill compare \[OPTIONS\] RUN\.\.\. *$", compare.output, re.M)
 
 
 def test_version():
@@ -109,6 +109,30 @@ def test_init_bcnb_template_validates_and_refuses_leaking_columns(tmp_path):
         "her2",
     ]
     assert {"Surgical", "Number of lymph node metastases"} <= set(cfg.cohort.leakage_columns)
+    # It names the table `bcnb prepare` writes, and its header says one consistent thing.
+    assert cfg.cohort.table == tmp_path / "cohort.csv"
+    header = [line for line in out.read_text().splitlines() if line.startswith("#")][:6]
+    text = " ".join(header)
+    assert "bidistill init --bcnb" in text and "DIR/cohort.csv, the table" in text
+    assert "Written by" not in out.read_text()
+
+
+def test_next_hints_are_one_line_whatever_the_width(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "60")
+    out = tmp_path / "a-rather-long-folder-name-for-a-synthetic-bcnb-download"
+    result = runner.invoke(
+        app,
+        ["synth", "bcnb", "--out", str(out), "--patients", "10"]
+        + ["--slide-width", "512", "--slide-height", "512"],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("writing a synthetic BCNB folder of 10 patients")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"next: bidistill bcnb prepare --root {out} --out {out}-cohort"
+    prepared = runner.invoke(app, last.removeprefix("next: bidistill ").split())
+    assert prepared.exit_code == 0, prepared.output
+    config = f"{out}-cohort/config.yaml"
+    assert prepared.stderr.strip().splitlines()[-1] == f"next: bidistill tile {config}"
 
 
 def test_config_prints_resolved_config_or_a_clear_error(tmp_path):

@@ -586,7 +586,7 @@ def demo(
 
 @app.command(cls=HelpCommand)
 def compare(
-    runs: list[Path] = typer.Argument(..., metavar="RUN...", help="Run directories (two or more)."),
+    runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run directories (two or more)."),
     out: Path = typer.Option(
         Path("comparison"), "--out", metavar="DIR", help="Folder for the table and the plot."
     ),
@@ -600,9 +600,9 @@ def compare(
         help="A name per run, in order (default: the folder names).",
     ),
 ) -> None:
-    """Compare runs (e.g. two encoders or two settings): AUC per run, method and missing rate
-    with CIs, and paired DeLong tests between runs that share their test patients.
+    """Compare run directories: AUCs side by side, with paired tests where the patients match.
 
+    For e.g. two encoders or two settings: AUC with its CI per run, method and missing rate.
     Each method of each later run is tested against the same method of the first run, at every
     missing rate, with the same nested masks (Holm-corrected per rate). Writes compare.csv,
     compare_delong.csv and compare.png to --out.

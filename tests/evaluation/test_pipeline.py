@@ -111,6 +111,23 @@ def test_kfold_and_train_time_missingness(tmp_path) -> None:
     assert again.trained == [] and grid_report.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
+def test_cli_run_says_what_it_does_and_what_it_skips(tmp_path) -> None:
+    config = _cohort(tmp_path, methods=["wsi-only"])
+    out = tmp_path / "run"
+    runner = CliRunner()
+    first = runner.invoke(app, ["run", str(config), "--out", str(out), "--no-progress"])
+    assert first.exit_code == 0, first.output
+    assert "loading the cohort table" in first.stderr and "wsi-only: training" in first.stderr
+    again = runner.invoke(app, ["run", str(config), "--out", str(out), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    # A resumed run says at once what it found done, on the console (not only in run.log).
+    lines = again.stderr.splitlines()
+    assert lines[0].startswith("run ") and "wsi-only: done already, skipped" in again.stderr
+    assert "evaluation is up to date" in again.stderr
+    assert again.stderr.strip().splitlines()[-1] == f"next: open {out / 'report.html'}"
+
+
 def test_cli_evaluate_prints_the_table_and_fails_cleanly(tmp_path) -> None:
     from .synthetic import write_run
 
