@@ -185,7 +185,8 @@ def _figures(
         )
     )
     logs = training_logs(run_dir, methods)
-    if logs:
+    loss = next((c for c in ("loss_total", "loss") if any(c in f for f in logs.values())), None)
+    if logs and loss:
         columns = {selection_column(f) for f in logs.values()} - {None}
         score = sorted(columns)[0] if columns else "val_score"
         kept = {m: best_epochs(f) for m, f in logs.items()}
@@ -193,7 +194,7 @@ def _figures(
             (
                 "training_loss",
                 plots.plot_training(
-                    logs, folder / "training_loss.png", column="loss_total", label="training loss"
+                    logs, folder / "training_loss.png", column=loss, label="training loss"
                 ),
                 "Training loss per epoch",
             ),
