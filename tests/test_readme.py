@@ -49,7 +49,7 @@ def test_each_readme_command_parses(words):
         pytest.skip(f"`bidistill {words[0]}` is built on the extraction branch")
     result = CliRunner().invoke(app, [*words, "--help"])
     assert result.exit_code == 0, result.output
-    assert "Usage:" in result.output
+    assert "Usage:" in result.output or words == ["--version"]
 
 
 def test_the_cheap_readme_commands_run_as_written(tmp_path, monkeypatch):
@@ -57,5 +57,10 @@ def test_the_cheap_readme_commands_run_as_written(tmp_path, monkeypatch):
     runner = CliRunner()
     for line in ("bidistill init -o exp.yaml", "bidistill config exp.yaml"):
         assert any(words == shlex.split(line)[1:] for words in readme_commands()), line
-        result = runner.invoke(app, shlex.split(line)[1:])
-        assert result.exit_code == 0, (line, result.output)
+    init = runner.invoke(app, ["init", "-o", "exp.yaml"])
+    assert init.exit_code == 0, init.output
+    # The unedited template names a table that is not there yet: `config` says so and what
+    # it blocks (exit 1), and the next command it prints is itself, after editing.
+    check = runner.invoke(app, ["config", "exp.yaml"])
+    assert check.exit_code == 1 and "Traceback" not in check.output
+    assert "cohort.table" in check.output and "next: bidistill config exp.yaml" in check.output

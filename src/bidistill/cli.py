@@ -1,6 +1,9 @@
 """The `bidistill` command line: thin wrappers that parse, validate and call one stage each.
 
 Heavy imports (torch, openslide, pandas) happen inside the commands so that `--help` stays fast.
+Every command ends by printing the next command to run (``_next``), on stderr and never wrapped
+mid-command, so that it can be pasted.
+
 Errors are handled once, at the top (``_HandledGroup``): our own errors (bad config, bad table,
 bad file: ``BidistillError``) print as one line and exit 1; anything else is a bug, printed as a
 short message that names the log file holding its traceback, and also exits 1. Commands
@@ -19,13 +22,14 @@ from pathlib import Path
 from typing import NoReturn
 
 import typer
-import typer.core
 from rich.console import Console
+
+from bidistill._cli_help import HelpCommand, HelpGroup
 
 console = Console(stderr=True)
 
 
-class _HandledGroup(typer.core.TyperGroup):
+class _HandledGroup(HelpGroup):
     """The root command group: turns every exception of a command into one clear message."""
 
     def invoke(self, ctx):
@@ -96,15 +100,34 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-synth_app = typer.Typer(help="Make synthetic cohorts for tests, demos and benchmarks.")
-bcnb_app = typer.Typer(help="The BCNB breast-cancer cohort (axillary lymph node metastasis).")
+synth_app = typer.Typer(
+    cls=HelpGroup, help="Make synthetic cohorts for tests, demos and benchmarks."
+)
+bcnb_app = typer.Typer(
+    cls=HelpGroup, help="The BCNB breast-cancer cohort (axillary lymph node metastasis)."
+)
 app.add_typer(synth_app, name="synth")
 app.add_typer(bcnb_app, name="bcnb")
 
 
-def _say(message: str) -> None:
-    """What a stage decided (label table, stages kept or redone), as it decides it."""
-    console.print(message, markup=False, highlight=False, soft_wrap=True)
+def _version(value: bool) -> None:
+    if value:
+        from bidistill import __version__
+
+        typer.echo(f"bidistill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Whole-slide image + clinical models that keep working when clinical data is missing.
+
+    Start with `bidistill init --synthetic -o first/exp.yaml`, or `bidistill demo`.
+    """
 
 
 def _fail(message: str) -> NoReturn:
@@ -119,56 +142,160 @@ def _load(config_path: Path):
     return load_config(config_path)
 
 
+def _arg(path: Path | str) -> str:
+    """A path as the user would type it in a shell (quoted when it needs to be)."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+def _next(command: str) -> None:
+    """The last line of a command: what to run next, never wrapped, so it can be pasted."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("next: ", "bold green"), command), soft_wrap=True, highlight=False)
+
+
+def _say(message: str) -> None:
+    console.print(message, soft_wrap=True, highlight=False, markup=False)
+
+
+def _has_command(name: str) -> bool:
+    """Whether this build has a `bidistill <name>` command (hints name only commands that exist)."""
+    return any(
+        (info.name or (info.callback.__name__ if info.callback else "")) == name
+        for info in app.registered_commands
+    )
+
+
+def _default_run_dir(config: Path, loaded=None) -> Path:
+    """``runs/<the config's name>`` (its file name when the name has unusual characters)."""
+    import re
+
+    name = (loaded or _load(config)).name
+    return Path("runs") / (name if re.fullmatch(r"[\w.+-]+", name) else config.stem)
+
+
 # --- init / config ------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def init(
-    bcnb: bool = typer.Option(False, "--bcnb", help="Template for the BCNB ALN task."),
-    output: Path = typer.Option(Path("bidistill.yaml"), "-o", "--output", help="File to write."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    output: Path = typer.Option(
+        Path("bidistill.yaml"), "-o", "--output", metavar="FILE", help="Config file to write."
+    ),
+    synthetic: bool = typer.Option(
+        False,
+        "--synthetic",
+        help="Also write a small synthetic cohort beside the config (cohort.csv, features/), "
+        "so that it runs as written: the quickest way to see the whole tool work.",
+    ),
+    bcnb: bool = typer.Option(
+        False, "--bcnb", help="Template for BCNB's axillary lymph node task instead."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
 ) -> None:
-    """Write a commented experiment config template that validates as written.
+    """Write a commented experiment config that validates as written.
 
-    Example: bidistill init -o experiment.yaml
+    The generic template names your files (cohort table, slides, features) and says what to fill
+    in; with --synthetic it comes with a cohort to run on.
+
+    Example: bidistill init --synthetic -o first/exp.yaml
     """
-    from bidistill.templates import template_text
-
-    if output.exists() and not force:
-        _fail(f"{output} exists; pass --force to overwrite it")
     from bidistill._io import write_text
+    from bidistill.templates import SYNTHETIC_COHORT, template_text
 
-    write_text(output, template_text(bcnb=bcnb))
-    console.print(f"wrote {output}: edit the paths and columns, then `bidistill run {output}`")
+    if synthetic and bcnb:
+        _fail("--synthetic and --bcnb exclude each other: choose one template")
+    folder = output.parent
+    targets = [output] + ([folder / "cohort.csv", folder / "features"] if synthetic else [])
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not force:
+        _fail(f"{', '.join(existing)} exists already; pass --force to overwrite")
+    if synthetic:
+        from bidistill.synthetic.features import make_feature_cohort
+
+        patients = SYNTHETIC_COHORT["patients"]
+        _say(f"writing a synthetic cohort of {patients} patients to {folder} ...")
+        make_feature_cohort(
+            folder,
+            patients=patients,
+            dim=SYNTHETIC_COHORT["dim"],
+            instances=SYNTHETIC_COHORT["instances"],
+            config_name=None,
+            progress=True,
+        )
+    write_text(output, template_text(bcnb=bcnb, synthetic=synthetic))
+    _say(f"wrote {output}")
+    from bidistill.preflight import check_config_paths
+
+    todo = [f for f in check_config_paths(_load(output)) if f.status != "ok"]
+    if todo:
+        _say("to fill in before it runs (paths are relative to the config):")
+        for finding in todo:
+            _say(f"  {finding.key}: {finding.detail}")
+    _next(f"bidistill config {_arg(output)}")
 
 
-@app.command("config")
+@app.command("config", cls=HelpCommand)
 def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> None:
-    """Validate a config and print it with every default filled in and paths resolved.
+    """Validate a config, print it with every default filled in and paths resolved, and check
+    that the files it names exist.
+
+    The config goes to stdout, the checks to stderr. Each missing path is named with the stage
+    that needs it. Exits 1 when `bidistill run` cannot start yet.
 
     Example: bidistill config experiment.yaml
     """
+    from rich.text import Text
+
     from bidistill.config import dump_config
     from bidistill.models.registry import check_method_configs
+    from bidistill.preflight import check_config_paths
 
     loaded = _load(config)
     check_method_configs(loaded.methods, source=config)
     typer.echo(dump_config(loaded))
+    findings = check_config_paths(loaded)
+    _say(f"checked the files {config} names:")
+    styles = {"ok": "green", "warning": "yellow", "missing": "bold red"}
+    for finding in findings:
+        line = Text.assemble(
+            "  ", (f"{finding.status:<8}", styles[finding.status]), f"{finding.key}: "
+        )
+        line.append(finding.detail)
+        console.print(line, soft_wrap=True, highlight=False)
+    blocking = [f for f in findings if f.blocks_run]
+    if not blocking:
+        _next(f"bidistill run {_arg(config)} --out {_arg(_default_run_dir(config, loaded))}")
+        return
+    keys = ", ".join(f.key for f in blocking)
+    _print_error(f"{config}: `bidistill run` cannot start yet: fix {keys} (see above)")
+    slides_ok = any(f.key == "slides.dir" and f.status == "ok" for f in findings)
+    if {f.key for f in blocking} == {"features.dir"} and slides_ok:
+        _next(f"bidistill tile {_arg(config)}")
+    else:
+        _next(f"bidistill config {_arg(config)}   (after editing {config})")
+    raise typer.Exit(code=1)
 
 
 # --- synthetic cohorts --------------------------------------------------------------------------
 
 
-@synth_app.command("features")
+@synth_app.command("features", cls=HelpCommand)
 def synth_features(
-    out: Path = typer.Option(..., "--out", help="Folder to write the cohort into."),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Folder to write the cohort into."),
     patients: int = typer.Option(200, "--patients", min=20, help="Number of patients."),
     seed: int = typer.Option(
         0, "--seed", min=0, max=2**32 - 1, help="Random seed: same seed, same bytes."
     ),
     dim: int = typer.Option(64, "--dim", min=2, help="Feature dimension D."),
-    min_instances: int = typer.Option(50, "--min-instances", min=1),
-    max_instances: int = typer.Option(300, "--max-instances", min=1),
+    min_instances: int = typer.Option(
+        50, "--min-instances", min=1, help="Fewest instances (tiles) in a patient's bag."
+    ),
+    max_instances: int = typer.Option(
+        300, "--max-instances", min=1, help="Most instances (tiles) in a patient's bag."
+    ),
     no_split: bool = typer.Option(False, "--no-split", help="Leave out the split column."),
 ) -> None:
     """Make a synthetic cohort: table, .h5 features with a planted signal, and a config.
@@ -188,57 +315,60 @@ def synth_features(
         with_split=not no_split,
         progress=True,
     )
-    console.print(f"wrote a synthetic cohort of {patients} patients to {out}; config: {config}")
+    _say(f"wrote a synthetic cohort of {patients} patients to {out}; config: {config}")
+    _next(f"bidistill run {_arg(config)} --out {_arg(out / 'run')}")
 
 
-# --- tile ---------------------------------------------------------------------------------------
-
-
-@app.command()
-def tile(
-    config: Path = typer.Argument(..., help="Experiment YAML (sections `slides` and `tiling`)."),
-    skip_errors: bool = typer.Option(
-        False, "--skip-errors", help="Go on past slides that fail; summarise them at the end."
+@synth_app.command("bcnb", cls=HelpCommand)
+def synth_bcnb(
+    out: Path = typer.Option(
+        ..., "--out", metavar="DIR", help="Folder to write the BCNB-layout cohort into."
     ),
-    workers: int | None = typer.Option(
-        None, "--workers", min=1, help="Slides tiled in parallel (default: tiling.workers)."
+    patients: int = typer.Option(30, "--patients", min=10, help="Number of patients (slides)."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, max=2**32 - 1, help="Random seed: same seed, same bytes."
+    ),
+    slide_width: int = typer.Option(2048, "--slide-width", min=512, help="Slide width in px."),
+    slide_height: int = typer.Option(1536, "--slide-height", min=512, help="Slide height in px."),
+    signal: float = typer.Option(
+        1.0, "--signal", min=0.0, help="Strength of the ALN signal in the tumour pixels."
     ),
 ) -> None:
-    """Tile every slide of the cohort: coords files (.h5) and a QC image per slide.
+    """Make a synthetic cohort in the exact BCNB layout (xlsx, split files, JPEG slides, JSON
+    tumour polygons) whose ALN status shows in the tumour nuclei.
 
-    Slides already tiled are skipped, so a killed run resumes where it stopped.
-
-    Example: bidistill tile experiment.yaml --workers 4 --skip-errors
+    Example: bidistill synth bcnb --out synth-bcnb --patients 30 --seed 0
     """
-    from bidistill.slides.run import tile_from_config
-
-    cfg = _load(config)
-    summary = tile_from_config(cfg, workers=workers, skip_errors=skip_errors)
-    coords_dir = cfg.tiling.coords_dir
-    console.print(
-        f"tiled {len(summary.tiled)} slides ({sum(summary.tiled.values())} tiles), "
-        f"{len(summary.skipped)} already done, {len(summary.failed)} failed; "
-        f"coords in {coords_dir}, QC images in {coords_dir / 'qc'}",
-        highlight=False,
-        soft_wrap=True,
+    _say(
+        f"writing a synthetic BCNB folder of {patients} patients ({slide_width} x {slide_height} "
+        f"px JPEG slides) to {out} ..."
     )
-    for slide_id in summary.empty:
-        console.print(f"[yellow]warning:[/] {slide_id}: no tile kept; open its QC image")
-    if summary.failed:
-        console.print(f"[bold red]{len(summary.failed)} slides failed:[/]")
-        for slide_id, reason in summary.failed.items():
-            console.print(f"  {slide_id}: {reason}", highlight=False, markup=False, soft_wrap=True)
-        if not summary.tiled and not summary.skipped:
-            raise typer.Exit(code=1)
+    from bidistill.synthetic.bcnb import make_bcnb_folder
+
+    make_bcnb_folder(
+        out,
+        patients=patients,
+        seed=seed,
+        slide_size=(slide_width, slide_height),
+        signal=signal,
+        progress=True,
+    )
+    size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
+    _say(f"wrote a synthetic BCNB folder of {patients} patients to {out} ({size_mb:.1f} MB)")
+    _next(f"bidistill bcnb prepare --root {_arg(out)} --out {_arg(str(out) + '-cohort')}")
 
 
 # --- BCNB ---------------------------------------------------------------------------------------
 
 
-@bcnb_app.command("prepare")
+@bcnb_app.command("prepare", cls=HelpCommand)
 def bcnb_prepare(
-    root: Path = typer.Option(..., "--root", help="The BCNB download (holds the clinical xlsx)."),
-    out: Path = typer.Option(..., "--out", help="Folder for cohort.csv and config.yaml."),
+    root: Path = typer.Option(
+        ..., "--root", metavar="DIR", help="The BCNB download (holds the clinical xlsx)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", metavar="DIR", help="Folder for cohort.csv and config.yaml."
+    ),
     task: str = typer.Option(
         "aln", "--task", help="aln | aln-n0-vs-1-2 | aln-n0-vs-gt2 | er | pr | her2."
     ),
@@ -257,51 +387,80 @@ def bcnb_prepare(
 
     report = prepare_bcnb(root, out, task=task, feature_set=features)
     typer.echo(report.format())
-    typer.echo(f"next: bidistill run {report.config_path} --out {out / 'run'}")
+    if report.has_wsi_dir:
+        _next(f"bidistill tile {_arg(report.config_path)}")
+    else:
+        _next(f"bidistill run {_arg(report.config_path)} --out {_arg(out / 'run')}")
 
 
-@synth_app.command("bcnb")
-def synth_bcnb(
-    out: Path = typer.Option(..., "--out", help="Folder to write the BCNB-layout cohort into."),
-    patients: int = typer.Option(30, "--patients", min=10, help="Number of patients (slides)."),
-    seed: int = typer.Option(
-        0, "--seed", min=0, max=2**32 - 1, help="Random seed: same seed, same bytes."
+# --- tile ---------------------------------------------------------------------------------------
+
+
+@app.command(cls=HelpCommand)
+def tile(
+    config: Path = typer.Argument(..., help="Experiment YAML (sections `slides` and `tiling`)."),
+    skip_errors: bool = typer.Option(
+        False, "--skip-errors", help="Go on past slides that fail; summarise them at the end."
     ),
-    slide_width: int = typer.Option(2048, "--slide-width", min=512, help="Slide width in px."),
-    slide_height: int = typer.Option(1536, "--slide-height", min=512, help="Slide height in px."),
-    signal: float = typer.Option(
-        1.0, "--signal", min=0.0, help="Strength of the ALN signal in the tumour pixels."
+    workers: int | None = typer.Option(
+        None, "--workers", min=1, help="Slides tiled in parallel (default: tiling.workers)."
     ),
 ) -> None:
-    """Make a synthetic cohort in the exact BCNB layout (xlsx, split files, JPEG slides, JSON
-    tumour polygons) whose ALN status shows in the tumour nuclei.
+    """Tile every slide of the cohort: coords files (.h5), a QC image per slide and a cohort
+    overview image.
 
-    Example: bidistill synth bcnb --out synth-bcnb --patients 30 --seed 0
+    Slides already tiled are skipped, so a killed run resumes where it stopped.
+
+    Example: bidistill tile experiment.yaml --workers 4 --skip-errors
     """
-    from bidistill.synthetic.bcnb import make_bcnb_folder
+    from bidistill.slides.qc import write_cohort_overview
+    from bidistill.slides.run import tile_from_config
 
-    make_bcnb_folder(
-        out,
-        patients=patients,
-        seed=seed,
-        slide_size=(slide_width, slide_height),
-        signal=signal,
-        progress=True,
+    cfg = _load(config)
+    summary = tile_from_config(cfg, workers=workers, skip_errors=skip_errors)
+    coords_dir = cfg.tiling.coords_dir
+    _say(
+        f"tiled {len(summary.tiled)} slides ({sum(summary.tiled.values())} tiles), "
+        f"{len(summary.skipped)} already done, {len(summary.failed)} failed; "
+        f"coords in {coords_dir}, QC images in {coords_dir / 'qc'}"
     )
-    size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
-    console.print(
-        f"wrote a synthetic BCNB folder of {patients} patients to {out} ({size_mb:.1f} MB); "
-        f"next: bidistill bcnb prepare --root {out} --out {out}-cohort",
-        highlight=False,
-    )
+    if cfg.tiling.qc:
+        overview = write_cohort_overview(coords_dir)
+        if overview is not None:
+            _say(f"cohort overview: {overview}")
+    for slide_id in summary.empty:
+        console.print(f"[yellow]warning:[/] {slide_id}: no tile kept; open its QC image")
+    if summary.failed:
+        console.print(f"[bold red]{len(summary.failed)} slides failed:[/]")
+        for slide_id, reason in summary.failed.items():
+            console.print(f"  {slide_id}: {reason}", highlight=False, markup=False, soft_wrap=True)
+        if not summary.tiled and not summary.skipped:
+            raise typer.Exit(code=1)
+    if _has_command("extract"):
+        _next(f"bidistill extract {_arg(config)}")
+    else:
+        _say(
+            f"then extract patch features into {cfg.features.dir} (one <slide_id>.h5 per slide, "
+            "CLAM/TRIDENT layout)"
+        )
+        _next(f"bidistill run {_arg(config)} --out {_arg(_default_run_dir(config, cfg))}")
 
 
-@app.command()
+# --- train / run / evaluate / demo / compare ----------------------------------------------------
+
+
+@app.command(cls=HelpCommand)
 def train(
     config: Path = typer.Argument(..., help="Experiment YAML."),
-    out: Path = typer.Option(..., "--out", help="Run folder; each method writes out/<method>/."),
+    out: Path = typer.Option(
+        ..., "--out", metavar="DIR", help="Run folder; each method writes out/<method>/."
+    ),
     method: list[str] = typer.Option(
-        None, "--method", "-m", help="Method to train (repeatable); default: the config's methods."
+        None,
+        "--method",
+        "-m",
+        metavar="NAME",
+        help="Method to train (repeatable); default: the config's methods.",
     ),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override training.epochs."),
     seed: int | None = typer.Option(
@@ -322,59 +481,93 @@ def train(
     )
     for path in written:
         console.print(f"{path.name}: {path}", highlight=False)
+    _next(f"bidistill evaluate {_arg(out)}")
 
 
-# --- run / evaluate / demo ----------------------------------------------------------------------
+def _print_results(metrics, delong, run_dir: Path) -> None:
+    """The results table, its legend and the headline (stdout), then where the report is."""
+    from bidistill.evaluation.console import print_results
+
+    reference = str(delong["reference"].iloc[0]) if len(delong) else _reference_of(run_dir)
+    print_results(metrics, delong, reference=reference)
+    _say(f"report: {run_dir / 'report.html'}  (tables: {run_dir / 'metrics.csv'})")
 
 
-def _print_auc_table(metrics, title: str) -> None:
-    """AUC per method (rows) and test missing rate (columns); the best per rate marked *."""
-    from rich.table import Table
+def _reference_of(run_dir: Path) -> str:
+    from bidistill.config import EvaluationConfig
 
-    rates = sorted(metrics["missing_rate"].unique())
-    best = metrics.groupby("missing_rate")["auc"].max()
-    table = Table(title=title, title_justify="left")
-    table.add_column("method")
-    for rate in rates:
-        table.add_column(f"r={rate:g}", justify="right")
-    for method, rows in metrics.groupby("method", sort=False):
-        by_rate = rows.set_index("missing_rate")["auc"]
-        cells = [
-            f"[bold]{by_rate[r]:.3f}*[/]" if by_rate[r] >= best[r] - 1e-12 else f"{by_rate[r]:.3f}"
-            for r in rates
-        ]
-        table.add_row(method, *cells)
-    Console().print(table)
-    console.print("* best at that rate", highlight=False)
+    config = run_dir / "config.yaml"
+    return (
+        _load(config).evaluation.reference_method
+        if config.is_file()
+        else (EvaluationConfig().reference_method)
+    )
 
 
-def _print_run_summary(metrics, run_dir: Path) -> None:
-    _print_auc_table(metrics, "AUC by test missing rate (mean over mask seeds)")
-    console.print(f"report: {run_dir / 'report.html'}", highlight=False)
+class _ConsoleLog:
+    """Show every warning on the console while a command runs; without it they would go only
+    to the run's ``run.log``. (Stage messages reach the console through ``say``.)"""
+
+    def __enter__(self):
+        import logging
+
+        class StageFilter(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                return record.levelno >= logging.WARNING
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                prefix = "warning: " if record.levelno >= logging.WARNING else ""
+                _say(prefix + record.getMessage())
+
+        self.handler = Handler(logging.INFO)
+        self.handler.addFilter(StageFilter())
+        self.logger = logging.getLogger("bidistill")
+        self.old_level = self.logger.level
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.old_level)
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def run(
     config: Path = typer.Argument(..., help="Experiment YAML."),
-    out: Path = typer.Option(..., "--out", help="Run directory (created; reused to resume)."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        metavar="DIR",
+        help="Run directory (created; reused to resume). Default: runs/<the config's name>.",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
     """Run every stage not done yet: train each method, evaluate, report. Rerun to resume.
 
     Writes the run directory: config.yaml, splits.json, one folder per method, predictions.csv,
-    metrics.csv, metrics_by_seed.csv, delong.csv, report.html, report.md and figures/.
+    metrics.csv, metrics_by_seed.csv, delong.csv, report.html, report.md and figures/. Nothing
+    is written when the config or the files it names are not usable.
 
     Example: bidistill run experiment.yaml --out runs/exp1
     """
+    import pandas as pd
+
     from bidistill.pipeline import run_experiment
 
-    result = run_experiment(config, out, progress=not no_progress, say=_say)
-    _print_run_summary(result.metrics, out)
+    out = out or _default_run_dir(config)
+    with _ConsoleLog():
+        result = run_experiment(config, out, progress=not no_progress, say=_say)
+    _print_results(result.metrics, pd.read_csv(out / "delong.csv"), out)
+    _next(f"open {_arg(out / 'report.html')}")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="Run directory with <method>/predictions.csv."),
+    run_dir: Path = typer.Argument(
+        ..., metavar="RUN", help="Run directory with <method>/predictions.csv."
+    ),
 ) -> None:
     """Recompute the missing-rate sweep, metrics, DeLong tests and report of a run directory.
 
@@ -394,12 +587,15 @@ def evaluate(
     )
     with held:
         tables = evaluate_run(run_dir)
-    _print_run_summary(tables.metrics, run_dir)
+    _print_results(tables.metrics, tables.delong, run_dir)
+    _next(f"open {_arg(run_dir / 'report.html')}")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def demo(
-    out: Path = typer.Option(Path("demo_run"), "--out", help="Folder for the cohort and run."),
+    out: Path = typer.Option(
+        Path("demo_run"), "--out", metavar="DIR", help="Folder for the cohort and run."
+    ),
     patients: int = typer.Option(
         1058, "--patients", min=40, help="Synthetic patients (1058: the size of BCNB)."
     ),
@@ -414,18 +610,54 @@ def demo(
 
     Example: bidistill demo --out demo_run
     """
-    import time
+    import pandas as pd
 
     from bidistill.pipeline import run_demo
 
     start = time.perf_counter()
-    result = run_demo(out, patients=patients, seed=seed, say=_say)
-    _print_auc_table(result.metrics, "Demo: AUC by share of test patients without clinical data")
-    console.print(
-        f"done in {time.perf_counter() - start:.0f} s. Report: {result.run_dir / 'report.html'}"
-        f"  (tables: {result.run_dir / 'metrics.csv'})",
-        highlight=False,
-    )
+    with _ConsoleLog():
+        result = run_demo(out, patients=patients, seed=seed, say=_say)
+    _print_results(result.metrics, pd.read_csv(result.run_dir / "delong.csv"), result.run_dir)
+    _say(f"done in {time.perf_counter() - start:.0f} s")
+    _next(f"open {_arg(result.run_dir / 'report.html')}")
+
+
+@app.command(cls=HelpCommand)
+def compare(
+    runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run directories (two or more)."),
+    out: Path = typer.Option(
+        Path("comparison"), "--out", metavar="DIR", help="Folder for the table and the plot."
+    ),
+    method: list[str] = typer.Option(
+        None, "--method", "-m", metavar="NAME", help="Compare only these methods (repeatable)."
+    ),
+    label: list[str] = typer.Option(
+        None,
+        "--label",
+        metavar="TEXT",
+        help="A name per run, in order (default: the folder names).",
+    ),
+) -> None:
+    """Compare run directories: AUCs side by side, with paired tests where the patients match.
+
+    For e.g. two encoders or two settings: AUC with its CI per run, method and missing rate.
+    Each method of each later run is tested against the same method of the first run, at every
+    missing rate, with the same nested masks (Holm-corrected per rate). Writes compare.csv,
+    compare_delong.csv and compare.png to --out.
+
+    Example: bidistill compare runs/resnet runs/uni --out comparison
+    """
+    from bidistill.evaluation.compare import compare_runs
+    from bidistill.evaluation.console import print_comparison
+
+    if len(runs) < 2:
+        _fail("compare needs at least two run directories")
+    if label and len(label) != len(runs):
+        _fail(f"--label given {len(label)} times for {len(runs)} runs: give one per run")
+    result = compare_runs(runs, out, labels=label or None, methods=method or None)
+    print_comparison(result)
+    _say(f"wrote {result.table_path}, {result.delong_path} and {result.figure_path}")
+    _next(f"open {_arg(result.figure_path)}")
 
 
 # --- predict / heatmap --------------------------------------------------------------------------
@@ -475,7 +707,7 @@ def _load_run(run_dir: Path, method: str | None, config: Path | None, device: st
     return load_run(run_dir, method, config=config, device=device)
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def predict(
     run_dir: Path = typer.Option(..., "--run", help=_RUN_HELP),
     out: Path = typer.Option(..., "--out", help="CSV to write, one row per patient."),
@@ -519,18 +751,16 @@ def predict(
         soft_wrap=True,
     )
     if features:
-        features_args = " ".join(f"--features {f}" for f in features)
-        console.print(
-            f"next: bidistill heatmap --run {run_dir} {features_args} "
-            f"--out {out.parent / 'heatmaps'}",
-            highlight=False,
-            soft_wrap=True,
+        features_args = " ".join(f"--features {_arg(f)}" for f in features)
+        _next(
+            f"bidistill heatmap --run {_arg(run_dir)} {features_args} "
+            f"--out {_arg(out.parent / 'heatmaps')}"
         )
     else:
-        console.print(f"next: open {out}", highlight=False, soft_wrap=True)
+        _next(f"open {_arg(out)}")
 
 
-@app.command()
+@app.command(cls=HelpCommand)
 def heatmap(
     run_dir: Path = typer.Option(..., "--run", help=_RUN_HELP),
     features: list[Path] = typer.Option(..., "--features", help=_FEATURES_HELP),
@@ -588,9 +818,5 @@ def heatmap(
         )
     first = next(iter(summary.files), None)
     if first is not None:
-        console.print(
-            f"next: open {out / (first + '.heatmap.png')}; in QuPath, File > Import objects "
-            f"{out / (first + '.tiles.geojson')} over the slide",
-            highlight=False,
-            soft_wrap=True,
-        )
+        _say(f"in QuPath: File > Import objects {out / (first + '.tiles.geojson')} over the slide")
+        _next(f"open {_arg(out / (first + '.heatmap.png'))}")

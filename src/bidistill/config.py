@@ -251,7 +251,9 @@ class TilingConfig(_Section):
         description="Tissue detection: drop regions smaller than this share of the slide.",
     )
     remove_pen: bool = Field(
-        default=True, description="Tissue detection: treat blue, green and black ink as background."
+        default=True,
+        description="Treat blue, green and black ink as background, and drop tiles with blue or "
+        "green marker on more than 1% of them, whatever the mask.",
     )
     workers: int = Field(default=1, ge=1, description="Slides tiled in parallel (processes).")
     qc: bool = Field(default=True, description="Write a QC PNG per slide.")
@@ -375,6 +377,17 @@ class EvaluationConfig(_Section):
         return t
 
 
+class TrackingConfig(_Section):
+    mlflow: str | None = Field(
+        default=None,
+        description="MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, or a folder "
+        "such as file:mlruns, relative to this file); needs `pip install 'bidistill[mlflow]'`.",
+    )
+    experiment: str | None = Field(
+        default=None, description="MLflow experiment name; default: the config's name."
+    )
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     cohort: CohortConfig
@@ -386,6 +399,7 @@ class ExperimentConfig(_Section):
     )
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -428,7 +442,21 @@ class ExperimentConfig(_Section):
                 value = getattr(section, name)
                 if isinstance(value, Path) and not value.is_absolute():
                     setattr(section, name, (base_dir / value).resolve())
+        if self.tracking.mlflow:
+            self.tracking.mlflow = resolve_tracking_uri(self.tracking.mlflow, base_dir)
         return self
+
+
+def resolve_tracking_uri(uri: str, base_dir: Path) -> str:
+    """A plain or ``file:`` path, relative to the config file, as an absolute ``file://`` URI;
+    any other URI (``http://``, ``sqlite:///``, ``databricks``) as it is."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file") or (parsed.scheme == "file" and parsed.netloc):
+        return uri
+    path = Path(parsed.path if parsed.scheme == "file" else uri)
+    return (path if path.is_absolute() else (base_dir / path).resolve()).as_uri()
 
 
 # --- loading ------------------------------------------------------------------------------------

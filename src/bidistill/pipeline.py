@@ -98,17 +98,31 @@ def run_experiment(
 
     check_method_configs(config.methods, source=config_path)
     check_device(config.training.device, "training.device")
+    # Checked before the run directory exists, so that a config error leaves nothing behind.
+    check_before_run(config, config_path, out_dir)
     prepare_output_dir(out_dir)
     tell = _teller(say)
     with lock_run_dir(out_dir, command=f"run {config_path} --out {out_dir}", say=tell):
         handler = _add_file_log(out_dir / "run.log")
+        tracker = None
         try:
-            return _run(config, config_path, out_dir, progress=progress, say=tell)
+            from bidistill.tracking import open_tracker
+
+            tracker = open_tracker(config, out_dir)
+            result = _run(
+                config, config_path, out_dir, progress=progress, say=tell, tracker=tracker
+            )
+            tracker.finish(ok=True)
+            return result
         except BidistillError as err:  # bad input: the message says it all, no traceback
             log.error("run stopped: %s", err)
+            if tracker is not None:
+                tracker.finish(ok=False)
             raise
         except Exception as err:
             log.exception("run stopped")
+            if tracker is not None:
+                tracker.finish(ok=False)
             err.log_path = out_dir / "run.log"  # the CLI's error handler points the user there
             raise
         finally:
@@ -128,27 +142,57 @@ def _teller(say: Say | None) -> Say:
 
 
 def _run(
-    config: ExperimentConfig, config_path: str | Path, out_dir: Path, *, progress: bool, say: Say
+    config: ExperimentConfig,
+    config_path: str | Path,
+    out_dir: Path,
+    *,
+    progress: bool,
+    say: Say,
+    tracker,
 ) -> RunResult:
     started = time.time()
     _write_resolved_config(config, out_dir)
     log.info("run %s: config %s", out_dir, config_path)
     from bidistill.cohort import load_cohort
 
+    say(f"loading the cohort table {config.cohort.table}")
     cohort = load_cohort(config.cohort)
     if cohort.label_summary is not None:
         say(cohort.label_summary.format())
     splits = _resolve_splits(out_dir, config, cohort, say)
     check_trainable_cohort(cohort, splits)
     _write_cohort_summary(out_dir, config, cohort)
-    trainer = _Trainer(config, cohort, root=out_dir, progress=progress, say=say)
+    trainer = _Trainer(
+        config, cohort, root=out_dir, progress=progress, say=say, after_method=tracker.sync
+    )
     trained = trainer.train_all(out_dir, splits)
     evaluated = _evaluate_if_stale(out_dir, out_dir, config, say, started=started)
     if config.evaluation.train_missing_rates:
         trained += _train_missing_grid(out_dir, config, cohort, splits, trainer, say)
     metrics = pd.read_csv(out_dir / "metrics.csv")
     _write_run_info(out_dir, started, trained)
+    tracker.sync()
     return RunResult(run_dir=out_dir, metrics=metrics, trained=trained, evaluated=evaluated)
+
+
+def check_before_run(config: ExperimentConfig, config_path: str | Path, out_dir: Path) -> None:
+    """Raise ``ConfigError`` naming every missing file or column that would stop the run."""
+    from bidistill.preflight import check_config_paths
+
+    if config.tracking.mlflow:
+        from bidistill.tracking import require_mlflow
+
+        require_mlflow()
+    untrained = [m for m in config.methods if not (out_dir / m.key / "predictions.csv").is_file()]
+    blocking = [
+        f for f in check_config_paths(config, need_features=bool(untrained)) if f.blocks_run
+    ]
+    if blocking:
+        problems = "\n  ".join(f"{f.key}: {f.detail}" for f in blocking)
+        raise ConfigError(
+            f"{config_path}: cannot run:\n  {problems}\n(`bidistill config {config_path}` "
+            "checks every path)"
+        )
 
 
 def _add_file_log(path: Path) -> logging.Handler:
@@ -233,6 +277,9 @@ def _resolve_splits(out_dir: Path, config: ExperimentConfig, cohort, say: Say):
 
 def _write_cohort_summary(out_dir: Path, config: ExperimentConfig, cohort) -> None:
     """``cohort.json``: what the report says about the cohort beyond the per-split counts."""
+    import h5py
+
+    from bidistill._io import h5_attrs
     from bidistill.features.store import feature_dim, feature_path
 
     clinical = cohort.clinical_frame
@@ -246,6 +293,12 @@ def _write_cohort_summary(out_dir: Path, config: ExperimentConfig, cohort) -> No
         first = feature_path(config.features.dir, str(cohort.slides["slide_id"].iloc[0]))
         if first.is_file():
             summary["feature dimension"] = feature_dim(first)
+            # The files' own record of their encoder is the truth the report's banner reads
+            # (synthetic features, random-init encoders); the config only names what it expects.
+            with h5py.File(first, "r") as h5:  # attributes only: the features may be huge
+                encoder = h5_attrs(h5).get("encoder")
+            if encoder:
+                summary["feature encoder"] = str(encoder)
     write_json(out_dir / "cohort.json", summary)
 
 
@@ -253,10 +306,18 @@ class _Trainer:
     """Trains the methods whose inputs changed, opening the feature files once, when needed."""
 
     def __init__(
-        self, config: ExperimentConfig, cohort, *, root: Path, progress: bool, say: Say
+        self,
+        config: ExperimentConfig,
+        cohort,
+        *,
+        root: Path,
+        progress: bool,
+        say: Say,
+        after_method=None,
     ) -> None:
         self.config, self.cohort, self.root = config, cohort, root
         self.progress, self.say = progress, say
+        self.after_method = after_method  # called after each method of the main run trains
         self.features = FeatureIdentities(config.features.dir)
         self._store = None
         self.seconds: dict[str, float] = {}
@@ -276,6 +337,8 @@ class _Trainer:
         for method_cfg in self.config.methods:
             if self._train_method(method_cfg, run_dir, splits, cohort):
                 trained.append(method_cfg.key)
+                if self.after_method is not None and run_dir == self.root:
+                    self.after_method()
             else:
                 current.append(method_cfg.key)
         if current:

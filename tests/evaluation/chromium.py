@@ -1,8 +1,9 @@
 """Open a page in real headless Chromium over the DevTools protocol (``--remote-debugging-pipe``).
 
-Only what the report test needs: load a file, list the requests *the page* made (the browser's
-own background traffic is on other targets and is ignored), read the decoded size of every
-image, and take a full-page screenshot.
+Only what the report test needs: load a file at a given viewport width, list the requests *the
+page* made (the browser's own background traffic is on other targets and is ignored), read the
+decoded size of every image, the page's scroll width and the boxes of chosen elements, and take
+a full-page screenshot.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class PageResult:
     requests: list[str]  # URLs the page requested, in order
     images: list[dict]  # id, natural and rendered size and position of every <img>
     screenshot: bytes  # PNG of the whole page at device scale 1
+    scroll_width: int  # the document's width: more than the viewport means sideways scrolling
+    boxes: dict[str, dict]  # element id -> x, y, width, height, text (absent ids left out)
 
 
 class _Pipe:
@@ -128,8 +131,31 @@ IMAGES_JS = """JSON.stringify([...document.images].map(i => {
 }))"""
 
 
-def open_page(binary: str, page: Path, profile: Path, *, width: int = 1200) -> PageResult:
-    """Load ``page`` in a fresh headless Chromium and return what it requested and rendered."""
+BOXES_JS = """JSON.stringify(Object.fromEntries(%s.map(id => [id, document.getElementById(id)])
+  .filter(([id, el]) => el).map(([id, el]) => {
+    const r = el.getBoundingClientRect();
+    return [id, {x: r.left + window.scrollX, y: r.top + window.scrollY, width: r.width,
+                 height: r.height, text: el.innerText}];
+  })))"""
+
+
+def _evaluate(pipe: _Pipe, session: str, expression: str):
+    reply = pipe.send(
+        "Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=session
+    )
+    return json.loads(reply["result"]["value"])
+
+
+def open_page(
+    binary: str,
+    page: Path,
+    profile: Path,
+    *,
+    width: int = 1200,
+    element_ids: tuple[str, ...] = (),
+) -> PageResult:
+    """Load ``page`` in a fresh headless Chromium ``width`` CSS pixels wide and return what it
+    requested and rendered."""
     pipe = _Pipe(binary, profile)
     try:
         target = pipe.send("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -145,12 +171,10 @@ def open_page(binary: str, page: Path, profile: Path, *, width: int = 1200) -> P
         )
         pipe.send("Page.navigate", {"url": page.resolve().as_uri()}, session=session)
         pipe.wait_event("Page.loadEventFired", session)
-        images = json.loads(
-            pipe.send(
-                "Runtime.evaluate",
-                {"expression": IMAGES_JS, "returnByValue": True},
-                session=session,
-            )["result"]["value"]
+        images = _evaluate(pipe, session, IMAGES_JS)
+        boxes = _evaluate(pipe, session, BOXES_JS % json.dumps(list(element_ids)))
+        scroll_width = _evaluate(
+            pipe, session, "JSON.stringify(document.documentElement.scrollWidth)"
         )
         size = pipe.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
         shot = pipe.send(
@@ -169,7 +193,11 @@ def open_page(binary: str, page: Path, profile: Path, *, width: int = 1200) -> P
             if e.get("method") == "Network.requestWillBeSent" and e.get("sessionId") == session
         ]
         return PageResult(
-            requests=requests, images=images, screenshot=base64.b64decode(shot["data"])
+            requests=requests,
+            images=images,
+            screenshot=base64.b64decode(shot["data"]),
+            scroll_width=int(scroll_width),
+            boxes=boxes,
         )
     finally:
         pipe.close()

@@ -23,8 +23,11 @@ RUN_FILES = [
     "report.html",
     "report.md",
     "figures/auc_vs_missing.png",
-    "figures/roc.png",
-    "figures/calibration.png",
+    "figures/roc_r0.png",
+    "figures/roc_r0.8.png",
+    "figures/roc_r1.png",
+    "figures/calibration_r0.png",
+    "figures/calibration_r1.png",
 ]
 FAST = {"mask_seeds": 4, "bootstrap": 200}
 

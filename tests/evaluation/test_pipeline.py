@@ -26,8 +26,11 @@ RUN_FILES = [
     "run.log",
     "run.json",
     "figures/auc_vs_missing.png",
-    "figures/roc.png",
-    "figures/calibration.png",
+    "figures/roc_r0.png",
+    "figures/roc_r0.8.png",
+    "figures/roc_r1.png",
+    "figures/calibration_r0.png",
+    "figures/calibration_r1.png",
     "bd/model.safetensors",
     "bd/predictions.csv",
 ]
@@ -106,6 +109,24 @@ def test_kfold_and_train_time_missingness(tmp_path) -> None:
     before = grid_report.stat().st_mtime_ns
     again = run_experiment(config, tmp_path / "grid", progress=False)
     assert again.trained == [] and grid_report.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_cli_run_says_what_it_does_and_what_it_skips(tmp_path) -> None:
+    config = _cohort(tmp_path, methods=["wsi-only"])
+    out = tmp_path / "run"
+    runner = CliRunner()
+    first = runner.invoke(app, ["run", str(config), "--out", str(out), "--no-progress"])
+    assert first.exit_code == 0, first.output
+    assert "loading the cohort table" in first.stderr and "wsi-only: training" in first.stderr
+    again = runner.invoke(app, ["run", str(config), "--out", str(out), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    # A resumed run says at once what it found done, on the console (not only in run.log).
+    lines = again.stderr.splitlines()
+    assert lines[0].startswith("loading the cohort table")
+    assert "up to date in this run, kept: wsi-only" in again.stderr
+    assert "evaluate: up to date" in again.stderr
+    assert again.stderr.strip().splitlines()[-1] == f"next: open {out / 'report.html'}"
 
 
 def test_cli_evaluate_prints_the_table_and_fails_cleanly(tmp_path) -> None:

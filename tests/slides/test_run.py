@@ -186,3 +186,5 @@ def test_cli_tile_on_a_synthetic_bcnb_folder(tmp_path):
         assert len(tiles.coords) > 0
         assert (coords_dir / "qc" / f"{path.stem}.png").is_file()
     assert os.listdir(coords_dir / ".cache")
+    assert (coords_dir / "qc" / "overview.png").is_file()
+    assert "cohort overview" in result.output

@@ -169,3 +169,31 @@ def test_mask_none_keeps_every_tile_the_blank_filter_allows(pyramid_tiff):
         filtered = tile_slide(slide, cfg.model_copy(update={"max_blank_fraction": 0.3}))
     assert everything.mask_kind == "none" and len(everything.coords) == everything.n_candidates
     assert 0 < len(filtered.coords) < len(everything.coords)
+
+
+def test_tiles_on_pen_ink_are_dropped_inside_an_annotation(tmp_path):
+    """A pathologist's blue stroke through an annotated region: the tiles it crosses go, with
+    `remove_pen`, though the polygon covers them; without it they stay."""
+    from .helpers import tissue_image
+
+    rgb, truth = tissue_image(1200, 1600, seed=5)
+    stroke = np.zeros(truth.shape, dtype=bool)
+    stroke[590:602, 100:1500] = True  # 12 px wide, right across both tissue regions
+    rgb[stroke] = (40, 70, 170)
+    path = write_pyramid_tiff(tmp_path / "inked.tif", rgb, mpp=0.25)
+    ann = _polygon_json(tmp_path / "all.json", [[0, 0], [1600, 0], [1600, 1200], [0, 1200]])
+    with open_slide(path) as slide:
+        cleaned = tile_slide(slide, TilingConfig(patch_size=64, mpp=0.5), annotations_path=ann)
+        inked = tile_slide(
+            slide, TilingConfig(patch_size=64, mpp=0.5, remove_pen=False), annotations_path=ann
+        )
+    side = cleaned.spec.size_level0
+
+    def on_ink(coords):
+        return [(x, y) for x, y in coords if stroke[y : y + side, x : x + side].any()]
+
+    assert cleaned.mask_kind == "annotations"
+    assert len(on_ink(inked.coords)) >= 5  # the blank filter alone keeps them
+    assert on_ink(cleaned.coords) == []
+    assert len(cleaned.coords) > len(inked.coords) - 2 * len(on_ink(inked.coords))
+    assert cleaned.pen is not None and cleaned.pen.any() and inked.pen is None

@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from bidistill._io import write_csv
@@ -28,7 +29,15 @@ from bidistill.evaluation.inputs import (
     read_method_predictions,
 )
 from bidistill.evaluation.missing import SplitSweep, sweep_split
-from bidistill.evaluation.report import ReportInputs, write_report
+from bidistill.evaluation.report import FigureGroup, ReportInputs, write_report
+from bidistill.evaluation.run_info import (
+    best_epochs,
+    confusion_rows,
+    method_infos,
+    selection_column,
+    synthetic_notice,
+    training_logs,
+)
 from bidistill.evaluation.summary import EvaluationTables, summarize
 
 log = logging.getLogger(__name__)
@@ -85,15 +94,8 @@ def evaluate_run(
     write_csv(run_dir / "metrics_by_seed.csv", tables.by_seed)
     write_csv(run_dir / "delong.csv", tables.delong)
 
-    figures = {
-        "auc_vs_missing": plots.plot_auc_vs_missing(
-            tables.metrics,
-            run_dir / "figures" / "auc_vs_missing.png",
-            reference=eval_cfg.reference_method,
-        ),
-        "roc": plots.plot_roc(test[0], run_dir / "figures" / "roc.png"),
-        "calibration": plots.plot_calibration(test[0], run_dir / "figures" / "calibration.png"),
-    }
+    figures = _figures(run_dir, tables, test, eval_cfg.reference_method, methods)
+    cohort = _cohort_section(run_dir, predictions[methods[0]])
     write_report(
         run_dir,
         ReportInputs(
@@ -107,8 +109,9 @@ def evaluate_run(
                 "folds": len(test),
                 "bootstrap": eval_cfg.bootstrap,
                 "threshold": eval_cfg.threshold,
+                "ci_level": eval_cfg.ci_level,
             },
-            cohort=_cohort_section(run_dir, predictions[methods[0]]),
+            cohort=cohort,
             provenance={
                 **collect_provenance(config),
                 **_run_times(run_dir),
@@ -116,10 +119,118 @@ def evaluate_run(
                 "evaluation time (s)": round(time.perf_counter() - start, 1),
             },
             config_text=dump_config(config) if config else "",
+            methods=method_infos(run_dir, methods, config),
+            confusion=confusion_rows(test[0], tables.by_seed),
+            synthetic=synthetic_notice(cohort, config),
+            label=_label_text(config),
         ),
     )
     log.info("evaluated %d methods in %.1f s", len(methods), time.perf_counter() - start)
     return tables
+
+
+def _figures(
+    run_dir: Path,
+    tables: EvaluationTables,
+    test: list[SplitSweep],
+    reference: str,
+    methods: list[str],
+) -> list[FigureGroup]:
+    """Every figure of the report, grouped as the report shows them."""
+    folder = run_dir / "figures"
+    metrics = tables.metrics
+    auc = plots.plot_auc_vs_missing(metrics, folder / "auc_vs_missing.png", reference=reference)
+    groups = [
+        FigureGroup(
+            "auc-vs-missing",
+            "AUC versus missing clinical data",
+            "Each method's AUC as clinical data is withheld from a growing share of the test "
+            "patients; bars are 95% bootstrap CIs, nudged sideways so that they do not overlap.",
+            [("auc_vs_missing", auc, "AUC of every method against the missing rate")],
+            wide=True,
+        )
+    ]
+    rocs = []
+    for r in plots.roc_rate_indices(test[0].rates):
+        rate = float(test[0].rates[r])
+        at_rate = metrics[np.isclose(metrics["missing_rate"], rate)]
+        aucs = dict(zip(at_rate["method"], at_rate["auc"]))
+        name = f"roc_r{rate:g}"
+        path = plots.plot_roc(test, r, folder / f"{name}.png", aucs=aucs)
+        rocs.append((name, path, f"ROC curves at missing rate {rate:g}"))
+    replicates = sum(len(t.seeds) for t in test)
+    groups.append(
+        FigureGroup(
+            "roc",
+            "ROC curves",
+            f"Mean sensitivity over the {replicates} mask-seed replicates at each false-positive "
+            "rate (at r = 0 and r = 1 every replicate is the same); the legend gives each "
+            "method's AUC from the table above.",
+            rocs,
+        )
+    )
+    calibration = []
+    for r in sorted({0, len(test[0].rates) - 1}):
+        rate = float(test[0].rates[r])
+        name = f"calibration_r{rate:g}"
+        path = plots.plot_calibration(test, r, folder / f"{name}.png")
+        calibration.append((name, path, f"Calibration at missing rate {rate:g}"))
+    groups.append(
+        FigureGroup(
+            "calibration",
+            "Calibration",
+            "Observed share of positive patients against the predicted probability, in bins of "
+            "0.1; underneath, how many test patients fall in each bin. On the dashed line the "
+            "probabilities mean what they say.",
+            calibration,
+        )
+    )
+    logs = training_logs(run_dir, methods)
+    loss = next((c for c in ("loss_total", "loss") if any(c in f for f in logs.values())), None)
+    if logs and loss:
+        columns = {selection_column(f) for f in logs.values()} - {None}
+        score = sorted(columns)[0] if columns else "val_score"
+        kept = {m: best_epochs(f) for m, f in logs.items()}
+        curves = [
+            (
+                "training_loss",
+                plots.plot_training(
+                    logs, folder / "training_loss.png", column=loss, label="training loss"
+                ),
+                "Training loss per epoch",
+            ),
+            (
+                "training_val_auc",
+                plots.plot_training(
+                    logs,
+                    folder / "training_val_auc.png",
+                    column=score,
+                    label="validation AUC (model selection)",
+                    best=kept,
+                ),
+                "Validation AUC per epoch",
+            ),
+        ]
+        fold = " (fold 0)" if len(test) > 1 else ""
+        groups.append(
+            FigureGroup(
+                "training",
+                "Training curves",
+                f"From each method's train_log.csv{fold}: the training loss, and the validation "
+                "AUC that early stopping selects on (a dot marks the epoch whose weights were "
+                "kept). Epochs are counted from 1 across a method's stages.",
+                curves,
+            )
+        )
+    return groups
+
+
+def _label_text(config: ExperimentConfig | None) -> str:
+    if config is None:
+        return "the label"
+    label = config.cohort.label
+    negative = ", ".join(label.negative) if label.negative else "the rest"
+    return f"'{label.column}' ({', '.join(label.positive)} vs {negative})"
 
 
 def _methods(run_dir: Path, config: ExperimentConfig | None) -> list[str]:

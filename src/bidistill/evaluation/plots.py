@@ -1,11 +1,17 @@
-"""The report's figures: AUC versus missing rate, ROC curves, calibration. PNG, written atomically.
+"""The report's figures, each a PNG written atomically into ``figures/``.
 
-ROC and calibration curves show one replicate (fold 0, the first mask seed) so that each curve is
-a real classifier's; the AUC curve shows the replicate means with their bootstrap CIs.
+Made to be read at the report's narrowest width (820 px) and on paper: one panel per file (the
+report lays panels out in a grid that wraps), fonts of at least 10 pt at a panel width of 4.2 in,
+a legend in every panel that needs one, and a colour per method that is the same in every report
+(``method_colours``). Curves over mask seeds are averaged, never a single seed picked: the ROC
+curve is the mean true-positive rate over every (fold, mask seed) replicate at each
+false-positive rate, as the AUC of the tables is the mean over the same replicates.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -20,100 +26,245 @@ from bidistill._io import atomic_path  # noqa: E402
 from bidistill.evaluation.missing import SplitSweep  # noqa: E402
 
 ROC_RATES = (0.0, 0.8, 1.0)
-DPI = 100
+DPI = 150  # 630 px for a 4.2 in panel: sharp when the report shows it at 300-420 px
+PANEL = (4.2, 4.2)  # inches
+WIDE = (7.5, 4.2)
+STYLE = {
+    "font.size": 11,
+    "axes.titlesize": 11.5,
+    "axes.labelsize": 11,
+    "legend.fontsize": 10,
+    "legend.title_fontsize": 10,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+
+# One colour per registered method, the same in every report (Okabe-Ito first: readable by
+# colour-blind readers). Entries with their own `label` get a colour from the label's hash.
+METHOD_COLOURS = {
+    "bd": "#D55E00",
+    "wsi-only": "#0072B2",
+    "clinical-only": "#009E73",
+    "fusion-mean": "#E69F00",
+    "moddrop": "#56B4E9",
+    "fusion-zero": "#CC79A7",
+    "clinical-linear": "#66A61E",
+    "switch": "#A6761D",
+    "kd": "#666666",
+    "ae-impute": "#8C564B",
+    "ensemble": "#7570B3",
+    "shaspec": "#17BECF",
+}
+_EXTRA_COLOURS = ("#1B9E77", "#E7298A", "#7F3C8D", "#11A579", "#3969AC", "#F2B701", "#E73F74")
 
 
-def method_colors(methods: list[str]) -> dict[str, tuple]:
-    """A stable colour per method, in the order the methods are listed."""
-    palette = plt.get_cmap("tab10")
-    return {m: palette(i % 10) for i, m in enumerate(methods)}
+def method_colour(method: str) -> str:
+    """The method's colour: fixed for registry names, derived from the name otherwise."""
+    if method in METHOD_COLOURS:
+        return METHOD_COLOURS[method]
+    digest = hashlib.blake2b(method.encode(), digest_size=2).digest()
+    return _EXTRA_COLOURS[int.from_bytes(digest, "little") % len(_EXTRA_COLOURS)]
+
+
+def method_colours(methods: Sequence[str]) -> dict[str, str]:
+    return {m: method_colour(m) for m in methods}
+
+
+def _line_width(method: str, reference: str) -> float:
+    return 2.6 if method == reference else 1.6
+
+
+# --- AUC versus missing rate --------------------------------------------------------------------
 
 
 def plot_auc_vs_missing(metrics: pd.DataFrame, path: Path, *, reference: str = "bd") -> Path:
-    """AUC against the test missing rate, one line per method with its CI band."""
+    """AUC against the share of test patients without clinical data, one line per method.
+
+    The 95% CIs are error bars, each method's nudged sideways so that they do not overlap (a
+    shaded band per method would merge into one smear).
+    """
     methods = list(dict.fromkeys(metrics["method"]))
-    colors = method_colors(methods)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
-    for method in methods:
-        rows = metrics[metrics["method"] == method].sort_values("missing_rate")
-        width = 2.6 if method == reference else 1.5
-        ax.plot(
-            rows.missing_rate, rows.auc, marker="o", lw=width, color=colors[method], label=method
-        )
-        ax.fill_between(
-            rows.missing_rate,
-            rows.auc_ci_low,
-            rows.auc_ci_high,
-            color=colors[method],
-            alpha=0.12,
-            lw=0,
-        )
-    ax.set_xlabel("share of test patients without clinical data")
-    ax.set_ylabel("AUC (mean over mask seeds, 95% CI)")
-    ax.set_title("AUC versus missing clinical data")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    return _save(fig, path)
-
-
-def plot_roc(sweep: SplitSweep, path: Path) -> Path:
-    """ROC curves of every method at missing rates 0, 0.8 and 1 (the nearest rates evaluated)."""
-    rate_idx = sorted({int(np.argmin(np.abs(sweep.rates - r))) for r in ROC_RATES})
-    colors = method_colors(sweep.methods)
-    fig, axes = plt.subplots(
-        1, len(rate_idx), figsize=(4.2 * len(rate_idx), 4.4), squeeze=False, layout="constrained"
-    )
-    for ax, r in zip(axes[0], rate_idx):
-        for method, probs in sweep.probs.items():
-            fpr, tpr, _ = roc_curve(sweep.labels, probs[0, r])
-            ax.plot(fpr, tpr, color=colors[method], lw=1.4, label=method)
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-        ax.set_title(f"missing rate {sweep.rates[r]:g}")
-        ax.set_xlabel("1 − specificity")
-        ax.set_aspect("equal")
-    axes[0, 0].set_ylabel("sensitivity")
-    axes[0, -1].legend(loc="lower right", fontsize=7)
-    fig.suptitle(f"ROC on the test patients (mask seed {sweep.seeds[0]})")
-    return _save(fig, path)
-
-
-def plot_calibration(sweep: SplitSweep, path: Path, *, bins: int = 10) -> Path:
-    """Reliability curves (mean predicted vs observed rate per bin) at rates 0 and 1."""
-    rate_idx = sorted({0, len(sweep.rates) - 1})
-    colors = method_colors(sweep.methods)
-    fig, axes = plt.subplots(
-        1, len(rate_idx), figsize=(4.6 * len(rate_idx), 4.4), squeeze=False, layout="constrained"
-    )
-    for ax, r in zip(axes[0], rate_idx):
-        for method, probs in sweep.probs.items():
-            predicted, observed = _reliability(sweep.labels, probs[0, r], bins)
-            ax.plot(
-                predicted, observed, marker="o", ms=3, color=colors[method], lw=1.3, label=method
+    rates = np.sort(metrics["missing_rate"].unique())
+    step = np.min(np.diff(rates)) if len(rates) > 1 else 1.0
+    offsets = (np.arange(len(methods)) - (len(methods) - 1) / 2) * step * 0.6 / max(len(methods), 1)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=WIDE, layout="constrained")
+        for method, offset in zip(methods, offsets):
+            rows = metrics[metrics["method"] == method].sort_values("missing_rate")
+            x = rows["missing_rate"].to_numpy(float) + offset
+            auc = rows["auc"].to_numpy(float)
+            err = np.vstack([auc - rows["auc_ci_low"], rows["auc_ci_high"] - auc])
+            colour = method_colour(method)
+            ax.errorbar(
+                x,
+                auc,
+                yerr=None if np.isnan(err).all() else err,
+                color=colour,
+                lw=_line_width(method, reference),
+                marker="o",
+                ms=4.5,
+                capsize=2.5,
+                elinewidth=1.0,
+                label=method,
+                zorder=3 if method == reference else 2,
             )
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-        ax.set(
-            xlim=(0, 1),
-            ylim=(0, 1),
-            xlabel="mean predicted probability",
-            title=f"missing rate {sweep.rates[r]:g}",
-        )
-    axes[0, 0].set_ylabel("observed share of positives")
-    axes[0, -1].legend(loc="upper left", fontsize=7)
-    fig.suptitle("Calibration on the test patients")
-    return _save(fig, path)
+        ax.set_xticks(rates, [f"{r:.0%}" for r in rates])
+        ax.set_xlabel("test patients without clinical data (r)")
+        ax.set_ylabel("AUC (bars: 95% CI)")
+        ax.axhline(0.5, color="#999999", lw=0.8, ls=":")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title="method")
+    return save_figure(fig, path)
 
 
-def _reliability(labels: np.ndarray, probs: np.ndarray, bins: int):
+# --- ROC ----------------------------------------------------------------------------------------
+
+FPR_GRID = np.linspace(0.0, 1.0, 201)
+
+
+def mean_roc(labels: np.ndarray, replicates: Sequence[np.ndarray]) -> np.ndarray:
+    """The mean true-positive rate over replicates at each false-positive rate of
+    ``FPR_GRID`` (vertical averaging), starting at 0."""
+    curves = []
+    for probs in replicates:
+        fpr, tpr, _ = roc_curve(labels, probs)
+        curves.append(np.interp(FPR_GRID, fpr, tpr))
+    mean = np.mean(curves, axis=0)
+    mean[0] = 0.0
+    return mean
+
+
+def roc_rate_indices(rates: np.ndarray) -> list[int]:
+    """The evaluated rates nearest to 0, 0.8 and 1 (each once)."""
+    return sorted({int(np.argmin(np.abs(rates - r))) for r in ROC_RATES})
+
+
+def plot_roc(
+    sweeps: Sequence[SplitSweep], rate_index: int, path: Path, *, aucs: dict[str, float]
+) -> Path:
+    """ROC curves of every method at one missing rate, averaged over every replicate.
+
+    Args:
+        sweeps: the test sweep of each fold (same patients).
+        rate_index: which of the sweep's rates.
+        aucs: method -> the AUC of the metrics table at that rate, for the legend.
+    """
+    first = sweeps[0]
+    rate = float(first.rates[rate_index])
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=PANEL, layout="constrained")
+        for method in first.methods:
+            replicates = [
+                s.probs[method][k, rate_index] for s in sweeps for k in range(len(s.seeds))
+            ]
+            tpr = mean_roc(first.labels, replicates)
+            ax.plot(
+                FPR_GRID,
+                tpr,
+                color=method_colour(method),
+                lw=1.8,
+                label=f"{method}  {aucs.get(method, float('nan')):.3f}",
+            )
+        ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
+        ax.set(xlim=(0, 1), ylim=(0, 1.005), aspect="equal")
+        ax.set_xlabel("1 − specificity")
+        ax.set_ylabel("sensitivity")
+        ax.set_title(f"r = {rate:g}: {rate:.0%} without clinical data", loc="left")
+        ax.legend(loc="lower right", title="method  AUC", frameon=True, framealpha=0.9)
+    return save_figure(fig, path)
+
+
+# --- calibration --------------------------------------------------------------------------------
+
+
+def reliability(labels: np.ndarray, probs: np.ndarray, bins: int):
+    """Per equal-width bin of predicted probability: mean prediction, observed share of
+    positives and count (bins without patients left out)."""
     which = np.clip((probs * bins).astype(int), 0, bins - 1)
     counts = np.bincount(which, minlength=bins)
     used = counts > 0
     predicted = np.bincount(which, weights=probs, minlength=bins)[used] / counts[used]
     observed = np.bincount(which, weights=labels, minlength=bins)[used] / counts[used]
-    return predicted, observed
+    return predicted, observed, counts
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def plot_calibration(
+    sweeps: Sequence[SplitSweep], rate_index: int, path: Path, *, bins: int = 10
+) -> Path:
+    """Reliability curve per method at one rate, with the patients per bin underneath.
+
+    Replicates are pooled (at rates 0 and 1 every mask seed withholds the same patients, so in
+    a holdout run this is the one set of test predictions); counts are per replicate.
+    """
+    first = sweeps[0]
+    rate = float(first.rates[rate_index])
+    edges = np.linspace(0, 1, bins + 1)
+    with plt.rc_context(STYLE):
+        fig, (ax, hist) = plt.subplots(
+            2,
+            1,
+            figsize=(PANEL[0], PANEL[1] + 1.1),
+            layout="constrained",
+            sharex=True,
+            gridspec_kw={"height_ratios": [3.2, 1]},
+        )
+        for method in first.methods:
+            probs = np.concatenate(
+                [s.probs[method][k, rate_index] for s in sweeps for k in range(len(s.seeds))]
+            )
+            labels = np.concatenate([s.labels for s in sweeps for _ in s.seeds])
+            replicates = sum(len(s.seeds) for s in sweeps)
+            predicted, observed, counts = reliability(labels, probs, bins)
+            colour = method_colour(method)
+            ax.plot(predicted, observed, marker="o", ms=3.5, color=colour, lw=1.5, label=method)
+            hist.stairs(counts / replicates, edges, color=colour, lw=1.3)
+        ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
+        # A margin so that points at 0 or 1 are drawn whole inside the frame.
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.03, 1.03))
+        ax.set_ylabel("observed share positive")
+        ax.set_title(f"r = {rate:g}: {rate:.0%} without clinical data", loc="left")
+        ax.legend(loc="upper left", frameon=True, framealpha=0.9)
+        hist.set_xlabel("predicted probability (bins of 0.1)")
+        hist.set_ylabel("patients")
+    return save_figure(fig, path)
+
+
+# --- training curves ----------------------------------------------------------------------------
+
+
+def plot_training(
+    logs: dict[str, pd.DataFrame],
+    path: Path,
+    *,
+    column: str,
+    label: str,
+    best: dict[str, list[int]] | None = None,
+) -> Path:
+    """One training-log column per method against the epoch (the log's rows, counted from 1
+    across stages); a dot marks each kept epoch given in ``best``."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=PANEL, layout="constrained")
+        for method, frame in logs.items():
+            if column not in frame:
+                continue
+            values = frame[column].to_numpy(float)
+            epochs = np.arange(1, len(values) + 1)
+            colour = method_colour(method)
+            ax.plot(epochs, values, color=colour, lw=1.5, label=method)
+            for epoch in (best or {}).get(method, []):
+                ax.plot(epoch, values[epoch - 1], "o", color=colour, ms=5)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", frameon=True, framealpha=0.9)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write a figure as PNG (atomically) and close it."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=DPI)
     plt.close(fig)
     return path

@@ -1,10 +1,15 @@
 """The run report: a self-contained ``report.html`` (figures embedded, opens offline) and
 ``report.md`` (figures linked from ``figures/``), built from the evaluation tables.
+
+Both open with the headline (what was compared on how many patients, what won at which rates,
+with p-values) and, for synthetic or random features, a banner saying so; then the tables and
+figures, the methods with their options, the cohort, how the numbers were made, the intended use
+and limitations (model-card style), provenance and the resolved config. The HTML is in
+``report_html``; the texts both formats share are here.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import re
 from dataclasses import dataclass, field
@@ -15,17 +20,18 @@ import numpy as np
 import pandas as pd
 
 from bidistill._io import write_text
+from bidistill.evaluation.headline import Headline, build_headline, format_p
 
 PROTOCOL = (
-    "Clinical data is withheld per test patient at each missing rate with nested, "
+    "Clinical data is withheld per test patient at each missing rate r with nested, "
     "label-stratified masks (a patient missing at one rate is missing at every higher one; "
     "patients without clinical data in the table are missing at every rate), repeated over "
-    "{seeds} mask seed(s). Each method's AUC is the mean over mask seeds{folds}; ± is the standard "
-    "deviation over mask seeds. The 95% CI is the percentile interval of {boot} stratified "
-    "patient-level bootstrap resamples of that seed-averaged AUC. Accuracy, F1, sensitivity and "
-    "specificity use a threshold chosen on the validation patients masked the same way "
-    "({threshold}). p-values: DeLong's paired test against '{reference}' on the seed-averaged "
-    "AUC, Holm-corrected across methods at each rate."
+    "{seeds} mask seed(s). Each method's AUC is the mean over mask seeds{folds}; 'seed sd' is "
+    "the standard deviation over mask seeds. The {level:.0%} CI is the percentile interval of "
+    "{boot} stratified patient-level bootstrap resamples of that seed-averaged AUC. Accuracy, "
+    "F1, sensitivity and specificity use a threshold chosen on the validation patients masked "
+    "the same way ({threshold}). p-values: DeLong's paired test against '{reference}' on the "
+    "seed-averaged AUC, Holm-corrected across methods at each rate."
 )
 # Columns where the best value per rate is marked, and whether higher is better.
 MARKED = {
@@ -36,11 +42,27 @@ MARKED = {
     "brier": False,
     "ece": False,
 }
-FIGURE_TITLES = {
-    "auc_vs_missing": "AUC versus missing rate",
-    "roc": "ROC curves",
-    "calibration": "Calibration",
+METRIC_COLUMNS = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "bal. acc.",
+    "f1": "F1",
+    "sensitivity": "sens.",
+    "specificity": "spec.",
+    "brier": "Brier",
+    "ece": "ECE",
+    "threshold": "threshold",
 }
+
+
+@dataclass
+class FigureGroup:
+    """Figures shown together under one heading: ``(name, png path, alt text)`` each."""
+
+    key: str
+    title: str
+    caption: str
+    figures: list[tuple[str, Path, str]]
+    wide: bool = False  # one figure the width of the page, not a grid of panels
 
 
 @dataclass
@@ -48,40 +70,39 @@ class ReportInputs:
     title: str
     metrics: pd.DataFrame
     delong: pd.DataFrame
-    figures: dict[str, Path]  # name -> PNG path inside the run directory
+    figures: list[FigureGroup]
     reference: str
-    protocol: dict[str, Any]  # seeds, folds, bootstrap, threshold
+    protocol: dict[str, Any]  # seeds, folds, bootstrap, threshold, ci_level
     cohort: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     config_text: str = ""
+    methods: list[Any] = field(default_factory=list)  # run_info.MethodInfo
+    confusion: pd.DataFrame = field(default_factory=pd.DataFrame)
+    synthetic: str | None = None  # banner text when the data or features are synthetic/random
+    label: str = "the label"
+
+    @property
+    def headline(self) -> Headline:
+        return build_headline(self.metrics, self.delong, self.reference)
 
 
 def write_report(run_dir: Path, inputs: ReportInputs) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` into ``run_dir``; returns their paths."""
+    from bidistill.evaluation.report_html import render_html
+
     html_path, md_path = run_dir / "report.html", run_dir / "report.md"
     write_text(html_path, render_html(inputs))
     write_text(md_path, render_markdown(inputs, run_dir))
     return html_path, md_path
 
 
-def auc_cells(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Method x rate table of ``AUC [CI low, high]`` strings (the headline table)."""
-
-    def cell(row: pd.Series) -> str:
-        ci = "" if np.isnan(row.auc_ci_low) else f" [{row.auc_ci_low:.3f}, {row.auc_ci_high:.3f}]"
-        return f"{row.auc:.3f}{ci}"
-
-    table = metrics.assign(cell=metrics.apply(cell, axis=1))
-    wide = table.pivot(index="method", columns="missing_rate", values="cell")
-    wide = wide.loc[list(dict.fromkeys(metrics["method"]))]
-    wide.columns = [f"r={c:g}" for c in wide.columns]
-    return wide
+# --- texts and tables both formats share --------------------------------------------------------
 
 
-def _protocol_text(inputs: ReportInputs) -> str:
+def protocol_text(inputs: ReportInputs) -> str:
     p = inputs.protocol
     folds = (
-        f" and {p['folds']} cross-validation folds (± std over folds shown as 'fold sd')"
+        f" and {p['folds']} cross-validation folds ('fold sd': standard deviation over folds)"
         if (p.get("folds", 1) > 1)
         else ""
     )
@@ -89,13 +110,33 @@ def _protocol_text(inputs: ReportInputs) -> str:
     return PROTOCOL.format(
         seeds=p["seeds"],
         folds=folds,
+        level=p.get("ci_level", 0.95),
         boot=p["bootstrap"],
         threshold=threshold,
         reference=inputs.reference,
     )
 
 
-def _best_flags(metrics: pd.DataFrame) -> pd.DataFrame:
+def headline_rows(headline: Headline) -> list[dict[str, str]]:
+    """One row per rate: the winner with its AUC and CI, and the test of its lead."""
+    rows = []
+    for r in headline.rates:
+        tested = r.versus is not None
+        rows.append(
+            {
+                "r": f"{r.rate:g}",
+                "highest AUC": r.best,
+                "AUC [95% CI]": f"{r.auc:.3f} [{r.ci[0]:.3f}, {r.ci[1]:.3f}]",
+                "tested against": r.versus or "–",
+                "difference": f"{r.difference:+.3f}" if tested else "–",
+                "p (Holm)": format_p(r.p_holm) if tested else "–",
+                "significant": ("yes" if r.significant else "no") if tested else "–",
+            }
+        )
+    return rows
+
+
+def best_flags(metrics: pd.DataFrame) -> pd.DataFrame:
     """Boolean frame: True where a row holds the best value of its rate for a marked column."""
     flags = pd.DataFrame(False, index=metrics.index, columns=list(MARKED))
     for column, higher in MARKED.items():
@@ -107,46 +148,158 @@ def _best_flags(metrics: pd.DataFrame) -> pd.DataFrame:
     return flags
 
 
-def _metric_rows(metrics: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, bool]]]]:
-    flags = _best_flags(metrics)
-    folds = metrics.get("n_folds", pd.Series([1])).max() > 1
-    header = ["rate", "method", "AUC", "95% CI", "± seed sd"]
-    header += ["fold sd"] if folds else []
-    header += ["accuracy", "bal. acc.", "F1", "sens.", "spec.", "Brier", "ECE", "threshold", "n"]
-    rows = []
-    for i, r in metrics.iterrows():
-        row = [
-            (f"{r.missing_rate:g}", False),
-            (r.method, False),
-            (f"{r.auc:.3f}", flags.at[i, "auc"]),
-            (f"[{r.auc_ci_low:.3f}, {r.auc_ci_high:.3f}]", False),
-            (f"{r.auc_std:.3f}", False),
-        ]
-        row += [(f"{r.auc_fold_std:.3f}", False)] if folds else []
-        for column in (
-            "accuracy",
-            "balanced_accuracy",
-            "f1",
-            "sensitivity",
-            "specificity",
-            "brier",
-            "ece",
-            "threshold",
-        ):
-            row.append(
-                (f"{r[column]:.3f}", bool(flags.at[i, column]) if column in MARKED else False)
-            )
-        row.append((str(int(r.n_patients)), False))
-        rows.append(row)
-    return header, rows
+def limitations(inputs: ReportInputs) -> list[tuple[str, str]]:
+    """The model card's intended use and limitations: ``(heading, text)`` pairs."""
+    h = inputs.headline
+    folds = inputs.protocol.get("folds", 1)
+    encoder = inputs.cohort.get("feature encoder", "the configured patch encoder")
+    split = (
+        f"{folds}-fold cross-validation with one fixed test set"
+        if folds > 1
+        else "one train/validation/test split"
+    )
+    items = [
+        (
+            "Intended use",
+            f"Research: comparing methods that predict {inputs.label} from whole-slide image "
+            "features and clinical data when the clinical data may be missing. Not a medical "
+            "device, not validated for decisions about patients.",
+        ),
+        (
+            "Data",
+            f"{inputs.cohort.get('patients', 'the')} patients of one cohort table, {split}; "
+            f"the test set has {h.n_patients} patients ({h.n_positive} positive). Results on "
+            "other hospitals, scanners, stains or patient populations may differ.",
+        ),
+        (
+            "Test set size",
+            f"Each AUC's 95% CI spans about ±{h.ci_half_width:.2f}; differences smaller than "
+            "that between methods are not evidence that one is better."
+            + (" The test set is too small for a reliable ranking." if h.unreliable else ""),
+        ),
+        (
+            "Simulated missingness",
+            "Clinical data is withheld completely at random within each label, as the protocol "
+            "describes. In the clinic it is often missing for reasons related to the patient "
+            "(where they were referred from, how urgent the case was), which can change how "
+            "each method fares.",
+        ),
+        (
+            "Threshold and calibration",
+            "Accuracy, sensitivity and specificity hold at the threshold chosen on the "
+            "validation patients; another operating point, or another population's prevalence, "
+            "gives other values. The probabilities are calibrated only as the calibration "
+            "figure shows.",
+        ),
+        (
+            "Features",
+            f"Every number depends on the patch encoder ('{encoder}') and the tiling; "
+            "features from another encoder need a new run.",
+        ),
+    ]
+    if inputs.synthetic:
+        title, _, text = inputs.synthetic.partition(": ")
+        items.insert(0, (title, text[:1].upper() + text[1:]))
+    return items
 
 
-def _delong_wide(delong: pd.DataFrame) -> pd.DataFrame:
+def fmt(value: Any) -> str:
+    if isinstance(value, float | np.floating):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)
+
+
+def options_text(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {fmt(v)}" for k, v in options.items()) or "–"
+
+
+# --- Markdown -----------------------------------------------------------------------------------
+
+
+def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
+    h = inputs.headline
+    lines = [f"# {inputs.title}", ""]
+    if inputs.synthetic:
+        lines += [f"> **{inputs.synthetic}**", ""]
+    lines += [f"**{h.winners()}** {h.significance()}", "", f"Compared: {h.compared()}", ""]
+    lines += _md_table(pd.DataFrame(headline_rows(h)), index=False) + [""]
+    warning = h.reliability()
+    if warning:
+        lines += [f"**Warning:** {warning}", ""]
+    lines += ["## AUC by missing rate", "", _legend_text(inputs), ""]
+    lines += _md_table(auc_cells(inputs.metrics, h)) + [""]
+    for group in inputs.figures:
+        lines += [f"## {group.title}", "", group.caption, ""]
+        for _name, path, alt in group.figures:
+            rel = Path(path).relative_to(run_dir).as_posix()
+            lines += [f"![{alt}]({rel})", ""]
+    lines += ["## Confusion matrices at the chosen threshold", ""]
+    if len(inputs.confusion):
+        lines += _md_table(inputs.confusion.rename(columns={"missing_rate": "r"}), index=False)
+    lines += ["", "## All metrics", "", "Bold: the best value at that rate.", ""]
+    lines += _md_metrics(inputs.metrics)
+    lines += ["", f"## DeLong tests against {inputs.reference}", ""]
+    delong = delong_cells(inputs.delong)
+    lines += _md_table(delong) if not delong.empty else ["No DeLong tests."]
+    lines += ["", "## Methods and their options", ""]
+    for info in inputs.methods:
+        lines.append(
+            f"- **{info.key}** (`{info.name}`): {options_text(info.options)}"
+            + (f"; set in the config: {options_text(info.given)}" if info.given else "")
+        )
+    lines += ["", "## Cohort", ""]
+    if inputs.cohort.get("splits"):
+        lines += _md_table(pd.DataFrame(inputs.cohort["splits"]).set_index("split")) + [""]
+    for column, share in inputs.cohort.get("clinical_missing", {}).items():
+        lines.append(f"- {_md(column)} missing in {share:.1%} of patients")
+    for key, value in inputs.cohort.items():
+        if key not in ("splits", "clinical_missing"):
+            lines.append(f"- {_md(key)}: {_md(fmt(value))}")
+    lines += ["", "## How the numbers were made", "", protocol_text(inputs), ""]
+    lines += ["## Intended use and limitations", ""]
+    lines += [f"- **{head}.** {text}" for head, text in limitations(inputs)]
+    lines += ["", "## Provenance", ""]
+    lines += [f"- {_md(key)}: {_md(fmt(value))}" for key, value in inputs.provenance.items()]
+    if inputs.config_text:
+        lines += ["", "<details><summary>Resolved config</summary>", ""]
+        lines += [*_md_code(inputs.config_text.rstrip(), "yaml"), "", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+def _legend_text(inputs: ReportInputs) -> str:
+    return (
+        "r = share of test patients whose clinical data is withheld (0: all have it). Each cell: "
+        "AUC and its 95% CI; bold: highest at that rate; *: differs from "
+        f"{inputs.reference} at that rate (DeLong, Holm-corrected p < 0.05)."
+    )
+
+
+def auc_cells(metrics: pd.DataFrame, headline: Headline) -> pd.DataFrame:
+    """Method x rate table of ``AUC* [CI low, high]`` strings (Markdown)."""
+    flags = best_flags(metrics)
+
+    def cell(i: int, row: pd.Series) -> str:
+        mark = "*" if (row.method, float(row.missing_rate)) in headline.significant_cells else ""
+        value = f"**{row.auc:.3f}**" if flags.at[i, "auc"] else f"{row.auc:.3f}"
+        ci = "" if np.isnan(row.auc_ci_low) else f" [{row.auc_ci_low:.2f}, {row.auc_ci_high:.2f}]"
+        return f"{value}{mark}{ci}"
+
+    table = metrics.assign(cell=[cell(i, r) for i, r in metrics.iterrows()])
+    wide = table.pivot(index="method", columns="missing_rate", values="cell")
+    wide = wide.loc[list(dict.fromkeys(metrics["method"]))]
+    wide.columns = [f"r={c:g}" for c in wide.columns]
+    return wide
+
+
+def delong_cells(delong: pd.DataFrame) -> pd.DataFrame:
+    """Method x rate table of ``difference (p)`` strings."""
     if delong.empty:
         return pd.DataFrame()
 
     def cell(row: pd.Series) -> str:
-        return f"{row.auc_difference:+.3f} (p={row.p_holm:.3g})"
+        return f"{row.auc_difference:+.3f} ({format_p(row.p_holm)})"
 
     wide = delong.assign(cell=delong.apply(cell, axis=1)).pivot(
         index="method", columns="missing_rate", values="cell"
@@ -156,140 +309,47 @@ def _delong_wide(delong: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
-# --- HTML ---------------------------------------------------------------------------------------
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
-max-width:1100px;color:#222;line-height:1.45;padding:0 1em}
-h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
-th,td{border:1px solid #ddd;padding:.25em .55em;text-align:right}
-th{background:#f4f4f4}td:nth-child(2),td:first-child{text-align:left}
-td.best{font-weight:700;background:#e8f4e8}
-img{max-width:100%;display:block;margin:.6em 0}
-pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em}
-.note{color:#555;font-size:.9em}
-"""
-
-
-def render_html(inputs: ReportInputs) -> str:
-    e = html.escape
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{e(inputs.title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{e(inputs.title)}</h1>",
-        f"<p class='note'>{e(_protocol_text(inputs))}</p>",
-        "<h2>AUC by missing rate</h2>",
-        _html_frame(auc_cells(inputs.metrics)),
-    ]
-    for name, path in inputs.figures.items():
-        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-        parts.append(f"<h2>{e(FIGURE_TITLES.get(name, name))}</h2>")
-        parts.append(f"<img id='fig-{e(name)}' alt='{e(name)}' src='data:image/png;base64,{data}'>")
-    header, rows = _metric_rows(inputs.metrics)
-    parts += [
-        "<h2>Metrics</h2>",
-        "<p class='note'>Bold: the best value at that rate.</p>",
-        "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>",
-    ]
-    for row in rows:
-        cells = "".join(
-            f"<td class='best'>{e(v)}</td>" if best else f"<td>{e(v)}</td>" for v, best in row
-        )
-        parts.append(f"<tr>{cells}</tr>")
-    parts.append("</table>")
-    parts.append(f"<h2>DeLong tests against {e(inputs.reference)}</h2>")
-    delong = _delong_wide(inputs.delong)
-    parts.append(
-        "<p class='note'>AUC difference to the reference and Holm-corrected p-value.</p>"
-        + _html_frame(delong)
-        if not delong.empty
-        else f"<p>No DeLong tests: '{e(inputs.reference)}' was not evaluated.</p>"
-    )
-    parts += ["<h2>Cohort</h2>", _html_cohort(inputs.cohort)]
-    parts += ["<h2>Provenance</h2>", _html_mapping(inputs.provenance)]
-    if inputs.config_text:
-        parts.append(f"<h3>Resolved config</h3><pre>{e(inputs.config_text)}</pre>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+def metric_groups(metrics: pd.DataFrame):
+    """Rows of the full metrics table grouped by rate: ``(rate, [(method, cells)])`` where each
+    cell is ``(text, best)``."""
+    flags = best_flags(metrics)
+    folds = metrics.get("n_folds", pd.Series([1])).max() > 1
+    groups = []
+    for rate, rows in metrics.groupby("missing_rate", sort=True):
+        out = []
+        for i, r in rows.iterrows():
+            cells = [
+                (f"{r.auc:.3f}", bool(flags.at[i, "auc"])),
+                (f"{r.auc_ci_low:.2f}–{r.auc_ci_high:.2f}", False),
+                (f"{r.auc_std:.3f}", False),
+            ]
+            cells += [(f"{r.auc_fold_std:.3f}", False)] if folds else []
+            for column in METRIC_COLUMNS:
+                best = bool(flags.at[i, column]) if column in MARKED else False
+                cells.append((f"{r[column]:.3f}", best))
+            out.append((str(r.method), cells))
+        groups.append((float(rate), out))
+    header = ["AUC", "95% CI", "seed sd"] + (["fold sd"] if folds else [])
+    return header + list(METRIC_COLUMNS.values()), groups
 
 
-def _html_frame(frame: pd.DataFrame, *, index: bool = True) -> str:
-    e = html.escape
+def _md_metrics(metrics: pd.DataFrame) -> list[str]:
+    header, groups = metric_groups(metrics)
+    lines = ["| r | method | " + " | ".join(header) + " |", "|" + "---|" * (len(header) + 2)]
+    for rate, rows in groups:
+        for method, cells in rows:
+            texts = [f"**{v}**" if best else v for v, best in cells]
+            lines.append(f"| {rate:g} | {method} | " + " | ".join(texts) + " |")
+    return lines
+
+
+def _md_table(frame: pd.DataFrame, *, index: bool = True) -> list[str]:
     head = ([frame.index.name or ""] if index else []) + [str(c) for c in frame.columns]
-    out = ["<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"]
+    lines = ["| " + " | ".join(_md(h) for h in head) + " |", "|" + "---|" * len(head)]
     for key, row in frame.iterrows():
-        cells = ([str(key)] if index else []) + [_fmt(v) for v in row]
-        out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
-    return "".join(out) + "</table>"
-
-
-def _html_mapping(mapping: dict[str, Any]) -> str:
-    e = html.escape
-    rows = "".join(
-        f"<tr><th>{e(str(k))}</th><td>{e(_fmt(v))}</td></tr>" for k, v in mapping.items()
-    )
-    return f"<table>{rows}</table>"
-
-
-def _html_cohort(cohort: dict[str, Any]) -> str:
-    parts = []
-    if cohort.get("splits"):
-        parts.append(_html_frame(pd.DataFrame(cohort["splits"]), index=False))
-    if cohort.get("clinical_missing"):
-        frame = pd.DataFrame(
-            {
-                "column": list(cohort["clinical_missing"]),
-                "share missing": [f"{v:.1%}" for v in cohort["clinical_missing"].values()],
-            }
-        )
-        parts.append("<h3>Clinical missingness per column (whole cohort)</h3>")
-        parts.append(_html_frame(frame, index=False))
-    details = {k: v for k, v in cohort.items() if k not in ("splits", "clinical_missing")}
-    if details:
-        parts.append(_html_mapping(details))
-    return "".join(parts) or "<p>No cohort summary in this run directory.</p>"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float | np.floating):
-        return f"{value:.4g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {v}" for k, v in value.items())
-    return str(value)
-
-
-# --- Markdown -----------------------------------------------------------------------------------
-
-
-def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
-    lines = [f"# {inputs.title}", "", _protocol_text(inputs), "", "## AUC by missing rate", ""]
-    lines += _md_frame(auc_cells(inputs.metrics)) + [""]
-    for name, path in inputs.figures.items():
-        rel = Path(path).relative_to(run_dir).as_posix()
-        lines += [f"![{FIGURE_TITLES.get(name, name)}]({rel})", ""]
-    header, rows = _metric_rows(inputs.metrics)
-    lines += ["## Metrics", "", "Bold: the best value at that rate.", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [
-        "| " + " | ".join(f"**{v}**" if best else v for v, best in row) + " |" for row in rows
-    ]
-    lines += ["", f"## DeLong tests against {inputs.reference}", ""]
-    delong = _delong_wide(inputs.delong)
-    lines += _md_frame(delong) if not delong.empty else ["No DeLong tests."]
-    lines += ["", "## Cohort", ""]
-    if inputs.cohort.get("splits"):
-        lines += _md_frame(pd.DataFrame(inputs.cohort["splits"]).set_index("split")) + [""]
-    for column, share in inputs.cohort.get("clinical_missing", {}).items():
-        lines.append(f"- {_md(column)} missing in {share:.1%} of patients")
-    for key, value in inputs.cohort.items():
-        if key not in ("splits", "clinical_missing"):
-            lines.append(f"- {_md(key)}: {_md(_fmt(value))}")
-    lines += ["", "## Provenance", ""]
-    lines += [f"- {_md(key)}: {_md(_fmt(value))}" for key, value in inputs.provenance.items()]
-    if inputs.config_text:
-        lines += ["", *_md_code(inputs.config_text.rstrip(), "yaml")]
-    return "\n".join(lines) + "\n"
+        cells = ([str(key)] if index else []) + [fmt(v) for v in row]
+        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+    return lines
 
 
 def _md(text: object) -> str:
@@ -305,12 +365,3 @@ def _md_code(text: str, language: str) -> list[str]:
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return [fence + language, text, fence]
-
-
-def _md_frame(frame: pd.DataFrame) -> list[str]:
-    head = [frame.index.name or ""] + [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(_md(h) for h in head) + " |", "|" + "---|" * len(head)]
-    for key, row in frame.iterrows():
-        cells = [str(key)] + [_fmt(v) for v in row]
-        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
-    return lines

@@ -19,13 +19,19 @@ import numpy as np
 from bidistill.config import MaskKind, TilingConfig
 from bidistill.errors import SlideError
 from bidistill.slides.coords import write_coords
-from bidistill.slides.masks import load_annotations, rasterize, tissue_mask
+from bidistill.slides.masks import ink_strokes, load_annotations, rasterize, tissue_mask
 from bidistill.slides.reader import PatchFolder, Slide, WholeSlide, require_mpp
 
 log = logging.getLogger(__name__)
 
 THUMB_PX_PER_TILE = 16
 THUMB_SIDE = (1024, 4096)  # bounds on the thumbnail's longest side
+# With `remove_pen`, a tile with blue or green marker on more than this share of it is dropped,
+# whatever the mask: an annotation polygon is often drawn right along the pathologist's ink, and
+# ink over tissue changes what an encoder sees. On synthetic BCNB slides a stroke across a tile
+# covers 2-8% of it (its tinted rim included, see ink_strokes); on a real H&E slide without
+# marker (CMU-1-Small-Region) no tile has any.
+MAX_PEN_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,8 @@ class SlideTiling:
         mask: bool [h, w] at thumbnail resolution.
         downsample: (dx, dy) level-0 pixels per thumbnail pixel.
         n_candidates: tiles on the grid before filtering.
+        pen: bool [h, w] at thumbnail resolution, the marker strokes that tiles were dropped
+            for (None when ``remove_pen`` is off).
     """
 
     coords: np.ndarray
@@ -68,6 +76,7 @@ class SlideTiling:
     mask: np.ndarray
     downsample: tuple[float, float]
     n_candidates: int
+    pen: np.ndarray | None = None
 
 
 def tile_spec(slide: WholeSlide, tiling: TilingConfig) -> TileSpec:
@@ -178,8 +187,10 @@ def tile_slide(
 ) -> SlideTiling:
     """Tile a whole-slide image: grid, mask, blank filter.
 
-    A tile is kept when at least ``min_mask_fraction`` of it lies in the mask and at most
-    ``max_blank_fraction`` of it is background (not tissue, pen ink counted as background).
+    A tile is kept when at least ``min_mask_fraction`` of it lies in the mask, at most
+    ``max_blank_fraction`` of it is background (not tissue, pen ink counted as background) and,
+    with ``remove_pen``, at most ``MAX_PEN_FRACTION`` of it is blue or green marker (whatever
+    the mask).
     """
     spec = tile_spec(slide, tiling)
     ds = thumbnail_downsample(slide.width, slide.height, spec.size_level0)
@@ -189,6 +200,9 @@ def tile_slide(
     in_mask = box_fractions(mask, candidates, spec.size_level0, downsample)
     blank = 1.0 - box_fractions(foreground, candidates, spec.size_level0, downsample)
     keep = (in_mask >= max(tiling.min_mask_fraction, 1e-9)) & (blank <= tiling.max_blank_fraction)
+    pen = ink_strokes(thumbnail) if tiling.remove_pen else None
+    if pen is not None:
+        keep &= box_fractions(pen, candidates, spec.size_level0, downsample) <= MAX_PEN_FRACTION
     return SlideTiling(
         coords=candidates[keep],
         spec=spec,
@@ -197,6 +211,7 @@ def tile_slide(
         mask=mask,
         downsample=downsample,
         n_candidates=len(candidates),
+        pen=pen,
     )
 
 

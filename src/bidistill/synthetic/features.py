@@ -47,15 +47,20 @@ def make_feature_cohort(
     no_clinical_share: float = 0.05,
     with_split: bool = True,
     progress: bool = False,
+    config_name: str | None = "config.yaml",
 ) -> Path:
     """Write a cohort table, one .h5 feature file per slide and a ready config.
 
+    Args:
+        config_name: the config's file name in ``out_dir``; None writes no config (for
+            ``bidistill init --synthetic``, which writes its own template beside the cohort).
+
     Side effects: creates ``out_dir/cohort.csv``, ``out_dir/features/<slide_id>.h5``,
     ``out_dir/key_instances.h5`` (the planted key instances of each slide) and
-    ``out_dir/config.yaml`` (every file written atomically).
+    ``out_dir/<config_name>`` (every file written atomically).
 
     Returns:
-        The path of the experiment config.
+        The path of the experiment config (where it would be when ``config_name`` is None).
     """
     if patients < 20:
         raise ValueError(f"a synthetic cohort needs at least 20 patients, got {patients}")
@@ -96,8 +101,9 @@ def make_feature_cohort(
     frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     write_csv(out_dir / "cohort.csv", frame)
     write_key_instances(out_dir / KEY_INSTANCES, key_instances)
-    config_path = out_dir / "config.yaml"
-    write_text(config_path, feature_cohort_config(with_split=with_split))
+    config_path = out_dir / (config_name or "config.yaml")
+    if config_name is not None:
+        write_text(config_path, feature_cohort_config(with_split=with_split))
     return config_path
 
 

@@ -36,6 +36,7 @@ from bidistill.training.checkpoint import save_checkpoint
 from bidistill.training.data import PatientBags, StoreBags, bag_loader
 from bidistill.training.loop import TrainingDivergedError, fit, predict_loader, resolve_device
 from bidistill.training.seeding import seed_everything
+from bidistill.training.threads import cpu_threads_for
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,14 @@ def train_method(
         parts["val"].dataset, tcfg.batch_size, shuffle=False, workers=workers, seed=tcfg.seed
     )
     val_labels = cohort.subset(split_ids["val"])["label"].to_numpy(np.int64)
-    result = fit(
-        method, train_loader, val_loader, val_labels, tcfg, device=device, progress=progress
+    threads = cpu_threads_for(
+        method, device, batch_size=tcfg.batch_size, bag_lengths=parts["train"].dataset.lengths()
     )
+    with threads:
+        result = fit(
+            method, train_loader, val_loader, val_labels, tcfg, device=device, progress=progress
+        )
+        predictions = _predict_all(method, parts, cohort, fold, tcfg.batch_size, device)
 
     meta = {
         "fold": fold,
@@ -182,7 +188,6 @@ def train_method(
     }
     save_checkpoint(method_dir, method, encoder, meta)
     write_csv(method_dir / TRAIN_LOG, pd.DataFrame(result.log_rows))
-    predictions = _predict_all(method, parts, cohort, fold, tcfg.batch_size, device)
     _refuse_non_finite(predictions, method_cfg.key, method_dir / PREDICTIONS)
     write_csv(method_dir / PREDICTIONS, predictions)  # last: marks the method as done
     log.info("%s: trained in %.1f s", method.name, time.perf_counter() - started)

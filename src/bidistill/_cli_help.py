@@ -1,0 +1,102 @@
+"""How ``--help`` looks: plain metavars and docstrings that wrap as paragraphs.
+
+typer's rich help shows a required argument as ``{config}``, every flag with a ``<bool>`` type
+and every value as ``<path>`` or ``<int range>``, and keeps the line breaks of a docstring's later
+paragraphs, so they break mid-sentence at any terminal width but the source's. The command and
+group classes here give the conventional look instead (``CONFIG``, ``--out DIR``, flags bare)
+and join each paragraph's lines; a line that starts with ``Example:`` stays on its own.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import typer.core
+
+# typer's type label -> the conventional metavar.
+_METAVARS = {
+    "int": "INTEGER",
+    "int range": "INTEGER",
+    "float": "NUMBER",
+    "float range": "NUMBER",
+    "path": "PATH",
+    "str": "TEXT",
+}
+
+
+def unwrap_paragraphs(text: str | None) -> str | None:
+    """Join the lines of each paragraph (blank-line separated) into one line."""
+    if not text:
+        return text
+    import inspect
+
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    joined = []
+    for paragraph in paragraphs:
+        lines = [line.strip() for line in paragraph.splitlines()]
+        # An example or a list item starts a line of its own.
+        out: list[str] = []
+        for line in lines:
+            if out and not re.match(r"(Example|Examples):|[-*] ", line):
+                out[-1] = f"{out[-1]} {line}"
+            else:
+                out.append(line)
+        joined.append("\n".join(out))
+    return "\n\n".join(joined)
+
+
+def _plain_argument_name(param: typer.core.TyperArgument) -> str:
+    name = param.metavar or (param.name or "").upper()
+    if param.nargs != 1:
+        name += "..."
+    return name if param.required else f"[{name}]"
+
+
+def _tidy(param: Any, ctx: Any) -> None:
+    """Give ``param`` a conventional metavar (once; the objects are reused between calls)."""
+    if getattr(param, "_bidistill_tidy", False):
+        return
+    param._bidistill_tidy = True  # type: ignore[attr-defined]
+    # typer vendors its own click, so the checks name typer's classes.
+    if isinstance(param, typer.core.TyperOption):
+        if param.is_flag or param.count:
+            param.metavar = ""
+        elif param.metavar is None:
+            label = param.display_type(ctx).strip("<>")
+            param.metavar = _METAVARS.get(label, label.upper())
+    elif isinstance(param, typer.core.TyperArgument):
+        name = _plain_argument_name(param)
+        # The type column repeats what the name says; the usage line drops typer's braces.
+        param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+        param.get_usage_pieces = lambda ctx: [name]  # type: ignore[method-assign]
+        if param.metavar is None:
+            param.metavar = (param.name or "").upper()
+
+
+class HelpCommand(typer.core.TyperCommand):
+    """A command whose help has plain metavars and unwrapped paragraphs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = unwrap_paragraphs(self.help)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            _tidy(param, ctx)
+        return params
+
+
+class HelpGroup(typer.core.TyperGroup):
+    """A command group with the same help conventions as ``HelpCommand``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = unwrap_paragraphs(self.help)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            _tidy(param, ctx)
+        return params

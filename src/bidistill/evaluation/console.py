@@ -1,0 +1,138 @@
+"""The results table that `bidistill run`, `evaluate` and `demo` print: AUC with its CI per
+method and missing rate, which differences are significant, and what the numbers can carry.
+
+Everything goes to one stream (stdout), table and legend together, so that redirecting the
+output keeps them side by side.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bidistill.evaluation.headline import RATE_MEANING, Headline, build_headline
+
+
+def results_table(metrics: pd.DataFrame, headline: Headline) -> Table:
+    """Methods as rows, rates as columns; each cell the AUC over its 95% CI.
+
+    Bold: the highest AUC at that rate. ``*``: differs from the reference method at that rate
+    (DeLong, Holm-corrected p < 0.05).
+    """
+    rates = sorted(metrics["missing_rate"].unique())
+    best = metrics.groupby("missing_rate")["auc"].max()
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table.add_column("method", no_wrap=True)
+    for rate in rates:
+        table.add_column(f"r={rate:g}", justify="right", no_wrap=True)
+    for method, rows in metrics.groupby("method", sort=False):
+        by_rate = rows.set_index("missing_rate")
+        cells = []
+        for rate in rates:
+            row = by_rate.loc[rate]
+            mark = "*" if (method, float(rate)) in headline.significant_cells else " "
+            style = "bold" if row.auc >= best[rate] - 1e-12 else ""
+            cell = Text(f"{row.auc:.3f}{mark}", style=style)
+            if pd.notna(row.auc_ci_low):
+                cell.append(f"\n{_short(row.auc_ci_low)}–{_short(row.auc_ci_high)} ", style="dim")
+            cells.append(cell)
+        table.add_row(method, *cells)
+    return table
+
+
+def _short(value: float) -> str:
+    """0.812 -> .81: CI bounds at two decimals, so that a cell stays narrow."""
+    return f"{value:.2f}".removeprefix("0")
+
+
+def print_results(
+    metrics: pd.DataFrame,
+    delong: pd.DataFrame,
+    *,
+    reference: str,
+    console: Console | None = None,
+) -> Headline:
+    """Print the table, its legend and the headline sentences; return the headline."""
+    console = console or Console()
+    headline = build_headline(metrics, delong, reference)
+    seeds = int(metrics["n_mask_seeds"].max()) if "n_mask_seeds" in metrics else None
+    over = f", mean of {seeds} mask seeds" if seeds and seeds > 1 else ""
+    console.print(
+        f"AUC on {headline.n_patients} test patients ({headline.n_positive} positive){over}; "
+        "95% CI below",
+        highlight=False,
+        style="bold",
+    )
+    console.print(results_table(metrics, headline))
+    console.print(
+        f"{RATE_MEANING}. bold: highest AUC at that rate. *: differs from {reference} at that "
+        "rate (DeLong, Holm-corrected p < 0.05); no mark: no significant difference.",
+        highlight=False,
+    )
+    console.print(f"{headline.winners()} {headline.significance()}", highlight=False)
+    warning = headline.reliability()
+    if warning:
+        console.print(Text.assemble(("warning: ", "bold yellow"), warning), highlight=False)
+    return headline
+
+
+def print_comparison(result, *, console: Console | None = None) -> None:
+    """The comparison of several runs: AUC and CI per (run, method) and rate, with the paired
+    tests against the first run's same method."""
+    from bidistill.evaluation.headline import format_p
+
+    console = console or Console()
+    table_data = result.table
+    reference = result.runs[0]
+    significant = {
+        (row.run, row.method, float(row.missing_rate))
+        for row in result.delong.itertuples()
+        if row.p_holm < 0.05
+    }
+    rates = sorted(table_data["missing_rate"].unique())
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table.add_column("run", no_wrap=True)
+    table.add_column("method", no_wrap=True)
+    for rate in rates:
+        table.add_column(f"r={rate:g}", justify="right", no_wrap=True)
+    for (run, method), rows in table_data.groupby(["run", "method"], sort=False):
+        by_rate = rows.set_index("missing_rate")
+        cells = []
+        for rate in rates:
+            if rate not in by_rate.index:
+                cells.append(Text("–"))
+                continue
+            row = by_rate.loc[rate]
+            mark = "*" if (run, method, float(rate)) in significant else " "
+            cell = Text(f"{row.auc:.3f}{mark}")
+            if pd.notna(row.auc_ci_low):
+                cell.append(f"\n{_short(row.auc_ci_low)}–{_short(row.auc_ci_high)} ", style="dim")
+            cells.append(cell)
+        table.add_row(run, method, *cells)
+    n = ", ".join(
+        f"{run} {int(rows['n_patients'].iloc[0])}" for run, rows in table_data.groupby("run")
+    )
+    console.print(f"AUC by run, method and missing rate (test patients: {n})", style="bold")
+    console.print(table)
+    console.print(
+        f"{RATE_MEANING}. *: differs from the same method in {reference} at that rate "
+        "(paired DeLong, Holm-corrected p < 0.05).",
+        highlight=False,
+    )
+    if len(result.delong):
+        smallest = result.delong.loc[result.delong["p_holm"].idxmin()]
+        console.print(
+            f"{int((result.delong['p_holm'] < 0.05).sum())} of {len(result.delong)} paired tests "
+            f"significant; smallest: {smallest.run} {smallest.method} at r = "
+            f"{smallest.missing_rate:g}, {smallest.auc_difference:+.3f} AUC, "
+            f"{format_p(smallest.p_holm)}.",
+            highlight=False,
+        )
+    for run, why in result.unpaired.items():
+        console.print(
+            Text.assemble(("not tested: ", "yellow"), f"{run} has {why}: compare its CIs only."),
+            highlight=False,
+        )

@@ -1,0 +1,236 @@
+"""What a run's results say, in a few sentences: who won at which rates, and does it hold up.
+
+Shared by the console table (`bidistill run` / `evaluate`) and the report's headline box, so both
+say the same thing. Significance is DeLong's paired test against the reference method with Holm's
+correction across methods at each rate (``delong.csv``); nothing here tests anything new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+ALPHA = 0.05
+# Below these counts a ranking of AUCs is mostly noise: the 95% CI of one AUC spans about
+# ±0.1 with 100 patients at 40% prevalence, more than the gaps between good methods.
+MIN_RELIABLE_PATIENTS = 100
+MIN_RELIABLE_PER_CLASS = 30
+
+RATE_MEANING = "r = share of test patients whose clinical data is withheld (0: all have it)"
+
+
+def format_p(p: float) -> str:
+    """One p-value format everywhere: ``p < 0.001``, ``p = 0.004``, ``p = 0.032``, ``p = 0.41``
+    (three decimals below 0.1, two above)."""
+    if p is None or not np.isfinite(p):
+        return "p = n/a"
+    if p < 0.001:
+        return "p < 0.001"
+    if p < 0.1:
+        return f"p = {p:.3f}"
+    return f"p = {min(p, 1.0):.2f}"
+
+
+def p_cell(p: float) -> str:
+    """The p-value for a table cell: ``<0.001``, ``0.004``, ``0.41``."""
+    return format_p(p).removeprefix("p = ").replace("p < ", "<")
+
+
+def rate_label(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def rate_span(rates: list[float]) -> str:
+    """``r = 0-0.6`` for consecutive rates, ``r = 0.2`` for one."""
+    if len(rates) == 1:
+        return f"r = {rate_label(rates[0])}"
+    return f"r = {rate_label(rates[0])}–{rate_label(rates[-1])}"
+
+
+@dataclass
+class RateResult:
+    """The winner at one missing rate and the test that says whether its lead is real.
+
+    ``versus`` is the method it is tested against: the runner-up when the winner is the
+    reference method, else the reference (the DeLong tests are all against the reference).
+    """
+
+    rate: float
+    best: str
+    auc: float
+    ci: tuple[float, float]
+    versus: str | None
+    difference: float  # best minus versus
+    p_holm: float
+
+    @property
+    def significant(self) -> bool:
+        return bool(np.isfinite(self.p_holm) and self.p_holm < ALPHA)
+
+
+@dataclass
+class Headline:
+    methods: list[str]
+    reference: str
+    n_patients: int
+    n_positive: int
+    rates: list[RateResult]
+    ci_half_width: float  # median over methods and rates
+    significant_cells: set[tuple[str, float]]  # (method, rate) that differ from the reference
+
+    @property
+    def unreliable(self) -> bool:
+        n_negative = self.n_patients - self.n_positive
+        return (
+            self.n_patients < MIN_RELIABLE_PATIENTS
+            or min(self.n_positive, n_negative) < MIN_RELIABLE_PER_CLASS
+        )
+
+    def compared(self) -> str:
+        """What was compared on what: the first sentence of the headline."""
+        rates = [r.rate for r in self.rates]
+        return (
+            f"{len(self.methods)} methods ({', '.join(self.methods)}) on "
+            f"{self.n_patients} test patients ({self.n_positive} positive), with clinical data "
+            f"withheld from {_share(rates[0])} to {_share(rates[-1])} of them (r = "
+            f"{rate_label(rates[0])} to {rate_label(rates[-1])})."
+        )
+
+    def winners(self) -> str:
+        """Who has the highest AUC at which rates, with the AUCs at the ends of each span."""
+        by_rate = {r.rate: r for r in self.rates}
+        groups = _runs([(r.best, r.rate) for r in self.rates])
+        if len(groups) == 1 and len(self.rates) > 1:
+            first, last = self.rates[0], self.rates[-1]
+            return (
+                f"{groups[0][0]} has the highest AUC at every rate: {first.auc:.3f} at "
+                f"r = {rate_label(first.rate)}, {last.auc:.3f} at r = {rate_label(last.rate)}."
+            )
+        parts = []
+        for method, rates in groups:
+            aucs = [f"{by_rate[r].auc:.3f}" for r in (rates[0], rates[-1])]
+            span = aucs[0] if len(rates) == 1 else f"{aucs[0]} to {aucs[1]}"
+            parts.append(f"{method} at {rate_span(rates)} ({span})")
+        return "Highest AUC: " + "; ".join(parts) + "."
+
+    def significance(self) -> str:
+        """Whether the leads hold up, with the p-values."""
+        tested = [r for r in self.rates if r.versus is not None]
+        if len(self.methods) < 2:
+            return "One method only: nothing to compare it with."
+        if not tested:
+            return (
+                f"No significance tests: the reference method '{self.reference}' was not evaluated."
+            )
+        sig = [r for r in tested if r.significant]
+        nonsig = [r for r in tested if not r.significant]
+        if not sig:
+            low = min(r.p_holm for r in nonsig)
+            return (
+                "No lead is statistically significant (DeLong, Holm-corrected: "
+                f"{_p_floor(low, nonsig)})."
+            )
+        if not nonsig:
+            high = format_p(max(r.p_holm for r in sig)).replace("p = ", "p ≤ ")
+            return f"Every lead is statistically significant (DeLong, Holm-corrected: {high})."
+        return (
+            "Significant leads (DeLong, Holm-corrected p < 0.05) at "
+            f"{_rates_text([r.rate for r in sig])}; not significant at "
+            f"{_rates_text([r.rate for r in nonsig])}."
+        )
+
+    def reliability(self) -> str | None:
+        """A warning when the test set is too small for a reliable ranking."""
+        if not self.unreliable:
+            return None
+        n_negative = self.n_patients - self.n_positive
+        return (
+            f"Only {self.n_patients} test patients ({self.n_positive} positive, {n_negative} "
+            f"negative): each AUC's 95% CI spans about ±{self.ci_half_width:.2f}, so this "
+            "ranking is not reliable. Use a larger test set, or k-fold cross-validation "
+            "(cohort.splits.mode: kfold)."
+        )
+
+
+def _share(rate: float) -> str:
+    return f"{rate:.0%}"
+
+
+def _p_floor(low: float, rows: list[RateResult]) -> str:
+    if len(rows) == 1:
+        return format_p(low)
+    return "every " + format_p(low).replace("p = ", "p ≥ ").replace("p < ", "p ≥ ")
+
+
+def _rates_text(rates: list[float]) -> str:
+    return ", ".join(f"r = {rate_label(r)}" for r in rates)
+
+
+def _runs(items: list[tuple[str, float]]) -> list[tuple[str, list[float]]]:
+    """Group consecutive rates that share a winner."""
+    groups: list[tuple[str, list[float]]] = []
+    for method, rate in items:
+        if groups and groups[-1][0] == method:
+            groups[-1][1].append(rate)
+        else:
+            groups.append((method, [rate]))
+    return groups
+
+
+def build_headline(metrics: pd.DataFrame, delong: pd.DataFrame, reference: str) -> Headline:
+    """The headline facts from ``metrics.csv`` and ``delong.csv``."""
+    methods = list(dict.fromkeys(metrics["method"]))
+    significant = {
+        (row.method, float(row.missing_rate))
+        for row in delong.itertuples()
+        if np.isfinite(row.p_holm) and row.p_holm < ALPHA
+    }
+    results = []
+    for rate, rows in metrics.groupby("missing_rate", sort=True):
+        ranked = rows.sort_values("auc", ascending=False, kind="stable")
+        best = ranked.iloc[0]
+        versus, difference, p = _test_of_lead(ranked, delong, reference, float(rate))
+        results.append(
+            RateResult(
+                rate=float(rate),
+                best=str(best.method),
+                auc=float(best.auc),
+                ci=(float(best.auc_ci_low), float(best.auc_ci_high)),
+                versus=versus,
+                difference=difference,
+                p_holm=p,
+            )
+        )
+    widths = (metrics["auc_ci_high"] - metrics["auc_ci_low"]).to_numpy(dtype=float)
+    widths = widths[np.isfinite(widths)]
+    n_positive = int(metrics["n_positive"].iloc[0]) if "n_positive" in metrics else 0
+    return Headline(
+        methods=methods,
+        reference=reference,
+        n_patients=int(metrics["n_patients"].iloc[0]),
+        n_positive=n_positive,
+        rates=results,
+        ci_half_width=float(np.median(widths) / 2) if len(widths) else float("nan"),
+        significant_cells=significant,
+    )
+
+
+def _test_of_lead(
+    ranked: pd.DataFrame, delong: pd.DataFrame, reference: str, rate: float
+) -> tuple[str | None, float, float]:
+    at_rate = delong[np.isclose(delong["missing_rate"].astype(float), rate)]
+    if at_rate.empty or len(ranked) < 2:
+        return None, float("nan"), float("nan")
+    best = str(ranked.iloc[0].method)
+    if best == reference:
+        versus = str(ranked.iloc[1].method)
+        row = at_rate[at_rate["method"] == versus]
+        if row.empty:
+            return None, float("nan"), float("nan")
+        return versus, -float(row.iloc[0].auc_difference), float(row.iloc[0].p_holm)
+    row = at_rate[at_rate["method"] == best]
+    if row.empty:
+        return None, float("nan"), float("nan")
+    return reference, float(row.iloc[0].auc_difference), float(row.iloc[0].p_holm)

@@ -1,0 +1,413 @@
+"""``report.html``: one self-contained page (no script, no external resource) that reads at any
+width from 820 px up and prints on A4/Letter.
+
+Layout: the headline box first (and the synthetic-data banner above it), then the tables and the
+figures. Panels sit in a grid that wraps (three across at 1280 px, two at 820 px and on paper);
+wide tables scroll inside their own box, so the page itself never scrolls sideways; the
+resolved config is collapsed. Every method is drawn in the same colour in every report, and a
+swatch of that colour stands beside its name in the tables.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bidistill.evaluation.headline import format_p
+from bidistill.evaluation.plots import method_colour
+from bidistill.evaluation.report import (
+    ReportInputs,
+    best_flags,
+    fmt,
+    headline_rows,
+    limitations,
+    metric_groups,
+    options_text,
+    protocol_text,
+)
+
+e = html.escape
+
+CSS = """
+:root{--ink:#1d1d1f;--muted:#5b5b66;--line:#d9d9de;--soft:#f4f4f6}
+*{box-sizing:border-box}
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:var(--ink);
+margin:0 auto;max-width:1120px;padding:1.2em 1.2em 3em}
+h1{font-size:1.5em;margin:.2em 0 .1em}
+h2{font-size:1.2em;margin:2.2em 0 .5em;border-bottom:1px solid var(--line);padding-bottom:.2em}
+h3{font-size:1em;margin:1.2em 0 .4em}
+p{margin:.4em 0}
+.meta,.note{color:var(--muted);font-size:.9em}
+.banner{background:#fdecea;border:2px solid #b3261e;color:#601410;border-radius:8px;
+padding:.7em 1em;margin:1em 0;font-size:1.02em}
+.headline{background:#f1f6fb;border:2px solid #2f5d8a;border-radius:10px;padding:.9em 1.2em;
+margin:1em 0 1.4em}
+.headline .lead{font-size:1.4em;font-weight:650;line-height:1.3;margin:.1em 0 .35em}
+.headline table{background:#fff;margin:.6em 0}
+.sig{color:#1b5e20;font-weight:600}.nonsig{color:#8a4b00;font-weight:600}
+.warn{background:#fff4e0;border-left:4px solid #e08a00;padding:.45em .8em;margin:.6em 0}
+nav{display:flex;flex-wrap:wrap;gap:.15em 1em;font-size:.9em;margin:.4em 0 0}
+nav a{color:#2f5d8a;text-decoration:none;white-space:nowrap}
+.scroll{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;font-size:.86em;font-variant-numeric:tabular-nums;margin:.4em 0}
+th,td{padding:.28em .5em;border-bottom:1px solid var(--line);text-align:right;vertical-align:top;
+white-space:nowrap}
+thead th{background:var(--soft);font-weight:600;border-bottom:2px solid var(--line)}
+.l{text-align:left}
+td.best{font-weight:700;background:#e9f5ea}
+td.wrap{white-space:normal;min-width:16em;text-align:left}
+tbody th.group{text-align:left;background:#fff;font-weight:600;padding-top:.9em;
+border-bottom:2px solid var(--line)}
+.ci{display:block;color:var(--muted);font-size:.86em}
+.muted{color:var(--muted);font-size:.86em}
+table.dense th,table.dense td{padding:.28em .38em}
+table.dense th.group{padding-top:.9em}
+.sw{display:inline-block;width:.8em;height:.8em;border-radius:2px;margin-right:.45em;
+vertical-align:-.05em}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:1em 1.2em}
+figure{margin:.4em 0}
+img{display:block;max-width:100%;height:auto}
+figure.wide img{width:100%;max-width:900px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:.8em}
+.card{border:1px solid var(--line);border-radius:8px;padding:.5em .8em}
+.card h3{margin:.2em 0}.card table{font-size:.82em;margin:.2em 0}
+.card th,.card td{padding:.2em .45em;text-align:center}.card th.l{text-align:left}
+ul.card-list li{margin:.35em 0}
+details{margin:2em 0}summary{cursor:pointer;font-weight:600}
+pre{background:var(--soft);padding:.8em;overflow-x:auto;font-size:.8em;max-width:100%}
+@media print{
+body{max-width:none;padding:0;font-size:10.5pt}
+nav,details{display:none}
+.grid{grid-template-columns:1fr 1fr}
+.scroll{overflow:visible}
+section,figure,.card,tr,.headline,.banner{break-inside:avoid}
+h2{break-after:avoid}
+}
+"""
+
+
+def render_html(inputs: ReportInputs) -> str:
+    headline = inputs.headline
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{e(inputs.title)}</title><style>{CSS}</style></head><body>",
+        f"<header><h1>{e(inputs.title)}</h1>{_meta(inputs)}</header>",
+    ]
+    if inputs.synthetic:
+        title, _, text = inputs.synthetic.partition(": ")
+        parts.append(
+            "<div class='banner' id='synthetic-banner' role='note'>"
+            f"<strong>{e(title)}:</strong> {e(text)}</div>"
+        )
+    parts.append(_headline(inputs, headline))
+    parts.append(_nav(inputs))
+    parts.append(_section("auc", "AUC by missing rate", _auc_table(inputs, headline)))
+    for group in inputs.figures:
+        parts.append(_section(group.key, group.title, _figure_group(group)))
+    parts.append(
+        _section("confusion", "Confusion matrices at the chosen threshold", _confusion(inputs))
+    )
+    parts.append(_section("metrics", "All metrics", _metrics_table(inputs)))
+    parts.append(_section("delong", f"DeLong tests against {inputs.reference}", _delong(inputs)))
+    parts.append(_section("methods", "Methods and their options", _methods(inputs)))
+    parts.append(_section("cohort", "Cohort", _cohort(inputs.cohort)))
+    parts.append(
+        _section("protocol", "How the numbers were made", f"<p>{e(protocol_text(inputs))}</p>")
+    )
+    parts.append(_section("limitations", "Intended use and limitations", _limitations(inputs)))
+    parts.append(_section("provenance", "Provenance", _mapping(inputs.provenance)))
+    if inputs.config_text:
+        lines = inputs.config_text.count("\n")
+        parts.append(
+            f"<details id='config'><summary>Resolved config ({lines} lines)</summary>"
+            f"<pre>{e(inputs.config_text)}</pre></details>"
+        )
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _meta(inputs: ReportInputs) -> str:
+    items = [f"{inputs.headline.n_patients} test patients"]
+    for key in ("run started", "bidistill", "git commit"):
+        if key in inputs.provenance:
+            items.append(f"{key} {inputs.provenance[key]}")
+    return f"<p class='meta'>{e(' · '.join(items))}</p>"
+
+
+def _section(key: str, title: str, body: str) -> str:
+    return f"<section id='{e(key)}'><h2>{e(title)}</h2>{body}</section>"
+
+
+def _nav(inputs: ReportInputs) -> str:
+    links = [("auc", "AUC table")] + [(g.key, g.title) for g in inputs.figures]
+    links += [
+        ("confusion", "confusion matrices"),
+        ("metrics", "all metrics"),
+        ("delong", "DeLong tests"),
+        ("methods", "methods"),
+        ("cohort", "cohort"),
+        ("limitations", "limitations"),
+        ("provenance", "provenance"),
+    ]
+    anchors = "".join(f"<a href='#{e(k)}'>{e(t)}</a>" for k, t in links)
+    return f"<nav aria-label='Contents'>{anchors}</nav>"
+
+
+def _swatch(method: str) -> str:
+    return f"<span class='sw' style='background:{method_colour(method)}'></span>{e(method)}"
+
+
+# --- headline -----------------------------------------------------------------------------------
+
+
+def _headline(inputs: ReportInputs, headline) -> str:
+    rows = headline_rows(headline)
+    head = "".join(f"<th class='{_align(k)}'>{e(k)}</th>" for k in rows[0]) if rows else ""
+    body = []
+    for row in rows:
+        cells = []
+        for key, value in row.items():
+            text = _swatch(value) if key == "highest AUC" else e(value)
+            cls = _align(key)
+            if key == "significant" and value in ("yes", "no"):
+                cls += " sig" if value == "yes" else " nonsig"
+            cells.append(f"<td class='{cls}'>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    verdict_cls = "sig" if all(r.significant for r in headline.rates) else "nonsig"
+    warning = headline.reliability()
+    return (
+        "<section class='headline' id='headline' aria-label='Headline'>"
+        f"<p class='lead'>{e(headline.winners())}</p>"
+        f"<p class='{verdict_cls}'>{e(headline.significance())}</p>"
+        f"<p>Compared: {e(headline.compared())}</p>"
+        f"<div class='scroll'><table><thead><tr>{head}</tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+        + (f"<p class='warn'><strong>Warning:</strong> {e(warning)}</p>" if warning else "")
+        + "</section>"
+    )
+
+
+def _align(key: str) -> str:
+    return "l" if key in ("highest AUC", "tested against", "method") else ""
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+
+def _auc_table(inputs: ReportInputs, headline) -> str:
+    metrics = inputs.metrics
+    flags = best_flags(metrics)
+    rates = sorted(metrics["missing_rate"].unique())
+    head = "<th class='l'>method</th>" + "".join(f"<th>r = {r:g}</th>" for r in rates)
+    rows = []
+    for method in dict.fromkeys(metrics["method"]):
+        cells = [f"<td class='l'>{_swatch(method)}</td>"]
+        for rate in rates:
+            match = metrics[(metrics["method"] == method) & (metrics["missing_rate"] == rate)]
+            row = match.iloc[0]
+            mark = "*" if (method, float(rate)) in headline.significant_cells else ""
+            ci = (
+                ""
+                if pd.isna(row.auc_ci_low)
+                else f"<span class='ci'>{row.auc_ci_low:.2f}–{row.auc_ci_high:.2f}</span>"
+            )
+            best = " class='best'" if flags.at[match.index[0], "auc"] else ""
+            cells.append(f"<td{best}>{row.auc:.3f}{mark}{ci}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    legend = (
+        "r: share of test patients whose clinical data is withheld (0: all have it). Each cell: "
+        "the AUC (mean over mask seeds) over its 95% CI. Bold: the highest AUC at that rate. "
+        f"*: differs from {inputs.reference} at that rate (DeLong, Holm-corrected p < 0.05)."
+    )
+    return (
+        f"<p class='note'>{e(legend)}</p><div class='scroll'><table><thead><tr>{head}</tr>"
+        f"</thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _metrics_table(inputs: ReportInputs) -> str:
+    header, groups = metric_groups(inputs.metrics)
+    head = "<th class='l'>method</th>" + "".join(f"<th>{e(h)}</th>" for h in header)
+    bodies = []
+    for rate, rows in groups:
+        title = f"r = {rate:g}: clinical data withheld from {rate:.0%} of the test patients"
+        out = [f"<tr><th class='group' colspan='{len(header) + 1}'>{e(title)}</th></tr>"]
+        for method, cells in rows:
+            tds = "".join(
+                f"<td class='best'>{e(v)}</td>" if best else f"<td>{e(v)}</td>" for v, best in cells
+            )
+            out.append(f"<tr><td class='l'>{_swatch(method)}</td>{tds}</tr>")
+        bodies.append("<tbody>" + "".join(out) + "</tbody>")
+    note = (
+        "Grouped by missing rate; bold: the best value within the group (highest, or lowest for "
+        "Brier score and ECE). Thresholded metrics use the threshold in the last column, chosen "
+        "on the validation patients."
+    )
+    return (
+        f"<p class='note'>{e(note)}</p><div class='scroll'><table class='dense'><thead><tr>"
+        f"{head}</tr></thead>" + "".join(bodies) + "</table></div>"
+    )
+
+
+def _delong(inputs: ReportInputs) -> str:
+    delong = inputs.delong
+    if delong.empty:
+        return f"<p>No DeLong tests: '{e(inputs.reference)}' was not evaluated.</p>"
+    rates = sorted(delong["missing_rate"].unique())
+    head = "<th class='l'>method</th>" + "".join(f"<th>r = {r:g}</th>" for r in rates)
+    rows = []
+    for method in dict.fromkeys(delong["method"]):
+        cells = [f"<td class='l'>{_swatch(method)}</td>"]
+        for rate in rates:
+            row = delong[(delong["method"] == method) & (delong["missing_rate"] == rate)].iloc[0]
+            sig = row.p_holm < 0.05
+            cls = ' class="best"' if sig else ""
+            cells.append(
+                f"<td{cls}>{row.auc_difference:+.3f}"
+                f"<span class='ci'>{e(format_p(row.p_holm))}</span></td>"
+            )
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    note = (
+        f"AUC difference to {inputs.reference} (method minus {inputs.reference}) and the "
+        "Holm-corrected p-value; highlighted: p < 0.05."
+    )
+    return (
+        f"<p class='note'>{e(note)}</p><div class='scroll'><table><thead><tr>{head}</tr>"
+        f"</thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _confusion(inputs: ReportInputs) -> str:
+    frame = inputs.confusion
+    if frame.empty:
+        return "<p>No confusion matrices.</p>"
+    cards = []
+    for method, rows in frame.groupby("method", sort=False):
+        rates = list(rows.itertuples())
+        top = "".join(
+            f"<th colspan='2'>r = {r.missing_rate:g}<span class='ci'>threshold "
+            f"{r.threshold:.2f}</span></th>"
+            for r in rates
+        )
+        sub = "<th>+</th><th>−</th>" * len(rates)
+        positive = "".join(f"<td>{r.tp}</td><td>{r.fn}</td>" for r in rates)
+        negative = "".join(f"<td>{r.fp}</td><td>{r.tn}</td>" for r in rates)
+        rates_text = "".join(
+            f"<td colspan='2' class='muted'>sens. {r.tp / max(r.tp + r.fn, 1):.2f}<br>"
+            f"spec. {r.tn / max(r.tn + r.fp, 1):.2f}</td>"
+            for r in rates
+        )
+        cards.append(
+            f"<div class='card'><h3>{_swatch(method)}</h3><table>"
+            f"<thead><tr><th></th>{top}</tr><tr><th class='l'>predicted</th>{sub}</tr></thead>"
+            f"<tbody><tr><th class='l'>actual +</th>{positive}</tr>"
+            f"<tr><th class='l'>actual −</th>{negative}</tr>"
+            f"<tr><td></td>{rates_text}</tr></tbody></table></div>"
+        )
+    note = (
+        "Test patients by true and predicted class at the first and last missing rate, at the "
+        "threshold chosen on the validation patients (Youden's J unless the config fixes one); "
+        "first mask seed (at these two rates every seed withholds the same patients)."
+    )
+    return f"<p class='note'>{e(note)}</p><div class='cards'>{''.join(cards)}</div>"
+
+
+def _methods(inputs: ReportInputs) -> str:
+    if not inputs.methods:
+        return "<p>No method details in this run directory.</p>"
+    head = (
+        "<th class='l'>entry</th><th class='l'>method</th><th class='l'>set in the config</th>"
+        "<th class='l'>all options (defaults included)</th><th>epochs run</th>"
+        "<th>best epoch</th><th>training (s)</th>"
+    )
+    rows = []
+    for info in inputs.methods:
+        best = ", ".join(str(b) for b in info.best_epochs) or "–"
+        seconds = f"{info.train_seconds:.1f}" if info.train_seconds is not None else "–"
+        rows.append(
+            f"<tr><td class='l'>{_swatch(info.key)}</td><td class='l'>{e(info.name)}</td>"
+            f"<td class='wrap'>{e(options_text(info.given))}</td>"
+            f"<td class='wrap'>{e(options_text(info.options))}</td>"
+            f"<td>{info.epochs_run or '–'}</td><td>{e(best)}</td><td>{seconds}</td></tr>"
+        )
+    note = (
+        "Each entry of the config's methods: its registry method, the options the config sets "
+        "and every option it trained with. Best epoch: the epoch whose weights were kept (one "
+        "per training stage), counted from 1."
+    )
+    return (
+        f"<p class='note'>{e(note)}</p><div class='scroll'><table><thead><tr>{head}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _cohort(cohort: dict[str, Any]) -> str:
+    parts = []
+    if cohort.get("splits"):
+        parts.append(_frame(pd.DataFrame(cohort["splits"])))
+    if cohort.get("clinical_missing"):
+        frame = pd.DataFrame(
+            {
+                "column": list(cohort["clinical_missing"]),
+                "share missing": [f"{v:.1%}" for v in cohort["clinical_missing"].values()],
+            }
+        )
+        parts.append("<h3>Clinical missingness per column (whole cohort)</h3>")
+        parts.append(_frame(frame))
+    details = {k: v for k, v in cohort.items() if k not in ("splits", "clinical_missing")}
+    if details:
+        parts.append(_mapping(details))
+    return "".join(parts) or "<p>No cohort summary in this run directory.</p>"
+
+
+def _limitations(inputs: ReportInputs) -> str:
+    items = "".join(
+        f"<li><strong>{e(head)}.</strong> {e(text)}</li>" for head, text in limitations(inputs)
+    )
+    return f"<ul class='card-list'>{items}</ul>"
+
+
+def _frame(frame: pd.DataFrame) -> str:
+    head = "".join(
+        f"<th class='{'l' if i == 0 else ''}'>{e(str(c))}</th>" for i, c in enumerate(frame)
+    )
+    rows = []
+    for _, row in frame.iterrows():
+        cells = "".join(
+            f"<td class='{'l' if i == 0 else ''}'>{e(fmt(v))}</td>" for i, v in enumerate(row)
+        )
+        rows.append(f"<tr>{cells}</tr>")
+    return (
+        f"<div class='scroll'><table><thead><tr>{head}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _mapping(mapping: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><th class='l'>{e(str(k))}</th><td class='l wrap'>{e(fmt(v))}</td></tr>"
+        for k, v in mapping.items()
+    )
+    return f"<div class='scroll'><table><tbody>{rows}</tbody></table></div>"
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+
+def _figure_group(group) -> str:
+    figures = []
+    for name, path, alt in group.figures:
+        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        cls = ' class="wide"' if group.wide else ""
+        figures.append(
+            f"<figure{cls}>"
+            f"<img id='fig-{e(name)}' alt='{e(alt)}' src='data:image/png;base64,{data}'>"
+            "</figure>"
+        )
+    body = "".join(figures) if group.wide else f"<div class='grid'>{''.join(figures)}</div>"
+    return f"<p class='note'>{e(group.caption)}</p>{body}"

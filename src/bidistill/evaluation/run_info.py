@@ -1,0 +1,166 @@
+"""What the report says about a run beyond its metrics: each method's options and training, its
+confusion matrix at the chosen threshold, and whether the data is synthetic.
+
+Read from the run directory (``<method>/model.json``, ``<method>/train_log.csv``,
+``cohort.json``) and from the evaluation's own tables; nothing here is recomputed from the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bidistill.config import ExperimentConfig
+from bidistill.evaluation.missing import SplitSweep
+
+TRAIN_LOG = "train_log.csv"
+
+
+@dataclass
+class MethodInfo:
+    """One method entry of the run: its options and how its training went."""
+
+    key: str  # folder and report name
+    name: str  # registry name
+    given: dict[str, Any]  # options set in the config
+    options: dict[str, Any]  # every option, defaults included (from model.json)
+    epochs_run: int | None = None
+    best_epochs: list[int] = field(default_factory=list)  # per stage, counted from 1
+    train_seconds: float | None = None
+
+
+def method_infos(run_dir: Path, methods: list[str], config: ExperimentConfig | None):
+    """The options and training summary of every method (fold 0 in k-fold runs)."""
+    configured = {m.key: m for m in config.methods} if config else {}
+    logs = training_logs(run_dir, methods)
+    infos = []
+    for key in methods:
+        entry = configured.get(key)
+        meta = _model_json(run_dir, key)
+        log = logs.get(key)
+        infos.append(
+            MethodInfo(
+                key=key,
+                name=meta.get("method") or (entry.name if entry else key),
+                given=entry.options if entry else {},
+                options=meta.get("options", {}),
+                epochs_run=len(log) if log is not None else None,
+                best_epochs=best_epochs(log) if log is not None else [],
+                train_seconds=meta.get("train_seconds"),
+            )
+        )
+    return infos
+
+
+def selection_column(log: pd.DataFrame) -> str | None:
+    """The training log's model-selection score (what early stopping watched)."""
+    for column in ("val_score", "val_auc_present"):
+        if column in log:
+            return column
+    return None
+
+
+def best_epochs(log: pd.DataFrame) -> list[int]:
+    """The kept epoch of each training stage, counted from 1 over the whole log (the rows are
+    the epochs in order, whatever the log's own epoch numbering)."""
+    column = selection_column(log)
+    if column is None:
+        return []
+    scores = log[column].to_numpy(dtype=float)
+    stages = log["stage"].to_numpy() if "stage" in log else np.zeros(len(log))
+    out = []
+    for stage in dict.fromkeys(stages):
+        rows = np.flatnonzero(stages == stage)
+        finite = rows[np.isfinite(scores[rows])]
+        if len(finite):
+            out.append(int(finite[np.argmax(scores[finite])]) + 1)
+    return out
+
+
+def _method_dir(run_dir: Path, key: str) -> Path:
+    """The folder holding a method's model: its own, or fold 0's in a k-fold run."""
+    own = run_dir / key
+    if (own / "model.json").is_file() or not (run_dir / "folds").is_dir():
+        return own
+    return run_dir / "folds" / "fold0" / key
+
+
+def _model_json(run_dir: Path, key: str) -> dict[str, Any]:
+    path = _method_dir(run_dir, key) / "model.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def training_logs(run_dir: Path, methods: list[str]) -> dict[str, pd.DataFrame]:
+    """Each method's ``train_log.csv`` (fold 0 in k-fold runs); methods without one are left out."""
+    logs = {}
+    for key in methods:
+        path = _method_dir(run_dir, key) / TRAIN_LOG
+        if path.is_file():
+            frame = pd.read_csv(path)
+            if len(frame):
+                logs[key] = frame
+    return logs
+
+
+def confusion_rows(sweep: SplitSweep, by_seed: pd.DataFrame) -> pd.DataFrame:
+    """TP, FN, FP, TN of every method on the test patients at the first and last missing rate,
+    at the threshold the evaluation chose on validation (fold and first mask seed of ``sweep``;
+    at rates 0 and 1 every mask seed withholds the same patients)."""
+    rates = sorted({0, len(sweep.rates) - 1})
+    seed = int(sweep.seeds[0])
+    rows = []
+    for method, probs in sweep.probs.items():
+        for r in rates:
+            rate = float(sweep.rates[r])
+            match = by_seed[
+                (by_seed["method"] == method)
+                & np.isclose(by_seed["missing_rate"], rate)
+                & (by_seed["fold"] == sweep.fold)
+                & (by_seed["mask_seed"] == seed)
+            ]
+            threshold = float(match["threshold"].iloc[0])
+            predicted = probs[0, r] >= threshold
+            truth = sweep.labels.astype(bool)
+            rows.append(
+                {
+                    "method": method,
+                    "missing_rate": rate,
+                    "threshold": threshold,
+                    "tp": int(np.sum(predicted & truth)),
+                    "fn": int(np.sum(~predicted & truth)),
+                    "fp": int(np.sum(predicted & ~truth)),
+                    "tn": int(np.sum(~predicted & ~truth)),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def synthetic_notice(cohort: dict[str, Any], config: ExperimentConfig | None) -> str | None:
+    """The banner text when the features are synthetic or come from an untrained encoder.
+
+    The feature files' own ``encoder`` attribute (``cohort.json``) decides; the config's encoder
+    name is the fallback. Features made by ``bidistill.synthetic`` say ``synthetic``;
+    random-init encoders carry ``random`` in their name.
+    """
+    encoder = str(cohort.get("feature encoder") or (config.features.encoder if config else ""))
+    lowered = encoder.lower()
+    if lowered.startswith("synthetic"):
+        return (
+            f"Synthetic data: the features of this run (encoder '{encoder}') are random "
+            "vectors with a planted signal, made by bidistill.synthetic, not histology. The "
+            "numbers show how the methods behave, not how well they would predict anything "
+            "in patients."
+        )
+    if "random" in lowered:
+        return (
+            f"Random features: the patch encoder '{encoder}' has random, untrained weights. "
+            "The numbers test the pipeline, not what a trained encoder would achieve."
+        )
+    return None

@@ -1,0 +1,59 @@
+"""The first hour of a new user: the README's first-run commands, exactly as printed, in an empty
+folder. Each command must succeed and end by printing the next command of the README."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from bidistill.cli import app
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKER = "<!-- new-user-path"
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's marked code block, comments stripped."""
+    text = README.read_text(encoding="utf-8")
+    block = text[text.index(MARKER) :]
+    block = block[block.index("```bash\n") + len("```bash\n") :]
+    block = block[: block.index("```")]
+    commands = [line.split("  #")[0].strip() for line in block.splitlines()]
+    return [c for c in commands if c]
+
+
+def test_the_readme_block_is_the_path_we_test():
+    commands = readme_commands()
+    assert [c.split()[:2] for c in commands] == [
+        ["bidistill", "init"],
+        ["bidistill", "config"],
+        ["bidistill", "run"],
+    ]
+
+
+@pytest.mark.slow
+def test_new_user_path_as_the_readme_prints_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands()
+    runner = CliRunner()
+    for i, command in enumerate(commands):
+        args = shlex.split(command)
+        assert args[0] == "bidistill"
+        result = runner.invoke(app, args[1:])
+        assert result.exit_code == 0, f"{command}\n{result.output}"
+        last = result.stderr.strip().splitlines()[-1]
+        if i + 1 < len(commands):
+            assert last == f"next: {commands[i + 1]}", command
+    run_dir = Path(shlex.split(commands[-1])[-1])
+    assert last == f"next: open {run_dir / 'report.html'}"
+    # What the README promises: the results with their uncertainty, and a report that opens
+    # with the headline under a synthetic-data banner.
+    assert "95% CI" in result.stdout and "not reliable" in result.stdout
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert set(metrics["method"]) == {"bd", "wsi-only", "clinical-only", "fusion-mean", "moddrop"}
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert page.index("id='synthetic-banner'") < page.index("id='headline'") < page.index("<h2")
