@@ -163,18 +163,43 @@ def synth_features(
     console.print(f"wrote a synthetic cohort of {patients} patients to {out}; config: {config}")
 
 
-# --- tile ---------------------------------------------------------------------------------------
+# --- tile / extract / encoders (the per-slide stages) -------------------------------------------
+
+_SKIP_ERRORS_HELP = "Go on past slides that fail; list them at the end (exit status 1)."
+_SHARD_HELP = (
+    "Only shard i of n (0-based), e.g. 0/4 in a SLURM job array; under torchrun each process "
+    "takes its rank's share by itself."
+)
+
+
+def _print_stage_summary(summary, *, verb: str, unit: str, outputs: str) -> None:
+    """The closing lines of a per-slide stage: counts, each failure once, where the files are."""
+    line = (
+        f"{verb} {len(summary.done)} slides ({sum(summary.done.values())} {unit}), "
+        f"{len(summary.skipped)} already done, {len(summary.failed)} failed"
+    )
+    if summary.shard is not None:
+        line += f" (shard {summary.shard}; {summary.other_shards} slides left to other shards)"
+    console.print(f"{line}; {outputs}", highlight=False, soft_wrap=True)
+    if summary.failed:
+        console.print(f"[bold red]{len(summary.failed)} slides failed:[/]")
+        for slide_id, reason in summary.failed.items():
+            console.print(f"  {slide_id}: {reason}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _exit_if_failed(summary) -> None:
+    if summary.failed:
+        raise typer.Exit(code=1)
 
 
 @app.command()
 def tile(
     config: Path = typer.Argument(..., help="Experiment YAML (sections `slides` and `tiling`)."),
-    skip_errors: bool = typer.Option(
-        False, "--skip-errors", help="Go on past slides that fail; summarise them at the end."
-    ),
+    skip_errors: bool = typer.Option(False, "--skip-errors", help=_SKIP_ERRORS_HELP),
     workers: int | None = typer.Option(
         None, "--workers", min=1, help="Slides tiled in parallel (default: tiling.workers)."
     ),
+    shard: str | None = typer.Option(None, "--shard", help=_SHARD_HELP),
 ) -> None:
     """Tile every slide of the cohort: coords files (.h5) and a QC image per slide.
 
@@ -182,26 +207,106 @@ def tile(
 
     Example: bidistill tile experiment.yaml --workers 4 --skip-errors
     """
+    from bidistill.runner import resolve_shard
     from bidistill.slides.run import tile_from_config
 
     cfg = _load(config)
-    summary = tile_from_config(cfg, workers=workers, skip_errors=skip_errors)
+    summary = tile_from_config(
+        cfg, workers=workers, skip_errors=skip_errors, shard=resolve_shard(shard)
+    )
     coords_dir = cfg.tiling.coords_dir
-    console.print(
-        f"tiled {len(summary.tiled)} slides ({sum(summary.tiled.values())} tiles), "
-        f"{len(summary.skipped)} already done, {len(summary.failed)} failed; "
-        f"coords in {coords_dir}, QC images in {coords_dir / 'qc'}",
-        highlight=False,
-        soft_wrap=True,
+    _print_stage_summary(
+        summary,
+        verb="tiled",
+        unit="tiles",
+        outputs=f"coords in {coords_dir}, QC images in {coords_dir / 'qc'}",
     )
     for slide_id in summary.empty:
         console.print(f"[yellow]warning:[/] {slide_id}: no tile kept; open its QC image")
-    if summary.failed:
-        console.print(f"[bold red]{len(summary.failed)} slides failed:[/]")
-        for slide_id, reason in summary.failed.items():
-            console.print(f"  {slide_id}: {reason}", highlight=False, markup=False, soft_wrap=True)
-        if not summary.tiled and not summary.skipped:
-            raise typer.Exit(code=1)
+    if summary.extra.get("cache_mb"):
+        console.print(
+            f"plain images (JPEG, PNG) converted once to tiled TIFFs: {summary.extra['cache_mb']:g}"
+            f" MB in {summary.extra['cache_dir']} (`slides.cache_dir`); extraction reads them, "
+            "so keep them until it is done",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(f"next: bidistill extract {config}", highlight=False)
+    _exit_if_failed(summary)
+
+
+@app.command()
+def extract(
+    config: Path = typer.Argument(..., help="Experiment YAML (sections `slides`, `features`)."),
+    skip_errors: bool = typer.Option(False, "--skip-errors", help=_SKIP_ERRORS_HELP),
+    shard: str | None = typer.Option(None, "--shard", help=_SHARD_HELP),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+) -> None:
+    """Encode the tiles of every tiled slide: one features .h5 per slide in `features.dir`.
+
+    The encoder (`features.encoder`, see `bidistill encoders`) runs in bf16 on a GPU and fp32 on
+    the CPU; slides already extracted are skipped, so a killed run resumes. Shards never write
+    the same file: `--shard i/n` for job arrays, or one process per GPU with torchrun.
+
+    Example: bidistill extract experiment.yaml
+    (4 GPUs: torchrun --nproc_per_node=4 -m bidistill extract experiment.yaml)
+    """
+    from bidistill.features.extract import extract_from_config, gather_summaries
+    from bidistill.runner import resolve_shard
+
+    cfg = _load(config)
+    summary = extract_from_config(
+        cfg, shard=resolve_shard(shard), skip_errors=skip_errors, progress=not no_progress
+    )
+    merged = gather_summaries(summary)  # torchrun: every rank's summary, on rank 0
+    if merged is not None:
+        _print_stage_summary(
+            merged, verb="extracted", unit="patches", outputs=f"features in {cfg.features.dir}"
+        )
+        if summary.extra.get("random_init"):
+            console.print(
+                "[bold red]warning:[/] RANDOM encoder weights (features.random_init): for tests "
+                "and demos only",
+                highlight=False,
+            )
+        console.print(f"next: bidistill run {config} --out runs/first", highlight=False)
+    _exit_if_failed(summary)
+
+
+@app.command()
+def encoders() -> None:
+    """List the registered patch encoders: dimension, input size, MPP, licence and gating.
+
+    Any timm model works too (`timm:<name>`), and timm models on the Hugging Face Hub
+    (`hf-hub:<org>/<repo>`). Gated models need their licence accepted on the Hub and HF_TOKEN set;
+    offline, set `features.checkpoint` to a downloaded weights file.
+
+    Example: bidistill encoders
+    """
+    from rich.table import Table
+
+    from bidistill.features.encoders import list_encoders
+
+    table = Table(title="Patch encoders (features.encoder)", title_justify="left")
+    for column in ("name", "D", "input", "MPP", "licence", "gated", "weights"):
+        table.add_column(column, justify="right" if column in ("D", "MPP") else "left")
+    for spec in list_encoders():
+        table.add_row(
+            spec.name,
+            str(spec.dim),
+            spec.preprocess.describe() if spec.preprocess else "-",
+            f"{spec.mpp:g}" if spec.mpp else "-",
+            spec.licence,
+            "yes" if spec.gated else "no",
+            spec.hub,
+        )
+    Console().print(table)
+    console.print(
+        "also: timm:<name> (any timm model), hf-hub:<org>/<repo>, or a local model folder; "
+        "next: set features.encoder in your config, then `bidistill extract CONFIG`",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # --- BCNB ---------------------------------------------------------------------------------------

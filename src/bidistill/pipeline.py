@@ -77,6 +77,9 @@ def run_experiment(
     try:
         _write_resolved_config(config, out_dir)
         log.info("run %s: config %s", out_dir, config_path)
+        from bidistill.pixels import prepare_features
+
+        prepare_features(config, out_dir, progress=progress)  # tile + extract what is missing
         from bidistill.cohort import load_cohort, resolve_splits
 
         cohort = load_cohort(config.cohort)

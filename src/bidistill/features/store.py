@@ -21,6 +21,7 @@ import numpy as np
 from bidistill import __version__
 from bidistill._io import atomic_path, h5_attrs
 from bidistill.errors import FeatureFileError
+from bidistill.features.identity import common_identity
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ class FeatureStore:
             features fit comfortably in the available memory.
 
     Raises:
-        FeatureFileError: a file is missing, or the files disagree on the feature dimension.
+        FeatureFileError: a file is missing, or the files disagree on the feature dimension or
+            on what made them (``identity``: encoder, weights, patch size, MPP).
     """
 
     def __init__(
@@ -166,6 +168,8 @@ class FeatureStore:
         self._handles: dict[str, h5py.File] = {}
         self._pid = os.getpid()
         shapes = self._check_files()
+        # What made the files (encoder, weights, patch size, MPP); files that disagree are refused.
+        self.identity = common_identity(feature_path(self.features_dir, s) for s in self.slide_ids)
         self.lengths = {slide: shape[0] for slide, shape in shapes.items()}
         dims = {shape[-1] for shape in shapes.values()}
         if len(dims) > 1:

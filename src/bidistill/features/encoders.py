@@ -1,0 +1,654 @@
+"""Patch encoders by name: a registry of the encoders pathology users expect, plus any timm model.
+
+``features.encoder`` in the config is one of:
+
+- a registry name (``bidistill encoders`` lists them): ``resnet50-trunc`` (CLAM's baseline),
+  ``vgg16-bn`` (the BCNB and BD papers' backbone) and the pathology foundation models as their
+  authors publish them: ``uni``, ``uni2-h``, ``virchow2``, ``h-optimus-0``, ``h-optimus-1``,
+  ``prov-gigapath``, ``phikon-v2``;
+- ``timm:<name>`` (any timm model, e.g. ``timm:resnet18.a1_in1k``; pooled features);
+- ``hf-hub:<org>/<repo>`` (a timm model on the Hugging Face Hub);
+- a local folder holding a timm ``config.json`` and weights (a Hub download, for offline sites).
+
+Weights come from the Hub through timm / huggingface_hub (cached; ``HF_TOKEN`` for gated models),
+from ``features.checkpoint`` (a local weights file, loaded into the architecture built here,
+fully offline), or, for tests and demos only, from a seeded random initialisation
+(``features.random_init``), which every feature file then records.
+
+Each entry carries its preprocessing as its authors publish it (input size, resize and crop,
+interpolation, normalisation), applied to whole batches on the extraction device.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from bidistill.errors import BidistillError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+RANDOM_INIT_SEED = 0
+
+
+class EncoderError(BidistillError, ValueError):
+    """An encoder that cannot be found, built or loaded; the message says what to do."""
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a batch of tiles becomes model input (on the extraction device, batch at once).
+
+    Tiles are square: resize to ``resize`` (default ``size``), centre-crop ``size``, scale to
+    [0, 1] and normalise with ``mean``/``std``. Tiles already at the input size are not resized.
+    """
+
+    size: int = 224
+    resize: int | None = None
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] → float32 [B, 3, size, size]."""
+        x = pixels.float().div_(255.0)
+        side = self.resize or self.size
+        if x.shape[-2:] != (side, side):
+            x = nn.functional.interpolate(
+                x, size=(side, side), mode=self.interpolation, antialias=True, align_corners=False
+            )
+            if self.interpolation == "bicubic":
+                x = x.clamp_(0.0, 1.0)  # bicubic overshoots; PIL clips to the pixel range too
+        if side != self.size:
+            top = (side - self.size) // 2
+            x = x[..., top : top + self.size, top : top + self.size]
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def describe(self) -> str:
+        """``224`` or ``256→224`` (resize, then centre crop)."""
+        resize = f"{self.resize}→" if self.resize and self.resize != self.size else ""
+        return f"{resize}{self.size}"
+
+
+# --- the pieces an entry is built from ----------------------------------------------------------
+
+
+class _Pooled(nn.Module):
+    """Feature maps → global average pool → [B, C] (truncated CNNs)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(-2, -1))
+
+
+class _ClassAndMeanPatchTokens(nn.Module):
+    """A ViT's class token beside the mean of its patch tokens (registers left out): Virchow2's
+    embedding as its model card defines it, [B, 2 x width]."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(x)  # [B, 1 + registers + patches, width]
+        patches = tokens[:, self.vit.num_prefix_tokens :]
+        return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
+
+
+class _HFClassToken(nn.Module):
+    """A transformers vision model's class token, ``last_hidden_state[:, 0]`` (Phikon-v2)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).last_hidden_state[:, 0]
+
+
+def _truncate_resnet50(model: nn.Module) -> nn.Module:
+    # CLAM's resnet50_trunc: ImageNet ResNet-50 up to layer 3 (1024 channels), average-pooled.
+    model.layer4 = nn.Identity()
+    model.reset_classifier(0)
+    return model
+
+
+def _vgg_features(model: nn.Module) -> nn.Module:
+    # The convolutional part only (512 channels), pooled: what the BCNB/BD papers' MIL consumes.
+    return _Pooled(model.features)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One registry entry.
+
+    Attributes:
+        name: registry name.
+        summary: one line for ``bidistill encoders``.
+        dim: output dimension D (None for generic names until built).
+        preprocess: the authors' preprocessing (None: from the timm model's config).
+        mpp: the microns per pixel the encoder was trained at (None: any).
+        licence: the weights' licence.
+        gated: the Hub asks users to accept terms before downloading.
+        hub: where pretrained weights come from (``hf-hub:org/repo`` or a timm name).
+        arch: timm architecture used for random init and local checkpoints.
+        kwargs: timm keyword arguments (the Hub config's ``model_args`` and the card's extras).
+        wrap: turns the built timm model into one that returns [B, D].
+        kind: ``timm`` or ``transformers``.
+    """
+
+    name: str
+    summary: str
+    dim: int | None
+    preprocess: Preprocess | None
+    mpp: float | None
+    licence: str
+    gated: bool
+    hub: str
+    arch: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    wrap: Callable[[nn.Module], nn.Module] | None = None
+    kind: Literal["timm", "transformers"] = "timm"
+
+    @property
+    def hub_repo(self) -> str | None:
+        return self.hub.split(":", 1)[1] if self.hub.startswith("hf-hub:") else None
+
+
+_REGISTRY: dict[str, EncoderSpec] = {}
+
+
+def register_encoder(spec: EncoderSpec) -> EncoderSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"encoder '{spec.name}' registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _silu_swiglu() -> dict[str, Any]:
+    from timm.layers import SwiGLUPacked
+
+    return {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
+
+
+def _register_builtin() -> None:
+    register_encoder(
+        EncoderSpec(
+            name="resnet50-trunc",
+            summary="ImageNet ResNet-50 to layer 3, pooled (CLAM's baseline)",
+            dim=1024,
+            preprocess=Preprocess(224),
+            mpp=0.5,
+            licence="BSD-3-Clause",
+            gated=False,
+            hub="timm:resnet50.tv_in1k",
+            arch="resnet50",
+            wrap=_truncate_resnet50,
+        )
+    )
+    register_encoder(
+        EncoderSpec(
+            name="vgg16-bn",
+            summary="ImageNet VGG16-BN convolutions, pooled (the BCNB and BD papers' backbone)",
+            dim=512,
+            preprocess=Preprocess(224),
+            mpp=0.5,
+            licence="BSD-3-Clause",
+            gated=False,
+            hub="timm:vgg16_bn.tv_in1k",
+            arch="vgg16_bn",
+            wrap=_vgg_features,
+        )
+    )
+    vit_l = {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0}
+    register_encoder(
+        EncoderSpec(
+            name="uni",
+            summary="UNI ViT-L/16 (Mahmood Lab, 100k WSIs)",
+            dim=1024,
+            preprocess=Preprocess(224),
+            mpp=0.5,
+            licence="CC-BY-NC-ND-4.0",
+            gated=True,
+            hub="hf-hub:MahmoodLab/uni",
+            arch="vit_large_patch16_224",
+            kwargs={**vit_l, "dynamic_img_size": True},
+        )
+    )
+    register_encoder(
+        EncoderSpec(
+            name="uni2-h",
+            summary="UNI2-h ViT-H/14 with 8 registers (Mahmood Lab, 350k WSIs)",
+            dim=1536,
+            preprocess=Preprocess(224),
+            mpp=0.5,
+            licence="CC-BY-NC-ND-4.0",
+            gated=True,
+            hub="hf-hub:MahmoodLab/UNI2-h",
+            arch="vit_giant_patch14_224",
+            kwargs={
+                "img_size": 224,
+                "patch_size": 14,
+                "depth": 24,
+                "num_heads": 24,
+                "init_values": 1e-5,
+                "embed_dim": 1536,
+                "mlp_ratio": 2.66667 * 2,
+                "num_classes": 0,
+                "no_embed_class": True,
+                "reg_tokens": 8,
+                "dynamic_img_size": True,
+                "swiglu": True,
+            },
+        )
+    )
+    register_encoder(
+        EncoderSpec(
+            name="virchow2",
+            summary="Virchow2 ViT-H/14 (Paige): class token + mean of patch tokens",
+            dim=2560,
+            preprocess=Preprocess(224, interpolation="bicubic"),
+            mpp=0.5,
+            licence="CC-BY-NC-ND-4.0",
+            gated=True,
+            hub="hf-hub:paige-ai/Virchow2",
+            arch="vit_huge_patch14_224",
+            kwargs={
+                "img_size": 224,
+                "init_values": 1e-5,
+                "num_classes": 0,
+                "reg_tokens": 4,
+                "mlp_ratio": 5.3375,
+                "global_pool": "",
+                "dynamic_img_size": True,
+                "swiglu": True,
+            },
+            wrap=_ClassAndMeanPatchTokens,
+        )
+    )
+    optimus = {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": False}
+    for version, licence in (("0", "Apache-2.0"), ("1", "Bioptimus, non-commercial")):
+        register_encoder(
+            EncoderSpec(
+                name=f"h-optimus-{version}",
+                summary=f"H-optimus-{version} ViT-g/14 with 4 registers (Bioptimus)",
+                dim=1536,
+                preprocess=Preprocess(224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD),
+                mpp=0.5,
+                licence=licence,
+                gated=True,
+                hub=f"hf-hub:bioptimus/H-optimus-{version}",
+                arch="vit_giant_patch14_reg4_dinov2",
+                kwargs=optimus,
+            )
+        )
+    register_encoder(
+        EncoderSpec(
+            name="prov-gigapath",
+            summary="Prov-GigaPath tile encoder ViT-g (Providence / Microsoft)",
+            dim=1536,
+            preprocess=Preprocess(224, resize=256, interpolation="bicubic"),
+            mpp=0.5,
+            licence="Apache-2.0",
+            gated=True,
+            hub="hf-hub:prov-gigapath/prov-gigapath",
+            arch="vit_giant_patch14_dinov2",
+            kwargs={
+                "img_size": 224,
+                "in_chans": 3,
+                "patch_size": 16,
+                "embed_dim": 1536,
+                "depth": 40,
+                "num_heads": 24,
+                "init_values": 1e-5,
+                "mlp_ratio": 5.33334,
+                "num_classes": 0,
+                "global_pool": "token",
+            },
+        )
+    )
+    register_encoder(
+        EncoderSpec(
+            name="phikon-v2",
+            summary="Phikon-v2 ViT-L/16 DINOv2 (Owkin): class token; needs `transformers`",
+            dim=1024,
+            preprocess=Preprocess(224),
+            mpp=0.5,
+            licence="Owkin non-commercial",
+            gated=False,
+            hub="hf-hub:owkin/phikon-v2",
+            arch="dinov2",
+            kwargs={
+                "hidden_size": 1024,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "patch_size": 16,
+                "image_size": 224,
+                "layerscale_value": 1e-5,
+            },
+            wrap=_HFClassToken,
+            kind="transformers",
+        )
+    )
+
+
+_register_builtin()
+
+
+def list_encoders() -> list[EncoderSpec]:
+    """The registered encoders, in registration order."""
+    return list(_REGISTRY.values())
+
+
+# --- names → specs ------------------------------------------------------------------------------
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    """The spec for a config's ``features.encoder``.
+
+    Raises:
+        EncoderError: an unknown name (with the closest registry names), or a path that is not a
+            model folder.
+    """
+    key = name.strip()
+    if key.lower() in _REGISTRY:
+        return _REGISTRY[key.lower()]
+    if key.startswith("timm:"):
+        return _generic_spec(name, hub=key, arch=key.removeprefix("timm:"))
+    if key.startswith(("hf-hub:", "hf_hub:")):
+        repo = key.split(":", 1)[1]
+        return _generic_spec(name, hub=f"hf-hub:{repo}", arch=f"hf-hub:{repo}")
+    if "/" in key or key.startswith(".") or Path(key).exists():
+        return _local_spec(name, Path(key).expanduser())
+    hint = difflib.get_close_matches(key.lower(), list(_REGISTRY), n=2, cutoff=0.5)
+    did_you_mean = f" Did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
+    raise EncoderError(
+        f"unknown encoder '{name}'.{did_you_mean} Registered: {', '.join(_REGISTRY)}; or use "
+        "'timm:<model name>', 'hf-hub:<org>/<repo>' or a local model folder "
+        "(`bidistill encoders` lists them with their dimensions)"
+    )
+
+
+def _generic_spec(name: str, *, hub: str, arch: str) -> EncoderSpec:
+    return EncoderSpec(
+        name=name,
+        summary="a timm model, pooled features",
+        dim=None,
+        preprocess=None,
+        mpp=None,
+        licence="see the model's card",
+        gated=False,
+        hub=hub,
+        arch=arch,
+        kwargs={"num_classes": 0},
+    )
+
+
+def _local_spec(name: str, folder: Path) -> EncoderSpec:
+    if not (folder / "config.json").is_file():
+        raise EncoderError(
+            f"{folder}: not a model folder (expected a timm config.json beside the weights, as "
+            "a Hugging Face Hub download has). For a weights file of a registered architecture, "
+            "set `features.encoder` to the architecture and `features.checkpoint` to the file"
+        )
+    return _generic_spec(name, hub=f"local-dir:{folder.resolve()}", arch=f"local-dir:{folder}")
+
+
+# --- building and loading -----------------------------------------------------------------------
+
+
+@dataclass
+class Encoder:
+    """A ready patch encoder: ``model(preprocess(uint8 batch))`` → [B, dim].
+
+    Attributes:
+        name: as the config spelt it (recorded in every feature file).
+        weights_sha256: digest of the weights (first 16 hex digits of SHA-256 over the tensors).
+        source: where the weights came from (the Hub, a file, or random init).
+        random_init: True for seeded random weights (tests and demos).
+    """
+
+    name: str
+    spec: EncoderSpec
+    model: nn.Module
+    preprocess: Preprocess
+    dim: int
+    weights_sha256: str
+    source: str
+    random_init: bool
+
+    def to(self, device: torch.device) -> Encoder:
+        self.model.to(device)
+        return self
+
+
+def load_encoder(
+    name: str,
+    *,
+    checkpoint: str | Path | None = None,
+    random_init: bool = False,
+) -> Encoder:
+    """Build an encoder with its weights, on the CPU, in eval mode.
+
+    Args:
+        name: ``features.encoder`` (see the module docstring).
+        checkpoint: a local weights file (``.safetensors``, ``.bin``, ``.pth``) for the named
+            architecture; nothing is downloaded.
+        random_init: seeded random weights instead (tests and demos); recorded in the files.
+
+    Raises:
+        EncoderError: unknown name, missing package, gated or unreachable weights, or a
+            checkpoint that does not fit the architecture; each says what to do.
+    """
+    spec = encoder_spec(name)
+    if checkpoint is not None and random_init:
+        raise EncoderError("features.checkpoint and features.random_init exclude each other")
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            base = _with_hub_errors(spec, lambda: _create(spec, pretrained=False))
+        source = f"random init (seed {RANDOM_INIT_SEED}): NOT pretrained"
+    elif checkpoint is not None:
+        base = _with_hub_errors(spec, lambda: _create(spec, pretrained=False))
+        load_weights_file(base, Path(checkpoint), spec)
+        source = f"checkpoint {Path(checkpoint).resolve()}"
+    else:
+        base = _with_hub_errors(spec, lambda: _create(spec, pretrained=True))
+        source = spec.hub
+    preprocess = spec.preprocess or _timm_preprocess(base)
+    model = spec.wrap(base) if spec.wrap is not None else base
+    model.eval().requires_grad_(False)
+    dim = _output_dim(model, preprocess)
+    if spec.dim is not None and dim != spec.dim:
+        raise EncoderError(f"encoder '{name}' gives {dim}-d features, expected {spec.dim}")
+    return Encoder(
+        name=name,
+        spec=spec,
+        model=model,
+        preprocess=preprocess,
+        dim=dim,
+        weights_sha256=weights_digest(model),
+        source=source,
+        random_init=random_init,
+    )
+
+
+def _create(spec: EncoderSpec, *, pretrained: bool) -> nn.Module:
+    if spec.kind == "transformers":
+        return _create_transformers(spec, pretrained=pretrained)
+    import timm
+
+    kwargs = dict(spec.kwargs)
+    if kwargs.pop("swiglu", False):
+        kwargs.update(_silu_swiglu())
+    if pretrained:
+        target = spec.hub.removeprefix("timm:")
+        return timm.create_model(target, pretrained=True, **kwargs)
+    try:
+        return timm.create_model(spec.arch, pretrained=False, **kwargs)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise EncoderError(f"encoder '{spec.name}': {err}") from err
+
+
+def _create_transformers(spec: EncoderSpec, *, pretrained: bool) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as err:
+        raise EncoderError(
+            f"encoder '{spec.name}' needs the `transformers` package: "
+            "pip install 'bidistill[transformers]'"
+        ) from err
+    if pretrained:
+        return transformers.AutoModel.from_pretrained(spec.hub_repo)
+    config = transformers.Dinov2Config(**spec.kwargs)
+    return transformers.Dinov2Model(config)
+
+
+def _with_hub_errors(spec: EncoderSpec, build: Callable[[], nn.Module]) -> nn.Module:
+    """Run ``build`` and turn the Hub's errors into instructions."""
+    try:
+        return build()
+    except Exception as err:
+        raise _hub_error(spec, err) from err
+
+
+def _hub_error(spec: EncoderSpec, err: Exception) -> Exception:
+    """A download failure as a message that says what to do (gated, offline, unknown repo)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    if isinstance(err, EncoderError):
+        return err
+    where = spec.hub_repo or spec.hub.removeprefix("timm:")
+    offline = (
+        "; on a machine without internet, download the weights elsewhere and set "
+        "`features.checkpoint` to the weights file"
+    )
+    if isinstance(err, GatedRepoError):
+        return EncoderError(
+            f"encoder '{spec.name}': the weights on the Hugging Face Hub ({where}) are gated. "
+            f"Accept the licence at https://huggingface.co/{where} with your account, then make "
+            "a token with read access and set it: `export HF_TOKEN=hf_...` (or `hf auth "
+            f"login`){offline}"
+        )
+    if isinstance(err, RepositoryNotFoundError):
+        return EncoderError(
+            f"encoder '{spec.name}': no model '{where}' on the Hugging Face Hub (or it is "
+            "private: set HF_TOKEN)"
+        )
+    text = f"{type(err).__name__}: {err}".splitlines()[0]
+    if isinstance(err, (LocalEntryNotFoundError, OSError, ConnectionError)):
+        return EncoderError(
+            f"encoder '{spec.name}': cannot download its weights ({where}): {text}{offline}"
+        )
+    return EncoderError(f"encoder '{spec.name}': cannot build it ({text})")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise EncoderError(f"{path}: checkpoint file not found (`features.checkpoint`)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise EncoderError(f"{path}: not a readable weights file ({err})") from err
+    for key in ("state_dict", "model", "teacher"):  # common wrappers of training checkpoints
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise EncoderError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+_HEAD_PREFIXES = ("fc.", "head.", "classifier.", "pre_logits.")
+
+
+def load_weights_file(model: nn.Module, path: Path, spec: EncoderSpec) -> None:
+    """Load a local weights file into ``model`` (the unwrapped architecture), strictly.
+
+    Raises:
+        EncoderError: unreadable file, or keys that do not match the architecture.
+    """
+    state = _read_state_dict(path)
+    result = model.load_state_dict(state, strict=False)
+    # Classifier heads are not part of any embedding here: an ImageNet file may carry one that
+    # the architecture lacks, or lack one that it has.
+    missing = [k for k in result.missing_keys if not k.startswith(_HEAD_PREFIXES)]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(_HEAD_PREFIXES)]
+    if missing or unexpected:
+        raise EncoderError(
+            f"{path}: the weights do not fit encoder '{spec.name}' ({spec.arch}): "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}). Is it the weights file of this model?"
+        )
+
+
+def _timm_preprocess(model: nn.Module) -> Preprocess:
+    """A timm model's evaluation preprocessing from its pretrained config."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    size = int(cfg["input_size"][-1])
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    interpolation = "bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear"
+    return Preprocess(
+        size=size,
+        resize=int(round(size / crop_pct)),
+        interpolation=interpolation,
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+    )
+
+
+def _output_dim(model: nn.Module, preprocess: Preprocess) -> int:
+    """D, from one forward pass of one blank input."""
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, preprocess.size, preprocess.size))
+    if out.ndim != 2:
+        raise EncoderError(
+            f"the encoder returns a tensor of shape {tuple(out.shape)}; expected [batch, D] "
+            "(pooled features)"
+        )
+    return int(out.shape[-1])
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the parameters and buffers in name order (first 16 hex digits).
+
+    The digest is of the tensors, not of a file, so the same weights give the same digest whether
+    they came from the Hub, a local file or a cache.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            digest.update(data.view(torch.uint8).numpy())  # no copy: numpy shares the buffer
+    return digest.hexdigest()[:16]
