@@ -476,8 +476,7 @@ def load_encoder(
         base = _with_hub_errors(spec, lambda: _create(spec, pretrained=True))
         source = spec.hub
     preprocess = spec.preprocess or _timm_preprocess(base)
-    model = spec.wrap(base) if spec.wrap is not None else base
-    model.eval().requires_grad_(False)
+    model = _wrapped(spec, base).eval().requires_grad_(False)
     dim = _output_dim(model, preprocess)
     if spec.dim is not None and dim != spec.dim:
         raise EncoderError(f"encoder '{name}' gives {dim}-d features, expected {spec.dim}")
@@ -491,6 +490,16 @@ def load_encoder(
         source=source,
         random_init=random_init,
     )
+
+
+def build_architecture(spec: EncoderSpec) -> nn.Module:
+    """The entry's model with untrained weights, returning [B, D] (build it under
+    ``torch.device("meta")`` to check an architecture without memory or downloads)."""
+    return _wrapped(spec, _create(spec, pretrained=False))
+
+
+def _wrapped(spec: EncoderSpec, base: nn.Module) -> nn.Module:
+    return spec.wrap(base) if spec.wrap is not None else base
 
 
 def _create(spec: EncoderSpec, *, pretrained: bool) -> nn.Module:
