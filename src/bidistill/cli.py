@@ -187,6 +187,12 @@ def _print_stage_summary(summary, *, verb: str, unit: str, outputs: str) -> None
             console.print(f"  {slide_id}: {reason}", highlight=False, markup=False, soft_wrap=True)
 
 
+def _print_next(summary, command: str) -> None:
+    if summary.failed:
+        command = f"fix the failed slides or remove them from the cohort table; then {command}"
+    console.print(f"next: {command}", highlight=False, soft_wrap=True)
+
+
 def _exit_if_failed(summary) -> None:
     if summary.failed:
         raise typer.Exit(code=1)
@@ -231,7 +237,7 @@ def tile(
             highlight=False,
             soft_wrap=True,
         )
-    console.print(f"next: bidistill extract {config}", highlight=False)
+    _print_next(summary, f"bidistill extract {config}")
     _exit_if_failed(summary)
 
 
@@ -269,7 +275,7 @@ def extract(
                 "and demos only",
                 highlight=False,
             )
-        console.print(f"next: bidistill run {config} --out runs/first", highlight=False)
+        _print_next(merged, f"bidistill run {config} --out runs/first")
     _exit_if_failed(summary)
 
 
@@ -432,7 +438,10 @@ def run(
     out: Path = typer.Option(..., "--out", help="Run directory (created; reused to resume)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
-    """Run every stage not done yet: train each method, evaluate, report. Rerun to resume.
+    """Run every stage not done yet: tile, extract, train each method, evaluate, report.
+
+    With a `slides` section, slides without features are tiled and extracted first; each stage
+    skips what is done, so a rerun resumes.
 
     Writes the run directory: config.yaml, splits.json, one folder per method, predictions.csv,
     metrics.csv, metrics_by_seed.csv, delong.csv, report.html, report.md and figures/.
@@ -443,6 +452,10 @@ def run(
 
     result = run_experiment(config, out, progress=not no_progress)
     _print_run_summary(result.metrics, out)
+    if _load(config).features.random_init:
+        from bidistill.pixels import RANDOM_FEATURES_WARNING
+
+        console.print(f"[bold red]WARNING:[/] {RANDOM_FEATURES_WARNING}", highlight=False)
 
 
 @app.command()

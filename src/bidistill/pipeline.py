@@ -168,6 +168,10 @@ def _write_cohort_summary(out_dir: Path, config: ExperimentConfig, cohort) -> No
         "clinical_missing": {c: float(clinical[c].isna().mean()) for c in clinical.columns},
         "feature encoder": config.features.encoder,
     }
+    if config.features.random_init:  # the report shows this as a banner
+        from bidistill.pixels import RANDOM_FEATURES_WARNING
+
+        summary["warning"] = RANDOM_FEATURES_WARNING
     if len(cohort.slides):
         first = feature_path(config.features.dir, str(cohort.slides["slide_id"].iloc[0]))
         if first.is_file():

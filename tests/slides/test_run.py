@@ -187,3 +187,23 @@ def test_cli_tile_on_a_synthetic_bcnb_folder(tmp_path):
         assert len(tiles.coords) > 0
         assert (coords_dir / "qc" / f"{path.stem}.png").is_file()
     assert os.listdir(coords_dir / ".cache")
+
+
+def test_cli_tile_a_truncated_jpeg_names_skip_errors_and_reports_the_cache(tmp_path, slides_dir):
+    whole = (slides_dir / "A.jpg").read_bytes()
+    (slides_dir / "D.jpg").write_bytes(whole[: len(whole) // 3])
+    config = _write_cohort_config(tmp_path, slides_dir, ["A", "D"])
+    runner = CliRunner()
+    result = runner.invoke(app, ["tile", str(config)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert "D.jpg: cannot decode image" in output and "pass --skip-errors to go on" in output
+
+    result = runner.invoke(app, ["tile", str(config), "--skip-errors"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert output.count("D.jpg: cannot decode image") == 1  # in the summary, once
+    assert "1 already done, 1 failed" in output  # A was tiled by the first run
+    cache = tmp_path / "out" / "coords" / ".cache"
+    size_mb = sum(p.stat().st_size for p in cache.iterdir()) / 2**20
+    assert f"converted once to tiled TIFFs: {round(size_mb, 1):g} MB in {cache}" in output

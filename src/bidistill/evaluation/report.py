@@ -177,6 +177,7 @@ def render_html(inputs: ReportInputs) -> str:
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{e(inputs.title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{e(inputs.title)}</h1>",
+        *_html_warning(inputs.cohort.get("warning")),
         f"<p class='note'>{e(_protocol_text(inputs))}</p>",
         "<h2>AUC by missing rate</h2>",
         _html_frame(auc_cells(inputs.metrics)),
@@ -211,6 +212,14 @@ def render_html(inputs: ReportInputs) -> str:
         parts.append(f"<h3>Resolved config</h3><pre>{e(inputs.config_text)}</pre>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _html_warning(warning: str | None) -> list[str]:
+    """A banner for what makes the whole report meaningless (e.g. random features)."""
+    if not warning:
+        return []
+    style = "border:2px solid #b00;background:#fee;padding:.6em;font-weight:bold"
+    return [f"<p id='warning' style='{style}'>WARNING: {html.escape(warning)}</p>"]
 
 
 def _html_frame(frame: pd.DataFrame, *, index: bool = True) -> str:
@@ -262,7 +271,10 @@ def _fmt(value: Any) -> str:
 
 
 def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
-    lines = [f"# {inputs.title}", "", _protocol_text(inputs), "", "## AUC by missing rate", ""]
+    lines = [f"# {inputs.title}", ""]
+    if inputs.cohort.get("warning"):
+        lines += [f"> **WARNING: {inputs.cohort['warning']}**", ""]
+    lines += [_protocol_text(inputs), "", "## AUC by missing rate", ""]
     lines += _md_frame(auc_cells(inputs.metrics)) + [""]
     for name, path in inputs.figures.items():
         rel = Path(path).relative_to(run_dir).as_posix()
