@@ -156,7 +156,7 @@ def test_cli_tile_with_skip_errors_summarises_failures(tmp_path, slides_dir):
     assert "2 slides failed" in output
     assert output.count("D.svs: not a slide OpenSlide can read") == 1  # printed once
     assert output.count("E.png: not a readable image") == 1
-    assert "next: bidistill extract" in output
+    assert "remove them from the cohort table; then bidistill extract" in output
     coords = tmp_path / "out" / "coords"
     assert sorted(p.name for p in coords.glob("*.h5")) == ["A.h5", "B.h5", "C.h5"]
     assert read_coords(coords / "A.h5").attrs["slide_mpp"] == 0.25  # slides.mpp_column
