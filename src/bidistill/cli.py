@@ -477,24 +477,39 @@ def evaluate(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_run"), "--out", help="Folder for the cohort and run."),
-    patients: int = typer.Option(
-        1058, "--patients", min=40, help="Synthetic patients (1058: the size of BCNB)."
+    patients: int | None = typer.Option(
+        None,
+        "--patients",
+        min=20,
+        help="Synthetic patients (default 1058, the size of BCNB; 100 with --from-slides).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic cohort."),
+    from_slides: bool = typer.Option(
+        False,
+        "--from-slides",
+        help="Start from synthetic slides in the BCNB layout: bcnb prepare, tile, extract (a "
+        "small random-init encoder), train, report (a few minutes).",
+    ),
 ) -> None:
     """Train BD and baselines on a synthetic cohort and write the report (about 30 s).
 
     The whole tool end to end on a laptop CPU: cohort in OUT/cohort, run in OUT/run. Reruns
-    resume.
+    resume. With --from-slides it starts from pixels (OUT/BCNB) instead of features.
 
     Example: bidistill demo --out demo_run
     """
     import time
 
-    from bidistill.pipeline import run_demo
-
     start = time.perf_counter()
-    result = run_demo(out, patients=patients, seed=seed)
+    if from_slides:
+        from bidistill.pixels import RANDOM_FEATURES_WARNING, run_slides_demo
+
+        result = run_slides_demo(out, patients=patients or 100, seed=seed)
+        console.print(f"[bold red]WARNING:[/] {RANDOM_FEATURES_WARNING}", highlight=False)
+    else:
+        from bidistill.pipeline import run_demo
+
+        result = run_demo(out, patients=patients or 1058, seed=seed)
     _print_auc_table(result.metrics, "Demo: AUC by share of test patients without clinical data")
     console.print(
         f"done in {time.perf_counter() - start:.0f} s. Report: {result.run_dir / 'report.html'}"
