@@ -258,11 +258,13 @@ def extract(
     (4 GPUs: torchrun --nproc_per_node=4 -m bidistill extract experiment.yaml)
     """
     from bidistill.features.extract import extract_from_config, gather_summaries
-    from bidistill.runner import resolve_shard
+    from bidistill.runner import Shard, resolve_shard
 
     cfg = _load(config)
+    rank = Shard.from_env()
+    show = not no_progress and (rank is None or rank.index == 0)  # one bar, not one per rank
     summary = extract_from_config(
-        cfg, shard=resolve_shard(shard), skip_errors=skip_errors, progress=not no_progress
+        cfg, shard=resolve_shard(shard), skip_errors=skip_errors, progress=show
     )
     merged = gather_summaries(summary)  # torchrun: every rank's summary, on rank 0
     if merged is not None:

@@ -180,6 +180,8 @@ def describe_failure(err: BaseException, where: str | Path) -> str:
 
     if isinstance(err, BidistillError):
         return str(err)
+    # Not one of our errors: a library's, or a bug. Keep the traceback in the log.
+    log.info("%s failed", where, exc_info=err)
     return f"{where}: {type(err).__name__}: {err}"
 
 
