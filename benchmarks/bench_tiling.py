@@ -185,7 +185,8 @@ def loader_rate(
     the workers share out slides."""
     import torch
 
-    from bidistill.features.extract import ExtractionJob, _init_worker, _TileBatches
+    from bidistill.features.extract import ExtractionJob
+    from bidistill.features.tiles import TileBatches, init_reader_worker
     from bidistill.slides.coords import write_coords
 
     jobs = []
@@ -206,10 +207,10 @@ def loader_rate(
             )
             jobs.append(ExtractionJob(f"part{i}", path, coords_file, Path(tmp) / "x.h5", 0.5))
         loader = torch.utils.data.DataLoader(
-            _TileBatches(jobs, LOADER_BATCH, cache_dir),
+            TileBatches(jobs, LOADER_BATCH, cache_dir),
             batch_size=None,
             num_workers=workers,
-            worker_init_fn=_init_worker,
+            worker_init_fn=init_reader_worker,
             prefetch_factor=4,
         )
         start, cpu = time.perf_counter(), _children_cpu()
@@ -310,7 +311,7 @@ def _print_table(rows: list[dict]) -> None:
         ("tiles_per_s", "tiles/s"),
         ("tiles_per_cpu_s", "tiles/CPU-s"),
         *((f"loader_{w}w_tiles_per_s", f"loader {w}w tiles/s") for w in LOADER_WORKERS),
-        ("loader_1w_tiles_per_cpu_s", "loader tiles/worker-CPU-s"),
+        *((f"loader_{w}w_tiles_per_cpu_s", f"{w}w tiles/worker-CPU-s") for w in LOADER_WORKERS),
         ("peak_rss_mb", "peak RSS MB"),
     ]
     table = [[h for _, h in cols]] + [[str(r[k]) for k, _ in cols] for r in rows]

@@ -15,8 +15,8 @@ from ``features.checkpoint`` (a local weights file, loaded into the architecture
 fully offline), or, for tests and demos only, from a seeded random initialisation
 (``features.random_init``), which every feature file then records.
 
-Each entry carries its preprocessing as its authors publish it (input size, resize and crop,
-interpolation, normalisation), applied to whole batches on the extraction device.
+The entries themselves are in ``zoo`` (with the preprocessing of their model cards), the spec
+they fill in ``spec``; this module finds names and builds encoders with their weights.
 """
 
 from __future__ import annotations
@@ -25,154 +25,39 @@ import difflib
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from bidistill.errors import BidistillError
+from bidistill.features.spec import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, Preprocess
+from bidistill.features.zoo import builtin_encoders
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Encoder",
+    "EncoderError",
+    "EncoderSpec",
+    "Preprocess",
+    "build_architecture",
+    "encoder_spec",
+    "list_encoders",
+    "load_encoder",
+    "register_encoder",
+    "weights_digest",
+]
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
-HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 RANDOM_INIT_SEED = 0
 
 
 class EncoderError(BidistillError, ValueError):
     """An encoder that cannot be found, built or loaded; the message says what to do."""
-
-
-# --- preprocessing ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How a batch of tiles becomes model input (on the extraction device, batch at once).
-
-    Tiles are square: resize to ``resize`` (default ``size``), centre-crop ``size``, scale to
-    [0, 1] and normalise with ``mean``/``std``. Tiles already at the input size are not resized.
-    """
-
-    size: int = 224
-    resize: int | None = None
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] → float32 [B, 3, size, size]."""
-        x = pixels.float().div_(255.0)
-        side = self.resize or self.size
-        if x.shape[-2:] != (side, side):
-            x = nn.functional.interpolate(
-                x, size=(side, side), mode=self.interpolation, antialias=True, align_corners=False
-            )
-            if self.interpolation == "bicubic":
-                x = x.clamp_(0.0, 1.0)  # bicubic overshoots; PIL clips to the pixel range too
-        if side != self.size:
-            top = (side - self.size) // 2
-            x = x[..., top : top + self.size, top : top + self.size]
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-    def describe(self) -> str:
-        """``224`` or ``256→224`` (resize, then centre crop)."""
-        resize = f"{self.resize}→" if self.resize and self.resize != self.size else ""
-        return f"{resize}{self.size}"
-
-
-# --- the pieces an entry is built from ----------------------------------------------------------
-
-
-class _Pooled(nn.Module):
-    """Feature maps → global average pool → [B, C] (truncated CNNs)."""
-
-    def __init__(self, body: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).mean(dim=(-2, -1))
-
-
-class _ClassAndMeanPatchTokens(nn.Module):
-    """A ViT's class token beside the mean of its patch tokens (registers left out): Virchow2's
-    embedding as its model card defines it, [B, 2 x width]."""
-
-    def __init__(self, vit: nn.Module) -> None:
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit.forward_features(x)  # [B, 1 + registers + patches, width]
-        patches = tokens[:, self.vit.num_prefix_tokens :]
-        return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
-
-
-class _HFClassToken(nn.Module):
-    """A transformers vision model's class token, ``last_hidden_state[:, 0]`` (Phikon-v2)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).last_hidden_state[:, 0]
-
-
-def _truncate_resnet50(model: nn.Module) -> nn.Module:
-    # CLAM's resnet50_trunc: ImageNet ResNet-50 up to layer 3 (1024 channels), average-pooled.
-    model.layer4 = nn.Identity()
-    model.reset_classifier(0)
-    return model
-
-
-def _vgg_features(model: nn.Module) -> nn.Module:
-    # The convolutional part only (512 channels), pooled: what the BCNB/BD papers' MIL consumes.
-    return _Pooled(model.features)
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """One registry entry.
-
-    Attributes:
-        name: registry name.
-        summary: one line for ``bidistill encoders``.
-        dim: output dimension D (None for generic names until built).
-        preprocess: the authors' preprocessing (None: from the timm model's config).
-        mpp: the microns per pixel the encoder was trained at (None: any).
-        licence: the weights' licence.
-        gated: the Hub asks users to accept terms before downloading.
-        hub: where pretrained weights come from (``hf-hub:org/repo`` or a timm name).
-        arch: timm architecture used for random init and local checkpoints.
-        kwargs: timm keyword arguments (the Hub config's ``model_args`` and the card's extras).
-        wrap: turns the built timm model into one that returns [B, D].
-        kind: ``timm`` or ``transformers``.
-    """
-
-    name: str
-    summary: str
-    dim: int | None
-    preprocess: Preprocess | None
-    mpp: float | None
-    licence: str
-    gated: bool
-    hub: str
-    arch: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    wrap: Callable[[nn.Module], nn.Module] | None = None
-    kind: Literal["timm", "transformers"] = "timm"
-
-    @property
-    def hub_repo(self) -> str | None:
-        return self.hub.split(":", 1)[1] if self.hub.startswith("hf-hub:") else None
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}
@@ -191,168 +76,8 @@ def _silu_swiglu() -> dict[str, Any]:
     return {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
 
 
-def _register_builtin() -> None:
-    register_encoder(
-        EncoderSpec(
-            name="resnet50-trunc",
-            summary="ImageNet ResNet-50 to layer 3, pooled (CLAM's baseline)",
-            dim=1024,
-            preprocess=Preprocess(224),
-            mpp=0.5,
-            licence="BSD-3-Clause",
-            gated=False,
-            hub="timm:resnet50.tv_in1k",
-            arch="resnet50",
-            wrap=_truncate_resnet50,
-        )
-    )
-    register_encoder(
-        EncoderSpec(
-            name="vgg16-bn",
-            summary="ImageNet VGG16-BN convolutions, pooled (the BCNB and BD papers' backbone)",
-            dim=512,
-            preprocess=Preprocess(224),
-            mpp=0.5,
-            licence="BSD-3-Clause",
-            gated=False,
-            hub="timm:vgg16_bn.tv_in1k",
-            arch="vgg16_bn",
-            wrap=_vgg_features,
-        )
-    )
-    vit_l = {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0}
-    register_encoder(
-        EncoderSpec(
-            name="uni",
-            summary="UNI ViT-L/16 (Mahmood Lab, 100k WSIs)",
-            dim=1024,
-            preprocess=Preprocess(224),
-            mpp=0.5,
-            licence="CC-BY-NC-ND-4.0",
-            gated=True,
-            hub="hf-hub:MahmoodLab/uni",
-            arch="vit_large_patch16_224",
-            kwargs={**vit_l, "dynamic_img_size": True},
-        )
-    )
-    register_encoder(
-        EncoderSpec(
-            name="uni2-h",
-            summary="UNI2-h ViT-H/14 with 8 registers (Mahmood Lab, 350k WSIs)",
-            dim=1536,
-            preprocess=Preprocess(224),
-            mpp=0.5,
-            licence="CC-BY-NC-ND-4.0",
-            gated=True,
-            hub="hf-hub:MahmoodLab/UNI2-h",
-            arch="vit_giant_patch14_224",
-            kwargs={
-                "img_size": 224,
-                "patch_size": 14,
-                "depth": 24,
-                "num_heads": 24,
-                "init_values": 1e-5,
-                "embed_dim": 1536,
-                "mlp_ratio": 2.66667 * 2,
-                "num_classes": 0,
-                "no_embed_class": True,
-                "reg_tokens": 8,
-                "dynamic_img_size": True,
-                "swiglu": True,
-            },
-        )
-    )
-    register_encoder(
-        EncoderSpec(
-            name="virchow2",
-            summary="Virchow2 ViT-H/14 (Paige): class token + mean of patch tokens",
-            dim=2560,
-            preprocess=Preprocess(224, interpolation="bicubic"),
-            mpp=0.5,
-            licence="CC-BY-NC-ND-4.0",
-            gated=True,
-            hub="hf-hub:paige-ai/Virchow2",
-            arch="vit_huge_patch14_224",
-            kwargs={
-                "img_size": 224,
-                "init_values": 1e-5,
-                "num_classes": 0,
-                "reg_tokens": 4,
-                "mlp_ratio": 5.3375,
-                "global_pool": "",
-                "dynamic_img_size": True,
-                "swiglu": True,
-            },
-            wrap=_ClassAndMeanPatchTokens,
-        )
-    )
-    optimus = {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": False}
-    for version, licence in (("0", "Apache-2.0"), ("1", "Bioptimus, non-commercial")):
-        register_encoder(
-            EncoderSpec(
-                name=f"h-optimus-{version}",
-                summary=f"H-optimus-{version} ViT-g/14 with 4 registers (Bioptimus)",
-                dim=1536,
-                preprocess=Preprocess(224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD),
-                mpp=0.5,
-                licence=licence,
-                gated=True,
-                hub=f"hf-hub:bioptimus/H-optimus-{version}",
-                arch="vit_giant_patch14_reg4_dinov2",
-                kwargs=optimus,
-            )
-        )
-    register_encoder(
-        EncoderSpec(
-            name="prov-gigapath",
-            summary="Prov-GigaPath tile encoder ViT-g (Providence / Microsoft)",
-            dim=1536,
-            preprocess=Preprocess(224, resize=256, interpolation="bicubic"),
-            mpp=0.5,
-            licence="Apache-2.0",
-            gated=True,
-            hub="hf-hub:prov-gigapath/prov-gigapath",
-            arch="vit_giant_patch14_dinov2",
-            kwargs={
-                "img_size": 224,
-                "in_chans": 3,
-                "patch_size": 16,
-                "embed_dim": 1536,
-                "depth": 40,
-                "num_heads": 24,
-                "init_values": 1e-5,
-                "mlp_ratio": 5.33334,
-                "num_classes": 0,
-                "global_pool": "token",
-            },
-        )
-    )
-    register_encoder(
-        EncoderSpec(
-            name="phikon-v2",
-            summary="Phikon-v2 ViT-L/16 DINOv2 (Owkin): class token; needs `transformers`",
-            dim=1024,
-            preprocess=Preprocess(224),
-            mpp=0.5,
-            licence="Owkin non-commercial",
-            gated=False,
-            hub="hf-hub:owkin/phikon-v2",
-            arch="dinov2",
-            kwargs={
-                "hidden_size": 1024,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 16,
-                "patch_size": 16,
-                "image_size": 224,
-                "layerscale_value": 1e-5,
-            },
-            wrap=_HFClassToken,
-            kind="transformers",
-        )
-    )
-
-
-_register_builtin()
+for _spec in builtin_encoders():
+    register_encoder(_spec)
 
 
 def list_encoders() -> list[EncoderSpec]:
@@ -411,7 +136,8 @@ def _local_spec(name: str, folder: Path) -> EncoderSpec:
             "a Hugging Face Hub download has). For a weights file of a registered architecture, "
             "set `features.encoder` to the architecture and `features.checkpoint` to the file"
         )
-    return _generic_spec(name, hub=f"local-dir:{folder.resolve()}", arch=f"local-dir:{folder}")
+    where = f"local-dir:{folder.resolve()}"
+    return _generic_spec(name, hub=where, arch=where)
 
 
 # --- building and loading -----------------------------------------------------------------------
@@ -436,10 +162,6 @@ class Encoder:
     weights_sha256: str
     source: str
     random_init: bool
-
-    def to(self, device: torch.device) -> Encoder:
-        self.model.to(device)
-        return self
 
 
 def load_encoder(

@@ -1,11 +1,11 @@
 """Feature extraction: tiles of every slide → one ``<features_dir>/<slide_id>.h5`` per slide.
 
 Data-loader workers open their own slides (OpenSlide, the plain-image cache, patch folders),
-read and decode tiles, and hand over uint8 batches (pinned on a GPU); the main process moves them
-to the device, preprocesses them there as the encoder's authors do, and runs the encoder under
-``inference_mode`` (bf16/fp16 and channels-last on a GPU, fp32 on the CPU). A batch never spans
-two slides and always starts at a multiple of the batch size within its slide, so a slide's
-features do not depend on which worker, shard or process computed them.
+read and decode tiles (``features.tiles``), and hand over uint8 batches (pinned on a GPU); the
+main process moves them to the device, preprocesses them there as the encoder's authors do, and
+runs the encoder under ``inference_mode`` (bf16/fp16 and channels-last on a GPU, fp32 on the
+CPU). A batch never spans two slides and always starts at a multiple of the batch size within its
+slide, so a slide's features do not depend on which worker, shard or process computed them.
 
 A slide's file is written atomically once all its patches are encoded; a file that exists is a
 slide that is done, so a killed run resumes with no partial file and no slide redone. Sharding
@@ -20,10 +20,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -40,12 +39,12 @@ from bidistill.features.identity import (
     common_identity,
 )
 from bidistill.features.store import feature_path, write_feature_file
+from bidistill.features.tiles import TileBatches, init_reader_worker
 from bidistill.runner import (
     SKIP_ERRORS_HINT,
     Recorder,
     Shard,
     StageSummary,
-    describe_failure,
     plan_slides,
 )
 
@@ -63,72 +62,6 @@ class ExtractionJob:
     coords_path: Path
     target: Path
     mpp: float | None = None  # for slide files that lack it (the config's value)
-
-
-# --- reading tiles (in data-loader workers) -----------------------------------------------------
-
-
-class _Chunk(NamedTuple):
-    """What a worker hands over: one batch of one slide's tiles, or that slide's error.
-
-    ``start`` is the index of the first tile in the slide, ``total`` the slide's tile count,
-    ``pixels`` uint8 [b, H, W, 3] (None for an error or a slide without tiles).
-    """
-
-    job: int
-    start: int
-    total: int
-    pixels: torch.Tensor | None
-    error: str | None
-
-
-class _TileBatches(torch.utils.data.IterableDataset):
-    """Batches of tiles, slide after slide; worker w of W reads slides w, w + W, ...
-
-    Each worker opens its own slides: OpenSlide and libvips handles must not cross processes.
-    """
-
-    def __init__(self, jobs: Sequence[ExtractionJob], batch_size: int, cache_dir: Path) -> None:
-        self.jobs = list(jobs)
-        self.batch_size = batch_size
-        self.cache_dir = cache_dir
-
-    def __iter__(self) -> Iterator[_Chunk]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for index in range(worker, len(self.jobs), workers):
-            yield from self._slide_chunks(index)
-
-    def _slide_chunks(self, index: int) -> Iterator[_Chunk]:
-        from bidistill.slides import open_slide, read_coords
-
-        job = self.jobs[index]
-        start = 0
-        try:
-            tiles = read_coords(job.coords_path)
-            total = len(tiles.coords)
-            if total == 0:
-                yield _Chunk(index, 0, 0, None, None)
-                return
-            size0, size = tiles.patch_size_level0, tiles.patch_size
-            with open_slide(job.slide_path, job.mpp, cache_dir=self.cache_dir) as slide:
-                for start in range(0, total, self.batch_size):
-                    batch = tiles.coords[start : start + self.batch_size]
-                    pixels = np.stack([slide.read_tile(x, y, size0, size) for x, y in batch])
-                    yield _Chunk(index, start, total, torch.from_numpy(pixels), None)
-        except Exception as err:  # reported per slide; the main process decides what follows
-            yield _Chunk(index, start, 0, None, describe_failure(err, job.slide_path))
-
-
-def _init_worker(_: int) -> None:
-    # One libvips thread per worker: the workers are the parallelism.
-    os.environ["VIPS_CONCURRENCY"] = "1"
-    try:
-        import pyvips
-
-        pyvips.cache_set_max(0)  # tiles are read once; caching them would only cost memory
-    except (ImportError, OSError):
-        pass
 
 
 # --- device and precision -----------------------------------------------------------------------
@@ -211,11 +144,11 @@ class Extractor:
         if not jobs:
             return
         loader = torch.utils.data.DataLoader(
-            _TileBatches(jobs, self.batch_size, self.cache_dir),
+            TileBatches(jobs, self.batch_size, self.cache_dir),
             batch_size=None,  # the dataset yields whole batches
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_init_worker if self.num_workers else None,
+            worker_init_fn=init_reader_worker if self.num_workers else None,
             prefetch_factor=4 if self.num_workers else None,
         )
         total = sum(_tile_count(job.coords_path) for job in jobs)
