@@ -8,7 +8,7 @@ normalisation, the forward pass and the .h5 writes. In the same run, with the sa
 device, the encoder alone is timed on random tensors already in memory. Target: end-to-end
 throughput at least 0.9 of the raw forward throughput (reading must hide behind the encoder).
 
-On a GPU (``--device cuda``) both run in bf16 with channels-last, as extraction does there.
+Both run channels-last, as extraction does; on a GPU (``--device cuda``) in bf16.
 
 Usage:
     python benchmarks/bench_extraction.py                    # CPU, about 3 minutes on 2 cores
@@ -69,7 +69,7 @@ def raw_forward_rate(
     )
     size = encoder.preprocess.size
     x = torch.randn(batch_size, 3, size, size, device=device)
-    if device.type == "cuda":
+    if extractor.channels_last:  # the layout extraction feeds the encoder
         x = x.contiguous(memory_format=torch.channels_last)
     model = extractor.model
 
