@@ -94,9 +94,15 @@ def _extract(root: Path, out: Path, encoder, *, slides: Path | None = None, **kw
     )
 
 
-def test_features_have_the_right_shapes_rows_and_attributes(tiled, encoder, tmp_path):
-    out = tmp_path / "features"
-    summary = _extract(tiled, out, encoder)
+@pytest.fixture(scope="module")
+def extracted(tiled, encoder, tmp_path_factory):
+    """The four slides extracted once, in this process (the reference for other runs)."""
+    out = tmp_path_factory.mktemp("single") / "features"
+    return out, _extract(tiled, out, encoder)
+
+
+def test_features_have_the_right_shapes_rows_and_attributes(tiled, encoder, extracted, tmp_path):
+    out, summary = extracted
     assert sorted(summary.done) == ["A", "B", "C", "D"] and not summary.failed
     for slide_id in "ABCD":
         tiles = read_coords(tiled / "coords" / f"{slide_id}.h5")
@@ -185,9 +191,8 @@ def test_skip_errors_goes_on_and_lists_the_failure(tiled, encoder, tmp_path, bro
     assert (out / "extraction_summary.json").is_file()
 
 
-def test_two_shards_write_the_same_files_as_one_process(tiled, encoder, tmp_path):
-    one, sharded = tmp_path / "one", tmp_path / "sharded"
-    _extract(tiled, one, encoder)
+def test_two_shards_write_the_same_files_as_one_process(tiled, encoder, extracted, tmp_path):
+    one, sharded = extracted[0], tmp_path / "sharded"
     first = _extract(tiled, sharded, encoder, shard=Shard.parse("0/2"))
     second = _extract(tiled, sharded, encoder, shard=Shard.parse("1/2"))
     assert sorted(first.done) == ["D"] and sorted(second.done) == ["A", "B", "C"]

@@ -94,6 +94,7 @@ def test_cli_extract_of_a_missing_slide_says_skip_errors_exists(project, tmp_pat
     assert "extracted 1 slides" in output and output.count("no slide file for 'Z'") == 1
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_processes_writes_the_same_files_as_one(project):
     single = _write_config(project, "features-single")
     CliRunner().invoke(app, ["extract", str(single), "--no-progress"])

@@ -168,8 +168,6 @@ class FeatureStore:
         self._handles: dict[str, h5py.File] = {}
         self._pid = os.getpid()
         shapes = self._check_files()
-        # What made the files (encoder, weights, patch size, MPP); files that disagree are refused.
-        self.identity = common_identity(feature_path(self.features_dir, s) for s in self.slide_ids)
         self.lengths = {slide: shape[0] for slide, shape in shapes.items()}
         dims = {shape[-1] for shape in shapes.values()}
         if len(dims) > 1:
@@ -180,6 +178,8 @@ class FeatureStore:
                 "every slide with the same encoder"
             )
         self.dim = dims.pop() if dims else 0
+        # What made the files (encoder, weights, patch size, MPP); files that disagree are refused.
+        self.identity = common_identity(feature_path(self.features_dir, s) for s in self.slide_ids)
         n_bytes = sum(int(np.prod(shape)) * 4 for shape in shapes.values())
         if in_memory == "yes" or (
             in_memory == "auto" and n_bytes <= _RAM_SHARE * available_memory_bytes()
