@@ -30,7 +30,7 @@ def slides_config(tmp_path):
         "batch_size": 16,
         "num_workers": 0,
     }
-    raw["methods"] = ["bd", "wsi-only"]
+    raw["methods"] = ["bd"]
     raw["training"] = {"epochs": 2, "patience": 2, "batch_size": 8}
     raw["evaluation"] = {"mask_seeds": 2, "bootstrap": 20}
     config.write_text(yaml.safe_dump(raw))
@@ -46,7 +46,7 @@ def test_run_from_slides_runs_every_stage_then_skips_them_all(slides_config, tmp
     exp, out = slides_config.parent, tmp_path / "run"
     result = run_experiment(slides_config, out, progress=False)
     assert len(_stamps(exp / "coords")) == 12 and len(_stamps(exp / "features")) == 12
-    assert result.trained == ["bd", "wsi-only"] and (out / "report.html").is_file()
+    assert result.trained == ["bd"] and (out / "report.html").is_file()
     identity = json.loads((out / "bd" / "model.json").read_text())["features"]["identity"]
     assert identity["encoder"] == "timm:test_vit" and identity["random_init"] is True
     assert identity["patch_size"] == 64 and identity["mpp"] == 1.0

@@ -118,19 +118,3 @@ def test_torchrun_with_two_processes_writes_the_same_files_as_one(project):
         b = read_feature_file(project / "features-torchrun" / f"{slide}.h5")
         np.testing.assert_array_equal(a.features, b.features)
         assert a.attrs == b.attrs
-
-
-def test_cli_shards_together_write_the_same_files_as_one_process(project):
-    single = _write_config(project, "features-single-cli")
-    sharded = _write_config(project, "features-sharded-cli")
-    runner = CliRunner()
-    assert runner.invoke(app, ["extract", str(single), "--no-progress"]).exit_code == 0
-    for shard, count in (("0/2", 1), ("1/2", 3)):
-        result = runner.invoke(app, ["extract", str(sharded), "--shard", shard, "--no-progress"])
-        output = " ".join(result.output.split())
-        assert result.exit_code == 0, output
-        assert f"extracted {count} slides" in output and f"(shard {shard};" in output
-    for slide in SLIDES:
-        a = read_feature_file(project / "features-single-cli" / f"{slide}.h5")
-        b = read_feature_file(project / "features-sharded-cli" / f"{slide}.h5")
-        np.testing.assert_array_equal(a.features, b.features)
