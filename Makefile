@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench docs clean
+.PHONY: install test lint format demo demo-slides bench docs clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ format: install
 demo: install
 	$(BIN)/bidistill demo --out demo_run
 
+# The demo from pixels: synthetic BCNB-layout slides, tiled and encoded (random-init encoder).
+demo-slides: install
+	$(BIN)/bidistill demo --from-slides --out demo_slides
+
 bench: install
 	$(BIN)/python benchmarks/run_all.py
 
@@ -37,4 +41,4 @@ docs: install
 	$(BIN)/python -m bidistill.config_docs > docs/config.md
 
 clean:
-	rm -rf $(VENV) demo_run .pytest_cache
+	rm -rf $(VENV) demo_run demo_slides .pytest_cache

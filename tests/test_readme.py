@@ -17,9 +17,6 @@ from typer.testing import CliRunner
 from bidistill.cli import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-# Commands documented for the extraction stage, which is built on another branch; drop a name
-# from here once that command exists (the test then checks its lines too).
-PENDING = {"extract"}
 
 
 def readme_commands() -> list[list[str]]:
@@ -45,8 +42,6 @@ def test_the_readme_shows_the_main_commands():
 
 @pytest.mark.parametrize("words", readme_commands(), ids=" ".join)
 def test_each_readme_command_parses(words):
-    if words[0] in PENDING:
-        pytest.skip(f"`bidistill {words[0]}` is built on the extraction branch")
     result = CliRunner().invoke(app, [*words, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output or words == ["--version"]

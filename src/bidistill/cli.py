@@ -393,18 +393,49 @@ def bcnb_prepare(
         _next(f"bidistill run {_arg(report.config_path)} --out {_arg(out / 'run')}")
 
 
-# --- tile ---------------------------------------------------------------------------------------
+# --- tile / extract / encoders (the per-slide stages) -------------------------------------------
+
+_SKIP_ERRORS_HELP = "Go on past slides that fail; list them at the end (exit status 1)."
+_SHARD_HELP = (
+    "Only shard i of n (0-based), e.g. 0/4 in a SLURM job array; under torchrun each process "
+    "takes its rank's share by itself."
+)
+
+
+def _print_stage_summary(summary, *, verb: str, unit: str, outputs: str) -> None:
+    """The closing lines of a per-slide stage: counts, each failure once, where the files are."""
+    line = (
+        f"{verb} {len(summary.done)} slides ({sum(summary.done.values())} {unit}), "
+        f"{len(summary.skipped)} already done, {len(summary.failed)} failed"
+    )
+    if summary.shard is not None:
+        line += f" (shard {summary.shard}; {summary.other_shards} slides left to other shards)"
+    console.print(f"{line}; {outputs}", highlight=False, soft_wrap=True)
+    if summary.failed:
+        console.print(f"[bold red]{len(summary.failed)} slides failed:[/]")
+        for slide_id, reason in summary.failed.items():
+            console.print(f"  {slide_id}: {reason}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _print_next(summary, command: str) -> None:
+    if summary.failed:
+        _say("fix the failed slides or remove them from the cohort table first")
+    _next(command)
+
+
+def _exit_if_failed(summary) -> None:
+    if summary.failed:
+        raise typer.Exit(code=1)
 
 
 @app.command(cls=HelpCommand)
 def tile(
     config: Path = typer.Argument(..., help="Experiment YAML (sections `slides` and `tiling`)."),
-    skip_errors: bool = typer.Option(
-        False, "--skip-errors", help="Go on past slides that fail; summarise them at the end."
-    ),
+    skip_errors: bool = typer.Option(False, "--skip-errors", help=_SKIP_ERRORS_HELP),
     workers: int | None = typer.Option(
         None, "--workers", min=1, help="Slides tiled in parallel (default: tiling.workers)."
     ),
+    shard: str | None = typer.Option(None, "--shard", help=_SHARD_HELP),
 ) -> None:
     """Tile every slide of the cohort: coords files (.h5), a QC image per slide and a cohort
     overview image.
@@ -413,37 +444,116 @@ def tile(
 
     Example: bidistill tile experiment.yaml --workers 4 --skip-errors
     """
-    from bidistill.slides.qc import write_cohort_overview
+    from bidistill.runner import resolve_shard
     from bidistill.slides.run import tile_from_config
 
     cfg = _load(config)
-    summary = tile_from_config(cfg, workers=workers, skip_errors=skip_errors)
+    summary = tile_from_config(
+        cfg, workers=workers, skip_errors=skip_errors, shard=resolve_shard(shard)
+    )
     coords_dir = cfg.tiling.coords_dir
-    _say(
-        f"tiled {len(summary.tiled)} slides ({sum(summary.tiled.values())} tiles), "
-        f"{len(summary.skipped)} already done, {len(summary.failed)} failed; "
-        f"coords in {coords_dir}, QC images in {coords_dir / 'qc'}"
+    _print_stage_summary(
+        summary,
+        verb="tiled",
+        unit="tiles",
+        outputs=f"coords in {coords_dir}, QC images in {coords_dir / 'qc'}",
     )
     if cfg.tiling.qc:
+        from bidistill.slides.qc import write_cohort_overview
+
         overview = write_cohort_overview(coords_dir)
         if overview is not None:
             _say(f"cohort overview: {overview}")
     for slide_id in summary.empty:
         console.print(f"[yellow]warning:[/] {slide_id}: no tile kept; open its QC image")
-    if summary.failed:
-        console.print(f"[bold red]{len(summary.failed)} slides failed:[/]")
-        for slide_id, reason in summary.failed.items():
-            console.print(f"  {slide_id}: {reason}", highlight=False, markup=False, soft_wrap=True)
-        if not summary.tiled and not summary.skipped:
-            raise typer.Exit(code=1)
-    if _has_command("extract"):
-        _next(f"bidistill extract {_arg(config)}")
-    else:
-        _say(
-            f"then extract patch features into {cfg.features.dir} (one <slide_id>.h5 per slide, "
-            "CLAM/TRIDENT layout)"
+    if summary.extra.get("cache_mb"):
+        console.print(
+            f"plain images (JPEG, PNG) converted once to tiled TIFFs: {summary.extra['cache_mb']:g}"
+            f" MB in {summary.extra['cache_dir']} (`slides.cache_dir`); extraction reads them, "
+            "so keep them until it is done",
+            highlight=False,
+            soft_wrap=True,
         )
-        _next(f"bidistill run {_arg(config)} --out {_arg(_default_run_dir(config, cfg))}")
+    _print_next(summary, f"bidistill extract {_arg(config)}")
+    _exit_if_failed(summary)
+
+
+@app.command(cls=HelpCommand)
+def extract(
+    config: Path = typer.Argument(..., help="Experiment YAML (sections `slides`, `features`)."),
+    skip_errors: bool = typer.Option(False, "--skip-errors", help=_SKIP_ERRORS_HELP),
+    shard: str | None = typer.Option(None, "--shard", help=_SHARD_HELP),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+) -> None:
+    """Encode the tiles of every tiled slide: one features .h5 per slide in `features.dir`.
+
+    The encoder (`features.encoder`, see `bidistill encoders`) runs in bf16 on a GPU and fp32 on
+    the CPU; slides already extracted are skipped, so a killed run resumes. Shards never write
+    the same file: `--shard i/n` for job arrays, or one process per GPU with torchrun.
+
+    Example: bidistill extract experiment.yaml
+    (4 GPUs: torchrun --nproc_per_node=4 -m bidistill extract experiment.yaml)
+    """
+    from bidistill.features.extract import extract_from_config, gather_summaries
+    from bidistill.runner import Shard, resolve_shard
+
+    cfg = _load(config)
+    rank = Shard.from_env()
+    show = not no_progress and (rank is None or rank.index == 0)  # one bar, not one per rank
+    summary = extract_from_config(
+        cfg, shard=resolve_shard(shard), skip_errors=skip_errors, progress=show
+    )
+    merged = gather_summaries(summary)  # torchrun: every rank's summary, on rank 0
+    if merged is not None:
+        _print_stage_summary(
+            merged, verb="extracted", unit="patches", outputs=f"features in {cfg.features.dir}"
+        )
+        if summary.extra.get("random_init"):
+            console.print(
+                "[bold red]warning:[/] RANDOM encoder weights (features.random_init): for tests "
+                "and demos only",
+                highlight=False,
+            )
+        run_dir = _default_run_dir(config, cfg)
+        _print_next(merged, f"bidistill run {_arg(config)} --out {_arg(run_dir)}")
+    _exit_if_failed(summary)
+
+
+@app.command(cls=HelpCommand)
+def encoders() -> None:
+    """List the registered patch encoders: dimension, input size, MPP, licence and gating.
+
+    Any timm model works too (`timm:<name>`), and timm models on the Hugging Face Hub
+    (`hf-hub:<org>/<repo>`). Gated models need their licence accepted on the Hub and HF_TOKEN set;
+    offline, set `features.checkpoint` to a downloaded weights file.
+
+    Example: bidistill encoders
+    """
+    from rich.table import Table
+
+    from bidistill.features.encoders import list_encoders
+
+    table = Table(title="Patch encoders (features.encoder)", title_justify="left")
+    for column in ("name", "D", "input", "MPP", "licence", "gated", "weights"):
+        table.add_column(column, justify="right" if column in ("D", "MPP") else "left")
+    for spec in list_encoders():
+        table.add_row(
+            spec.name,
+            str(spec.dim),
+            spec.preprocess.describe() if spec.preprocess else "-",
+            f"{spec.mpp:g}" if spec.mpp else "-",
+            spec.licence,
+            "yes" if spec.gated else "no",
+            spec.hub,
+        )
+    Console().print(table)
+    console.print(
+        "also: timm:<name> (any timm model), hf-hub:<org>/<repo>, or a local model folder; "
+        "set features.encoder in your config",
+        highlight=False,
+        soft_wrap=True,
+    )
+    _next("bidistill extract CONFIG")
 
 
 # --- train / run / evaluate / demo / compare ----------------------------------------------------
@@ -560,6 +670,10 @@ def run(
     with _ConsoleLog():
         result = run_experiment(config, out, progress=not no_progress, say=_say)
     _print_results(result.metrics, pd.read_csv(out / "delong.csv"), out)
+    if _load(config).features.random_init:
+        from bidistill.pixels import RANDOM_FEATURES_WARNING
+
+        console.print(f"[bold red]WARNING:[/] {RANDOM_FEATURES_WARNING}", highlight=False)
     _next(f"open {_arg(out / 'report.html')}")
 
 
@@ -596,28 +710,46 @@ def demo(
     out: Path = typer.Option(
         Path("demo_run"), "--out", metavar="DIR", help="Folder for the cohort and run."
     ),
-    patients: int = typer.Option(
-        1058, "--patients", min=40, help="Synthetic patients (1058: the size of BCNB)."
+    patients: int | None = typer.Option(
+        None,
+        "--patients",
+        min=20,
+        help="Synthetic patients (default 1058, the size of BCNB; 100 with --from-slides).",
     ),
     seed: int = typer.Option(
         0, "--seed", min=0, max=2**32 - 1, help="Seed of the synthetic cohort."
     ),
+    from_slides: bool = typer.Option(
+        False,
+        "--from-slides",
+        help="Start from synthetic slides in the BCNB layout: bcnb prepare, tile, extract (a "
+        "small random-init encoder), train, report (a few minutes).",
+    ),
 ) -> None:
     """Train BD and baselines on a synthetic cohort and write the report (about 30 s).
 
-    The whole tool end to end on a laptop CPU: cohort in OUT/cohort, run in OUT/run. Reruns
-    resume.
+    The whole tool end to end on a laptop CPU: cohort in OUT/cohort, run in OUT/run. With
+    --from-slides it starts from synthetic slides instead of features. Reruns resume.
 
     Example: bidistill demo --out demo_run
     """
     import pandas as pd
 
-    from bidistill.pipeline import run_demo
-
     start = time.perf_counter()
     with _ConsoleLog():
-        result = run_demo(out, patients=patients, seed=seed, say=_say)
+        if from_slides:
+            from bidistill.pixels import run_slides_demo
+
+            result = run_slides_demo(out, patients=patients or 100, seed=seed, say=_say)
+        else:
+            from bidistill.pipeline import run_demo
+
+            result = run_demo(out, patients=patients or 1058, seed=seed, say=_say)
     _print_results(result.metrics, pd.read_csv(result.run_dir / "delong.csv"), result.run_dir)
+    if from_slides:
+        from bidistill.pixels import RANDOM_FEATURES_WARNING
+
+        console.print(f"[bold red]WARNING:[/] {RANDOM_FEATURES_WARNING}", highlight=False)
     _say(f"done in {time.perf_counter() - start:.0f} s")
     _next(f"open {_arg(result.run_dir / 'report.html')}")
 

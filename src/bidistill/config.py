@@ -285,17 +285,40 @@ class TilingConfig(_Section):
 
 
 class FeaturesConfig(_Section):
-    dir: Path = Path("features")
+    dir: Path = Field(
+        default=Path("features"), description="Output: <dir>/<slide_id>.h5 (CLAM/TRIDENT layout)."
+    )
     encoder: str = Field(
         default="resnet50-trunc",
-        description="Patch encoder: a registry name, a timm name, 'hf-hub:org/model', or a "
-        "local checkpoint path.",
+        description="Patch encoder: a registry name (`bidistill encoders`), 'timm:<name>', "
+        "'hf-hub:org/model', or a local model folder.",
     )
-    checkpoint: Path | None = None
-    batch_size: int = Field(default=64, ge=1)
-    num_workers: int = Field(default=2, ge=0)
-    precision: Literal["float32", "float16"] = "float32"
-    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda...")
+    checkpoint: Path | None = Field(
+        default=None,
+        description="Local weights file for the encoder's architecture (offline sites); nothing "
+        "is downloaded.",
+    )
+    random_init: bool = Field(
+        default=False,
+        description="Random encoder weights (tests and demos only): the features carry no "
+        "pretrained knowledge, and every file and report says so.",
+    )
+    batch_size: int = Field(default=64, ge=1, description="Tiles per forward pass.")
+    num_workers: int = Field(
+        default=2, ge=0, description="Data-loader processes reading tiles (0: in the main one)."
+    )
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="auto: bfloat16 (else float16) on a GPU, float32 on the CPU."
+    )
+    device: str = Field(
+        default="auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:1, mps."
+    )
+
+    @model_validator(mode="after")
+    def _checkpoint_or_random(self) -> FeaturesConfig:
+        if self.random_init and self.checkpoint is not None:
+            raise ValueError("give `checkpoint` or `random_init: true`, not both")
+        return self
 
 
 # --- methods, training, evaluation --------------------------------------------------------------

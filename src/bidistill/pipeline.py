@@ -159,6 +159,10 @@ def _run(
     cohort = load_cohort(config.cohort)
     if cohort.label_summary is not None:
         say(cohort.label_summary.format())
+    from bidistill.pixels import prepare_features
+
+    slide_ids = [] if cohort.slides is None else [str(s) for s in cohort.slides["slide_id"]]
+    prepare_features(config, out_dir, progress=progress, slide_ids=slide_ids)
     splits = _resolve_splits(out_dir, config, cohort, say)
     check_trainable_cohort(cohort, splits)
     _write_cohort_summary(out_dir, config, cohort)
@@ -184,9 +188,9 @@ def check_before_run(config: ExperimentConfig, config_path: str | Path, out_dir:
 
         require_mlflow()
     untrained = [m for m in config.methods if not (out_dir / m.key / "predictions.csv").is_file()]
-    blocking = [
-        f for f in check_config_paths(config, need_features=bool(untrained)) if f.blocks_run
-    ]
+    # With a `slides` section the run tiles and extracts what is missing itself.
+    need_features = bool(untrained) and config.slides is None
+    blocking = [f for f in check_config_paths(config, need_features=need_features) if f.blocks_run]
     if blocking:
         problems = "\n  ".join(f"{f.key}: {f.detail}" for f in blocking)
         raise ConfigError(
@@ -277,10 +281,9 @@ def _resolve_splits(out_dir: Path, config: ExperimentConfig, cohort, say: Say):
 
 def _write_cohort_summary(out_dir: Path, config: ExperimentConfig, cohort) -> None:
     """``cohort.json``: what the report says about the cohort beyond the per-split counts."""
-    import h5py
-
-    from bidistill._io import h5_attrs
+    from bidistill.features.identity import read_identity
     from bidistill.features.store import feature_dim, feature_path
+    from bidistill.pixels import RANDOM_FEATURES_WARNING
 
     clinical = cohort.clinical_frame
     summary: dict[str, Any] = {
@@ -289,16 +292,19 @@ def _write_cohort_summary(out_dir: Path, config: ExperimentConfig, cohort) -> No
         "clinical_missing": {c: float(clinical[c].isna().mean()) for c in clinical.columns},
         "feature encoder": config.features.encoder,
     }
+    random_init = config.features.random_init
     if len(cohort.slides):
         first = feature_path(config.features.dir, str(cohort.slides["slide_id"].iloc[0]))
         if first.is_file():
             summary["feature dimension"] = feature_dim(first)
             # The files' own record of their encoder is the truth the report's banner reads
             # (synthetic features, random-init encoders); the config only names what it expects.
-            with h5py.File(first, "r") as h5:  # attributes only: the features may be huge
-                encoder = h5_attrs(h5).get("encoder")
-            if encoder:
-                summary["feature encoder"] = str(encoder)
+            identity = read_identity(first)  # attributes only: the features may be huge
+            if identity.encoder:
+                summary["feature encoder"] = identity.encoder
+            random_init = random_init or bool(identity.random_init)
+    if random_init:  # the report shows this as a banner
+        summary["warning"] = RANDOM_FEATURES_WARNING
     write_json(out_dir / "cohort.json", summary)
 
 

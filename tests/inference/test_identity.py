@@ -98,12 +98,14 @@ def test_another_feature_dimension_is_refused(demo_run, tmp_path):
 
 
 def test_the_run_identity_survives_a_moved_feature_folder(demo_run, demo_cohort, tmp_path):
-    """A run whose training folder is gone falls back to its config's encoder name."""
+    """A run that recorded no identity (made before bidistill recorded it) and whose training
+    folder is gone falls back to its config's encoder name."""
     copy = tmp_path / "run"
     shutil.copytree(demo_run / "bd", copy / "bd")
     shutil.copy(demo_run / "config.yaml", copy / "config.yaml")
     meta = json.loads((copy / "bd" / "model.json").read_text())
     meta["features"]["dir"] = str(tmp_path / "moved")
+    meta["features"].pop("identity", None)
     (copy / "bd" / "model.json").write_text(json.dumps(meta))
     run = bidistill.load_run(copy)
     assert run.identity == {"encoder": "synthetic"}

@@ -44,8 +44,8 @@ def _cfg(tmp_path: Path, **kw) -> TilingConfig:
 def test_tile_cohort_writes_coords_and_qc_then_resumes(tmp_path, slides_dir):
     cfg = _cfg(tmp_path)
     summary = tile_cohort(_jobs(slides_dir), cfg, progress=False)
-    assert set(summary.tiled) == {"A", "B", "C"} and not summary.failed
-    assert summary.tiled["A"] > 10 and summary.tiled["B"] > 10 and summary.tiled["C"] == 5
+    assert set(summary.done) == {"A", "B", "C"} and not summary.failed
+    assert summary.done["A"] > 10 and summary.done["B"] > 10 and summary.done["C"] == 5
     coords_dir = tmp_path / "coords"
     a = read_coords(coords_dir / "A.h5")
     assert a.attrs["slide_mpp"] == 0.5 and a.patch_size_level0 == 128  # 64 px at 1 um/px
@@ -58,7 +58,7 @@ def test_tile_cohort_writes_coords_and_qc_then_resumes(tmp_path, slides_dir):
         assert min(qc.size) > 50
     qc_a = np.asarray(Image.open(coords_dir / "qc" / "A.png").convert("RGB")).astype(int)
     assert ((qc_a[..., 1] > 150) & (qc_a[..., 0] < 80) & (qc_a[..., 2] < 80)).any()  # mask edge
-    assert json.loads((coords_dir / "tiling_summary.json").read_text())["tiled"]["C"] == 5
+    assert json.loads((coords_dir / "tiling_summary.json").read_text())["done"]["C"] == 5
 
     # Rerun: everything is done. Remove B (as if a kill had stopped the run before B was
     # written): only B is tiled again, and A's file is left untouched.
@@ -66,7 +66,7 @@ def test_tile_cohort_writes_coords_and_qc_then_resumes(tmp_path, slides_dir):
     assert tile_cohort(_jobs(slides_dir), cfg, progress=False).skipped == ["A", "B", "C"]
     (coords_dir / "B.h5").unlink()
     again = tile_cohort(_jobs(slides_dir), cfg, progress=False)
-    assert set(again.tiled) == {"B"} and again.skipped == ["A", "C"]
+    assert set(again.done) == {"B"} and again.skipped == ["A", "C"]
     assert (coords_dir / "A.h5").stat().st_mtime_ns == stamp
 
 
@@ -76,7 +76,7 @@ def test_a_kill_leaves_no_file_that_looks_done(tmp_path, slides_dir):
     coords_dir.mkdir()
     (coords_dir / ".A.h5.x.tmp.h5").write_bytes(b"half")
     summary = tile_cohort(_jobs(slides_dir)[:1], _cfg(tmp_path), progress=False)
-    assert summary.tiled.keys() == {"A"}
+    assert summary.done.keys() == {"A"}
 
 
 def _bad_jobs(tmp_path: Path, slides_dir: Path) -> list[SlideJob]:
@@ -100,7 +100,7 @@ def test_bad_files_stop_the_run_or_are_summarised_with_skip_errors(tmp_path, sli
     assert "cut.jpg: cannot decode image" in summary.failed["cut"]
     assert "text.svs: not a slide OpenSlide can read" in summary.failed["text"]
     assert "gone.tif: slide file not found" in summary.failed["gone"]
-    assert summary.tiled.keys() == {"B"}
+    assert summary.done.keys() == {"B"}
     assert not (tmp_path / "coords" / "cut.h5").exists()
 
 
@@ -109,7 +109,7 @@ def test_parallel_workers_give_the_same_coords(tmp_path, slides_dir):
     parallel = _cfg(tmp_path / "parallel")
     tile_cohort(_jobs(slides_dir)[:2], serial, progress=False)
     summary = tile_cohort(_jobs(slides_dir)[:2], parallel, workers=2, progress=False)
-    assert summary.tiled.keys() == {"A", "B"}
+    assert summary.done.keys() == {"A", "B"}
     for slide_id in "AB":
         np.testing.assert_array_equal(
             read_coords(serial.coords_dir / f"{slide_id}.h5").coords,
@@ -151,11 +151,12 @@ def test_cli_tile_with_skip_errors_summarises_failures(tmp_path, slides_dir):
     (slides_dir / "E.png").write_bytes(b"")  # now E exists, but is an empty file
 
     result = runner.invoke(app, ["tile", str(config), "--skip-errors"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # the others are tiled, but two slides failed
     output = " ".join(result.output.split())
     assert "2 slides failed" in output
-    assert "D.svs: not a slide OpenSlide can read" in output
-    assert "E.png: not a readable image" in output
+    assert output.count("D.svs: not a slide OpenSlide can read") == 1  # printed once
+    assert output.count("E.png: not a readable image") == 1
+    assert "remove them from the cohort table first next: bidistill extract" in output
     coords = tmp_path / "out" / "coords"
     assert sorted(p.name for p in coords.glob("*.h5")) == ["A.h5", "B.h5", "C.h5"]
     assert read_coords(coords / "A.h5").attrs["slide_mpp"] == 0.25  # slides.mpp_column
@@ -188,3 +189,23 @@ def test_cli_tile_on_a_synthetic_bcnb_folder(tmp_path):
     assert os.listdir(coords_dir / ".cache")
     assert (coords_dir / "qc" / "overview.png").is_file()
     assert "cohort overview" in result.output
+
+
+def test_cli_tile_a_truncated_jpeg_names_skip_errors_and_reports_the_cache(tmp_path, slides_dir):
+    whole = (slides_dir / "A.jpg").read_bytes()
+    (slides_dir / "D.jpg").write_bytes(whole[: len(whole) // 3])
+    config = _write_cohort_config(tmp_path, slides_dir, ["A", "D"])
+    runner = CliRunner()
+    result = runner.invoke(app, ["tile", str(config)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert "D.jpg: cannot decode image" in output and "pass --skip-errors to go on" in output
+
+    result = runner.invoke(app, ["tile", str(config), "--skip-errors"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert output.count("D.jpg: cannot decode image") == 1  # in the summary, once
+    assert "1 already done, 1 failed" in output  # A was tiled by the first run
+    cache = tmp_path / "out" / "coords" / ".cache"
+    size_mb = sum(p.stat().st_size for p in cache.iterdir()) / 2**20
+    assert f"converted once to tiled TIFFs: {round(size_mb, 1):g} MB in {cache}" in output

@@ -29,6 +29,7 @@ from bidistill.features.hygiene import (
     checked_shape,
     scan_values,
 )
+from bidistill.features.identity import common_identity
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,8 @@ class FeatureStore:
             features fit comfortably in the available memory.
 
     Raises:
-        FeatureFileError: a file is missing, or the files disagree on the feature dimension.
+        FeatureFileError: a file is missing, or the files disagree on the feature dimension or
+            on what made them (``identity``: encoder, weights, patch size, MPP).
     """
 
     def __init__(
@@ -174,6 +176,8 @@ class FeatureStore:
                 "every slide with the same encoder"
             )
         self.dim = dims.pop() if dims else 0
+        # What made the files (encoder, weights, patch size, MPP); files that disagree are refused.
+        self.identity = common_identity(feature_path(self.features_dir, s) for s in self.slide_ids)
         n_bytes = sum(int(np.prod(shape)) * 4 for shape in shapes.values())
         if in_memory == "yes" or (
             in_memory == "auto" and n_bytes <= _RAM_SHARE * available_memory_bytes()

@@ -11,7 +11,6 @@ from bidistill.slides.masks import Annotations, load_annotations, rasterize, tis
 from bidistill.slides.reader import PatchFolder, Slide, WholeSlide, open_slide, require_mpp
 from bidistill.slides.run import (
     SlideJob,
-    TilingSummary,
     jobs_from_config,
     slide_cache_dir,
     tile_cohort,
@@ -28,7 +27,6 @@ __all__ = [
     "SlideJob",
     "SlideTiling",
     "TileSpec",
-    "TilingSummary",
     "WholeSlide",
     "coords_path",
     "jobs_from_config",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,30 +94,37 @@ class _OpenSlideReader:
 
 
 class _VipsPyramidReader:
-    """Pixels of our cache TIFF through libvips: one page per level, tiles fetched on demand.
+    """Pixels of a tiled pyramidal TIFF through libvips: one page per level, tiles on demand.
 
-    About four times faster than OpenSlide on the same file for 256 px tiles (libvips hands
+    About five times faster than OpenSlide on the same file for 256 px tiles (libvips hands
     back the decoded tile; OpenSlide composites it through premultiplied ARGB), which is what
-    brings a BCNB JPEG over 500 tiles/s on one core (``benchmarks/bench_tiling.py``).
+    brings a BCNB JPEG and a pyramidal TIFF or SVS over 1,000 tiles/s on one core
+    (``benchmarks/bench_tiling.py``). Used for our plain-image cache and, when their pixels
+    match OpenSlide's, for Aperio SVS and generic tiled TIFFs (``_fast_tiff_reader``).
+
+    Args:
+        pages: the TIFF page of each pyramid level (default: page i is level i, as in the cache).
     """
 
-    def __init__(self, path: Path, read_path: Path) -> None:
+    def __init__(self, path: Path, read_path: Path, pages: Sequence[int] | None = None) -> None:
         import pyvips
 
         self.path = path
         try:
             first = pyvips.Image.tiffload(str(read_path), page=0)
-            n_pages = first.get("n-pages") if "n-pages" in first.get_fields() else 1
-            self.pages = [first] + [
-                pyvips.Image.tiffload(str(read_path), page=i) for i in range(1, n_pages)
+            if pages is None:
+                n_pages = first.get("n-pages") if "n-pages" in first.get_fields() else 1
+                pages = range(n_pages)
+            self.pages = [
+                first if i == 0 else pyvips.Image.tiffload(str(read_path), page=i) for i in pages
             ]
         except pyvips.Error as err:
-            raise SlideError(f"{path}: cannot read the cache {read_path} ({err})") from err
+            raise SlideError(f"{path}: cannot read {read_path} ({err})") from err
         self.regions = [pyvips.Region.new(page) for page in self.pages]
         self.level_dimensions = tuple((p.width, p.height) for p in self.pages)
-        w0 = first.width
+        w0 = self.pages[0].width
         self.level_downsamples = tuple(w0 / p.width for p in self.pages)
-        self.properties = {"vips.n-pages": str(n_pages)}
+        self.properties = {"vips.n-pages": str(len(self.pages))}
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         import pyvips
@@ -140,7 +148,12 @@ class _VipsPyramidReader:
         return out
 
     def _fetch(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        data = self.regions[level].fetch(x, y, width, height)
+        import pyvips
+
+        try:
+            data = self.regions[level].fetch(x, y, width, height)
+        except pyvips.Error as err:
+            raise SlideError(f"{self.path}: cannot read region at ({x}, {y}): {err}") from err
         return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
 
     def close(self) -> None:
@@ -159,6 +172,8 @@ class WholeSlide:
         width, height: level-0 size in pixels.
         level_count, level_dimensions, level_downsamples: the pyramid.
         properties: the file's metadata (OpenSlide's properties for pyramidal files).
+        reader: where the pixels come from: ``libvips`` (our cache, and SVS / tiled TIFFs whose
+            pixels it decodes as OpenSlide does) or ``openslide``.
     """
 
     is_patch_folder = False
@@ -174,8 +189,11 @@ class WholeSlide:
     ) -> None:
         self.path = path
         self.read_path = read_path
-        backend = _VipsPyramidReader if reader == "vips" else _OpenSlideReader
-        self._reader = backend(path, read_path)
+        if reader == "vips":
+            self._reader = _VipsPyramidReader(path, read_path)
+        else:
+            self._reader = _fast_tiff_reader(path, read_path) or _OpenSlideReader(path, read_path)
+        self.reader = "libvips" if isinstance(self._reader, _VipsPyramidReader) else "openslide"
         self.mpp = mpp
         self.mpp_source = mpp_source
         self.level_dimensions = self._reader.level_dimensions
@@ -378,6 +396,72 @@ def require_mpp(slide: Slide) -> float:
 
 
 # --- OpenSlide files ----------------------------------------------------------------------------
+
+# OpenSlide formats whose levels are plain tiled TIFF pages that libvips decodes itself.
+FAST_TIFF_VENDORS = ("aperio", "generic-tiff")
+READER_ENV = "BIDISTILL_SLIDE_READER"  # "openslide" turns the libvips fast path off
+
+
+def _fast_tiff_reader(path: Path, read_path: Path) -> _VipsPyramidReader | None:
+    """libvips on the TIFF pages of an SVS or generic tiled TIFF, when it gives OpenSlide's
+    pixels; None (use OpenSlide) for other formats, JPEG 2000 pages libvips cannot decode, or
+    any disagreement.
+
+    Each OpenSlide level is matched to the tiled TIFF page of exactly its size, and a patch at
+    the centre of level 0 is read by both readers and compared, so a file that libvips reads
+    differently never goes through it. One difference remains by design: a region whose origin
+    falls between two pixels of a coarser level starts at the pixel below (OpenSlide shifts it
+    by the fraction); tiles of a tiling grid sit on the level's pixels, where both agree.
+    """
+    import openslide
+
+    if os.environ.get(READER_ENV, "").lower() == "openslide":
+        return None
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(read_path))
+    except (openslide.OpenSlideError, OSError):
+        return None
+    if vendor not in FAST_TIFF_VENDORS:
+        return None
+    reference = _OpenSlideReader(path, read_path)
+    try:
+        pages = _tiff_pages_of_levels(read_path, reference.level_dimensions)
+        if pages is None:
+            return None
+        fast = _VipsPyramidReader(path, read_path, pages)
+        w, h = reference.level_dimensions[0]
+        x, y, side = max(0, w // 2 - 64), max(0, h // 2 - 64), min(128, w, h)
+        ours, theirs = fast.read(x, y, 0, side, side), reference.read(x, y, 0, side, side)
+        # Both decode with libjpeg-turbo; allow a one-level difference of rounding.
+        if np.abs(ours.astype(np.int16) - theirs).max() > 1:
+            log.info("%s: libvips and OpenSlide disagree on its pixels; using OpenSlide", path)
+            return None
+    except SlideError:
+        return None
+    finally:
+        reference.close()
+    fast.properties = reference.properties
+    return fast
+
+
+def _tiff_pages_of_levels(
+    read_path: Path, level_dimensions: Sequence[tuple[int, int]]
+) -> list[int] | None:
+    """The tiled TIFF page of each level (matched by size), or None when one has none."""
+    import pyvips
+
+    try:
+        first = pyvips.Image.tiffload(str(read_path), page=0)
+        n_pages = first.get("n-pages") if "n-pages" in first.get_fields() else 1
+        sizes = {}
+        for i in range(n_pages):
+            page = first if i == 0 else pyvips.Image.tiffload(str(read_path), page=i)
+            if "tile-width" in page.get_fields() and page.bands == 3:
+                sizes.setdefault((page.width, page.height), i)
+    except pyvips.Error:
+        return None
+    pages = [sizes.get(tuple(dims)) for dims in level_dimensions]
+    return None if any(p is None for p in pages) else pages
 
 
 def _detect_format(path: Path) -> str | None:

@@ -1,26 +1,34 @@
 """The tiling stage over a cohort: every slide, in parallel over processes, resumable.
 
 A slide is done when its coords file exists (coords files are written atomically and last, after
-the QC image), so a rerun after a kill tiles only what is missing. Failures are per slide: by
-default the first one stops the run with its message; with ``skip_errors`` the run goes on and
-ends with a summary of the slides that failed.
+the QC image), so a rerun after a kill tiles only what is missing. The per-slide runner
+(``bidistill.runner``) does the skipping, the sharding, the process pool and the bookkeeping of
+failures: by default the first failure stops the run with its message and says that
+``--skip-errors`` exists; with it the run goes on and ends with a summary of the slides that
+failed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
-from multiprocessing import get_context
+from dataclasses import dataclass
 from pathlib import Path
 
 from bidistill._io import write_json
 from bidistill._paths import lookup_named
 from bidistill.config import ExperimentConfig, TilingConfig
-from bidistill.errors import BidistillError, ConfigError, SlideError
+from bidistill.errors import ConfigError, SlideError
+from bidistill.runner import (
+    SKIP_ERRORS_HINT,
+    Recorder,
+    Shard,
+    StageSummary,
+    describe_failure,
+    folder_size,
+    plan_slides,
+    run_slides,
+)
 from bidistill.slides.coords import coords_path
 from bidistill.slides.qc import qc_path, write_patch_folder_qc, write_tiling_qc
 from bidistill.slides.reader import SLIDE_SUFFIXES, PatchFolder, open_slide
@@ -29,6 +37,7 @@ from bidistill.slides.tiling import tile_slide, write_patch_folder_coords, write
 log = logging.getLogger(__name__)
 
 ANNOTATION_SUFFIXES = (".json", ".geojson")
+SUMMARY_FILE = "tiling_summary.json"
 
 
 @dataclass(frozen=True)
@@ -40,23 +49,6 @@ class SlideJob:
     path: Path
     mpp: float | None = None
     annotations: Path | None = None
-
-
-@dataclass
-class TilingSummary:
-    """What a tiling run did: tiles kept per slide tiled now, slides already done, failures."""
-
-    tiled: dict[str, int] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def empty(self) -> list[str]:
-        """Slides tiled now that kept no tile (worth a look at their QC image)."""
-        return [s for s, n in self.tiled.items() if n == 0]
-
-    def to_dict(self) -> dict:
-        return {"tiled": self.tiled, "skipped": self.skipped, "failed": self.failed}
 
 
 # --- finding files ------------------------------------------------------------------------------
@@ -156,24 +148,22 @@ def tile_one(job: SlideJob, tiling: TilingConfig, cache_dir: Path) -> int:
             write_tiling_qc(qc_path(tiling.coords_dir, job.slide_id), result)
         write_slide_tiling(target, slide, result)
     if len(result.coords) == 0:
-        log.warning("%s: no tile kept (see its QC image)", job.path)
+        log.info("%s: no tile kept (see its QC image)", job.path)  # the summary says it too
     return len(result.coords)
 
 
-def _tile_one_safely(
-    job: SlideJob, tiling: TilingConfig, cache_dir: Path, skip_errors: bool
-) -> tuple[str, int | None, str | None]:
-    """Worker entry: (slide id, tiles kept or None, error message or None)."""
-    try:
-        return job.slide_id, tile_one(job, tiling, cache_dir), None
-    except BidistillError as err:
-        if not skip_errors:
-            raise
-        return job.slide_id, None, str(err)
-    except Exception as err:  # a damaged file can surface as any library error
-        if not skip_errors:
-            raise
-        return job.slide_id, None, f"{job.path}: {type(err).__name__}: {err}"
+@dataclass(frozen=True)
+class _TileWork:
+    """The pool's work function: tile one slide, report the outcome instead of raising."""
+
+    tiling: TilingConfig
+    cache_dir: Path
+
+    def __call__(self, job: SlideJob) -> tuple[str, int | None, str | None]:
+        try:
+            return job.slide_id, tile_one(job, self.tiling, self.cache_dir), None
+        except Exception as err:  # a damaged file can surface as any library's error
+            return job.slide_id, None, describe_failure(err, job.path)
 
 
 # --- the cohort ---------------------------------------------------------------------------------
@@ -187,8 +177,10 @@ def tile_cohort(
     workers: int | None = None,
     skip_errors: bool = False,
     progress: bool = True,
-) -> TilingSummary:
-    """Tile every slide whose coords file does not exist yet.
+    shard: Shard | None = None,
+    hint: str = SKIP_ERRORS_HINT,
+) -> StageSummary:
+    """Tile every slide (of this shard) whose coords file does not exist yet.
 
     Args:
         jobs: the slides.
@@ -197,9 +189,11 @@ def tile_cohort(
         workers: processes (default ``tiling.workers``); 1 tiles in this process.
         skip_errors: record failures and go on, instead of stopping at the first.
         progress: show a progress bar.
+        shard: tile only this shard's slides (default: all).
+        hint: what the error of a failed slide says about going on past it.
 
     Returns:
-        TilingSummary.
+        StageSummary (``done``: tiles kept per slide tiled now; ``extra["cache_mb"]``).
 
     Raises:
         SlideError (or another BidistillError): the first failure, unless ``skip_errors``.
@@ -209,64 +203,37 @@ def tile_cohort(
     """
     coords_dir = Path(tiling.coords_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else coords_dir / ".cache"
-    workers = workers or tiling.workers
-    summary = TilingSummary()
-    todo = []
-    for job in jobs:
-        if coords_path(coords_dir, job.slide_id).is_file():
-            summary.skipped.append(job.slide_id)
-        else:
-            todo.append(job)
-    with _progress_bar(len(todo), progress) as advance:
-        if workers <= 1 or len(todo) <= 1:
-            for job in todo:
-                _record(summary, _tile_one_safely(job, tiling, cache_dir, skip_errors))
-                advance()
-        else:
-            _run_pool(todo, tiling, cache_dir, workers, skip_errors, summary, advance)
-    if todo:
-        write_json(coords_dir / "tiling_summary.json", summary.to_dict())
+    summary = StageSummary(stage="tiling")
+    todo = plan_slides(
+        jobs,
+        slide_id=lambda j: j.slide_id,
+        is_done=lambda j: coords_path(coords_dir, j.slide_id).is_file(),
+        shard=shard or Shard(),
+        summary=summary,
+    )
+    recorder = Recorder(summary, skip_errors=skip_errors, hint=hint)
+    try:
+        run_slides(
+            todo,
+            _TileWork(tiling, cache_dir),
+            recorder=recorder,
+            workers=workers or tiling.workers,
+            progress=progress,
+            description="tiling slides",
+        )
+    finally:
+        summary.extra["cache_dir"] = str(cache_dir)
+        summary.extra["cache_mb"] = round(folder_size(cache_dir) / 2**20, 1)
+        if todo:
+            write_json(coords_dir / _summary_name(summary), summary.to_dict())
     return summary
 
 
-def _record(summary: TilingSummary, outcome: tuple[str, int | None, str | None]) -> None:
-    slide_id, n_tiles, error = outcome
-    if error is not None:
-        summary.failed[slide_id] = error
-        log.error("%s", error)
-    else:
-        summary.tiled[slide_id] = int(n_tiles or 0)
-
-
-def _run_pool(todo, tiling, cache_dir, workers, skip_errors, summary, advance) -> None:
-    # spawn, not fork: OpenSlide and libvips keep native state that a fork would share.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        pending: set[Future] = {
-            pool.submit(_tile_one_safely, job, tiling, cache_dir, skip_errors) for job in todo
-        }
-        try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    _record(summary, future.result())
-                    advance()
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
-
-
-@contextlib.contextmanager
-def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
-    """``with _progress_bar(total, enabled) as advance``: a rich bar over slides."""
-    if not enabled or total == 0:
-        yield lambda: None
-        return
-    from rich.progress import Progress
-
-    with Progress() as bar:
-        task = bar.add_task("tiling slides", total=total)
-        yield lambda: bar.advance(task)
+def _summary_name(summary: StageSummary) -> str:
+    if summary.shard is None:
+        return SUMMARY_FILE
+    index, count = summary.shard.split("/")
+    return f"tiling_summary.shard{index}of{count}.json"
 
 
 def slide_cache_dir(config: ExperimentConfig) -> Path:
@@ -279,26 +246,37 @@ def slide_cache_dir(config: ExperimentConfig) -> Path:
 
 
 def tile_from_config(
-    config: ExperimentConfig, *, workers: int | None = None, skip_errors: bool = False
-) -> TilingSummary:
+    config: ExperimentConfig,
+    *,
+    workers: int | None = None,
+    skip_errors: bool = False,
+    shard: Shard | None = None,
+    progress: bool = True,
+    hint: str = SKIP_ERRORS_HINT,
+) -> StageSummary:
     """Tile the cohort of an experiment config (what `bidistill tile CONFIG` does).
 
     Raises:
         ConfigError: no slides to tile; SlideError: a slide fails and ``skip_errors`` is off.
     """
     jobs, missing = jobs_from_config(config)
+    shard = shard or Shard()
+    missing = {s: m for s, m in missing.items() if shard.owns(s)}
     if missing and not skip_errors:
         first = next(iter(missing.values()))
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise SlideError(first + more)
+        raise SlideError(f"{first}{more}; {hint}")
     summary = tile_cohort(
         jobs,
         config.tiling,
         cache_dir=slide_cache_dir(config),
         workers=workers,
         skip_errors=skip_errors,
+        progress=progress,
+        shard=shard,
+        hint=hint,
     )
     summary.failed = {**missing, **summary.failed}
     if missing:
-        write_json(Path(config.tiling.coords_dir) / "tiling_summary.json", summary.to_dict())
+        write_json(Path(config.tiling.coords_dir) / _summary_name(summary), summary.to_dict())
     return summary

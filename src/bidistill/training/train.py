@@ -25,6 +25,7 @@ from bidistill.cohort import (
     check_separating_features,
 )
 from bidistill.config import ExperimentConfig, MethodConfig
+from bidistill.features.identity import config_identity
 from bidistill.features.store import FeatureStore
 from bidistill.models import Method, create_method
 from bidistill.training.bounded import (
@@ -182,6 +183,8 @@ def train_method(
             "dir": str(config.features.dir),
             "encoder": config.features.encoder,
             "dim": store.dim,
+            # What made the features (a later prediction refuses features of another kind).
+            "identity": store.identity.filled_from(config_identity(config)).to_dict(),
         },
         "patients": split_ids,
         "train_seconds": round(time.perf_counter() - started, 2),

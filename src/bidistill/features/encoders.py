@@ -1,0 +1,385 @@
+"""Patch encoders by name: a registry of the encoders pathology users expect, plus any timm model.
+
+``features.encoder`` in the config is one of:
+
+- a registry name (``bidistill encoders`` lists them): ``resnet50-trunc`` (CLAM's baseline),
+  ``vgg16-bn`` (the BCNB and BD papers' backbone) and the pathology foundation models as their
+  authors publish them: ``uni``, ``uni2-h``, ``virchow2``, ``h-optimus-0``, ``h-optimus-1``,
+  ``prov-gigapath``, ``phikon-v2``;
+- ``timm:<name>`` (any timm model, e.g. ``timm:resnet18.a1_in1k``; pooled features);
+- ``hf-hub:<org>/<repo>`` (a timm model on the Hugging Face Hub);
+- a local folder holding a timm ``config.json`` and weights (a Hub download, for offline sites).
+
+Weights come from the Hub through timm / huggingface_hub (cached; ``HF_TOKEN`` for gated models),
+from ``features.checkpoint`` (a local weights file, loaded into the architecture built here,
+fully offline), or, for tests and demos only, from a seeded random initialisation
+(``features.random_init``), which every feature file then records.
+
+The entries themselves are in ``zoo`` (with the preprocessing of their model cards), the spec
+they fill in ``spec``; this module finds names and builds encoders with their weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bidistill.errors import BidistillError
+from bidistill.features.spec import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, Preprocess
+from bidistill.features.zoo import builtin_encoders
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Encoder",
+    "EncoderError",
+    "EncoderSpec",
+    "Preprocess",
+    "build_architecture",
+    "encoder_spec",
+    "list_encoders",
+    "load_encoder",
+    "register_encoder",
+    "weights_digest",
+]
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT_SEED = 0
+
+
+class EncoderError(BidistillError, ValueError):
+    """An encoder that cannot be found, built or loaded; the message says what to do."""
+
+
+_REGISTRY: dict[str, EncoderSpec] = {}
+
+
+def register_encoder(spec: EncoderSpec) -> EncoderSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"encoder '{spec.name}' registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _silu_swiglu() -> dict[str, Any]:
+    from timm.layers import SwiGLUPacked
+
+    return {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
+
+
+for _spec in builtin_encoders():
+    register_encoder(_spec)
+
+
+def list_encoders() -> list[EncoderSpec]:
+    """The registered encoders, in registration order."""
+    return list(_REGISTRY.values())
+
+
+# --- names → specs ------------------------------------------------------------------------------
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    """The spec for a config's ``features.encoder``.
+
+    Raises:
+        EncoderError: an unknown name (with the closest registry names), or a path that is not a
+            model folder.
+    """
+    key = name.strip()
+    if key.lower() in _REGISTRY:
+        return _REGISTRY[key.lower()]
+    if key.startswith("timm:"):
+        return _generic_spec(name, hub=key, arch=key.removeprefix("timm:"))
+    if key.startswith(("hf-hub:", "hf_hub:")):
+        repo = key.split(":", 1)[1]
+        return _generic_spec(name, hub=f"hf-hub:{repo}", arch=f"hf-hub:{repo}")
+    if "/" in key or key.startswith(".") or Path(key).exists():
+        return _local_spec(name, Path(key).expanduser())
+    hint = difflib.get_close_matches(key.lower(), list(_REGISTRY), n=2, cutoff=0.5)
+    did_you_mean = f" Did you mean {' or '.join(repr(h) for h in hint)}?" if hint else ""
+    raise EncoderError(
+        f"unknown encoder '{name}'.{did_you_mean} Registered: {', '.join(_REGISTRY)}; or use "
+        "'timm:<model name>', 'hf-hub:<org>/<repo>' or a local model folder "
+        "(`bidistill encoders` lists them with their dimensions)"
+    )
+
+
+def _generic_spec(name: str, *, hub: str, arch: str) -> EncoderSpec:
+    return EncoderSpec(
+        name=name,
+        summary="a timm model, pooled features",
+        dim=None,
+        preprocess=None,
+        mpp=None,
+        licence="see the model's card",
+        gated=False,
+        hub=hub,
+        arch=arch,
+        kwargs={"num_classes": 0},
+    )
+
+
+def _local_spec(name: str, folder: Path) -> EncoderSpec:
+    if not (folder / "config.json").is_file():
+        raise EncoderError(
+            f"{folder}: not a model folder (expected a timm config.json beside the weights, as "
+            "a Hugging Face Hub download has). For a weights file of a registered architecture, "
+            "set `features.encoder` to the architecture and `features.checkpoint` to the file"
+        )
+    where = f"local-dir:{folder.resolve()}"
+    return _generic_spec(name, hub=where, arch=where)
+
+
+# --- building and loading -----------------------------------------------------------------------
+
+
+@dataclass
+class Encoder:
+    """A ready patch encoder: ``model(preprocess(uint8 batch))`` → [B, dim].
+
+    Attributes:
+        name: as the config spelt it (recorded in every feature file).
+        weights_sha256: digest of the weights (first 16 hex digits of SHA-256 over the tensors).
+        source: where the weights came from (the Hub, a file, or random init).
+        random_init: True for seeded random weights (tests and demos).
+    """
+
+    name: str
+    spec: EncoderSpec
+    model: nn.Module
+    preprocess: Preprocess
+    dim: int
+    weights_sha256: str
+    source: str
+    random_init: bool
+
+
+def load_encoder(
+    name: str,
+    *,
+    checkpoint: str | Path | None = None,
+    random_init: bool = False,
+) -> Encoder:
+    """Build an encoder with its weights, on the CPU, in eval mode.
+
+    Args:
+        name: ``features.encoder`` (see the module docstring).
+        checkpoint: a local weights file (``.safetensors``, ``.bin``, ``.pth``) for the named
+            architecture; nothing is downloaded.
+        random_init: seeded random weights instead (tests and demos); recorded in the files.
+
+    Raises:
+        EncoderError: unknown name, missing package, gated or unreachable weights, or a
+            checkpoint that does not fit the architecture; each says what to do.
+    """
+    spec = encoder_spec(name)
+    if checkpoint is not None and random_init:
+        raise EncoderError("features.checkpoint and features.random_init exclude each other")
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            base = _with_hub_errors(spec, lambda: _create(spec, pretrained=False))
+        source = f"random init (seed {RANDOM_INIT_SEED}): NOT pretrained"
+    elif checkpoint is not None:
+        base = _with_hub_errors(spec, lambda: _create(spec, pretrained=False))
+        load_weights_file(base, Path(checkpoint), spec)
+        source = f"checkpoint {Path(checkpoint).resolve()}"
+    else:
+        base = _with_hub_errors(spec, lambda: _create(spec, pretrained=True))
+        source = spec.hub
+    preprocess = spec.preprocess or _timm_preprocess(base)
+    model = _wrapped(spec, base).eval().requires_grad_(False)
+    dim = _output_dim(model, preprocess)
+    if spec.dim is not None and dim != spec.dim:
+        raise EncoderError(f"encoder '{name}' gives {dim}-d features, expected {spec.dim}")
+    return Encoder(
+        name=name,
+        spec=spec,
+        model=model,
+        preprocess=preprocess,
+        dim=dim,
+        weights_sha256=weights_digest(model),
+        source=source,
+        random_init=random_init,
+    )
+
+
+def build_architecture(spec: EncoderSpec) -> nn.Module:
+    """The entry's model with untrained weights, returning [B, D] (build it under
+    ``torch.device("meta")`` to check an architecture without memory or downloads)."""
+    return _wrapped(spec, _create(spec, pretrained=False))
+
+
+def _wrapped(spec: EncoderSpec, base: nn.Module) -> nn.Module:
+    return spec.wrap(base) if spec.wrap is not None else base
+
+
+def _create(spec: EncoderSpec, *, pretrained: bool) -> nn.Module:
+    if spec.kind == "transformers":
+        return _create_transformers(spec, pretrained=pretrained)
+    import timm
+
+    kwargs = dict(spec.kwargs)
+    if kwargs.pop("swiglu", False):
+        kwargs.update(_silu_swiglu())
+    if pretrained:
+        target = spec.hub.removeprefix("timm:")
+        return timm.create_model(target, pretrained=True, **kwargs)
+    try:
+        return timm.create_model(spec.arch, pretrained=False, **kwargs)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise EncoderError(f"encoder '{spec.name}': {err}") from err
+
+
+def _create_transformers(spec: EncoderSpec, *, pretrained: bool) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as err:
+        raise EncoderError(
+            f"encoder '{spec.name}' needs the `transformers` package: "
+            "pip install 'bidistill[transformers]'"
+        ) from err
+    if pretrained:
+        return transformers.AutoModel.from_pretrained(spec.hub_repo)
+    config = transformers.Dinov2Config(**spec.kwargs)
+    return transformers.Dinov2Model(config)
+
+
+def _with_hub_errors(spec: EncoderSpec, build: Callable[[], nn.Module]) -> nn.Module:
+    """Run ``build`` and turn the Hub's errors into instructions."""
+    try:
+        return build()
+    except Exception as err:
+        raise _hub_error(spec, err) from err
+
+
+def _hub_error(spec: EncoderSpec, err: Exception) -> Exception:
+    """A download failure as a message that says what to do (gated, offline, unknown repo)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    if isinstance(err, EncoderError):
+        return err
+    where = spec.hub_repo or spec.hub.removeprefix("timm:")
+    offline = (
+        "; on a machine without internet, download the weights elsewhere and set "
+        "`features.checkpoint` to the weights file"
+    )
+    if isinstance(err, GatedRepoError):
+        return EncoderError(
+            f"encoder '{spec.name}': the weights on the Hugging Face Hub ({where}) are gated. "
+            f"Accept the licence at https://huggingface.co/{where} with your account, then make "
+            "a token with read access and set it: `export HF_TOKEN=hf_...` (or `hf auth "
+            f"login`){offline}"
+        )
+    if isinstance(err, RepositoryNotFoundError):
+        return EncoderError(
+            f"encoder '{spec.name}': no model '{where}' on the Hugging Face Hub (or it is "
+            "private: set HF_TOKEN)"
+        )
+    text = f"{type(err).__name__}: {err}".splitlines()[0]
+    if isinstance(err, (LocalEntryNotFoundError, OSError, ConnectionError)):
+        return EncoderError(
+            f"encoder '{spec.name}': cannot download its weights ({where}): {text}{offline}"
+        )
+    return EncoderError(f"encoder '{spec.name}': cannot build it ({text})")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise EncoderError(f"{path}: checkpoint file not found (`features.checkpoint`)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise EncoderError(f"{path}: not a readable weights file ({err})") from err
+    for key in ("state_dict", "model", "teacher"):  # common wrappers of training checkpoints
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise EncoderError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+_HEAD_PREFIXES = ("fc.", "head.", "classifier.", "pre_logits.")
+
+
+def load_weights_file(model: nn.Module, path: Path, spec: EncoderSpec) -> None:
+    """Load a local weights file into ``model`` (the unwrapped architecture), strictly.
+
+    Raises:
+        EncoderError: unreadable file, or keys that do not match the architecture.
+    """
+    state = _read_state_dict(path)
+    result = model.load_state_dict(state, strict=False)
+    # Classifier heads are not part of any embedding here: an ImageNet file may carry one that
+    # the architecture lacks, or lack one that it has.
+    missing = [k for k in result.missing_keys if not k.startswith(_HEAD_PREFIXES)]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(_HEAD_PREFIXES)]
+    if missing or unexpected:
+        raise EncoderError(
+            f"{path}: the weights do not fit encoder '{spec.name}' ({spec.arch}): "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}). Is it the weights file of this model?"
+        )
+
+
+def _timm_preprocess(model: nn.Module) -> Preprocess:
+    """A timm model's evaluation preprocessing from its pretrained config."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    size = int(cfg["input_size"][-1])
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    interpolation = "bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear"
+    return Preprocess(
+        size=size,
+        resize=int(round(size / crop_pct)),
+        interpolation=interpolation,
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+    )
+
+
+def _output_dim(model: nn.Module, preprocess: Preprocess) -> int:
+    """D, from one forward pass of one blank input."""
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, preprocess.size, preprocess.size))
+    if out.ndim != 2:
+        raise EncoderError(
+            f"the encoder returns a tensor of shape {tuple(out.shape)}; expected [batch, D] "
+            "(pooled features)"
+        )
+    return int(out.shape[-1])
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the parameters and buffers in name order (first 16 hex digits).
+
+    The digest is of the tensors, not of a file, so the same weights give the same digest whether
+    they came from the Hub, a local file or a cache.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            digest.update(data.view(torch.uint8).numpy())  # no copy: numpy shares the buffer
+    return digest.hexdigest()[:16]

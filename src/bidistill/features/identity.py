@@ -1,0 +1,197 @@
+"""Feature identity: what made a set of feature files, and the checks that keep sets apart.
+
+A feature file's identity is its encoder (registry name and a digest of the weights), whether the
+weights were random, the patch size and the MPP. It is read from whatever attributes a file has:
+ours (``encoder``, ``encoder_weights_sha256``, ``random_init``, ``patch_size``, ``mpp``),
+TRIDENT's (kept on the ``coords`` dataset: ``patch_size``, ``target_magnification``) or STAMP's
+(``extractor``); CLAM's files may carry none, and then the config fills in what the files do not
+say. Two files that both know a field and disagree on it are never mixed: features of two
+encoders in one bag would train a model on noise without any error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import h5py
+
+from bidistill._io import h5_attrs
+from bidistill.errors import FeatureFileError
+
+if TYPE_CHECKING:
+    from bidistill.config import ExperimentConfig
+
+# Relative tolerance on MPPs: files that store 0.5 and 0.4999 come from the same setting.
+MPP_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class FeatureIdentity:
+    """What produced a set of features; None means "not known" (never "disagrees").
+
+    Attributes:
+        encoder: the encoder as the config named it (``resnet50-trunc``, ``timm:resnet18``, ...).
+        weights_sha256: digest of the encoder's weights (first 16 hex digits).
+        random_init: the encoder had random weights (tests and demos only).
+        patch_size: tile side in pixels at ``mpp``.
+        mpp: microns per pixel of the tiles (None when tiled at level 0 of slides without one).
+    """
+
+    encoder: str | None = None
+    weights_sha256: str | None = None
+    random_init: bool | None = None
+    patch_size: int | None = None
+    mpp: float | None = None
+
+    @classmethod
+    def from_attrs(
+        cls, attrs: dict[str, Any], coords_attrs: dict[str, Any] | None = None
+    ) -> FeatureIdentity:
+        """The identity a file's attributes state (ours, TRIDENT's, STAMP's or none)."""
+        merged = {**(coords_attrs or {}), **attrs}  # file-level attributes win
+        encoder = merged.get("encoder", merged.get("extractor"))
+        mpp = _number(merged.get("mpp"))
+        if mpp is None and _number(merged.get("target_magnification")):
+            mpp = 10.0 / float(merged["target_magnification"])  # TRIDENT: 20x = 0.5 um/px
+        random_init = merged.get("random_init")
+        patch_size = _number(merged.get("patch_size"))
+        return cls(
+            encoder=str(encoder) if encoder not in (None, "") else None,
+            weights_sha256=merged.get("encoder_weights_sha256") or None,
+            random_init=bool(random_init) if random_init is not None else None,
+            patch_size=int(patch_size) if patch_size is not None else None,
+            mpp=mpp,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureIdentity:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def filled_from(self, fallback: FeatureIdentity) -> FeatureIdentity:
+        """This identity with the fields it does not know taken from ``fallback``."""
+        return replace(
+            self,
+            **{
+                f.name: getattr(fallback, f.name)
+                for f in fields(self)
+                if getattr(self, f.name) is None
+            },
+        )
+
+    def disagreements(self, other: FeatureIdentity) -> dict[str, tuple[Any, Any]]:
+        """Fields known on both sides that differ: name → (this value, other value)."""
+        out = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine is None or theirs is None:
+                continue
+            if f.name == "mpp":
+                if abs(mine - theirs) > MPP_TOLERANCE * max(abs(mine), abs(theirs)):
+                    out[f.name] = (mine, theirs)
+            elif mine != theirs:
+                out[f.name] = (mine, theirs)
+        return out
+
+    def describe(self) -> str:
+        """One line for logs and errors: ``resnet50-trunc (weights 1a2b…), 256 px at 0.5 µm/px``."""
+        parts = [self.encoder or "unknown encoder"]
+        if self.random_init:
+            parts[0] += " (RANDOM weights)"
+        elif self.weights_sha256:
+            parts[0] += f" (weights {self.weights_sha256})"
+        if self.patch_size is not None:
+            where = f" at {self.mpp:g} µm/px" if self.mpp is not None else ""
+            parts.append(f"{self.patch_size} px{where}")
+        return ", ".join(parts)
+
+
+def _number(value: Any) -> float | None:
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def config_identity(config: ExperimentConfig) -> FeatureIdentity:
+    """What a config says about its features: the encoder and whether it is random. (Its tiling
+    section is not evidence: features made elsewhere ignore it.)"""
+    return FeatureIdentity(encoder=config.features.encoder, random_init=config.features.random_init)
+
+
+def read_identity(path: str | Path) -> FeatureIdentity:
+    """The identity stated by one feature file's attributes (file and ``coords`` dataset)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            coords_attrs = h5_attrs(h5["coords"]) if "coords" in h5 else {}
+            return FeatureIdentity.from_attrs(h5_attrs(h5), coords_attrs)
+    except OSError as err:
+        raise FeatureFileError(f"{path}: not a readable HDF5 file ({err})") from err
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _format(name: str, value: Any) -> str:
+    return f"{name}={_value(value)}"
+
+
+def common_identity(paths: Iterable[str | Path]) -> FeatureIdentity:
+    """The identity shared by every file, or an error naming two files that disagree.
+
+    Each field is compared among the files that state it; the result holds every field that some
+    file states.
+
+    Raises:
+        FeatureFileError: two files disagree on the encoder, its weights, the patch size or MPP.
+    """
+    known: dict[str, tuple[Any, Path]] = {}  # field → (value, first file that stated it)
+    for path in paths:
+        path = Path(path)
+        identity = read_identity(path)
+        for name, value in identity.to_dict().items():
+            if value is None:
+                continue
+            if name not in known:
+                known[name] = (value, path)
+                continue
+            first_value, first_path = known[name]
+            probe = FeatureIdentity(**{name: first_value}).disagreements(
+                FeatureIdentity(**{name: value})
+            )
+            if probe:
+                raise FeatureFileError(
+                    f"feature files made differently: {first_path} has "
+                    f"{_format(name, first_value)} but {path} has {_format(name, value)}; "
+                    "every slide of a cohort must be extracted with the same encoder, patch size "
+                    "and MPP (extract them again into one folder with `bidistill extract`)"
+                )
+    return FeatureIdentity(**{name: value for name, (value, _) in known.items()})
+
+
+def check_matches(
+    actual: FeatureIdentity, expected: FeatureIdentity, *, actual_where: str, expected_where: str
+) -> None:
+    """Refuse features whose identity disagrees with what is expected (a config, a trained run).
+
+    Raises:
+        FeatureFileError: naming both sources and every field that differs.
+    """
+    diff = actual.disagreements(expected)
+    if diff:
+        details = "; ".join(
+            f"{name} {_value(got)} in {actual_where}, {_value(want)} in {expected_where}"
+            for name, (got, want) in diff.items()
+        )
+        raise FeatureFileError(
+            f"features of another kind: {details}. Features of different encoders, patch sizes "
+            "or MPPs never mix; extract into a new `features.dir`, or use a new run folder"
+        )

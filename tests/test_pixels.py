@@ -1,0 +1,70 @@
+"""`bidistill run` from pixels: a config that starts from slides tiles, extracts, trains and
+evaluates; a rerun skips every stage; features of another kind are refused."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import pytest
+import yaml
+
+from bidistill.errors import FeatureFileError
+from bidistill.pipeline import run_experiment
+
+
+@pytest.fixture
+def slides_config(tmp_path):
+    from bidistill.cohort.bcnb import prepare_bcnb
+    from bidistill.synthetic.bcnb import make_bcnb_folder
+
+    root = make_bcnb_folder(
+        tmp_path / "BCNB", patients=12, seed=0, slide_size=(512, 512), progress=False
+    )
+    config = prepare_bcnb(root, tmp_path / "exp").config_path
+    raw = yaml.safe_load(config.read_text())
+    # Slides this small are crossed by the pathologist's pen circles everywhere; tiles with ink
+    # would all be dropped (tests/slides covers that), so this fixture keeps them.
+    raw["tiling"] = {"patch_size": 64, "mpp": 1.0, "qc": False, "remove_pen": False}
+    raw["features"] = {
+        "encoder": "timm:test_vit",
+        "random_init": True,
+        "batch_size": 16,
+        "num_workers": 0,
+    }
+    raw["methods"] = ["bd"]
+    raw["training"] = {"epochs": 2, "patience": 2, "batch_size": 8}
+    raw["evaluation"] = {"mask_seeds": 2, "bootstrap": 20}
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def _stamps(folder):
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.h5"))}
+
+
+@pytest.mark.slow
+def test_run_from_slides_runs_every_stage_then_skips_them_all(slides_config, tmp_path):
+    exp, out = slides_config.parent, tmp_path / "run"
+    result = run_experiment(slides_config, out, progress=False)
+    assert len(_stamps(exp / "coords")) == 12 and len(_stamps(exp / "features")) == 12
+    assert result.trained == ["bd"] and (out / "report.html").is_file()
+    identity = json.loads((out / "bd" / "model.json").read_text())["features"]["identity"]
+    assert identity["encoder"] == "timm:test_vit" and identity["random_init"] is True
+    assert identity["patch_size"] == 64 and identity["mpp"] == 1.0
+    assert len(identity["weights_sha256"]) == 16
+    assert "the features come from a RANDOMLY INITIALISED encoder" in (
+        (out / "report.html").read_text()
+    )
+
+    coords, features = _stamps(exp / "coords"), _stamps(exp / "features")
+    again = run_experiment(slides_config, out, progress=False)
+    assert again.trained == [] and not again.evaluated
+    assert _stamps(exp / "coords") == coords and _stamps(exp / "features") == features
+
+    # Features re-extracted into the same folder with other weights: the run refuses them.
+    for path in (exp / "features").glob("*.h5"):
+        with h5py.File(path, "r+") as h5:
+            h5.attrs["encoder_weights_sha256"] = "0123456789abcdef"
+    with pytest.raises(FeatureFileError, match=r"features bd was trained on \(.*model\.json\)"):
+        run_experiment(slides_config, out, progress=False)
