@@ -32,6 +32,7 @@ def test_the_readme_block_is_the_path_we_test():
         ["bidistill", "init"],
         ["bidistill", "config"],
         ["bidistill", "run"],
+        ["bidistill", "predict"],
     ]
 
 
@@ -48,12 +49,15 @@ def test_new_user_path_as_the_readme_prints_it(tmp_path, monkeypatch):
         last = result.stderr.strip().splitlines()[-1]
         if i + 1 < len(commands):
             assert last == f"next: {commands[i + 1]}", command
-    run_dir = Path(shlex.split(commands[-1])[-1])
-    assert last == f"next: open {run_dir / 'report.html'}"
+        if args[1] == "run":
+            run_output = result.stdout
+    run_dir = Path(shlex.split(commands[2])[-1])
     # What the README promises: the results with their uncertainty, and a report that opens
-    # with the headline under a synthetic-data banner.
-    assert "95% CI" in result.stdout and "not reliable" in result.stdout
+    # with the headline under a synthetic-data banner; then predictions for every patient.
+    assert "95% CI" in run_output and "not reliable" in run_output
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert set(metrics["method"]) == {"bd", "wsi-only", "clinical-only", "fusion-mean", "moddrop"}
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     assert page.index("id='synthetic-banner'") < page.index("id='headline'") < page.index("<h2")
+    predicted = pd.read_csv(run_dir / "new_patients.csv")
+    assert len(predicted) == 300 and predicted["probability"].between(0, 1).all()

@@ -670,11 +670,31 @@ def run(
     with _ConsoleLog():
         result = run_experiment(config, out, progress=not no_progress, say=_say)
     _print_results(result.metrics, pd.read_csv(out / "delong.csv"), out)
-    if _load(config).features.random_init:
+    cfg = _load(config)
+    if cfg.features.random_init:
         from bidistill.pixels import RANDOM_FEATURES_WARNING
 
         console.print(f"[bold red]WARNING:[/] {RANDOM_FEATURES_WARNING}", highlight=False)
-    _next(f"open {_arg(out / 'report.html')}")
+    _next(_predict_command(cfg, out))
+
+
+def _predict_command(cfg, run_dir: Path) -> str:
+    """`bidistill predict` as it runs on the training cohort itself: the command to adapt to
+    new patients (their features folder and table)."""
+    command = f"bidistill predict --run {_arg(_shown(run_dir))}"
+    if cfg.cohort.slide_column:
+        command += f" --features {_arg(_shown(cfg.features.dir))}"
+    command += f" --clinical {_arg(_shown(cfg.cohort.table))}"
+    return command + f" --out {_arg(_shown(run_dir / 'new_patients.csv'))}"
+
+
+def _shown(path: Path | str) -> Path:
+    """``path`` relative to the working folder when it lies inside it (as the user typed it)."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
 
 
 @app.command(cls=HelpCommand)

@@ -126,7 +126,8 @@ def test_cli_run_says_what_it_does_and_what_it_skips(tmp_path) -> None:
     assert lines[0].startswith("loading the cohort table")
     assert "up to date in this run, kept: wsi-only" in again.stderr
     assert "evaluate: up to date" in again.stderr
-    assert again.stderr.strip().splitlines()[-1] == f"next: open {out / 'report.html'}"
+    assert f"report: {out / 'report.html'}" in again.stderr
+    assert again.stderr.strip().splitlines()[-1].startswith(f"next: bidistill predict --run {out}")
 
 
 def test_cli_evaluate_prints_the_table_and_fails_cleanly(tmp_path) -> None:
