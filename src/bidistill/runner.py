@@ -188,6 +188,22 @@ def describe_failure(err: BaseException, where: str | Path) -> str:
 # --- planning -----------------------------------------------------------------------------------
 
 
+def missing_slides(
+    missing: dict[str, str], shard: Shard, *, skip_errors: bool, hint: str
+) -> dict[str, str]:
+    """This shard's slides whose file was not found (id → reason), to count as failed.
+
+    Raises:
+        SlideError: there are some and ``skip_errors`` is off (the message ends with ``hint``).
+    """
+    missing = {s: m for s, m in missing.items() if shard.owns(s)}
+    if missing and not skip_errors:
+        first = next(iter(missing.values()))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SlideError(f"{first}{more}; {hint}")
+    return missing
+
+
 def plan_slides(
     jobs: Sequence[Job],
     *,

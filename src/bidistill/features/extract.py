@@ -31,7 +31,6 @@ import torch
 from bidistill import __version__
 from bidistill._io import write_json
 from bidistill.config import ExperimentConfig, FeaturesConfig
-from bidistill.errors import SlideError
 from bidistill.features.encoders import Encoder, load_encoder
 from bidistill.features.identity import (
     FeatureIdentity,
@@ -45,6 +44,7 @@ from bidistill.runner import (
     Recorder,
     Shard,
     StageSummary,
+    missing_slides,
     plan_slides,
 )
 
@@ -468,11 +468,7 @@ def extract_from_config(
 
     jobs, missing = extraction_jobs(config)
     shard = shard or Shard()
-    missing = {s: m for s, m in missing.items() if shard.owns(s)}
-    if missing and not skip_errors:
-        first = next(iter(missing.values()))
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise SlideError(f"{first}{more}; {hint}")
+    missing = missing_slides(missing, shard, skip_errors=skip_errors, hint=hint)
     summary = extract_features(
         jobs,
         config.features,

@@ -18,7 +18,7 @@ from pathlib import Path
 from bidistill._io import write_json
 from bidistill._paths import lookup_named
 from bidistill.config import ExperimentConfig, TilingConfig
-from bidistill.errors import ConfigError, SlideError
+from bidistill.errors import ConfigError
 from bidistill.runner import (
     SKIP_ERRORS_HINT,
     Recorder,
@@ -26,6 +26,7 @@ from bidistill.runner import (
     StageSummary,
     describe_failure,
     folder_size,
+    missing_slides,
     plan_slides,
     run_slides,
 )
@@ -261,11 +262,7 @@ def tile_from_config(
     """
     jobs, missing = jobs_from_config(config)
     shard = shard or Shard()
-    missing = {s: m for s, m in missing.items() if shard.owns(s)}
-    if missing and not skip_errors:
-        first = next(iter(missing.values()))
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise SlideError(f"{first}{more}; {hint}")
+    missing = missing_slides(missing, shard, skip_errors=skip_errors, hint=hint)
     summary = tile_cohort(
         jobs,
         config.tiling,
