@@ -69,3 +69,20 @@ def test_a_data_frame_loads_like_a_file(synth_cohort):
     assert new.patients.loc["N1", "age"] == 50 and np.isnan(new.patients.loc["N2", "age"])
     with pytest.raises(CohortError, match="no patient id column 'patient_id'"):
         load_prediction_cohort(frame.drop(columns="patient_id"), cfg)
+
+
+def test_identifiers_are_read_exactly_as_in_training(synth_cohort, tmp_path):
+    """Training compares ids exactly (issue 10); prediction must too, or a full-width id would
+    silently become another patient's."""
+    cfg = load_config(synth_cohort).cohort
+    table = pd.read_csv(cfg.table, dtype=str, keep_default_na=False)
+    first = table[cfg.patient_column].iloc[0]
+    wide = first.translate({ord(c): ord(c) + 0xFEE0 for c in "0123456789"})
+    table.loc[0, cfg.patient_column] = wide
+    table.to_csv(tmp_path / "new.csv", index=False)
+    new = load_prediction_cohort(tmp_path / "new.csv", cfg)
+    assert wide in new.patients.index and wide != first
+    table.loc[0, cfg.slide_column] = "../elsewhere/S0001"
+    table.to_csv(tmp_path / "new.csv", index=False)
+    with pytest.raises(CohortError, match="row 2, column 'slide_id'"):
+        load_prediction_cohort(tmp_path / "new.csv", cfg)

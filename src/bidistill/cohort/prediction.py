@@ -19,8 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bidistill.cohort.parsers import is_blank, normalise_text
-from bidistill.cohort.table import _FIRST_ROW, _parse_clinical, read_table
+from bidistill.cohort.table import (
+    _FIRST_ROW,
+    _parse_clinical,
+    identifier_frame,
+    per_patient,
+    read_table,
+    slide_rows,
+)
 from bidistill.config import CohortConfig
 from bidistill.errors import CohortError
 
@@ -75,15 +81,8 @@ def load_prediction_cohort(
         path = Path(table)
         raw = read_table(path, cfg.sheet)
     _check_prediction_columns(raw, cfg, path, other_columns)
-    rows = raw.index.to_numpy() + _FIRST_ROW
-    frame = pd.DataFrame(index=raw.index)
-    frame["patient_id"] = [normalise_text(v) for v in raw[cfg.patient_column]]
-    blank = np.flatnonzero(frame["patient_id"].isin(["", "nan"]))
-    if len(blank):
-        raise CohortError(
-            f"{path}: row {rows[blank[0]]}: blank patient id in '{cfg.patient_column}'"
-        )
-    frame["row"] = rows
+    rows = pd.Series(raw.index.to_numpy() + _FIRST_ROW, index=raw.index)
+    frame = identifier_frame(raw, cfg, path, rows)
     missing = [c.column for c in cfg.clinical if c.column not in raw.columns]
     for col in cfg.clinical:
         if col.column in raw.columns:
@@ -94,13 +93,9 @@ def load_prediction_cohort(
         log.warning(
             "%s: no column %s: missing for every patient", path, ", ".join(map(repr, missing))
         )
-    if cfg.slide_column and cfg.slide_column in raw.columns:
-        frame["slide_id"] = [
-            None if is_blank(v) else normalise_text(v) for v in raw[cfg.slide_column]
-        ]
     return PredictionCohort(
-        patients=_per_patient(frame, cfg, path),
-        slides=_slides(frame, cfg, path),
+        patients=per_patient(frame, cfg, path),
+        slides=slide_rows(frame, cfg, path),
         missing_columns=missing,
         source=path,
     )
@@ -139,38 +134,3 @@ def _check_prediction_columns(
             f"The run's clinical columns: {', '.join(clinical) or 'none'}; remove the column "
             "(or rename it to the run's name) so that nothing is silently ignored"
         )
-
-
-def _per_patient(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:
-    """One row per patient; a patient's rows must agree (blank cells are filled by the others)."""
-    names = {c.feature_name: c.column for c in cfg.clinical}
-    grouped = frame.groupby("patient_id", sort=False)
-    patients = pd.DataFrame(index=pd.Index(grouped.size().index.astype(str), name="patient_id"))
-    for name, column in names.items():
-        conflicting = grouped[name].nunique(dropna=True) > 1
-        if conflicting.any():
-            patient_id = conflicting.index[conflicting.to_numpy()][0]
-            group = frame[(frame["patient_id"] == patient_id) & frame[name].notna()]
-            distinct = ", ".join(map(str, pd.unique(group[name])))
-            rows = ", ".join(str(r) for r in group["row"])
-            raise CohortError(
-                f"{path}: patient '{patient_id}' has conflicting values in column "
-                f"'{column}' ({distinct}) on rows {rows}"
-            )
-        patients[name] = grouped[name].first().to_numpy()  # the first non-blank value
-    return patients
-
-
-def _slides(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:
-    if "slide_id" not in frame:
-        return pd.DataFrame(columns=["slide_id", "patient_id"])
-    slides = frame.loc[frame["slide_id"].notna(), ["row", "slide_id", "patient_id"]]
-    repeated = slides[slides["slide_id"].duplicated(keep=False)]
-    if len(repeated):
-        slide_id = repeated["slide_id"].iloc[0]
-        rows = ", ".join(str(r) for r in repeated.loc[repeated["slide_id"] == slide_id, "row"])
-        raise CohortError(
-            f"{path}: slide id '{slide_id}' (column '{cfg.slide_column}') appears on rows {rows}; "
-            "each slide must appear once"
-        )
-    return slides[["slide_id", "patient_id"]].reset_index(drop=True)

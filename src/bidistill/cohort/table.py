@@ -116,23 +116,15 @@ def load_cohort(cfg: CohortConfig, *, mpp_column: str | None = None) -> Cohort:
     raw = read_table(path, cfg.sheet)
     _check_columns(raw, cfg, path, mpp_column)
     rows = pd.Series(raw.index.to_numpy() + _FIRST_ROW, index=raw.index)
-    frame = pd.DataFrame(index=raw.index)
-    frame["patient_id"] = _patient_ids(raw[cfg.patient_column], cfg.patient_column, path, rows)
-    frame["row"] = rows
+    frame = identifier_frame(raw, cfg, path, rows)
     frame["split"] = _parse_splits(raw, cfg, path, rows)
     for col in cfg.clinical:
         frame[col.feature_name] = _parse_clinical(raw[col.column], col, path, rows)
-    if cfg.slide_column:
-        cells = raw[cfg.slide_column]
-        frame["slide_id"] = [None if is_blank(v) else read_identifier(v) for v in cells]
-        check_identifiers(
-            frame["slide_id"], rows, column=cfg.slide_column, path=path, names_files=True
-        )
     if mpp_column:
         frame["mpp"] = _map_cells(raw[mpp_column], rows, path, mpp_column, PARSERS["number"])
     frame, label_summary = _labels(frame, raw[cfg.label.column], cfg, path)
-    patients = _per_patient(frame, cfg, path)
-    slides = _slides(frame, cfg, path)
+    patients = per_patient(frame, cfg, path)
+    slides = slide_rows(frame, cfg, path)
     if patients["label"].nunique() < 2:
         raise CohortError(
             f"{path}: label '{cfg.label.column}' has one class only "
@@ -146,6 +138,23 @@ def load_cohort(cfg: CohortConfig, *, mpp_column: str | None = None) -> Cohort:
         source=path,
         label_summary=label_summary,
     )
+
+
+def identifier_frame(
+    raw: pd.DataFrame, cfg: CohortConfig, path: Path, rows: pd.Series
+) -> pd.DataFrame:
+    """``patient_id``, ``row`` and (with a slide column) ``slide_id`` of every row, read exactly
+    as written and checked (``cohort.identifiers``); shared with prediction tables."""
+    frame = pd.DataFrame(index=raw.index)
+    frame["patient_id"] = _patient_ids(raw[cfg.patient_column], cfg.patient_column, path, rows)
+    frame["row"] = rows
+    if cfg.slide_column and cfg.slide_column in raw.columns:
+        cells = raw[cfg.slide_column]
+        frame["slide_id"] = [None if is_blank(v) else read_identifier(v) for v in cells]
+        check_identifiers(
+            frame["slide_id"], rows, column=cfg.slide_column, path=path, names_files=True
+        )
+    return frame
 
 
 def _patient_ids(cells: pd.Series, column: str, path: Path, rows: pd.Series) -> pd.Series:
@@ -284,21 +293,25 @@ def _parse_cell(cell, col: ClinicalColumn, levels: set[str] | None):
     return text
 
 
-def _per_patient(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:
-    """One row per patient; every per-patient column must agree across the patient's rows.
+def per_patient(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:
+    """One row per patient; every per-patient column (``label`` and ``split`` where the frame
+    has them, the clinical features) must agree across the patient's rows.
 
     Vectorised over patients (one groupby, not a filter per patient): a per-patient loop made
     a 1058-patient table take seconds.
     """
-    columns = ["label", "split", *(c.feature_name for c in cfg.clinical)]
+    columns = [c for c in ("label", "split") if c in frame]
+    columns += [c.feature_name for c in cfg.clinical]
     grouped = frame.groupby("patient_id", sort=False)
     conflicts = grouped[columns].nunique(dropna=True).gt(1)
     if conflicts.to_numpy().any():
         _raise_conflict(frame, conflicts, cfg, path)
     patients = grouped[columns].first()  # the first non-blank value of each column
+    patients.index = patients.index.astype(str)
     patients.index.name = "patient_id"
-    patients["label"] = patients["label"].astype(int)
-    if not cfg.split_column:
+    if "label" in patients:
+        patients["label"] = patients["label"].astype(int)
+    if "split" in patients and not cfg.split_column:
         patients["split"] = None
     return patients
 
@@ -323,7 +336,8 @@ def _label_text(code: float) -> str:
     return str(int(code))
 
 
-def _slides(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:
+def slide_rows(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:
+    """``slide_id``, ``patient_id`` (and ``mpp``) per slide; a slide id may appear once."""
     columns = ["slide_id", "patient_id"] + (["mpp"] if "mpp" in frame else [])
     if "slide_id" not in frame:
         return pd.DataFrame(columns=columns)
