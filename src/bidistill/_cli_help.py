@@ -74,29 +74,23 @@ def _tidy(param: Any, ctx: Any) -> None:
             param.metavar = (param.name or "").upper()
 
 
-class HelpCommand(typer.core.TyperCommand):
+class _PlainHelp:
+    """Help with plain metavars and unwrapped paragraphs (mixed into typer's classes)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = unwrap_paragraphs(self.help)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            _tidy(param, ctx)
+        return params
+
+
+class HelpCommand(_PlainHelp, typer.core.TyperCommand):
     """A command whose help has plain metavars and unwrapped paragraphs."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.help = unwrap_paragraphs(self.help)
 
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        for param in params:
-            _tidy(param, ctx)
-        return params
-
-
-class HelpGroup(typer.core.TyperGroup):
+class HelpGroup(_PlainHelp, typer.core.TyperGroup):
     """A command group with the same help conventions as ``HelpCommand``."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.help = unwrap_paragraphs(self.help)
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        for param in params:
-            _tidy(param, ctx)
-        return params

@@ -654,7 +654,8 @@ def run(
     ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
-    """Run every stage not done yet: train each method, evaluate, report. Rerun to resume.
+    """Run every stage not done yet: tile and extract (with a `slides` section), train each
+    method, evaluate, report. Rerun to resume.
 
     Writes the run directory: config.yaml, splits.json, one folder per method, predictions.csv,
     metrics.csv, metrics_by_seed.csv, delong.csv, report.html, report.md and figures/. Nothing

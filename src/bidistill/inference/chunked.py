@@ -56,7 +56,6 @@ class BagSource(Protocol):
 
     def chunks(self, rows: int) -> Iterator[np.ndarray]:
         """Consecutive blocks of at most ``rows`` instances, float16 or float32 [r, D]."""
-        ...
 
 
 class ArrayBag:
