@@ -45,7 +45,12 @@ from bidistill.runs.fingerprint import (
     record_stage,
     write_run_info,
 )
-from bidistill.runs.inputs import FeatureIdentities, file_digest, method_inputs, settings
+from bidistill.runs.inputs import (
+    FeatureIdentities,
+    config_sections,
+    file_digest,
+    method_inputs,
+)
 from bidistill.runs.lock import lock_run_dir
 from bidistill.runs.preflight import check_device, check_trainable_cohort, prepare_output_dir
 
@@ -247,7 +252,7 @@ def _check_method_options(previous: ExperimentConfig, config: ExperimentConfig, 
 def _section(config: ExperimentConfig, name: str) -> Any:
     # Paths left out: a moved project folder is the same experiment; its files are
     # fingerprinted by content, so what changed with the move is still found.
-    return settings(getattr(config, name))
+    return config_sections(config, [name])[name]
 
 
 def _resolve_splits(out_dir: Path, config: ExperimentConfig, cohort, say: Say):

@@ -76,6 +76,13 @@ def test_run_writes_the_run_directory_and_resumes(tmp_path) -> None:
     assert added.trained == ["clinical-only"] and added.evaluated
     assert set(added.metrics.method) == {"bd", "wsi-only", "clinical-only"}
 
+    # Settings that only change speed (another machine, more workers) resume the same run.
+    raw["training"]["num_workers"] = 1
+    raw["training"]["in_memory"] = "no"
+    config.write_text(yaml.safe_dump(raw))
+    resumed = run_experiment(config, out, progress=False)
+    assert resumed.trained == [] and not resumed.evaluated
+
     # Other training settings would mix two experiments in one folder: refused.
     raw["training"]["epochs"] = 3
     config.write_text(yaml.safe_dump(raw))

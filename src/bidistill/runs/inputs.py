@@ -21,9 +21,25 @@ from bidistill.runs.fingerprint import StageInputs
 TRAINING_SECTIONS = ("cohort", "slides", "tiling", "features", "training")
 
 
+# Settings that change how fast a stage runs, not what it computes: a rerun on another machine
+# (more workers, a GPU) resumes the same run instead of redoing it.
+RUNTIME_ONLY = {
+    "tiling": ("workers", "qc"),
+    "features": ("batch_size", "num_workers", "device"),
+    "training": ("num_workers", "device", "in_memory"),
+}
+
+
 def config_sections(config: ExperimentConfig, names: Iterable[str]) -> dict[str, Any]:
-    """The named sections' settings, without their paths (see ``settings``)."""
-    return {name: settings(getattr(config, name)) for name in names}
+    """The named sections' settings that decide results: without their paths (see
+    ``settings``) and without the runtime-only ones."""
+    sections = {}
+    for name in names:
+        values = settings(getattr(config, name))
+        if isinstance(values, dict):
+            values = {k: v for k, v in values.items() if k not in RUNTIME_ONLY.get(name, ())}
+        sections[name] = values
+    return sections
 
 
 def settings(section: BaseModel | None) -> Any:
