@@ -329,6 +329,8 @@ class _Trainer:
         self.seconds: dict[str, float] = {}
 
     def store(self):
+        if self.config.training.mode == "end-to-end":
+            return None  # bags of tiles, read by the trainer (issue 13)
         if self._store is None:
             from bidistill.training import open_feature_store
 
