@@ -375,19 +375,26 @@ def bcnb_prepare(
     features: str = typer.Option(
         "balnmp5", "--features", help="balnmp5 (age, size, ER, PR, HER2) | all (no leakage)."
     ),
+    protocol: str = typer.Option(
+        "features",
+        "--protocol",
+        help="features (MIL on patch features) | paper (the published protocol: VGG16-BN "
+        "trained end to end on bags of 10 patches; configs/bcnb-paper.yaml).",
+    ),
 ) -> None:
     """Turn the BCNB download into a cohort table and a ready experiment config.
 
     Works without WSIs/ (clinical-only). Prints what it found: patients, slides, annotations,
-    label balance per split and missing values per column.
+    label balance per split and missing values per column. --protocol paper reproduces the
+    papers' end-to-end training, on paper_patches/ when it is there.
 
     Example: bidistill bcnb prepare --root BCNB --out bcnb-aln --task aln --features balnmp5
     """
     from bidistill.cohort.bcnb import prepare_bcnb
 
-    report = prepare_bcnb(root, out, task=task, feature_set=features)
+    report = prepare_bcnb(root, out, task=task, feature_set=features, protocol=protocol)
     typer.echo(report.format())
-    if report.has_wsi_dir:
+    if report.needs_tiling:
         _next(f"bidistill tile {_arg(report.config_path)}")
     else:
         _next(f"bidistill run {_arg(report.config_path)} --out {_arg(out / 'run')}")
