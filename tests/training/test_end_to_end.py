@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from bidistill.cli import app
 from bidistill.config import load_config
+from bidistill.pipeline import run_experiment
 from bidistill.slides.run import tile_from_config
 from bidistill.synthetic.patches import make_patch_cohort
 from bidistill.training.cli_train import train_from_config
@@ -133,6 +134,9 @@ def test_two_torchrun_processes_give_the_weights_of_one(cohort_config, reference
     a = pd.read_csv(reference / "predictions.csv")
     b = pd.read_csv(tmp_path / "bd" / "predictions.csv")
     assert np.allclose(a["prob_present"], b["prob_present"], atol=1e-6)
+    # Then `bidistill run` on the folder evaluates and reports, and trains nothing again.
+    result = run_experiment(cohort_config, tmp_path, progress=False)
+    assert result.trained == [] and (tmp_path / "report.html").is_file()
 
 
 def test_the_trained_run_predicts_from_slides_as_in_training(cohort_config, reference, tmp_path):

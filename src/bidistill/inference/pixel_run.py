@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bidistill.cohort import EncodedClinical
+from bidistill.config import MaskKind
 from bidistill.errors import BidistillError
 from bidistill.inference.chunked import DEFAULT_MEMORY_BUDGET
 from bidistill.inference.inputs import PatientInput, clinical_frame, patient_inputs
@@ -50,7 +51,8 @@ class Tiles:
         coords: folder of ``<slide_id>.h5`` coords files (``bidistill tile``); slides without
             one are tiled into it with the run's tiling settings.
         slides: slide files, patch folders, or folders of them.
-        annotations: folder of ``<slide_id>.json``/``.geojson`` for tiling (optional).
+        annotations: folder of ``<slide_id>.json``/``.geojson`` for tiling; default: beside each
+            slide file. A slide without one is tiled on its detected tissue.
     """
 
     coords: Path
@@ -101,11 +103,16 @@ class PixelRun(TrainedRun):
                 f"{', '.join(map(str, tiles.slides))}"
             )
         mpp = self.config.slides.mpp if self.config.slides else None
-        jobs = [
-            SlideJob(s, finder.find(s), mpp, locate_annotations(tiles.annotations, s))
-            for s in wanted
-        ]
-        tiling = self.config.tiling.model_copy(update={"coords_dir": Path(tiles.coords)})
+        jobs = []
+        for s in wanted:
+            path = finder.find(s)
+            # Annotations from Tiles.annotations, else beside the slide (BCNB keeps them there).
+            folder = tiles.annotations or (path.parent if path.is_file() else None)
+            jobs.append(SlideJob(s, path, mpp, locate_annotations(folder, s)))
+        # A new slide without annotations gets tissue detection, whatever the run's mask.
+        mask = MaskKind.auto if self.config.tiling.mask == MaskKind.annotations else None
+        update = {"coords_dir": Path(tiles.coords), **({"mask": mask} if mask else {})}
+        tiling = self.config.tiling.model_copy(update=update)
         todo = [j for j in jobs if not coords_path(tiles.coords, j.slide_id).is_file()]
         if todo:
             log.info("tiling %d new slides into %s", len(todo), tiles.coords)

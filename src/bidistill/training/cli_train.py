@@ -69,12 +69,39 @@ def train_from_config(
                 if config.training.mode == "features"
                 else None  # end-to-end: bags of tiles, no feature files
             )
-            return [
-                train_method(
-                    config, method_cfg, out, cohort=cohort, splits=splits, fold=fold, store=store
+            written = []
+            for method_cfg in chosen:
+                written.append(
+                    train_method(
+                        config,
+                        method_cfg,
+                        out,
+                        cohort=cohort,
+                        splits=splits,
+                        fold=fold,
+                        store=store,
+                    )
                 )
-                for method_cfg in chosen
-            ]
+                if processes.is_main:
+                    _record(out, config, method_cfg, cohort, splits)
+            return written
+
+
+def _record(out: Path, config: ExperimentConfig, method_cfg, cohort, splits) -> None:
+    """Record what a holdout method was trained on, as `bidistill run` does, so that a later
+    `bidistill run` on the same folder and config keeps it (end-to-end training under torchrun,
+    then `bidistill run` to evaluate, retrains nothing)."""
+    if len(splits.folds) != 1:
+        return  # k-fold: `run` keeps folds/fold<i>/<method>/, `train --fold` writes <method>/
+    from bidistill.runs.fingerprint import record_stage
+    from bidistill.runs.inputs import FeatureIdentities, method_inputs
+
+    fold = splits.folds[0]
+    split_ids = {"train": fold.train, "val": fold.val, "test": splits.test}
+    features = FeatureIdentities(config.features.dir)
+    record_stage(
+        out, method_cfg.key, method_inputs(config, method_cfg, cohort, split_ids, features)
+    )
 
 
 def _shared_splits(config: ExperimentConfig, cohort, path: Path, processes):

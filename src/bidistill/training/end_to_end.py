@@ -455,7 +455,8 @@ class _Trainer:
 
     def _epoch(self, stage, epoch, epochs, state, optimizer, scaler, bar) -> dict:
         started = time.perf_counter()
-        terms = self._train_epoch(epoch, epochs, state.global_epoch, optimizer, scaler, bar)
+        terms, bags = self._train_epoch(epoch, epochs, state.global_epoch, optimizer, scaler, bar)
+        train_seconds = time.perf_counter() - started
         average_buffers(self.method, self.processes)
         aucs = self._validate(stage.select)
         score = selection_score(stage.select, *aucs)
@@ -468,10 +469,13 @@ class _Trainer:
             "val_auc_absent": aucs[1],
             "val_auc_with_clinical": aucs[2],
             "val_score": score,
+            "bags": bags,
+            "train_seconds": train_seconds,
             "seconds": time.perf_counter() - started,
         }
 
-    def _train_epoch(self, epoch, epochs, global_epoch, optimizer, scaler, bar) -> dict:
+    def _train_epoch(self, epoch, epochs, global_epoch, optimizer, scaler, bar):
+        """One epoch of steps; returns the loss terms averaged over bags and the bag count."""
         train = self.parts["train"]
         dataset = train.dataset
         n_tiles = [dataset.tiles.n_tiles(i) for i in range(len(dataset))]
@@ -527,7 +531,7 @@ class _Trainer:
         totals = gather((sums, seen), self.processes)
         seen_all = sum(s for _, s in totals) or 1
         names = totals[0][0].keys()
-        return {k: sum(t[0].get(k, 0.0) for t in totals) / seen_all for k in names}
+        return {k: sum(t[0].get(k, 0.0) for t in totals) / seen_all for k in names}, len(plan)
 
     def _validate(self, select: str) -> tuple[float, float, float]:
         passes = {"present": (GIVEN,), "absent": (WITHHELD,)}.get(select, (GIVEN, WITHHELD))
