@@ -94,6 +94,13 @@ def run_experiment(
     """
     out_dir = Path(out_dir)
     config = load_config(config_path)
+    from bidistill.training.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():  # every process would run every stage (issue 13)
+        raise ConfigError(
+            "`bidistill run` runs in one process; under torchrun, train with `bidistill train "
+            f"{config_path} --out {out_dir}`, then `bidistill run` alone evaluates and keeps it"
+        )
     from bidistill.models.registry import check_method_configs
 
     check_method_configs(config.methods, source=config_path)

@@ -135,3 +135,15 @@ def test_encoded_aggregator_reports_the_aggregator_size():
     method = build_e2e("wsi-only", hidden_dim=24)
     module = method.model.aggregator
     assert isinstance(module, EncodedAggregator) and module.out_dim == 24
+
+
+def test_mixed_precision_trains_in_bfloat16_and_returns_float32_features():
+    method = build_e2e("bd").train()
+    batch = tile_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = method(batch)
+        terms = method.loss(batch, out)
+    terms["total"].float().backward()
+    assert torch.isfinite(terms["total"].float())
+    weight = method.aggregator_multi.encoder.backbone[0][0].weight
+    assert weight.dtype == torch.float32 and weight.grad is not None
