@@ -80,6 +80,7 @@ def _cut_paper_patches(root: Path, size: int = 48) -> Path:
     return target
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # DeLong on 3 test patients
 def test_paper_protocol_trains_end_to_end_on_the_authors_patches(bcnb_root, tmp_path):
     root = Path(shutil.copytree(bcnb_root, tmp_path / "BCNB"))
     patches = _cut_paper_patches(root)
