@@ -16,36 +16,28 @@ a run killed and resumed gives the weights of an uninterrupted one.
 The state of training (weights, optimiser, scheduler, gradient scaler, best weights so far,
 early-stopping counters, log) is written atomically to ``<method>/training_state.pt`` at every
 epoch boundary and removed once ``predictions.csv`` is written; a rerun resumes from it when it
-was made with the same settings, patients and starting weights.
-
-Optimisers: AdamW, or SGD with momentum as the BCNB authors' code (lr 1e-4, momentum 0.3,
-weight decay 1e-3; github.com/bupt-ai-cz/BALNMP, ``code/train.py``); schedulers, stepped per
-epoch: cosine decay over the stage, cosine annealing with warm restarts (their T_0 = 20,
-T_mult = 2) or constant. The encoder's parameters form their own group
-(``end_to_end.backbone_lr``).
+was made with the same settings, patients and starting weights (``training.training_state``).
+Optimisers and schedules: ``training.steps``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from bidistill._io import atomic_path, write_csv
+from bidistill._io import write_csv
 from bidistill.cohort import ClinicalEncoder, Cohort, Splits, check_separating_features
-from bidistill.config import EndToEndConfig, ExperimentConfig, MethodConfig, TrainingConfig
+from bidistill.config import EndToEndConfig, ExperimentConfig, MethodConfig
 from bidistill.models import create_method
-from bidistill.models.patch_encoder import encoded_aggregators, patch_encoder_parameters
+from bidistill.models.patch_encoder import encoded_aggregators
 from bidistill.training.backbone import BackboneSpec, load_backbone, patch_encoder_factory
 from bidistill.training.checkpoint import save_checkpoint
 from bidistill.training.distributed import (
@@ -78,12 +70,28 @@ from bidistill.training.pixel_predict import (
     run_bags,
 )
 from bidistill.training.seeding import seed_everything
+from bidistill.training.steps import (
+    StepBar,
+    augments,
+    make_optimizer,
+    make_scheduler,
+    micro_seed,
+    plan_steps,
+    selection_score,
+)
+from bidistill.training.training_state import (
+    STATE,
+    TrainingState,
+    fingerprint,
+    load_state,
+    save_state,
+    tiles_digest,
+)
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.csv"
 TRAIN_LOG = "train_log.csv"
-STATE = "training_state.pt"
 
 
 # --- the patients ------------------------------------------------------------------------------
@@ -144,125 +152,6 @@ def _datasets(
         loader = pixel_loader(dataset, workers=tcfg.num_workers, device=device)
         splits[name] = _Split(ids, dataset, loader)
     return splits
-
-
-# --- optimiser and schedule --------------------------------------------------------------------
-
-
-def make_optimizer(method: nn.Module, tcfg: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD over two parameter groups: the patch encoders and everything else."""
-    e2e = tcfg.end_to_end
-    in_encoders = patch_encoder_parameters(method)
-    trainable = [p for p in method.parameters() if p.requires_grad]
-    heads = [p for p in trainable if id(p) not in in_encoders]
-    backbone = [p for p in trainable if id(p) in in_encoders]
-    groups = [{"params": heads, "lr": tcfg.lr, "name": "heads"}]
-    if backbone:
-        groups.append({"params": backbone, "lr": e2e.backbone_lr or tcfg.lr, "name": "backbone"})
-    if e2e.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=e2e.momentum, weight_decay=tcfg.weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=tcfg.weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, e2e: EndToEndConfig, epochs: int):
-    """Stepped once per epoch."""
-    if e2e.scheduler == "cosine-restarts":
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            optimizer, T_0=e2e.restart_epochs, T_mult=e2e.restart_mult
-        )
-    if e2e.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def selection_score(select: str, present: float, absent: float, with_clinical: float) -> float:
-    """The validation score a stage is selected on (the feature loop's definition)."""
-    if select == "present":
-        return with_clinical if np.isfinite(with_clinical) else present
-    if select == "absent":
-        return absent
-    return (present + absent) / 2
-
-
-def micro_seed(seed: int, epoch: int, step: int, index: int) -> int:
-    """The torch seed of one forward pass: the same in any process that runs it."""
-    key = np.random.SeedSequence([seed, epoch, step, index, 4]).generate_state(1, np.uint64)[0]
-    return int(key % (2**63 - 1))
-
-
-# --- the state of training --------------------------------------------------------------------
-
-
-@dataclass
-class TrainingState:
-    """What ``training_state.pt`` holds besides the tensors: where training is, and its log."""
-
-    fingerprint: str
-    stage: int = 0  # index of the stage in training (== number of stages: all done)
-    epoch: int = 0  # next epoch of that stage
-    global_epoch: int = 0  # epochs run over all stages (draws the bags)
-    best_epoch: int = -1
-    best_score: float = -math.inf
-    stale: int = 0
-    log_rows: list[dict] = field(default_factory=list)
-    stage_results: list[dict] = field(default_factory=list)
-
-
-def _fingerprint(config, method_cfg, cohort, split_ids, spec: BackboneSpec) -> str:
-    """What decides the weights: the settings, the method, the patients' rows, the starting
-    weights. Left out on purpose: the device, the loader workers and the number of processes,
-    which change nothing."""
-    from bidistill.runs.inputs import cohort_rows
-
-    patients = [p for ids in split_ids.values() for p in ids]
-    data = {
-        "training": config.training.model_dump(mode="json", exclude={"num_workers", "device"}),
-        "method": method_cfg.model_dump(mode="json"),
-        "patients": split_ids,
-        "rows": cohort_rows(cohort, patients),
-        "backbone": spec.to_dict(),
-    }
-    text = json.dumps(data, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def _tiles_digest(parts: dict[str, _Split]) -> str:
-    """The tiles the bags are drawn from (every slide's coordinates)."""
-    digest = hashlib.sha256()
-    for part in parts.values():
-        for slide in part.dataset.tiles.slides:
-            digest.update(slide.slide_id.encode())
-            digest.update(np.ascontiguousarray(slide.coords).tobytes())
-    return digest.hexdigest()[:12]
-
-
-def _save_state(
-    path: Path, state: TrainingState, method, optimizer, scheduler, scaler, best
-) -> None:
-    payload = {
-        "state": state.__dict__,
-        "model": method.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "best": best,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def _load_state(path: Path, fingerprint: str, device: torch.device) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        payload = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # a damaged file costs a restart, never a wrong resume
-        log.warning("%s: unreadable (%s); training starts over", path, err)
-        return None
-    if payload.get("state", {}).get("fingerprint") != fingerprint:
-        log.warning("%s: made with other settings, patients or weights; starting over", path)
-        return None
-    return payload
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -357,8 +246,10 @@ class _Trainer:
             reads_tiles=bool(encoded_aggregators(self.method)),
             device=self.device,
         )
-        self.fingerprint = _fingerprint(config, method_cfg, cohort, self.split_ids, self.spec)
-        self.fingerprint += _tiles_digest(self.parts)
+        self.fingerprint = fingerprint(config, method_cfg, cohort, self.split_ids, self.spec)
+        self.fingerprint += tiles_digest(
+            s for p in self.parts.values() for s in p.dataset.tiles.slides
+        )
 
     def cpu_threads(self):
         """One torch thread for a tiny backbone on the CPU (``training.threads``), all of them
@@ -375,7 +266,7 @@ class _Trainer:
 
     def run(self, method_dir: Path) -> None:
         state_path = method_dir / STATE
-        payload = _load_state(state_path, self.fingerprint, self.device)
+        payload = load_state(state_path, self.fingerprint, self.device)
         state = TrainingState(self.fingerprint)
         if payload is not None:
             state = TrainingState(**payload["state"])
@@ -401,7 +292,7 @@ class _Trainer:
                 best = payload["best"]
             payload = None
             label = self.method.name if len(stages) == 1 else f"{self.method.name}/{stage.name}"
-            with _EpochBar(self.progress and self.processes.is_main, label) as bar:
+            with StepBar(self.progress and self.processes.is_main, label) as bar:
                 for epoch in range(state.epoch, epochs):
                     row = self._epoch(stage, epoch, epochs, state, optimizer, scaler, bar)
                     scheduler.step()
@@ -445,7 +336,7 @@ class _Trainer:
 
     def _checkpoint(self, path, state, optimizer, scheduler, scaler, best) -> None:
         if self.processes.is_main:
-            _save_state(path, state, self.method, optimizer, scheduler, scaler, best)
+            save_state(path, state, self.method, optimizer, scheduler, scaler, best)
         barrier(self.processes)
 
     def _scaler(self):
@@ -488,7 +379,7 @@ class _Trainer:
             limit=self.e2e.train_bags_per_patient,
             augment=augments(self.e2e),
         )
-        steps = _steps(plan, self.tcfg.batch_size, self.e2e.micro_batch, self.processes)
+        steps = plan_steps(plan, self.tcfg.batch_size, self.e2e.micro_batch, self.processes)
         train.loader.batch_sampler.set_plan([m for step in steps for _, _, m in step])
         batches = iter(train.loader)
         self.method.train()
@@ -627,23 +518,6 @@ class _Trainer:
             Console(stderr=True).print(message, highlight=False, soft_wrap=True)
 
 
-def _steps(plan: list[BagSpec], batch_size: int, micro_batch: int, processes: Processes):
-    """The epoch's steps; per step this process's forward passes as (index in the step, passes
-    in the step, bags). Pass j of a step goes to process j mod N."""
-    steps = []
-    for start in range(0, len(plan), batch_size):
-        bags = plan[start : start + batch_size]
-        passes = [bags[i : i + micro_batch] for i in range(0, len(bags), micro_batch)]
-        steps.append(
-            [
-                (j, len(passes), micro)
-                for j, micro in enumerate(passes)
-                if j % processes.world == processes.rank
-            ]
-        )
-    return steps
-
-
 def end_to_end_meta(config: ExperimentConfig, spec: BackboneSpec, parts) -> dict[str, Any]:
     """``model.json``'s ``end_to_end`` block: what prediction needs to rebuild and feed the
     method (the backbone, the bags, the tiles' geometry)."""
@@ -663,51 +537,3 @@ def end_to_end_meta(config: ExperimentConfig, spec: BackboneSpec, parts) -> dict
             "mpp": tile_mpp,
         },
     }
-
-
-class _EpochBar:
-    """A rich progress bar over one epoch's steps, with the running loss and the val score."""
-
-    def __init__(self, enabled: bool, label: str):
-        self.enabled, self.label, self.score = enabled, label, float("nan")
-
-    def __enter__(self) -> _EpochBar:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("steps  {task.fields[status]}"),
-            )
-            self.bar.start()
-            self.task = self.bar.add_task(self.label, total=1, status="")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.stop()
-
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        if self.enabled:
-            self.bar.reset(
-                self.task, total=steps, description=f"{self.label} epoch {epoch + 1}/{epochs}"
-            )
-
-    def advance(self, loss: float) -> None:
-        if self.enabled:
-            self.bar.update(self.task, advance=1, status=self._status(loss))
-
-    def finish_epoch(self, loss: float, score: float) -> None:
-        self.score = score
-        if self.enabled:
-            self.bar.update(self.task, status=self._status(loss))
-
-    def _status(self, loss: float) -> str:
-        return f"loss {loss:.4f}  val AUC {self.score:.3f}"
-
-
-def augments(e2e: EndToEndConfig) -> bool:
-    a = e2e.augment
-    return bool(a.flip or a.rotate or a.brightness or a.contrast or a.saturation or a.hue)
