@@ -375,19 +375,26 @@ def bcnb_prepare(
     features: str = typer.Option(
         "balnmp5", "--features", help="balnmp5 (age, size, ER, PR, HER2) | all (no leakage)."
     ),
+    protocol: str = typer.Option(
+        "features",
+        "--protocol",
+        help="features (MIL on patch features) | paper (the published protocol: VGG16-BN "
+        "trained end to end on bags of 10 patches; configs/bcnb-paper.yaml).",
+    ),
 ) -> None:
     """Turn the BCNB download into a cohort table and a ready experiment config.
 
     Works without WSIs/ (clinical-only). Prints what it found: patients, slides, annotations,
-    label balance per split and missing values per column.
+    label balance per split and missing values per column. --protocol paper reproduces the
+    papers' end-to-end training, on paper_patches/ when it is there.
 
     Example: bidistill bcnb prepare --root BCNB --out bcnb-aln --task aln --features balnmp5
     """
     from bidistill.cohort.bcnb import prepare_bcnb
 
-    report = prepare_bcnb(root, out, task=task, feature_set=features)
+    report = prepare_bcnb(root, out, task=task, feature_set=features, protocol=protocol)
     typer.echo(report.format())
-    if report.has_wsi_dir:
+    if report.needs_tiling:
         _next(f"bidistill tile {_arg(report.config_path)}")
     else:
         _next(f"bidistill run {_arg(report.config_path)} --out {_arg(out / 'run')}")
@@ -824,6 +831,19 @@ _CLINICAL_HELP = (
 _METHOD_HELP = "Method folder of the run (default: the reference method, bd)."
 _CONFIG_HELP = "The run's experiment YAML, for a run made by `bidistill train` (no config.yaml)."
 _BUDGET_HELP = "MiB for one bag's features and activations; larger bags are read in chunks."
+_TILES_HELP = (
+    "End-to-end runs: folder of the slides' coords files; slides without one are tiled into it "
+    "with the run's tiling settings. Default: tiles/ beside --out."
+)
+
+
+def _bag_source(trained, features: list[Path] | None, slides, tiles: Path):
+    """What the run predicts from: feature files, or for an end-to-end run the slides' tiles."""
+    if not getattr(trained, "end_to_end", False):
+        return features or None
+    from bidistill.inference.pixel_run import Tiles
+
+    return Tiles(coords=tiles, slides=tuple(slides or ()))
 
 
 @contextlib.contextmanager
@@ -873,13 +893,20 @@ def predict(
     config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
     memory_budget: float = typer.Option(512, "--memory-budget", min=4, help=_BUDGET_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
+    slides: list[Path] = typer.Option(
+        None,
+        "--slides",
+        help="End-to-end runs: slide files, patch folders or folders of slides (repeatable).",
+    ),
+    tiles: Path | None = typer.Option(None, "--tiles", help=_TILES_HELP),
 ) -> None:
     """Predict new patients with a trained run, with or without their clinical data.
 
     Writes one row per patient: probability, decision at the run's validation threshold, the
     branch that predicted (BD: multi-modal with clinical data, single-modal without) and the
     clinical values that were missing. Features must come from the run's encoder, patch size
-    and MPP.
+    and MPP. A run trained end to end (training.mode: end-to-end) predicts from the slides
+    (--slides) and their tiles (--tiles) instead.
 
     Example: bidistill predict --run runs/exp1 --features new/h5 --clinical new.csv --out pred.csv
     """
@@ -888,7 +915,7 @@ def predict(
     with _warnings_as_lines():
         trained = _load_run(run_dir, method, config, device)
         table = trained.predict(
-            features or None,
+            _bag_source(trained, features, slides, tiles or out.parent / "tiles"),
             clinical,
             patients=patient or None,
             memory_budget=int(memory_budget * 2**20),
@@ -903,7 +930,14 @@ def predict(
         highlight=False,
         soft_wrap=True,
     )
-    if features:
+    if slides and getattr(trained, "end_to_end", False):
+        slide_args = " ".join(f"--slides {_arg(s)}" for s in slides)
+        tiles_arg = _arg(tiles or out.parent / "tiles")
+        _next(
+            f"bidistill heatmap --run {_arg(run_dir)} {slide_args} --tiles {tiles_arg} "
+            f"--out {_arg(out.parent / 'heatmaps')}"
+        )
+    elif features:
         features_args = " ".join(f"--features {_arg(f)}" for f in features)
         _next(
             f"bidistill heatmap --run {_arg(run_dir)} {features_args} "
@@ -916,7 +950,9 @@ def predict(
 @app.command(cls=HelpCommand)
 def heatmap(
     run_dir: Path = typer.Option(..., "--run", help=_RUN_HELP),
-    features: list[Path] = typer.Option(..., "--features", help=_FEATURES_HELP),
+    features: list[Path] = typer.Option(
+        None, "--features", help=_FEATURES_HELP + " End-to-end runs: --slides instead."
+    ),
     out: Path = typer.Option(..., "--out", help="Folder for the maps and exports."),
     slides: list[Path] = typer.Option(
         None,
@@ -931,12 +967,14 @@ def heatmap(
     config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
     memory_budget: float = typer.Option(512, "--memory-budget", min=4, help=_BUDGET_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
+    tiles: Path | None = typer.Option(None, "--tiles", help=_TILES_HELP),
 ) -> None:
     """Attention heatmaps (both branches for bd), top/bottom tile montages, and the tiles and
     tissue contours as GeoJSON for QuPath.
 
     Per slide: <slide>.heatmap.png, <slide>.montage.png, <slide>.tiles.csv,
-    <slide>.tiles.geojson and <slide>.tissue.geojson; plus predictions.csv.
+    <slide>.tiles.geojson and <slide>.tissue.geojson; plus predictions.csv. A run trained end
+    to end reads the slides given with --slides (tiled into --tiles when needed).
 
     Example: bidistill heatmap --run runs/exp1 --features new/h5 --slides new/wsi --out maps
     """
@@ -944,9 +982,14 @@ def heatmap(
 
     with _warnings_as_lines():
         trained = _load_run(run_dir, method, config, device)
+        source = _bag_source(trained, features, slides, tiles or out / "tiles")
+        if source is None:
+            from bidistill.errors import BidistillError
+
+            raise BidistillError("give the new patients' features (--features)")
         summary = write_attention_maps(
             trained,
-            features,
+            source,
             out,
             clinical=clinical,
             slides=slides or (),

@@ -347,6 +347,92 @@ class MethodConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+# --- end-to-end training (issue 13) ---------------------------------------------------------
+
+
+class AugmentConfig(_Section):
+    """Training augmentation of the tiles (end-to-end mode), drawn per tile from the seed."""
+
+    flip: bool = Field(default=True, description="Random horizontal and vertical flips.")
+    rotate: bool = Field(default=True, description="Random rotations by multiples of 90°.")
+    brightness: float = Field(
+        default=0.0, ge=0, lt=1, description="Colour jitter: brightness factor in 1 ± this."
+    )
+    contrast: float = Field(
+        default=0.0, ge=0, lt=1, description="Colour jitter: contrast factor in 1 ± this."
+    )
+    saturation: float = Field(
+        default=0.0, ge=0, lt=1, description="Colour jitter: saturation factor in 1 ± this."
+    )
+    hue: float = Field(
+        default=0.0, ge=0, le=0.5, description="Colour jitter: hue shift in ± this (of a turn)."
+    )
+
+
+class EndToEndConfig(_Section):
+    """`training.mode: end-to-end`: the patch encoder (`features.encoder`, with
+    `features.checkpoint` or `features.random_init`) trains inside the method on bags of tiles
+    read from the slides (`slides.dir`, tiled by `bidistill tile` into `tiling.coords_dir`).
+    `training.batch_size` counts bags per optimiser step; `training.max_instances`,
+    `in_memory` and `warmup_epochs` do not apply."""
+
+    bag_size: int = Field(default=10, ge=1, description="Tiles per bag (the papers: 10).")
+    train_bags_per_patient: int | None = Field(
+        default=None,
+        ge=1,
+        description="Bags per patient per training epoch, each epoch from a new shuffle of its "
+        "tiles; null: every tile once per epoch (the BCNB code).",
+    )
+    bags_per_patient: int | None = Field(
+        default=None,
+        ge=1,
+        description="Bags per patient at validation and prediction; null: every tile once.",
+    )
+    reduction: Literal["mean", "max", "median"] = Field(
+        default="mean",
+        description="Patient probability from its bags' probabilities (the papers: mean).",
+    )
+    micro_batch: int = Field(
+        default=1,
+        ge=1,
+        description="Bags per forward pass; a step averages the gradients of its forward "
+        "passes, so any number of processes gives the same step.",
+    )
+    eval_batch: int = Field(default=16, ge=1, description="Bags per forward pass in prediction.")
+    input_size: int | None = Field(
+        default=None,
+        ge=8,
+        description="Side the tiles are resized to for the encoder; null: the encoder's own.",
+    )
+    freeze_until: str | None = Field(
+        default=None,
+        description="Freeze the encoder up to and including this named block (e.g. `layer2`, "
+        "`blocks.11`, `body.23`), or `all`; null: train all of it.",
+    )
+    checkpointing: bool = Field(
+        default=False, description="Gradient checkpointing in the encoder (less memory)."
+    )
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="Mixed precision: auto is bfloat16 (else float16) on a GPU, float32 on CPU.",
+    )
+    optimizer: Literal["adamw", "sgd"] = Field(
+        default="adamw", description="adamw, or sgd with `momentum` (the BCNB code)."
+    )
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum.")
+    backbone_lr: float | None = Field(
+        default=None, gt=0, description="Learning rate of the encoder; null: training.lr."
+    )
+    scheduler: Literal["cosine", "cosine-restarts", "constant"] = Field(
+        default="cosine",
+        description="Per epoch: cosine decay over the stage, cosine annealing with warm "
+        "restarts (the BCNB code), or constant.",
+    )
+    restart_epochs: int = Field(default=20, ge=1, description="cosine-restarts: first period.")
+    restart_mult: int = Field(default=2, ge=1, description="cosine-restarts: period growth.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
 class TrainingConfig(_Section):
     epochs: int = Field(default=40, ge=1)
     batch_size: int = Field(default=16, ge=1)
@@ -360,6 +446,12 @@ class TrainingConfig(_Section):
         default=2048, ge=1, description="Instances sampled per bag in training; null: all."
     )
     in_memory: Literal["auto", "yes", "no"] = "auto"
+    mode: Literal["features", "end-to-end"] = Field(
+        default="features",
+        description="features: MIL on .h5 patch features; end-to-end: the patch encoder trains "
+        "inside the method on bags of tiles (`training.end_to_end`).",
+    )
+    end_to_end: EndToEndConfig = Field(default_factory=EndToEndConfig)
     num_workers: int = Field(default=0, ge=0)
     device: str = Field(
         default="auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:1, mps."
@@ -439,6 +531,15 @@ class ExperimentConfig(_Section):
         if dupes:
             raise ValueError(
                 f"methods listed more than once: {dupes} (give each variant its own 'label')"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _end_to_end_reads_slides(self) -> ExperimentConfig:
+        if self.training.mode == "end-to-end" and self.slides is None:
+            raise ValueError(
+                "training.mode: end-to-end trains on the slides' tiles: add a `slides` section "
+                "(slides.dir) and tile them with `bidistill tile`"
             )
         return self
 

@@ -99,6 +99,13 @@ def run_experiment(
     """
     out_dir = Path(out_dir)
     config = load_config(config_path)
+    from bidistill.training.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():  # every process would run every stage (issue 13)
+        raise ConfigError(
+            "`bidistill run` runs in one process; under torchrun, train with `bidistill train "
+            f"{config_path} --out {out_dir}`, then `bidistill run` alone evaluates and keeps it"
+        )
     from bidistill.models.registry import check_method_configs
 
     check_method_configs(config.methods, source=config_path)
@@ -334,6 +341,8 @@ class _Trainer:
         self.seconds: dict[str, float] = {}
 
     def store(self):
+        if self.config.training.mode == "end-to-end":
+            return None  # bags of tiles, read by the trainer (issue 13)
         if self._store is None:
             from bidistill.training import open_feature_store
 

@@ -71,6 +71,8 @@ def prepare_features(
     slide_ids = _cohort_slide_ids(config) if slide_ids is None else slide_ids
     if not slide_ids:
         return PreparedFeatures(None, None, None)
+    if config.training.mode == "end-to-end":  # the methods read tiles, not features (issue 13)
+        return _prepare_tiles(config, progress=progress)
     if config.features.random_init:
         log.warning("%s", RANDOM_FEATURES_WARNING)
         _say(f"[bold red]WARNING:[/] {RANDOM_FEATURES_WARNING}", progress)
@@ -89,6 +91,18 @@ def prepare_features(
         log.info("features: all %d slides done, tiling and extraction skipped", len(slide_ids))
     identity = _check_identity(config, slide_ids, Path(run_dir) if run_dir else None)
     return PreparedFeatures(tiling, extraction, identity)
+
+
+def _prepare_tiles(config: ExperimentConfig, *, progress: bool) -> PreparedFeatures:
+    """End-to-end mode: tile what is not tiled; the encoder trains inside the methods."""
+    from bidistill.slides.run import tile_from_config
+
+    if config.features.random_init:
+        log.warning("%s", RANDOM_FEATURES_WARNING)
+        _say(f"[bold red]WARNING:[/] {RANDOM_FEATURES_WARNING}", progress)
+    tiling = tile_from_config(config, progress=progress, hint=RUN_HINT)
+    _say(_one_line(tiling, "tiled", "tiles"), progress)
+    return PreparedFeatures(tiling, None, None)
 
 
 def _cohort_slide_ids(config: ExperimentConfig) -> list[str]:

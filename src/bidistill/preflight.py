@@ -95,8 +95,27 @@ def _check_table(config: ExperimentConfig, *, need_features: bool) -> list[Findi
         # Ids that cannot name a file are refused with their row when the cohort loads.
         slide_ids = [read_identifier(s) for s in frame[cohort.slide_column]]
         slide_ids = [s for s in slide_ids if s and not identifier_problem(s, names_files=True)]
-        findings.append(_check_features(config, slide_ids, need_features=need_features))
+        if config.training.mode == "end-to-end":  # bags of tiles, no feature files (issue 13)
+            findings.append(_check_tiles(config, slide_ids))
+        else:
+            findings.append(_check_features(config, slide_ids, need_features=need_features))
     return findings
+
+
+def _check_tiles(config: ExperimentConfig, slide_ids: list[str]) -> Finding:
+    """End-to-end mode: the tiling stage's coords files (`run` tiles what is missing first)."""
+    from bidistill.slides.coords import coords_path
+
+    folder = Path(config.tiling.coords_dir)
+    missing = [s for s in slide_ids if not coords_path(folder, s).is_file()]
+    if not missing:
+        return Finding("tiling.coords_dir", OK, f"{folder} (tiles of all {len(slide_ids)} slides)")
+    return Finding(
+        "tiling.coords_dir",
+        WARN,
+        f"{len(missing)} of {len(slide_ids)} slides are not tiled yet in {folder}: end-to-end "
+        "training reads their tiles (`bidistill tile`; `run` tiles them first)",
+    )
 
 
 def _check_features(config: ExperimentConfig, slide_ids: list[str], *, need_features: bool):

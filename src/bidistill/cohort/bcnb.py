@@ -5,13 +5,18 @@ BCNB (Early Breast Cancer Core-Needle Biopsy WSI dataset, 1058 patients) ships a
     patient-clinical-data.xlsx      14 columns (BCNB_COLUMNS), one row per patient
     dataset-splitting/{train,val,test}_id.txt   patient ids, one per line (CRLF)
     WSIs/<id>.jpg, WSIs/<id>.json   one slide per patient; tumour polygons next to it
-    paper_patches/                  optional pre-cut 256 px patches per patient
+    paper_patches/[patches/]<id>/   optional: the authors' 256 px patches, a folder per patient
 
 ``prepare_bcnb`` reads that layout and writes ``cohort.csv`` (one row per slide: ``patient_id``,
 ``slide_id``, ``split`` and the clinical columns under their original names with their raw values)
 and ``config.yaml`` (a ready experiment config for one task and feature set). Values are not
 parsed here: the config declares each column's kind and parser, and ``load_cohort`` reads them.
 Every BCNB specific of bidistill lives in this module.
+
+``--protocol paper`` adds the published protocol (``bidistill/configs/bcnb-paper.yaml``: VGG16-BN
+trained end to end on bags of 10 patches, the BCNB authors' optimiser and schedule) and trains on
+the authors' own patches when ``paper_patches/`` is there (one patch folder per patient), else on
+256 px tiles cut from the annotated tumour regions of the WSIs, as the authors cut theirs.
 """
 
 from __future__ import annotations
@@ -273,6 +278,7 @@ class SlideInventory:
     annotated: set[str] = field(default_factory=set)  # patients with WSIs/<id>.json
     paper_patches: set[str] = field(default_factory=set)  # patients with paper_patches/<id>*
     wsi_dir: Path | None = None
+    patch_root: Path | None = None  # the folder of per-patient patch folders, when there is one
 
 
 def find_slides(root: str | Path, patient_ids: list[str]) -> SlideInventory:
@@ -290,10 +296,15 @@ def find_slides(root: str | Path, patient_ids: list[str]) -> SlideInventory:
             if f"{pid}.json".lower() in files:
                 inventory.annotated.add(pid)
     patch_dir = root / PAPER_PATCHES_DIR
+    if (patch_dir / "patches").is_dir():  # paper_patches.zip unpacks to patches/<id>/
+        patch_dir = patch_dir / "patches"
     if patch_dir.is_dir():
         # The patches are grouped per patient; accept a folder or files named after the id.
         stems = {p.name.split("_")[0].split(".")[0] for p in patch_dir.iterdir()}
         inventory.paper_patches = stems & set(patient_ids)
+        folders = {p.name for p in patch_dir.iterdir() if p.is_dir()}
+        if inventory.paper_patches & folders:
+            inventory.patch_root = patch_dir
     return inventory
 
 
@@ -301,19 +312,26 @@ def find_slides(root: str | Path, patient_ids: list[str]) -> SlideInventory:
 
 
 def build_cohort_table(
-    clinical: pd.DataFrame, splits: dict[str, str] | None, inventory: SlideInventory
+    clinical: pd.DataFrame,
+    splits: dict[str, str] | None,
+    inventory: SlideInventory,
+    *,
+    patches: bool = False,
 ) -> pd.DataFrame:
     """The generic cohort table: ``patient_id``, ``slide_id``, ``split`` + the raw clinical columns.
 
     One row per slide (BCNB has one slide per patient, named by the patient id); ``slide_id`` is
-    blank for a patient without a JPEG. Patients that no split file names are left out when the
-    split files exist (``prepare_bcnb`` reports them).
+    blank for a patient without a JPEG (with ``patches``: without a patch folder). Patients that
+    no split file names are left out when the split files exist (``prepare_bcnb`` reports them).
     """
     table = clinical.rename(columns={PATIENT_ID: "patient_id"})
     if splits is not None:
         table = table[table["patient_id"].isin(splits)].copy()
         table.insert(1, "split", [splits[p] for p in table["patient_id"]])
-    if inventory.wsi_dir is not None:
+    if patches:  # the authors' patch folders, named by the patient id
+        names = {p.name for p in inventory.patch_root.iterdir() if p.is_dir()}
+        table.insert(1, "slide_id", [p if p in names else "" for p in table["patient_id"]])
+    elif inventory.wsi_dir is not None:
         # The file stem, as the slide reader looks the file up by it (e.g. "12" for 12.JPG).
         stems = {p: path.stem for p, path in inventory.slides.items()}
         table.insert(1, "slide_id", [stems.get(p, "") for p in table["patient_id"]])
@@ -354,12 +372,17 @@ def config_text(
     table: str,
     has_splits: bool,
     wsi_dir: Path | None,
+    protocol: str = "features",
+    patch_root: Path | None = None,
 ) -> str:
     """The experiment config YAML for ``task`` (validated before it is returned).
 
     Args:
         table: the cohort table path as the config should name it (relative to the config).
         wsi_dir: ``<root>/WSIs`` when the slides exist; None gives a clinical-only config.
+        protocol: ``features``, or ``paper`` (the published end-to-end protocol).
+        patch_root: ``paper``: the authors' per-patient patch folders, used instead of tiling
+            the WSIs when given.
     """
     spec = _task(task)
     clinical, _ = feature_columns(task, feature_set)
@@ -367,7 +390,7 @@ def config_text(
         "table": table,
         "patient_column": "patient_id",
     }
-    if wsi_dir is not None:
+    if wsi_dir is not None or patch_root is not None:
         cohort["slide_column"] = "slide_id"
     cohort["label"] = {
         "column": spec.label,
@@ -388,10 +411,12 @@ def config_text(
         "# Written by `bidistill bcnb prepare`. The cohort table keeps every BCNB column with\n"
         "# its raw values, so another task or feature set is an edit of this file (or a rerun\n"
         "# with --task / --features).",
-        f"name: bcnb-{task}",
+        f"name: bcnb-{task}" if protocol != "paper" else "",  # the protocol names it
         _yaml({"cohort": cohort}),
     ]
-    if wsi_dir is not None:
+    if patch_root is not None:
+        parts.append(_yaml({"slides": {"dir": str(patch_root), "mpp": ASSUMED_MPP}}))
+    elif wsi_dir is not None:
         slides = {"dir": str(wsi_dir), "annotations_dir": str(wsi_dir)}
         slides_yaml = _yaml({"slides": slides}).rstrip("\n")
         # BCNB slides are scanned at 20x, but the JPEGs record no microns per pixel.
@@ -400,9 +425,22 @@ def config_text(
             "check it before trusting tile sizes\n"
         )
         parts.append(slides_yaml)
-    text = "\n".join(part.rstrip("\n") + "\n" for part in parts)
+    if protocol == "paper":
+        parts.append(_paper_protocol(task))
+    text = "\n".join(part.rstrip("\n") + "\n" for part in parts if part)
     parse_config(yaml.safe_load(text), source="<bcnb config>")  # a bug here must not ship
     return text
+
+
+PROTOCOLS = ("features", "paper")
+
+
+def _paper_protocol(task: str) -> str:
+    """The shipped protocol's sections (comments kept), under this task's name."""
+    from bidistill.configs import protocol_text
+
+    text = protocol_text("bcnb-paper")
+    return text.replace("name: bcnb-aln-paper", f"name: bcnb-{task}-paper", 1)
 
 
 def _yaml(data: dict[str, Any]) -> str:
@@ -445,6 +483,12 @@ class PrepareReport:
     dropped_features: list[str]
     label_counts: dict[str, dict[str, int]]  # split → {"positive", "negative", "left out"}
     missing: dict[str, int]  # column → blank cells
+    protocol: str = "features"
+    slides_from: str = WSI_DIR  # where a paper-protocol run reads its patches
+
+    @property
+    def needs_tiling(self) -> bool:
+        return self.has_wsi_dir or self.protocol == "paper"
 
     def format(self) -> str:
         """A plain-text summary for the terminal."""
@@ -495,6 +539,16 @@ class PrepareReport:
         for column, count in self.missing.items():
             share = count / self.patients_in_table if self.patients_in_table else 0
             lines.append(f"  {column:<34}{count:>6}  ({share:.0%})")
+        if self.protocol == "paper":
+            source = (
+                f"the authors' patches ({PAPER_PATCHES_DIR}/, one folder per patient)"
+                if self.slides_from != WSI_DIR
+                else f"256 px tiles of the annotated tumour regions ({WSI_DIR}/)"
+            )
+            lines.append(
+                "protocol: paper (VGG16-BN trained end to end on bags of 10 patches, SGD, "
+                f"cosine warm restarts; bidistill/configs/bcnb-paper.yaml) on {source}"
+            )
         lines.append(f"wrote {self.table_path}")
         lines.append(f"wrote {self.config_path}")
         return "\n".join(lines)
@@ -510,11 +564,13 @@ def prepare_bcnb(
     *,
     task: str = DEFAULT_TASK,
     feature_set: str = DEFAULT_FEATURE_SET,
+    protocol: str = "features",
 ) -> PrepareReport:
     """Turn a BCNB download into ``<out_dir>/cohort.csv`` and ``<out_dir>/config.yaml``.
 
     Works without ``WSIs/`` (a clinical-only cohort and config) and without
-    ``dataset-splitting/`` (no split column; the run makes its own splits).
+    ``dataset-splitting/`` (no split column; the run makes its own splits). ``protocol:
+    paper`` writes the published end-to-end protocol (module docstring); it needs the slides.
 
     Side effects: writes the two files atomically (creating ``out_dir``).
 
@@ -531,7 +587,8 @@ def prepare_bcnb(
     patient_ids = clinical[PATIENT_ID].tolist()
     splits = read_splits(root, patient_ids)
     inventory = find_slides(root, patient_ids)
-    table = build_cohort_table(clinical, splits, inventory)
+    patches = _check_protocol(protocol, inventory, root)
+    table = build_cohort_table(clinical, splits, inventory, patches=patches)
 
     table_path = out_dir / "cohort.csv"
     config_path = out_dir / "config.yaml"
@@ -541,6 +598,8 @@ def prepare_bcnb(
         table=table_path.name,
         has_splits=splits is not None,
         wsi_dir=inventory.wsi_dir.resolve() if inventory.wsi_dir is not None else None,
+        protocol=protocol,
+        patch_root=inventory.patch_root.resolve() if patches else None,
     )
     write_csv(table_path, table)
     write_text(config_path, text)
@@ -558,6 +617,8 @@ def prepare_bcnb(
         annotated=len(inventory.annotated),
         paper_patches=len(inventory.paper_patches),
         has_wsi_dir=inventory.wsi_dir is not None,
+        protocol=protocol,
+        slides_from="paper_patches" if patches else WSI_DIR,
         patients_without_slide=(
             [p for p in in_table if p not in inventory.slides] if inventory.wsi_dir else []
         ),
@@ -569,6 +630,26 @@ def prepare_bcnb(
         label_counts=_label_counts(table, spec),
         missing={c: int((table[c] == "").sum()) for c in BCNB_COLUMNS if c != PATIENT_ID},
     )
+
+
+def _check_protocol(protocol: str, inventory: SlideInventory, root: Path) -> bool:
+    """Whether the config reads the authors' patch folders (``paper`` with ``paper_patches/``).
+
+    Raises:
+        CohortError: an unknown protocol, or ``paper`` without any slides.
+    """
+    if protocol not in PROTOCOLS:
+        raise CohortError(f"unknown protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")
+    if protocol != "paper":
+        return False
+    if inventory.patch_root is not None:
+        return True
+    if inventory.wsi_dir is None:
+        raise CohortError(
+            f"{root}: the paper protocol trains on the slides, but there is neither "
+            f"{WSI_DIR}/ nor {PAPER_PATCHES_DIR}/ (one folder of patches per patient)"
+        )
+    return False
 
 
 def _label_counts(table: pd.DataFrame, spec: BcnbTask) -> dict[str, dict[str, int]]:

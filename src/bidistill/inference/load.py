@@ -69,6 +69,7 @@ def load_trained(
         clinical_dim=dims["clinical_dim"],
         n_clinical_features=dims["n_clinical_features"],
         feature_slices=dims["feature_slices"],
+        patch_encoder=_patch_encoders(meta),
         **meta["options"],
     )
     try:
@@ -82,6 +83,16 @@ def load_trained(
     method.set_stage(stages[-1])
     encoder = ClinicalEncoder.load(method_dir / ENCODER)
     return method.to(device).eval(), encoder, meta
+
+
+def _patch_encoders(meta: dict[str, Any]):
+    """End-to-end runs (issue 13): the patch encoders' architecture, weights to be loaded."""
+    block = meta.get("end_to_end")
+    if not block:
+        return None
+    from bidistill.training.backbone import BackboneSpec, architecture_factory
+
+    return architecture_factory(BackboneSpec.from_dict(block["backbone"]))
 
 
 FALLBACK_THRESHOLD = 0.5

@@ -357,6 +357,10 @@ def load_run(
         folds.append(
             _FoldModel(method_dir, model, encoder, meta, decision_thresholds(method_dir, cfg))
         )
+    if folds[0].meta.get("end_to_end"):  # trained on tiles: predicts from tiles (issue 13)
+        from bidistill.inference.pixel_run import PixelRun
+
+        return PixelRun(run_dir, key, cfg, folds, torch_device)
     return TrainedRun(run_dir, key, cfg, folds, torch_device)
 
 

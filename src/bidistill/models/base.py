@@ -15,7 +15,8 @@ modality).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -44,16 +45,20 @@ class MethodDims:
     """The shapes a method is built for.
 
     Attributes:
-        in_dim: D, the instance feature dimension (from the .h5 files).
+        in_dim: D, the instance feature dimension (from the .h5 files, or the patch encoder's).
         clinical_dim: C, the encoded clinical width (values + one indicator per feature).
         n_clinical_features: F, the number of clinical features.
         feature_slices: feature f's value columns are ``clinical[:, start:stop]``.
+        patch_encoder: end-to-end mode: a factory of trainable patch encoders; each aggregator
+            then takes tiles (``models.patch_encoder``).
     """
 
     in_dim: int
     clinical_dim: int
     n_clinical_features: int
     feature_slices: tuple[tuple[int, int], ...]
+    # End-to-end mode (issue 13): builds a fresh trainable patch encoder for each aggregator.
+    patch_encoder: Callable[[], nn.Module] | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_values(self) -> int:
@@ -112,7 +117,12 @@ class Method(nn.Module):
 
     def make_aggregator(self) -> nn.Module:
         o = self.options
-        return make_aggregator(o.aggregator, self.dims.in_dim, o.hidden_dim, o.dropout)
+        aggregator = make_aggregator(o.aggregator, self.dims.in_dim, o.hidden_dim, o.dropout)
+        if self.dims.patch_encoder is not None:  # end-to-end: its own encoder in front
+            from bidistill.models.patch_encoder import EncodedAggregator
+
+            return EncodedAggregator(self.dims.patch_encoder(), aggregator)
+        return aggregator
 
     # --- clinical input helpers -------------------------------------------------------------
 

@@ -62,11 +62,13 @@ def create_method(
     clinical_dim: int,
     n_clinical_features: int,
     feature_slices: Sequence[Sequence[int]],
+    patch_encoder: Callable[[], Any] | None = None,
     **options: Any,
 ) -> Method:
     """Build a method by name with validated options.
 
-    ``None`` options are dropped so that the method's own defaults apply.
+    ``None`` options are dropped so that the method's own defaults apply. ``patch_encoder``
+    (end-to-end mode) gives each of the method's aggregators its own trainable patch encoder.
 
     Raises:
         ConfigError: unknown method, or an option that is unknown or invalid (named, with the
@@ -78,6 +80,7 @@ def create_method(
         clinical_dim=int(clinical_dim),
         n_clinical_features=int(n_clinical_features),
         feature_slices=tuple((int(a), int(b)) for a, b in feature_slices),
+        patch_encoder=patch_encoder,
     )
     return get_method_class(name)(dims, validated)
 

@@ -142,11 +142,22 @@ def method_inputs(
     )
     inputs.add("splits", {k: sorted(v) for k, v in split_ids.items()}, says="the splits")
     inputs.add_items("cohort", cohort_rows(cohort, patients), says="cohort rows", unit="patient(s)")
-    if len(slides) and reads_slides(method):
+    if len(slides) and reads_slides(method) and config.training.mode == "end-to-end":
+        inputs.add_items(  # bags of tiles (issue 13): what was tiled decides the bags
+            "tiles", tile_identities(config, sorted(slides)), says="tile files", unit="slide(s)"
+        )
+    elif len(slides) and reads_slides(method):
         inputs.add_items(
             "features", features.of(sorted(slides)), says="feature files", unit="slide(s)"
         )
     return inputs
+
+
+def tile_identities(config: ExperimentConfig, slide_ids: Iterable[str]) -> dict[str, Any]:
+    """Identity of each slide's coords file (as ``FeatureIdentities`` for feature files)."""
+    from bidistill.slides.coords import coords_path
+
+    return {s: _file_identity(coords_path(config.tiling.coords_dir, s)) for s in slide_ids}
 
 
 def reads_slides(method: MethodConfig) -> bool:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from bidistill.cohort import load_cohort, resolve_splits
+from bidistill.cohort import Splits, load_cohort, resolve_splits
 from bidistill.config import ExperimentConfig, MethodConfig
 from bidistill.errors import ConfigError
 from bidistill.models import get_method_class
 from bidistill.runs.lock import lock_run_dir
 from bidistill.runs.preflight import check_device, check_trainable_cohort, prepare_output_dir
+from bidistill.training.distributed import barrier, launched_by_torchrun, process_group
 from bidistill.training.train import open_feature_store, train_method
 
 log = logging.getLogger(__name__)
@@ -46,19 +48,65 @@ def train_from_config(
         get_method_class(method_cfg.name)  # unknown names fail before any work
     check_device(config.training.device, "training.device")
     out = Path(out)
-    prepare_output_dir(out)
-    with lock_run_dir(out, command=f"train --out {out}", say=say):
-        cohort = load_cohort(config.cohort)
-        if cohort.label_summary is not None:
-            say(cohort.label_summary.format())
-        splits = resolve_splits(cohort, config.cohort.splits, out / "splits.json")
-        if fold >= len(splits.folds):
-            raise ConfigError(f"--fold {fold}: the splits have {len(splits.folds)} fold(s)")
-        check_trainable_cohort(cohort, splits)
-        store = open_feature_store(config, cohort, progress=True)
-        return [
-            train_method(
-                config, method_cfg, out, cohort=cohort, splits=splits, fold=fold, store=store
+    if launched_by_torchrun() and config.training.mode != "end-to-end":
+        raise ConfigError(
+            "torchrun runs end-to-end training (training.mode: end-to-end) over several "
+            "processes; feature-mode training runs in one process: `bidistill train` alone"
+        )
+    with process_group(config.training.device) as processes:  # torchrun: one per GPU
+        prepare_output_dir(out)
+        lock = lock_run_dir(out, command=f"train --out {out}", say=say)
+        with lock if processes.is_main else contextlib.nullcontext():
+            cohort = load_cohort(config.cohort)
+            if cohort.label_summary is not None and processes.is_main:
+                say(cohort.label_summary.format())
+            splits = _shared_splits(config, cohort, out / "splits.json", processes)
+            if fold >= len(splits.folds):
+                raise ConfigError(f"--fold {fold}: the splits have {len(splits.folds)} fold(s)")
+            check_trainable_cohort(cohort, splits)
+            store = (
+                open_feature_store(config, cohort, progress=True)
+                if config.training.mode == "features"
+                else None  # end-to-end: bags of tiles, no feature files
             )
-            for method_cfg in chosen
-        ]
+            written = []
+            for method_cfg in chosen:
+                written.append(
+                    train_method(
+                        config,
+                        method_cfg,
+                        out,
+                        cohort=cohort,
+                        splits=splits,
+                        fold=fold,
+                        store=store,
+                    )
+                )
+                if processes.is_main:
+                    _record(out, config, method_cfg, cohort, splits)
+            return written
+
+
+def _record(out: Path, config: ExperimentConfig, method_cfg, cohort, splits) -> None:
+    """Record what a holdout method was trained on, as `bidistill run` does, so that a later
+    `bidistill run` on the same folder and config keeps it (end-to-end training under torchrun,
+    then `bidistill run` to evaluate, retrains nothing)."""
+    if len(splits.folds) != 1:
+        return  # k-fold: `run` keeps folds/fold<i>/<method>/, `train --fold` writes <method>/
+    from bidistill.runs.fingerprint import record_stage
+    from bidistill.runs.inputs import FeatureIdentities, method_inputs
+
+    fold = splits.folds[0]
+    split_ids = {"train": fold.train, "val": fold.val, "test": splits.test}
+    features = FeatureIdentities(config.features.dir)
+    record_stage(
+        out, method_cfg.key, method_inputs(config, method_cfg, cohort, split_ids, features)
+    )
+
+
+def _shared_splits(config: ExperimentConfig, cohort, path: Path, processes):
+    """The splits, made (or read) by process 0 and read by the others once it has written them."""
+    if processes.is_main:
+        splits = resolve_splits(cohort, config.cohort.splits, path)
+    barrier(processes)
+    return splits if processes.is_main else Splits.load(path)

@@ -102,6 +102,12 @@ def train_method(
     if (method_dir / PREDICTIONS).is_file():
         log.info("%s: done already (%s exists), skipped", method_cfg.key, PREDICTIONS)
         return method_dir
+    if config.training.mode == "end-to-end":  # bags of tiles, the encoder trains too (issue 13)
+        from bidistill.training.end_to_end import train_end_to_end
+
+        return train_end_to_end(
+            config, method_cfg, run_dir, cohort=cohort, splits=splits, fold=fold, progress=progress
+        )
     tcfg = config.training
     started = time.perf_counter()
     chosen = splits.folds[fold]
