@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 
 import h5py
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from bidistill.cli import app
 from bidistill.errors import FeatureFileError
 from bidistill.pipeline import run_experiment
 
@@ -61,6 +65,30 @@ def test_run_from_slides_runs_every_stage_then_skips_them_all(slides_config, tmp
     again = run_experiment(slides_config, out, progress=False)
     assert again.trained == [] and not again.evaluated
     assert _stamps(exp / "coords") == coords and _stamps(exp / "features") == features
+
+    # New patients from their slides alone: tiled and encoded with the run's own settings, the
+    # test patients get the run's own predictions.
+    new = tmp_path / "new"
+    args = ["predict", "--run", out, "--slides", tmp_path / "BCNB" / "WSIs", "--clinical"]
+    args += [exp / "cohort.csv", "--tiles", new, "--out", new / "pred.csv"]
+    predicted = CliRunner().invoke(app, [str(a) for a in args])
+    assert predicted.exit_code == 0, predicted.output
+    assert len(_stamps(new)) == 12 and len(_stamps(new / "features")) == 12
+    table = pd.read_csv(new / "pred.csv", dtype={"patient_id": str}).set_index("patient_id")
+    run = pd.read_csv(out / "bd" / "predictions.csv", dtype={"patient_id": str})
+    test = run[run["split"] == "test"].set_index("patient_id")
+    np.testing.assert_allclose(
+        table.loc[test.index, "probability"], test["prob_present"], atol=1e-5
+    )
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "X1.jpg").write_bytes(b"not a jpeg")
+    args = ["predict", "--run", out, "--slides", broken / "X1.jpg", "--tiles", broken / "t"]
+    refused = CliRunner().invoke(app, [str(a) for a in [*args, "--out", broken / "p.csv"]])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    message = " ".join(refused.output.split())
+    assert "X1.jpg" in message and "predict again" in message and "--skip-errors" not in message
+    assert not (broken / "p.csv").exists()
 
     # Features re-extracted into the same folder with other weights: the run refuses them.
     for path in (exp / "features").glob("*.h5"):

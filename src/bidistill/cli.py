@@ -832,18 +832,21 @@ _METHOD_HELP = "Method folder of the run (default: the reference method, bd)."
 _CONFIG_HELP = "The run's experiment YAML, for a run made by `bidistill train` (no config.yaml)."
 _BUDGET_HELP = "MiB for one bag's features and activations; larger bags are read in chunks."
 _TILES_HELP = (
-    "End-to-end runs: folder of the slides' coords files; slides without one are tiled into it "
-    "with the run's tiling settings. Default: tiles/ beside --out."
+    "With --slides: folder of the slides' coords files (slides without one are tiled into it "
+    "with the run's tiling settings; a feature run's new features go to its features/). "
+    "Default: tiles/ beside --out."
 )
 
 
 def _bag_source(trained, features: list[Path] | None, slides, tiles: Path):
-    """What the run predicts from: feature files, or for an end-to-end run the slides' tiles."""
-    if not getattr(trained, "end_to_end", False):
-        return features or None
-    from bidistill.inference.pixel_run import Tiles
+    """What the run predicts from: feature files; or new slides, whose tiles an end-to-end run
+    reads and a feature run first encodes with its own settings."""
+    from bidistill.inference.new_slides import Tiles
 
-    return Tiles(coords=tiles, slides=tuple(slides or ()))
+    end_to_end = getattr(trained, "end_to_end", False)
+    if features and not end_to_end:
+        return features
+    return Tiles(coords=tiles, slides=tuple(slides or ())) if slides or end_to_end else None
 
 
 @contextlib.contextmanager
@@ -896,7 +899,8 @@ def predict(
     slides: list[Path] = typer.Option(
         None,
         "--slides",
-        help="End-to-end runs: slide files, patch folders or folders of slides (repeatable).",
+        help="New slides instead of --features: slide files, patch folders or folders of slides "
+        "(repeatable), tiled and encoded with the run's settings.",
     ),
     tiles: Path | None = typer.Option(None, "--tiles", help=_TILES_HELP),
 ) -> None:
@@ -904,11 +908,12 @@ def predict(
 
     Writes one row per patient: probability, decision at the run's validation threshold, the
     branch that predicted (BD: multi-modal with clinical data, single-modal without) and the
-    clinical values that were missing. Features must come from the run's encoder, patch size
-    and MPP. A run trained end to end (training.mode: end-to-end) predicts from the slides
-    (--slides) and their tiles (--tiles) instead.
+    clinical values that were missing. From feature files (--features, of the run's encoder,
+    patch size and MPP), or from new slides (--slides): tiled and encoded with the run's own
+    settings into --tiles. A run trained end to end (training.mode: end-to-end) reads the
+    slides' tiles itself.
 
-    Example: bidistill predict --run runs/exp1 --features new/h5 --clinical new.csv --out pred.csv
+    Example: bidistill predict --run runs/exp1 --slides new/wsi --clinical new.csv --out pred.csv
     """
     from bidistill._io import write_csv
 
@@ -930,7 +935,7 @@ def predict(
         highlight=False,
         soft_wrap=True,
     )
-    if slides and getattr(trained, "end_to_end", False):
+    if slides and not features:
         slide_args = " ".join(f"--slides {_arg(s)}" for s in slides)
         tiles_arg = _arg(tiles or out.parent / "tiles")
         _next(
@@ -951,7 +956,9 @@ def predict(
 def heatmap(
     run_dir: Path = typer.Option(..., "--run", help=_RUN_HELP),
     features: list[Path] = typer.Option(
-        None, "--features", help=_FEATURES_HELP + " End-to-end runs: --slides instead."
+        None,
+        "--features",
+        help=_FEATURES_HELP + " Or --slides alone: tiled and encoded with the run's settings.",
     ),
     out: Path = typer.Option(..., "--out", help="Folder for the maps and exports."),
     slides: list[Path] = typer.Option(
@@ -973,8 +980,9 @@ def heatmap(
     tissue contours as GeoJSON for QuPath.
 
     Per slide: <slide>.heatmap.png, <slide>.montage.png, <slide>.tiles.csv,
-    <slide>.tiles.geojson and <slide>.tissue.geojson; plus predictions.csv. A run trained end
-    to end reads the slides given with --slides (tiled into --tiles when needed).
+    <slide>.tiles.geojson and <slide>.tissue.geojson; plus predictions.csv. Without --features,
+    the slides given with --slides are tiled (into --tiles) and, for a feature run, encoded with
+    the run's settings first.
 
     Example: bidistill heatmap --run runs/exp1 --features new/h5 --slides new/wsi --out maps
     """

@@ -141,7 +141,7 @@ def test_two_torchrun_processes_give_the_weights_of_one(cohort_config, reference
 
 def test_the_trained_run_predicts_from_slides_as_in_training(cohort_config, reference, tmp_path):
     from bidistill import load_run
-    from bidistill.inference.pixel_run import Tiles
+    from bidistill.inference.new_slides import Tiles
 
     cohort_dir = cohort_config.parent
     run = load_run(reference.parent, config=cohort_config, device="cpu")

@@ -22,42 +22,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bidistill.cohort import EncodedClinical
-from bidistill.config import MaskKind
-from bidistill.errors import BidistillError
 from bidistill.inference.chunked import DEFAULT_MEMORY_BUDGET
 from bidistill.inference.inputs import PatientInput, clinical_frame, patient_inputs
+from bidistill.inference.new_slides import Tiles, TilesError, tile_new_slides
 from bidistill.inference.results import PatientPrediction, split_by_slide
 from bidistill.inference.run import ClinicalArg, TrainedRun, _branch_names
 from bidistill.models.patch_encoder import encoded_aggregators
 
 log = logging.getLogger(__name__)
-
-
-class TilesError(BidistillError, ValueError):
-    """Tiles that an end-to-end run cannot predict from (missing, or of another size or MPP)."""
-
-
-@dataclass(frozen=True)
-class Tiles:
-    """New patients' tiles for an end-to-end run.
-
-    Attributes:
-        coords: folder of ``<slide_id>.h5`` coords files (``bidistill tile``); slides without
-            one are tiled into it with the run's tiling settings.
-        slides: slide files, patch folders, or folders of them.
-        annotations: folder of ``<slide_id>.json``/``.geojson`` for tiling; default: beside each
-            slide file. A slide without one is tiled on its detected tissue.
-    """
-
-    coords: Path
-    slides: Sequence[Path] = field(default_factory=tuple)
-    annotations: Path | None = None
 
 
 class PixelRun(TrainedRun):
@@ -85,39 +62,7 @@ class PixelRun(TrainedRun):
             TilesError: no slides given, a slide of ``slide_ids`` not found, or tiles of
                 another patch size or MPP than the run's.
         """
-        from bidistill.inference.maps import SlideFinder
-        from bidistill.slides import coords_path
-        from bidistill.slides.run import SlideJob, locate_annotations, tile_cohort
-
-        if not tiles.slides:
-            raise TilesError(
-                "an end-to-end run predicts from tiles: give the slides (--slides: files, patch "
-                "folders or folders of slides); their coords files go to --tiles"
-            )
-        finder = SlideFinder(tiles.slides)
-        wanted = list(slide_ids) if slide_ids is not None else _all_slide_ids(finder)
-        absent = [s for s in wanted if finder.find(s) is None]
-        if absent:
-            raise TilesError(
-                f"no slide file or patch folder for slides {absent[:5]} in "
-                f"{', '.join(map(str, tiles.slides))}"
-            )
-        mpp = self.config.slides.mpp if self.config.slides else None
-        jobs = []
-        for s in wanted:
-            path = finder.find(s)
-            # Annotations from Tiles.annotations, else beside the slide (BCNB keeps them there).
-            folder = tiles.annotations or (path.parent if path.is_file() else None)
-            jobs.append(SlideJob(s, path, mpp, locate_annotations(folder, s)))
-        # A new slide without annotations gets tissue detection, whatever the run's mask.
-        mask = MaskKind.auto if self.config.tiling.mask == MaskKind.annotations else None
-        update = {"coords_dir": Path(tiles.coords), **({"mask": mask} if mask else {})}
-        tiling = self.config.tiling.model_copy(update=update)
-        todo = [j for j in jobs if not coords_path(tiles.coords, j.slide_id).is_file()]
-        if todo:
-            log.info("tiling %d new slides into %s", len(todo), tiles.coords)
-            tile_cohort(todo, tiling, workers=1, progress=False)
-        found = {j.slide_id: (j.path, coords_path(tiles.coords, j.slide_id)) for j in jobs}
+        found = tile_new_slides(self.config, tiles, slide_ids)
         for path in (c for _, c in found.values()):
             self._check_tiles(path)
         return found
@@ -297,9 +242,3 @@ def _tile_attention(specs, attention: list[dict[str, np.ndarray]], n_tiles: int)
         for name, w in weights.items():
             out[name][list(spec.tiles)] = w * scale
     return out
-
-
-def _all_slide_ids(finder) -> list[str]:
-    """Without a table: every slide file given, and every slide in the folders given (a patch
-    folder is a slide of the folder holding it)."""
-    return list(dict.fromkeys([*finder.files, *finder.indexed]))

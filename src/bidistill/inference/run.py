@@ -47,6 +47,7 @@ from bidistill.inference.inputs import (
     patient_inputs,
 )
 from bidistill.inference.load import decision_thresholds, load_trained
+from bidistill.inference.new_slides import Tiles, extract_new_slides, tile_new_slides
 from bidistill.inference.results import PREDICTION_COLUMNS, PatientPrediction, split_by_slide
 from bidistill.models import Method
 from bidistill.training.checkpoint import WEIGHTS
@@ -116,7 +117,8 @@ class TrainedRun:
         """Predict new patients.
 
         Args:
-            features: a folder of ``<slide_id>.h5`` files, one file, or a list of files.
+            features: a folder of ``<slide_id>.h5`` files, one file, or a list of files; or a
+                ``Tiles`` of new slides, tiled and encoded with the run's settings first.
             clinical: a table (path or DataFrame) in the training table's layout, labels not
                 needed. Without it, each feature file is one patient without clinical data.
             patients: predict only these patient ids.
@@ -165,6 +167,20 @@ class TrainedRun:
             )
         )
 
+    def features_from_slides(self, tiles: Tiles, cohort=None) -> Path:
+        """Tile and encode new slides with the run's tiling and encoder settings (skipping what
+        is done); returns the folder of their feature files (``tiles.features``).
+
+        Args:
+            cohort: the prediction table; its slides are the ones made ready (default: every
+                slide ``tiles.slides`` names).
+        """
+        listed = None if cohort is None else [s for v in cohort.slides_of().values() for s in v]
+        if listed is not None and not listed:
+            return tiles.features  # a clinical-only table: nothing to encode
+        found = tile_new_slides(self.config, tiles, listed)
+        return extract_new_slides(self.config, found, tiles.features)
+
     def iter_patients(
         self,
         features: FeaturesArg,
@@ -180,8 +196,10 @@ class TrainedRun:
         Every input is checked before the first prediction: the table, the feature files'
         presence, identity and dimension.
         """
-        files = feature_files(features)
         cohort = self._cohort(clinical)
+        if isinstance(features, Tiles):  # new slides: tiled and encoded with the run's settings
+            features = self.features_from_slides(features, cohort)
+        files = feature_files(features)
         inputs = patient_inputs(files, cohort, patients, needs_bags=bool(self.aggregators))
         self._check_features(inputs)
         frame = clinical_frame(cohort, [p.patient_id for p in inputs], self.folds[0].encoder)

@@ -1,0 +1,127 @@
+"""New patients' slides, made ready with a trained run's own settings.
+
+``Tiles`` names the new slides (files, patch folders, or folders of them) and a work folder for
+their coords files. ``tile_new_slides`` tiles the slides that have no coords file there yet with
+the run's ``tiling`` settings (annotations from ``Tiles.annotations``, else beside each slide
+file; a slide without any is tiled on its detected tissue). A feature run then encodes them with
+the run's encoder (``extract_new_slides``: same name, weights file or seeded random weights, so
+the features' identity is the run's), into ``<coords>/features/``; an end-to-end run reads the
+tiles themselves (``pixel_run``). Both stages skip what is done, so a rerun is cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bidistill.config import ExperimentConfig, MaskKind
+from bidistill.errors import BidistillError
+
+log = logging.getLogger(__name__)
+
+# What a failing new slide's error says (prediction has no --skip-errors: one bad slide stops it).
+PREDICT_HINT = "fix or remove that slide (or its patient's rows) and predict again"
+
+
+class TilesError(BidistillError, ValueError):
+    """New slides that a run cannot predict from (missing, or tiles of another size or MPP)."""
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """New patients' slides and where their tiles (and, for a feature run, features) go.
+
+    Attributes:
+        coords: folder of ``<slide_id>.h5`` coords files (``bidistill tile``); slides without
+            one are tiled into it with the run's tiling settings. A feature run writes the new
+            features to ``coords/features/``.
+        slides: slide files, patch folders, or folders of them.
+        annotations: folder of ``<slide_id>.json``/``.geojson`` for tiling; default: beside each
+            slide file. A slide without one is tiled on its detected tissue.
+    """
+
+    coords: Path
+    slides: Sequence[Path] = field(default_factory=tuple)
+    annotations: Path | None = None
+
+    @property
+    def features(self) -> Path:
+        return Path(self.coords) / "features"
+
+
+def tile_new_slides(
+    config: ExperimentConfig, tiles: Tiles, slide_ids: Sequence[str] | None = None
+) -> dict[str, tuple[Path, Path]]:
+    """slide id → (slide file, coords file), tiling the slides without coords first.
+
+    Args:
+        config: the run's config (its ``tiling`` and ``slides.mpp``).
+        slide_ids: the slides to make ready; default: every slide ``tiles.slides`` names.
+
+    Raises:
+        TilesError: no slides given, or a slide of ``slide_ids`` not found.
+        SlideError: a slide cannot be tiled.
+    """
+    from bidistill.inference.maps import SlideFinder
+    from bidistill.slides import coords_path
+    from bidistill.slides.run import SlideJob, locate_annotations, tile_cohort
+
+    if not tiles.slides:
+        raise TilesError(
+            "no slides to predict from: give the slides (--slides: files, patch folders or "
+            "folders of slides); their tiles go to --tiles"
+        )
+    finder = SlideFinder(tiles.slides)
+    wanted = list(slide_ids) if slide_ids is not None else all_slide_ids(finder)
+    absent = [s for s in wanted if finder.find(s) is None]
+    if absent:
+        raise TilesError(
+            f"no slide file or patch folder for slides {absent[:5]} in "
+            f"{', '.join(map(str, tiles.slides))}"
+        )
+    mpp = config.slides.mpp if config.slides else None
+    jobs = []
+    for s in wanted:
+        path = finder.find(s)
+        # Annotations from Tiles.annotations, else beside the slide (BCNB keeps them there).
+        folder = tiles.annotations or (path.parent if path.is_file() else None)
+        jobs.append(SlideJob(s, path, mpp, locate_annotations(folder, s)))
+    # A new slide without annotations gets tissue detection, whatever the run's mask.
+    mask = MaskKind.auto if config.tiling.mask == MaskKind.annotations else None
+    update = {"coords_dir": Path(tiles.coords), **({"mask": mask} if mask else {})}
+    tiling = config.tiling.model_copy(update=update)
+    todo = [j for j in jobs if not coords_path(tiles.coords, j.slide_id).is_file()]
+    if todo:
+        log.info("tiling %d new slides into %s", len(todo), tiles.coords)
+        tile_cohort(todo, tiling, workers=1, progress=False, hint=PREDICT_HINT)
+    return {j.slide_id: (j.path, coords_path(tiles.coords, j.slide_id)) for j in jobs}
+
+
+def extract_new_slides(
+    config: ExperimentConfig, found: dict[str, tuple[Path, Path]], features_dir: Path
+) -> Path:
+    """Encode the tiled new slides with the run's encoder into ``features_dir``; returns it.
+
+    Raises:
+        SlideError: a slide cannot be read. EncoderError: the run's encoder cannot be loaded.
+    """
+    from bidistill.features.extract import ExtractionJob, extract_features
+    from bidistill.features.store import feature_path
+
+    mpp = config.slides.mpp if config.slides else None
+    jobs = [
+        ExtractionJob(slide_id, slide, coords, feature_path(features_dir, slide_id), mpp)
+        for slide_id, (slide, coords) in found.items()
+    ]
+    features = config.features.model_copy(update={"dir": Path(features_dir)})
+    cache_dir = next(iter(found.values()))[1].parent / ".cache" if found else features_dir
+    extract_features(jobs, features, cache_dir=cache_dir, progress=False, hint=PREDICT_HINT)
+    return Path(features_dir)
+
+
+def all_slide_ids(finder) -> list[str]:
+    """Without a table: every slide file given, and every slide in the folders given (a patch
+    folder is a slide of the folder holding it)."""
+    return list(dict.fromkeys([*finder.files, *finder.indexed]))
