@@ -283,7 +283,9 @@ class TrainingConfig(_Section):
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=2e-4, gt=0)
     weight_decay: float = Field(default=1e-2, ge=0)
-    warmup_epochs: int = Field(default=2, ge=0)
+    lr_warmup_epochs: int = Field(
+        default=2, ge=0, description="Epochs of linear learning-rate warm-up (then cosine decay)."
+    )
     grad_clip: float | None = Field(default=1.0, gt=0)
     class_weighting: bool = True
     patience: int = Field(default=10, ge=1, description="Early-stopping patience in epochs.")
@@ -294,6 +296,21 @@ class TrainingConfig(_Section):
     num_workers: int = Field(default=0, ge=0)
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, mps.")
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        # `warmup_epochs` was renamed `lr_warmup_epochs` (0.2): BD has a `warmup_epochs` option
+        # of its own (a training stage). Configs and run folders written before still load.
+        if isinstance(data, dict) and "warmup_epochs" in data:
+            data = dict(data)
+            old = data.pop("warmup_epochs")
+            if "lr_warmup_epochs" in data:
+                raise ValueError(
+                    "training: give lr_warmup_epochs only (warmup_epochs is its old name)"
+                )
+            data["lr_warmup_epochs"] = old
+        return data
 
 
 class EvaluationConfig(_Section):

@@ -54,7 +54,7 @@ def test_present_stage_is_selected_on_the_patients_with_clinical_data():
     clinical = np.stack([np.zeros(n), (~present).astype(float)], axis=1)
     dataset = PatientBags(ArrayBags(bags), clinical, present[:, None], present, labels)
     loader = bag_loader(dataset, 64, shuffle=False, workers=0, seed=0)
-    cfg = TrainingConfig(epochs=2, patience=5, warmup_epochs=0, grad_clip=None)
+    cfg = TrainingConfig(epochs=2, patience=5, lr_warmup_epochs=0, grad_clip=None)
 
     method = ScriptedMethod()
     result = fit(method, loader, loader, labels, cfg, device=torch.device("cpu"), progress=False)
@@ -63,4 +63,5 @@ def test_present_stage_is_selected_on_the_patients_with_clinical_data():
     # Over every patient, epoch 1 looks better; over those with clinical data, epoch 0 is.
     assert rows[1]["val_auc_present"] > rows[0]["val_auc_present"]
     assert rows[0]["val_score"] == 1.0 > rows[1]["val_score"]
-    assert result.stages[0].best_epoch == 0
+    assert [p.best_epoch for p in result.stages[0].parts] == [1]  # epochs count from 1
+    assert [row["epoch"] for row in rows] == [1, 2]

@@ -36,11 +36,31 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bidistill.models.base import Method, MethodDims, MethodOptions, Stage, distillation_kl, mse
+from bidistill.models.base import (
+    Method,
+    MethodDims,
+    MethodOptions,
+    Part,
+    Stage,
+    distillation_kl,
+    mse,
+    route,
+)
 from bidistill.models.batch import Batch, Output
 from bidistill.models.blocks import ClinicalMLP, FusionHead, mlp
 from bidistill.models.registry import register_method
-from bidistill.models.unimodal import route
+
+# BD as published (Zhang et al. 2024): the paper's loss weights and temperature, its learned
+# prompt, no warm-up and no feature dropout.
+PAPER_OPTIONS = {
+    "lambda_h": 0.2,
+    "lambda_e": 0.5,
+    "lambda_kd": 0.5,
+    "temperature": 1.2,
+    "prompt": "learned",
+    "warmup_epochs": 0,
+    "feature_dropout": 0.0,
+}
 
 
 class BDOptions(MethodOptions):
@@ -93,7 +113,14 @@ class BidirectionalDistillation(Method):
 
     def stages(self) -> list[Stage]:
         warmup = self.options.warmup_epochs
-        joint = Stage("joint", "routed")
+        joint = Stage(
+            "joint",
+            "routed",
+            parts=(
+                Part("multi", "present", ("aggregator_multi", "clinical", "head_multi")),
+                Part("single", "absent", ("aggregator_single", "prompt", "head_single")),
+            ),
+        )
         return [Stage("warmup", "present", epochs=warmup), joint] if warmup else [joint]
 
     def forward(self, batch: Batch) -> Output:

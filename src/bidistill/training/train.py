@@ -64,6 +64,16 @@ class _Part:
     dataset: PatientBags
 
 
+@dataclass
+class _Setup:
+    """Everything a method's training needs, fitted on the training patients only."""
+
+    method: Method
+    encoder: ClinicalEncoder
+    parts: dict[str, _Part]  # train, val, test
+    device: torch.device
+
+
 def train_method(
     config: ExperimentConfig,
     method_cfg: MethodConfig,
@@ -80,7 +90,7 @@ def train_method(
     Args:
         config: the experiment; ``config.training`` gives the optimiser, epochs and seed.
         method_cfg: the method's name and options.
-        run_dir: the run folder; the method writes ``run_dir/<method name>/``.
+        run_dir: the run folder; the method writes ``run_dir/<method_cfg.key>/``.
         store: feature files already opened (several methods on one cohort share one).
         progress: show a progress bar per epoch.
 
@@ -95,11 +105,65 @@ def train_method(
     if (method_dir / PREDICTIONS).is_file():
         log.info("%s: done already (%s exists), skipped", method_cfg.key, PREDICTIONS)
         return method_dir
-    tcfg = config.training
     started = time.perf_counter()
     chosen = splits.folds[fold]
     split_ids = {"train": list(chosen.train), "val": list(chosen.val), "test": list(splits.test)}
+    store = store or open_feature_store(config, cohort, progress=progress)
+    setup = _set_up(config, method_cfg, cohort, split_ids, store)
+    tcfg = config.training
+    train_loader = bag_loader(
+        setup.parts["train"].dataset,
+        tcfg.batch_size,
+        shuffle=True,
+        workers=tcfg.num_workers,
+        seed=tcfg.seed,
+    )
+    val_loader = bag_loader(
+        setup.parts["val"].dataset,
+        tcfg.batch_size,
+        shuffle=False,
+        workers=tcfg.num_workers,
+        seed=tcfg.seed,
+    )
+    val_labels = setup.parts["val"].dataset.labels.numpy()
+    result = fit(
+        setup.method,
+        train_loader,
+        val_loader,
+        val_labels,
+        tcfg,
+        device=setup.device,
+        progress=progress,
+    )
+    meta = {
+        "fold": fold,
+        "selection": [stage.to_dict() for stage in result.stages],
+        "training": tcfg.model_dump(mode="json"),
+        "features": {
+            "dir": str(config.features.dir),
+            "encoder": config.features.encoder,
+            "dim": store.dim,
+        },
+        "patients": split_ids,
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
+    save_checkpoint(method_dir, setup.method, setup.encoder, meta)
+    write_csv(method_dir / TRAIN_LOG, pd.DataFrame(result.log_rows))
+    predictions = _predict_all(setup, fold, tcfg.batch_size)
+    write_csv(method_dir / PREDICTIONS, predictions)  # last: marks the method as done
+    log.info("%s: trained in %.1f s", method_cfg.key, time.perf_counter() - started)
+    return method_dir
 
+
+def _set_up(
+    config: ExperimentConfig,
+    method_cfg: MethodConfig,
+    cohort: Cohort,
+    split_ids: dict[str, list[str]],
+    store: FeatureStore,
+) -> _Setup:
+    """Fit the clinical encoder on the training patients, build the method and the datasets."""
+    tcfg = config.training
     train_rows = cohort.subset(split_ids["train"])
     check_separating_features(
         train_rows[cohort.feature_names],
@@ -108,8 +172,6 @@ def train_method(
         config.cohort.allow_separating,
     )
     encoder = ClinicalEncoder(cohort.columns).fit(train_rows[cohort.feature_names])
-    store = store or open_feature_store(config, cohort, progress=progress)
-
     seed_everything(tcfg.seed)
     method = create_method(
         method_cfg.name,
@@ -119,13 +181,11 @@ def train_method(
         feature_slices=encoder.feature_slices_,
         **method_cfg.options,
     )
-    device = resolve_device(tcfg.device)
     method.set_blank_clinical(torch.from_numpy(encoder.missing_row().values[0]))
-    train_labels = train_rows["label"].to_numpy(np.int64)
     if tcfg.class_weighting:
-        method.set_class_weights(class_weights(train_labels))
+        method.set_class_weights(class_weights(train_rows["label"].to_numpy(np.int64)))
+    device = resolve_device(tcfg.device)
     method.to(device)
-
     parts = {
         name: _Part(
             ids,
@@ -140,45 +200,7 @@ def train_method(
         )
         for name, ids in split_ids.items()
     }
-    workers = tcfg.num_workers
-    train_loader = bag_loader(
-        parts["train"].dataset, tcfg.batch_size, shuffle=True, workers=workers, seed=tcfg.seed
-    )
-    val_loader = bag_loader(
-        parts["val"].dataset, tcfg.batch_size, shuffle=False, workers=workers, seed=tcfg.seed
-    )
-    val_labels = cohort.subset(split_ids["val"])["label"].to_numpy(np.int64)
-    result = fit(
-        method, train_loader, val_loader, val_labels, tcfg, device=device, progress=progress
-    )
-
-    meta = {
-        "fold": fold,
-        "selection": [
-            {
-                "stage": s.stage,
-                "select": st.select,
-                "best_epoch": s.best_epoch,
-                "val_score": s.best_score,
-                "epochs_run": s.epochs_run,
-            }
-            for s, st in zip(result.stages, method.stages())
-        ],
-        "training": tcfg.model_dump(mode="json"),
-        "features": {
-            "dir": str(config.features.dir),
-            "encoder": config.features.encoder,
-            "dim": store.dim,
-        },
-        "patients": split_ids,
-        "train_seconds": round(time.perf_counter() - started, 2),
-    }
-    save_checkpoint(method_dir, method, encoder, meta)
-    write_csv(method_dir / TRAIN_LOG, pd.DataFrame(result.log_rows))
-    predictions = _predict_all(method, parts, cohort, fold, tcfg.batch_size, device)
-    write_csv(method_dir / PREDICTIONS, predictions)  # last: marks the method as done
-    log.info("%s: trained in %.1f s", method.name, time.perf_counter() - started)
-    return method_dir
+    return _Setup(method, encoder, parts, device)
 
 
 def _patient_bags(
@@ -211,27 +233,20 @@ def _slides_by_patient(cohort: Cohort) -> dict[str, list[str]]:
     return {str(p): list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
 
 
-def _predict_all(
-    method: Method,
-    parts: dict[str, _Part],
-    cohort: Cohort,
-    fold: int,
-    batch_size: int,
-    device: torch.device,
-) -> pd.DataFrame:
+def _predict_all(setup: _Setup, fold: int, batch_size: int) -> pd.DataFrame:
     frames = []
-    for split, part in parts.items():
+    for split, part in setup.parts.items():
         # Whole bags for every split: the training set's instance cap is an augmentation.
         part.dataset.max_instances = None
         loader = bag_loader(part.dataset, batch_size, shuffle=False, workers=0, seed=0)
-        prob_present, prob_absent = predict_loader(method, loader, device)
+        prob_present, prob_absent = predict_loader(setup.method, loader, setup.device)
         frames.append(
             pd.DataFrame(
                 {
                     "patient_id": part.ids,
                     "split": split,
                     "fold": fold,
-                    "label": cohort.subset(part.ids)["label"].to_numpy(np.int64),
+                    "label": part.dataset.labels.numpy(),
                     "clinical_available": part.dataset.clinical_present.numpy(),
                     "prob_present": prob_present,
                     "prob_absent": prob_absent,
