@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install test lint format demo bench bench-accuracy clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
+
+# Every method on six cohorts with a known Bayes limit (about 25 min on two cores);
+# e.g. `make bench-accuracy ARGS="--seeds 2"` for a quicker look.
+bench-accuracy: install
+	$(BIN)/python benchmarks/accuracy/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_run .pytest_cache
