@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from bidistill.config import TrainingConfig
@@ -228,6 +228,7 @@ class _Track:
     state: dict[str, Tensor] | None = None
     stale: int = 0
     last: float = math.nan  # the score of the last epoch
+    frozen: list[nn.Parameter] = field(default_factory=list)  # set when the part has stopped
 
     def update(self, epoch: int, score: float, state: dict[str, Tensor]) -> None:
         self.last = float(score)
@@ -261,6 +262,25 @@ def _within(key: str, module: str) -> bool:
     return module == "" or key == module or key.startswith(module + ".")
 
 
+def _stop_part(method: Method, track: _Track) -> None:
+    """A part that has not improved for ``patience`` epochs while others still do: back to its
+    best weights, and frozen for the rest of the stage (in eval mode, see ``_train_epoch``).
+    Its outputs stay what the part gives at its best, e.g. the targets BD's multi-modal
+    branch sets its single-modal branch."""
+    method.load_state_dict({**method.state_dict(), **track.state})
+    track.frozen = [
+        p
+        for name, p in method.named_parameters()
+        if p.requires_grad and any(_within(name, m) for m in track.part.modules)
+    ]
+    for p in track.frozen:
+        p.requires_grad_(False)
+
+
+def _stopped_modules(tracks: list[_Track]) -> list[str]:
+    return [m for t in tracks if t.frozen for m in t.part.modules]
+
+
 def _fit_stage(run: _Fit, stage: Stage, epochs: int) -> StageResult:
     method, cfg = run.method, run.cfg
     method.set_stage(stage.name)
@@ -279,19 +299,26 @@ def _fit_stage(run: _Fit, stage: Stage, epochs: int) -> StageResult:
             # A global epoch index, so that stages draw different instance subsets.
             run.train_loader.dataset.set_epoch(len(run.log_rows))
             bar.start_epoch(epoch, epochs, steps)
-            terms = _train_epoch(run, optimizer, scheduler, epoch, bar)
+            terms = _train_epoch(run, optimizer, scheduler, epoch, bar, _stopped_modules(tracks))
             aucs = run.validate()
             state = method.state_dict()
             for track in tracks:
-                track.update(epoch, aucs.score(track.part.select), state)
+                if not track.frozen:
+                    track.update(epoch, aucs.score(track.part.select), state)
             run.log_rows.append(_log_row(stage, epoch, optimizer, terms, aucs, tracks, started))
             bar.finish_epoch(terms["total"], tracks)
             epochs_run = epoch
-            if all(track.stale >= cfg.patience for track in tracks):
+            active = [t for t in tracks if not t.frozen and t.stale < cfg.patience]
+            if not active:
                 break
+            for track in tracks:
+                if not track.frozen and track.stale >= cfg.patience:
+                    _stop_part(method, track)
     best = method.state_dict()
     for track in tracks:
         best.update(track.state)
+        for p in track.frozen:
+            p.requires_grad_(True)
     method.load_state_dict(best)
     result = StageResult(stage.name, stage.select, epochs_run, [t.best for t in tracks])
     log.info("%s: %s", label, _selection_summary(result))
@@ -329,9 +356,13 @@ def _selection_summary(result: StageResult) -> str:
     )
 
 
-def _train_epoch(run: _Fit, optimizer, scheduler, epoch: int, bar: _EpochBar) -> dict:
+def _train_epoch(
+    run: _Fit, optimizer, scheduler, epoch: int, bar: _EpochBar, stopped: list[str]
+) -> dict:
     method, cfg = run.method, run.cfg
     method.train()
+    for module in stopped:
+        method.get_submodule(module).eval()
     sums: dict[str, float] = {}
     seen = 0
     for batch in run.train_loader:
