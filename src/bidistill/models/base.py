@@ -37,7 +37,9 @@ class MethodOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    aggregator: AggregatorName = Field(default="abmil", description="abmil, mean or transmil.")
+    aggregator: AggregatorName = Field(
+        default="abmil-mean", description="abmil-mean, abmil, mean or transmil."
+    )
     hidden_dim: int = Field(default=128, ge=2, description="Bag embedding size.")
     clinical_hidden: int = Field(default=64, ge=2, description="Clinical embedding size.")
     dropout: float = Field(default=0.25, ge=0, lt=1)
