@@ -97,8 +97,9 @@ class Ensemble(Method):
 
 
 class KDOptions(MethodOptions):
-    lambda_kd: float = Field(default=0.5, ge=0, description="Weight of the T²·KL term.")
-    temperature: float = Field(default=1.2, gt=0)
+    # The same distillation term and weights as BD's, so that the two compare on what differs.
+    lambda_kd: float = Field(default=2.0, ge=0, description="Weight of the T²·KL term.")
+    temperature: float = Field(default=1.0, gt=0)
 
 
 @register_method("kd")
