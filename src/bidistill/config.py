@@ -292,6 +292,12 @@ class TrainingConfig(_Section):
     max_instances: int | None = Field(
         default=2048, ge=1, description="Instances sampled per bag in training; null: all."
     )
+    instance_dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Share of each bag's instances left out at random in every training epoch.",
+    )
     in_memory: Literal["auto", "yes", "no"] = "auto"
     num_workers: int = Field(default=0, ge=0)
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, mps.")

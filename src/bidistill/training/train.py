@@ -195,6 +195,7 @@ def _set_up(
                 encoder,
                 store,
                 max_instances=tcfg.max_instances if name == "train" else None,
+                instance_dropout=tcfg.instance_dropout if name == "train" else 0.0,
                 seed=tcfg.seed,
             ),
         )
@@ -210,6 +211,7 @@ def _patient_bags(
     store: FeatureStore,
     *,
     max_instances: int | None,
+    instance_dropout: float,
     seed: int,
 ) -> PatientBags:
     rows = cohort.subset(ids)
@@ -223,6 +225,7 @@ def _patient_bags(
         encoded.present,
         rows["label"].to_numpy(np.int64),
         max_instances=max_instances,
+        instance_dropout=instance_dropout,
         seed=seed,
     )
 
@@ -236,8 +239,8 @@ def _slides_by_patient(cohort: Cohort) -> dict[str, list[str]]:
 def _predict_all(setup: _Setup, fold: int, batch_size: int) -> pd.DataFrame:
     frames = []
     for split, part in setup.parts.items():
-        # Whole bags for every split: the training set's instance cap is an augmentation.
-        part.dataset.max_instances = None
+        # Whole bags for every split: the training subsets are an augmentation.
+        part.dataset.max_instances, part.dataset.instance_dropout = None, 0.0
         loader = bag_loader(part.dataset, batch_size, shuffle=False, workers=0, seed=0)
         prob_present, prob_absent = predict_loader(setup.method, loader, setup.device)
         frames.append(
