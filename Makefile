@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo demo-slides bench docs clean
+.PHONY: install test lint format demo demo-slides bench bench-accuracy docs clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: install
 # The config reference is generated from the pydantic models (a test fails when it is stale).
 docs: install
 	$(BIN)/python -m bidistill.config_docs > docs/config.md
+
+# Every method on six cohorts with a known Bayes limit (about 25 min on two cores);
+# e.g. `make bench-accuracy ARGS="--seeds 2"` for a quicker look.
+bench-accuracy: install
+	$(BIN)/python benchmarks/accuracy/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_run demo_slides .pytest_cache

@@ -221,7 +221,7 @@ def test_config_checks_method_names_and_options_before_any_work(tmp_path):
     out = tmp_path / "exp.yaml"
     runner.invoke(app, ["init", "-o", str(out)])
     text = out.read_text()
-    out.write_text(text.replace("lambda_kd: 0.5", "lambda_kdd: 0.5"))
+    out.write_text(text.replace("  - bd\n", "  - {name: bd, lambda_kdd: 2.0}\n"))
     bad = runner.invoke(app, ["config", str(out)])
     assert bad.exit_code == 1
     assert "exp.yaml: methods: method 'bd': unknown option 'lambda_kdd'" in bad.output

@@ -374,7 +374,7 @@ class EndToEndConfig(_Section):
     `features.checkpoint` or `features.random_init`) trains inside the method on bags of tiles
     read from the slides (`slides.dir`, tiled by `bidistill tile` into `tiling.coords_dir`).
     `training.batch_size` counts bags per optimiser step; `training.max_instances`,
-    `in_memory` and `warmup_epochs` do not apply."""
+    `in_memory`, `instance_dropout` and `lr_warmup_epochs` do not apply."""
 
     bag_size: int = Field(default=10, ge=1, description="Tiles per bag (the papers: 10).")
     train_bags_per_patient: int | None = Field(
@@ -438,12 +438,20 @@ class TrainingConfig(_Section):
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=2e-4, gt=0)
     weight_decay: float = Field(default=1e-2, ge=0)
-    warmup_epochs: int = Field(default=2, ge=0)
+    lr_warmup_epochs: int = Field(
+        default=2, ge=0, description="Epochs of linear learning-rate warm-up (then cosine decay)."
+    )
     grad_clip: float | None = Field(default=1.0, gt=0)
     class_weighting: bool = True
     patience: int = Field(default=10, ge=1, description="Early-stopping patience in epochs.")
     max_instances: int | None = Field(
         default=2048, ge=1, description="Instances sampled per bag in training; null: all."
+    )
+    instance_dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Share of each bag's instances left out at random in every training epoch.",
     )
     in_memory: Literal["auto", "yes", "no"] = "auto"
     mode: Literal["features", "end-to-end"] = Field(
@@ -457,6 +465,21 @@ class TrainingConfig(_Section):
         default="auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:1, mps."
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of weights and shuffling.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        # `warmup_epochs` was renamed `lr_warmup_epochs` (0.2): BD has a `warmup_epochs` option
+        # of its own (a training stage). Configs and run folders written before still load.
+        if isinstance(data, dict) and "warmup_epochs" in data:
+            data = dict(data)
+            old = data.pop("warmup_epochs")
+            if "lr_warmup_epochs" in data:
+                raise ValueError(
+                    "training: give lr_warmup_epochs only (warmup_epochs is its old name)"
+                )
+            data["lr_warmup_epochs"] = old
+        return data
 
 
 class EvaluationConfig(_Section):

@@ -61,7 +61,7 @@ MEANINGS = {
     "training.batch_size": "Patients per batch.",
     "training.lr": "Peak learning rate (AdamW).",
     "training.weight_decay": "AdamW weight decay.",
-    "training.warmup_epochs": "Epochs of linear learning-rate warm-up before the cosine decay.",
+    "training.lr_warmup_epochs": "Epochs of linear learning-rate warm-up before the cosine decay.",
     "training.grad_clip": "Clip the gradient norm to this; null: no clipping.",
     "training.class_weighting": "Weight the classes by inverse frequency in the loss.",
     "training.in_memory": "Keep the feature files in RAM: yes, no, or auto (when they fit).",

@@ -122,7 +122,7 @@ def test_a_bag_of_100000_tiles_stays_within_the_budget(tmp_path):
     assert rows < n and fixed < budget
     seen = []
     hooks = [
-        agg.project.register_forward_hook(lambda _m, args, _o: seen.append(len(args[0])))
+        agg.project.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[-2]))
         for agg in find_aggregators(method).values()
     ]
     valid = torch.zeros(2, dtype=torch.bool)

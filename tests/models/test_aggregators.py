@@ -5,7 +5,7 @@ from bidistill.models import make_aggregator, masked_softmax
 
 from .helpers import IN_DIM, make_batch, pad_more
 
-AGGREGATORS = ["abmil", "mean", "transmil"]
+AGGREGATORS = ["abmil-mean", "abmil", "mean", "transmil"]
 
 
 @pytest.mark.parametrize("name", AGGREGATORS)
@@ -18,7 +18,8 @@ def test_padding_never_changes_a_bag(name, hidden):
         plain = agg(batch.bags, batch.tile_valid)
         padded_batch = pad_more(batch, 7)
         padded = agg(padded_batch.bags, padded_batch.tile_valid)
-    assert plain.embedding.shape == (5, hidden)
+    assert plain.embedding.shape == (5, agg.out_dim)
+    assert agg.out_dim == (2 * hidden if name == "abmil-mean" else hidden)
     torch.testing.assert_close(padded.embedding, plain.embedding, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(padded.attention[:, :11], plain.attention, atol=1e-6, rtol=1e-5)
     assert torch.all(padded.attention[:, 11:] == 0)
@@ -61,5 +62,21 @@ def test_masked_softmax_zero_row_instead_of_nan():
 
 
 def test_unknown_aggregator_is_refused():
-    with pytest.raises(ValueError, match="abmil, mean or transmil"):
+    with pytest.raises(ValueError, match="abmil-mean, abmil, mean or transmil"):
         make_aggregator("maxpool", IN_DIM, 8, 0.0)
+
+
+def test_abmil_mean_appends_the_plain_mean_to_the_attention_pooling():
+    torch.manual_seed(0)
+    both = make_aggregator("abmil-mean", IN_DIM, 16, dropout=0.0).eval()
+    attention_only = make_aggregator("abmil", IN_DIM, 16, dropout=0.0).eval()
+    attention_only.load_state_dict(both.state_dict())  # the same layers, the same names
+    batch = make_batch()
+    with torch.no_grad():
+        out, ref = both(batch.bags, batch.tile_valid), attention_only(batch.bags, batch.tile_valid)
+        h = both.project(batch.bags)
+    torch.testing.assert_close(out.embedding[:, :16], ref.embedding)
+    torch.testing.assert_close(out.attention, ref.attention)
+    valid = batch.tile_valid[..., None].float()
+    mean = (h * valid).sum(dim=1) / valid.sum(dim=1)
+    torch.testing.assert_close(out.embedding[:, 16:], mean)

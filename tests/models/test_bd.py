@@ -84,7 +84,8 @@ def test_prediction_routes_by_clinical_present():
 def test_loss_terms_are_weighted_by_the_options():
     torch.manual_seed(0)
     batch = make_batch()
-    plain, heavy = build("bd"), build("bd", lambda_kd=1.0, lambda_h=0.4, lambda_e=1.0)
+    plain = build("bd", lambda_kd=1.0, lambda_h=0.2, lambda_e=0.5)
+    heavy = build("bd", lambda_kd=2.0, lambda_h=0.4, lambda_e=1.0)
     heavy.load_state_dict(plain.state_dict())
     plain.eval(), heavy.eval()
     a, b = plain.loss(batch, plain(batch)), heavy.loss(batch, heavy(batch))
@@ -140,3 +141,27 @@ def test_unknown_bd_option_is_named():
         build("bd", lamda_kd=0.5)
     with pytest.raises(ConfigError, match="option 'prompt'"):
         build("bd", prompt="text")
+
+
+def test_each_branch_is_selected_on_its_own_route_unless_asked_otherwise():
+    (joint,) = build("bd").stages()
+    parts = {p.name: (p.select, set(p.modules)) for p in joint.parts}
+    assert parts == {
+        "multi": ("present", {"aggregator_multi", "clinical", "head_multi"}),
+        "single": ("absent", {"aggregator_single", "prompt", "head_single"}),
+    }
+    bd = build("bd")
+    owned = {name.split(".")[0] for name, _ in bd.named_parameters()}
+    assert owned == set().union(*(modules for _, modules in parts.values()))
+    (one,) = build("bd", branch_selection=False).stages()
+    assert one.parts == () and one.select == "routed"
+
+
+def test_the_published_form_is_a_valid_option_set():
+    from bidistill.models.bd import PAPER_OPTIONS
+
+    paper = build("bd", **PAPER_OPTIONS)
+    o = paper.options
+    assert (o.lambda_h, o.lambda_e, o.lambda_kd, o.temperature) == (0.2, 0.5, 0.5, 1.2)
+    assert o.prompt == "learned" and not o.branch_selection
+    assert paper.stages()[0].parts == ()

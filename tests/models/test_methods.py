@@ -34,7 +34,7 @@ def test_unknown_method_lists_the_valid_names():
 
 
 def test_none_options_keep_the_defaults():
-    assert build("bd", lambda_kd=None).options.lambda_kd == 0.5
+    assert build("bd", lambda_kd=None).options.lambda_kd == 2.0
 
 
 @pytest.mark.parametrize("name", list_methods())

@@ -19,7 +19,7 @@ def fast_config(config_path: Path, **training):
         "epochs": 12,
         "lr": 3e-3,
         "patience": 12,
-        "warmup_epochs": 1,
+        "lr_warmup_epochs": 1,
         "batch_size": 16,
         "max_instances": 32,
         "device": "cpu",

@@ -62,7 +62,7 @@ def test_different_feature_dimensions_are_refused(feature_dir):
         FeatureStore(feature_dir, ["a", "d"])
 
 
-def _dataset(max_instances=None, n=6):
+def _dataset(max_instances=None, n=6, instance_dropout=0.0):
     rng = np.random.default_rng(1)
     bags = ArrayBags([rng.normal(size=(k, 4)).astype(np.float32) for k in (3, 10, 1, 7, 12, 2)])
     return PatientBags(
@@ -72,6 +72,7 @@ def _dataset(max_instances=None, n=6):
         np.ones(n, bool),
         np.arange(n) % 2,
         max_instances=max_instances,
+        instance_dropout=instance_dropout,
         seed=5,
     )
 
@@ -87,6 +88,17 @@ def test_training_subset_is_bounded_random_and_reproducible():
     rows = {tuple(r.tolist()) for r in data.bags(4)}
     assert all(tuple(r.tolist()) in rows for r in first)  # real instances, not copies
     assert torch.equal(_dataset()[4]["features"], torch.from_numpy(data.bags(4)))
+
+
+def test_instance_dropout_keeps_a_random_share_and_at_least_one():
+    data = _dataset(instance_dropout=0.5, max_instances=5)
+    assert data.lengths() == [2, 5, 1, 4, 5, 1]  # half, rounded, at least one, then the cap
+    assert [len(data[i]["features"]) for i in range(6)] == data.lengths()
+    first = data[3]["features"]
+    data.set_epoch(1)
+    assert not torch.equal(data[3]["features"], first)
+    rows = {tuple(r.tolist()) for r in data.bags(3)}
+    assert all(tuple(r.tolist()) in rows for r in first)
 
 
 def test_collate_pads_to_the_largest_bag_with_masks():

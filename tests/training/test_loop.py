@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import Tensor, nn
 
 from bidistill.config import TrainingConfig
 from bidistill.models import Batch, Method, MethodDims, MethodOptions, Output
+from bidistill.models.base import Part, Stage
 from bidistill.training.data import ArrayBags, PatientBags, bag_loader
 from bidistill.training.loop import fit
 
@@ -54,7 +56,7 @@ def test_present_stage_is_selected_on_the_patients_with_clinical_data():
     clinical = np.stack([np.zeros(n), (~present).astype(float)], axis=1)
     dataset = PatientBags(ArrayBags(bags), clinical, present[:, None], present, labels)
     loader = bag_loader(dataset, 64, shuffle=False, workers=0, seed=0)
-    cfg = TrainingConfig(epochs=2, patience=5, warmup_epochs=0, grad_clip=None)
+    cfg = TrainingConfig(epochs=2, patience=5, lr_warmup_epochs=0, grad_clip=None)
 
     method = ScriptedMethod()
     result = fit(method, loader, loader, labels, cfg, device=torch.device("cpu"), progress=False)
@@ -63,4 +65,99 @@ def test_present_stage_is_selected_on_the_patients_with_clinical_data():
     # Over every patient, epoch 1 looks better; over those with clinical data, epoch 0 is.
     assert rows[1]["val_auc_present"] > rows[0]["val_auc_present"]
     assert rows[0]["val_score"] == 1.0 > rows[1]["val_score"]
-    assert result.stages[0].best_epoch == 0
+    assert [p.best_epoch for p in result.stages[0].parts] == [1]  # epochs count from 1
+    assert [row["epoch"] for row in rows] == [1, 2]
+
+
+class TwoBranches(Method):
+    """Two branches that share nothing: ``a`` scores the patients with clinical data, ``b`` those
+    without. Each branch counts its training epochs (one batch per epoch) in a buffer; its
+    ranking improves with the count up to its peak and degrades after, so the best epoch of
+    each branch is known."""
+
+    def __init__(self, peak_a: int, peak_b: int):
+        dims = MethodDims(in_dim=2, clinical_dim=2, n_clinical_features=1, feature_slices=((0, 1),))
+        super().__init__(dims, MethodOptions())
+        self.a, self.b = nn.Linear(1, 1), nn.Linear(1, 1)
+        self.a.register_buffer("count", torch.zeros(()))
+        self.b.register_buffer("count", torch.zeros(()))
+        self.peaks = (peak_a, peak_b)
+        self.a_trained_in_eval: list[bool] = []
+
+    def stages(self):
+        parts = (Part("a", "present", ("a",)), Part("b", "absent", ("b",)))
+        return [Stage("main", "routed", parts=parts)]
+
+    def forward(self, batch: Batch) -> Output:
+        if self.training:
+            with torch.no_grad():
+                for branch in (self.a, self.b):
+                    branch.count += 1.0 if branch.weight.requires_grad else 0.0
+            self.a_trained_in_eval.append(not self.a.training)
+        label, noise = batch.bags[:, 0, 0], batch.bags[:, 0, 1]
+
+        def score(count, peak):
+            count = int(count)
+            weight = count if count <= peak else peak - 2 * (count - peak)
+            return 0.1 * weight * label + noise
+
+        present = batch.clinical_present
+        s = torch.where(
+            present, score(self.a.count, self.peaks[0]), score(self.b.count, self.peaks[1])
+        )
+        s = s + 0 * (self.a.weight.sum() + self.b.weight.sum())
+        return Output(torch.stack([torch.zeros_like(s), s], dim=1), None, {})
+
+    def loss(self, batch: Batch, output: Output) -> dict[str, Tensor]:
+        total = output.logits.sum() * 0 + self.a.weight.sum() ** 2 + self.b.weight.sum() ** 2
+        return {"total": total}
+
+
+def _two_branch_data(n: int = 200):
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 2
+    bags = [np.array([[y, rng.random()]], np.float32) for y in labels]
+    present = np.arange(n) < n // 2
+    clinical = np.stack([np.zeros(n), (~present).astype(float)], axis=1)
+    dataset = PatientBags(ArrayBags(bags), clinical, present[:, None], present, labels)
+    return bag_loader(dataset, n, shuffle=False, workers=0, seed=0), labels
+
+
+def test_each_part_keeps_its_own_best_epoch_and_a_finished_part_stops():
+    loader, labels = _two_branch_data()
+    cfg = TrainingConfig(epochs=12, patience=3, lr_warmup_epochs=0, grad_clip=None)
+    method = TwoBranches(peak_a=2, peak_b=6)
+    result = fit(method, loader, loader, labels, cfg, device=torch.device("cpu"), progress=False)
+
+    best = {p.part: p.best_epoch for p in result.stages[0].parts}
+    assert best == {"a": 2, "b": 6}
+    # Each branch holds its best epoch's weights and buffers: a its 2nd epoch, b its 6th.
+    assert int(method.a.count) == 2 and int(method.b.count) == 6
+    # a stalled after epoch 2: after 3 stale epochs it was frozen, in eval mode, while b
+    # trained on until it too had been stale for 3 epochs.
+    assert result.stages[0].epochs_run == 9
+    assert method.a_trained_in_eval == [False] * 5 + [True] * 4
+    scores = [(r["val_score_a"], r["val_score_b"]) for r in result.log_rows]
+    assert (
+        max(scores, key=lambda s: s[0]) == scores[1] and max(s[1] for s in scores) == scores[5][1]
+    )
+    assert method.a.weight.requires_grad  # trainable again after the stage
+
+
+def test_parts_must_hold_every_trained_parameter():
+    class Incomplete(TwoBranches):
+        def stages(self):
+            return [Stage("main", "routed", parts=(Part("a", "present", ("a",)),))]
+
+    loader, labels = _two_branch_data()
+    cfg = TrainingConfig(epochs=1, lr_warmup_epochs=0)
+    with pytest.raises(ValueError, match=r"parameters \['b.weight', 'b.bias'\] belong to no part"):
+        fit(
+            Incomplete(1, 1),
+            loader,
+            loader,
+            labels,
+            cfg,
+            device=torch.device("cpu"),
+            progress=False,
+        )

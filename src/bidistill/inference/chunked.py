@@ -33,8 +33,9 @@ from torch import Tensor, nn
 
 from bidistill.errors import BidistillError, FeatureFileError
 from bidistill.models import aggregators as _aggregators
-from bidistill.models.aggregators import Aggregate, GatedAttentionMIL, MeanPoolMIL, TransMIL
+from bidistill.models.aggregators import Aggregate, TransMIL
 from bidistill.models.batch import Batch, Output
+from bidistill.models.streaming import PoolStream, streams
 
 MiB = 2**20
 DEFAULT_MEMORY_BUDGET = 512 * MiB
@@ -135,63 +136,6 @@ def _features_shape(path: Path) -> tuple[int, ...]:
 # --- streaming aggregators ----------------------------------------------------------------------
 
 
-class _GatedAttentionStream:
-    """``GatedAttentionMIL`` over chunks: scores per chunk, embedding by online softmax."""
-
-    def __init__(self, module: GatedAttentionMIL):
-        self.module = module
-        self.scores: list[Tensor] = []
-        self.running_max: Tensor | None = None
-        self.total: Tensor | None = None  # Σ exp(s - max)
-        self.weighted: Tensor | None = None  # Σ exp(s - max) h, [H]
-
-    def update(self, x: Tensor) -> None:
-        m = self.module
-        h = m.project(x)  # [r, H]
-        gate = torch.tanh(m.attention_v(h)) * torch.sigmoid(m.attention_u(h))
-        scores = m.attention_w(gate).squeeze(-1)  # [r]
-        self.scores.append(scores)
-        chunk_max = scores.max()
-        if self.running_max is None:
-            new_max, rescale = chunk_max, torch.zeros_like(chunk_max)
-            self.total = torch.zeros_like(chunk_max)
-            self.weighted = torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device)
-        else:
-            new_max = torch.maximum(self.running_max, chunk_max)
-            rescale = torch.exp(self.running_max - new_max)
-        weights = torch.exp(scores - new_max)
-        self.total = self.total * rescale + weights.sum()
-        self.weighted = self.weighted * rescale + weights @ h
-        self.running_max = new_max
-
-    def result(self) -> Aggregate:
-        if not self.scores:  # an empty bag: zero embedding and no weights, as the module gives
-            empty = torch.zeros(1, 0)
-            return Aggregate(torch.zeros(1, self.module.out_dim), empty)
-        attention = torch.softmax(torch.cat(self.scores), dim=0)
-        return Aggregate((self.weighted / self.total)[None], attention[None])
-
-
-class _MeanStream:
-    """``MeanPoolMIL`` over chunks: a running sum of the projected instances."""
-
-    def __init__(self, module: MeanPoolMIL):
-        self.module = module
-        self.sum: Tensor | None = None
-        self.count = 0
-
-    def update(self, x: Tensor) -> None:
-        h = self.module.project(x).sum(dim=0)
-        self.sum = h if self.sum is None else self.sum + h
-        self.count += len(x)
-
-    def result(self) -> Aggregate:
-        if self.count == 0:
-            return Aggregate(torch.zeros(1, self.module.out_dim), torch.zeros(1, 0))
-        attention = torch.full((1, self.count), 1.0 / self.count, device=self.sum.device)
-        return Aggregate((self.sum / self.count)[None], attention)
-
-
 class _WholeBag:
     """Any other aggregator: the chunks are joined and the module runs on the whole bag."""
 
@@ -200,20 +144,16 @@ class _WholeBag:
         self.dim = dim
         self.parts: list[Tensor] = []
 
-    def update(self, x: Tensor) -> None:
+    def update(self, x: Tensor, valid: Tensor) -> None:
         self.parts.append(x)
 
     def result(self) -> Aggregate:
-        bag = torch.cat(self.parts)[None] if self.parts else torch.zeros(1, 0, self.dim)
+        bag = torch.cat(self.parts, dim=1) if self.parts else torch.zeros(1, 0, self.dim)
         return self.module(bag, torch.ones(bag.shape[:2], dtype=torch.bool, device=bag.device))
 
 
-def _stream(module: nn.Module, dim: int):
-    if type(module) is GatedAttentionMIL:
-        return _GatedAttentionStream(module)
-    if type(module) is MeanPoolMIL:
-        return _MeanStream(module)
-    return _WholeBag(module, dim)
+def _stream(module: nn.Module, dim: int) -> PoolStream | _WholeBag:
+    return PoolStream(module) if streams(module) else _WholeBag(module, dim)
 
 
 def whole_bag_bytes(module: nn.Module, n: int, dim: int) -> int:
@@ -256,7 +196,7 @@ def chunk_rows(
     """
     found = find_aggregators(method)
     for name, module in found.items():
-        if type(module) in (GatedAttentionMIL, MeanPoolMIL):
+        if streams(module):
             continue
         need = whole_bag_bytes(module, n_instances, dim)
         if need > memory_budget:
@@ -316,14 +256,15 @@ def encode_bag(
     if not found:
         return {}, 0
     rows, _ = chunk_rows(method, bag.n_instances, bag.dim, memory_budget)
-    streams = {name: _stream(module, bag.dim) for name, module in found.items()}
+    pools = {name: _stream(module, bag.dim) for name, module in found.items()}
     device = torch.device(device)
     for chunk in bag.chunks(rows):
         x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device=device, dtype=torch.float32)
-        for stream in streams.values():
-            stream.update(x)
+        valid = torch.ones(1, len(x), dtype=torch.bool, device=device)
+        for stream in pools.values():
+            stream.update(x[None], valid)
         del x
-    return {name: stream.result() for name, stream in streams.items()}, rows
+    return {name: stream.result() for name, stream in pools.items()}, rows
 
 
 class _Replay(nn.Module):

@@ -9,8 +9,10 @@ False.
 Methods that train in steps declare ``stages()``: the trainer runs the stages in order, each a
 full training run with its own optimiser and early stopping, and sets ``method.stage`` before
 each. ``select`` names the validation AUC a stage is selected on: with clinical data
-``present``, with it ``absent``, or ``routed`` (the mean of both, for methods that route by
-modality).
+``present`` (scored on the patients that have it), with it ``absent``, or ``routed`` (the mean
+of both, for methods that route by modality). A stage may split the method into ``parts`` that
+are each selected on their own score, e.g. a multi-modal branch on ``present`` and a WSI-only
+branch on ``absent``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from bidistill.models.aggregators import AggregatorName, make_aggregator
+from bidistill.models.batch import Output
+from bidistill.models.blocks import FusionModel, WSIClassifier
 
 Selection = Literal["present", "absent", "routed"]
 
@@ -34,7 +38,11 @@ class MethodOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    aggregator: AggregatorName = Field(default="abmil", description="abmil, mean or transmil.")
+    aggregator: AggregatorName = Field(
+        default="abmil",
+        description="abmil (gated attention), abmil-mean (attention and the mean, "
+        "concatenated), mean or transmil.",
+    )
     hidden_dim: int = Field(default=128, ge=2, description="Bag embedding size.")
     clinical_hidden: int = Field(default=64, ge=2, description="Clinical embedding size.")
     dropout: float = Field(default=0.25, ge=0, lt=1)
@@ -66,10 +74,36 @@ class MethodDims:
 
 
 @dataclass(frozen=True)
-class Stage:
+class Part:
+    """Parameters selected on their own validation score within a stage.
+
+    Attributes:
+        name: the part's name (``train_log.csv`` column ``val_score_<name>``).
+        select: the score its best epoch is chosen on.
+        modules: the method's submodules (attribute names) that make up the part.
+    """
+
     name: str
     select: Selection
-    epochs: int | None = None  # None: the training config's epochs
+    modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training run of a method's: a fresh optimiser, its own early stopping.
+
+    Attributes:
+        select: the validation score the stage's best epoch is chosen on.
+        epochs: None: the training config's epochs.
+        parts: when given, each part keeps its own best epoch on its own score (parts that share
+            no parameters and do not use each other at prediction, e.g. BD's two branches);
+            together they must hold every parameter the stage trains.
+    """
+
+    name: str
+    select: Selection
+    epochs: int | None = None
+    parts: tuple[Part, ...] = ()
 
 
 class Method(nn.Module):
@@ -124,11 +158,31 @@ class Method(nn.Module):
             return EncodedAggregator(self.dims.patch_encoder(), aggregator)
         return aggregator
 
+    def make_wsi_classifier(self) -> WSIClassifier:
+        """A WSI-only model (own aggregator + head) sized by this method's options."""
+        o = self.options
+        return WSIClassifier(self.make_aggregator(), o.clinical_hidden, o.dropout)
+
+    def make_fusion_model(self) -> FusionModel:
+        """A WSI + clinical fusion model (own aggregator) sized by this method's options."""
+        o = self.options
+        return FusionModel(
+            self.make_aggregator(), self.dims.clinical_dim, o.clinical_hidden, o.dropout
+        )
+
     # --- clinical input helpers -------------------------------------------------------------
 
-    def withhold_clinical(self, clinical: Tensor, withhold: Tensor) -> Tensor:
-        """Replace whole patients' clinical rows by the all-missing row where ``withhold`` [B]."""
-        return torch.where(withhold[:, None], self.blank_clinical.expand_as(clinical), clinical)
+    def feature_columns(self, per_feature: Tensor, *, indicators: bool = True) -> Tensor:
+        """A per-feature mask [B, F] spread over the encoded columns [B, C]: each feature's
+        value columns, and (with ``indicators``) its missing-indicator column."""
+        columns = torch.zeros(
+            len(per_feature), self.dims.clinical_dim, dtype=torch.bool, device=per_feature.device
+        )
+        for f, (start, stop) in enumerate(self.dims.feature_slices):
+            columns[:, start:stop] = per_feature[:, f : f + 1]
+            if indicators:
+                columns[:, self.dims.n_values + f] = per_feature[:, f]
+        return columns
 
     def drop_features(self, clinical: Tensor, clinical_valid: Tensor, rate: float) -> Tensor:
         """Training augmentation: mark each observed feature missing with probability ``rate``.
@@ -139,11 +193,16 @@ class Method(nn.Module):
         if rate <= 0 or not self.training:
             return clinical
         drop = (torch.rand(clinical_valid.shape, device=clinical.device) < rate) & clinical_valid
-        columns = torch.zeros_like(clinical, dtype=torch.bool)
-        for f, (start, stop) in enumerate(self.dims.feature_slices):
-            columns[:, start:stop] = drop[:, f : f + 1]
-            columns[:, self.dims.n_values + f] = drop[:, f]
+        columns = self.feature_columns(drop)
         return torch.where(columns, self.blank_clinical.expand_as(clinical), clinical)
+
+    def drop_modality(self, present: Tensor, rate: float) -> Tensor:
+        """Which patients go without clinical data [B]: those without it and, in training, a
+        random share ``rate`` of the others (modality dropout)."""
+        absent = ~present
+        if self.training and rate > 0:
+            absent = absent | (torch.rand(len(present), device=present.device) < rate)
+        return absent
 
     # --- loss helpers -----------------------------------------------------------------------
 
@@ -184,3 +243,20 @@ def distillation_kl(
     student = torch.log_softmax(student_logits / temperature, dim=-1)
     kl = (teacher.exp() * (teacher - student)).sum(dim=-1)
     return temperature**2 * masked_mean(kl, mask)
+
+
+def route(present: Tensor, when_present: Tensor, when_absent: Tensor) -> Tensor:
+    """Per sample: ``when_present`` where ``present`` [B], else ``when_absent``."""
+    shape = (-1,) + (1,) * (when_present.dim() - 1)
+    return torch.where(present.view(shape), when_present, when_absent)
+
+
+def route_outputs(
+    present: Tensor, when_present: Output, when_absent: Output, extras: dict[str, Tensor]
+) -> Output:
+    """One output from two sub-models' outputs: logits and attention routed per sample."""
+    return Output(
+        logits=route(present, when_present.logits, when_absent.logits),
+        attention=route(present, when_present.attention, when_absent.attention),
+        extras=extras,
+    )

@@ -1,9 +1,19 @@
-"""Small building blocks shared by the methods: the clinical encoder and the fusion head."""
+"""Building blocks shared by the methods: the clinical encoder, the fusion head, and the two
+models that several methods combine (a WSI classifier and a WSI + clinical fusion model).
+
+The blocks are built from dimensions and modules, never from a whole method. The WSI models take
+their aggregator as a module: anything that maps a bag ``[B, N, D]`` with ``tile_valid`` to an
+``Aggregate`` (with an ``out_dim``) fits, e.g. a trainable patch encoder in front of an
+aggregator.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from bidistill.models.aggregators import Aggregate
+from bidistill.models.batch import Batch, Output
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -53,3 +63,60 @@ class FusionHead(nn.Module):
 
     def forward(self, *embeddings: Tensor) -> Tensor:
         return self.net(torch.cat(embeddings, dim=-1))
+
+
+class WSIClassifier(nn.Module):
+    """Aggregator → MLP head: the attention-MIL model of the BCNB paper (WSI only).
+
+    Args:
+        aggregator: bag [B, N, D] → ``Aggregate`` with an embedding of size ``out_dim``.
+        head_hidden: width of the head's hidden layer.
+    """
+
+    def __init__(self, aggregator: nn.Module, head_hidden: int, dropout: float):
+        super().__init__()
+        self.aggregator = aggregator
+        self.head = mlp(aggregator.out_dim, head_hidden, 2, dropout)
+
+    def forward(self, batch: Batch) -> Output:
+        agg = self.aggregator(batch.bags, batch.tile_valid)
+        return Output(self.head(agg.embedding), agg.attention, {"h": agg.embedding})
+
+
+class FusionModel(nn.Module):
+    """Aggregator → h; clinical MLP → e; head([h, e]) → logits.
+
+    Methods that treat the clinical embedding in their own way (a learned missing token, an
+    imputed embedding) call the three steps ``embed_bag``, ``embed_clinical`` and ``classify``.
+
+    Args:
+        aggregator: bag [B, N, D] → ``Aggregate`` with an embedding of size ``out_dim``.
+        clinical_dim: C, the encoded clinical width.
+        clinical_hidden: the clinical embedding size (and the head's hidden width).
+    """
+
+    def __init__(self, aggregator: nn.Module, clinical_dim: int, clinical_hidden: int, dropout):
+        super().__init__()
+        self.aggregator = aggregator
+        self.clinical = ClinicalMLP(clinical_dim, clinical_hidden, dropout)
+        self.head = FusionHead(aggregator.out_dim + clinical_hidden, clinical_hidden, dropout)
+
+    @property
+    def bag_dim(self) -> int:
+        return self.aggregator.out_dim
+
+    def embed_bag(self, batch: Batch) -> Aggregate:
+        return self.aggregator(batch.bags, batch.tile_valid)
+
+    def embed_clinical(self, clinical: Tensor) -> Tensor:
+        """[B, C] → e [B, clinical_hidden]."""
+        return self.clinical(clinical)
+
+    def classify(self, h: Tensor, e: Tensor) -> Tensor:
+        """[h, e] → logits [B, 2]."""
+        return self.head(h, e)
+
+    def forward(self, batch: Batch, clinical: Tensor) -> Output:
+        agg = self.embed_bag(batch)
+        e = self.embed_clinical(clinical)
+        return Output(self.classify(agg.embedding, e), agg.attention, {"h": agg.embedding, "e": e})

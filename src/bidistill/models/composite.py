@@ -6,12 +6,19 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bidistill.models.base import Method, MethodDims, MethodOptions, Stage, distillation_kl
+from bidistill.models.base import (
+    Method,
+    MethodDims,
+    MethodOptions,
+    Part,
+    Stage,
+    distillation_kl,
+    route,
+    route_outputs,
+)
 from bidistill.models.batch import Batch, Output
 from bidistill.models.blocks import ClinicalMLP
-from bidistill.models.fusion import FusionModel
 from bidistill.models.registry import register_method
-from bidistill.models.unimodal import WSIClassifier, route, route_outputs
 
 
 @register_method("switch")
@@ -20,15 +27,19 @@ class Switch(Method):
 
     Training: both sub-models in one run, their losses summed. Their parameters are disjoint, so
     each sub-model's gradient comes from its own loss only (the one coupling is the global
-    gradient-norm clipping). Joint training costs the same compute as two runs and gives both
-    sub-models the early-stopping point of the routed validation AUC, the metric the switch is
-    used on.
+    gradient-norm clipping). Joint training costs the same compute as two runs, and each
+    sub-model keeps its own best epoch: the fusion model on the validation patients with
+    clinical data, the WSI model on every validation patient without it.
     """
 
     def __init__(self, dims: MethodDims, options: MethodOptions):
         super().__init__(dims, options)
-        self.wsi = WSIClassifier(self)
-        self.fusion = FusionModel(self)
+        self.wsi = self.make_wsi_classifier()
+        self.fusion = self.make_fusion_model()
+
+    def stages(self) -> list[Stage]:
+        parts = (Part("fusion", "present", ("fusion",)), Part("wsi", "absent", ("wsi",)))
+        return [Stage("main", "routed", parts=parts)]
 
     def forward(self, batch: Batch) -> Output:
         wsi = self.wsi(batch)
@@ -51,13 +62,15 @@ class Ensemble(Method):
     """Late fusion: the mean of a WSI-only and a clinical-only model's probabilities.
 
     Where clinical data is absent only the WSI model's probability is used (the BD paper's
-    ensemble baseline). Trained jointly with independent losses summed, as ``switch``.
+    ensemble baseline). Trained jointly with independent losses summed, as ``switch``, and
+    selected as a whole on the routed score: unlike the switch's sub-models, the two models
+    are not independent at prediction (the average needs both), so they share one epoch.
     ``logits`` are the log of the combined probabilities, so softmax(logits) gives them back.
     """
 
     def __init__(self, dims: MethodDims, options: MethodOptions):
         super().__init__(dims, options)
-        self.wsi = WSIClassifier(self)
+        self.wsi = self.make_wsi_classifier()
         self.clinical = ClinicalMLP(dims.clinical_dim, options.clinical_hidden, options.dropout)
         self.clinical_head = nn.Linear(options.clinical_hidden, 2)
 
@@ -84,8 +97,9 @@ class Ensemble(Method):
 
 
 class KDOptions(MethodOptions):
-    lambda_kd: float = Field(default=0.5, ge=0, description="Weight of the T²·KL term.")
-    temperature: float = Field(default=1.2, gt=0)
+    # The same distillation term and weights as BD's, so that the two compare on what differs.
+    lambda_kd: float = Field(default=2.0, ge=0, description="Weight of the T²·KL term.")
+    temperature: float = Field(default=1.0, gt=0)
 
 
 @register_method("kd")
@@ -103,11 +117,13 @@ class OneWayKD(Method):
 
     def __init__(self, dims: MethodDims, options: KDOptions):
         super().__init__(dims, options)
-        self.teacher = FusionModel(self)
-        self.student = WSIClassifier(self)
+        self.teacher = self.make_fusion_model()
+        self.student = self.make_wsi_classifier()
 
     def stages(self) -> list[Stage]:
-        return [Stage("teacher", "present"), Stage("student", "routed")]
+        # The frozen teacher serves the patients with clinical data; the student is selected
+        # on the patients without (the teacher's half of a routed score would not move).
+        return [Stage("teacher", "present"), Stage("student", "absent")]
 
     def set_stage(self, name: str) -> None:
         super().set_stage(name)

@@ -10,28 +10,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bidistill.models.base import Method, MethodDims, MethodOptions, mse
+from bidistill.models.base import Method, MethodDims, MethodOptions, mse, route
 from bidistill.models.batch import Batch, Output
-from bidistill.models.blocks import ClinicalMLP, FusionHead, mlp
+from bidistill.models.blocks import mlp
 from bidistill.models.registry import register_method
-
-
-class FusionModel(nn.Module):
-    """Aggregator → h; clinical MLP → e; head([h, e]) → logits."""
-
-    def __init__(self, method: Method):
-        super().__init__()
-        o = method.options
-        self.aggregator = method.make_aggregator()
-        self.clinical = ClinicalMLP(method.dims.clinical_dim, o.clinical_hidden, o.dropout)
-        self.head = FusionHead(
-            self.aggregator.out_dim + o.clinical_hidden, o.clinical_hidden, o.dropout
-        )
-
-    def forward(self, batch: Batch, clinical: Tensor) -> Output:
-        agg = self.aggregator(batch.bags, batch.tile_valid)
-        e = self.clinical(clinical)
-        return Output(self.head(agg.embedding, e), agg.attention, {"h": agg.embedding, "e": e})
 
 
 @register_method("fusion-mean")
@@ -47,7 +29,7 @@ class FusionMean(Method):
 
     def __init__(self, dims: MethodDims, options: MethodOptions):
         super().__init__(dims, options)
-        self.model = FusionModel(self)
+        self.model = self.make_fusion_model()
 
     def clinical_input(self, batch: Batch) -> Tensor:
         return batch.clinical
@@ -69,9 +51,7 @@ class FusionZero(FusionMean):
     """
 
     def clinical_input(self, batch: Batch) -> Tensor:
-        missing = torch.zeros_like(batch.clinical, dtype=torch.bool)
-        for f, (start, stop) in enumerate(self.dims.feature_slices):
-            missing[:, start:stop] = ~batch.clinical_valid[:, f : f + 1]
+        missing = self.feature_columns(~batch.clinical_valid, indicators=False)
         return batch.clinical.masked_fill(missing, 0.0)
 
 
@@ -92,17 +72,15 @@ class ModDrop(Method):
 
     def __init__(self, dims: MethodDims, options: ModDropOptions):
         super().__init__(dims, options)
-        self.model = FusionModel(self)
+        self.model = self.make_fusion_model()
         self.missing_token = nn.Parameter(torch.zeros(options.clinical_hidden))
 
     def forward(self, batch: Batch) -> Output:
-        agg = self.model.aggregator(batch.bags, batch.tile_valid)
-        e = self.model.clinical(batch.clinical)
-        absent = ~batch.clinical_present
-        if self.training:
-            absent = absent | (torch.rand(len(batch), device=e.device) < self.options.drop_rate)
+        agg = self.model.embed_bag(batch)
+        e = self.model.embed_clinical(batch.clinical)
+        absent = self.drop_modality(batch.clinical_present, self.options.drop_rate)
         e = torch.where(absent[:, None], self.missing_token.expand_as(e), e)
-        logits = self.model.head(agg.embedding, e)
+        logits = self.model.classify(agg.embedding, e)
         return Output(logits, agg.attention, {"h": agg.embedding, "e": e})
 
     def loss(self, batch: Batch, output: Output) -> dict[str, Tensor]:
@@ -134,11 +112,9 @@ class AEImpute(Method):
 
     def __init__(self, dims: MethodDims, options: AEImputeOptions):
         super().__init__(dims, options)
-        self.model = FusionModel(self)
+        self.model = self.make_fusion_model()
         target = dims.n_values if options.reconstruct == "input" else options.clinical_hidden
-        self.decoder = mlp(
-            self.model.aggregator.out_dim, options.clinical_hidden, target, options.dropout
-        )
+        self.decoder = mlp(self.model.bag_dim, options.clinical_hidden, target, options.dropout)
 
     def _imputed_embedding(self, reconstruction: Tensor) -> Tensor:
         if self.options.reconstruct == "embedding":
@@ -146,18 +122,17 @@ class AEImpute(Method):
         indicators = torch.zeros(
             len(reconstruction), self.dims.n_clinical_features, device=reconstruction.device
         )
-        return self.model.clinical(torch.cat([reconstruction, indicators], dim=1))
+        return self.model.embed_clinical(torch.cat([reconstruction, indicators], dim=1))
 
     def forward(self, batch: Batch) -> Output:
-        agg = self.model.aggregator(batch.bags, batch.tile_valid)
+        agg = self.model.embed_bag(batch)
         h = agg.embedding
-        e_real = self.model.clinical(batch.clinical)
+        e_real = self.model.embed_clinical(batch.clinical)
         reconstruction = self.decoder(h)
         e_imputed = self._imputed_embedding(reconstruction.detach())
-        logits_real = self.model.head(h, e_real)
-        logits_imputed = self.model.head(h, e_imputed)
-        present = batch.clinical_present[:, None]
-        logits = torch.where(present, logits_real, logits_imputed)
+        logits_real = self.model.classify(h, e_real)
+        logits_imputed = self.model.classify(h, e_imputed)
+        logits = route(batch.clinical_present, logits_real, logits_imputed)
         extras = {
             "h": h,
             "e": e_real,

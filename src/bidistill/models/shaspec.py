@@ -69,11 +69,7 @@ class ShaSpec(Method):
         f_clinical = shared_clinical + self.fuse_clinical(
             torch.cat([shared_clinical, specific_clinical], dim=-1)
         )
-        absent = ~batch.clinical_present
-        if self.training:
-            absent = absent | (
-                torch.rand(len(batch), device=absent.device) < self.options.drop_rate
-            )
+        absent = self.drop_modality(batch.clinical_present, self.options.drop_rate)
         f_clinical = torch.where(absent[:, None], shared_wsi, f_clinical)
         extras = {
             "shared_wsi": shared_wsi,

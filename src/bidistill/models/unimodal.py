@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from bidistill.models.base import Method, MethodDims, MethodOptions
 from bidistill.models.batch import Batch, Output
-from bidistill.models.blocks import ClinicalMLP, mlp
+from bidistill.models.blocks import ClinicalMLP
 from bidistill.models.registry import register_method
-
-
-class WSIClassifier(nn.Module):
-    """Aggregator → MLP head: the attention-MIL model of the BCNB paper (WSI only)."""
-
-    def __init__(self, method: Method):
-        super().__init__()
-        o = method.options
-        self.aggregator = method.make_aggregator()
-        self.head = mlp(self.aggregator.out_dim, o.clinical_hidden, 2, o.dropout)
-
-    def forward(self, batch: Batch) -> Output:
-        agg = self.aggregator(batch.bags, batch.tile_valid)
-        return Output(self.head(agg.embedding), agg.attention, {"h": agg.embedding})
 
 
 @register_method("wsi-only")
@@ -33,7 +18,7 @@ class WSIOnly(Method):
 
     def __init__(self, dims: MethodDims, options: MethodOptions):
         super().__init__(dims, options)
-        self.model = WSIClassifier(self)
+        self.model = self.make_wsi_classifier()
 
     def forward(self, batch: Batch) -> Output:
         return self.model(batch)
@@ -91,20 +76,3 @@ class ClinicalLinear(Method):
     def loss(self, batch: Batch, output: Output) -> dict[str, Tensor]:
         ce = self.ce(output.logits, batch.labels, batch.clinical_present)
         return {"ce": ce, "total": ce}
-
-
-def route(present: Tensor, when_present: Tensor, when_absent: Tensor) -> Tensor:
-    """Per sample: ``when_present`` where ``present`` [B], else ``when_absent``."""
-    shape = (-1,) + (1,) * (when_present.dim() - 1)
-    return torch.where(present.view(shape), when_present, when_absent)
-
-
-def route_outputs(
-    present: Tensor, when_present: Output, when_absent: Output, extras: dict[str, Tensor]
-) -> Output:
-    """One output from two sub-models' outputs: logits and attention routed per sample."""
-    return Output(
-        logits=route(present, when_present.logits, when_absent.logits),
-        attention=route(present, when_present.attention, when_absent.attention),
-        extras=extras,
-    )

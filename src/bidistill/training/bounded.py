@@ -32,8 +32,8 @@ from bidistill.models.aggregators import (
     GatedAttentionMIL,
     MeanPoolMIL,
     TransMIL,
-    masked_softmax,
 )
+from bidistill.models.streaming import PoolStream, streams
 from bidistill.training.data import collate_bags
 
 # Instances projected at once by a streamed aggregator (64k x 128 hidden floats: 32 MB).
@@ -59,7 +59,7 @@ def streaming_aggregation(method: nn.Module, chunk: int | None = None) -> Iterat
     chunk = CHUNK_INSTANCES if chunk is None else chunk
     patched = []
     for module in method.modules():
-        if isinstance(module, GatedAttentionMIL | MeanPoolMIL):
+        if streams(module):
             module.forward = _streamed(module, chunk)  # instance attribute: shadows the method
             patched.append(module)
     try:
@@ -75,50 +75,12 @@ def _streamed(module: nn.Module, chunk: int):
     def forward(bags: Tensor, tile_valid: Tensor) -> Aggregate:
         if bags.shape[1] <= chunk:
             return one_pass(bags, tile_valid)
-        if isinstance(module, GatedAttentionMIL):
-            return _gated_in_chunks(module, bags, tile_valid, chunk)
-        return _mean_in_chunks(module, bags, tile_valid, chunk)
+        stream = PoolStream(module)  # no [B, N, H] tensor is ever held
+        for start in range(0, bags.shape[1], chunk):
+            stream.update(bags[:, start : start + chunk], tile_valid[:, start : start + chunk])
+        return stream.result()
 
     return forward
-
-
-def _gated_in_chunks(
-    module: GatedAttentionMIL, bags: Tensor, tile_valid: Tensor, chunk: int
-) -> Aggregate:
-    """z = Σ_k softmax(s)_k h_k with a running maximum m: each chunk rescales the running sums
-    by exp(m_old - m_new), so no [B, N, H] tensor is ever held."""
-    batch, n = tile_valid.shape
-    scores = torch.empty(batch, n, dtype=bags.dtype, device=bags.device)
-    running_max = torch.full((batch, 1), float("-inf"), dtype=bags.dtype, device=bags.device)
-    total = torch.zeros(batch, 1, dtype=bags.dtype, device=bags.device)
-    pooled = torch.zeros(batch, module.out_dim, dtype=bags.dtype, device=bags.device)
-    for start in range(0, n, chunk):
-        part = slice(start, start + chunk)
-        h = module.project(bags[:, part])  # [B, c, H]
-        gate = torch.tanh(module.attention_v(h)) * torch.sigmoid(module.attention_u(h))
-        s = module.attention_w(gate).squeeze(-1).masked_fill(~tile_valid[:, part], float("-inf"))
-        scores[:, part] = s
-        new_max = torch.maximum(running_max, s.max(dim=1, keepdim=True).values)
-        shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-        rescale = torch.exp(running_max - shift)  # exp(-inf) = 0 before the first valid score
-        weights = torch.exp(s - shift)  # padding: exp(-inf) = 0
-        pooled = pooled * rescale + torch.einsum("bc,bch->bh", weights, h)
-        total = total * rescale + weights.sum(dim=1, keepdim=True)
-        running_max = new_max
-    # An empty bag keeps a zero embedding and zero weights, as the one-pass code gives it.
-    embedding = pooled / total.clamp_min(torch.finfo(total.dtype).tiny)
-    return Aggregate(embedding, masked_softmax(scores, tile_valid))
-
-
-def _mean_in_chunks(module: MeanPoolMIL, bags: Tensor, tile_valid: Tensor, chunk: int) -> Aggregate:
-    batch, n = tile_valid.shape
-    valid = tile_valid.to(bags.dtype)
-    pooled = torch.zeros(batch, module.out_dim, dtype=bags.dtype, device=bags.device)
-    for start in range(0, n, chunk):
-        part = slice(start, start + chunk)
-        pooled += torch.einsum("bc,bch->bh", valid[:, part], module.project(bags[:, part]))
-    count = valid.sum(dim=1, keepdim=True).clamp_min(1.0)
-    return Aggregate(pooled / count, valid / count)
 
 
 # --- memory check and batches -------------------------------------------------------------------
@@ -134,7 +96,7 @@ def prediction_bytes(method: nn.Module, n_instances: int, dim: int) -> int:
     bag = 3 * n_instances * dim * 4
     work = 0
     for module in method.modules():
-        if isinstance(module, GatedAttentionMIL | MeanPoolMIL):
+        if streams(module):
             hidden = module.out_dim
             work = max(work, 6 * min(n_instances, CHUNK_INSTANCES) * hidden * 4 + 8 * n_instances)
         elif isinstance(module, TransMIL):

@@ -59,9 +59,10 @@ class ArrayBags:
 class PatientBags(torch.utils.data.Dataset):
     """One item per patient: its bag, encoded clinical data and label.
 
-    In training (``max_instances`` set) a bag larger than ``max_instances`` is cut to a random
-    subset: an augmentation and a memory bound. The subset depends only on (seed, epoch,
-    patient), never on the worker that draws it, so runs repeat exactly.
+    In training two augmentations draw a random subset of each bag: ``instance_dropout`` drops
+    that share of the instances (at least one is kept), and a bag still larger than
+    ``max_instances`` is cut to ``max_instances`` (also a memory bound). The subset depends only
+    on (seed, epoch, patient), never on the worker that draws it, so runs repeat exactly.
 
     Args:
         bags: callable i → features [n_i, D].
@@ -78,6 +79,7 @@ class PatientBags(torch.utils.data.Dataset):
         labels: np.ndarray | None = None,
         *,
         max_instances: int | None = None,
+        instance_dropout: float = 0.0,
         seed: int = 0,
     ):
         self.bags = bags
@@ -86,6 +88,7 @@ class PatientBags(torch.utils.data.Dataset):
         self.clinical_present = torch.as_tensor(np.array(clinical_present, dtype=bool))
         self.labels = None if labels is None else torch.as_tensor(np.array(labels, np.int64))
         self.max_instances = max_instances
+        self.instance_dropout = instance_dropout
         self.seed = seed
         self.epoch = 0
 
@@ -94,8 +97,11 @@ class PatientBags(torch.utils.data.Dataset):
 
     def lengths(self) -> list[int]:
         """Instances per item as ``__getitem__`` returns it (after the training subset)."""
-        cap = self.max_instances or np.iinfo(np.int64).max
-        return [min(n, cap) for n in self.bags.lengths()]
+        return [self._kept(n) for n in self.bags.lengths()]
+
+    def _kept(self, n: int) -> int:
+        kept = max(int(round(n * (1 - self.instance_dropout))), min(n, 1))
+        return min(kept, self.max_instances or kept)
 
     def __len__(self) -> int:
         return len(self.clinical)
@@ -103,9 +109,10 @@ class PatientBags(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         features = torch.from_numpy(np.asarray(self.bags(i)))
         n = len(features)
-        if self.max_instances is not None and n > self.max_instances:
+        kept = self._kept(n)
+        if kept < n:
             generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) % 2**62)
-            keep = torch.randperm(n, generator=generator)[: self.max_instances].sort().values
+            keep = torch.randperm(n, generator=generator)[:kept].sort().values
             features = features[keep]
         return {
             "features": features,

@@ -37,6 +37,7 @@ from bidistill._io import write_csv
 from bidistill.cohort import ClinicalEncoder, Cohort, Splits, check_separating_features
 from bidistill.config import EndToEndConfig, ExperimentConfig, MethodConfig
 from bidistill.models import create_method
+from bidistill.models.base import Stage
 from bidistill.models.patch_encoder import encoded_aggregators
 from bidistill.training.backbone import BackboneSpec, load_backbone, patch_encoder_factory
 from bidistill.training.checkpoint import save_checkpoint
@@ -296,15 +297,7 @@ class _Trainer:
                 for epoch in range(state.epoch, epochs):
                     row = self._epoch(stage, epoch, epochs, state, optimizer, scaler, bar)
                     scheduler.step()
-                    improved = best is None or (
-                        np.isfinite(row["val_score"]) and row["val_score"] > state.best_score + 1e-6
-                    )
-                    if improved:
-                        state.best_epoch, state.best_score = epoch, float(row["val_score"])
-                        best = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
-                        state.stale = 0
-                    else:
-                        state.stale += 1
+                    best = self._select(stage, epoch, row, state, best)
                     state.log_rows.append(row)
                     state.epoch, state.global_epoch = epoch + 1, state.global_epoch + 1
                     bar.finish_epoch(row["loss_total"], row["val_score"])
@@ -312,27 +305,51 @@ class _Trainer:
                         break
                     self._checkpoint(state_path, state, optimizer, scheduler, scaler, best)
             self.method.load_state_dict(best)
-            state.stage_results.append(
-                {
-                    "stage": stage.name,
-                    "select": stage.select,
-                    "best_epoch": state.best_epoch,
-                    "val_score": state.best_score,
-                    "epochs_run": state.epoch,
-                }
-            )
-            log.info(
-                "%s/%s: best epoch %d (val %s AUC %.3f)",
-                self.method.name,
-                stage.name,
-                state.best_epoch,
-                stage.select,
-                state.best_score,
-            )
+            state.stage_results.append(_stage_result(stage, state))
+            for part in state.stage_results[-1]["parts"]:
+                log.info(
+                    "%s/%s: best epoch %d (val %s AUC %.3f)",
+                    self.method.name,
+                    part["part"],
+                    part["best_epoch"],
+                    part["select"],
+                    part["val_score"],
+                )
             state.stage, state.epoch = index + 1, 0
             state.best_epoch, state.best_score, state.stale = -1, -math.inf, 0
+            state.parts = {}
             self._checkpoint(state_path, state, None, None, None, None)
         self.state = state
+
+    def _select(self, stage: Stage, epoch: int, row: dict, state: TrainingState, best):
+        """Keep the best weights so far: the whole method's on the stage's score, or each part's
+        on its own (BD's branches: each its own best epoch, as the feature trainer does);
+        ``state.stale`` counts the epochs since the last part improved."""
+        if not stage.parts:
+            score = row["val_score"]
+            if best is None or (np.isfinite(score) and score > state.best_score + 1e-6):
+                state.best_epoch, state.best_score, state.stale = epoch, float(score), 0
+                return _copy(self.method.state_dict())
+            state.stale += 1
+            return best
+        current = self.method.state_dict()
+        for part in stage.parts:
+            track = state.parts.setdefault(
+                part.name, {"best_epoch": -1, "best_score": -math.inf, "stale": 0}
+            )
+            score = row[f"val_score_{part.name}"]
+            if (
+                best is None
+                or track["best_epoch"] < 0
+                or (np.isfinite(score) and score > track["best_score"] + 1e-6)
+            ):
+                track.update(best_epoch=epoch, best_score=float(score), stale=0)
+                keys = [k for k in current if any(_within(k, m) for m in part.modules)]
+                best = {**(best or _copy(current)), **_copy({k: current[k] for k in keys})}
+            else:
+                track["stale"] += 1
+        state.stale = min(track["stale"] for track in state.parts.values())
+        return best
 
     def _checkpoint(self, path, state, optimizer, scheduler, scaler, best) -> None:
         if self.processes.is_main:
@@ -349,17 +366,19 @@ class _Trainer:
         terms, bags = self._train_epoch(epoch, epochs, state.global_epoch, optimizer, scaler, bar)
         train_seconds = time.perf_counter() - started
         average_buffers(self.method, self.processes)
-        aucs = self._validate(stage.select)
+        aucs = self._validate("routed" if stage.parts else stage.select)
         score = selection_score(stage.select, *aucs)
+        parts = {f"val_score_{p.name}": selection_score(p.select, *aucs) for p in stage.parts}
         return {
             "stage": stage.name,
-            "epoch": epoch,
+            "epoch": epoch + 1,  # counted from 1, as in the feature trainer's log
             "lr": optimizer.param_groups[0]["lr"],
             **{f"loss_{k}": v for k, v in terms.items()},
             "val_auc_present": aucs[0],
             "val_auc_absent": aucs[1],
             "val_auc_with_clinical": aucs[2],
             "val_score": score,
+            **parts,
             "bags": bags,
             "train_seconds": train_seconds,
             "seconds": time.perf_counter() - started,
@@ -537,3 +556,36 @@ def end_to_end_meta(config: ExperimentConfig, spec: BackboneSpec, parts) -> dict
             "mpp": tile_mpp,
         },
     }
+
+
+def _copy(state: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _within(key: str, module: str) -> bool:
+    return key == module or key.startswith(module + ".")
+
+
+def _stage_result(stage: Stage, state: TrainingState) -> dict:
+    """The ``model.json`` ``selection`` entry of a stage, in the feature trainer's form
+    (epochs counted from 1)."""
+    if stage.parts:
+        parts = [
+            {
+                "part": p.name,
+                "select": p.select,
+                "best_epoch": state.parts[p.name]["best_epoch"] + 1,
+                "val_score": state.parts[p.name]["best_score"],
+            }
+            for p in stage.parts
+        ]
+    else:
+        parts = [
+            {
+                "part": stage.name,
+                "select": stage.select,
+                "best_epoch": state.best_epoch + 1,
+                "val_score": state.best_score,
+            }
+        ]
+    return {"stage": stage.name, "select": stage.select, "epochs_run": state.epoch, "parts": parts}

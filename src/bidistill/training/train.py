@@ -71,6 +71,16 @@ class _Part:
     dataset: PatientBags
 
 
+@dataclass
+class _Setup:
+    """Everything a method's training needs, fitted on the training patients only."""
+
+    method: Method
+    encoder: ClinicalEncoder
+    parts: dict[str, _Part]  # train, val, test
+    device: torch.device
+
+
 def train_method(
     config: ExperimentConfig,
     method_cfg: MethodConfig,
@@ -87,7 +97,7 @@ def train_method(
     Args:
         config: the experiment; ``config.training`` gives the optimiser, epochs and seed.
         method_cfg: the method's name and options.
-        run_dir: the run folder; the method writes ``run_dir/<method name>/``.
+        run_dir: the run folder; the method writes ``run_dir/<method_cfg.key>/``.
         store: feature files already opened (several methods on one cohort share one).
         progress: show a progress bar per epoch.
 
@@ -108,82 +118,49 @@ def train_method(
         return train_end_to_end(
             config, method_cfg, run_dir, cohort=cohort, splits=splits, fold=fold, progress=progress
         )
-    tcfg = config.training
     started = time.perf_counter()
     chosen = splits.folds[fold]
     split_ids = {"train": list(chosen.train), "val": list(chosen.val), "test": list(splits.test)}
-
-    train_rows = cohort.subset(split_ids["train"])
-    check_separating_features(
-        train_rows[cohort.feature_names],
-        train_rows["label"],
-        cohort.columns,
-        config.cohort.allow_separating,
-    )
-    encoder = ClinicalEncoder(cohort.columns).fit(train_rows[cohort.feature_names])
     store = store or open_feature_store(config, cohort, progress=progress)
-
-    seed_everything(tcfg.seed)
-    method = create_method(
-        method_cfg.name,
-        in_dim=store.dim,
-        clinical_dim=encoder.n_outputs_,
-        n_clinical_features=encoder.n_features_,
-        feature_slices=encoder.feature_slices_,
-        **method_cfg.options,
-    )
-    device = resolve_device(tcfg.device)
-    method.set_blank_clinical(torch.from_numpy(encoder.missing_row().values[0]))
-    train_labels = train_rows["label"].to_numpy(np.int64)
-    if tcfg.class_weighting:
-        method.set_class_weights(class_weights(train_labels))
-    method.to(device)
-
-    parts = {
-        name: _Part(
-            ids,
-            _patient_bags(
-                cohort,
-                ids,
-                encoder,
-                store,
-                max_instances=tcfg.max_instances if name == "train" else None,
-                seed=tcfg.seed,
-            ),
-        )
-        for name, ids in split_ids.items()
-    }
-    for part in parts.values():  # before training: a bag too large to predict fails now
-        check_prediction_memory(method, part.dataset.bags.lengths(), store.dim, part.ids)
-    workers = tcfg.num_workers
+    setup = _set_up(config, method_cfg, cohort, split_ids, store)
+    tcfg = config.training
+    for part in setup.parts.values():  # before training: a bag too large to predict fails now
+        check_prediction_memory(setup.method, part.dataset.bags.lengths(), store.dim, part.ids)
     train_loader = bag_loader(
-        parts["train"].dataset, tcfg.batch_size, shuffle=True, workers=workers, seed=tcfg.seed
+        setup.parts["train"].dataset,
+        tcfg.batch_size,
+        shuffle=True,
+        workers=tcfg.num_workers,
+        seed=tcfg.seed,
     )
     val_loader = bag_loader(
-        parts["val"].dataset, tcfg.batch_size, shuffle=False, workers=workers, seed=tcfg.seed
+        setup.parts["val"].dataset,
+        tcfg.batch_size,
+        shuffle=False,
+        workers=tcfg.num_workers,
+        seed=tcfg.seed,
     )
-    val_labels = cohort.subset(split_ids["val"])["label"].to_numpy(np.int64)
+    val_labels = setup.parts["val"].dataset.labels.numpy()
     threads = cpu_threads_for(
-        method, device, batch_size=tcfg.batch_size, bag_lengths=parts["train"].dataset.lengths()
+        setup.method,
+        setup.device,
+        batch_size=tcfg.batch_size,
+        bag_lengths=setup.parts["train"].dataset.lengths(),
     )
     with threads:
         result = fit(
-            method, train_loader, val_loader, val_labels, tcfg, device=device, progress=progress
+            setup.method,
+            train_loader,
+            val_loader,
+            val_labels,
+            tcfg,
+            device=setup.device,
+            progress=progress,
         )
-        predictions = _predict_all(method, parts, cohort, fold, tcfg.batch_size, device)
-
+        predictions = _predict_all(setup, fold, tcfg.batch_size)
     meta = {
         "fold": fold,
-        "selection": [
-            {
-                "stage": s.stage,
-                "select": st.select,
-                "best_epoch": s.best_epoch,
-                "val_score": s.best_score,
-                "epochs_run": s.epochs_run,
-            }
-            for s, st in zip(result.stages, method.stages())
-        ],
+        "selection": [stage.to_dict() for stage in result.stages],
         "training": tcfg.model_dump(mode="json"),
         "features": {
             "dir": str(config.features.dir),
@@ -195,12 +172,61 @@ def train_method(
         "patients": split_ids,
         "train_seconds": round(time.perf_counter() - started, 2),
     }
-    save_checkpoint(method_dir, method, encoder, meta)
+    save_checkpoint(method_dir, setup.method, setup.encoder, meta)
     write_csv(method_dir / TRAIN_LOG, pd.DataFrame(result.log_rows))
     _refuse_non_finite(predictions, method_cfg.key, method_dir / PREDICTIONS)
     write_csv(method_dir / PREDICTIONS, predictions)  # last: marks the method as done
-    log.info("%s: trained in %.1f s", method.name, time.perf_counter() - started)
+    log.info("%s: trained in %.1f s", method_cfg.key, time.perf_counter() - started)
     return method_dir
+
+
+def _set_up(
+    config: ExperimentConfig,
+    method_cfg: MethodConfig,
+    cohort: Cohort,
+    split_ids: dict[str, list[str]],
+    store: FeatureStore,
+) -> _Setup:
+    """Fit the clinical encoder on the training patients, build the method and the datasets."""
+    tcfg = config.training
+    train_rows = cohort.subset(split_ids["train"])
+    check_separating_features(
+        train_rows[cohort.feature_names],
+        train_rows["label"],
+        cohort.columns,
+        config.cohort.allow_separating,
+    )
+    encoder = ClinicalEncoder(cohort.columns).fit(train_rows[cohort.feature_names])
+    seed_everything(tcfg.seed)
+    method = create_method(
+        method_cfg.name,
+        in_dim=store.dim,
+        clinical_dim=encoder.n_outputs_,
+        n_clinical_features=encoder.n_features_,
+        feature_slices=encoder.feature_slices_,
+        **method_cfg.options,
+    )
+    method.set_blank_clinical(torch.from_numpy(encoder.missing_row().values[0]))
+    if tcfg.class_weighting:
+        method.set_class_weights(class_weights(train_rows["label"].to_numpy(np.int64)))
+    device = resolve_device(tcfg.device)
+    method.to(device)
+    parts = {
+        name: _Part(
+            ids,
+            _patient_bags(
+                cohort,
+                ids,
+                encoder,
+                store,
+                max_instances=tcfg.max_instances if name == "train" else None,
+                instance_dropout=tcfg.instance_dropout if name == "train" else 0.0,
+                seed=tcfg.seed,
+            ),
+        )
+        for name, ids in split_ids.items()
+    }
+    return _Setup(method, encoder, parts, device)
 
 
 def _patient_bags(
@@ -210,6 +236,7 @@ def _patient_bags(
     store: FeatureStore,
     *,
     max_instances: int | None,
+    instance_dropout: float,
     seed: int,
 ) -> PatientBags:
     rows = cohort.subset(ids)
@@ -223,6 +250,7 @@ def _patient_bags(
         encoded.present,
         rows["label"].to_numpy(np.int64),
         max_instances=max_instances,
+        instance_dropout=instance_dropout,
         seed=seed,
     )
 
@@ -233,31 +261,28 @@ def _slides_by_patient(cohort: Cohort) -> dict[str, list[str]]:
     return {str(p): list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
 
 
-def _predict_all(
-    method: Method,
-    parts: dict[str, _Part],
-    cohort: Cohort,
-    fold: int,
-    batch_size: int,
-    device: torch.device,
-) -> pd.DataFrame:
+def _predict_all(setup: _Setup, fold: int, batch_size: int) -> pd.DataFrame:
     frames = []
-    for split, part in parts.items():
-        # Whole bags for every split: the training set's instance cap is an augmentation.
-        part.dataset.max_instances = None
+    for split, part in setup.parts.items():
+        # Whole bags for every split: the training subsets are an augmentation.
+        part.dataset.max_instances, part.dataset.instance_dropout = None, 0.0
         # Bounded memory for any bag size (training/bounded.py).
         loader = prediction_loader(
-            part.dataset, batch_size, method=method, dim=method.dims.in_dim, names=part.ids
+            part.dataset,
+            batch_size,
+            method=setup.method,
+            dim=setup.method.dims.in_dim,
+            names=part.ids,
         )
-        with streaming_aggregation(method):
-            prob_present, prob_absent = predict_loader(method, loader, device)
+        with streaming_aggregation(setup.method):
+            prob_present, prob_absent = predict_loader(setup.method, loader, setup.device)
         frames.append(
             pd.DataFrame(
                 {
                     "patient_id": part.ids,
                     "split": split,
                     "fold": fold,
-                    "label": cohort.subset(part.ids)["label"].to_numpy(np.int64),
+                    "label": part.dataset.labels.numpy(),
                     "clinical_available": part.dataset.clinical_present.numpy(),
                     "prob_present": prob_present,
                     "prob_absent": prob_absent,

@@ -37,6 +37,7 @@ class TrainingState:
     best_epoch: int = -1
     best_score: float = -math.inf
     stale: int = 0
+    parts: dict[str, dict] = field(default_factory=dict)  # per part: best epoch, score, stale
     log_rows: list[dict] = field(default_factory=list)
     stage_results: list[dict] = field(default_factory=list)
 

@@ -1,0 +1,71 @@
+"""The accuracy suite end to end on a tenth of one generator (`make bench-accuracy` in small)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SUITE_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy" / "run.py"
+
+
+@pytest.mark.slow
+def test_the_suite_reports_gaps_to_the_limit_and_paired_differences(tmp_path):
+    out = tmp_path / "accuracy.json"
+    command = [
+        sys.executable,
+        str(SUITE_SCRIPT),
+        "--generators",
+        "slides-see-all",
+        "--methods",
+        "bd,wsi-only,clinical-linear",
+        "--seeds",
+        "2",
+        "--scale",
+        "0.2",
+        "--training",
+        "epochs=2",
+        "--workers",
+        "1",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--workdir",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+    labels = {"bd", "bd-paper", "wsi-only", "clinical-linear"}
+    assert {row["method"] for row in summary} == labels
+    rates = {row["missing_rate"] for row in summary}
+    assert rates == {"0.0", "0.2", "0.4", "0.6", "0.8", "1.0", "mean"}
+    for row in summary:
+        assert row["seeds"] == 2
+        assert row["gap"] == pytest.approx(row["limit"] - row["auc"], abs=1e-9)
+        if row["method"] == "bd":
+            assert row["diff_to_bd"] == 0
+        else:
+            assert row["diff_ci_low"] <= row["diff_to_bd"] <= row["diff_ci_high"]
+    # Without clinical data a clinical-only model has nothing to rank by.
+    at_one = {r["method"]: r for r in summary if r["missing_rate"] == "1.0"}
+    assert at_one["clinical-linear"]["auc"] == pytest.approx(0.5)
+    # The limit does not depend on the method, and with clinical data it is higher.
+    limits = {(r["missing_rate"], r["limit"]) for r in summary}
+    assert len(limits) == len(rates)
+    by_rate = dict(limits)
+    assert by_rate["0.0"] > by_rate["1.0"]
+    assert any("bd WSI branch" in c["name"] for c in result["checks"])
+    table = out.with_suffix(".md").read_text()
+    assert "Bayes limit" in table and "| slides-see-all | wsi-only | 1.0 |" in table
+    # A rerun with the same working folder trains nothing again.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0
+    rerun = json.loads(out.read_text())
+    assert rerun["summary"] == summary
+    assert all(t["cpu"] < 1.0 for t in rerun["timings"])  # every run folder was done
