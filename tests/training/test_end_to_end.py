@@ -88,6 +88,17 @@ def test_training_lowers_the_loss_and_learns_the_planted_signal(reference):
     assert meta["end_to_end"]["backbone"]["encoder"] == "timm:test_convnext"
     assert meta["end_to_end"]["bag_size"] == 4
     assert any(k.startswith("aggregator_single.encoder.backbone.") for k in weights(reference))
+    # BD's branches are selected each on its own score, as in the feature trainer
+    (joint,) = meta["selection"]
+    parts = {p["part"]: p for p in joint["parts"]}
+    assert {(n, p["select"]) for n, p in parts.items()} == {
+        ("multi", "present"),
+        ("single", "absent"),
+    }
+    for name, part in parts.items():
+        column = log[f"val_score_{name}"]
+        assert part["val_score"] == pytest.approx(column.max())
+        assert log["epoch"][column.idxmax()] == part["best_epoch"]  # first best, from 1
 
 
 def test_the_same_seed_gives_the_same_weights_with_loader_workers(
