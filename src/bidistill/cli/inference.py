@@ -1,0 +1,222 @@
+"""A trained run on new patients: predict, heatmap."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import typer
+
+from bidistill._cli_help import HelpCommand
+from bidistill.cli.base import (
+    app,
+    console,
+    say,
+    say_next,
+    shell_arg,
+)
+
+# --- predict / heatmap --------------------------------------------------------------------------
+
+_RUN_HELP = "Run directory (what `bidistill run` wrote)."
+_FEATURES_HELP = "Folder of <slide_id>.h5 feature files, or single files (repeatable)."
+_CLINICAL_HELP = (
+    "Table of the patients (the training table's columns; labels not needed). Without it, "
+    "each feature file is one patient without clinical data."
+)
+_METHOD_HELP = "Method folder of the run (default: the reference method, bd)."
+_CONFIG_HELP = "The run's experiment YAML, for a run made by `bidistill train` (no config.yaml)."
+_BUDGET_HELP = "MiB for one bag's features and activations; larger bags are read in chunks."
+_TILES_HELP = (
+    "With --slides: folder of the slides' coords files (slides without one are tiled into it "
+    "with the run's tiling settings; a feature run's new features go to its features/). "
+    "Default: tiles/ beside --out."
+)
+
+
+def _bag_source(trained, features: list[Path] | None, slides, tiles: Path):
+    """What the run predicts from: feature files; or new slides, whose tiles an end-to-end run
+    reads and a feature run first encodes with its own settings."""
+    from bidistill.inference.new_slides import Tiles
+
+    end_to_end = getattr(trained, "end_to_end", False)
+    if features and not end_to_end:
+        return features
+    return Tiles(coords=tiles, slides=tuple(slides or ())) if slides or end_to_end else None
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Print the stage's warnings (unseen categories, absent columns) as `warning:` lines."""
+    import logging
+    import warnings
+
+    from rich.text import Text
+
+    class _Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            _print_warning(record.getMessage())
+
+    def _print_warning(message: str) -> None:
+        console.print(Text.assemble(("warning: ", "yellow"), message), soft_wrap=True)
+
+    handler = _Lines(logging.WARNING)
+    package_log = logging.getLogger("bidistill")
+    package_log.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            _print_warning(message)
+    finally:
+        package_log.removeHandler(handler)
+
+
+def _load_run(run_dir: Path, method: str | None, config: Path | None, device: str):
+    from bidistill.inference.run import load_run
+
+    return load_run(run_dir, method, config=config, device=device)
+
+
+@app.command(cls=HelpCommand)
+def predict(
+    run_dir: Path = typer.Option(..., "--run", help=_RUN_HELP),
+    out: Path = typer.Option(..., "--out", help="CSV to write, one row per patient."),
+    features: list[Path] = typer.Option(
+        None, "--features", help=_FEATURES_HELP + " Not needed by clinical-only methods."
+    ),
+    clinical: Path | None = typer.Option(None, "--clinical", help=_CLINICAL_HELP),
+    method: str | None = typer.Option(None, "--method", "-m", help=_METHOD_HELP),
+    patient: list[str] = typer.Option(None, "--patient", help="Only this patient (repeatable)."),
+    config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
+    memory_budget: float = typer.Option(512, "--memory-budget", min=4, help=_BUDGET_HELP),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
+    slides: list[Path] = typer.Option(
+        None,
+        "--slides",
+        help="New slides instead of --features: slide files, patch folders or folders of slides "
+        "(repeatable), tiled and encoded with the run's settings.",
+    ),
+    tiles: Path | None = typer.Option(None, "--tiles", help=_TILES_HELP),
+) -> None:
+    """Predict new patients with a trained run, with or without their clinical data.
+
+    Writes one row per patient: probability, decision at the run's validation threshold, the
+    branch that predicted (BD: multi-modal with clinical data, single-modal without) and the
+    clinical values that were missing. From feature files (--features, of the run's encoder,
+    patch size and MPP), or from new slides (--slides): tiled and encoded with the run's own
+    settings into --tiles. A run trained end to end (training.mode: end-to-end) reads the
+    slides' tiles itself.
+
+    Example: bidistill predict --run runs/exp1 --slides new/wsi --clinical new.csv --out pred.csv
+    """
+    from bidistill._io import write_csv
+
+    with _warnings_as_lines():
+        trained = _load_run(run_dir, method, config, device)
+        table = trained.predict(
+            _bag_source(trained, features, slides, tiles or out.parent / "tiles"),
+            clinical,
+            patients=patient or None,
+            memory_budget=int(memory_budget * 2**20),
+            progress=True,
+        )
+    write_csv(out, table)
+    positive = trained.config.cohort.label.positive[0]
+    branches = ", ".join(f"{b} {n}" for b, n in table["branch"].value_counts().items())
+    console.print(
+        f"predicted {len(table)} patients with {trained.method}: {int(table['decision'].sum())} "
+        f"{positive} at the run's validation thresholds (branches: {branches}); wrote {out}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if slides and not features:
+        slide_args = " ".join(f"--slides {shell_arg(s)}" for s in slides)
+        tiles_arg = shell_arg(tiles or out.parent / "tiles")
+        say_next(
+            f"bidistill heatmap --run {shell_arg(run_dir)} {slide_args} --tiles {tiles_arg} "
+            f"--out {shell_arg(out.parent / 'heatmaps')}"
+        )
+    elif features:
+        features_args = " ".join(f"--features {shell_arg(f)}" for f in features)
+        say_next(
+            f"bidistill heatmap --run {shell_arg(run_dir)} {features_args} "
+            f"--out {shell_arg(out.parent / 'heatmaps')}"
+        )
+    else:
+        say_next(f"open {shell_arg(out)}")
+
+
+@app.command(cls=HelpCommand)
+def heatmap(
+    run_dir: Path = typer.Option(..., "--run", help=_RUN_HELP),
+    features: list[Path] = typer.Option(
+        None,
+        "--features",
+        help=_FEATURES_HELP + " Or --slides alone: tiled and encoded with the run's settings.",
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder for the maps and exports."),
+    slides: list[Path] = typer.Option(
+        None,
+        "--slides",
+        help="Slide files, patch folders or folders of slides (repeatable); slides not found "
+        "are drawn on a blank canvas.",
+    ),
+    clinical: Path | None = typer.Option(None, "--clinical", help=_CLINICAL_HELP),
+    patient: list[str] = typer.Option(None, "--patient", help="Only this patient (repeatable)."),
+    method: str | None = typer.Option(None, "--method", "-m", help=_METHOD_HELP),
+    top_k: int = typer.Option(8, "--top-k", min=1, help="Tiles per row of the montage."),
+    config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
+    memory_budget: float = typer.Option(512, "--memory-budget", min=4, help=_BUDGET_HELP),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
+    tiles: Path | None = typer.Option(None, "--tiles", help=_TILES_HELP),
+) -> None:
+    """Attention heatmaps (both branches for bd), top/bottom tile montages, and the tiles and
+    tissue contours as GeoJSON for QuPath.
+
+    Per slide: <slide>.heatmap.png, <slide>.montage.png, <slide>.tiles.csv,
+    <slide>.tiles.geojson and <slide>.tissue.geojson; plus predictions.csv. Without --features,
+    the slides given with --slides are tiled (into --tiles) and, for a feature run, encoded with
+    the run's settings first.
+
+    Example: bidistill heatmap --run runs/exp1 --features new/h5 --slides new/wsi --out maps
+    """
+    from bidistill.inference.maps import write_attention_maps
+
+    with _warnings_as_lines():
+        trained = _load_run(run_dir, method, config, device)
+        source = _bag_source(trained, features, slides, tiles or out / "tiles")
+        if source is None:
+            from bidistill.errors import BidistillError
+
+            raise BidistillError("give the new patients' features (--features)")
+        summary = write_attention_maps(
+            trained,
+            source,
+            out,
+            clinical=clinical,
+            slides=slides or (),
+            patients=patient or None,
+            top_k=top_k,
+            memory_budget=int(memory_budget * 2**20),
+            progress=True,
+        )
+    n_files = sum(len(f) for f in summary.files.values())
+    console.print(
+        f"wrote {n_files} files for {len(summary.files)} slides of {len(summary.predictions)} "
+        f"patients to {out}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if summary.without_image:
+        console.print(
+            f"{len(summary.without_image)} slides without an image (give --slides): drawn on a "
+            "blank canvas, no montage or tissue contours",
+            highlight=False,
+            soft_wrap=True,
+        )
+    first = next(iter(summary.files), None)
+    if first is not None:
+        say(f"in QuPath: File > Import objects {out / (first + '.tiles.geojson')} over the slide")
+        say_next(f"open {shell_arg(out / (first + '.heatmap.png'))}")
