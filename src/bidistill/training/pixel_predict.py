@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from bidistill.models.batch import Batch
 from bidistill.models.patch_encoder import encoded_aggregators, remember_encodings
+from bidistill.training.data import withhold_clinical
 from bidistill.training.pixel_bags import BagSpec, to_batch
 
 GIVEN, WITHHELD = "given", "withheld"
@@ -35,19 +36,6 @@ def autocast(device: torch.device, precision: torch.dtype):
     if precision == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=precision)
-
-
-def withhold(batch: Batch, blank_clinical: Tensor) -> Batch:
-    """The batch as if no patient had clinical data (same tiles tensor, so that encodings are
-    reused)."""
-    return Batch(
-        bags=batch.bags,
-        tile_valid=batch.tile_valid,
-        clinical=blank_clinical.to(batch.clinical).expand_as(batch.clinical).clone(),
-        clinical_valid=torch.zeros_like(batch.clinical_valid),
-        clinical_present=torch.zeros_like(batch.clinical_present),
-        labels=batch.labels,
-    )
 
 
 @dataclass
@@ -102,7 +90,8 @@ def run_bags(
                 batch = to_batch(collated, device)
                 n = len(batch)
                 for name in passes:
-                    given = batch if name == GIVEN else withhold(batch, method.blank_clinical)
+                    blank = name != GIVEN
+                    given = withhold_clinical(batch, method.blank_clinical) if blank else batch
                     if capture is not None and name == GIVEN:
                         capture.start()
                     output = method(given)
