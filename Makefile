@@ -41,7 +41,7 @@ docs: install
 	$(BIN)/python -m bidistill.config_docs > docs/config.md
 
 # Every method on six cohorts with a known Bayes limit: 5 training seeds, about 55 min on two
-# cores; `make bench-accuracy ARGS="--seeds 2"` (about 24 min) for a quicker look.
+# cores; `make bench-accuracy ARGS="--seeds 2"` (about 20 min) for a quicker look.
 bench-accuracy: install
 	$(BIN)/python benchmarks/accuracy/run.py $(ARGS)
 
