@@ -63,9 +63,16 @@ def test_the_suite_reports_gaps_to_the_limit_and_paired_differences(tmp_path):
     assert any("bd WSI branch" in c["name"] for c in result["checks"])
     table = out.with_suffix(".md").read_text()
     assert "Bayes limit" in table and "| slides-see-all | wsi-only | 1.0 |" in table
-    # A rerun with the same working folder trains nothing again.
+    # A rerun with the same working folder trains nothing again, and reports the time each run
+    # took when it was trained.
+    models = sorted((tmp_path / "runs").glob("*/seed*/*/model.safetensors"))
+    assert len(models) == 2 * len(labels)
+    written = [m.stat().st_mtime_ns for m in models]
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     rerun = json.loads(out.read_text())
     assert rerun["summary"] == summary
-    assert all(t["cpu"] < 1.0 for t in rerun["timings"])  # every run folder was done
+    assert [m.stat().st_mtime_ns for m in models] == written
+    for t in rerun["timings"]:
+        run = tmp_path / "runs" / t["generator"] / f"seed{t['seed']}" / t["method"]
+        assert t["cpu"] == json.loads((run / "model.json").read_text())["train_seconds"] > 0
