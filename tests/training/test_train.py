@@ -227,3 +227,25 @@ def test_training_patients_are_predicted_on_whole_bags(tiny_cohort, tmp_path):
     rows = cohort.subset(train["patient_id"].tolist())[cohort.feature_names]
     whole = predict_bags(method, bags, encoder.transform(rows))
     np.testing.assert_allclose(whole.probabilities, train["prob_present"], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bd", "switch", "wsi-only"])
+def test_the_report_shows_the_epochs_the_trainer_kept(trained_run, name):
+    """The kept epochs come from model.json (per part, warm-up epochs excluded), not from the
+    best score in the log: BD's branches each keep their own epoch."""
+    from bidistill.evaluation.run_info import best_epochs, method_infos
+
+    meta = json.loads((trained_run / name / "model.json").read_text())
+    log = pd.read_csv(trained_run / name / "train_log.csv")
+    kept = best_epochs(log, meta["selection"])
+    parts = [p for stage in meta["selection"] for p in stage["parts"]]
+    assert len(kept) == len(parts)
+    warmup = meta["training"]["lr_warmup_epochs"]
+    for row, part in zip(kept, parts):
+        assert log["epoch"][row - 1] == part["best_epoch"]
+        score = log.get(f"val_score_{part['part']}", log["val_score"])[row - 1]
+        assert score == pytest.approx(part["val_score"])
+        if log["epoch"].max() > warmup:
+            assert part["best_epoch"] > warmup
+    (info,) = method_infos(trained_run, [name], None)
+    assert info.best_epochs == kept

@@ -34,6 +34,7 @@ from bidistill.evaluation.run_info import (
     best_epochs,
     confusion_rows,
     method_infos,
+    model_json,
     selection_column,
     synthetic_notice,
     training_logs,
@@ -190,7 +191,7 @@ def _figures(
     if logs and loss:
         columns = {selection_column(f) for f in logs.values()} - {None}
         score = sorted(columns)[0] if columns else "val_score"
-        kept = {m: best_epochs(f) for m, f in logs.items()}
+        kept = {m: best_epochs(f, model_json(run_dir, m).get("selection")) for m, f in logs.items()}
         curves = [
             (
                 "training_loss",

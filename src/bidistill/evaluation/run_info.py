@@ -41,7 +41,7 @@ def method_infos(run_dir: Path, methods: list[str], config: ExperimentConfig | N
     infos = []
     for key in methods:
         entry = configured.get(key)
-        meta = _model_json(run_dir, key)
+        meta = model_json(run_dir, key)
         log = logs.get(key)
         infos.append(
             MethodInfo(
@@ -50,7 +50,7 @@ def method_infos(run_dir: Path, methods: list[str], config: ExperimentConfig | N
                 given=entry.options if entry else {},
                 options=meta.get("options", {}),
                 epochs_run=len(log) if log is not None else None,
-                best_epochs=best_epochs(log) if log is not None else [],
+                best_epochs=best_epochs(log, meta.get("selection")) if log is not None else [],
                 train_seconds=meta.get("train_seconds"),
             )
         )
@@ -65,14 +65,27 @@ def selection_column(log: pd.DataFrame) -> str | None:
     return None
 
 
-def best_epochs(log: pd.DataFrame) -> list[int]:
-    """The kept epoch of each training stage, counted from 1 over the whole log (the rows are
-    the epochs in order, whatever the log's own epoch numbering)."""
+def best_epochs(log: pd.DataFrame, selection: list[dict] | None = None) -> list[int]:
+    """The kept epochs, counted from 1 over the whole log (the rows are the epochs in order,
+    whatever the log's own epoch numbering): per stage, one per selected part.
+
+    ``selection`` is ``model.json``'s record of what the trainer kept (it knows the parts and
+    the epochs that were no candidates); without it, each stage's best selection score.
+    """
+    stages = log["stage"].astype(str).to_numpy() if "stage" in log else np.zeros(len(log), str)
+    if selection and "epoch" in log:
+        epochs = log["epoch"].to_numpy()
+        out = []
+        for stage in selection:
+            for part in stage.get("parts", []):
+                rows = np.flatnonzero((stages == stage["stage"]) & (epochs == part["best_epoch"]))
+                out += [int(rows[0]) + 1] if len(rows) else []
+        if out:
+            return out
     column = selection_column(log)
     if column is None:
         return []
     scores = log[column].to_numpy(dtype=float)
-    stages = log["stage"].to_numpy() if "stage" in log else np.zeros(len(log))
     out = []
     for stage in dict.fromkeys(stages):
         rows = np.flatnonzero(stages == stage)
@@ -90,7 +103,7 @@ def _method_dir(run_dir: Path, key: str) -> Path:
     return run_dir / "folds" / "fold0" / key
 
 
-def _model_json(run_dir: Path, key: str) -> dict[str, Any]:
+def model_json(run_dir: Path, key: str) -> dict[str, Any]:
     path = _method_dir(run_dir, key) / "model.json"
     if not path.is_file():
         return {}
