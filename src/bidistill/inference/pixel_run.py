@@ -30,7 +30,7 @@ from bidistill.cohort import EncodedClinical
 from bidistill.inference.chunked import DEFAULT_MEMORY_BUDGET
 from bidistill.inference.inputs import PatientInput, clinical_frame, patient_inputs
 from bidistill.inference.new_slides import Tiles, TilesError, tile_new_slides
-from bidistill.inference.results import PatientPrediction, split_by_slide
+from bidistill.inference.results import PatientPrediction
 from bidistill.inference.run import ClinicalArg, TrainedRun, _branch_names
 from bidistill.models.patch_encoder import encoded_aggregators
 
@@ -198,35 +198,16 @@ class PixelRun(TrainedRun):
             routed = result.routed[0] if result.routed else None
             if with_attention:
                 attentions.append(_tile_attention(specs, result.attention, n))
-        present = bool(encoded[0].present[i])
-        route = "present" if present else "absent"
-        probability = float(np.mean(probabilities))
-        threshold = float(np.mean([f.thresholds[route] for f in self.folds]))
-        decision = int(probability >= threshold)
-        method_name = self.folds[0].meta["method"]
-        branch = self._branch_names.get(routed, method_name) if routed else method_name
-        slides = []
-        if with_attention and self.aggregators:
-            mean = {
-                self._branch_names[name]: np.mean([a[name] for a in attentions], axis=0)
-                for name in self.aggregators
-            }
-            coords_files = [index.slides[k].coords_path for k in index.patients[i]]
-            slides = split_by_slide(
-                item.slide_ids, coords_files, index.lengths(i), mean, branch if routed else None
-            )
-        return PatientPrediction(
-            patient_id=item.patient_id,
-            probability=probability,
-            threshold=threshold,
-            decision=decision,
-            predicted=self._label_name(decision),
-            branch=branch,
-            clinical_present=present,
-            clinical_missing=clinical_missing,
-            slide_ids=item.slide_ids,
+        return self._patient_prediction(
+            item,
+            probabilities=probabilities,
+            present=bool(encoded[0].present[i]),
+            routed=routed,
+            attentions=attentions,
+            paths=[index.slides[k].coords_path for k in index.patients[i]],
+            lengths=index.lengths(i),
             n_tiles=n,
-            slides=slides,
+            clinical_missing=clinical_missing,
         )
 
 

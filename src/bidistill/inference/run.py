@@ -268,21 +268,48 @@ class TrainedRun:
                     device=self.device,
                 )
             )
+        return self._patient_prediction(
+            item,
+            probabilities=[o.probability for o in outputs],
+            present=present,
+            routed=outputs[0].routed,
+            attentions=[o.attention for o in outputs] if with_attention else [],
+            paths=item.paths,
+            lengths=bag.lengths,
+            n_tiles=bag.n_instances,
+            clinical_missing=clinical_missing,
+        )
+
+    def _patient_prediction(
+        self,
+        item: PatientInput,
+        *,
+        probabilities: list[float],
+        present: bool,
+        routed: str | None,
+        attentions: list[dict[str, np.ndarray]],
+        paths: list[Path],
+        lengths: list[int],
+        n_tiles: int,
+        clinical_missing: list[str],
+    ) -> PatientPrediction:
+        """One patient's result from its folds' probabilities and attention (one entry per
+        fold; no attention: no slides): the fold mean, decided at the run's mean threshold for
+        the patient's route, with the attention cut into the patient's slides."""
         route = "present" if present else "absent"
-        probability = float(np.mean([o.probability for o in outputs]))
+        probability = float(np.mean(probabilities))
         threshold = float(np.mean([f.thresholds[route] for f in self.folds]))
         decision = int(probability >= threshold)
-        routed = outputs[0].routed
         method_name = self.folds[0].meta["method"]
         branch = self._branch_names.get(routed, method_name) if routed else method_name
         slides = []
-        if with_attention and self.aggregators:
+        if attentions and self.aggregators:
             mean_attention = {
-                self._branch_names[name]: np.mean([o.attention[name] for o in outputs], axis=0)
+                self._branch_names[name]: np.mean([a[name] for a in attentions], axis=0)
                 for name in self.aggregators
             }
             slides = split_by_slide(
-                item.slide_ids, item.paths, bag.lengths, mean_attention, branch if routed else None
+                item.slide_ids, paths, lengths, mean_attention, branch if routed else None
             )
         return PatientPrediction(
             patient_id=item.patient_id,
@@ -294,7 +321,7 @@ class TrainedRun:
             clinical_present=present,
             clinical_missing=clinical_missing,
             slide_ids=item.slide_ids,
-            n_tiles=bag.n_instances,
+            n_tiles=n_tiles,
             slides=slides,
         )
 
