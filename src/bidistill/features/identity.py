@@ -59,8 +59,8 @@ class FeatureIdentity:
 
     @classmethod
     def from_attrs(cls, merged: dict[str, Any]) -> FeatureIdentity:
-        """The identity stated by a file's attributes (``merged_attrs``: ours, TRIDENT's,
-        STAMP's or none)."""
+        """The identity stated by a file's attributes as ``read_attrs`` merges them (ours,
+        TRIDENT's, STAMP's or none)."""
         encoder = merged.get("encoder", merged.get("extractor"))
         mpp = _number(merged.get("mpp"))
         random_init = merged.get("random_init")

@@ -101,37 +101,24 @@ def write_coords(
     path = Path(path)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset("coords", data=coords)
-        h5["coords"].attrs.update(
-            coords_dataset_attrs(
-                name=path.stem,
-                patch_size=patch_size,
-                level=level,
-                mpp=mpp,
-                patch_size_level0=patch_size_level0,
-                slide_mpp=slide_mpp,
-                overlap=overlap,
-                width=width,
-                height=height,
-            )
-        )
         if paths is not None:
             names = np.array(paths, dtype=object)
             h5.create_dataset("paths", data=names, dtype=h5py.string_dtype())
-        h5.attrs.update(
-            {
-                "patch_size": int(patch_size),
-                "patch_size_level0": int(patch_size_level0),
-                "level": int(level),
-                "mpp": _nan_if_none(mpp),
-                "slide_mpp": _nan_if_none(slide_mpp),
-                "mask_kind": str(mask_kind),
-                "width": int(width),
-                "height": int(height),
-                "overlap": int(overlap),
-                "bidistill_version": __version__,
-                **(extra_attrs or {}),
-            }
-        )
+        attrs = {
+            "patch_size": int(patch_size),
+            "patch_size_level0": int(patch_size_level0),
+            "level": int(level),
+            "mpp": _nan_if_none(mpp),
+            "slide_mpp": _nan_if_none(slide_mpp),
+            "mask_kind": str(mask_kind),
+            "width": int(width),
+            "height": int(height),
+            "overlap": int(overlap),
+            "bidistill_version": __version__,
+            **(extra_attrs or {}),
+        }
+        h5.attrs.update(attrs)
+        h5["coords"].attrs.update(CoordsFile(coords, attrs).tool_attrs(path.stem))
     return path
 
 
