@@ -15,6 +15,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -43,7 +44,8 @@ def to_trident_layout(features_dir: Path, encoder: str | None, *, dim: int | Non
         if dim is not None:
             features = rng.standard_normal((len(features), dim)).astype(np.float32)
         path.unlink()
-        write_trident_features(path, features, got.coords * 512, encoder=encoder)
+        # the generator's grid is 256 px at 0.5 µm/px; TRIDENT's slide is 40x (0.25 µm/px)
+        write_trident_features(path, features, got.coords * 2, encoder=encoder)
 
 
 # --- CLAM's and TRIDENT's readers -----------------------------------------------------------------
@@ -247,3 +249,5 @@ def test_trident_uni_features_run_predict_and_draw_heatmaps(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "maps" / f"{one.stem}.heatmap.png").is_file()
+    tiles = pd.read_csv(tmp_path / "maps" / f"{one.stem}.tiles.csv")
+    assert set(tiles["size"]) == {512}  # TRIDENT's patch_size_level0, read from `coords`
