@@ -10,12 +10,8 @@ import numpy as np
 import pytest
 
 import bidistill
-from bidistill.inference.identity import (
-    FeatureIdentityError,
-    file_identity,
-    identity_mismatches,
-    run_identity,
-)
+from bidistill.features.identity import FeatureIdentity, read_identity
+from bidistill.inference.identity import FeatureIdentityError, run_identity
 
 from .helpers import altered_copy
 
@@ -58,31 +54,26 @@ def test_trident_attributes_on_coords_are_read(tmp_path):
         h5["features"] = np.zeros((3, 4), np.float32)
         coords = h5.create_dataset("coords", data=np.zeros((3, 2), np.int64))
         coords.attrs.update({"patch_size": 256, "target_magnification": 40, "encoder": "conch"})
-    assert file_identity(path) == {
-        "patch_size": 256,
-        "target_magnification": 40,
-        "encoder": "conch",
-        "mpp": 0.25,
-    }
-    assert identity_mismatches({"mpp": 0.5, "encoder": "conch"}, file_identity(path)) == [
-        "mpp 0.25 (the run's: 0.5)"
-    ]
+    found = read_identity(path)
+    assert found == FeatureIdentity(encoder="conch", patch_size=256, mpp=0.25)
+    assert found.disagreements(FeatureIdentity(mpp=0.5, encoder="conch")) == {"mpp": (0.25, 0.5)}
 
 
 def test_a_recorded_identity_is_compared_key_by_key(demo_cohort):
-    identity, source = run_identity({"features": {"identity": {"encoder": "x", "digest": "ab"}}})
+    recorded = {"encoder": "x", "weights_sha256": "ab", "future_key": 1}
+    identity, source = run_identity({"features": {"identity": recorded}})
     assert source == "the run's model.json"
-    assert identity_mismatches(identity, {"encoder": "x", "digest": "cd", "mpp": 1.0}) == [
-        "digest 'cd' (the run's: 'ab')"
-    ]
+    assert identity.disagreements(FeatureIdentity(encoder="x", weights_sha256="cd", mpp=1.0)) == {
+        "weights_sha256": ("ab", "cd")
+    }
     # no identity recorded: the run's training files, else its config
     meta = {"features": {"dir": str(demo_cohort / "features"), "encoder": "resnet50-trunc"}}
     identity, source = run_identity(meta)
-    assert identity == {"encoder": "synthetic", "patch_size": 256, "mpp": 0.5}
+    assert identity == FeatureIdentity(encoder="synthetic", patch_size=256, mpp=0.5)
     assert "training features" in source
     gone = {"features": {"dir": str(demo_cohort / "nowhere"), "encoder": "resnet50-trunc"}}
     assert run_identity(gone) == (
-        {"encoder": "resnet50-trunc"},
+        FeatureIdentity(encoder="resnet50-trunc"),
         "the run's config (features.encoder)",
     )
 
@@ -108,7 +99,7 @@ def test_the_run_identity_survives_a_moved_feature_folder(demo_run, demo_cohort,
     meta["features"].pop("identity", None)
     (copy / "bd" / "model.json").write_text(json.dumps(meta))
     run = bidistill.load_run(copy)
-    assert run.identity == {"encoder": "synthetic"}
+    assert run.identity == FeatureIdentity(encoder="synthetic")
     other = altered_copy(
         demo_cohort / "features" / "S0000.h5", tmp_path / "S0000.h5", encoder="uni"
     )

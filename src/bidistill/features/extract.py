@@ -221,6 +221,7 @@ class Extractor:
                 "slide_mpp": _nan_if_none(tiles.attrs.get("slide_mpp")),
                 "bidistill_version": __version__,
             },
+            coords_attrs=tiles.tool_attrs(job.slide_id),
         )
 
 

@@ -60,6 +60,13 @@ def checked_shape(path: str | Path, dataset) -> tuple[int, int]:
 
 def check_layout(path: str | Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
     """Rank 2, floating point, at least one instance and one dimension."""
+    if len(shape) <= 2 and shape and shape[0] == 0:
+        # TRIDENT writes a slide without tissue as features of shape (0,) or (0, D): not a
+        # damaged file, a slide with nothing to learn from.
+        raise FeatureFileError(
+            f"{path}: no tiles in this slide (features of shape {shape}, no instances): drop it "
+            "from the cohort table, or tile it again if it has tissue (see its QC image)"
+        )
     if len(shape) != 2:
         hint = (
             " (a 1-D array is one number per instance or a single vector, not one embedding per "
@@ -77,11 +84,6 @@ def check_layout(path: str | Path, shape: tuple[int, ...], dtype: np.dtype) -> N
             "embeddings; integers are not patch features (check what wrote this file)"
         )
     n, dim = shape
-    if n == 0:
-        raise FeatureFileError(
-            f"{path}: no instances (0 x {dim} features): no tile of this slide was kept; tile it "
-            "again (see its QC image) or remove the slide from the cohort table"
-        )
     if dim == 0:
         raise FeatureFileError(f"{path}: 'features' have 0 values per instance ({n} x 0)")
 

@@ -1,12 +1,16 @@
 """Feature identity: what made a set of feature files, and the checks that keep sets apart.
 
 A feature file's identity is its encoder (registry name and a digest of the weights), whether the
-weights were random, the patch size and the MPP. It is read from whatever attributes a file has:
-ours (``encoder``, ``encoder_weights_sha256``, ``random_init``, ``patch_size``, ``mpp``),
-TRIDENT's (kept on the ``coords`` dataset: ``patch_size``, ``target_magnification``) or STAMP's
-(``extractor``); CLAM's files may carry none, and then the config fills in what the files do not
-say. Two files that both know a field and disagree on it are never mixed: features of two
-encoders in one bag would train a model on noise without any error.
+weights were random, the patch size and the MPP. It is read from whatever attributes a file has,
+on the file, the ``features`` dataset or the ``coords`` dataset: ours (``encoder``,
+``encoder_weights_sha256``, ``random_init``, ``patch_size``, ``mpp``), TRIDENT's (``encoder`` on
+``features`` under TRIDENT's names, see ``interop``; ``patch_size`` and ``target_magnification``
+on ``coords``) or STAMP's (``extractor``); CLAM's files may carry none, and then the config
+fills in what the files do not say. Two files that both know a field and disagree on it are
+never mixed: features of two encoders in one bag would train a model on noise without any error.
+
+``read_identity`` is the one reader: training, the feature store, extraction, the run's checks
+and prediction all call it, so no stage sees a file differently from another.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import h5py
 
 from bidistill._io import h5_attrs
 from bidistill.errors import FeatureFileError
+from bidistill.features.interop import canonical_encoder
 
 if TYPE_CHECKING:
     from bidistill.config import ExperimentConfig
@@ -47,20 +52,21 @@ class FeatureIdentity:
     patch_size: int | None = None
     mpp: float | None = None
 
+    def __post_init__(self) -> None:
+        # Every identity names its encoder as the registry does (TRIDENT's ``uni_v1`` is our
+        # ``uni``), whatever it was read from: files, a config or an older run's model.json.
+        object.__setattr__(self, "encoder", canonical_encoder(self.encoder))
+
     @classmethod
-    def from_attrs(
-        cls, attrs: dict[str, Any], coords_attrs: dict[str, Any] | None = None
-    ) -> FeatureIdentity:
-        """The identity a file's attributes state (ours, TRIDENT's, STAMP's or none)."""
-        merged = {**(coords_attrs or {}), **attrs}  # file-level attributes win
+    def from_attrs(cls, merged: dict[str, Any]) -> FeatureIdentity:
+        """The identity stated by a file's attributes as ``read_attrs`` merges them (ours,
+        TRIDENT's, STAMP's or none)."""
         encoder = merged.get("encoder", merged.get("extractor"))
         mpp = _number(merged.get("mpp"))
-        if mpp is None and _number(merged.get("target_magnification")):
-            mpp = 10.0 / float(merged["target_magnification"])  # TRIDENT: 20x = 0.5 um/px
         random_init = merged.get("random_init")
         patch_size = _number(merged.get("patch_size"))
         return cls(
-            encoder=str(encoder) if encoder not in (None, "") else None,
+            encoder=encoder,
             weights_sha256=merged.get("encoder_weights_sha256") or None,
             random_init=bool(random_init) if random_init is not None else None,
             patch_size=int(patch_size) if patch_size is not None else None,
@@ -126,14 +132,34 @@ def config_identity(config: ExperimentConfig) -> FeatureIdentity:
     return FeatureIdentity(encoder=config.features.encoder, random_init=config.features.random_init)
 
 
-def read_identity(path: str | Path) -> FeatureIdentity:
-    """The identity stated by one feature file's attributes (file and ``coords`` dataset)."""
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """A feature file's attributes, merged: the ``coords`` dataset's, then the ``features``
+    dataset's, then the file's own (each wins over the ones before). TRIDENT's
+    ``target_magnification`` gives ``mpp`` (10 / magnification: 20x is 0.5 µm/px) when the file
+    states no MPP. Unknown values (NaN, TRIDENT's ``'None'``) are left out."""
     try:
         with h5py.File(path, "r") as h5:
-            coords_attrs = h5_attrs(h5["coords"]) if "coords" in h5 else {}
-            return FeatureIdentity.from_attrs(h5_attrs(h5), coords_attrs)
+            merged: dict[str, Any] = {}
+            for name in ("coords", "features"):
+                if name in h5:
+                    merged.update(h5_attrs(h5[name]))
+            merged.update(h5_attrs(h5))
     except OSError as err:
         raise FeatureFileError(f"{path}: not a readable HDF5 file ({err})") from err
+    if _number(merged.get("mpp")) is None and _number(merged.get("target_magnification")):
+        merged["mpp"] = 10.0 / float(merged["target_magnification"])
+    return {k: v for k, v in merged.items() if not _unknown(v)}
+
+
+def _unknown(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isnan(value)
+    return value is None or (isinstance(value, str) and value.strip() in ("", "None"))
+
+
+def read_identity(path: str | Path) -> FeatureIdentity:
+    """The identity stated by one feature file's attributes (the one reader for every stage)."""
+    return FeatureIdentity.from_attrs(read_attrs(path))
 
 
 def _value(value: Any) -> str:

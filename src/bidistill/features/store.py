@@ -3,7 +3,8 @@ serves them to training and prediction.
 
 ``<features_dir>/<slide_id>.h5``: dataset ``features`` float32/float16 ``[n, D]``, dataset
 ``coords`` int64 ``[n, 2]`` (level-0 x, y of each tile's top-left corner), attributes ``encoder``,
-``patch_size``, ``mpp``, ``level``, ``bidistill_version``.
+``patch_size``, ``mpp``, ``level``, ``bidistill_version``; the ``coords`` dataset carries what
+CLAM's and TRIDENT's coordinate readers take from it (``interop.coords_dataset_attrs``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from bidistill.features.hygiene import (
     scan_values,
 )
 from bidistill.features.identity import common_identity
+from bidistill.features.interop import coords_dataset_attrs
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,14 @@ def write_feature_file(
     mpp: float,
     level: int = 0,
     extra_attrs: dict[str, Any] | None = None,
+    coords_attrs: dict[str, Any] | None = None,
 ) -> Path:
     """Write one slide's features atomically.
+
+    Args:
+        coords_attrs: the ``coords`` dataset's attributes for CLAM's and TRIDENT's readers (the
+            tiling stage's, as TRIDENT copies them); by default what ``patch_size``, ``mpp``
+            and ``level`` tell.
 
     Side effects: creates ``path`` (and its folder); an existing file is replaced only when the
     new one is complete.
@@ -80,6 +88,11 @@ def write_feature_file(
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset("features", data=features)
         h5.create_dataset("coords", data=coords)
+        if coords_attrs is None:
+            coords_attrs = coords_dataset_attrs(
+                name=path.stem, patch_size=patch_size, level=level, mpp=mpp
+            )
+        h5["coords"].attrs.update(coords_attrs)
         attrs = {
             "encoder": encoder,
             "patch_size": int(patch_size),

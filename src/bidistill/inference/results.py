@@ -12,7 +12,7 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from bidistill.errors import FeatureFileError
-from bidistill.inference.identity import file_identity
+from bidistill.features.identity import read_attrs
 
 
 @dataclass
@@ -134,7 +134,7 @@ def split_by_slide(
                 coords=_read_coords(path, n),
                 scores={b: a[start:stop] for b, a in attention.items()},
                 routed=routed,
-                attrs=file_identity(path),
+                attrs=read_attrs(path),
             )
         )
     return slides

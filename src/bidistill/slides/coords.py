@@ -3,9 +3,12 @@
 Dataset ``coords`` int64 [n, 2] (level-0 x, y of each tile's top-left corner) and attributes
 ``patch_size`` (px at the target MPP), ``patch_size_level0``, ``level`` (pyramid level to read
 from), ``mpp`` (target), ``slide_mpp``, ``mask_kind``, ``width``, ``height``,
-``bidistill_version`` (unknown MPPs are NaN). For a folder of patches the coords are synthetic,
-(i, 0), and a string dataset ``paths`` holds the patch file names. Written atomically: a file
-that exists is whole, which is what lets a killed tiling run resume.
+``overlap``, ``bidistill_version`` (unknown MPPs are NaN); the ``coords`` dataset carries the
+attributes CLAM's and TRIDENT's coordinate readers take from it (``patch_size``,
+``patch_level``, ``patch_size_level0``, magnifications, ``overlap``, level-0 size: see
+``features.interop``), so their tools read these files as their own. For a folder of patches
+the coords are synthetic, (i, 0), and a string dataset ``paths`` holds the patch file names.
+Written atomically: a file that exists is whole, which is what lets a killed tiling run resume.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from bidistill import __version__
 from bidistill._io import atomic_path, h5_attrs
 from bidistill._paths import find_named
 from bidistill.errors import BidistillError
+from bidistill.features.interop import coords_dataset_attrs
 
 REQUIRED_ATTRS = ("patch_size", "patch_size_level0", "level", "mpp", "mask_kind", "width", "height")
 
@@ -43,6 +47,22 @@ class CoordsFile:
     @property
     def patch_size_level0(self) -> int:
         return int(self.attrs["patch_size_level0"])
+
+    def tool_attrs(self, name: str) -> dict[str, Any]:
+        """The ``coords`` dataset attributes of CLAM and TRIDENT for these tiles (for a feature
+        file made from them; files tiled before they were written get them too)."""
+        a = self.attrs
+        return coords_dataset_attrs(
+            name=name,
+            patch_size=self.patch_size,
+            level=int(a["level"]),
+            mpp=a.get("mpp"),
+            patch_size_level0=self.patch_size_level0,
+            slide_mpp=a.get("slide_mpp"),
+            overlap=a.get("overlap"),
+            width=int(a["width"]),
+            height=int(a["height"]),
+        )
 
 
 def coords_path(coords_dir: str | Path, slide_id: str) -> Path:
@@ -66,6 +86,7 @@ def write_coords(
     mask_kind: str,
     width: int,
     height: int,
+    overlap: int = 0,
     paths: list[str] | None = None,
     extra_attrs: dict[str, Any] | None = None,
 ) -> Path:
@@ -83,20 +104,21 @@ def write_coords(
         if paths is not None:
             names = np.array(paths, dtype=object)
             h5.create_dataset("paths", data=names, dtype=h5py.string_dtype())
-        h5.attrs.update(
-            {
-                "patch_size": int(patch_size),
-                "patch_size_level0": int(patch_size_level0),
-                "level": int(level),
-                "mpp": _nan_if_none(mpp),
-                "slide_mpp": _nan_if_none(slide_mpp),
-                "mask_kind": str(mask_kind),
-                "width": int(width),
-                "height": int(height),
-                "bidistill_version": __version__,
-                **(extra_attrs or {}),
-            }
-        )
+        attrs = {
+            "patch_size": int(patch_size),
+            "patch_size_level0": int(patch_size_level0),
+            "level": int(level),
+            "mpp": _nan_if_none(mpp),
+            "slide_mpp": _nan_if_none(slide_mpp),
+            "mask_kind": str(mask_kind),
+            "width": int(width),
+            "height": int(height),
+            "overlap": int(overlap),
+            "bidistill_version": __version__,
+            **(extra_attrs or {}),
+        }
+        h5.attrs.update(attrs)
+        h5["coords"].attrs.update(CoordsFile(coords, attrs).tool_attrs(path.stem))
     return path
 
 

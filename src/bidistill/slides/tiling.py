@@ -44,6 +44,7 @@ class TileSpec:
         stride_level0: step between tiles in level-0 pixels (``size_level0`` minus overlap).
         level: the pyramid level tiles are read from.
         mpp: the target MPP (None: level 0 of a slide whose MPP is unknown).
+        overlap: pixels at the target MPP that neighbouring tiles share.
     """
 
     patch_size: int
@@ -51,6 +52,7 @@ class TileSpec:
     stride_level0: int
     level: int
     mpp: float | None
+    overlap: int = 0
 
 
 @dataclass
@@ -99,6 +101,7 @@ def tile_spec(slide: WholeSlide, tiling: TilingConfig) -> TileSpec:
         stride_level0=stride_level0,
         level=slide.best_level(size_level0 / tiling.patch_size),
         mpp=target_mpp,
+        overlap=tiling.overlap,
     )
 
 
@@ -228,6 +231,7 @@ def write_slide_tiling(path: Path, slide: Slide, tiling: SlideTiling) -> Path:
         mask_kind=tiling.mask_kind,
         width=slide.width,
         height=slide.height,
+        overlap=tiling.spec.overlap,
         extra_attrs={"stride_level0": tiling.spec.stride_level0, "source": str(slide.path)},
     )
 
