@@ -49,18 +49,18 @@ class SlideAttention:
         return (rankdata(scores) - 1) / (len(scores) - 1)
 
     def frame(self) -> pd.DataFrame:
-        """One row per tile: ``tile, x, y``, ``branch`` (the branch that predicted) with its
-        ``attention`` and ``percentile`` (a fraction in [0, 1]), and with several branches
-        ``attention_<branch>`` and ``percentile_<branch>`` for each."""
+        """One row per tile: ``tile, x, y``, the predicting branch's ``attention`` and
+        ``percentile`` (a fraction in [0, 1]), that ``branch``'s name, and with several
+        branches ``attention_<branch>`` and ``percentile_<branch>`` for each."""
         frame = pd.DataFrame(
             {"tile": np.arange(len(self.coords)), "x": self.coords[:, 0], "y": self.coords[:, 1]}
         )
         if not self.scores:
             return frame
         main = self.routed or self.branches[0]
-        frame["branch"] = main
         frame["attention"] = self.scores[main]
         frame["percentile"] = self.percentiles(main)
+        frame["branch"] = main  # after the columns it qualifies: their positions stay
         if len(self.scores) > 1:
             for branch, scores in self.scores.items():
                 frame[f"attention_{branch}"] = scores

@@ -126,8 +126,9 @@ class TrainedRun:
             memory_budget: bytes for what grows with a bag (see ``inference.chunked``).
 
         Returns:
-            One row per patient: ``patient_id, method, probability, threshold, decision,
-            predicted, branch, clinical_present, clinical_missing, slides, tiles``.
+            One row per patient: ``patient_id, method, probability, positive_class,
+            threshold, decision, predicted, branch, clinical_present, clinical_missing,
+            slides, tiles`` (``probability`` is of the class named in ``positive_class``).
 
         Raises:
             CohortError: a bad table. FeatureFileError: a missing or foreign feature file.
@@ -392,7 +393,9 @@ def load_run(
         device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ...
 
     Raises:
-        CheckpointError: no such run or method, or a method trained by a newer bidistill.
+        CheckpointError: no such run or method, a method trained by a newer bidistill, a
+            method whose training did not finish (k-fold: on every fold of ``splits.json``),
+            or a damaged checkpoint file (each named, with the command that fixes it).
         ConfigError: no config to read the table layout from.
     """
     from bidistill.training.loop import resolve_device
