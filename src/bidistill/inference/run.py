@@ -332,10 +332,12 @@ class TrainedRun:
     def random_init(self) -> bool:
         """The run's patch encoder had random weights (``features.random_init``: tests and
         demos), so its predictions carry no pretrained knowledge."""
-        backbone = (self.folds[0].meta.get("end_to_end") or {}).get("backbone") or {}
+        meta = self.folds[0].meta
+        recorded = (meta.get("features") or {}).get("identity") or {}  # feature runs
+        backbone = (meta.get("end_to_end") or {}).get("backbone") or {}  # end-to-end runs
         return bool(
             self.config.features.random_init
-            or self.identity.get("random_init")
+            or recorded.get("random_init")
             or backbone.get("random_init")
         )
 
