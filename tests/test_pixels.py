@@ -4,6 +4,7 @@ evaluates; a rerun skips every stage; features of another kind are refused."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import h5py
 import numpy as np
@@ -80,6 +81,16 @@ def test_run_from_slides_runs_every_stage_then_skips_them_all(slides_config, tmp
     np.testing.assert_allclose(
         table.loc[test.index, "probability"], test["prob_present"], atol=1e-5
     )
+    # Its next line, as printed, maps what predict predicted (same slides, tiles, clinical data).
+    chosen = ["--patient", str(test.index[0]), "--out", new / "one.csv"]
+    one = CliRunner().invoke(app, [str(a) for a in [*args[:-2], *chosen]])
+    assert one.exit_code == 0, one.output
+    command = shlex.split(one.output.strip().splitlines()[-1].removeprefix("next: "))
+    assert command[:2] == ["bidistill", "heatmap"] and "--clinical" in command, command
+    maps = CliRunner().invoke(app, command[1:])
+    assert maps.exit_code == 0, maps.output
+    drawn = pd.read_csv(new / "heatmaps" / "predictions.csv", dtype={"patient_id": str})
+    pd.testing.assert_frame_equal(drawn, pd.read_csv(new / "one.csv", dtype={"patient_id": str}))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "X1.jpg").write_bytes(b"not a jpeg")

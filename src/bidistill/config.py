@@ -125,6 +125,30 @@ class LabelConfig(_Section):
         description="What a label value in neither list does: `error` stops with a list of such "
         "values; `drop` leaves those patients out (and says how many).",
     )
+    positive_name: str | None = Field(
+        default=None,
+        description="The positive class as predictions name it; default: the positive values "
+        "joined with 'or' (e.g. `N+(1-2) or N+(>2)`).",
+    )
+    negative_name: str | None = Field(
+        default=None,
+        description="The negative class as predictions name it; default: the negative values "
+        "joined with 'or', else `not <positive class>`.",
+    )
+
+    @property
+    def positive_class(self) -> str:
+        """The class that a probability is the probability of, as the config names it."""
+        return self.positive_name or " or ".join(self.positive)
+
+    @property
+    def negative_class(self) -> str:
+        if self.negative_name:
+            return self.negative_name
+        if self.negative:
+            return " or ".join(self.negative)
+        joined = len(self.positive) > 1 and not self.positive_name
+        return f"not ({self.positive_class})" if joined else f"not {self.positive_class}"
 
     @model_validator(mode="after")
     def _unlisted_needs_negative(self) -> LabelConfig:

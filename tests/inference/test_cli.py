@@ -40,7 +40,7 @@ def test_predict_writes_one_row_per_patient_and_says_what_next(demo_run, demo_co
         predicted.loc[saved.index, "probability"], saved["prob_present"], atol=1e-5
     )
     assert list(predicted.columns) == [
-        "method", "probability", "threshold", "decision", "predicted", "branch",
+        "method", "probability", "positive_class", "threshold", "decision", "predicted", "branch",
         "clinical_present", "clinical_missing", "slides", "tiles",
     ]  # fmt: skip
     assert f"predicted {len(saved)} patients with bd" in result.output

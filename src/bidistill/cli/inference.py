@@ -26,11 +26,17 @@ _CLINICAL_HELP = (
 )
 _METHOD_HELP = "Method folder of the run (default: the reference method, bd)."
 _CONFIG_HELP = "The run's experiment YAML, for a run made by `bidistill train` (no config.yaml)."
+DEFAULT_BUDGET_MIB = 512
 _BUDGET_HELP = "MiB for one bag's features and activations; larger bags are read in chunks."
 _TILES_HELP = (
     "With --slides: folder of the slides' coords files (slides without one are tiled into it "
     "with the run's tiling settings; a feature run's new features go to its features/). "
     "Default: tiles/ beside --out."
+)
+
+RANDOM_WEIGHTS_WARNING = (
+    "this run's patch encoder had RANDOM weights (features.random_init): its predictions carry "
+    "no pretrained knowledge and mean nothing for patients (for tests and demos only)"
 )
 
 
@@ -90,7 +96,9 @@ def predict(
     method: str | None = typer.Option(None, "--method", "-m", help=_METHOD_HELP),
     patient: list[str] = typer.Option(None, "--patient", help="Only this patient (repeatable)."),
     config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
-    memory_budget: float = typer.Option(512, "--memory-budget", min=4, help=_BUDGET_HELP),
+    memory_budget: float = typer.Option(
+        DEFAULT_BUDGET_MIB, "--memory-budget", min=4, help=_BUDGET_HELP
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     slides: list[Path] = typer.Option(
         None,
@@ -123,29 +131,53 @@ def predict(
             progress=True,
         )
     write_csv(out, table)
-    positive = trained.config.cohort.label.positive[0]
     branches = ", ".join(f"{b} {n}" for b, n in table["branch"].value_counts().items())
     console.print(
         f"predicted {len(table)} patients with {trained.method}: {int(table['decision'].sum())} "
-        f"{positive} at the run's validation thresholds (branches: {branches}); wrote {out}",
+        f"{trained.positive_class} at the run's validation thresholds (branches: {branches}); "
+        f"wrote {out}",
         highlight=False,
         soft_wrap=True,
     )
-    if slides and not features:
-        slide_args = " ".join(f"--slides {shell_arg(s)}" for s in slides)
-        tiles_arg = shell_arg(tiles or out.parent / "tiles")
-        say_next(
-            f"bidistill heatmap --run {shell_arg(run_dir)} {slide_args} --tiles {tiles_arg} "
-            f"--out {shell_arg(out.parent / 'heatmaps')}"
-        )
-    elif features:
-        features_args = " ".join(f"--features {shell_arg(f)}" for f in features)
-        say_next(
-            f"bidistill heatmap --run {shell_arg(run_dir)} {features_args} "
-            f"--out {shell_arg(out.parent / 'heatmaps')}"
-        )
-    else:
+    _warn_if_random(trained)
+    if not trained.aggregators or not (features or slides):
         say_next(f"open {shell_arg(out)}")
+        return
+    heatmap_args = [
+        *_bag_args(trained, features, slides, tiles or out.parent / "tiles"),
+        *_same_choice_args(clinical, method, patient, config, memory_budget, device),
+    ]
+    say_next(
+        f"bidistill heatmap --run {shell_arg(run_dir)} {' '.join(heatmap_args)} "
+        f"--out {shell_arg(out.parent / 'heatmaps')}"
+    )
+
+
+def _bag_args(trained, features: list[Path] | None, slides: list[Path] | None, tiles: Path):
+    """The bag source as ``predict`` read it, as ``heatmap`` options (slides also give the maps
+    their images)."""
+    args = [f"--features {shell_arg(f)}" for f in features or ()]
+    args += [f"--slides {shell_arg(s)}" for s in slides or ()]
+    if slides and (not features or getattr(trained, "end_to_end", False)):
+        args.append(f"--tiles {shell_arg(tiles)}")  # where predict tiled (and encoded) them
+    return args
+
+
+def _same_choice_args(clinical, method, patients, config, memory_budget, device) -> list[str]:
+    """The options that decide a prediction, so that the heatmap predicts what predict did
+    (without --clinical it would use another branch, probability and decision)."""
+    args = [f"--clinical {shell_arg(clinical)}"] if clinical else []
+    args += [f"--method {shell_arg(method)}"] if method else []
+    args += [f"--patient {shell_arg(p)}" for p in patients or ()]
+    args += [f"--config {shell_arg(config)}"] if config else []
+    args += [f"--memory-budget {memory_budget:g}"] if memory_budget != DEFAULT_BUDGET_MIB else []
+    args += [f"--device {shell_arg(device)}"] if device != "auto" else []
+    return args
+
+
+def _warn_if_random(trained) -> None:
+    if trained.random_init:
+        console.print(f"[bold red]WARNING:[/] {RANDOM_WEIGHTS_WARNING}", highlight=False)
 
 
 @app.command(cls=HelpCommand)
@@ -168,7 +200,9 @@ def heatmap(
     method: str | None = typer.Option(None, "--method", "-m", help=_METHOD_HELP),
     top_k: int = typer.Option(8, "--top-k", min=1, help="Tiles per row of the montage."),
     config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
-    memory_budget: float = typer.Option(512, "--memory-budget", min=4, help=_BUDGET_HELP),
+    memory_budget: float = typer.Option(
+        DEFAULT_BUDGET_MIB, "--memory-budget", min=4, help=_BUDGET_HELP
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     tiles: Path | None = typer.Option(None, "--tiles", help=_TILES_HELP),
 ) -> None:
@@ -209,14 +243,35 @@ def heatmap(
         highlight=False,
         soft_wrap=True,
     )
+    _warn_if_random(trained)
     if summary.without_image:
-        console.print(
-            f"{len(summary.without_image)} slides without an image (give --slides): drawn on a "
-            "blank canvas, no montage or tissue contours",
-            highlight=False,
-            soft_wrap=True,
-        )
-    first = next(iter(summary.files), None)
-    if first is not None:
-        say(f"in QuPath: File > Import objects {out / (first + '.tiles.geojson')} over the slide")
-        say_next(f"open {shell_arg(out / (first + '.heatmap.png'))}")
+        say(_without_image_line(summary.without_image, given=bool(slides)))
+    written = [path for paths in summary.files.values() for path in paths]
+    geojson = _first_named(written, ".tiles.geojson")
+    if geojson is not None:
+        say(f"in QuPath: File > Import objects {geojson} over the slide")
+    shown = _first_named(written, ".heatmap.png", ".montage.png", ".tiles.csv")
+    say_next(f"open {shell_arg(shown or out / 'predictions.csv')}")
+
+
+def _without_image_line(slide_ids: list[str], *, given: bool) -> str:
+    shown = ", ".join(slide_ids[:5]) + (", ..." if len(slide_ids) > 5 else "")
+    where = (
+        "not found among --slides (give each as <slide_id>.<ext>, or a patch folder named "
+        "<slide_id>, in a given folder)"
+        if given
+        else "without an image (give --slides)"
+    )
+    return (
+        f"{len(slide_ids)} slides {where}: {shown}; drawn on a blank canvas, no montage or "
+        "tissue contours"
+    )
+
+
+def _first_named(paths: list[Path], *endings: str) -> Path | None:
+    """The first path with the first ending that any path has."""
+    for ending in endings:
+        for path in paths:
+            if path.name.endswith(ending):
+                return path
+    return None

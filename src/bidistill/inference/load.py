@@ -14,14 +14,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from bidistill import __version__
 from bidistill.cohort import ClinicalEncoder
 from bidistill.config import ExperimentConfig
-from bidistill.errors import CheckpointError
+from bidistill.errors import BidistillError, CheckpointError
 from bidistill.models import Method, create_method
-from bidistill.training.checkpoint import ENCODER, META, WEIGHTS
+from bidistill.training.checkpoint import ENCODER, META, PREDICTIONS, WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,7 @@ def load_trained(
             raise CheckpointError(
                 f"{method_dir / name}: missing; train the method with `bidistill train`"
             )
-    try:
-        meta = json.loads((method_dir / META).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{method_dir / META}: not valid JSON ({err})") from err
+    meta = _read_meta(method_dir / META)
     saved = str(meta.get("bidistill_version", "0"))
     if _version_tuple(saved) > _version_tuple(__version__):
         raise CheckpointError(
@@ -63,26 +61,74 @@ def load_trained(
             f"{__version__}; upgrade bidistill to load it"
         )
     dims = meta["dims"]
-    method = create_method(
-        meta["method"],
-        in_dim=dims["in_dim"],
-        clinical_dim=dims["clinical_dim"],
-        n_clinical_features=dims["n_clinical_features"],
-        feature_slices=dims["feature_slices"],
-        patch_encoder=_patch_encoders(meta),
-        **meta["options"],
-    )
+    try:
+        method = create_method(
+            meta["method"],
+            in_dim=dims["in_dim"],
+            clinical_dim=dims["clinical_dim"],
+            n_clinical_features=dims["n_clinical_features"],
+            feature_slices=dims["feature_slices"],
+            patch_encoder=_patch_encoders(meta),
+            **meta["options"],
+        )
+    except (BidistillError, KeyError, TypeError, ValueError) as err:
+        raise _damaged(method_dir / META, f"cannot rebuild the method ({_reason(err)})") from err
     try:
         state = load_file(str(method_dir / WEIGHTS))
+    except (SafetensorError, OSError) as err:
+        raise _damaged(method_dir / WEIGHTS, f"unreadable ({_reason(err)})") from err
+    try:
         method.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError) as err:
-        raise CheckpointError(
-            f"{method_dir / WEIGHTS}: does not fit {meta['method']} ({err})"
+    except RuntimeError as err:
+        raise _damaged(
+            method_dir / WEIGHTS, f"does not fit {meta['method']} ({_reason(err)})"
         ) from err
     stages = [s.name for s in method.stages()]
     method.set_stage(stages[-1])
-    encoder = ClinicalEncoder.load(method_dir / ENCODER)
+    try:
+        encoder = ClinicalEncoder.load(method_dir / ENCODER)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise _damaged(method_dir / ENCODER, f"unreadable ({_reason(err)})") from err
     return method.to(device).eval(), encoder, meta
+
+
+# What ``model.json`` must hold to rebuild the method (``save_checkpoint`` writes them all).
+_META_KEYS = ("method", "options", "dims")
+_DIMS_KEYS = ("in_dim", "clinical_dim", "n_clinical_features", "feature_slices")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(path, f"not valid JSON ({_reason(err)})") from err
+    if not isinstance(meta, dict):
+        raise _damaged(path, "not a JSON object")
+    missing = [k for k in _META_KEYS if k not in meta]
+    dims = meta.get("dims")
+    if isinstance(dims, dict):
+        missing += [f"dims.{k}" for k in _DIMS_KEYS if k not in dims]
+    elif "dims" not in missing:
+        missing.append("dims")
+    if missing:
+        raise _damaged(path, f"lacks {', '.join(missing)}")
+    return meta
+
+
+def _damaged(path: Path, problem: str) -> CheckpointError:
+    """A damaged checkpoint file: the method has to be trained again."""
+    return CheckpointError(
+        f"{path}: {problem}; the file is damaged: delete the folder {path.parent} and rerun "
+        "`bidistill run CONFIG --out RUN` to train it again"
+    )
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as a short phrase (KeyError's message is only the key)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, KeyError):
+        return f"no {text}"
+    return text[:200] or type(err).__name__
 
 
 def _patch_encoders(meta: dict[str, Any]):
@@ -106,11 +152,17 @@ def decision_thresholds(method_dir: Path, cfg: ExperimentConfig) -> dict[str, fl
     fixed = cfg.evaluation.threshold
     if not isinstance(fixed, str):
         return {"present": float(fixed), "absent": float(fixed)}
-    path = method_dir / "predictions.csv"
+    path = method_dir / PREDICTIONS
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; the method's training did not finish")
-    saved = pd.read_csv(path, dtype={"patient_id": str})
-    val = saved[saved["split"] == "val"]
+    try:
+        saved = pd.read_csv(path, dtype={"patient_id": str})
+        val = saved[saved["split"] == "val"]
+        labels = val["label"].to_numpy()
+        present = val["prob_present"].to_numpy(np.float64)
+        absent = val["prob_absent"].to_numpy(np.float64)
+    except (OSError, ValueError, KeyError) as err:  # pandas' parser errors are ValueErrors
+        raise _damaged(path, f"unreadable ({_reason(err)})") from err
     if val["label"].nunique() < 2:
         log.warning(
             "%s: no validation patients of both classes; decisions use threshold %.1f",
@@ -118,8 +170,7 @@ def decision_thresholds(method_dir: Path, cfg: ExperimentConfig) -> dict[str, fl
             FALLBACK_THRESHOLD,
         )
         return {"present": FALLBACK_THRESHOLD, "absent": FALLBACK_THRESHOLD}
-    labels = val["label"].to_numpy()
     return {
-        "present": youden_threshold(labels, val["prob_present"].to_numpy(np.float64)),
-        "absent": youden_threshold(labels, val["prob_absent"].to_numpy(np.float64)),
+        "present": youden_threshold(labels, present),
+        "absent": youden_threshold(labels, absent),
     }

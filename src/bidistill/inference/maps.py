@@ -153,7 +153,7 @@ def write_slide_maps(
 
     title = (
         f"{attention.slide_id} (patient {patient.patient_id}): "
-        f"P({config.cohort.label.positive[0]}) = {patient.probability:.2f} "
+        f"P({patient.positive_class}) = {patient.probability:.2f} "
         f"→ {patient.predicted} (threshold {patient.threshold:.2f}), branch: {patient.branch}"
     )
     slide = None

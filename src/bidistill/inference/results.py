@@ -49,9 +49,9 @@ class SlideAttention:
         return (rankdata(scores) - 1) / (len(scores) - 1)
 
     def frame(self) -> pd.DataFrame:
-        """One row per tile: ``tile, x, y``, the routed branch's ``attention`` and
-        ``percentile``, and with several branches ``attention_<branch>`` and
-        ``percentile_<branch>`` for each."""
+        """One row per tile: ``tile, x, y``, the predicting branch's ``attention`` and
+        ``percentile`` (a fraction in [0, 1]), that ``branch``'s name, and with several
+        branches ``attention_<branch>`` and ``percentile_<branch>`` for each."""
         frame = pd.DataFrame(
             {"tile": np.arange(len(self.coords)), "x": self.coords[:, 0], "y": self.coords[:, 1]}
         )
@@ -60,6 +60,7 @@ class SlideAttention:
         main = self.routed or self.branches[0]
         frame["attention"] = self.scores[main]
         frame["percentile"] = self.percentiles(main)
+        frame["branch"] = main  # after the columns it qualifies: their positions stay
         if len(self.scores) > 1:
             for branch, scores in self.scores.items():
                 frame[f"attention_{branch}"] = scores
@@ -72,10 +73,13 @@ class PatientPrediction:
     """One patient's prediction, with attention per slide when asked for.
 
     Attributes:
-        probability: P(positive label); the mean over the fold models of a k-fold run.
+        probability: P(positive class); the mean over the fold models of a k-fold run.
+        positive_class: the class ``probability`` is the probability of, as the run's config
+            names it (``label.positive_name``, else its positive values joined with "or").
         threshold: the run's validation threshold for the patient's route.
         decision: 1 when ``probability >= threshold``.
-        predicted: the decision as a label value of the run (e.g. ``N+``).
+        predicted: the decision as a class of the run (``positive_class`` or the negative
+            class, e.g. ``N+(1-2) or N+(>2)`` / ``N0``).
         branch: the branch (or model) that predicted: ``multi-modal`` or ``single-modal`` for
             BD, the sub-model for ``switch``/``kd``, the method's name for one-model methods.
         clinical_present: the patient had at least one clinical value.
@@ -85,6 +89,7 @@ class PatientPrediction:
 
     patient_id: str
     probability: float
+    positive_class: str
     threshold: float
     decision: int
     predicted: str
@@ -100,6 +105,7 @@ class PatientPrediction:
             "patient_id": self.patient_id,
             "method": method,
             "probability": self.probability,
+            "positive_class": self.positive_class,
             "threshold": self.threshold,
             "decision": self.decision,
             "predicted": self.predicted,
@@ -111,7 +117,7 @@ class PatientPrediction:
         }
 
 
-PREDICTION_COLUMNS = list(PatientPrediction("", 0.0, 0.0, 0, "", "", False, [], [], 0).row(""))
+PREDICTION_COLUMNS = list(PatientPrediction("", 0.0, "", 0.0, 0, "", "", False, [], [], 0).row(""))
 
 
 def split_by_slide(

@@ -19,6 +19,7 @@ have clinical data, and with it withheld for patients who have none.
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ from bidistill.inference.load import decision_thresholds, load_trained
 from bidistill.inference.new_slides import Tiles, extract_new_slides, tile_new_slides
 from bidistill.inference.results import PREDICTION_COLUMNS, PatientPrediction, split_by_slide
 from bidistill.models import Method
-from bidistill.training.checkpoint import WEIGHTS
+from bidistill.training.checkpoint import PREDICTIONS, WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,9 @@ class TrainedRun:
             memory_budget: bytes for what grows with a bag (see ``inference.chunked``).
 
         Returns:
-            One row per patient: ``patient_id, method, probability, threshold, decision,
-            predicted, branch, clinical_present, clinical_missing, slides, tiles``.
+            One row per patient: ``patient_id, method, probability, positive_class,
+            threshold, decision, predicted, branch, clinical_present, clinical_missing,
+            slides, tiles`` (``probability`` is of the class named in ``positive_class``).
 
         Raises:
             CohortError: a bad table. FeatureFileError: a missing or foreign feature file.
@@ -314,6 +316,7 @@ class TrainedRun:
         return PatientPrediction(
             patient_id=item.patient_id,
             probability=probability,
+            positive_class=self.positive_class,
             threshold=threshold,
             decision=decision,
             predicted=self._label_name(decision),
@@ -325,11 +328,27 @@ class TrainedRun:
             slides=slides,
         )
 
+    @property
+    def random_init(self) -> bool:
+        """The run's patch encoder had random weights (``features.random_init``: tests and
+        demos), so its predictions carry no pretrained knowledge."""
+        meta = self.folds[0].meta
+        recorded = (meta.get("features") or {}).get("identity") or {}  # feature runs
+        backbone = (meta.get("end_to_end") or {}).get("backbone") or {}  # end-to-end runs
+        return bool(
+            self.config.features.random_init
+            or recorded.get("random_init")
+            or backbone.get("random_init")
+        )
+
+    @property
+    def positive_class(self) -> str:
+        """The class the probabilities are of, as the run's config names it."""
+        return self.config.cohort.label.positive_class
+
     def _label_name(self, decision: int) -> str:
         label = self.config.cohort.label
-        if decision:
-            return str(label.positive[0])
-        return str(label.negative[0]) if label.negative else f"not {label.positive[0]}"
+        return label.positive_class if decision else label.negative_class
 
 
 def _training_table_columns(config: ExperimentConfig) -> list[str]:
@@ -376,7 +395,9 @@ def load_run(
         device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ...
 
     Raises:
-        CheckpointError: no such run or method, or a method trained by a newer bidistill.
+        CheckpointError: no such run or method, a method trained by a newer bidistill, a
+            method whose training did not finish (k-fold: on every fold of ``splits.json``),
+            or a damaged checkpoint file (each named, with the command that fixes it).
         ConfigError: no config to read the table layout from.
     """
     from bidistill.training.loop import resolve_device
@@ -395,6 +416,7 @@ def load_run(
         raise CheckpointError(
             f"{run_dir}: no trained method '{key}'; trained: {', '.join(sorted(trained))}"
         )
+    _check_finished(run_dir, key, trained[key], config)
     torch_device = resolve_device(device)
     folds = []
     for method_dir in trained[key]:
@@ -430,6 +452,45 @@ def _trained_methods(run_dir: Path) -> dict[str, list[Path]]:
             per_fold.setdefault(weights.parent.name, []).append(weights.parent)
     holdout = {w.parent.name: [w.parent] for w in sorted(run_dir.glob(f"*/{WEIGHTS}"))}
     return {**per_fold, **holdout}
+
+
+def _check_finished(
+    run_dir: Path, method: str, method_dirs: list[Path], config: str | Path | None
+) -> None:
+    """Refuse a method whose training stopped part way: a k-fold run predicts with the mean of
+    every fold's model, so a run killed after some folds would quietly predict with fewer.
+    A method folder is finished once its ``predictions.csv`` is written (training writes it
+    last)."""
+    expected = _fold_count(run_dir)
+    done = {_fold_of(d) for d in method_dirs if (d / PREDICTIONS).is_file()}
+    missing = [k for k in range(expected) if k not in done]
+    if not missing:
+        return
+    config_path = Path(config) if config is not None else run_dir / "config.yaml"
+    finish = f"bidistill run {shlex.quote(str(config_path))} --out {shlex.quote(str(run_dir))}"
+    if expected == 1:
+        what = f"{run_dir / method}: training did not finish (no {PREDICTIONS})"
+    else:
+        names = ", ".join(f"fold{k}" for k in missing)
+        what = (
+            f"{run_dir}: {method} is trained on {expected - len(missing)} of {expected} folds "
+            f"({names} not finished), and a k-fold run predicts with the mean of all its folds"
+        )
+    raise CheckpointError(f"{what}; finish the run with `{finish}`")
+
+
+def _fold_count(run_dir: Path) -> int:
+    """The number of folds the run trains (``splits.json``: one for holdout runs)."""
+    from bidistill.cohort import Splits
+
+    path = run_dir / "splits.json"
+    return len(Splits.load(path).folds) if path.is_file() else 1
+
+
+def _fold_of(method_dir: Path) -> int:
+    """i for ``folds/fold<i>/<method>``, 0 for a holdout ``<method>`` folder."""
+    fold = method_dir.parent
+    return int(fold.name.removeprefix("fold")) if fold.parent.name == "folds" else 0
 
 
 def _default_method(cfg: ExperimentConfig, trained: dict[str, list[Path]]) -> str:

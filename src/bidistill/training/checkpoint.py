@@ -21,6 +21,7 @@ from bidistill.models import Method
 WEIGHTS = "model.safetensors"
 META = "model.json"
 ENCODER = "clinical_encoder.json"
+PREDICTIONS = "predictions.csv"  # written last: its presence means the method is trained
 
 
 def save_checkpoint(

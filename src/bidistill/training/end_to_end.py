@@ -40,7 +40,7 @@ from bidistill.models import create_method
 from bidistill.models.base import Stage
 from bidistill.models.patch_encoder import encoded_aggregators
 from bidistill.training.backbone import BackboneSpec, load_backbone, patch_encoder_factory
-from bidistill.training.checkpoint import save_checkpoint
+from bidistill.training.checkpoint import PREDICTIONS, save_checkpoint
 from bidistill.training.distributed import (
     Processes,
     average_buffers,
@@ -91,7 +91,6 @@ from bidistill.training.training_state import (
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions.csv"
 TRAIN_LOG = "train_log.csv"
 
 

@@ -33,7 +33,7 @@ from bidistill.training.bounded import (
     prediction_loader,
     streaming_aggregation,
 )
-from bidistill.training.checkpoint import save_checkpoint
+from bidistill.training.checkpoint import PREDICTIONS, save_checkpoint
 from bidistill.training.data import PatientBags, StoreBags, bag_loader
 from bidistill.training.loop import TrainingDivergedError, fit, predict_loader, resolve_device
 from bidistill.training.seeding import seed_everything
@@ -41,7 +41,6 @@ from bidistill.training.threads import cpu_threads_for
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions.csv"
 TRAIN_LOG = "train_log.csv"
 
 
