@@ -346,6 +346,7 @@ def evaluate(
     """
 
     from bidistill.evaluation import evaluate_run
+    from bidistill.evaluation.freshness import record_evaluation
     from bidistill.runs import lock_run_dir
 
     held = (
@@ -355,6 +356,8 @@ def evaluate(
     )
     with held:
         tables = evaluate_run(run_dir)
+        if (run_dir / "config.yaml").is_file():  # `run` and `compare` then know it is current
+            record_evaluation(run_dir, load_experiment(run_dir / "config.yaml"))
     _print_results(tables.metrics, tables.delong, run_dir)
     say_next(f"open {shell_arg(run_dir / 'report.html')}")
 
