@@ -126,7 +126,7 @@ def check_evaluated_run(run: Path) -> None:
         raise PredictionsError(f"{run}: no such folder; give the run folders to compare")
     evaluated = (run / "metrics.csv").is_file() and (run / "predictions.csv").is_file()
     if not evaluated:
-        if any(run.glob("*/predictions.csv")):
+        if _has_method_folders(run):
             raise PredictionsError(f"{run}: not evaluated yet (no metrics.csv); run: {evaluate}")
         raise PredictionsError(f"{run} is not a run folder: {RUN_FOLDER}. {_run_hint(run)}")
     check = evaluation_check(run)
@@ -135,6 +135,12 @@ def check_evaluated_run(run: Path) -> None:
             f"{run}: metrics.csv is out of date ({check.reason} since it was evaluated); "
             f"evaluate the run again: {evaluate}"
         )
+
+
+def _has_method_folders(folder: Path) -> bool:
+    """Whether ``folder`` holds a trained method's ``<method>/predictions.csv`` (not a whole
+    run's, which sits beside its ``config.yaml``)."""
+    return any(not (p.parent / "config.yaml").is_file() for p in folder.glob("*/predictions.csv"))
 
 
 def _run_hint(folder: Path) -> str:

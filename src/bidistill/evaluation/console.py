@@ -182,10 +182,10 @@ def _comparison_table(table_data: pd.DataFrame, rates: list[float], short, signi
 
 def _fitting(rates: list[float], console: Console, build) -> list[Table]:
     """Tables of ``build(rates)`` for as many rates at a time as fit the console's width."""
-    for per_table in range(len(rates), 0, -1):
+    for parts in range(1, len(rates) + 1):
+        per_table = -(-len(rates) // parts)  # as even as possible: 3 + 3, not 5 + 1
         tables = [build(rates[i : i + per_table]) for i in range(0, len(rates), per_table)]
-        if all(
-            Measurement.get(console, console.options, t).maximum <= console.width for t in tables
-        ):
+        unlimited = console.options.update_width(10_000)  # measure, do not clamp to the console
+        if all(Measurement.get(console, unlimited, t).maximum <= console.width for t in tables):
             return tables
     return tables
