@@ -275,6 +275,11 @@ def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
     lines += ["", "## All metrics", "", "Bold: the best value at that rate.", ""]
     lines += _md_metrics(inputs.metrics)
     lines += ["", f"## Paired tests against {inputs.reference}", ""]
+    lines += [
+        f"AUC difference to {inputs.reference} and the Holm-corrected p-value "
+        f"({tests_label(inputs.delong)}).",
+        "",
+    ]
     delong = delong_cells(inputs.delong)
     lines += _md_table(delong) if not delong.empty else ["No paired tests."]
     lines += ["", "## Methods and their options", ""]

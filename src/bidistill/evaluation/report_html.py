@@ -169,10 +169,11 @@ def _headline(inputs: ReportInputs, headline) -> str:
     rows = headline_rows(headline)
     head = "".join(f"<th class='{_align(k)}'>{e(k)}</th>" for k in rows[0]) if rows else ""
     body = []
-    for row in rows:
+    for row, result in zip(rows, headline.rates):
         cells = []
         for key, value in row.items():
-            text = _swatch(value) if key == "highest AUC" else e(value)
+            leaders = " and ".join(_swatch(m) for m in result.tied or [result.best])
+            text = leaders if key == "highest AUC" else e(value)
             cls = _align(key)
             if key == "significant" and value in ("yes", "no"):
                 cls += " sig" if value == "yes" else " nonsig"
@@ -275,7 +276,7 @@ def _delong(inputs: ReportInputs) -> str:
         rows.append("<tr>" + "".join(cells) + "</tr>")
     note = (
         f"AUC difference to {inputs.reference} (method minus {inputs.reference}) and the "
-        f"Holm-corrected p-value of the {tests_label(delong)}; highlighted: p < 0.05."
+        f"Holm-corrected p-value ({tests_label(delong)}); highlighted: p < 0.05."
     )
     return (
         f"<p class='note'>{e(note)}</p><div class='scroll'><table><thead><tr>{head}</tr>"
