@@ -76,6 +76,19 @@ def test_a_perfect_against_a_reversed_ranking_gets_the_floor_not_a_tiny_p():
     assert M.delong_test(components, 0, 1)[2] < 1e-6
 
 
+def test_the_exact_test_keeps_its_level_on_eight_patients():
+    """Two methods that are the same noisy predictor (exchangeable scores) on 4 + 4 patients:
+    the exact test rejects at most 5% of the time (up to sampling noise of 300 trials)."""
+    rng = np.random.default_rng(3)
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    rejected = []
+    for _ in range(300):
+        signal = 1.5 * labels + rng.normal(size=8)
+        a, b = signal + rng.normal(size=(2, 8))
+        rejected.append(M.permutation_test(a[None], b[None], labels).p_value <= 0.05)
+    assert np.mean(rejected) <= 0.05 + 2 * np.sqrt(0.05 * 0.95 / 300)
+
+
 def test_the_rule_delong_only_with_30_patients_in_each_class():
     rng = np.random.default_rng(0)
     for n_pos, expected in ((29, "permutation"), (30, "DeLong")):
