@@ -429,10 +429,13 @@ def compare(
 ) -> None:
     """Compare run directories: AUCs side by side, with paired tests where the patients match.
 
-    For e.g. two encoders or two settings: AUC with its CI per run, method and missing rate.
-    Each method of each later run is tested against the same method of the first run, at every
-    missing rate, with the same nested masks (Holm-corrected per rate). Writes compare.csv,
-    compare_delong.csv and compare.png to --out.
+    For e.g. two encoders or two settings: AUC with its CI per run, method and missing rate, at
+    the missing rates every run was evaluated at. Each method of each later run is tested
+    against the same method of the first run, at every missing rate, with the same nested masks
+    (DeLong, or a permutation test on small test sets; Holm-corrected per rate).
+
+    A run whose predictions changed since its evaluation is refused until `bidistill evaluate
+    RUN`. Writes compare.csv, compare_delong.csv and compare.png to --out.
 
     Example: bidistill compare runs/resnet runs/uni --out comparison
     """
