@@ -48,7 +48,6 @@ from bidistill.runs.fingerprint import (
 from bidistill.runs.inputs import (
     FeatureIdentities,
     config_sections,
-    file_digest,
     method_inputs,
 )
 from bidistill.runs.lock import lock_run_dir
@@ -426,27 +425,15 @@ def _evaluate_if_stale(
     """Evaluate ``run_dir`` unless its record matches the predictions and settings; returns
     whether it evaluated."""
     from bidistill.evaluation import evaluate_run
+    from bidistill.evaluation.freshness import (
+        evaluation_inputs,
+        evaluation_outputs,
+        evaluation_stage,
+    )
 
-    stage = "evaluate" if run_dir == root else f"{run_dir.relative_to(root).as_posix()}/evaluate"
-    inputs = StageInputs()
-    inputs.add(
-        "config",
-        {
-            "name": config.name,
-            "evaluation": config.evaluation.model_dump(mode="json"),
-            "methods": [m.key for m in config.methods],
-        },
-        says="evaluation settings",
-    )
-    inputs.add("splits", file_digest(run_dir / "splits.json"), says="splits.json")
-    inputs.add_items(
-        "predictions",
-        {m.key: file_digest(run_dir / m.key / "predictions.csv") for m in config.methods},
-        says="predictions",
-        unit="method(s)",
-    )
-    outputs = [run_dir / name for name in ("metrics.csv", "report.html", "predictions.csv")]
-    check = check_stage(root, stage, inputs, outputs)
+    stage = evaluation_stage(root, run_dir)
+    inputs = evaluation_inputs(run_dir, config)
+    check = check_stage(root, stage, inputs, evaluation_outputs(run_dir))
     if check:
         say(f"{stage}: up to date")
         return False

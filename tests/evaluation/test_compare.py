@@ -68,7 +68,9 @@ def test_paired_tests_where_the_test_patients_match(runs, tmp_path):
     # The degraded bd is the same with clinical data and clearly worse without it.
     assert delong.loc[("bd", 0.0), "auc_difference"] == pytest.approx(0, abs=1e-12)
     assert delong.loc[("bd", 1.0), "auc_difference"] < -0.1
-    assert delong.loc[("bd", 1.0), "p_holm"] < 0.001
+    # 60 test patients (24 positive): below 30 per class the test is the permutation test.
+    assert set(result.delong["test"]) == {"permutation"}
+    assert delong.loc[("bd", 1.0), "p_holm"] < 0.01
     # The AUCs the test compares are the runs' own seed-averaged AUCs.
     metrics = pd.read_csv(uni / "metrics.csv").set_index(["method", "missing_rate"])
     assert delong.loc[("bd", 1.0), "auc"] == pytest.approx(metrics.loc[("bd", 1.0), "auc"])
@@ -93,8 +95,9 @@ def test_cli_compare_prints_the_table_and_says_what_was_not_tested(runs, tmp_pat
 
 
 def test_compare_refuses_unevaluated_runs(runs, tmp_path):
-    (tmp_path / "raw").mkdir()
-    with pytest.raises(PredictionsError, match="bidistill evaluate"):
-        compare_runs([runs[0], tmp_path / "raw"], tmp_path / "out")
+    raw = tmp_path / "raw"
+    write_csv(raw / "bd" / "predictions.csv", method_frame("bd"))  # trained, not evaluated
+    with pytest.raises(PredictionsError, match=f"not evaluated yet .*bidistill evaluate {raw}$"):
+        compare_runs([runs[0], raw], tmp_path / "out")
     one = CliRunner().invoke(app, ["compare", str(runs[0])])
     assert one.exit_code == 1 and "at least two run directories" in one.output

@@ -83,8 +83,8 @@ def test_headline_names_winners_by_rate_and_tests_each_lead():
     ]
     assert headline.rates[0].difference == pytest.approx(0.02)
     assert headline.significance() == (
-        "Significant leads (DeLong, Holm-corrected p < 0.05) at r = 0.5; not significant at "
-        "r = 0, r = 1."
+        "Significant leads (top AUC against bd, or against the runner-up where bd is top; "
+        "DeLong, Holm-corrected p < 0.05) at r = 0.5; not significant at r = 0, r = 1."
     )
     assert headline.compared().startswith("3 methods (bd, fusion, wsi) on 200 test patients")
     assert not headline.unreliable and headline.reliability() is None

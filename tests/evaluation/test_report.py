@@ -153,7 +153,7 @@ def test_report_sections(report_dir) -> None:
         "Training curves",
         "Confusion matrices at the chosen threshold",
         "All metrics",
-        "DeLong tests against bd",
+        "Paired tests against bd",
         "Methods and their options",
         "Intended use and limitations",
         "Simulated missingness",

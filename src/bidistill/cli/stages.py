@@ -346,6 +346,7 @@ def evaluate(
     """
 
     from bidistill.evaluation import evaluate_run
+    from bidistill.evaluation.freshness import record_evaluation
     from bidistill.runs import lock_run_dir
 
     held = (
@@ -355,6 +356,8 @@ def evaluate(
     )
     with held:
         tables = evaluate_run(run_dir)
+        if (run_dir / "config.yaml").is_file():  # `run` and `compare` then know it is current
+            record_evaluation(run_dir, load_experiment(run_dir / "config.yaml"))
     _print_results(tables.metrics, tables.delong, run_dir)
     say_next(f"open {shell_arg(run_dir / 'report.html')}")
 
@@ -426,10 +429,13 @@ def compare(
 ) -> None:
     """Compare run directories: AUCs side by side, with paired tests where the patients match.
 
-    For e.g. two encoders or two settings: AUC with its CI per run, method and missing rate.
-    Each method of each later run is tested against the same method of the first run, at every
-    missing rate, with the same nested masks (Holm-corrected per rate). Writes compare.csv,
-    compare_delong.csv and compare.png to --out.
+    For e.g. two encoders or two settings: AUC with its CI per run, method and missing rate, at
+    the missing rates every run was evaluated at. Each method of each later run is tested
+    against the same method of the first run, at every missing rate, with the same nested masks
+    (DeLong, or a permutation test on small test sets; Holm-corrected per rate).
+
+    A run whose predictions changed since its evaluation is refused until `bidistill evaluate
+    RUN`. Writes compare.csv, compare_delong.csv and compare.png to --out.
 
     Example: bidistill compare runs/resnet runs/uni --out comparison
     """

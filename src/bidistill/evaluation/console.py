@@ -10,10 +10,17 @@ from __future__ import annotations
 import pandas as pd
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from bidistill.evaluation.headline import RATE_MEANING, Headline, build_headline
+from bidistill.evaluation.headline import (
+    RATE_MEANING,
+    Headline,
+    auc_text,
+    build_headline,
+    tests_label,
+)
 
 
 def results_table(metrics: pd.DataFrame, headline: Headline) -> Table:
@@ -23,7 +30,7 @@ def results_table(metrics: pd.DataFrame, headline: Headline) -> Table:
     (DeLong, Holm-corrected p < 0.05).
     """
     rates = sorted(metrics["missing_rate"].unique())
-    best = metrics.groupby("missing_rate")["auc"].max()
+    best = metrics.groupby("missing_rate")["auc"].max().map(auc_text)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     table.add_column("method", no_wrap=True)
     for rate in rates:
@@ -34,8 +41,8 @@ def results_table(metrics: pd.DataFrame, headline: Headline) -> Table:
         for rate in rates:
             row = by_rate.loc[rate]
             mark = "*" if (method, float(rate)) in headline.significant_cells else " "
-            style = "bold" if row.auc >= best[rate] - 1e-12 else ""
-            cell = Text(f"{row.auc:.3f}{mark}", style=style)
+            style = "bold" if auc_text(row.auc) == best[rate] else ""  # ties: all bold
+            cell = Text(f"{auc_text(row.auc)}{mark}", style=style)
             if pd.notna(row.auc_ci_low):
                 cell.append(f"\n{_short(row.auc_ci_low)}–{_short(row.auc_ci_high)} ", style="dim")
             cells.append(cell)
@@ -69,7 +76,8 @@ def print_results(
     console.print(results_table(metrics, headline))
     console.print(
         f"{RATE_MEANING}. bold: highest AUC at that rate. *: differs from {reference} at that "
-        "rate (DeLong, Holm-corrected p < 0.05); no mark: no significant difference.",
+        f"rate ({tests_label(delong)}, Holm-corrected p < 0.05); no mark: no significant "
+        "difference.",
         highlight=False,
     )
     console.print(f"{headline.winners()} {headline.significance()}", highlight=False)
@@ -79,20 +87,77 @@ def print_results(
     return headline
 
 
+# Run names up to this long label the comparison's rows; longer ones get a number and a key.
+RUN_NAME_IN_TABLE = 14
+
+
 def print_comparison(result, *, console: Console | None = None) -> None:
     """The comparison of several runs: AUC and CI per (run, method) and rate, with the paired
-    tests against the first run's same method."""
+    tests against the first run's same method.
+
+    Fits the console's width without cutting anything: long run names are keyed by number
+    (each name printed whole once), and rates that do not fit go to a second table.
+    """
     from bidistill.evaluation.headline import format_p
 
     console = console or Console()
     table_data = result.table
     reference = result.runs[0]
+    counts = {run: int(rows["n_patients"].iloc[0]) for run, rows in table_data.groupby("run")}
+    keyed = max(len(run) for run in result.runs) > RUN_NAME_IN_TABLE
+    short = {run: (f"#{i}" if keyed else run) for i, run in enumerate(result.runs, 1)}
+    console.print("AUC by run, method and missing rate; 95% CI below", style="bold")
+    for run in result.runs:
+        key = f"{short[run]} = " if keyed else ""
+        role = " (reference for the tests)" if run == reference else ""
+        console.print(
+            f"  {key}{run}: {counts[run]} test patients{role}", highlight=False, soft_wrap=True
+        )
     significant = {
         (row.run, row.method, float(row.missing_rate))
         for row in result.delong.itertuples()
         if row.p_holm < 0.05
     }
     rates = sorted(table_data["missing_rate"].unique())
+    for part in _fitting(
+        rates, console, lambda r: _comparison_table(table_data, r, short, significant)
+    ):
+        console.print(part)
+    test = tests_label(result.delong)
+    console.print(
+        f"{RATE_MEANING}. *: differs from the same method in {reference} at that rate "
+        f"(paired {test}, Holm-corrected p < 0.05).",
+        highlight=False,
+    )
+    for rate, runs in result.left_out.items():
+        console.print(
+            Text.assemble(
+                ("left out: ", "yellow"),
+                f"r = {rate:g}, evaluated only in {', '.join(runs)}; the table and tests use "
+                "the rates every run has.",
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+    if len(result.delong):
+        smallest = result.delong.loc[result.delong["p_holm"].idxmin()]
+        console.print(
+            f"{int((result.delong['p_holm'] < 0.05).sum())} of {len(result.delong)} paired tests "
+            f"significant; smallest: {smallest.run} {smallest.method} at r = "
+            f"{smallest.missing_rate:g}, {smallest.auc_difference:+.3f} AUC, "
+            f"{format_p(smallest.p_holm)}.",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for run, why in result.unpaired.items():
+        console.print(
+            Text.assemble(("not tested: ", "yellow"), f"{run} has {why}: compare its CIs only."),
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _comparison_table(table_data: pd.DataFrame, rates: list[float], short, significant) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     table.add_column("run", no_wrap=True)
     table.add_column("method", no_wrap=True)
@@ -107,32 +172,20 @@ def print_comparison(result, *, console: Console | None = None) -> None:
                 continue
             row = by_rate.loc[rate]
             mark = "*" if (run, method, float(rate)) in significant else " "
-            cell = Text(f"{row.auc:.3f}{mark}")
+            cell = Text(f"{auc_text(row.auc)}{mark}")
             if pd.notna(row.auc_ci_low):
                 cell.append(f"\n{_short(row.auc_ci_low)}–{_short(row.auc_ci_high)} ", style="dim")
             cells.append(cell)
-        table.add_row(run, method, *cells)
-    n = ", ".join(
-        f"{run} {int(rows['n_patients'].iloc[0])}" for run, rows in table_data.groupby("run")
-    )
-    console.print(f"AUC by run, method and missing rate (test patients: {n})", style="bold")
-    console.print(table)
-    console.print(
-        f"{RATE_MEANING}. *: differs from the same method in {reference} at that rate "
-        "(paired DeLong, Holm-corrected p < 0.05).",
-        highlight=False,
-    )
-    if len(result.delong):
-        smallest = result.delong.loc[result.delong["p_holm"].idxmin()]
-        console.print(
-            f"{int((result.delong['p_holm'] < 0.05).sum())} of {len(result.delong)} paired tests "
-            f"significant; smallest: {smallest.run} {smallest.method} at r = "
-            f"{smallest.missing_rate:g}, {smallest.auc_difference:+.3f} AUC, "
-            f"{format_p(smallest.p_holm)}.",
-            highlight=False,
-        )
-    for run, why in result.unpaired.items():
-        console.print(
-            Text.assemble(("not tested: ", "yellow"), f"{run} has {why}: compare its CIs only."),
-            highlight=False,
-        )
+        table.add_row(short[run], method, *cells)
+    return table
+
+
+def _fitting(rates: list[float], console: Console, build) -> list[Table]:
+    """Tables of ``build(rates)`` for as many rates at a time as fit the console's width."""
+    for parts in range(1, len(rates) + 1):
+        per_table = -(-len(rates) // parts)  # as even as possible: 3 + 3, not 5 + 1
+        tables = [build(rates[i : i + per_table]) for i in range(0, len(rates), per_table)]
+        unlimited = console.options.update_width(10_000)  # measure, do not clamp to the console
+        if all(Measurement.get(console, unlimited, t).maximum <= console.width for t in tables):
+            return tables
+    return tables

@@ -1,13 +1,17 @@
 """What a run's results say, in a few sentences: who won at which rates, and does it hold up.
 
 Shared by the console table (`bidistill run` / `evaluate`) and the report's headline box, so both
-say the same thing. Significance is DeLong's paired test against the reference method with Holm's
-correction across methods at each rate (``delong.csv``); nothing here tests anything new.
+say the same thing. Significance is the paired test against the reference method with Holm's
+correction across methods at each rate (``delong.csv``: DeLong's test, or the permutation test on
+small test sets); nothing here tests anything new.
+
+Ties. Methods whose AUCs print the same (three decimals) tie: a tie is reported with every tied
+method named, and is not a lead to test.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -38,6 +42,16 @@ def p_cell(p: float) -> str:
     return format_p(p).removeprefix("p = ").replace("p < ", "<")
 
 
+def tests_label(delong: pd.DataFrame) -> str:
+    """The paired test(s) behind ``delong.csv``: ``DeLong``, ``exact permutation test``."""
+    names = list(dict.fromkeys(delong["test"].dropna())) if "test" in delong else []
+    return " / ".join(test_name(str(n)) for n in names) or "DeLong"
+
+
+def test_name(test: str) -> str:
+    return test if test == "DeLong" else f"{test} test"
+
+
 def rate_label(rate: float) -> str:
     return f"{rate:g}"
 
@@ -49,12 +63,19 @@ def rate_span(rates: list[float]) -> str:
     return f"r = {rate_label(rates[0])}–{rate_label(rates[-1])}"
 
 
+def auc_text(auc: float) -> str:
+    """An AUC as every table prints it; equal texts are a tie."""
+    return f"{auc:.3f}"
+
+
 @dataclass
 class RateResult:
     """The winner at one missing rate and the test that says whether its lead is real.
 
     ``versus`` is the method it is tested against: the runner-up when the winner is the
-    reference method, else the reference (the DeLong tests are all against the reference).
+    reference method, else the reference (the paired tests are all against the reference).
+    When several methods share the highest printed AUC, ``tied`` names them all (``best``
+    first) and there is no lead to test.
     """
 
     rate: float
@@ -64,10 +85,19 @@ class RateResult:
     versus: str | None
     difference: float  # best minus versus
     p_holm: float
+    tied: list[str] = field(default_factory=list)
+    test: str = "DeLong"  # the paired test behind p_holm
+    p_floor: float = 0.0  # the smallest p-value that test can give here (before Holm)
 
     @property
     def significant(self) -> bool:
         return bool(np.isfinite(self.p_holm) and self.p_holm < ALPHA)
+
+    @property
+    def leaders(self) -> str:
+        """``bd`` or, for a tie, ``bd and fusion-mean`` / ``bd, moddrop and fusion-mean``."""
+        names = self.tied or [self.best]
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" and {names[-1]}"
 
 
 @dataclass
@@ -101,44 +131,66 @@ class Headline:
     def winners(self) -> str:
         """Who has the highest AUC at which rates, with the AUCs at the ends of each span."""
         by_rate = {r.rate: r for r in self.rates}
-        groups = _runs([(r.best, r.rate) for r in self.rates])
-        if len(groups) == 1 and len(self.rates) > 1:
+        groups = _runs([(r.leaders, r.rate) for r in self.rates])
+        if len(groups) == 1 and len(self.rates) > 1 and not self.rates[0].tied:
             first, last = self.rates[0], self.rates[-1]
             return (
-                f"{groups[0][0]} has the highest AUC at every rate: {first.auc:.3f} at "
-                f"r = {rate_label(first.rate)}, {last.auc:.3f} at r = {rate_label(last.rate)}."
+                f"{groups[0][0]} has the highest AUC at every rate: {auc_text(first.auc)} at "
+                f"r = {rate_label(first.rate)}, {auc_text(last.auc)} at "
+                f"r = {rate_label(last.rate)}."
             )
         parts = []
-        for method, rates in groups:
-            aucs = [f"{by_rate[r].auc:.3f}" for r in (rates[0], rates[-1])]
-            span = aucs[0] if len(rates) == 1 else f"{aucs[0]} to {aucs[1]}"
-            parts.append(f"{method} at {rate_span(rates)} ({span})")
+        for leaders, rates in groups:
+            aucs = [auc_text(by_rate[r].auc) for r in (rates[0], rates[-1])]
+            span = aucs[0] if aucs[0] == aucs[1] else f"{aucs[0]} to {aucs[1]}"
+            tie = " (tie)" if by_rate[rates[0]].tied else ""
+            parts.append(f"{leaders}{tie} at {rate_span(rates)} ({span})")
         return "Highest AUC: " + "; ".join(parts) + "."
 
     def significance(self) -> str:
-        """Whether the leads hold up, with the p-values."""
+        """Whether the leads hold up, with the p-values, and what was tested against what."""
         tested = [r for r in self.rates if r.versus is not None]
+        ties = [r.rate for r in self.rates if r.tied]
+        tie_note = f" Tied at {_rates_text(ties)}: no lead to test." if ties else ""
         if len(self.methods) < 2:
             return "One method only: nothing to compare it with."
         if not tested:
+            if ties:
+                return tie_note.strip()
             return (
                 f"No significance tests: the reference method '{self.reference}' was not evaluated."
             )
+        how = (
+            f"top AUC against {self.reference}, or against the runner-up where "
+            f"{self.reference} is top; {self._tests(tested)}"
+        )
         sig = [r for r in tested if r.significant]
         nonsig = [r for r in tested if not r.significant]
         if not sig:
             low = min(r.p_holm for r in nonsig)
-            return (
-                "No lead is statistically significant (DeLong, Holm-corrected: "
-                f"{_p_floor(low, nonsig)})."
-            )
-        if not nonsig:
+            verdict = f"No lead is statistically significant ({how}: {_p_floor(low, nonsig)})."
+        elif not nonsig:
             high = format_p(max(r.p_holm for r in sig)).replace("p = ", "p ≤ ")
-            return f"Every lead is statistically significant (DeLong, Holm-corrected: {high})."
+            verdict = f"Every lead is statistically significant ({how}: {high})."
+        else:
+            verdict = (
+                f"Significant leads ({how} p < 0.05) at {_rates_text([r.rate for r in sig])}; "
+                f"not significant at {_rates_text([r.rate for r in nonsig])}."
+            )
+        return verdict + tie_note + self._floor_note(tested)
+
+    def _tests(self, tested: list[RateResult]) -> str:
+        names = list(dict.fromkeys(test_name(r.test) for r in tested))
+        return f"{' / '.join(names)}, Holm-corrected"
+
+    def _floor_note(self, tested: list[RateResult]) -> str:
+        """On small test sets, the smallest p-value the test could give at all."""
+        floors = [r.p_floor for r in tested if r.p_floor > 0]
+        if not floors:
+            return ""
         return (
-            "Significant leads (DeLong, Holm-corrected p < 0.05) at "
-            f"{_rates_text([r.rate for r in sig])}; not significant at "
-            f"{_rates_text([r.rate for r in nonsig])}."
+            f" With {self.n_patients} test patients no p-value can fall below "
+            f"{_p_value(min(floors))} (before Holm's correction)."
         )
 
     def reliability(self) -> str | None:
@@ -156,6 +208,11 @@ class Headline:
 
 def _share(rate: float) -> str:
     return f"{rate:.0%}"
+
+
+def _p_value(p: float) -> str:
+    """A p-value with two significant digits (``0.016``, ``0.0001``)."""
+    return f"{p:.2g}"
 
 
 def _p_floor(low: float, rows: list[RateResult]) -> str:
@@ -189,9 +246,15 @@ def build_headline(metrics: pd.DataFrame, delong: pd.DataFrame, reference: str) 
     }
     results = []
     for rate, rows in metrics.groupby("missing_rate", sort=True):
-        ranked = rows.sort_values("auc", ascending=False, kind="stable")
+        ranked = _ranked(rows, reference)
         best = ranked.iloc[0]
-        versus, difference, p = _test_of_lead(ranked, delong, reference, float(rate))
+        tied = [str(m) for m in ranked["method"][ranked["auc_text"] == auc_text(best.auc)]]
+        if len(tied) > 1:
+            test: tuple = (None, float("nan"), float("nan"), "DeLong", 0.0)
+        else:
+            tied = []
+            test = _test_of_lead(ranked, delong, reference, float(rate))
+        versus, difference, p, name, floor = test
         results.append(
             RateResult(
                 rate=float(rate),
@@ -201,6 +264,9 @@ def build_headline(metrics: pd.DataFrame, delong: pd.DataFrame, reference: str) 
                 versus=versus,
                 difference=difference,
                 p_holm=p,
+                tied=tied,
+                test=name,
+                p_floor=floor,
             )
         )
     widths = (metrics["auc_ci_high"] - metrics["auc_ci_low"]).to_numpy(dtype=float)
@@ -217,20 +283,33 @@ def build_headline(metrics: pd.DataFrame, delong: pd.DataFrame, reference: str) 
     )
 
 
+def _ranked(rows: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Methods by printed AUC, highest first; among equal AUCs the reference comes first, then
+    the table's order."""
+    ranked = rows.assign(
+        auc_text=[auc_text(a) for a in rows["auc"]],
+        not_reference=rows["method"] != reference,
+    )
+    return ranked.sort_values(
+        ["auc_text", "not_reference", "auc"], ascending=[False, True, False], kind="stable"
+    ).reset_index(drop=True)
+
+
 def _test_of_lead(
     ranked: pd.DataFrame, delong: pd.DataFrame, reference: str, rate: float
-) -> tuple[str | None, float, float]:
+) -> tuple[str | None, float, float, str, float]:
+    """``(versus, difference, p_holm, test, p_floor)`` of the top method's lead."""
+    none = (None, float("nan"), float("nan"), "DeLong", 0.0)
     at_rate = delong[np.isclose(delong["missing_rate"].astype(float), rate)]
     if at_rate.empty or len(ranked) < 2:
-        return None, float("nan"), float("nan")
+        return none
     best = str(ranked.iloc[0].method)
-    if best == reference:
-        versus = str(ranked.iloc[1].method)
-        row = at_rate[at_rate["method"] == versus]
-        if row.empty:
-            return None, float("nan"), float("nan")
-        return versus, -float(row.iloc[0].auc_difference), float(row.iloc[0].p_holm)
-    row = at_rate[at_rate["method"] == best]
+    versus = str(ranked.iloc[1].method) if best == reference else reference
+    row = at_rate[at_rate["method"] == (versus if best == reference else best)]
     if row.empty:
-        return None, float("nan"), float("nan")
-    return reference, float(row.iloc[0].auc_difference), float(row.iloc[0].p_holm)
+        return none
+    row = row.iloc[0]
+    sign = -1.0 if best == reference else 1.0
+    test = str(row["test"]) if "test" in row and pd.notna(row["test"]) else "DeLong"
+    floor = float(row["p_floor"]) if "p_floor" in row and pd.notna(row["p_floor"]) else 0.0
+    return versus, sign * float(row.auc_difference), float(row.p_holm), test, floor

@@ -20,18 +20,38 @@ import numpy as np
 import pandas as pd
 
 from bidistill._io import write_text
-from bidistill.evaluation.headline import Headline, build_headline, format_p
+from bidistill.evaluation.headline import Headline, auc_text, build_headline, format_p, tests_label
+from bidistill.evaluation.metrics import LARGE_SAMPLE_PER_CLASS
 
 PROTOCOL = (
     "Clinical data is withheld per test patient at each missing rate r with nested, "
     "label-stratified masks (a patient missing at one rate is missing at every higher one; "
     "patients without clinical data in the table are missing at every rate), repeated over "
     "{seeds} mask seed(s). Each method's AUC is the mean over mask seeds{folds}; 'seed sd' is "
-    "the standard deviation over mask seeds. The {level:.0%} CI is the percentile interval of "
-    "{boot} stratified patient-level bootstrap resamples of that seed-averaged AUC. Accuracy, "
+    "the standard deviation over mask seeds. {ci} Accuracy, "
     "F1, sensitivity and specificity use a threshold chosen on the validation patients masked "
-    "the same way ({threshold}). p-values: DeLong's paired test against '{reference}' on the "
-    "seed-averaged AUC, Holm-corrected across methods at each rate."
+    "the same way ({threshold}). p-values: {test} against '{reference}' on the "
+    "seed-averaged AUC, Holm-corrected across methods at each rate.{small}"
+)
+BOOTSTRAP_CI = (
+    "The {level:.0%} CI is the percentile interval of {boot} stratified patient-level bootstrap "
+    "resamples of that seed-averaged AUC."
+)
+NEWCOMBE_CI = (
+    "The {level:.0%} CI is Newcombe's score interval (Hanley–McNeil variance) around that "
+    "seed-averaged AUC."
+)
+TESTS = {
+    "DeLong": "DeLong's paired test",
+    "exact permutation": "the exact paired permutation test (every swap of the two methods' "
+    "ranks per patient)",
+    "permutation": "the paired permutation test (9999 random swaps of the two methods' ranks per "
+    "patient)",
+}
+SMALL_SAMPLE = (
+    " The test set has fewer than {min} patients in a class, where DeLong's normal approximation "
+    "and the bootstrap do not hold (the bootstrap CI of an AUC of 1 is [1, 1]): hence the "
+    "permutation test, valid at any size, and the score interval."
 )
 # Columns where the best value per rate is marked, and whether higher is better.
 MARKED = {
@@ -107,13 +127,24 @@ def protocol_text(inputs: ReportInputs) -> str:
         else ""
     )
     threshold = "Youden's J" if p["threshold"] == "youden" else f"fixed threshold {p['threshold']}"
+    methods = set(inputs.metrics.get("auc_ci_method", pd.Series(["bootstrap"])).dropna())
+    level = p.get("ci_level", 0.95)
+    if not p["bootstrap"]:
+        ci = "No CI (evaluation.bootstrap: 0)."
+    elif "newcombe" in methods:
+        ci = NEWCOMBE_CI.format(level=level)
+    else:
+        ci = BOOTSTRAP_CI.format(level=level, boot=p["bootstrap"])
+    tests = list(dict.fromkeys(inputs.delong.get("test", pd.Series(["DeLong"])).dropna()))
+    small = "newcombe" in methods or any(t != "DeLong" for t in tests)
     return PROTOCOL.format(
         seeds=p["seeds"],
         folds=folds,
-        level=p.get("ci_level", 0.95),
-        boot=p["bootstrap"],
+        ci=ci,
         threshold=threshold,
+        test=" / ".join(TESTS.get(t, t) for t in tests) or TESTS["DeLong"],
         reference=inputs.reference,
+        small=SMALL_SAMPLE.format(min=LARGE_SAMPLE_PER_CLASS) if small else "",
     )
 
 
@@ -122,15 +153,16 @@ def headline_rows(headline: Headline) -> list[dict[str, str]]:
     rows = []
     for r in headline.rates:
         tested = r.versus is not None
+        verdict = ("yes" if r.significant else "no") if tested else "–"
         rows.append(
             {
                 "r": f"{r.rate:g}",
-                "highest AUC": r.best,
-                "AUC [95% CI]": f"{r.auc:.3f} [{r.ci[0]:.3f}, {r.ci[1]:.3f}]",
-                "tested against": r.versus or "–",
+                "highest AUC": r.leaders,
+                "AUC [95% CI]": f"{auc_text(r.auc)} [{r.ci[0]:.3f}, {r.ci[1]:.3f}]",
+                "tested against": r.versus or ("– (tie)" if r.tied else "–"),
                 "difference": f"{r.difference:+.3f}" if tested else "–",
                 "p (Holm)": format_p(r.p_holm) if tested else "–",
-                "significant": ("yes" if r.significant else "no") if tested else "–",
+                "significant": "tie" if r.tied else verdict,
             }
         )
     return rows
@@ -144,7 +176,9 @@ def best_flags(metrics: pd.DataFrame) -> pd.DataFrame:
             continue
         grouped = metrics.groupby("missing_rate")[column]
         best = grouped.transform("max" if higher else "min")
-        flags[column] = np.isclose(metrics[column], best) & metrics[column].notna()
+        # As printed (three decimals): values that print the same tie and are all marked.
+        printed = metrics[column].map("{:.3f}".format)
+        flags[column] = (printed == best.map("{:.3f}".format)) & metrics[column].notna()
     return flags
 
 
@@ -240,9 +274,14 @@ def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
         lines += _md_table(inputs.confusion.rename(columns={"missing_rate": "r"}), index=False)
     lines += ["", "## All metrics", "", "Bold: the best value at that rate.", ""]
     lines += _md_metrics(inputs.metrics)
-    lines += ["", f"## DeLong tests against {inputs.reference}", ""]
+    lines += ["", f"## Paired tests against {inputs.reference}", ""]
+    lines += [
+        f"AUC difference to {inputs.reference} and the Holm-corrected p-value "
+        f"({tests_label(inputs.delong)}).",
+        "",
+    ]
     delong = delong_cells(inputs.delong)
-    lines += _md_table(delong) if not delong.empty else ["No DeLong tests."]
+    lines += _md_table(delong) if not delong.empty else ["No paired tests."]
     lines += ["", "## Methods and their options", ""]
     for info in inputs.methods:
         lines.append(
@@ -272,7 +311,8 @@ def _legend_text(inputs: ReportInputs) -> str:
     return (
         "r = share of test patients whose clinical data is withheld (0: all have it). Each cell: "
         "AUC and its 95% CI; bold: highest at that rate; *: differs from "
-        f"{inputs.reference} at that rate (DeLong, Holm-corrected p < 0.05)."
+        f"{inputs.reference} at that rate ({tests_label(inputs.delong)}, Holm-corrected "
+        "p < 0.05)."
     )
 
 

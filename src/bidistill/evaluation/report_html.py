@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from bidistill.evaluation.headline import format_p
+from bidistill.evaluation.headline import format_p, tests_label
 from bidistill.evaluation.plots import method_colour
 from bidistill.evaluation.report import (
     ReportInputs,
@@ -113,7 +113,7 @@ def render_html(inputs: ReportInputs) -> str:
         _section("confusion", "Confusion matrices at the chosen threshold", _confusion(inputs))
     )
     parts.append(_section("metrics", "All metrics", _metrics_table(inputs)))
-    parts.append(_section("delong", f"DeLong tests against {inputs.reference}", _delong(inputs)))
+    parts.append(_section("delong", f"Paired tests against {inputs.reference}", _delong(inputs)))
     parts.append(_section("methods", "Methods and their options", _methods(inputs)))
     parts.append(_section("cohort", "Cohort", _cohort(inputs.cohort)))
     parts.append(
@@ -148,7 +148,7 @@ def _nav(inputs: ReportInputs) -> str:
     links += [
         ("confusion", "confusion matrices"),
         ("metrics", "all metrics"),
-        ("delong", "DeLong tests"),
+        ("delong", "paired tests"),
         ("methods", "methods"),
         ("cohort", "cohort"),
         ("limitations", "limitations"),
@@ -169,10 +169,11 @@ def _headline(inputs: ReportInputs, headline) -> str:
     rows = headline_rows(headline)
     head = "".join(f"<th class='{_align(k)}'>{e(k)}</th>" for k in rows[0]) if rows else ""
     body = []
-    for row in rows:
+    for row, result in zip(rows, headline.rates):
         cells = []
         for key, value in row.items():
-            text = _swatch(value) if key == "highest AUC" else e(value)
+            leaders = " and ".join(_swatch(m) for m in result.tied or [result.best])
+            text = leaders if key == "highest AUC" else e(value)
             cls = _align(key)
             if key == "significant" and value in ("yes", "no"):
                 cls += " sig" if value == "yes" else " nonsig"
@@ -222,7 +223,8 @@ def _auc_table(inputs: ReportInputs, headline) -> str:
     legend = (
         "r: share of test patients whose clinical data is withheld (0: all have it). Each cell: "
         "the AUC (mean over mask seeds) over its 95% CI. Bold: the highest AUC at that rate. "
-        f"*: differs from {inputs.reference} at that rate (DeLong, Holm-corrected p < 0.05)."
+        f"*: differs from {inputs.reference} at that rate ({tests_label(inputs.delong)}, "
+        "Holm-corrected p < 0.05)."
     )
     return (
         f"<p class='note'>{e(legend)}</p><div class='scroll'><table><thead><tr>{head}</tr>"
@@ -257,7 +259,7 @@ def _metrics_table(inputs: ReportInputs) -> str:
 def _delong(inputs: ReportInputs) -> str:
     delong = inputs.delong
     if delong.empty:
-        return f"<p>No DeLong tests: '{e(inputs.reference)}' was not evaluated.</p>"
+        return f"<p>No paired tests: '{e(inputs.reference)}' was not evaluated.</p>"
     rates = sorted(delong["missing_rate"].unique())
     head = "<th class='l'>method</th>" + "".join(f"<th>r = {r:g}</th>" for r in rates)
     rows = []
@@ -274,7 +276,7 @@ def _delong(inputs: ReportInputs) -> str:
         rows.append("<tr>" + "".join(cells) + "</tr>")
     note = (
         f"AUC difference to {inputs.reference} (method minus {inputs.reference}) and the "
-        "Holm-corrected p-value; highlighted: p < 0.05."
+        f"Holm-corrected p-value ({tests_label(delong)}); highlighted: p < 0.05."
     )
     return (
         f"<p class='note'>{e(note)}</p><div class='scroll'><table><thead><tr>{head}</tr>"

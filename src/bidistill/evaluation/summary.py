@@ -18,9 +18,17 @@ that fold, masked by the same nested scheme at the same rate and seed (Youden's 
 the fixed threshold of the config), and then applied to the test patients. Nothing about the
 test set enters the threshold.
 
-DeLong. At each rate, each method's seed-averaged AUC is compared with the reference method's
-(``bd`` by default) by DeLong's paired test on the replicate-averaged structural components;
-p-values are Holm-corrected across the methods at that rate.
+Small test sets. Below ``metrics.LARGE_SAMPLE_PER_CLASS`` test patients in either class the CI
+is Newcombe's score interval around the seed-averaged AUC (``auc_ci_method`` says which), since
+the percentile bootstrap collapses to [1, 1] at an AUC of 1 and is too narrow on a handful of
+patients.
+
+Paired tests (``delong.csv``, named for the large-sample test). At each rate, each method's
+seed-averaged AUC is compared with the reference method's (``bd`` by default): by DeLong's paired
+test on the replicate-averaged structural components when both classes are large, else by the
+paired permutation test (exact up to ``metrics.EXACT_MAX_PATIENTS`` patients); the ``test`` column
+names it and ``p_floor`` is the smallest p-value it can give on these patients. p-values are
+Holm-corrected across the methods at that rate.
 """
 
 from __future__ import annotations
@@ -85,18 +93,29 @@ def summarize(
     bootstrap: dict[str, np.ndarray] = {}
     ci_rows = []
     n_rates = len(first.rates)
+    large = M.large_sample(first.labels)
+    n_pos = int(first.labels.sum())
     for method in first.methods:
         low, high = np.full(n_rates, np.nan), np.full(n_rates, np.nan)
         if cfg.bootstrap:
             kernels = _averaged_kernels(test, method)  # [R, n_pos, n_neg]
-            bootstrap[method] = M.bootstrap_auc(kernels, n_boot=cfg.bootstrap, seed=0)
-            low, high = M.percentile_ci(bootstrap[method], cfg.ci_level)
+            if large:
+                bootstrap[method] = M.bootstrap_auc(kernels, n_boot=cfg.bootstrap, seed=0)
+                low, high = M.percentile_ci(bootstrap[method], cfg.ci_level)
+            else:
+                n_neg = len(first.labels) - n_pos
+                bounds = [
+                    M.newcombe_ci(auc, n_pos, n_neg, cfg.ci_level)
+                    for auc in kernels.mean(axis=(-2, -1))
+                ]
+                low, high = np.array(bounds).T
         ci_rows += [
             {"method": method, "missing_rate": rate, "auc_ci_low": lo, "auc_ci_high": hi}
             for rate, lo, hi in zip(first.rates, low, high)
         ]
     metrics = _aggregate(by_seed, pd.DataFrame(ci_rows), n_patients=len(first.patient_ids))
-    metrics["n_positive"] = int(first.labels.sum())
+    metrics["n_positive"] = n_pos
+    metrics["auc_ci_method"] = ("bootstrap" if large else "newcombe") if cfg.bootstrap else ""
     delong = _delong_table(test, cfg.reference_method)
     return EvaluationTables(metrics=metrics, by_seed=by_seed, delong=delong, bootstrap=bootstrap)
 
@@ -178,41 +197,48 @@ def _delong_table(test: list[SplitSweep], reference: str) -> pd.DataFrame:
         "z",
         "p_value",
         "p_holm",
+        "test",
+        "p_floor",
     ]
     methods = test[0].methods
     if reference not in methods:
-        log.warning("reference method '%s' not evaluated: no DeLong tests", reference)
+        log.warning("reference method '%s' not evaluated: no paired tests", reference)
         return pd.DataFrame(columns=columns)
-    ref = methods.index(reference)
+    labels = test[0].labels
     rows = []
     for r, rate in enumerate(test[0].rates):
-        components = _averaged_components(test, r)
-        tests = [(m, *M.delong_test(components, i, ref)) for i, m in enumerate(methods) if i != ref]
-        adjusted = M.holm(np.array([t[3] for t in tests]))
-        aucs = components.aucs
-        for (method, diff, z, p), p_adj in zip(tests, adjusted):
+        ref_scores = _replicate_scores(test, reference, r)
+        aucs = {m: _replicate_scores(test, m, r) for m in methods}
+        tests = {
+            m: M.paired_auc_test(scores, ref_scores, labels)
+            for m, scores in aucs.items()
+            if m != reference
+        }
+        adjusted = M.holm(np.array([t.p_value for t in tests.values()]))
+        ref_auc = _mean_auc(ref_scores, labels)
+        for (method, result), p_adj in zip(tests.items(), adjusted):
             rows.append(
                 {
                     "method": method,
                     "reference": reference,
                     "missing_rate": rate,
-                    "auc": aucs[methods.index(method)],
-                    "auc_reference": aucs[ref],
-                    "auc_difference": diff,
-                    "z": z,
-                    "p_value": p,
+                    "auc": _mean_auc(aucs[method], labels),
+                    "auc_reference": ref_auc,
+                    "auc_difference": result.difference,
+                    "z": result.z,
+                    "p_value": result.p_value,
                     "p_holm": p_adj,
+                    "test": result.test,
+                    "p_floor": result.p_floor,
                 }
             )
     return pd.DataFrame(rows, columns=columns)
 
 
-def _averaged_components(test: list[SplitSweep], r: int) -> M.DelongComponents:
-    """DeLong components of all methods at rate index ``r``, averaged over folds and seeds."""
-    v10, v01, count = 0.0, 0.0, 0
-    for t in test:
-        for k in range(len(t.seeds)):
-            scores = np.stack([t.probs[m][k, r] for m in t.methods])  # [methods, n]
-            comp = M.delong_components(scores, t.labels)
-            v10, v01, count = v10 + comp.v10, v01 + comp.v01, count + 1
-    return M.DelongComponents(v10=v10 / count, v01=v01 / count)
+def _replicate_scores(test: list[SplitSweep], method: str, r: int) -> np.ndarray:
+    """``[folds x seeds, n]``: the method's test scores at rate index ``r`` in every replicate."""
+    return np.concatenate([t.probs[method][:, r] for t in test])
+
+
+def _mean_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    return float(M.pair_kernel(scores, labels).mean())
