@@ -92,11 +92,85 @@ def tile_new_slides(
     mask = MaskKind.auto if config.tiling.mask == MaskKind.annotations else None
     update = {"coords_dir": Path(tiles.coords), **({"mask": mask} if mask else {})}
     tiling = config.tiling.model_copy(update=update)
-    todo = [j for j in jobs if not coords_path(tiles.coords, j.slide_id).is_file()]
+    todo = [j for j in jobs if not _tiles_ready(tiles, j)]
     if todo:
         log.info("tiling %d new slides into %s", len(todo), tiles.coords)
         tile_cohort(todo, tiling, workers=1, progress=False, hint=PREDICT_HINT)
-    return {j.slide_id: (j.path, coords_path(tiles.coords, j.slide_id)) for j in jobs}
+    found = {j.slide_id: (j.path, coords_path(tiles.coords, j.slide_id)) for j in jobs}
+    _refuse_empty(found, tiles)
+    return found
+
+
+def _tiles_ready(tiles: Tiles, job) -> bool:
+    """Whether the slide's coords file exists and was made from this very file. Slide ids name
+    files, not pixels: a later batch may reuse an id, or the file may have been replaced. A
+    slide tiled again loses its old coords and features (they are of other pixels)."""
+    from bidistill.features.store import feature_path
+    from bidistill.slides import coords_path
+
+    coords = coords_path(tiles.coords, job.slide_id)
+    if not coords.is_file():
+        feature_path(tiles.features, job.slide_id).unlink(missing_ok=True)
+        return False
+    changed = _changed_since_tiling(_recorded_attrs(coords), job.path)
+    if not changed:
+        return True
+    log.warning(
+        "%s: tiled from another file than %s (its %s differ: a slide of an earlier batch with "
+        "the same id, or the file changed); tiling and encoding it again",
+        coords,
+        job.path,
+        " and ".join(changed),
+    )
+    coords.unlink()
+    feature_path(tiles.features, job.slide_id).unlink(missing_ok=True)
+    return False
+
+
+def _changed_since_tiling(recorded: dict, slide: Path) -> list[str]:
+    """What differs between the slide file and what its coords file recorded of it: size and
+    time (and a patch folder's file list); the path only where nothing else was recorded
+    (coords made by an older bidistill). A moved but unchanged file is the same slide."""
+    from bidistill.slides.signature import slide_signature
+
+    current = slide_signature(slide)
+    if "slide_size" in recorded:
+        content = [k for k in current if k != "slide_path"]
+        return [k.removeprefix("slide_") for k in content if recorded.get(k) != current[k]]
+    source = recorded.get("source")
+    if source is not None and Path(str(source)).resolve() != Path(current["slide_path"]):
+        return [f"path ({source})"]
+    return []
+
+
+def _recorded_attrs(coords: Path) -> dict:
+    import h5py
+
+    from bidistill._io import h5_attrs
+
+    try:
+        with h5py.File(coords, "r") as h5:
+            return h5_attrs(h5)
+    except OSError:  # unreadable: made again like a changed slide
+        return {}
+
+
+def _refuse_empty(found: dict[str, tuple[Path, Path]], tiles: Tiles) -> None:
+    """A slide without a single tile (blank, or no tissue found) has nothing to predict from:
+    refused by name, as training refuses it, rather than given a decision."""
+    from bidistill.slides import read_coords
+
+    empty = [
+        (s, slide) for s, (slide, coords) in found.items() if not len(read_coords(coords).coords)
+    ]
+    if empty:
+        names = ", ".join(str(slide) for _, slide in empty[:5])
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise TilesError(
+            f"{names}{more}: no tile kept (a blank slide, or no tissue found; see "
+            f"{Path(tiles.coords) / 'qc'}), so there is nothing to predict from; remove the slide "
+            "(or its patient's rows of the table) and predict again"
+        )
 
 
 def extract_new_slides(

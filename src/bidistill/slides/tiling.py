@@ -21,6 +21,7 @@ from bidistill.errors import SlideError
 from bidistill.slides.coords import write_coords
 from bidistill.slides.masks import ink_strokes, load_annotations, rasterize, tissue_mask
 from bidistill.slides.reader import PatchFolder, Slide, WholeSlide, require_mpp
+from bidistill.slides.signature import slide_signature
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,11 @@ def write_slide_tiling(path: Path, slide: Slide, tiling: SlideTiling) -> Path:
         mask_kind=tiling.mask_kind,
         width=slide.width,
         height=slide.height,
-        extra_attrs={"stride_level0": tiling.spec.stride_level0, "source": str(slide.path)},
+        extra_attrs={
+            "stride_level0": tiling.spec.stride_level0,
+            "source": str(slide.path),
+            **slide_signature(slide.path),
+        },
     )
 
 
@@ -248,5 +253,5 @@ def write_patch_folder_coords(path: Path, folder: PatchFolder, tiling: TilingCon
         width=folder.width,
         height=folder.height,
         paths=[p.name for p in folder.patch_paths],
-        extra_attrs={"source": str(folder.path)},
+        extra_attrs={"source": str(folder.path), **slide_signature(folder.path)},
     )
