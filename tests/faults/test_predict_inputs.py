@@ -15,6 +15,7 @@ import pytest
 
 from tests.faults.conftest import (
     assert_one_line_error,
+    edit_config,
     invoke,
     make_read_only,
     table,
@@ -177,3 +178,102 @@ def test_predict_into_a_read_only_folder_is_refused_before_any_work(trained_run,
         assert_one_line_error(result, str(locked), "cannot write there")
     finally:
         undo()
+
+
+# --- 1, 3: new slides against the tiles cached from earlier batches -----------------------------
+
+
+@pytest.fixture(scope="module")
+def slide_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A feature run on 12 patch-folder slides, tiled and encoded by a tiny random-init CNN:
+    (cohort folder, run dir)."""
+    from bidistill.synthetic.patches import make_patch_cohort
+
+    base = tmp_path_factory.mktemp("slide-run")
+    config = make_patch_cohort(base / "cohort", patients=12, seed=2, tiles=(4, 6))
+
+    def feature_mode(raw):
+        raw["methods"] = ["wsi-only"]
+        raw["features"].update(dir="features", batch_size=16, num_workers=0)
+        raw["training"] = {"epochs": 1, "patience": 1, "batch_size": 4, "device": "cpu"}
+        raw["evaluation"] = {"mask_seeds": 1, "bootstrap": 0, "missing_rates": [0.0, 1.0]}
+
+    edit_config(config, feature_mode)
+    result = invoke("run", config, "--out", base / "run", "--no-progress")
+    assert result.exit_code == 0, result.output
+    return config.parent, base / "run"
+
+
+def _batch(cohort: Path, folder: Path, slides: dict[str, str]) -> Path:
+    """A folder of new slides: slide id → the cohort slide whose patches it holds."""
+    for slide_id, source in slides.items():
+        shutil.rmtree(folder / slide_id, ignore_errors=True)
+        shutil.copytree(cohort / "slides" / source, folder / slide_id)
+    return folder
+
+
+def test_a_new_batch_with_the_same_slide_ids_is_tiled_and_encoded_again(slide_run, tmp_path):
+    cohort, run = slide_run
+    out = tmp_path / "out"
+    first = _batch(cohort, tmp_path / "new", {"X1": "P001", "X2": "P002", "X3": "P003"})
+    result, batch_a = _predict(run, "--slides", first, "--out", out / "a.csv")
+    assert result.exit_code == 0, result.output
+    # Batch B: the same ids, other images, in the same folder; predicted into the same --out.
+    _batch(cohort, first, {"X1": "P010", "X2": "P011", "X3": "P012"})
+    result, batch_b = _predict(run, "--slides", first, "--out", out / "b.csv")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    # What a fresh tiles folder gives for batch B.
+    fresh = tmp_path / "fresh"
+    result, expected = _predict(run, "--slides", first, "--tiles", fresh, "--out", fresh / "b.csv")
+    assert result.exit_code == 0, result.output
+    assert not np.allclose(batch_a["probability"], expected["probability"], atol=1e-6)
+    np.testing.assert_allclose(batch_b["probability"], expected["probability"], atol=1e-6)
+    assert "tiled from another file" in said
+
+
+def test_only_the_slides_given_are_predicted(slide_run, tmp_path):
+    cohort, run = slide_run
+    out = tmp_path / "out"
+    first = _batch(cohort, tmp_path / "a", {"X1": "P001", "X2": "P002", "X3": "P003"})
+    result, _ = _predict(run, "--slides", first, "--out", out / "a.csv")
+    assert result.exit_code == 0, result.output
+    second = _batch(cohort, tmp_path / "b", {"Y1": "P004", "Y2": "P005"})
+    result, frame = _predict(run, "--slides", second, "--out", out / "b.csv")
+    assert result.exit_code == 0, result.output
+    assert sorted(frame["patient_id"]) == ["Y1", "Y2"]
+
+
+def test_a_blank_slide_is_refused_by_name_not_given_a_decision(slide_run, tmp_path):
+    from PIL import Image
+
+    cohort, run = slide_run
+    folder = _batch(cohort, tmp_path / "new", {"X1": "P001"})
+    blank = folder / "BLANK.png"
+    Image.new("RGB", (256, 256), (255, 255, 255)).save(blank)
+    out = tmp_path / "pred.csv"
+    result, _ = _predict(run, "--slides", folder, "--out", out)
+    assert_one_line_error(result, str(blank), "no tile", "predict again")
+    assert not out.exists()
+
+
+def test_an_end_to_end_run_removes_the_state_copies_of_killed_saves(tmp_path):
+    from bidistill.synthetic.patches import make_patch_cohort
+
+    config = make_patch_cohort(tmp_path / "cohort", patients=12, seed=2, tiles=(4, 6))
+
+    def short(raw):
+        raw["methods"] = ["wsi-only"]
+        raw["training"].update(epochs=1, patience=1)
+        raw["evaluation"] = {"mask_seeds": 1, "bootstrap": 0, "missing_rates": [0.0, 1.0]}
+
+    edit_config(config, short)
+    # What a kill -9 while the state was saved leaves beside it (a partial copy).
+    method_dir = tmp_path / "run" / "wsi-only"
+    method_dir.mkdir(parents=True)
+    leftover = method_dir / ".training_state.pt.k2j_9x1a.tmp.pt"
+    leftover.write_bytes(b"PK\x03\x04 partial")
+    result = invoke("run", config, "--out", tmp_path / "run", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (method_dir / "model.safetensors").is_file()
+    assert sorted(p.name for p in method_dir.glob(".*")) == []

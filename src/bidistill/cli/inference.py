@@ -45,8 +45,9 @@ def _bag_source(trained, features: list[Path] | None, slides, tiles: Path):
     return Tiles(coords=tiles, slides=tuple(slides or ())) if slides or end_to_end else None
 
 
-def _check_output_folder(folder: Path, option: str = "--out") -> None:
-    """Make ``folder`` (for ``option``) and check that it takes files, before any work.
+def _check_output_folder(folder: Path, given: Path | None = None) -> None:
+    """Make ``folder`` and check that it takes files, before any work (``given``: the --out
+    that the messages name, default ``folder``).
 
     Raises:
         ConfigError: a file where a folder must be (the folder or a folder above it), or a
@@ -55,11 +56,12 @@ def _check_output_folder(folder: Path, option: str = "--out") -> None:
     from bidistill.errors import ConfigError
     from bidistill.runs.preflight import prepare_output_dir
 
+    given = given or folder
     blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
-        where = "is a file" if blocking == folder else f"{blocking} is a file"
+        where = "is a file" if blocking == given else f"{blocking} is a file"
         raise ConfigError(
-            f"{option} {folder}: {where}, not a folder; choose another {option} (or move that file)"
+            f"--out {given}: {where}, not a folder; choose another --out (or move that file)"
         )
     prepare_output_dir(folder)
 
@@ -72,7 +74,7 @@ def _check_output_csv(out: Path) -> None:
         raise ConfigError(
             f"--out {out}: is a folder; give the CSV file to write (e.g. {out / 'predictions.csv'})"
         )
-    _check_output_folder(out.parent)
+    _check_output_folder(out.parent, out)
 
 
 @contextlib.contextmanager

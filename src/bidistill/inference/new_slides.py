@@ -97,7 +97,7 @@ def tile_new_slides(
         log.info("tiling %d new slides into %s", len(todo), tiles.coords)
         tile_cohort(todo, tiling, workers=1, progress=False, hint=PREDICT_HINT)
     found = {j.slide_id: (j.path, coords_path(tiles.coords, j.slide_id)) for j in jobs}
-    _refuse_empty(found, tiles)
+    _refuse_empty(found, tiles, qc=tiling.qc)
     return found
 
 
@@ -155,21 +155,20 @@ def _recorded_attrs(coords: Path) -> dict:
         return {}
 
 
-def _refuse_empty(found: dict[str, tuple[Path, Path]], tiles: Tiles) -> None:
+def _refuse_empty(found: dict[str, tuple[Path, Path]], tiles: Tiles, *, qc: bool) -> None:
     """A slide without a single tile (blank, or no tissue found) has nothing to predict from:
     refused by name, as training refuses it, rather than given a decision."""
     from bidistill.slides import read_coords
 
-    empty = [
-        (s, slide) for s, (slide, coords) in found.items() if not len(read_coords(coords).coords)
-    ]
+    empty = [slide for slide, coords in found.values() if not len(read_coords(coords).coords)]
     if empty:
-        names = ", ".join(str(slide) for _, slide in empty[:5])
+        names = ", ".join(map(str, empty[:5]))
         more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        seen = f"; see {Path(tiles.coords) / 'qc'}" if qc else ""
         raise TilesError(
-            f"{names}{more}: no tile kept (a blank slide, or no tissue found; see "
-            f"{Path(tiles.coords) / 'qc'}), so there is nothing to predict from; remove the slide "
-            "(or its patient's rows of the table) and predict again"
+            f"{names}{more}: no tile kept (a blank slide, or no tissue found{seen}), so there is "
+            "nothing to predict from; remove the slide (or its patient's rows of the table) and "
+            "predict again"
         )
 
 
