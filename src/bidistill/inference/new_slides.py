@@ -107,52 +107,23 @@ def _tiles_ready(tiles: Tiles, job) -> bool:
     slide tiled again loses its old coords and features (they are of other pixels)."""
     from bidistill.features.store import feature_path
     from bidistill.slides import coords_path
+    from bidistill.slides.signature import change_since
 
     coords = coords_path(tiles.coords, job.slide_id)
-    if not coords.is_file():
-        feature_path(tiles.features, job.slide_id).unlink(missing_ok=True)
-        return False
-    changed = _changed_since_tiling(_recorded_attrs(coords), job.path)
-    if not changed:
+    change = change_since(coords, job.path) if coords.is_file() else "no coords file"
+    if change is None:
         return True
-    log.warning(
-        "%s: tiled from another file than %s (its %s differ: a slide of an earlier batch with "
-        "the same id, or the file changed); tiling and encoding it again",
-        coords,
-        job.path,
-        " and ".join(changed),
-    )
-    coords.unlink()
+    if coords.is_file():
+        log.warning(
+            "%s: tiled from another file than %s (%s: a slide of an earlier batch with the same "
+            "id, or the file was replaced); tiling and encoding it again",
+            coords,
+            job.path,
+            change,
+        )
+        coords.unlink()
     feature_path(tiles.features, job.slide_id).unlink(missing_ok=True)
     return False
-
-
-def _changed_since_tiling(recorded: dict, slide: Path) -> list[str]:
-    """What differs between the slide file and what its coords file recorded of it: size and
-    time (and a patch folder's file list); the path only where nothing else was recorded
-    (coords made by an older bidistill). A moved but unchanged file is the same slide."""
-    from bidistill.slides.signature import slide_signature
-
-    current = slide_signature(slide)
-    if "slide_size" in recorded:
-        content = [k for k in current if k != "slide_path"]
-        return [k.removeprefix("slide_") for k in content if recorded.get(k) != current[k]]
-    source = recorded.get("source")
-    if source is not None and Path(str(source)).resolve() != Path(current["slide_path"]):
-        return [f"path ({source})"]
-    return []
-
-
-def _recorded_attrs(coords: Path) -> dict:
-    import h5py
-
-    from bidistill._io import h5_attrs
-
-    try:
-        with h5py.File(coords, "r") as h5:
-            return h5_attrs(h5)
-    except OSError:  # unreadable: made again like a changed slide
-        return {}
 
 
 def _refuse_empty(found: dict[str, tuple[Path, Path]], tiles: Tiles, *, qc: bool) -> None:
