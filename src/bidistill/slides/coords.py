@@ -3,11 +3,9 @@
 Dataset ``coords`` int64 [n, 2] (level-0 x, y of each tile's top-left corner) and attributes
 ``patch_size`` (px at the target MPP), ``patch_size_level0``, ``level`` (pyramid level to read
 from), ``mpp`` (target), ``slide_mpp``, ``mask_kind``, ``width``, ``height``,
-``bidistill_version`` (unknown MPPs are NaN), and the slide it was tiled from: ``source`` and
-``slides.signature.slide_signature`` (``slide_path``, ``slide_size``, ``slide_mtime_ns``). For
-a folder of patches the coords are synthetic, (i, 0), and a string dataset ``paths`` holds the
-patch file names. Written atomically: a file that exists is whole, which is what lets a killed
-tiling run resume.
+``bidistill_version`` (unknown MPPs are NaN). For a folder of patches the coords are synthetic,
+(i, 0), and a string dataset ``paths`` holds the patch file names. Written atomically: a file
+that exists is whole, which is what lets a killed tiling run resume.
 """
 
 from __future__ import annotations
