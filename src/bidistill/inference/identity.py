@@ -22,7 +22,7 @@ from typing import Any
 
 import h5py
 
-from bidistill._io import h5_attrs, is_temp_file
+from bidistill._io import h5_attrs
 from bidistill.errors import FeatureFileError
 
 IDENTITY_KEYS = ("encoder", "patch_size", "mpp")
@@ -68,8 +68,7 @@ def run_identity(meta: dict[str, Any]) -> tuple[dict[str, Any], str]:
     if identity:
         return identity, "the run's model.json"
     training_dir = Path(recorded.get("dir") or "")
-    files = sorted(training_dir.glob("*.h5")) if recorded else []
-    training_file = next((p for p in files if not is_temp_file(p)), None)
+    training_file = next(iter(sorted(training_dir.glob("*.h5"))), None) if recorded else None
     if training_file is not None:
         try:
             found = file_identity(training_file)
