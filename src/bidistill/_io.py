@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,3 +73,28 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy scalar
         return value.item()
     return value
+
+
+# The name ``atomic_path`` gives a file being written: ``.<target name>.<8 random>.tmp<suffix>``.
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp(\.[^.]+)?")
+
+
+def is_temp_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file that ``atomic_path`` was writing: never data (a process
+    killed while writing leaves one, whole or partial), so every folder listing skips it."""
+    return _TEMP_NAME.fullmatch(Path(path).name) is not None
+
+
+def remove_temp_files(target: str | Path) -> list[Path]:
+    """Remove what killed writes of ``target`` left beside it; returns the files removed.
+
+    Only for a target that no other process writes now (e.g. inside a locked run folder).
+    """
+    target = Path(target)
+    removed = []
+    for path in target.parent.iterdir() if target.parent.is_dir() else ():
+        match = _TEMP_NAME.fullmatch(path.name)
+        if match and match["target"] == target.name and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -51,6 +51,38 @@ def _bag_source(trained, features: list[Path] | None, slides, tiles: Path):
     return Tiles(coords=tiles, slides=tuple(slides or ())) if slides or end_to_end else None
 
 
+def _check_output_folder(folder: Path, given: Path | None = None) -> None:
+    """Make ``folder`` and check that it takes files, before any work (``given``: the --out
+    that the messages name, default ``folder``).
+
+    Raises:
+        ConfigError: a file where a folder must be (the folder or a folder above it), or a
+            folder that cannot be made or written.
+    """
+    from bidistill.errors import ConfigError
+    from bidistill.runs.preflight import prepare_output_dir
+
+    given = given or folder
+    blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        where = "is a file" if blocking == given else f"{blocking} is a file"
+        raise ConfigError(
+            f"--out {given}: {where}, not a folder; choose another --out (or move that file)"
+        )
+    prepare_output_dir(folder)
+
+
+def _check_output_csv(out: Path) -> None:
+    """The CSV ``predict`` writes: not a folder, in a folder that takes files."""
+    from bidistill.errors import ConfigError
+
+    if out.is_dir():
+        raise ConfigError(
+            f"--out {out}: is a folder; give the CSV file to write (e.g. {out / 'predictions.csv'})"
+        )
+    _check_output_folder(out.parent, out)
+
+
 @contextlib.contextmanager
 def _warnings_as_lines():
     """Print the stage's warnings (unseen categories, absent columns) as `warning:` lines."""
@@ -121,6 +153,7 @@ def predict(
     """
     from bidistill._io import write_csv
 
+    _check_output_csv(out)  # before any work: the table is written only at the end
     with _warnings_as_lines():
         trained = _load_run(run_dir, method, config, device)
         table = trained.predict(
@@ -218,6 +251,7 @@ def heatmap(
     """
     from bidistill.inference.maps import write_attention_maps
 
+    _check_output_folder(out)
     with _warnings_as_lines():
         trained = _load_run(run_dir, method, config, device)
         source = _bag_source(trained, features, slides, tiles or out / "tiles")

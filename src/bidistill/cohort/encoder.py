@@ -7,7 +7,8 @@ feature gets a missing-indicator, so missingness is an explicit input.
 
 Encoding per kind:
     numeric      standardised with the training mean and std; missing → 0 (the training mean)
-    binary       1 for a positive value, else 0; missing → the training prevalence
+    binary       1 for a positive value, 0 for the other value seen in training; missing or
+                 unseen → the training prevalence
     ordinal      level index scaled to [0, 1]; missing → the training mean
     categorical  one-hot over the training levels; missing or unseen → all zeros
 
@@ -91,7 +92,10 @@ class ClinicalEncoder:
             positive = [normalise_text(v).casefold() for v in (col.positive or DEFAULT_POSITIVE)]
             x = self._binary(cells, positive)
             mean = float(np.nanmean(x)) if np.isfinite(x).any() else 0.0
-            return {"kind": kind.value, "positive": positive, "mean": mean}
+            # The values training saw: any other value is unseen (a typo), not the negative one.
+            seen = {normalise_text(v).casefold() for v in cells if not is_blank(v)}
+            levels = sorted(seen | set(positive))
+            return {"kind": kind.value, "positive": positive, "mean": mean, "levels": levels}
         if kind == ClinicalKind.ordinal:
             levels = [normalise_text(c) for c in col.categories or []]
             x = self._ordinal(cells, levels)
@@ -150,12 +154,7 @@ class ClinicalEncoder:
         if kind == "categorical":
             levels = {level: i for i, level in enumerate(stats["levels"])}
             text = [None if is_blank(v) else normalise_text(v) for v in cells]
-            unseen = sorted({t for t in text if t is not None and t not in levels})
-            if unseen:
-                warnings.warn(
-                    f"clinical feature '{name}': {unseen} not seen in training; treated as missing",
-                    stacklevel=3,
-                )
+            _warn_unseen(name, [t for t in text if t is not None and t not in levels])
             onehot = np.zeros((len(text), len(levels)))
             observed = np.zeros(len(text), dtype=bool)
             for i, t in enumerate(text):
@@ -164,20 +163,30 @@ class ClinicalEncoder:
                     observed[i] = True
             return onehot, observed
         if kind == "binary":
-            x = self._binary(cells, stats["positive"])
+            x = self._binary(cells, stats["positive"], stats.get("levels"))
+            _warn_unseen(name, [v for v, m in zip(cells, np.isnan(x)) if m and not is_blank(v)])
         else:
             x = self._ordinal(cells, stats["levels"])
         observed = ~np.isnan(x)
         return np.where(observed, x, stats["mean"])[:, None], observed
 
     @staticmethod
-    def _binary(cells: pd.Series, positive: list[str]) -> np.ndarray:
-        return np.array(
-            [
-                math.nan if is_blank(v) else float(normalise_text(v).casefold() in positive)
-                for v in cells
-            ]
-        )
+    def _binary(
+        cells: pd.Series, positive: list[str], levels: list[str] | None = None
+    ) -> np.ndarray:
+        """1 for a positive value, 0 for another value of ``levels``, NaN for a blank or a
+        value outside ``levels`` (encoders saved before ``levels`` was kept: any value is 0 or
+        1)."""
+
+        def encode(cell) -> float:
+            if is_blank(cell):
+                return math.nan
+            text = normalise_text(cell).casefold()
+            if levels is not None and text not in levels:
+                return math.nan
+            return float(text in positive)
+
+        return np.array([encode(v) for v in cells], dtype=float)
 
     @staticmethod
     def _ordinal(cells: pd.Series, levels: list[str]) -> np.ndarray:
@@ -230,3 +239,12 @@ class ClinicalEncoder:
             else:
                 names.append(name)
         return names + [f"{name}_missing" for name in self.feature_names_in_]
+
+
+def _warn_unseen(name: str, values: list) -> None:
+    unseen = sorted({normalise_text(v) for v in values})
+    if unseen:
+        warnings.warn(
+            f"clinical feature '{name}': {unseen} not seen in training; treated as missing",
+            stacklevel=4,
+        )

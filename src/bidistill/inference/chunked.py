@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from bidistill.errors import BidistillError, FeatureFileError
+from bidistill.features.hygiene import check_values
 from bidistill.models import aggregators as _aggregators
 from bidistill.models.aggregators import Aggregate, TransMIL
 from bidistill.models.batch import Batch, Output
@@ -117,6 +118,8 @@ class FileBag:
                     block = buffer[: stop - start]
                     where = np.s_[0, start:stop] if dataset.ndim == 3 else np.s_[start:stop]
                     dataset.read_direct(block, source_sel=where)
+                    # NaN would pass the aggregators and surface as a NaN probability.
+                    check_values(path, block, first_row=start)
                     yield block
 
 

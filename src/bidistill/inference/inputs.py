@@ -11,12 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 
+from bidistill._io import is_temp_file
 from bidistill.cohort import ClinicalEncoder
 from bidistill.cohort.prediction import PredictionCohort
 from bidistill.errors import CohortError, FeatureFileError
+from bidistill.features.hygiene import checked_shape, scan_values
 
 FeaturesArg = str | Path | Sequence[str | Path] | None
 
@@ -79,22 +82,64 @@ def patient_inputs(
 
 
 def feature_files(features: FeaturesArg) -> dict[str, Path] | None:
-    """slide id → .h5 file, from folders and files."""
+    """slide id → .h5 file, from folders and files.
+
+    Files that a killed write left (``.<name>.<random>.tmp.h5``) are not features and are
+    skipped.
+
+    Raises:
+        FeatureFileError: an item that does not exist, no feature file at all, or one slide id
+            with two different files (which one holds the slide cannot be guessed).
+    """
     if features is None:
         return None
     items = [features] if isinstance(features, str | Path) else list(features)
     files: dict[str, Path] = {}
     for item in map(Path, items):
         if item.is_dir():
-            for path in sorted(item.glob("*.h5")):
-                files.setdefault(path.stem, path)
+            found = [p for p in sorted(item.glob("*.h5")) if not is_temp_file(p)]
         elif item.is_file():
-            files[item.stem] = item
+            found = [item]
         else:
             raise FeatureFileError(f"{item}: no such feature file or folder")
+        for path in found:
+            _add_feature_file(files, path)
     if not files:
         raise FeatureFileError(f"{', '.join(map(str, items))}: no .h5 feature files")
     return files
+
+
+def _add_feature_file(files: dict[str, Path], path: Path) -> None:
+    slide_id = path.stem
+    known = files.setdefault(slide_id, path)
+    if known != path and known.resolve() != path.resolve():
+        raise FeatureFileError(
+            f"slide '{slide_id}' has two feature files, {known} and {path}: give only the one "
+            "that holds this slide (--features)"
+        )
+
+
+def check_feature_values(path: Path) -> None:
+    """Refuse a feature file without tiles, or with NaN or infinite values, before any patient
+    is predicted (the values are read a block at a time).
+
+    Raises:
+        FeatureFileError: names the file and what to do.
+    """
+    try:
+        with h5py.File(path, "r") as h5:
+            dataset = h5["features"]
+            if len(dataset.shape) in (2, 3) and dataset.shape[-2] == 0:
+                raise FeatureFileError(
+                    f"{path}: no tiles (0 x {dataset.shape[-1]} features): nothing of this slide "
+                    "was kept when it was tiled (a blank slide, or no tissue found), so there is "
+                    "nothing to predict from; remove the slide (or its patient's rows of the "
+                    "table) and predict again"
+                )
+            checked_shape(path, dataset)
+            scan_values(path, dataset)
+    except (OSError, KeyError) as err:
+        raise FeatureFileError(f"{path}: not a readable feature file ({err})") from err
 
 
 def _refuse_missing_features(files: dict[str, Path] | None, absent: list[str], table: Path):

@@ -92,11 +92,55 @@ def tile_new_slides(
     mask = MaskKind.auto if config.tiling.mask == MaskKind.annotations else None
     update = {"coords_dir": Path(tiles.coords), **({"mask": mask} if mask else {})}
     tiling = config.tiling.model_copy(update=update)
-    todo = [j for j in jobs if not coords_path(tiles.coords, j.slide_id).is_file()]
+    todo = [j for j in jobs if not _tiles_ready(tiles, j)]
     if todo:
         log.info("tiling %d new slides into %s", len(todo), tiles.coords)
         tile_cohort(todo, tiling, workers=1, progress=False, hint=PREDICT_HINT)
-    return {j.slide_id: (j.path, coords_path(tiles.coords, j.slide_id)) for j in jobs}
+    found = {j.slide_id: (j.path, coords_path(tiles.coords, j.slide_id)) for j in jobs}
+    _refuse_empty(found, tiles, qc=tiling.qc)
+    return found
+
+
+def _tiles_ready(tiles: Tiles, job) -> bool:
+    """Whether the slide's coords file exists and was made from this very file. Slide ids name
+    files, not pixels: a later batch may reuse an id, or the file may have been replaced. A
+    slide tiled again loses its old coords and features (they are of other pixels)."""
+    from bidistill.features.store import feature_path
+    from bidistill.slides import coords_path
+    from bidistill.slides.signature import change_since
+
+    coords = coords_path(tiles.coords, job.slide_id)
+    change = change_since(coords, job.path) if coords.is_file() else "no coords file"
+    if change is None:
+        return True
+    if coords.is_file():
+        log.warning(
+            "%s: tiled from another file than %s (%s: a slide of an earlier batch with the same "
+            "id, or the file was replaced); tiling and encoding it again",
+            coords,
+            job.path,
+            change,
+        )
+        coords.unlink()
+    feature_path(tiles.features, job.slide_id).unlink(missing_ok=True)
+    return False
+
+
+def _refuse_empty(found: dict[str, tuple[Path, Path]], tiles: Tiles, *, qc: bool) -> None:
+    """A slide without a single tile (blank, or no tissue found) has nothing to predict from:
+    refused by name, as training refuses it, rather than given a decision."""
+    from bidistill.slides import read_coords
+
+    empty = [slide for slide, coords in found.values() if not len(read_coords(coords).coords)]
+    if empty:
+        names = ", ".join(map(str, empty[:5]))
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        seen = f"; see {Path(tiles.coords) / 'qc'}" if qc else ""
+        raise TilesError(
+            f"{names}{more}: no tile kept (a blank slide, or no tissue found{seen}), so there is "
+            "nothing to predict from; remove the slide (or its patient's rows of the table) and "
+            "predict again"
+        )
 
 
 def extract_new_slides(

@@ -43,6 +43,7 @@ from bidistill.inference.identity import check_feature_identity, run_identity
 from bidistill.inference.inputs import (
     FeaturesArg,
     PatientInput,
+    check_feature_values,
     clinical_frame,
     feature_files,
     patient_inputs,
@@ -169,19 +170,23 @@ class TrainedRun:
             )
         )
 
-    def features_from_slides(self, tiles: Tiles, cohort=None) -> Path:
+    def features_from_slides(self, tiles: Tiles, cohort=None) -> list[Path] | Path:
         """Tile and encode new slides with the run's tiling and encoder settings (skipping what
-        is done); returns the folder of their feature files (``tiles.features``).
+        is done); returns the feature files of these slides (in ``tiles.features``, which may
+        hold other slides of earlier batches: they are not predicted).
 
         Args:
             cohort: the prediction table; its slides are the ones made ready (default: every
                 slide ``tiles.slides`` names).
         """
+        from bidistill.features.store import feature_path
+
         listed = None if cohort is None else [s for v in cohort.slides_of().values() for s in v]
         if listed is not None and not listed:
             return tiles.features  # a clinical-only table: nothing to encode
         found = tile_new_slides(self.config, tiles, listed)
-        return extract_new_slides(self.config, found, tiles.features)
+        folder = extract_new_slides(self.config, found, tiles.features)
+        return [feature_path(folder, slide_id) for slide_id in found]
 
     def iter_patients(
         self,
@@ -243,6 +248,7 @@ class TrainedRun:
                 check_feature_identity(
                     path, self.identity, self.identity_source, dim=self.feature_dim
                 )
+                check_feature_values(path)
 
     # --- prediction -----------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from bidistill._io import atomic_path
+from bidistill._io import atomic_path, is_temp_file
 from bidistill.slides.reader import PatchFolder
 from bidistill.slides.tiling import SlideTiling
 
@@ -214,7 +214,9 @@ def write_cohort_overview(coords_dir: str | Path) -> Path | None:
     from bidistill.slides.coords import CoordsFileError, coords_path, read_coords
 
     coords_dir = Path(coords_dir)
-    images = sorted(p for p in (coords_dir / "qc").glob("*.png") if p.name != OVERVIEW)
+    images = sorted(
+        p for p in (coords_dir / "qc").glob("*.png") if p.name != OVERVIEW and not is_temp_file(p)
+    )
     counts = {}
     for image in images:
         try:

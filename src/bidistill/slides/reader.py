@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bidistill._io import atomic_path
+from bidistill._io import atomic_path, is_temp_file
 from bidistill.errors import SlideError
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,9 @@ class PatchFolder:
 
     def __init__(self, path: Path, *, mpp: float | None) -> None:
         files = sorted(
-            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in PATCH_SUFFIXES
+            p
+            for p in path.iterdir()
+            if p.is_file() and p.suffix.lower() in PATCH_SUFFIXES and not is_temp_file(p)
         )
         if not files:
             raise SlideError(

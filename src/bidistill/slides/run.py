@@ -33,6 +33,7 @@ from bidistill.runner import (
 from bidistill.slides.coords import coords_path
 from bidistill.slides.qc import qc_path, write_patch_folder_qc, write_tiling_qc
 from bidistill.slides.reader import SLIDE_SUFFIXES, PatchFolder, open_slide
+from bidistill.slides.signature import slide_signature
 from bidistill.slides.tiling import tile_slide, write_patch_folder_coords, write_slide_tiling
 
 log = logging.getLogger(__name__)
@@ -138,16 +139,18 @@ def tile_one(job: SlideJob, tiling: TilingConfig, cache_dir: Path) -> int:
         SlideError (or another BidistillError): the slide cannot be read or tiled.
     """
     target = coords_path(tiling.coords_dir, job.slide_id)
+    # Signed before reading: a slide replaced while it is tiled is seen as changed next time.
+    signature = slide_signature(job.path) if job.path.exists() else None
     with open_slide(job.path, job.mpp, cache_dir=cache_dir) as slide:
         if isinstance(slide, PatchFolder):
             if tiling.qc:
                 write_patch_folder_qc(qc_path(tiling.coords_dir, job.slide_id), slide)
-            write_patch_folder_coords(target, slide, tiling)
+            write_patch_folder_coords(target, slide, tiling, signature=signature)
             return len(slide.patch_paths)
         result = tile_slide(slide, tiling, annotations_path=job.annotations)
         if tiling.qc:
             write_tiling_qc(qc_path(tiling.coords_dir, job.slide_id), result)
-        write_slide_tiling(target, slide, result)
+        write_slide_tiling(target, slide, result, signature=signature)
     if len(result.coords) == 0:
         log.info("%s: no tile kept (see its QC image)", job.path)  # the summary says it too
     return len(result.coords)

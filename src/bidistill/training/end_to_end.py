@@ -85,6 +85,7 @@ from bidistill.training.training_state import (
     TrainingState,
     fingerprint,
     load_state,
+    remove_state,
     save_state,
     tiles_digest,
 )
@@ -502,7 +503,7 @@ class _Trainer:
 
             _refuse_non_finite(predictions, self.method_cfg.key, method_dir / PREDICTIONS)
             write_csv(method_dir / PREDICTIONS, predictions)  # last: marks the method as done
-            (method_dir / STATE).unlink(missing_ok=True)
+            remove_state(method_dir)
             seconds = time.perf_counter() - started
             log.info("%s: trained end to end in %.1f s", self.method.name, seconds)
         barrier(self.processes)

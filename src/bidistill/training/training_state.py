@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bidistill._io import atomic_path
+from bidistill._io import atomic_path, remove_temp_files
 from bidistill.training.backbone import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,15 @@ def save_state(
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def remove_state(method_dir: Path) -> None:
+    """Training is done: remove its state, and the partial copies that a process killed while
+    saving it left (each as large as the weights and the optimiser together)."""
+    path = Path(method_dir) / STATE
+    path.unlink(missing_ok=True)
+    for leftover in remove_temp_files(path):
+        log.info("removed %s, left by a killed save", leftover)
 
 
 def load_state(path: Path, fingerprint: str, device: torch.device) -> dict | None:
