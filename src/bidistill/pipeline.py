@@ -2,15 +2,17 @@
 
 resolve config -> checks -> load cohort -> ``splits.json`` -> train each method -> evaluate.
 
-Before any work: the config, the methods, the training device and the output folder are checked,
-the folder is locked (``bidistill.runs.lock``: a second run on it is refused), the label table is
-shown, and the splits are checked for both classes. Each stage records in ``run.json`` what it
-consumed (``bidistill.runs.fingerprint``): the cohort rows, splits and feature files a method was
-trained on, the predictions and settings the evaluation used. A rerun redoes exactly the stages
-whose inputs changed, says why on the console, and keeps the others, so an interrupted run
-continues where it stopped and adding a method trains only that method. A trained method's
-``predictions.csv`` is written last and its record after it, so a stage that stopped half-way is
-never taken for done.
+Before any work, and before the run folder is made: the config, the methods, the checks of every
+stage the run goes through (``bidistill.preflight``: cohort table, slides, feature files, devices)
+and the run folder (made by this config file, with the same settings) are checked; then the
+output folder is made and locked (``bidistill.runs.lock``: a second run on it is refused), the
+label table is shown, and the splits are checked for both classes. Each stage records in
+``run.json`` what it consumed (``bidistill.runs.fingerprint``): the cohort rows, splits and
+feature files a method was trained on, the predictions and settings the evaluation used. A
+rerun redoes exactly the stages whose inputs changed, says why on the console, and keeps the
+others, so an interrupted run continues where it stopped and adding a method trains only that
+method. A trained method's ``predictions.csv`` is written last and its record after it, so a
+stage that stopped half-way is never taken for done.
 
 k-fold mode trains each fold into ``folds/fold<i>/<method>/`` and then joins the folds'
 predictions into ``<method>/predictions.csv`` (with its ``fold`` column).

@@ -315,8 +315,8 @@ def _slides(context: _Context) -> list[Finding]:
             Finding(
                 "slides.dir",
                 BLOCK,
-                f"{first}{more}; add the files or remove those rows from the cohort table "
-                "(`tile` and `extract` with --skip-errors go on past them)",
+                f"{first}{more}; add the files or remove those rows from the cohort table (or "
+                "pass --skip-errors to go on past them: `tile` and `extract` list them at the end)",
             )
         ]
     return [Finding("slides.dir", OK, f"{folder} (a file for all {len(jobs)} slides)")]
@@ -424,18 +424,20 @@ def _bags(context: _Context) -> list[Finding]:
     if not slide_ids or not context.need_features:
         return []
     if config.training.mode == "end-to-end":
-        return [_tiles_for_training(config, slide_ids)]
+        return [_tiles_for_training(config, slide_ids, context.stages)]
     return _feature_files(context, slide_ids)
 
 
-def _tiles_for_training(config: ExperimentConfig, slide_ids: list[str]) -> Finding:
+def _tiles_for_training(
+    config: ExperimentConfig, slide_ids: list[str], stages: list[str]
+) -> Finding:
     from bidistill.slides.coords import coords_path
 
     folder = Path(config.tiling.coords_dir)
     missing = [s for s in slide_ids if not coords_path(folder, s).is_file()]
     if not missing:
         return Finding("tiling.coords_dir", OK, f"{folder} (tiles of all {len(slide_ids)} slides)")
-    if config.slides is not None:
+    if "tile" in stages:
         return Finding(
             "tiling.coords_dir",
             OK,
@@ -446,7 +448,8 @@ def _tiles_for_training(config: ExperimentConfig, slide_ids: list[str]) -> Findi
         "tiling.coords_dir",
         BLOCK,
         f"{len(missing)} of {len(slide_ids)} slides are not tiled in {folder} (first: "
-        f"{missing[0]}), and without a `slides` section nothing can tile them",
+        f"{missing[0]}): end-to-end training reads their tiles; tile them (`bidistill tile`, "
+        "or `run` with a `slides` section)",
     )
 
 
@@ -477,14 +480,15 @@ def _feature_files(context: _Context, slide_ids: list[str]) -> list[Finding]:
         else f"{len(missing)} of {len(slide_ids)} slides have no feature file in {folder} "
         f"(first: {feature_path(folder, missing[0]).name})"
     )
-    if config.slides is not None:
+    if "extract" in context.stages:
         return [Finding("features.dir", OK, f"{where}: `run` tiles and extracts them first")]
+    how = "`bidistill extract`" if config.slides else "add a `slides` section, and `run` does"
     return [
         Finding(
             "features.dir",
             BLOCK,
-            f"{where}: `run` and `train` read one <slide_id>.h5 per slide (CLAM/TRIDENT "
-            "layout); extract them, or add a `slides` section so that `run` does",
+            f"{where}: training reads one <slide_id>.h5 per slide (CLAM/TRIDENT layout); "
+            f"extract them ({how})",
         )
     ]
 

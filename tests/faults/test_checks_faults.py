@@ -235,3 +235,12 @@ def test_a_moved_project_folder_keeps_its_run_folder(run_copy):
     config, run_dir = run_copy  # the run records the original cohort's config, which exists
     again = invoke("run", config, "--out", run_dir, "--no-progress")
     assert again.exit_code == 0, again.output
+
+
+def test_train_makes_the_same_checks_before_its_run_folder(tmp_path):
+    config = small_cohort(tmp_path / "cohort", patients=24)
+    gone = feature_path(config.parent / "features", slide_of_split(config, "val"))
+    gone.unlink()
+    refused = invoke("train", config, "--out", tmp_path / "run")
+    assert_one_line_error(refused, "`bidistill train` cannot start", "features.dir", gone.name)
+    assert not (tmp_path / "run").exists()

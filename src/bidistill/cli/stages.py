@@ -220,16 +220,21 @@ def train(
 
     Example: bidistill train experiment.yaml --method bd --out runs/exp1
     """
+    from bidistill.preflight import check_stages
     from bidistill.training.cli_train import train_from_config
 
+    cfg = load_experiment(config)
+    checks = check_stages(cfg, ["train"], run_dir=out, in_memory=cfg.training.in_memory)
+    checks.require("train", config)
     written = train_from_config(
-        load_experiment(config),
+        cfg,
         out,
         methods=method or None,
         epochs=epochs,
         seed=seed,
         fold=fold,
         say=say,
+        store=checks.store,
     )
     for path in written:
         console.print(f"{path.name}: {path}", highlight=False)
