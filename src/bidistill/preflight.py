@@ -2,8 +2,8 @@
 
 ``bidistill config`` runs every stage's checks and says which stage each problem blocks;
 ``bidistill run``, ``tile`` and ``extract`` run the checks of the stages they are about to run,
-before they write anything, and stop on the first report of problems. So `config` says ok to
-exactly what the stages then accept. Features that `run` makes from the slides (a config with a
+before they write anything, and stop with one line naming every problem. So `config` says ok
+to exactly what the stages then accept. Features that `run` makes from the slides (a config with a
 ``slides`` section) are fine for training: the tile and extract checks cover them.
 """
 
@@ -18,7 +18,6 @@ from bidistill.config import ExperimentConfig
 from bidistill.errors import BidistillError, ConfigError
 
 OK, WARN, BLOCK = "ok", "warning", "missing"
-STAGES = ("tile", "extract", "train")
 
 
 @dataclass
@@ -55,9 +54,8 @@ class Checks:
     stages: list[str]  # the stages checked
     store: Any = None  # the opened FeatureStore, when every feature file was there
 
-    def blocking(self, stages: Sequence[str] | None = None) -> list[Finding]:
-        wanted = set(self.stages if stages is None else stages)
-        return [f for f in self.findings if f.status != OK and wanted & set(f.stages)]
+    def blocking(self) -> list[Finding]:
+        return [f for f in self.findings if f.status != OK]
 
     def blocked_stages(self) -> dict[str, list[str]]:
         """stage → the keys that block it."""
