@@ -169,15 +169,17 @@ def test_config_names_missing_columns_features_and_slides(tmp_path, synth_cohort
     assert result.exit_code == 1
     err = " ".join(result.stderr.split())
     assert "missing cohort.clinical: column 'bmi' is not in cohort.csv" in err
-    assert "warning slides.dir" in err and "`tile` needs it" in err
-    # With the column fixed, the missing feature file is what blocks the run.
+    # With the column fixed: `run` would extract the missing feature file from the slides,
+    # but the slides folder is not there, which blocks tiling and extraction.
     raw["cohort"]["clinical"].pop()
     (folder / "config.yaml").write_text(yaml.safe_dump(raw))
     result = runner.invoke(app, ["config", str(folder / "config.yaml")])
     err = " ".join(result.stderr.split())
     assert result.exit_code == 1
     assert re.search(rf"1 of \d+ slides have no feature file in {folder / 'features'}", err)
-    assert slide.name in err
+    assert slide.name in err and "`run` tiles and extracts them first" in err
+    assert f"missing slides.dir: {folder / 'slides'} not found" in err
+    assert "tile blocked by slides.dir" in err and "train ready" in err
 
 
 def test_synth_features_makes_a_loadable_cohort(tmp_path):

@@ -2,15 +2,17 @@
 
 resolve config -> checks -> load cohort -> ``splits.json`` -> train each method -> evaluate.
 
-Before any work: the config, the methods, the training device and the output folder are checked,
-the folder is locked (``bidistill.runs.lock``: a second run on it is refused), the label table is
-shown, and the splits are checked for both classes. Each stage records in ``run.json`` what it
-consumed (``bidistill.runs.fingerprint``): the cohort rows, splits and feature files a method was
-trained on, the predictions and settings the evaluation used. A rerun redoes exactly the stages
-whose inputs changed, says why on the console, and keeps the others, so an interrupted run
-continues where it stopped and adding a method trains only that method. A trained method's
-``predictions.csv`` is written last and its record after it, so a stage that stopped half-way is
-never taken for done.
+Before any work, and before the run folder is made: the config, the methods, the checks of every
+stage the run goes through (``bidistill.preflight``: cohort table, slides, feature files, devices)
+and the run folder (made by this config file, with the same settings) are checked; then the
+output folder is made and locked (``bidistill.runs.lock``: a second run on it is refused), the
+label table is shown, and the splits are checked for both classes. Each stage records in
+``run.json`` what it consumed (``bidistill.runs.fingerprint``): the cohort rows, splits and
+feature files a method was trained on, the predictions and settings the evaluation used. A
+rerun redoes exactly the stages whose inputs changed, says why on the console, and keeps the
+others, so an interrupted run continues where it stopped and adding a method trains only that
+method. A trained method's ``predictions.csv`` is written last and its record after it, so a
+stage that stopped half-way is never taken for done.
 
 k-fold mode trains each fold into ``folds/fold<i>/<method>/`` and then joins the folds'
 predictions into ``<method>/predictions.csv`` (with its ``fold`` column).
@@ -51,7 +53,12 @@ from bidistill.runs.inputs import (
     method_inputs,
 )
 from bidistill.runs.lock import lock_run_dir
-from bidistill.runs.preflight import check_device, check_trainable_cohort, prepare_output_dir
+from bidistill.runs.preflight import (
+    check_config_origin,
+    check_trainable_cohort,
+    prepare_output_dir,
+    record_config_origin,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +115,8 @@ def run_experiment(
     from bidistill.models.registry import check_method_configs
 
     check_method_configs(config.methods, source=config_path)
-    check_device(config.training.device, "training.device")
-    # Checked before the run directory exists, so that a config error leaves nothing behind.
-    check_before_run(config, config_path, out_dir)
+    # Checked before the run directory exists, so that a refused run leaves nothing behind.
+    checks = check_before_run(config, config_path, out_dir)
     prepare_output_dir(out_dir)
     tell = _teller(say)
     with lock_run_dir(out_dir, command=f"run {config_path} --out {out_dir}", say=tell):
@@ -121,7 +127,13 @@ def run_experiment(
 
             tracker = open_tracker(config, out_dir)
             result = _run(
-                config, config_path, out_dir, progress=progress, say=tell, tracker=tracker
+                config,
+                config_path,
+                out_dir,
+                progress=progress,
+                say=tell,
+                tracker=tracker,
+                store=checks.store,
             )
             tracker.finish(ok=True)
             return result
@@ -160,9 +172,11 @@ def _run(
     progress: bool,
     say: Say,
     tracker,
+    store=None,
 ) -> RunResult:
     started = time.time()
     _write_resolved_config(config, out_dir)
+    record_config_origin(out_dir, config_path)
     log.info("run %s: config %s", out_dir, config_path)
     from bidistill.cohort import load_cohort
 
@@ -180,6 +194,7 @@ def _run(
     trainer = _Trainer(
         config, cohort, root=out_dir, progress=progress, say=say, after_method=tracker.sync
     )
+    trainer.use_store(store)
     trained = trainer.train_all(out_dir, splits)
     evaluated = _evaluate_if_stale(out_dir, out_dir, config, say, started=started)
     if config.evaluation.train_missing_rates:
@@ -190,24 +205,26 @@ def _run(
     return RunResult(run_dir=out_dir, metrics=metrics, trained=trained, evaluated=evaluated)
 
 
-def check_before_run(config: ExperimentConfig, config_path: str | Path, out_dir: Path) -> None:
-    """Raise ``ConfigError`` naming every missing file or column that would stop the run."""
-    from bidistill.preflight import check_config_paths
+def check_before_run(config: ExperimentConfig, config_path: str | Path, out_dir: Path):
+    """Run the checks of every stage that the run goes through (``bidistill.preflight``) and
+    of the run folder; returns the checks (with the feature store they opened, if any).
 
-    if config.tracking.mlflow:
-        from bidistill.tracking import require_mlflow
+    Raises:
+        ConfigError: one line naming every problem (file, row or column) that would stop it.
+    """
+    from bidistill.preflight import check_stages
 
-        require_mlflow()
+    check_config_origin(out_dir, config_path)
+    _check_run_folder(config, out_dir)
     untrained = [m for m in config.methods if not (out_dir / m.key / "predictions.csv").is_file()]
-    # With a `slides` section the run tiles and extracts what is missing itself.
-    need_features = bool(untrained) and config.slides is None
-    blocking = [f for f in check_config_paths(config, need_features=need_features) if f.blocks_run]
-    if blocking:
-        problems = "\n  ".join(f"{f.key}: {f.detail}" for f in blocking)
-        raise ConfigError(
-            f"{config_path}: cannot run:\n  {problems}\n(`bidistill config {config_path}` "
-            "checks every path)"
-        )
+    checks = check_stages(
+        config,
+        run_dir=out_dir if out_dir.is_dir() else None,
+        need_features=bool(untrained),
+        in_memory=config.training.in_memory,
+    )
+    checks.require("run", config_path)
+    return checks
 
 
 def _add_file_log(path: Path) -> logging.Handler:
@@ -220,20 +237,27 @@ def _add_file_log(path: Path) -> logging.Handler:
     return handler
 
 
+def _check_run_folder(config: ExperimentConfig, out_dir: Path) -> None:
+    """Refuse a run folder that holds a run of other cohort, features or training settings,
+    or of other options of a method trained there."""
+    target = out_dir / "config.yaml"
+    if not target.is_file():
+        return
+    previous = load_config(target)
+    changed = [s for s in FIXED_SECTIONS if _section(previous, s) != _section(config, s)]
+    if changed:
+        raise ConfigError(
+            f"{out_dir} holds a run made with other {', '.join(changed)} settings "
+            f"(see {target}); use a new --out folder, or delete the folder to start over"
+        )
+    _check_method_options(previous, config, out_dir)
+
+
 def _write_resolved_config(config: ExperimentConfig, out_dir: Path) -> None:
     target = out_dir / "config.yaml"
     text = dump_config(config)
-    if target.is_file():
-        previous = load_config(target)
-        changed = [s for s in FIXED_SECTIONS if _section(previous, s) != _section(config, s)]
-        if changed:
-            raise ConfigError(
-                f"{out_dir} holds a run made with other {', '.join(changed)} settings "
-                f"(see {target}); use a new --out folder, or delete the folder to start over"
-            )
-        _check_method_options(previous, config, out_dir)
-        if target.read_text(encoding="utf-8") == text:
-            return
+    if target.is_file() and target.read_text(encoding="utf-8") == text:
+        return
     write_text(target, text)
 
 
@@ -338,6 +362,10 @@ class _Trainer:
         self.features = FeatureIdentities(config.features.dir)
         self._store = None
         self.seconds: dict[str, float] = {}
+
+    def use_store(self, store) -> None:
+        """Train on a store opened already (by the checks before the run), not a second one."""
+        self._store = store
 
     def store(self):
         if self.config.training.mode == "end-to-end":

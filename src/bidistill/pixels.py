@@ -89,7 +89,7 @@ def prepare_features(
         _say(_one_line(extraction, "extracted", "patches"), progress)
     elif not missing:
         log.info("features: all %d slides done, tiling and extraction skipped", len(slide_ids))
-    identity = _check_identity(config, slide_ids, Path(run_dir) if run_dir else None)
+    identity = check_cohort_features(config, slide_ids, Path(run_dir) if run_dir else None)
     return PreparedFeatures(tiling, extraction, identity)
 
 
@@ -114,9 +114,15 @@ def _cohort_slide_ids(config: ExperimentConfig) -> list[str]:
     return [] if slides is None or len(slides) == 0 else [str(s) for s in slides["slide_id"]]
 
 
-def _check_identity(
+def check_cohort_features(
     config: ExperimentConfig, slide_ids: list[str], run_dir: Path | None
 ) -> FeatureIdentity | None:
+    """The common identity of the slides' feature files that exist (None: none exists yet).
+
+    Raises:
+        FeatureFileError: a file is unreadable, two files were made differently, or they are
+            of another kind than the config's `features` section or the run's trained methods.
+    """
     paths = [feature_path(config.features.dir, s) for s in slide_ids]
     paths = [p for p in paths if p.is_file()]
     if not paths:

@@ -1,54 +1,244 @@
-"""Checks of a config against the disk: do the files it names exist, and which stage needs them.
+"""The checks made before any work, one list per stage (tile, extract, train).
 
-``bidistill config`` prints every finding; ``bidistill run`` stops on the ones that block it
-before it creates the run directory, so a config error leaves nothing half made.
+``bidistill config`` runs every stage's checks and says which stage each problem blocks;
+``bidistill run``, ``tile`` and ``extract`` run the checks of the stages they are about to run,
+before they write anything, and stop with one line naming every problem. So `config` says ok
+to exactly what the stages then accept. Features that `run` makes from the slides (a config with a
+``slides`` section) are fine for training: the tile and extract checks cover them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bidistill.config import ExperimentConfig
+from bidistill.errors import BidistillError, ConfigError
 
 OK, WARN, BLOCK = "ok", "warning", "missing"
 
 
 @dataclass
 class Finding:
-    """One checked path or column.
+    """One checked path, column or setting.
 
     Attributes:
         key: the config key, e.g. ``cohort.table``.
-        status: ``ok``, ``warning`` (a stage other than ``run`` needs it) or ``missing``
-            (``run`` and ``train`` cannot start).
-        detail: what was found, or what is wrong and which stage it blocks.
+        status: ``ok``, ``missing`` (blocks ``stages``) or ``warning`` (blocks only stages that
+            `run` does not need, e.g. ``bidistill tile`` on a cohort with every feature file).
+        detail: what was found, or what is wrong and how to fix it (file, row, column).
+        stages: the stages whose checks found it.
     """
 
     key: str
     status: str
     detail: str
+    stages: tuple[str, ...] = ()
 
     @property
     def blocks_run(self) -> bool:
         return self.status == BLOCK
 
+    def line(self) -> str:
+        """``key: detail`` (the detail of an error that names its key already, as is)."""
+        return self.detail if self.detail.startswith(self.key) else f"{self.key}: {self.detail}"
 
-def check_config_paths(config: ExperimentConfig, *, need_features: bool = True) -> list[Finding]:
-    """Check the cohort table (file and declared columns), the slide and annotation folders and
-    the feature files of every slide of the table.
+
+@dataclass
+class Checks:
+    """What the stages' checks found, and what they loaded on the way (for the work itself)."""
+
+    findings: list[Finding]
+    stages: list[str]  # the stages checked
+    store: Any = None  # the opened FeatureStore, when every feature file was there
+
+    def blocking(self) -> list[Finding]:
+        return [f for f in self.findings if f.status != OK]
+
+    def blocked_stages(self) -> dict[str, list[str]]:
+        """stage → the keys that block it."""
+        return {
+            stage: [f.key for f in self.findings if f.status != OK and stage in f.stages]
+            for stage in self.stages
+        }
+
+    def require(self, command: str, config_path: str | Path) -> None:
+        """Raise one ``ConfigError`` line naming every problem that blocks ``command``.
+
+        Raises:
+            ConfigError: ``<config>: `bidistill <command>` cannot start: key: detail; ...``.
+        """
+        problems = self.blocking()
+        if problems:
+            raise ConfigError(
+                f"{config_path}: `bidistill {command}` cannot start: "
+                + "; ".join(f.line() for f in problems)
+                + f" (`bidistill config {config_path}` checks every stage)"
+            )
+
+
+def run_stages(config: ExperimentConfig, slide_ids: Sequence[str]) -> list[str]:
+    """The stages `bidistill run` goes through for this cohort: it tiles and extracts only
+    when the config has a `slides` section and some slide has no feature file yet."""
+    if config.slides is None or not slide_ids:
+        return ["train"]
+    if config.training.mode == "end-to-end":  # the methods read tiles; nothing is extracted
+        return ["tile", "train"]
+    from bidistill.features.store import feature_path
+
+    folder = config.features.dir
+    if all(feature_path(folder, s).is_file() for s in slide_ids):
+        return ["train"]
+    return ["tile", "extract", "train"]
+
+
+def check_stages(
+    config: ExperimentConfig,
+    stages: Sequence[str] | None = None,
+    *,
+    run_dir: Path | None = None,
+    need_features: bool = True,
+    skip_errors: bool = False,
+    shard=None,
+    in_memory: str = "no",
+) -> Checks:
+    """Run the checks of ``stages`` (default: those `bidistill run` goes through).
 
     Args:
         config: a loaded config (paths absolute).
-        need_features: False when every method of the run is trained already, so that the
-            feature files are no longer read.
+        stages: any of ``tile``, ``extract``, ``train``.
+        run_dir: the run folder: its trained methods' feature identity is checked too.
+        need_features: False when every method of the run is trained already (the feature
+            files are then not read again).
+        skip_errors: the stage goes on past failing slides (missing files, no MPP).
+        shard: only this shard's slides (``runner.Shard``).
+        in_memory: how to open the feature store when every file is there (``no``: headers
+            and a scan of the values; the training setting to keep it for training).
     """
-    findings = _check_table(config, need_features=need_features)
-    findings += _check_slides(config)
+    context = _Context(config, run_dir, need_features, skip_errors, shard, in_memory)
+    if stages is None:
+        stages = run_stages(config, context.slide_ids())
+    return _run_checks(context, list(stages))
+
+
+def check_config(config: ExperimentConfig, *, run_dir: Path | None = None) -> Checks:
+    """What `bidistill config` reports: the checks of every stage the config can use; problems
+    of stages that `run` would not go through are warnings."""
+    stages = ["train"]
+    if config.slides is not None:
+        end_to_end = config.training.mode == "end-to-end"
+        stages = ["tile", "train"] if end_to_end else ["tile", "extract", "train"]
+    context = _Context(config, run_dir)
+    checks = _run_checks(context, stages)
+    needed = set(run_stages(config, context.slide_ids()))
+    for finding in checks.findings:
+        if finding.status == BLOCK and not needed & set(finding.stages):
+            finding.status = WARN
+            finding.detail += f" (blocks `bidistill {' / '.join(finding.stages)}` only)"
+    return checks
+
+
+def check_config_paths(config: ExperimentConfig) -> list[Finding]:
+    """The findings of ``check_config`` (what `bidistill init` lists to fill in)."""
+    return check_config(config).findings
+
+
+def _run_checks(context: _Context, stages: list[str]) -> Checks:
+    context.stages = stages
+    findings: list[Finding] = []
+    done: set[Callable] = set()
+    for stage in stages:
+        for check in CHECKS[stage]:
+            if check in done:
+                continue
+            done.add(check)
+            owners = tuple(s for s in stages if check in CHECKS[s])
+            for finding in check(context):
+                finding.stages = owners
+                findings.append(finding)
+    return Checks(findings, stages, store=context.store)
+
+
+# --- what the checks share ----------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    """The config and what the checks loaded from the disk (each thing once)."""
+
+    config: ExperimentConfig
+    run_dir: Path | None = None
+    need_features: bool = True
+    skip_errors: bool = False
+    shard: Any = None
+    in_memory: str = "no"
+    stages: list[str] = field(default_factory=list)
+    store: Any = None
+    _loaded: dict[str, Any] = field(default_factory=dict)
+
+    def table_findings(self) -> list[Finding]:
+        if "table" not in self._loaded:
+            self._loaded["table"] = _check_table(self.config)
+        return self._loaded["table"]
+
+    def cohort(self):
+        """The cohort (without the two-class check), or None when the table does not load."""
+        if "cohort" not in self._loaded:
+            self._loaded["cohort"] = self._load_cohort()
+        return self._loaded["cohort"]
+
+    def _load_cohort(self):
+        if any(f.status != OK for f in self.table_findings()):
+            return None
+        from bidistill.cohort import load_cohort
+
+        slides = self.config.slides
+        try:
+            return load_cohort(
+                self.config.cohort,
+                mpp_column=slides.mpp_column if slides else None,
+                require_classes=False,
+            )
+        except BidistillError as err:
+            self._loaded["cohort_error"] = str(err)
+            return None
+
+    def slide_ids(self) -> list[str]:
+        cohort = self.cohort()
+        if cohort is None or cohort.slides is None or "slide_id" not in cohort.slides:
+            return []
+        return [str(s) for s in cohort.slides["slide_id"]]
+
+    def owned(self, slide_ids: list[str]) -> list[str]:
+        return [s for s in slide_ids if self.shard is None or self.shard.owns(s)]
+
+    def slide_jobs(self):
+        """(jobs, missing files) of the tiling stage, or None when they cannot be listed."""
+        if "jobs" not in self._loaded:
+            from bidistill.slides.run import jobs_from_config
+
+            try:
+                self._loaded["jobs"] = jobs_from_config(self.config)
+            except BidistillError:
+                self._loaded["jobs"] = None  # _slides says why
+        return self._loaded["jobs"]
+
+
+# --- the cohort table (every stage) -------------------------------------------------------------
+
+
+def _cohort(context: _Context) -> list[Finding]:
+    findings = list(context.table_findings())
+    if context.cohort() is None and "cohort_error" in context._loaded:
+        # The file reads, but its cells do not (a label value, an identifier, a clinical cell).
+        error = Finding("cohort.table", BLOCK, context._loaded["cohort_error"])
+        return [f for f in findings if f.status != OK] + [error]
     return findings
 
 
-def _check_table(config: ExperimentConfig, *, need_features: bool) -> list[Finding]:
+def _check_table(config: ExperimentConfig) -> list[Finding]:
     from bidistill.cohort.table import read_table
     from bidistill.errors import CohortError
 
@@ -78,91 +268,258 @@ def _check_table(config: ExperimentConfig, *, need_features: bool) -> list[Findi
             [config.slides.mpp_column] if config.slides and config.slides.mpp_column else []
         ),
     }
-    absent = [(key, name) for key, names in declared.items() for name in names]
-    absent = [(key, name) for key, name in absent if name not in frame.columns]
-    for key, name in absent:
-        findings.append(
-            Finding(
-                key,
-                BLOCK,
-                f"column '{name}' is not in {table.name} (its columns: "
-                f"{', '.join(map(str, frame.columns))})",
-            )
-        )
-    if not absent and cohort.slide_column:
-        from bidistill.cohort.identifiers import identifier_problem, read_identifier
-
-        # Ids that cannot name a file are refused with their row when the cohort loads.
-        slide_ids = [read_identifier(s) for s in frame[cohort.slide_column]]
-        slide_ids = [s for s in slide_ids if s and not identifier_problem(s, names_files=True)]
-        if config.training.mode == "end-to-end":  # bags of tiles, no feature files (issue 13)
-            findings.append(_check_tiles(config, slide_ids))
-        else:
-            findings.append(_check_features(config, slide_ids, need_features=need_features))
+    for key, names in declared.items():
+        for name in names:
+            if name not in frame.columns:
+                findings.append(
+                    Finding(
+                        key,
+                        BLOCK,
+                        f"column '{name}' is not in {table.name} (its columns: "
+                        f"{', '.join(map(str, frame.columns))})",
+                    )
+                )
     return findings
 
 
-def _check_tiles(config: ExperimentConfig, slide_ids: list[str]) -> Finding:
-    """End-to-end mode: the tiling stage's coords files (`run` tiles what is missing first)."""
+# --- tile and extract ---------------------------------------------------------------------------
+
+
+def _slides(context: _Context) -> list[Finding]:
+    """The slides folder and a file for every slide of the cohort (tiling and extraction read
+    the pixels)."""
+    config = context.config
+    if config.slides is None:
+        return [Finding("slides", BLOCK, "the config has no `slides` section: set `slides.dir`")]
+    if context.cohort() is None:
+        return []  # the cohort's own finding says why
+    if not config.cohort.slide_column:
+        return [
+            Finding(
+                "cohort.slide_column",
+                BLOCK,
+                "not set: tiling needs the table's slide id column (one row per slide)",
+            )
+        ]
+    folder = Path(config.slides.dir)
+    if not folder.is_dir():
+        return [Finding("slides.dir", BLOCK, f"{folder} not found: tiling reads the slides there")]
+    jobs, missing = context.slide_jobs() or ([], {})
+    missing = {s: m for s, m in missing.items() if s in context.owned(list(missing))}
+    if missing and not context.skip_errors:
+        first = next(iter(missing.values()))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return [
+            Finding(
+                "slides.dir",
+                BLOCK,
+                f"{first}{more}; add the files or remove those rows from the cohort table (or "
+                "pass --skip-errors to go on past them: `tile` and `extract` list them at the end)",
+            )
+        ]
+    return [Finding("slides.dir", OK, f"{folder} (a file for all {len(jobs)} slides)")]
+
+
+def _annotations(context: _Context) -> list[Finding]:
+    slides = context.config.slides
+    if slides is None or slides.annotations_dir is None:
+        return []
+    folder = Path(slides.annotations_dir)
+    if folder.is_dir():
+        return [Finding("slides.annotations_dir", OK, str(folder))]
+    return [
+        Finding(
+            "slides.annotations_dir",
+            BLOCK,
+            f"{folder} not found: tiling would use the tissue mask instead of your annotations; "
+            "fix the path, or remove slides.annotations_dir",
+        )
+    ]
+
+
+def _slide_mpps(context: _Context) -> list[Finding]:
+    """Tiling at a target MPP needs each slide's MPP: from its file, the table or the config."""
+    config = context.config
+    listed = context.slide_jobs()
+    if config.tiling.mpp is None or listed is None or context.skip_errors:
+        return []
+    from bidistill.slides.coords import coords_path
+    from bidistill.slides.reader import metadata_mpp
+
+    todo = [
+        job
+        for job in listed[0]
+        if context.owned([job.slide_id])
+        and not coords_path(config.tiling.coords_dir, job.slide_id).is_file()
+        and not job.path.is_dir()  # patch folders are cut already
+    ]
+    unknown = [job.path for job in todo if job.mpp is None and metadata_mpp(job.path) is None]
+    if not unknown:
+        return []
+    more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+    return [
+        Finding(
+            "slides.mpp",
+            BLOCK,
+            f"{unknown[0]}{more}: the file has no microns-per-pixel in its metadata, so it "
+            "cannot be tiled at a target MPP; give `slides.mpp` (every slide), "
+            "`slides.mpp_column` (a column of the cohort table), or set `tiling.mpp: null` to "
+            "tile at level 0",
+        )
+    ]
+
+
+def _tiles(context: _Context) -> list[Finding]:
+    """Extraction reads the tiles of every slide it encodes (`run` tiles them first)."""
+    if "tile" in context.stages or context.skip_errors:
+        return []
+    from bidistill.features.store import feature_path
+    from bidistill.slides.coords import coords_path
+
+    config = context.config
+    todo = [
+        s
+        for s in context.owned(context.slide_ids())
+        if not feature_path(config.features.dir, s).is_file()
+    ]
+    untiled = [s for s in todo if not coords_path(config.tiling.coords_dir, s).is_file()]
+    if not untiled:
+        return []
+    return [
+        Finding(
+            "tiling.coords_dir",
+            BLOCK,
+            f"{len(untiled)} of {len(todo)} slides to extract are not tiled in "
+            f"{config.tiling.coords_dir} (first: {untiled[0]}): run `bidistill tile` first",
+        )
+    ]
+
+
+def _extraction_device(context: _Context) -> list[Finding]:
+    return _device(context.config.features.device, "features.device")
+
+
+# --- train --------------------------------------------------------------------------------------
+
+
+def _two_classes(context: _Context) -> list[Finding]:
+    from bidistill.cohort.table import check_two_classes
+
+    cohort = context.cohort()
+    if cohort is None:
+        return []
+    try:
+        check_two_classes(cohort, context.config.cohort)
+    except BidistillError as err:
+        return [Finding("cohort.label", BLOCK, str(err))]
+    return []
+
+
+def _bags(context: _Context) -> list[Finding]:
+    """What the methods read: a feature file per slide (or, end to end, its tiles)."""
+    config = context.config
+    slide_ids = context.slide_ids()
+    if not slide_ids or not context.need_features:
+        return []
+    if config.training.mode == "end-to-end":
+        return [_tiles_for_training(config, slide_ids, context.stages)]
+    return _feature_files(context, slide_ids)
+
+
+def _tiles_for_training(
+    config: ExperimentConfig, slide_ids: list[str], stages: list[str]
+) -> Finding:
     from bidistill.slides.coords import coords_path
 
     folder = Path(config.tiling.coords_dir)
     missing = [s for s in slide_ids if not coords_path(folder, s).is_file()]
     if not missing:
         return Finding("tiling.coords_dir", OK, f"{folder} (tiles of all {len(slide_ids)} slides)")
+    if "tile" in stages:
+        return Finding(
+            "tiling.coords_dir",
+            OK,
+            f"{len(missing)} of {len(slide_ids)} slides are not tiled yet in {folder}: `run` "
+            "tiles them first",
+        )
     return Finding(
         "tiling.coords_dir",
-        WARN,
-        f"{len(missing)} of {len(slide_ids)} slides are not tiled yet in {folder}: end-to-end "
-        "training reads their tiles (`bidistill tile`; `run` tiles them first)",
+        BLOCK,
+        f"{len(missing)} of {len(slide_ids)} slides are not tiled in {folder} (first: "
+        f"{missing[0]}): end-to-end training reads their tiles; tile them (`bidistill tile`, "
+        "or `run` with a `slides` section)",
     )
 
 
-def _check_features(config: ExperimentConfig, slide_ids: list[str], *, need_features: bool):
-    from bidistill.features.store import feature_path
+def _feature_files(context: _Context, slide_ids: list[str]) -> list[Finding]:
+    """The feature files that exist pass the checks training makes (readable, one identity
+    that matches the config and the run's trained methods, and, when all are there, the
+    feature store's checks of shapes and values); the others must be made by extraction."""
+    from bidistill.features.store import FeatureStore, feature_path
+    from bidistill.pixels import check_cohort_features
 
+    config = context.config
     folder = Path(config.features.dir)
-    status = BLOCK if need_features else WARN
-    if not folder.is_dir():
-        return Finding(
-            "features.dir",
-            status,
-            f"{folder} not found: `run` and `train` read one <slide_id>.h5 per slide there "
-            "(CLAM/TRIDENT layout)",
-        )
-    missing = [s for s in slide_ids if not feature_path(folder, s).is_file()]
-    if not missing:
-        return Finding(
-            "features.dir", OK, f"{folder} (a feature file for all {len(slide_ids)} slides)"
-        )
-    return Finding(
-        "features.dir",
-        status,
-        f"{len(missing)} of {len(slide_ids)} slides have no feature file in {folder} "
-        f"(first: {feature_path(folder, missing[0]).name}): `run` and `train` need them all",
+    present = [s for s in slide_ids if feature_path(folder, s).is_file()]
+    try:
+        check_cohort_features(config, present, context.run_dir)
+        if len(present) == len(slide_ids):
+            context.store = FeatureStore(folder, slide_ids, in_memory=context.in_memory)
+    except BidistillError as err:
+        return [Finding("features.dir", BLOCK, str(err))]
+    if len(present) == len(slide_ids):
+        return [
+            Finding("features.dir", OK, f"{folder} (a feature file for all {len(present)} slides)")
+        ]
+    missing = [s for s in slide_ids if s not in set(present)]
+    where = (
+        f"{folder} not found"
+        if not folder.is_dir()
+        else f"{len(missing)} of {len(slide_ids)} slides have no feature file in {folder} "
+        f"(first: {feature_path(folder, missing[0]).name})"
     )
+    if "extract" in context.stages:
+        return [Finding("features.dir", OK, f"{where}: `run` tiles and extracts them first")]
+    how = "`bidistill extract`" if config.slides else "add a `slides` section, and `run` does"
+    return [
+        Finding(
+            "features.dir",
+            BLOCK,
+            f"{where}: training reads one <slide_id>.h5 per slide (CLAM/TRIDENT layout); "
+            f"extract them ({how})",
+        )
+    ]
 
 
-def _check_slides(config: ExperimentConfig) -> list[Finding]:
-    slides = config.slides
-    if slides is None:
+def _training_device(context: _Context) -> list[Finding]:
+    return _device(context.config.training.device, "training.device")
+
+
+def _tracking(context: _Context) -> list[Finding]:
+    if not context.config.tracking.mlflow:
         return []
-    findings = []
-    for key, folder in (
-        ("slides.dir", slides.dir),
-        ("slides.annotations_dir", slides.annotations_dir),
-    ):
-        if folder is None:
-            continue
-        if Path(folder).is_dir():
-            findings.append(Finding(key, OK, str(folder)))
-        else:
-            findings.append(
-                Finding(
-                    key,
-                    WARN,
-                    f"{folder} not found: `tile` needs it (`run` and `train` start from the "
-                    "feature files)",
-                )
-            )
-    return findings
+    from bidistill.tracking import require_mlflow
+
+    try:
+        require_mlflow()
+    except BidistillError as err:
+        return [Finding("tracking.mlflow", BLOCK, str(err))]
+    return []
+
+
+def _device(name: str, key: str) -> list[Finding]:
+    from bidistill.runs.preflight import check_device
+
+    try:
+        check_device(name, key)
+    except BidistillError as err:
+        return [Finding(key, BLOCK, str(err))]
+    return []
+
+
+# Each stage's checks, in the order they are reported; a check shared by stages runs once.
+CHECKS: dict[str, list[Callable[[_Context], list[Finding]]]] = {
+    "tile": [_cohort, _slides, _annotations, _slide_mpps],
+    "extract": [_cohort, _slides, _tiles, _extraction_device],
+    "train": [_cohort, _two_classes, _bags, _training_device, _tracking],
+}

@@ -84,11 +84,13 @@ def init(
 
 @app.command("config", cls=HelpCommand)
 def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> None:
-    """Validate a config, print it with every default filled in and paths resolved, and check
-    that the files it names exist.
+    """Validate a config, print it with every default filled in and paths resolved, and run
+    the checks of every stage (tile, extract, train) that `run`, `tile` and `extract` make
+    before any work.
 
-    The config goes to stdout, the checks to stderr. Each missing path is named with the stage
-    that needs it. Exits 1 when `bidistill run` cannot start yet.
+    The config goes to stdout, the checks to stderr: each problem with the stage it blocks.
+    Feature files that `run` makes from the slides count as there. Exits 1 when `bidistill run`
+    cannot start yet.
 
     Example: bidistill config experiment.yaml
     """
@@ -96,34 +98,44 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
 
     from bidistill.config import dump_config
     from bidistill.models.registry import check_method_configs
-    from bidistill.preflight import check_config_paths
+    from bidistill.preflight import check_config
 
     loaded = load_experiment(config)
     check_method_configs(loaded.methods, source=config)
     typer.echo(dump_config(loaded))
-    findings = check_config_paths(loaded)
-    say(f"checked the files {config} names:")
+    run_dir = default_run_dir(config, loaded)
+    checks = check_config(loaded, run_dir=run_dir if run_dir.is_dir() else None)
+    say(f"checked what each stage needs of {config}:")
     styles = {"ok": "green", "warning": "yellow", "missing": "bold red"}
-    for finding in findings:
+    for finding in checks.findings:
         line = Text.assemble(
             "  ", (f"{finding.status:<8}", styles[finding.status]), f"{finding.key}: "
         )
         line.append(finding.detail)
         console.print(line, soft_wrap=True, highlight=False)
-    blocking = [f for f in findings if f.blocks_run]
+    for stage, keys in checks.blocked_stages().items():
+        say(f"  {stage:<8}" + (f"blocked by {', '.join(keys)}" if keys else "ready"))
+    blocking = [f for f in checks.findings if f.blocks_run]
     if not blocking:
-        say_next(
-            f"bidistill run {shell_arg(config)} --out {shell_arg(default_run_dir(config, loaded))}"
-        )
+        out = _free_run_dir(config, run_dir)
+        say_next(f"bidistill run {shell_arg(config)} --out {shell_arg(out)}")
         return
-    keys = ", ".join(f.key for f in blocking)
+    keys = ", ".join(dict.fromkeys(f.key for f in blocking))
     print_error(f"{config}: `bidistill run` cannot start yet: fix {keys} (see above)")
-    slides_ok = any(f.key == "slides.dir" and f.status == "ok" for f in findings)
-    if {f.key for f in blocking} == {"features.dir"} and slides_ok:
-        say_next(f"bidistill tile {shell_arg(config)}")
-    else:
-        say_next(f"bidistill config {shell_arg(config)}   (after editing {config})")
+    say_next(f"bidistill config {shell_arg(config)}   (after editing {config})")
     raise typer.Exit(code=1)
+
+
+def _free_run_dir(config: Path, run_dir: Path) -> Path:
+    """``run_dir``, unless another config file made it: then a folder named after this file."""
+    from bidistill.errors import ConfigError
+    from bidistill.runs.preflight import check_config_origin
+
+    try:
+        check_config_origin(run_dir, config)
+    except ConfigError:
+        return run_dir.parent / config.stem
+    return run_dir
 
 
 # --- synthetic cohorts --------------------------------------------------------------------------

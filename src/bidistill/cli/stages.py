@@ -56,6 +56,14 @@ def _exit_if_failed(summary) -> None:
         raise typer.Exit(code=1)
 
 
+def _check_stage(cfg, config: Path, stage: str, *, skip_errors: bool, shard) -> None:
+    """The stage's checks before any work (those `bidistill config` reports)."""
+    from bidistill.preflight import check_stages
+
+    checks = check_stages(cfg, [stage], skip_errors=skip_errors, shard=shard)
+    checks.require(stage, config)
+
+
 @app.command(cls=HelpCommand)
 def tile(
     config: Path = typer.Argument(..., help="Experiment YAML (sections `slides` and `tiling`)."),
@@ -76,9 +84,9 @@ def tile(
     from bidistill.slides.run import tile_from_config
 
     cfg = load_experiment(config)
-    summary = tile_from_config(
-        cfg, workers=workers, skip_errors=skip_errors, shard=resolve_shard(shard)
-    )
+    shard_ = resolve_shard(shard)
+    _check_stage(cfg, config, "tile", skip_errors=skip_errors, shard=shard_)
+    summary = tile_from_config(cfg, workers=workers, skip_errors=skip_errors, shard=shard_)
     coords_dir = cfg.tiling.coords_dir
     _print_stage_summary(
         summary,
@@ -128,9 +136,9 @@ def extract(
     cfg = load_experiment(config)
     rank = Shard.from_env()
     show = not no_progress and (rank is None or rank.index == 0)  # one bar, not one per rank
-    summary = extract_from_config(
-        cfg, shard=resolve_shard(shard), skip_errors=skip_errors, progress=show
-    )
+    shard_ = resolve_shard(shard)
+    _check_stage(cfg, config, "extract", skip_errors=skip_errors, shard=shard_)
+    summary = extract_from_config(cfg, shard=shard_, skip_errors=skip_errors, progress=show)
     merged = gather_summaries(summary)  # torchrun: every rank's summary, on rank 0
     if merged is not None:
         _print_stage_summary(
@@ -212,16 +220,21 @@ def train(
 
     Example: bidistill train experiment.yaml --method bd --out runs/exp1
     """
+    from bidistill.preflight import check_stages
     from bidistill.training.cli_train import train_from_config
 
+    cfg = load_experiment(config)
+    checks = check_stages(cfg, ["train"], run_dir=out, in_memory=cfg.training.in_memory)
+    checks.require("train", config)
     written = train_from_config(
-        load_experiment(config),
+        cfg,
         out,
         methods=method or None,
         epochs=epochs,
         seed=seed,
         fold=fold,
         say=say,
+        store=checks.store,
     )
     for path in written:
         console.print(f"{path.name}: {path}", highlight=False)

@@ -103,8 +103,16 @@ def read_table(path: Path, sheet: str | int | None = None) -> pd.DataFrame:
     return frame
 
 
-def load_cohort(cfg: CohortConfig, *, mpp_column: str | None = None) -> Cohort:
+def load_cohort(
+    cfg: CohortConfig, *, mpp_column: str | None = None, require_classes: bool = True
+) -> Cohort:
     """Read, check and assemble the cohort that ``cfg`` describes.
+
+    Args:
+        cfg: the config's cohort section.
+        mpp_column: also read this per-slide MPP column (``slides.mpp_column``).
+        require_classes: refuse a label with one class (False for tiling and extraction,
+            which need no labels; ``check_two_classes`` is then the training stage's check).
 
     Raises:
         CohortError: a declared column is absent, a cell cannot be parsed, an identifier is
@@ -125,19 +133,31 @@ def load_cohort(cfg: CohortConfig, *, mpp_column: str | None = None) -> Cohort:
     frame, label_summary = _labels(frame, raw[cfg.label.column], cfg, path)
     patients = per_patient(frame, cfg, path)
     slides = slide_rows(frame, cfg, path)
-    if patients["label"].nunique() < 2:
-        raise CohortError(
-            f"{path}: label '{cfg.label.column}' has one class only "
-            f"({int(patients['label'].iloc[0]) if len(patients) else 'no rows'}); "
-            f"check label.positive={cfg.label.positive} against the column's values"
-        )
-    return Cohort(
+    cohort = Cohort(
         patients=patients,
         slides=slides,
         columns=list(cfg.clinical),
         source=path,
         label_summary=label_summary,
     )
+    if require_classes:
+        check_two_classes(cohort, cfg)
+    return cohort
+
+
+def check_two_classes(cohort: Cohort, cfg: CohortConfig) -> None:
+    """Training needs patients of both classes.
+
+    Raises:
+        CohortError: naming the table, the label column and the one class.
+    """
+    labels = cohort.patients["label"]
+    if labels.nunique() < 2:
+        raise CohortError(
+            f"{cohort.source}: label '{cfg.label.column}' has one class only "
+            f"({int(labels.iloc[0]) if len(labels) else 'no rows'}); "
+            f"check label.positive={cfg.label.positive} against the column's values"
+        )
 
 
 def identifier_frame(

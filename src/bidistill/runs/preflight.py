@@ -3,6 +3,7 @@ after minutes or hours of training."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -94,3 +95,59 @@ def check_trainable_cohort(cohort, splits) -> None:
                 f"patient{where}: nothing can be learned from them; fill them in or remove them "
                 "from cohort.clinical"
             )
+
+
+# --- which config file a run folder belongs to --------------------------------------------------
+
+# run.json's record of the config file that made the run folder.
+CONFIG_FILE_KEY = "config_file"
+
+
+def _config_origin(run_dir: Path, config_path: str | Path) -> dict[str, str]:
+    config = Path(config_path).resolve()
+    return {
+        "path": str(config),
+        "relative": Path(os.path.relpath(config, Path(run_dir).resolve())).as_posix(),
+    }
+
+
+def check_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
+    """Refuse a run folder made by another config file that still exists.
+
+    A config copied from another keeps its `name:`, so both default to the same run folder; a
+    rerun of the copy there would train into the other's results. The same file is recognised
+    by its path, or by its path relative to the run folder (a project folder moved or copied
+    with its runs); a recorded file that no longer exists was renamed or moved, and its folder
+    goes on with this one.
+
+    Raises:
+        ConfigError: naming both config files and how to give this one its own folder.
+    """
+    from bidistill.runs.fingerprint import read_run_info
+
+    run_dir = Path(run_dir)
+    recorded = read_run_info(run_dir).get(CONFIG_FILE_KEY)
+    if not isinstance(recorded, dict):
+        return  # a new folder, or one made before the record existed
+    ours = _config_origin(run_dir, config_path)
+    if recorded.get("path") == ours["path"] or recorded.get("relative") == ours["relative"]:
+        return
+    other = Path(str(recorded.get("path")))
+    if not other.is_file():
+        return  # renamed or moved: this config takes the folder over (and the record)
+    raise ConfigError(
+        f"--out {run_dir}: this run folder was made by another config file, {other}, not by "
+        f"{config_path} (a copied config keeps the other's `name:`, and so its run folder); "
+        f"pass --out with a folder of its own, e.g. --out {run_dir.parent / Path(config_path).stem}"
+    )
+
+
+def record_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
+    """Write in run.json which config file made the run folder (see ``check_config_origin``)."""
+    from bidistill.runs.fingerprint import read_run_info, write_run_info
+
+    info = read_run_info(run_dir)
+    origin = _config_origin(Path(run_dir), config_path)
+    if info.get(CONFIG_FILE_KEY) != origin:
+        info[CONFIG_FILE_KEY] = origin
+        write_run_info(run_dir, info)

@@ -397,6 +397,29 @@ def require_mpp(slide: Slide) -> float:
     return slide.mpp
 
 
+def metadata_mpp(path: str | Path) -> float | None:
+    """The MPP a slide file states in its metadata, read from its header only (no pixels, no
+    conversion of plain images): what the checks before tiling ask. None when the file states
+    none, is a patch folder, or cannot be read (tiling then names the file and the reason)."""
+    path = Path(path)
+    if path.is_dir() or not path.is_file():
+        return None
+    if _detect_format(path) is not None:
+        import openslide
+
+        try:
+            with openslide.OpenSlide(str(path)) as slide:
+                return _openslide_mpp(dict(slide.properties), path)
+        except openslide.OpenSlideError:
+            return None
+    import pyvips
+
+    try:
+        return _plain_mpp(pyvips.Image.new_from_file(str(path), access="sequential"), path)
+    except pyvips.Error:
+        return None
+
+
 # --- OpenSlide files ----------------------------------------------------------------------------
 
 # OpenSlide formats whose levels are plain tiled TIFF pages that libvips decodes itself.

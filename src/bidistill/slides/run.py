@@ -95,7 +95,9 @@ def jobs_from_config(config: ExperimentConfig) -> tuple[list[SlideJob], dict[str
     if config.slides is None:
         raise ConfigError("the config has no `slides` section: set `slides.dir` to tile slides")
     slides_cfg = config.slides
-    table = load_cohort(config.cohort, mpp_column=slides_cfg.mpp_column).slides
+    # Tiling needs no labels: a label of one class is the training stage's concern.
+    cohort = load_cohort(config.cohort, mpp_column=slides_cfg.mpp_column, require_classes=False)
+    table = cohort.slides
     if table is None or len(table) == 0 or "slide_id" not in table:
         raise ConfigError(
             "the cohort lists no slides: set `cohort.slide_column` to the table's slide id column"

@@ -28,6 +28,7 @@ def train_from_config(
     seed: int | None = None,
     fold: int = 0,
     say: Callable[[str], None] = log.info,
+    store=None,
 ) -> list[Path]:
     """Train the named methods (default: the config's) and return their folders.
 
@@ -35,6 +36,8 @@ def train_from_config(
     Splits come from ``out/splits.json`` when it exists, so every method sees the same patients.
     The device, the output folder and the label table are checked first; ``out`` is locked
     while it trains (one bidistill process per run folder).
+
+    ``store``: the cohort's feature store when the checks before work opened it already.
 
     Side effects: writes ``out/splits.json`` and ``out/<method>/``.
     """
@@ -64,11 +67,8 @@ def train_from_config(
             if fold >= len(splits.folds):
                 raise ConfigError(f"--fold {fold}: the splits have {len(splits.folds)} fold(s)")
             check_trainable_cohort(cohort, splits)
-            store = (
-                open_feature_store(config, cohort, progress=True)
-                if config.training.mode == "features"
-                else None  # end-to-end: bags of tiles, no feature files
-            )
+            if store is None and config.training.mode == "features":
+                store = open_feature_store(config, cohort, progress=True)
             written = []
             for method_cfg in chosen:
                 written.append(
