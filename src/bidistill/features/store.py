@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from bidistill import __version__
-from bidistill._io import atomic_path, h5_attrs
+from bidistill._io import atomic_h5, h5_attrs
 from bidistill._paths import find_named
 from bidistill.errors import FeatureFileError
 from bidistill.features.hygiene import (
@@ -77,7 +77,7 @@ def write_feature_file(
             f"{path}: coords must be [n, 2] with n={len(features)}, got {coords.shape}"
         )
     path = Path(path)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_h5(path) as h5:
         h5.create_dataset("features", data=features)
         h5.create_dataset("coords", data=coords)
         attrs = {

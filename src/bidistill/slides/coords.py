@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from bidistill import __version__
-from bidistill._io import atomic_path, h5_attrs
+from bidistill._io import atomic_h5, h5_attrs
 from bidistill._paths import find_named
 from bidistill.errors import BidistillError
 
@@ -78,7 +78,7 @@ def write_coords(
     if paths is not None and len(paths) != len(coords):
         raise CoordsFileError(f"{path}: {len(paths)} paths for {len(coords)} coords")
     path = Path(path)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_h5(path) as h5:
         h5.create_dataset("coords", data=coords)
         if paths is not None:
             names = np.array(paths, dtype=object)

@@ -215,8 +215,11 @@ def tile_slide(
     )
 
 
-def write_slide_tiling(path: Path, slide: Slide, tiling: SlideTiling) -> Path:
-    """Write a whole slide's tiling to its coords file (atomically)."""
+def write_slide_tiling(
+    path: Path, slide: Slide, tiling: SlideTiling, *, signature: dict[str, object] | None = None
+) -> Path:
+    """Write a whole slide's tiling to its coords file (atomically), with the slide's
+    ``signature`` (``slide_signature``: which version of the file was tiled)."""
     return write_coords(
         path,
         tiling.coords,
@@ -228,12 +231,23 @@ def write_slide_tiling(path: Path, slide: Slide, tiling: SlideTiling) -> Path:
         mask_kind=tiling.mask_kind,
         width=slide.width,
         height=slide.height,
-        extra_attrs={"stride_level0": tiling.spec.stride_level0, "source": str(slide.path)},
+        extra_attrs={
+            "stride_level0": tiling.spec.stride_level0,
+            "source": str(slide.path),
+            **(signature or {}),
+        },
     )
 
 
-def write_patch_folder_coords(path: Path, folder: PatchFolder, tiling: TilingConfig) -> Path:
-    """A patch folder's 'tiling': every file is a tile, at synthetic coords (i, 0)."""
+def write_patch_folder_coords(
+    path: Path,
+    folder: PatchFolder,
+    tiling: TilingConfig,
+    *,
+    signature: dict[str, object] | None = None,
+) -> Path:
+    """A patch folder's 'tiling': every file is a tile, at synthetic coords (i, 0); tile i is
+    the file named ``paths[i]`` (readers open it by that name)."""
     n = len(folder.patch_paths)
     coords = np.stack([np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64)], axis=1)
     return write_coords(
@@ -248,5 +262,5 @@ def write_patch_folder_coords(path: Path, folder: PatchFolder, tiling: TilingCon
         width=folder.width,
         height=folder.height,
         paths=[p.name for p in folder.patch_paths],
-        extra_attrs={"source": str(folder.path)},
+        extra_attrs={"source": str(folder.path), **(signature or {})},
     )
