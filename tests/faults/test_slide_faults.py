@@ -73,7 +73,7 @@ def _stamps(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.h5"))}
 
 
-# --- a slide replaced under the same id -----------------------------------------------------------
+# --- a slide replaced under the same id ----------------------------------------------------------
 
 
 def test_a_rescanned_slide_is_tiled_and_extracted_again(project):
@@ -130,7 +130,7 @@ def test_run_retrains_on_a_rescanned_slide(project, tmp_path):
     assert after.shape != before.shape or not np.allclose(after, before)
 
 
-# --- a patch folder changed after tiling -----------------------------------------------------------
+# --- a patch folder changed after tiling ---------------------------------------------------------
 
 
 def _loader_tiles(config: Path, slide_id: str):
@@ -203,7 +203,7 @@ def test_end_to_end_bags_read_the_patches_recorded_at_tiling(project):
         np.testing.assert_array_equal(tile.permute(1, 2, 0).numpy(), _patch(folder / name))
 
 
-# --- a full disk ------------------------------------------------------------------------------------
+# --- a full disk ---------------------------------------------------------------------------------
 
 
 def _cli(*args, limit_bytes: int | None = None, env: dict | None = None, timeout: int = 300):
@@ -244,7 +244,7 @@ def test_a_full_disk_during_extract_is_one_error_and_the_rerun_completes(project
     assert len(list(features.glob("*.h5"))) == 12
 
 
-# --- no internet ----------------------------------------------------------------------------------
+# --- no internet ---------------------------------------------------------------------------------
 
 
 def test_offline_extract_fails_at_once_and_names_both_ways_out(project, tmp_path):

@@ -3,7 +3,9 @@
 Dataset ``coords`` int64 [n, 2] (level-0 x, y of each tile's top-left corner) and attributes
 ``patch_size`` (px at the target MPP), ``patch_size_level0``, ``level`` (pyramid level to read
 from), ``mpp`` (target), ``slide_mpp``, ``mask_kind``, ``width``, ``height``,
-``bidistill_version`` (unknown MPPs are NaN). For a folder of patches the coords are synthetic,
+``bidistill_version`` (unknown MPPs are NaN), and the slide's signature ``slide_path``,
+``slide_size``, ``slide_mtime_ns`` (``slides.signature``: which version of the slide was tiled).
+For a folder of patches the coords are synthetic,
 (i, 0), and a string dataset ``paths`` holds the patch file names. Written atomically: a file
 that exists is whole, which is what lets a killed tiling run resume.
 """
