@@ -203,6 +203,28 @@ def test_end_to_end_bags_read_the_patches_recorded_at_tiling(project):
         np.testing.assert_array_equal(tile.permute(1, 2, 0).numpy(), _patch(folder / name))
 
 
+@pytest.mark.slow
+def test_heatmap_montage_shows_the_patches_that_were_encoded(project, tmp_path, caplog):
+    from bidistill.pipeline import run_experiment
+
+    run_experiment(project, tmp_path / "run", progress=False)
+    folder = project.parent / "slides" / "P002"
+    features = project.parent / "features" / "P002.h5"
+    args = ["heatmap", "--run", tmp_path / "run", "--features", features, "--slides", folder]
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(folder / "000-added.png")  # sorts first
+    with caplog.at_level("WARNING", logger="bidistill"):
+        shown = invoke(*args, "--out", tmp_path / "maps")
+    assert shown.exit_code == 0, shown.output
+    assert (tmp_path / "maps" / "P002.montage.png").is_file()
+    assert "1 patches added since the folder was tiled are left out" in caplog.text
+
+    names = read_coords(coords_path(project.parent / "coords", "P002")).paths
+    (folder / names[-1]).unlink()
+    refused = invoke(*args, "--out", tmp_path / "maps2")
+    message = assert_one_line_error(refused, str(folder), names[-1], "bidistill tile")
+    assert "IndexError" not in message and "bug in bidistill" not in message
+
+
 # --- a full disk ---------------------------------------------------------------------------------
 
 

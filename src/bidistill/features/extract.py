@@ -220,6 +220,7 @@ class Extractor:
             patch_size=tiles.patch_size,
             mpp=float("nan") if mpp is None else float(mpp),
             level=int(tiles.attrs.get("level", 0)),
+            paths=tiles.paths,
             extra_attrs={
                 "encoder_weights_sha256": self.encoder.weights_sha256,
                 "encoder_source": self.encoder.source,

@@ -59,8 +59,10 @@ def write_feature_file(
     mpp: float,
     level: int = 0,
     extra_attrs: dict[str, Any] | None = None,
+    paths: list[str] | None = None,
 ) -> Path:
-    """Write one slide's features atomically.
+    """Write one slide's features atomically (``paths``: a patch folder's file of each tile, as
+    its coords file recorded them, so that attention maps show the patches that were encoded).
 
     Side effects: creates ``path`` (and its folder); an existing file is replaced only when the
     new one is complete.
@@ -80,6 +82,9 @@ def write_feature_file(
     with atomic_h5(path) as h5:
         h5.create_dataset("features", data=features)
         h5.create_dataset("coords", data=coords)
+        if paths is not None:
+            names = np.array(paths, dtype=object)
+            h5.create_dataset("paths", data=names, dtype=h5py.string_dtype())
         attrs = {
             "encoder": encoder,
             "patch_size": int(patch_size),

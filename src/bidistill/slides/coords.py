@@ -134,3 +134,15 @@ def read_coords(path: str | Path) -> CoordsFile:
         if key in attrs and isinstance(attrs[key], float) and math.isnan(attrs[key]):
             attrs[key] = None
     return CoordsFile(coords=coords, attrs=attrs, paths=paths)
+
+
+def read_tile_names(path: str | Path) -> list[str] | None:
+    """A patch folder's file of each tile, as a coords file (or a feature file extracted from
+    one) recorded them; None when the file records none (a whole slide, or an older file)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            if "paths" not in h5:
+                return None
+            return [p.decode() if isinstance(p, bytes) else str(p) for p in h5["paths"][()]]
+    except OSError:
+        return None
