@@ -8,6 +8,8 @@ rerun would mistake for finished work.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
 import re
@@ -16,6 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bidistill.errors import BidistillError
+
+# The disk (or a quota, or the process's file size limit) cannot take the file.
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class DiskFullError(BidistillError, OSError):
+    """A file that does not fit on its disk; the message names it and says how to go on."""
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
@@ -23,6 +34,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
     Side effects: creates ``target``'s folder; on an exception the temporary file is removed and
     ``target`` is left as it was.
+
+    Raises:
+        DiskFullError: the disk is full (or a quota or the file size limit is reached) while the
+            block writes: one message that names ``target`` instead of the temporary name.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -36,8 +51,36 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         # mkstemp makes the file private (0600); give it the mode an ordinary open() would.
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
+    except OSError as err:
+        if err.errno not in _FULL_ERRNOS or isinstance(err, DiskFullError):
+            raise
+        raise DiskFullError(
+            f"{target}: cannot write it ({err.strerror}); free space on that disk, then run the "
+            "same command again: it resumes with the files already written"
+        ) from err
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_h5(target: str | Path) -> Iterator[Any]:
+    """Yield a new ``h5py.File`` that becomes ``target`` when the block ends (atomically).
+
+    The HDF5 file is built in memory and written to disk by Python: a disk that fills up then
+    fails one ``write`` with a clean error, where HDF5 writing it itself would leave its library
+    with a file it can neither flush nor close (tracebacks at exit, then a segfault).
+
+    Raises:
+        DiskFullError: no space left (see ``atomic_path``); ``target`` is as it was.
+    """
+    import h5py
+
+    target = Path(target)
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        yield h5
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
+        out.write(buffer.getbuffer())
 
 
 def _umask() -> int:

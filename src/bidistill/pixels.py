@@ -76,13 +76,14 @@ def prepare_features(
     if config.features.random_init:
         log.warning("%s", RANDOM_FEATURES_WARNING)
         _say(f"[bold red]WARNING:[/] {RANDOM_FEATURES_WARNING}", progress)
+    from bidistill.features.extract import extract_from_config, out_of_date_slides
+    from bidistill.slides.run import tile_from_config
+
     missing = [s for s in slide_ids if not feature_path(config.features.dir, s).is_file()]
+    missing += out_of_date_slides(config)  # a slide replaced under the same id is redone
     tiling = extraction = None
     if missing and config.slides is not None:
-        from bidistill.features.extract import extract_from_config
-        from bidistill.slides.run import tile_from_config
-
-        log.info("%d of %d slides lack features: tiling, extracting", len(missing), len(slide_ids))
+        log.info("%d of %d slides lack current features", len(missing), len(slide_ids))
         tiling = tile_from_config(config, progress=progress, hint=RUN_HINT)
         _say(_one_line(tiling, "tiled", "tiles"), progress)
         extraction = extract_from_config(config, progress=progress, hint=RUN_HINT)
@@ -165,6 +166,8 @@ def _one_line(summary: StageSummary, verb: str, unit: str) -> str:
         f"{summary.stage}: {verb} {len(summary.done)} slides ({sum(summary.done.values())} "
         f"{unit}), {len(summary.skipped)} already done"
     )
+    if summary.redone:
+        line += f", {len(summary.redone)} redone ({'; '.join(summary.redone.values())})"
     if summary.failed:
         line += f", {len(summary.failed)} failed: {', '.join(summary.failed)}"
     return line

@@ -108,6 +108,7 @@ class StageSummary:
         done: slide → count of tiles (tiling) or patches (extraction) of slides done now.
         skipped: slides done by an earlier run.
         failed: slide → error message.
+        redone: slide → why its earlier output was out of date (e.g. the slide file changed).
         other_shards: slides left to the other shards.
         shard: ``i/n`` when sharded.
         extra: stage-specific figures (e.g. the size of the plain-image cache).
@@ -117,6 +118,7 @@ class StageSummary:
     done: dict[str, int] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    redone: dict[str, str] = field(default_factory=dict)
     other_shards: int = 0
     shard: str | None = None
     seconds: float = 0.0
@@ -134,6 +136,7 @@ class StageSummary:
             "done": self.done,
             "skipped": self.skipped,
             "failed": self.failed,
+            "redone": self.redone,
             "other_shards": self.other_shards,
             "seconds": round(self.seconds, 2),
             **self.extra,
@@ -147,6 +150,7 @@ class StageSummary:
             out.done.update(part.done)
             out.skipped += part.skipped
             out.failed.update(part.failed)
+            out.redone.update(part.redone)
             out.extra.update(part.extra)
         return out
 

@@ -141,8 +141,9 @@ def test_weights_that_cannot_be_downloaded_say_what_to_do(offline_hub):
     with pytest.raises(EncoderError) as err:
         load_encoder("uni")
     message = str(err.value)
-    assert "encoder 'uni': cannot download its weights (MahmoodLab/uni)" in message
-    assert "`features.checkpoint`" in message
+    assert "encoder 'uni': its weights (MahmoodLab/uni) are not in the local" in message
+    assert "HF_HUB_OFFLINE is set" in message
+    assert "`features.checkpoint`" in message and "`features.random_init: true`" in message
 
 
 def test_a_gated_repository_tells_the_user_to_accept_the_licence_and_set_a_token():

@@ -3,6 +3,7 @@ tiny timm model to .h5 files; shapes, attributes, reruns, resume, shards, and mi
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -161,10 +162,15 @@ def test_the_real_svs(tmp_path, encoder):
 
 @pytest.fixture
 def broken_b(tiled, tmp_path) -> Path:
-    """A copy of the slides in which B (already tiled) is now a damaged file."""
+    """A copy of the slides in which B (already tiled) is now damaged in place, its size and
+    time kept: a read failure (a slide replaced since tiling is refused before any read, see
+    tests/faults/test_slide_faults.py)."""
     slides = tmp_path / "slides"
     shutil.copytree(tiled / "slides", slides)
-    (slides / "B.tif").write_bytes((tiled / "slides" / "B.tif").read_bytes()[:300])
+    size = (tiled / "slides" / "B.tif").stat().st_size
+    (slides / "B.tif").write_bytes(np.random.default_rng(0).bytes(size))
+    stat = (tiled / "slides" / "B.tif").stat()
+    os.utime(slides / "B.tif", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     return slides
 
 
@@ -176,7 +182,7 @@ def test_a_failure_stops_the_run_and_a_rerun_resumes(tiled, encoder, tmp_path, b
     assert written == ["A.h5"]  # whole files only: no temporary left behind
     stamp = (out / "A.h5").stat().st_mtime_ns
 
-    shutil.copy(tiled / "slides" / "B.tif", broken_b / "B.tif")  # the user fixes the file
+    shutil.copy2(tiled / "slides" / "B.tif", broken_b / "B.tif")  # the user restores the file
     summary = _extract(tiled, out, encoder, slides=broken_b)
     assert summary.skipped == ["A"] and sorted(summary.done) == ["B", "C", "D"]
     assert (out / "A.h5").stat().st_mtime_ns == stamp

@@ -39,6 +39,9 @@ def _print_stage_summary(summary, *, verb: str, unit: str, outputs: str) -> None
     if summary.shard is not None:
         line += f" (shard {summary.shard}; {summary.other_shards} slides left to other shards)"
     console.print(f"{line}; {outputs}", highlight=False, soft_wrap=True)
+    for slide_id, reason in summary.redone.items():
+        note = f"  redone {slide_id}: {reason}"
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
     if summary.failed:
         console.print(f"[bold red]{len(summary.failed)} slides failed:[/]")
         for slide_id, reason in summary.failed.items():

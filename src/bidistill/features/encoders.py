@@ -21,10 +21,14 @@ they fill in ``spec``; this module finds names and builds encoders with their we
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import logging
-from collections.abc import Callable
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0
+HUB_PROBE_SECONDS = 2.0  # how long the Hub may take to accept a connection before "offline"
+OFFLINE_FIX = (
+    "; on a machine without internet, download the weights elsewhere and set "
+    "`features.checkpoint` to the weights file, or set `features.random_init: true` to try the "
+    "pipeline without pretrained weights (its features carry no knowledge)"
+)
 
 
 class EncoderError(BidistillError, ValueError):
@@ -195,7 +205,7 @@ def load_encoder(
         load_weights_file(base, Path(checkpoint), spec)
         source = f"checkpoint {Path(checkpoint).resolve()}"
     else:
-        base = _with_hub_errors(spec, lambda: _create(spec, pretrained=True))
+        base = _with_hub_errors(spec, lambda: _create_pretrained(spec))
         source = spec.hub
     preprocess = spec.preprocess or _timm_preprocess(base)
     model = _wrapped(spec, base).eval().requires_grad_(False)
@@ -241,6 +251,81 @@ def _create(spec: EncoderSpec, *, pretrained: bool) -> nn.Module:
         raise EncoderError(f"encoder '{spec.name}': {err}") from err
 
 
+def _create_pretrained(spec: EncoderSpec) -> nn.Module:
+    """The pretrained model: from the local Hugging Face cache when the weights are there (no
+    network), else from the Hub when it answers within ``HUB_PROBE_SECONDS``.
+
+    Raises:
+        EncoderError: at once, when the weights are not cached and the Hub is offline
+            (``HF_HUB_OFFLINE``) or unreachable; the Hub client would retry for a minute first.
+    """
+    from huggingface_hub import constants
+
+    try:
+        with _hub_offline():
+            return _create(spec, pretrained=True)
+    except Exception as err:
+        if not _not_in_cache(err):
+            raise
+    if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
+        where = spec.hub_repo or spec.hub.removeprefix("timm:")
+        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "cannot be reached"
+        raise EncoderError(
+            f"encoder '{spec.name}': its weights ({where}) are not in the local Hugging Face "
+            f"cache ({constants.HF_HUB_CACHE}) and the Hub ({constants.ENDPOINT}) {reason}"
+            f"{OFFLINE_FIX}"
+        )
+    return _create(spec, pretrained=True)
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hugging Face Hub calls answer from the local cache only, for the duration."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _not_in_cache(err: BaseException) -> bool:
+    """Whether a failure (or one it came from) says the files are not in the local cache."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _hub_reachable(endpoint: str, timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the Hub's host accepts a connection within ``timeout`` (name lookup included).
+
+    Behind a proxy the host is not reached directly, so the Hub client is left to try.
+    """
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    answered: list[bool] = []
+
+    def probe() -> None:
+        with contextlib.suppress(OSError), socket.create_connection((url.hostname, port), timeout):
+            answered.append(True)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a stuck name lookup is left behind
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
 def _create_transformers(spec: EncoderSpec, *, pretrained: bool) -> nn.Module:
     try:
         import transformers
@@ -274,10 +359,7 @@ def _hub_error(spec: EncoderSpec, err: Exception) -> Exception:
     if isinstance(err, EncoderError):
         return err
     where = spec.hub_repo or spec.hub.removeprefix("timm:")
-    offline = (
-        "; on a machine without internet, download the weights elsewhere and set "
-        "`features.checkpoint` to the weights file"
-    )
+    offline = OFFLINE_FIX
     if isinstance(err, GatedRepoError):
         return EncoderError(
             f"encoder '{spec.name}': the weights on the Hugging Face Hub ({where}) are gated. "

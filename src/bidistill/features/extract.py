@@ -8,7 +8,10 @@ CPU). A batch never spans two slides and always starts at a multiple of the batc
 slide, so a slide's features do not depend on which worker, shard or process computed them.
 
 A slide's file is written atomically once all its patches are encoded; a file that exists is a
-slide that is done, so a killed run resumes with no partial file and no slide redone. Sharding
+slide that is done, so a killed run resumes with no partial file and no slide redone. A feature
+file copies the slide signature of its coords file (``slides.signature``): features of a slide
+tiled again since (a rescan) are extracted again, and a slide that changed since it was tiled
+is refused until it is tiled again. Sharding
 (``--shard i/n`` or torchrun's ranks) and the bookkeeping of failures come from
 ``bidistill.runner``.
 """
@@ -46,6 +49,12 @@ from bidistill.runner import (
     StageSummary,
     missing_slides,
     plan_slides,
+)
+from bidistill.slides.signature import (
+    SIGNATURE_KEYS,
+    change_since,
+    recorded_signature,
+    signature_change,
 )
 
 log = logging.getLogger(__name__)
@@ -211,6 +220,7 @@ class Extractor:
             patch_size=tiles.patch_size,
             mpp=float("nan") if mpp is None else float(mpp),
             level=int(tiles.attrs.get("level", 0)),
+            paths=tiles.paths,
             extra_attrs={
                 "encoder_weights_sha256": self.encoder.weights_sha256,
                 "encoder_source": self.encoder.source,
@@ -220,6 +230,7 @@ class Extractor:
                 "input_size": self.encoder.preprocess.size,
                 "slide_mpp": _nan_if_none(tiles.attrs.get("slide_mpp")),
                 "bidistill_version": __version__,
+                **{k: tiles.attrs[k] for k in SIGNATURE_KEYS if k in tiles.attrs},
             },
             coords_attrs=tiles.tool_attrs(job.slide_id),
         )
@@ -311,6 +322,16 @@ def extraction_jobs(config: ExperimentConfig) -> tuple[list[ExtractionJob], dict
     return jobs, missing
 
 
+def out_of_date_slides(config: ExperimentConfig) -> list[str]:
+    """Slides whose feature file exists but was made from another version of the slide or of
+    its tiles (a rescan replaced it): `bidistill run` tiles and extracts them again."""
+    if config.slides is None or not Path(config.slides.dir).is_dir():
+        return []
+    jobs, _ = extraction_jobs(config)
+    scratch = StageSummary(stage="extraction")
+    return [j.slide_id for j in jobs if j.target.is_file() and not _is_extracted(j, scratch)]
+
+
 def load_config_encoder(features: FeaturesConfig) -> Encoder:
     """The encoder that ``features`` names, with its weights."""
     return load_encoder(
@@ -354,7 +375,7 @@ def extract_features(
     todo = plan_slides(
         list(jobs),
         slide_id=lambda j: j.slide_id,
-        is_done=lambda j: j.target.is_file(),
+        is_done=lambda j: _is_extracted(j, summary),
         shard=shard or Shard(),
         summary=summary,
     )
@@ -407,15 +428,43 @@ def _summary_name(summary: StageSummary) -> str:
     return f"extraction_summary.shard{index}of{count}.json"
 
 
-def _is_tiled(job: ExtractionJob, recorder: Recorder) -> bool:
+def _is_extracted(job: ExtractionJob, summary: StageSummary) -> bool:
+    """The slide has features of its current tiles, from the slide as it is now (else it is
+    redone, and ``summary.redone`` says why)."""
+    if not job.target.is_file():
+        return False
     if job.coords_path.is_file():
-        return True
-    recorder.failure(
-        job.slide_id,
-        f"{job.coords_path}: no tile coordinates for slide '{job.slide_id}' (tile it first with "
-        "`bidistill tile`)",
-    )
-    return False
+        if change_since(job.coords_path, job.slide_path) is not None:
+            return False  # `_is_tiled` says that the slide must be tiled again
+        tiled = recorded_signature(job.coords_path)
+        change = signature_change(recorded_signature(job.target), tiled) if tiled else None
+        if change is not None:
+            summary.redone[job.slide_id] = (
+                f"{job.slide_path} was tiled again since its features were extracted ({change})"
+            )
+            log.info("%s: %s; extracting it again", job.slide_id, summary.redone[job.slide_id])
+            return False
+    return True
+
+
+def _is_tiled(job: ExtractionJob, recorder: Recorder) -> bool:
+    if not job.coords_path.is_file():
+        recorder.failure(
+            job.slide_id,
+            f"{job.coords_path}: no tile coordinates for slide '{job.slide_id}' (tile it first "
+            "with `bidistill tile`)",
+        )
+        return False
+    change = change_since(job.coords_path, job.slide_path)
+    if change is not None:
+        recorder.failure(
+            job.slide_id,
+            f"{job.slide_path}: the slide changed since it was tiled ({change}); its tiles in "
+            f"{job.coords_path} are of the old slide: tile it again with `bidistill tile`, then "
+            "extract",
+        )
+        return False
+    return True
 
 
 def _refuse_other_features(
@@ -514,6 +563,7 @@ __all__ = [
     "extract_from_config",
     "extraction_jobs",
     "gather_summaries",
+    "out_of_date_slides",
     "resolve_device",
     "resolve_precision",
 ]

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from bidistill import __version__
-from bidistill._io import atomic_path, h5_attrs
+from bidistill._io import atomic_h5, h5_attrs
 from bidistill._paths import find_named
 from bidistill.errors import FeatureFileError
 from bidistill.features.hygiene import (
@@ -62,8 +62,10 @@ def write_feature_file(
     level: int = 0,
     extra_attrs: dict[str, Any] | None = None,
     coords_attrs: dict[str, Any] | None = None,
+    paths: list[str] | None = None,
 ) -> Path:
-    """Write one slide's features atomically.
+    """Write one slide's features atomically (``paths``: a patch folder's file of each tile, as
+    its coords file recorded them, so that attention maps show the patches that were encoded).
 
     Args:
         coords_attrs: the ``coords`` dataset's attributes for CLAM's and TRIDENT's readers (the
@@ -85,7 +87,7 @@ def write_feature_file(
             f"{path}: coords must be [n, 2] with n={len(features)}, got {coords.shape}"
         )
     path = Path(path)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_h5(path) as h5:
         h5.create_dataset("features", data=features)
         h5.create_dataset("coords", data=coords)
         if coords_attrs is None:
@@ -93,6 +95,9 @@ def write_feature_file(
                 name=path.stem, patch_size=patch_size, level=level, mpp=mpp
             )
         h5["coords"].attrs.update(coords_attrs)
+        if paths is not None:
+            names = np.array(paths, dtype=object)
+            h5.create_dataset("paths", data=names, dtype=h5py.string_dtype())
         attrs = {
             "encoder": encoder,
             "patch_size": int(patch_size),

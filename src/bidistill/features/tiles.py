@@ -70,7 +70,10 @@ class TileBatches(torch.utils.data.IterableDataset):
                 yield TileChunk(index, 0, 0, None, None)
                 return
             size0, size = tiles.patch_size_level0, tiles.patch_size
-            with open_slide(job.slide_path, job.mpp, cache_dir=self.cache_dir) as slide:
+            # A patch folder's tiles are the files named when it was tiled, not as it is now.
+            with open_slide(
+                job.slide_path, job.mpp, cache_dir=self.cache_dir, tile_names=tiles.paths
+            ) as slide:
                 for start in range(0, total, self.batch_size):
                     batch = tiles.coords[start : start + self.batch_size]
                     pixels = np.stack([slide.read_tile(x, y, size0, size) for x, y in batch])

@@ -145,6 +145,7 @@ def write_slide_maps(
     top_k: int,
 ) -> list[Path]:
     """Every file for one slide (see the module docstring); returns the paths written."""
+    from bidistill.slides.coords import read_tile_names
     from bidistill.slides.reader import open_slide
     from bidistill.slides.run import slide_cache_dir
 
@@ -159,7 +160,9 @@ def write_slide_maps(
     slide = None
     if image is not None:
         mpp = config.slides.mpp if config.slides else None
-        slide = open_slide(image, mpp, cache_dir=slide_cache_dir(config))
+        # A patch folder shows the patches that were encoded, not the folder as it is now.
+        names = read_tile_names(attention.feature_file) if image.is_dir() else None
+        slide = open_slide(image, mpp, cache_dir=slide_cache_dir(config), tile_names=names)
     try:
         whole = slide is not None and not slide.is_patch_folder
         tile = tile_size_level0(attention, slide.mpp if whole else None)

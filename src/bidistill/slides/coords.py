@@ -3,12 +3,14 @@
 Dataset ``coords`` int64 [n, 2] (level-0 x, y of each tile's top-left corner) and attributes
 ``patch_size`` (px at the target MPP), ``patch_size_level0``, ``level`` (pyramid level to read
 from), ``mpp`` (target), ``slide_mpp``, ``mask_kind``, ``width``, ``height``,
-``overlap``, ``bidistill_version`` (unknown MPPs are NaN); the ``coords`` dataset carries the
-attributes CLAM's and TRIDENT's coordinate readers take from it (``patch_size``,
-``patch_level``, ``patch_size_level0``, magnifications, ``overlap``, level-0 size: see
-``features.interop``), so their tools read these files as their own. For a folder of patches
-the coords are synthetic, (i, 0), and a string dataset ``paths`` holds the patch file names.
-Written atomically: a file that exists is whole, which is what lets a killed tiling run resume.
+``overlap``, ``bidistill_version`` (unknown MPPs are NaN), and the slide's signature
+``slide_path``, ``slide_size``, ``slide_mtime_ns`` (``slides.signature``: which version of the
+slide was tiled); the ``coords`` dataset carries the attributes CLAM's and TRIDENT's coordinate
+readers take from it (``patch_size``, ``patch_level``, ``patch_size_level0``, magnifications,
+``overlap``, level-0 size: see ``features.interop``), so their tools read these files as their
+own. For a folder of patches the coords are synthetic, (i, 0), and a string dataset ``paths``
+holds the patch file names. Written atomically: a file that exists is whole, which is what lets
+a killed tiling run resume.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import h5py
 import numpy as np
 
 from bidistill import __version__
-from bidistill._io import atomic_path, h5_attrs
+from bidistill._io import atomic_h5, h5_attrs
 from bidistill._paths import find_named
 from bidistill.errors import BidistillError
 from bidistill.features.interop import coords_dataset_attrs
@@ -99,7 +101,7 @@ def write_coords(
     if paths is not None and len(paths) != len(coords):
         raise CoordsFileError(f"{path}: {len(paths)} paths for {len(coords)} coords")
     path = Path(path)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_h5(path) as h5:
         h5.create_dataset("coords", data=coords)
         if paths is not None:
             names = np.array(paths, dtype=object)
@@ -154,3 +156,15 @@ def read_coords(path: str | Path) -> CoordsFile:
         if key in attrs and isinstance(attrs[key], float) and math.isnan(attrs[key]):
             attrs[key] = None
     return CoordsFile(coords=coords, attrs=attrs, paths=paths)
+
+
+def read_tile_names(path: str | Path) -> list[str] | None:
+    """A patch folder's file of each tile, as a coords file (or a feature file extracted from
+    one) recorded them; None when the file records none (a whole slide, or an older file)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            if "paths" not in h5:
+                return None
+            return [p.decode() if isinstance(p, bytes) else str(p) for p in h5["paths"][()]]
+    except OSError:
+        return None

@@ -281,19 +281,25 @@ class WholeSlide:
 
 
 class PatchFolder:
-    """A folder of pre-cut patches: tile ``i`` is the ``i``-th image file (sorted by name).
+    """A folder of pre-cut patches: tile ``i`` is the ``i``-th image file (sorted by name), or,
+    once tiled, the ``i``-th of the names the coords file recorded (``tile_names``), so that a
+    patch added or removed since does not shift the tiles.
 
     Coordinates are synthetic: tile ``i`` sits at (x, y) = (i, 0), in a ``len(files)`` x 1 grid.
     """
 
     is_patch_folder = True
 
-    def __init__(self, path: Path, *, mpp: float | None) -> None:
+    def __init__(
+        self, path: Path, *, mpp: float | None, tile_names: Sequence[str] | None = None
+    ) -> None:
         files = sorted(
             p
             for p in path.iterdir()
             if p.is_file() and p.suffix.lower() in PATCH_SUFFIXES and not is_temp_file(p)
         )
+        if tile_names is not None:
+            files = _recorded_patches(path, files, tile_names)
         if not files:
             raise SlideError(
                 f"{path}: patch folder holds no image files ({', '.join(PATCH_SUFFIXES)})"
@@ -310,10 +316,21 @@ class PatchFolder:
         """The ``index``-th patch as uint8 [h, w, 3]."""
         from PIL import Image, UnidentifiedImageError
 
+        if not 0 <= index < len(self.patch_paths):
+            raise SlideError(
+                f"{self.path}: no patch number {index} (the folder holds "
+                f"{len(self.patch_paths)}): it changed since it was tiled; tile it again with "
+                "`bidistill tile`"
+            )
         path = self.patch_paths[index]
         try:
             with Image.open(path) as img:
                 return np.asarray(img.convert("RGB"))
+        except FileNotFoundError as err:
+            raise SlideError(
+                f"{path}: patch gone since the folder was tiled; tile it again with "
+                "`bidistill tile`"
+            ) from err
         except (OSError, UnidentifiedImageError) as err:
             raise SlideError(f"{path}: cannot read patch ({err})") from err
 
@@ -334,6 +351,33 @@ class PatchFolder:
 Slide = WholeSlide | PatchFolder
 
 
+def _recorded_patches(folder: Path, files: Sequence[Path], names: Sequence[str]) -> list[Path]:
+    """The patches named when the folder was tiled, in that order; a patch gone is an error,
+    patches added since are left out (and said).
+
+    Raises:
+        SlideError: a recorded patch is gone (or a name that leaves the folder).
+    """
+    present = {p.name for p in files}
+    gone = [n for n in names if n not in present or Path(n).name != n]
+    if gone:
+        more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
+        raise SlideError(
+            f"{folder}: {len(gone)} patches listed when the folder was tiled are gone "
+            f"({', '.join(gone[:3])}{more}); the folder changed since it was tiled: tile it "
+            "again with `bidistill tile`"
+        )
+    added = len(present - set(names))
+    if added:
+        log.warning(
+            "%s: %d patches added since the folder was tiled are left out (tile it again with "
+            "`bidistill tile` to use them)",
+            folder,
+            added,
+        )
+    return [folder / n for n in names]
+
+
 def default_cache_dir() -> Path:
     """Where plain images are converted when no cache folder is given."""
     env = os.environ.get(DEFAULT_CACHE_ENV)
@@ -341,7 +385,11 @@ def default_cache_dir() -> Path:
 
 
 def open_slide(
-    path: str | Path, mpp: float | None = None, *, cache_dir: str | Path | None = None
+    path: str | Path,
+    mpp: float | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    tile_names: Sequence[str] | None = None,
 ) -> Slide:
     """Open any slide: a pyramidal WSI, a plain image of any size, or a folder of patches.
 
@@ -351,6 +399,8 @@ def open_slide(
         cache_dir: where plain images are converted to tiled pyramidal TIFFs (default:
             ``$BIDISTILL_CACHE_DIR`` or ``~/.cache/bidistill/slides``). The tiling stage uses
             ``<coords_dir>/.cache``.
+        tile_names: for a patch folder, the file names its coords file recorded (``paths``):
+            tile i is the file of name i, whatever was added to the folder since.
 
     Raises:
         SlideError: missing, unsupported, unreadable or truncated file; the message names the
@@ -365,7 +415,7 @@ def open_slide(
     if not path.exists():
         raise SlideError(f"{path}: slide file not found")
     if path.is_dir():
-        return PatchFolder(path, mpp=mpp)
+        return PatchFolder(path, mpp=mpp, tile_names=tile_names)
     suffix = path.suffix.lower()
     if suffix not in SLIDE_SUFFIXES:
         raise SlideError(

@@ -1,7 +1,9 @@
 """The tiling stage over a cohort: every slide, in parallel over processes, resumable.
 
 A slide is done when its coords file exists (coords files are written atomically and last, after
-the QC image), so a rerun after a kill tiles only what is missing. The per-slide runner
+the QC image), so a rerun after a kill tiles only what is missing, and when the slide is the one
+that was tiled: a coords file records the slide's size and modification time
+(``slides.signature``), and a slide replaced under the same id is tiled again. The per-slide runner
 (``bidistill.runner``) does the skipping, the sharding, the process pool and the bookkeeping of
 failures: by default the first failure stops the run with its message and says that
 ``--skip-errors`` exists; with it the run goes on and ends with a summary of the slides that
@@ -33,7 +35,7 @@ from bidistill.runner import (
 from bidistill.slides.coords import coords_path
 from bidistill.slides.qc import qc_path, write_patch_folder_qc, write_tiling_qc
 from bidistill.slides.reader import SLIDE_SUFFIXES, PatchFolder, open_slide
-from bidistill.slides.signature import slide_signature
+from bidistill.slides.signature import change_since, slide_signature
 from bidistill.slides.tiling import tile_slide, write_patch_folder_coords, write_slide_tiling
 
 log = logging.getLogger(__name__)
@@ -186,7 +188,8 @@ def tile_cohort(
     shard: Shard | None = None,
     hint: str = SKIP_ERRORS_HINT,
 ) -> StageSummary:
-    """Tile every slide (of this shard) whose coords file does not exist yet.
+    """Tile every slide (of this shard) whose coords file does not exist yet, or was made from
+    another version of the slide (``summary.redone`` says which and why).
 
     Args:
         jobs: the slides.
@@ -213,7 +216,7 @@ def tile_cohort(
     todo = plan_slides(
         jobs,
         slide_id=lambda j: j.slide_id,
-        is_done=lambda j: coords_path(coords_dir, j.slide_id).is_file(),
+        is_done=lambda j: _is_tiled(j, coords_dir, summary),
         shard=shard or Shard(),
         summary=summary,
     )
@@ -233,6 +236,20 @@ def tile_cohort(
         if todo:
             write_json(coords_dir / _summary_name(summary), summary.to_dict())
     return summary
+
+
+def _is_tiled(job: SlideJob, coords_dir: Path, summary: StageSummary) -> bool:
+    """The slide has a coords file made from the slide as it is now (else it is redone, and
+    ``summary.redone`` says why)."""
+    target = coords_path(coords_dir, job.slide_id)
+    if not target.is_file():
+        return False
+    change = change_since(target, job.path)
+    if change is None:
+        return True
+    summary.redone[job.slide_id] = f"{job.path} changed since it was tiled ({change})"
+    log.info("%s: %s; tiling it again", job.slide_id, summary.redone[job.slide_id])
+    return False
 
 
 def _summary_name(summary: StageSummary) -> str:

@@ -52,6 +52,7 @@ class SlideTiles:
     patch_size_level0: int
     mpp: float | None  # the slide's MPP for files that lack it (the config's)
     tile_mpp: float | None  # the tiles' MPP (the coords file's ``mpp``)
+    names: tuple[str, ...] | None = None  # patch folders: the file of each tile, as tiled
 
 
 class TileIndex:
@@ -121,6 +122,7 @@ def read_slide_tiles(
         patch_size_level0=tiles.patch_size_level0,
         mpp=mpp,
         tile_mpp=None if tile_mpp is None else float(tile_mpp),
+        names=None if tiles.paths is None else tuple(tiles.paths),
     )
 
 
@@ -319,7 +321,9 @@ class PixelBags(torch.utils.data.Dataset):
             from bidistill.slides import open_slide
 
             info = self.tiles.slides[index]
-            slide = open_slide(info.slide_path, info.mpp, cache_dir=self.cache_dir)
+            slide = open_slide(
+                info.slide_path, info.mpp, cache_dir=self.cache_dir, tile_names=info.names
+            )
             if len(self._open) >= MAX_OPEN_SLIDES:
                 oldest = next(iter(self._open))
                 self._open.pop(oldest).close()
