@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from bidistill._cli_help import HelpCommand
+from bidistill._text import count
 from bidistill.cli.base import (
     app,
     console,
@@ -126,7 +127,8 @@ def predict(
     positive = trained.config.cohort.label.positive[0]
     branches = ", ".join(f"{b} {n}" for b, n in table["branch"].value_counts().items())
     console.print(
-        f"predicted {len(table)} patients with {trained.method}: {int(table['decision'].sum())} "
+        f"predicted {count(len(table), 'patient')} with {trained.method}: "
+        f"{int(table['decision'].sum())} "
         f"{positive} at the run's validation thresholds (branches: {branches}); wrote {out}",
         highlight=False,
         soft_wrap=True,
@@ -204,15 +206,15 @@ def heatmap(
         )
     n_files = sum(len(f) for f in summary.files.values())
     console.print(
-        f"wrote {n_files} files for {len(summary.files)} slides of {len(summary.predictions)} "
-        f"patients to {out}",
+        f"wrote {count(n_files, 'file')} for {count(len(summary.files), 'slide')} of "
+        f"{count(len(summary.predictions), 'patient')} to {out}",
         highlight=False,
         soft_wrap=True,
     )
     if summary.without_image:
         console.print(
-            f"{len(summary.without_image)} slides without an image (give --slides): drawn on a "
-            "blank canvas, no montage or tissue contours",
+            f"{count(len(summary.without_image), 'slide')} without an image (give --slides): "
+            "drawn on a blank canvas, no montage or tissue contours",
             highlight=False,
             soft_wrap=True,
         )
