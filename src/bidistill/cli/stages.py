@@ -103,7 +103,11 @@ def tile(
             highlight=False,
             soft_wrap=True,
         )
-    _print_next(summary, f"bidistill extract {shell_arg(config)}")
+    if cfg.training.mode == "end-to-end":  # the methods read the tiles: nothing to extract
+        run_dir = default_run_dir(config, cfg)
+        _print_next(summary, f"bidistill run {shell_arg(config)} --out {shell_arg(run_dir)}")
+    else:
+        _print_next(summary, f"bidistill extract {shell_arg(config)}")
     _exit_if_failed(summary)
 
 
