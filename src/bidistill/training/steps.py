@@ -1,5 +1,5 @@
 """The steps of end-to-end training: optimiser and schedule, which process runs which forward
-pass, the per-pass seed, and the progress bar.
+pass and the per-pass seed.
 
 Optimisers: AdamW, or SGD with momentum as the BCNB authors' code (lr 1e-4, momentum 0.3,
 weight decay 1e-3; github.com/bupt-ai-cz/BALNMP, ``code/train.py``), over two parameter groups
