@@ -81,11 +81,34 @@ def test_every_next_line_runs_in_feature_mode(tmp_path, monkeypatch):
     assert [shlex.split(c)[1] for c in chain][:2] == ["synth", "run"]
 
 
-def test_every_next_line_runs_in_end_to_end_mode(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    config = make_patch_cohort(Path("cohort"), patients=12, seed=1)
-    shorten_training(Path(config))
-    chain = follow(f"bidistill config {config}")
-    assert [shlex.split(c)[1] for c in chain] == ["config", "tile", "run", "predict", "heatmap"]
-    predict = shlex.split(chain[3])
-    assert "--slides" in predict and "--features" not in predict
+@pytest.fixture(scope="module")
+def end_to_end_chain(tmp_path_factory):
+    """An end-to-end cohort of 12 patch-folder slides, from `tile` through the `next:` lines up
+    to the `predict` line that `run` prints; returns the folder and that line."""
+    folder = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        config = make_patch_cohort(Path("cohort"), patients=12, seed=1)
+        shorten_training(config)
+        # `config` sends the user to `run` (which tiles what is not tiled); `tile` too.
+        assert shlex.split(invoke(f"bidistill config {config}"))[1] == "run"
+        ran, command = [], f"bidistill tile {config}"
+        while shlex.split(command)[1] != "predict":
+            ran.append(command)
+            command = invoke(command)
+    assert [shlex.split(c)[1] for c in ran] == ["tile", "run"]
+    return folder, command
+
+
+def test_an_end_to_end_run_prints_a_predict_line_that_runs(end_to_end_chain, monkeypatch):
+    folder, predict = end_to_end_chain
+    monkeypatch.chdir(folder)
+    words = shlex.split(predict)
+    assert "--slides" in words and "--features" not in words  # the model reads the tiles
+    assert shlex.split(invoke(predict))[1] == "heatmap"
+
+
+def test_every_next_line_runs_in_end_to_end_mode(end_to_end_chain, monkeypatch):
+    folder, predict = end_to_end_chain
+    monkeypatch.chdir(folder)
+    assert [shlex.split(c)[1] for c in follow(predict)] == ["predict", "heatmap"]
