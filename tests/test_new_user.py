@@ -4,6 +4,7 @@ folder. Each command must succeed and end by printing the next command of the RE
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -105,3 +106,12 @@ def test_a_fresh_clone_types_the_readme_commands_as_printed(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "next: bidistill config first/exp.yaml" in done.stderr
+
+
+def test_the_readme_says_how_to_install_the_cpu_build_of_pytorch():
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("**A machine without a GPU.**") :]
+    lines = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).splitlines()
+    torch_line = next(i for i, line in enumerate(lines) if line.startswith("pip install torch"))
+    assert lines[torch_line].endswith("--index-url https://download.pytorch.org/whl/cpu")
+    assert torch_line < lines.index("pip install -e '.[dev]'")  # torch first: pip keeps it
