@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: install test lint format demo demo-slides bench bench-accuracy docs clean
 
 install: $(STAMP)
+	@echo 'bidistill is installed in $(VENV): type `source $(BIN)/activate` to put it on PATH'
 
 # Reinstall when the package metadata changes.
 $(STAMP): pyproject.toml
@@ -28,6 +29,7 @@ format: install
 
 demo: install
 	$(BIN)/bidistill demo --out demo_run
+	@echo 'type `source $(BIN)/activate` to run the bidistill commands of the README'
 
 # The demo from pixels: synthetic BCNB-layout slides, tiled and encoded (random-init encoder).
 demo-slides: install

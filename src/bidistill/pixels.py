@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bidistill._text import count
 from bidistill.config import ExperimentConfig
 from bidistill.features.identity import (
     FeatureIdentity,
@@ -74,8 +75,7 @@ def prepare_features(
     if config.training.mode == "end-to-end":  # the methods read tiles, not features (issue 13)
         return _prepare_tiles(config, progress=progress)
     if config.features.random_init:
-        log.warning("%s", RANDOM_FEATURES_WARNING)
-        _say(f"[bold red]WARNING:[/] {RANDOM_FEATURES_WARNING}", progress)
+        log.warning("%s", RANDOM_FEATURES_WARNING)  # the CLI shows it once, as `warning:`
     from bidistill.features.extract import extract_from_config, out_of_date_slides
     from bidistill.slides.run import tile_from_config
 
@@ -85,9 +85,9 @@ def prepare_features(
     if missing and config.slides is not None:
         log.info("%d of %d slides lack current features", len(missing), len(slide_ids))
         tiling = tile_from_config(config, progress=progress, hint=RUN_HINT)
-        _say(_one_line(tiling, "tiled", "tiles"), progress)
+        _say(_one_line(tiling, "tiled", "tile"), progress)
         extraction = extract_from_config(config, progress=progress, hint=RUN_HINT)
-        _say(_one_line(extraction, "extracted", "patches"), progress)
+        _say(_one_line(extraction, "extracted", "patch"), progress)
     elif not missing:
         log.info("features: all %d slides done, tiling and extraction skipped", len(slide_ids))
     identity = check_cohort_features(config, slide_ids, Path(run_dir) if run_dir else None)
@@ -99,10 +99,9 @@ def _prepare_tiles(config: ExperimentConfig, *, progress: bool) -> PreparedFeatu
     from bidistill.slides.run import tile_from_config
 
     if config.features.random_init:
-        log.warning("%s", RANDOM_FEATURES_WARNING)
-        _say(f"[bold red]WARNING:[/] {RANDOM_FEATURES_WARNING}", progress)
+        log.warning("%s", RANDOM_FEATURES_WARNING)  # the CLI shows it once, as `warning:`
     tiling = tile_from_config(config, progress=progress, hint=RUN_HINT)
-    _say(_one_line(tiling, "tiled", "tiles"), progress)
+    _say(_one_line(tiling, "tiled", "tile"), progress)
     return PreparedFeatures(tiling, None, None)
 
 
@@ -163,8 +162,8 @@ def trained_identities(run_dir: Path) -> list[tuple[Path, FeatureIdentity]]:
 
 def _one_line(summary: StageSummary, verb: str, unit: str) -> str:
     line = (
-        f"{summary.stage}: {verb} {len(summary.done)} slides ({sum(summary.done.values())} "
-        f"{unit}), {len(summary.skipped)} already done"
+        f"{summary.stage}: {verb} {count(len(summary.done), 'slide')} "
+        f"({count(sum(summary.done.values()), unit)}), {len(summary.skipped)} already done"
     )
     if summary.redone:
         line += f", {len(summary.redone)} redone ({'; '.join(summary.redone.values())})"

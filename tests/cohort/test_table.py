@@ -82,14 +82,14 @@ def test_xlsx_with_numeric_cells_reads_like_csv(tmp_path):
 def test_label_values_outside_both_lists_are_an_error_unless_dropped(tmp_path):
     rows = [*ROWS, ("P7", "S7", "N+(>2)", "train", "50", "", "", "", "")]
     table = write(tmp_path, rows)
-    with pytest.raises(CohortError, match=r"'N\+\(>2\)' \(1 patients; rows 9\)"):
+    with pytest.raises(CohortError, match=r"'N\+\(>2\)' \(1 patient; rows 9\)"):
         load_cohort(cohort_config(table))
     label = {"column": "status", "positive": ["N+"], "negative": ["N0"], "unlisted": "drop"}
     cohort = load_cohort(cohort_config(table, label=label))
     assert "P7" not in cohort.patients.index
     assert "S7" not in set(cohort.slides["slide_id"])
     assert cohort.label_summary.dropped == {"N+(>2)": 1}
-    assert "left out 1 patients whose label is in neither list: 'N+(>2)' (1)" in (
+    assert "left out 1 patient whose label is in neither list: 'N+(>2)' (1)" in (
         cohort.label_summary.format()
     )
 

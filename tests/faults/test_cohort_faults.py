@@ -42,7 +42,7 @@ def test_label_typo_is_an_error_listing_each_value_and_count(tmp_path):
     line = assert_one_line_error(
         result, "cohort.csv: column 'nodal_status': 2 label value(s) in neither", "label.unlisted"
     )
-    assert "'N 0' (8 patients; rows" in line and "'n/+' (1 patients; rows" in line
+    assert "'N 0' (8 patients; rows" in line and "'n/+' (1 patient; rows" in line
     assert not any((tmp_path / "run").glob("*/predictions.csv"))  # nothing trained
     snapshot.assert_nothing_lost()
 

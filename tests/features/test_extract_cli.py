@@ -91,7 +91,7 @@ def test_cli_extract_of_a_missing_slide_says_skip_errors_exists(project, tmp_pat
     result = CliRunner().invoke(app, ["extract", str(path), "--no-progress", "--skip-errors"])
     output = " ".join(result.output.split())
     assert result.exit_code == 1  # a slide failed, even though the others were extracted
-    assert "extracted 1 slides" in output and output.count("no slide file for 'Z'") == 1
+    assert "extracted 1 slide" in output and output.count("no slide file for 'Z'") == 1
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from bidistill._cli_help import HelpCommand
+from bidistill._text import count
 from bidistill.cli.base import (
     app,
     console,
@@ -166,9 +167,9 @@ def predict(
     write_csv(out, table)
     branches = ", ".join(f"{b} {n}" for b, n in table["branch"].value_counts().items())
     console.print(
-        f"predicted {len(table)} patients with {trained.method}: {int(table['decision'].sum())} "
-        f"{trained.positive_class} at the run's validation thresholds (branches: {branches}); "
-        f"wrote {out}",
+        f"predicted {count(len(table), 'patient')} with {trained.method}: "
+        f"{int(table['decision'].sum())} {trained.positive_class} at the run's validation "
+        f"thresholds (branches: {branches}); wrote {out}",
         highlight=False,
         soft_wrap=True,
     )
@@ -272,8 +273,8 @@ def heatmap(
         )
     n_files = sum(len(f) for f in summary.files.values())
     console.print(
-        f"wrote {n_files} files for {len(summary.files)} slides of {len(summary.predictions)} "
-        f"patients to {out}",
+        f"wrote {count(n_files, 'file')} for {count(len(summary.files), 'slide')} of "
+        f"{count(len(summary.predictions), 'patient')} to {out}",
         highlight=False,
         soft_wrap=True,
     )
@@ -297,7 +298,7 @@ def _without_image_line(slide_ids: list[str], *, given: bool) -> str:
         else "without an image (give --slides)"
     )
     return (
-        f"{len(slide_ids)} slides {where}: {shown}; drawn on a blank canvas, no montage or "
+        f"{count(len(slide_ids), 'slide')} {where}: {shown}; drawn on a blank canvas, no montage or "
         "tissue contours"
     )
 

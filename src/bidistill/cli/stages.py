@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from bidistill._cli_help import HelpCommand
+from bidistill._text import count
 from bidistill.cli.base import (
     app,
     console,
@@ -33,7 +34,7 @@ _SHARD_HELP = (
 def _print_stage_summary(summary, *, verb: str, unit: str, outputs: str) -> None:
     """The closing lines of a per-slide stage: counts, each failure once, where the files are."""
     line = (
-        f"{verb} {len(summary.done)} slides ({sum(summary.done.values())} {unit}), "
+        f"{verb} {count(len(summary.done), 'slide')} ({count(sum(summary.done.values()), unit)}), "
         f"{len(summary.skipped)} already done, {len(summary.failed)} failed"
     )
     if summary.shard is not None:
@@ -43,7 +44,7 @@ def _print_stage_summary(summary, *, verb: str, unit: str, outputs: str) -> None
         note = f"  redone {slide_id}: {reason}"
         console.print(note, highlight=False, markup=False, soft_wrap=True)
     if summary.failed:
-        console.print(f"[bold red]{len(summary.failed)} slides failed:[/]")
+        console.print(f"[bold red]{count(len(summary.failed), 'slide')} failed:[/]")
         for slide_id, reason in summary.failed.items():
             console.print(f"  {slide_id}: {reason}", highlight=False, markup=False, soft_wrap=True)
 
@@ -94,7 +95,7 @@ def tile(
     _print_stage_summary(
         summary,
         verb="tiled",
-        unit="tiles",
+        unit="tile",
         outputs=f"coords in {coords_dir}, QC images in {coords_dir / 'qc'}",
     )
     if cfg.tiling.qc:
@@ -113,7 +114,11 @@ def tile(
             highlight=False,
             soft_wrap=True,
         )
-    _print_next(summary, f"bidistill extract {shell_arg(config)}")
+    if cfg.training.mode == "end-to-end":  # the methods read the tiles: nothing to extract
+        run_dir = default_run_dir(config, cfg)
+        _print_next(summary, f"bidistill run {shell_arg(config)} --out {shell_arg(run_dir)}")
+    else:
+        _print_next(summary, f"bidistill extract {shell_arg(config)}")
     _exit_if_failed(summary)
 
 
@@ -145,7 +150,7 @@ def extract(
     merged = gather_summaries(summary)  # torchrun: every rank's summary, on rank 0
     if merged is not None:
         _print_stage_summary(
-            merged, verb="extracted", unit="patches", outputs=f"features in {cfg.features.dir}"
+            merged, verb="extracted", unit="patch", outputs=f"features in {cfg.features.dir}"
         )
         if summary.extra.get("random_init"):
             console.print(
@@ -172,10 +177,20 @@ def encoders() -> None:
 
     from bidistill.features.encoders import list_encoders
 
+    specs = list_encoders()
     table = Table(title="Patch encoders (features.encoder)", title_justify="left")
+    # The name is what the user copies into the config, and D what the features will have:
+    # those two never wrap nor get cut; the other columns give way on a narrow terminal.
+    whole = {"name": max(len(s.name) for s in specs), "D": max(len(str(s.dim)) for s in specs)}
     for column in ("name", "D", "input", "MPP", "licence", "gated", "weights"):
-        table.add_column(column, justify="right" if column in ("D", "MPP") else "left")
-    for spec in list_encoders():
+        table.add_column(
+            column,
+            justify="right" if column in ("D", "MPP") else "left",
+            min_width=whole.get(column),
+            no_wrap=column in whole,
+            overflow="fold",
+        )
+    for spec in specs:
         table.add_row(
             spec.name,
             str(spec.dim),
@@ -265,20 +280,31 @@ def _reference_of(run_dir: Path) -> str:
 
 
 class _ConsoleLog:
-    """Show every warning on the console while a command runs; without it they would go only
-    to the run's ``run.log``. (Stage messages reach the console through ``say``.)"""
+    """Show every warning on the console while a command runs, each once (a stage that loads
+    the cohort again must not repeat it); without it they would go only to the run's
+    ``run.log``. (Stage messages reach the console through ``say``.)"""
 
     def __enter__(self):
         import logging
+
+        from rich.text import Text
 
         class StageFilter(logging.Filter):
             def filter(self, record: logging.LogRecord) -> bool:
                 return record.levelno >= logging.WARNING
 
+        shown: set[str] = set()
+
         class Handler(logging.Handler):
             def emit(self, record: logging.LogRecord) -> None:
-                prefix = "warning: " if record.levelno >= logging.WARNING else ""
-                say(prefix + record.getMessage())
+                message = record.getMessage()
+                if message not in shown:
+                    shown.add(message)
+                    console.print(
+                        Text.assemble(("warning: ", "bold yellow"), message),
+                        soft_wrap=True,
+                        highlight=False,
+                    )
 
         self.handler = Handler(logging.INFO)
         self.handler.addFilter(StageFilter())
@@ -321,19 +347,17 @@ def run(
     with _ConsoleLog():
         result = run_experiment(config, out, progress=not no_progress, say=say)
     _print_results(result.metrics, pd.read_csv(out / "delong.csv"), out)
-    cfg = load_experiment(config)
-    if cfg.features.random_init:
-        from bidistill.pixels import RANDOM_FEATURES_WARNING
-
-        console.print(f"[bold red]WARNING:[/] {RANDOM_FEATURES_WARNING}", highlight=False)
-    say_next(_predict_command(cfg, out))
+    say_next(_predict_command(load_experiment(config), out))
 
 
 def _predict_command(cfg, run_dir: Path) -> str:
     """`bidistill predict` as it runs on the training cohort itself: the command to adapt to
     new patients (their features folder and table)."""
     command = f"bidistill predict --run {shell_arg(_shown(run_dir))}"
-    if cfg.cohort.slide_column:
+    if cfg.training.mode == "end-to-end":  # the model reads tiles: the slides and their coords
+        command += f" --slides {shell_arg(_shown(cfg.slides.dir))}"
+        command += f" --tiles {shell_arg(_shown(cfg.tiling.coords_dir))}"
+    elif cfg.cohort.slide_column:
         command += f" --features {shell_arg(_shown(cfg.features.dir))}"
     command += f" --clinical {shell_arg(_shown(cfg.cohort.table))}"
     return command + f" --out {shell_arg(_shown(run_dir / 'new_patients.csv'))}"
@@ -419,10 +443,6 @@ def demo(
 
             result = run_demo(out, patients=patients or 1058, seed=seed, say=say)
     _print_results(result.metrics, pd.read_csv(result.run_dir / "delong.csv"), result.run_dir)
-    if from_slides:
-        from bidistill.pixels import RANDOM_FEATURES_WARNING
-
-        console.print(f"[bold red]WARNING:[/] {RANDOM_FEATURES_WARNING}", highlight=False)
     say(f"done in {time.perf_counter() - start:.0f} s")
     say_next(f"open {shell_arg(result.run_dir / 'report.html')}")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bidistill._text import count
 from bidistill.cohort.parsers import is_blank, normalise_text
 from bidistill.config import LabelConfig
 from bidistill.errors import CohortError
@@ -86,12 +87,14 @@ class LabelSummary:
         for row in self.table.itertuples():
             lines.append(f"  {row.value!r:<{width}} → {_meaning(row.code)} ({row.patients})")
         if self.blank_patients:
-            lines.append(f"  {self.blank_patients} patients with a blank label are left out")
+            verb = "is" if self.blank_patients == 1 else "are"
+            blank = count(self.blank_patients, "patient")
+            lines.append(f"  {blank} with a blank label {verb} left out")
         if self.dropped:
             listed = ", ".join(f"{v!r} ({n})" for v, n in self.dropped.items())
             lines.append(
-                f"  label.unlisted: drop: left out {sum(self.dropped.values())} patients whose "
-                f"label is in neither list: {listed}"
+                f"  label.unlisted: drop: left out {count(sum(self.dropped.values()), 'patient')} "
+                f"whose label is in neither list: {listed}"
             )
         return "\n".join(lines)
 
@@ -142,7 +145,7 @@ def refuse_unlisted(frame: pd.DataFrame, cells: pd.Series, cfg: LabelConfig, pat
         value=[normalise_text(c) for c in cells[unlisted]]
     )
     described = [
-        f"{value!r} ({group['patient_id'].nunique()} patients; rows {_rows(group['row'])})"
+        f"{value!r} ({count(group['patient_id'].nunique(), 'patient')}; rows {_rows(group['row'])})"
         for value, group in rows.groupby("value", sort=False)
     ]
     more = f" and {len(described) - _SHOWN} more" if len(described) > _SHOWN else ""

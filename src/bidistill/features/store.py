@@ -243,9 +243,9 @@ class FeatureStore:
     def _load_all(self, progress: bool) -> None:
         slides = self.slide_ids
         if progress:
-            from rich.progress import track
+            from bidistill._progress import transient_track
 
-            slides = track(slides, description="loading features", transient=True)
+            slides = transient_track(slides, "loading features")
         for slide in slides:
             self._arrays[slide] = read_feature_file(
                 feature_path(self.features_dir, slide), with_coords=False

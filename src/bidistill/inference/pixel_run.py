@@ -116,9 +116,9 @@ class PixelRun(TrainedRun):
         loaders = [self._loader(inputs, e, found) for e in encoded]
         sequence: Sequence[int] | Iterator[int] = range(len(inputs))
         if progress:
-            from rich.progress import track
+            from bidistill._progress import transient_track
 
-            sequence = track(sequence, description="predicting", transient=True)
+            sequence = transient_track(sequence, "predicting")
         try:
             for i in sequence:
                 yield self._predict_patient(

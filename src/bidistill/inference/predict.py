@@ -65,9 +65,9 @@ def predict_bags(
     valid = torch.as_tensor(np.asarray(clinical.valid, dtype=bool))
     indices = range(len(bags))
     if progress:
-        from rich.progress import track
+        from bidistill._progress import transient_track
 
-        indices = track(indices, description="predicting", transient=True)
+        indices = transient_track(indices, "predicting")
     outputs = [
         predict_bag(
             method,

@@ -216,9 +216,9 @@ class TrainedRun:
         missing = ~encoded[0].valid
         sequence: Sequence[int] | Iterator[int] = range(len(inputs))
         if progress:
-            from rich.progress import track
+            from bidistill._progress import transient_track
 
-            sequence = track(sequence, description="predicting", transient=True)
+            sequence = transient_track(sequence, "predicting")
         for i in sequence:
             yield self._predict_one(
                 inputs[i],

@@ -125,9 +125,9 @@ def make_bcnb_folder(
 def _track(items: list, enabled: bool, description: str):
     if not enabled:
         return items
-    from rich.progress import track
+    from bidistill._progress import transient_track
 
-    return track(items, description=description, transient=True)
+    return transient_track(items, description)
 
 
 # --- clinical table -----------------------------------------------------------------------------

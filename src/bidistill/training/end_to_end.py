@@ -70,9 +70,9 @@ from bidistill.training.pixel_predict import (
     resolve_precision,
     run_bags,
 )
+from bidistill.training.progress import EpochBar
 from bidistill.training.seeding import seed_everything
 from bidistill.training.steps import (
-    StepBar,
     augments,
     make_optimizer,
     make_scheduler,
@@ -293,14 +293,16 @@ class _Trainer:
                 best = payload["best"]
             payload = None
             label = self.method.name if len(stages) == 1 else f"{self.method.name}/{stage.name}"
-            with StepBar(self.progress and self.processes.is_main, label) as bar:
+            shown = self.progress and self.processes.is_main
+            parts = [part.name for part in stage.parts] or None
+            with EpochBar(shown, label, parts=parts) as bar:
                 for epoch in range(state.epoch, epochs):
                     row = self._epoch(stage, epoch, epochs, state, optimizer, scaler, bar)
                     scheduler.step()
                     best = self._select(stage, epoch, row, state, best)
                     state.log_rows.append(row)
                     state.epoch, state.global_epoch = epoch + 1, state.global_epoch + 1
-                    bar.finish_epoch(row["loss_total"], row["val_score"])
+                    bar.finish_epoch(row["loss_total"], _best_scores(label, state))
                     if state.stale >= self.tcfg.patience or epoch + 1 == epochs:
                         break
                     self._checkpoint(state_path, state, optimizer, scheduler, scaler, best)
@@ -405,7 +407,7 @@ class _Trainer:
         params = [p for p in self.method.parameters() if p.requires_grad]
         sums: dict[str, float] = {}
         seen = 0
-        bar.start_epoch(epoch, epochs, len(steps))
+        bar.start_epoch(epoch + 1, epochs, len(steps))
         for step_index, step in enumerate(steps):
             for index, n_passes, _ in step:
                 batch = to_batch(next(batches), self.device)
@@ -589,3 +591,10 @@ def _stage_result(stage: Stage, state: TrainingState) -> dict:
             }
         ]
     return {"stage": stage.name, "select": stage.select, "epochs_run": state.epoch, "parts": parts}
+
+
+def _best_scores(label: str, state: TrainingState) -> dict[str, float]:
+    """Each selected part's best validation score so far (the whole method's when no parts)."""
+    if state.parts:
+        return {name: track["best_score"] for name, track in state.parts.items()}
+    return {label: state.best_score}

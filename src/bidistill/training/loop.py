@@ -39,6 +39,7 @@ from bidistill.errors import BidistillError
 from bidistill.models.base import Method, Part, Selection, Stage
 from bidistill.models.batch import Batch
 from bidistill.training.data import withhold_clinical
+from bidistill.training.progress import EpochBar
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ def _fit_stage(run: _Fit, stage: Stage, epochs: int) -> StageResult:
     scheduler = warmup_cosine(optimizer, cfg.lr_warmup_epochs * steps, epochs * steps)
     tracks = _tracks(method, stage)
     label = f"{method.name}/{stage.name}" if len(method.stages()) > 1 else method.name
-    bar = _EpochBar(run.progress, label)
+    bar = EpochBar(run.progress, label, parts=[t.part.name for t in tracks])
     with bar:
         bar.note(_selection_note(label, stage, tracks))
         epochs_run = 0
@@ -316,7 +317,7 @@ def _fit_stage(run: _Fit, stage: Stage, epochs: int) -> StageResult:
                 if not track.frozen:
                     track.update(epoch, aucs.score(track.part.select), state, candidate)
             run.log_rows.append(_log_row(stage, epoch, optimizer, terms, aucs, tracks, started))
-            bar.finish_epoch(terms["total"], tracks)
+            bar.finish_epoch(terms["total"], {t.part.name: t.best.best_score for t in tracks})
             epochs_run = epoch
             active = [t for t in tracks if not t.frozen and t.stale < cfg.patience]
             if not active:
@@ -367,7 +368,7 @@ def _selection_summary(result: StageResult) -> str:
 
 
 def _train_epoch(
-    run: _Fit, optimizer, scheduler, epoch: int, bar: _EpochBar, stopped: list[str]
+    run: _Fit, optimizer, scheduler, epoch: int, bar: EpochBar, stopped: list[str]
 ) -> dict:
     method, cfg = run.method, run.cfg
     method.train()
@@ -398,61 +399,3 @@ def _train_epoch(
             sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
         bar.advance(sums["total"] / seen)
     return {name: total / max(seen, 1) for name, total in sums.items()}
-
-
-class _EpochBar:
-    """A rich progress bar over one epoch's batches: the running loss, then the validation
-    score of the last epoch and the best so far (none before the first validation)."""
-
-    def __init__(self, enabled: bool, label: str):
-        self.enabled = enabled
-        self.label = label
-        self.validated = ""
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
-                transient=False,
-            )
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress.start()
-            self.task = self.progress.add_task(self.label, total=1, status="")
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.stop()
-
-    def note(self, text: str) -> None:
-        """A line above the bar (and in the log)."""
-        log.info(text)
-        if self.enabled:
-            self.progress.console.print(text, highlight=False)
-
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        if self.enabled:
-            self.progress.reset(
-                self.task, total=steps, description=f"{self.label} epoch {epoch}/{epochs}"
-            )
-
-    def advance(self, running_loss: float) -> None:
-        if self.enabled:
-            self.progress.update(self.task, advance=1, status=self._status(running_loss))
-
-    def finish_epoch(self, loss: float, tracks: list[_Track]) -> None:
-        self.validated = "  ".join(
-            f"val{'' if len(tracks) == 1 else ' ' + t.part.name} {t.last:.3f} "
-            f"(best {t.best.best_score:.3f}, epoch {t.best.best_epoch})"
-            for t in tracks
-        )
-        if self.enabled:
-            self.progress.update(self.task, status=self._status(loss))
-
-    def _status(self, loss: float) -> str:
-        return f"loss {loss:.4f}" + (f"  {self.validated}" if self.validated else "")

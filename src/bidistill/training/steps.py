@@ -1,5 +1,5 @@
 """The steps of end-to-end training: optimiser and schedule, which process runs which forward
-pass, the per-pass seed, and the progress bar.
+pass and the per-pass seed.
 
 Optimisers: AdamW, or SGD with momentum as the BCNB authors' code (lr 1e-4, momentum 0.3,
 weight decay 1e-3; github.com/bupt-ai-cz/BALNMP, ``code/train.py``), over two parameter groups
@@ -81,46 +81,3 @@ def plan_steps(plan: list[BagSpec], batch_size: int, micro_batch: int, processes
             ]
         )
     return steps
-
-
-class StepBar:
-    """A rich progress bar over one epoch's steps, with the running loss and the val score."""
-
-    def __init__(self, enabled: bool, label: str):
-        self.enabled, self.label, self.score = enabled, label, float("nan")
-
-    def __enter__(self) -> StepBar:
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("steps  {task.fields[status]}"),
-            )
-            self.bar.start()
-            self.task = self.bar.add_task(self.label, total=1, status="")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.stop()
-
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        if self.enabled:
-            self.bar.reset(
-                self.task, total=steps, description=f"{self.label} epoch {epoch + 1}/{epochs}"
-            )
-
-    def advance(self, loss: float) -> None:
-        if self.enabled:
-            self.bar.update(self.task, advance=1, status=self._status(loss))
-
-    def finish_epoch(self, loss: float, score: float) -> None:
-        self.score = score
-        if self.enabled:
-            self.bar.update(self.task, status=self._status(loss))
-
-    def _status(self, loss: float) -> str:
-        return f"loss {loss:.4f}  val AUC {self.score:.3f}"
