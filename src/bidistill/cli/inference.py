@@ -298,8 +298,8 @@ def _without_image_line(slide_ids: list[str], *, given: bool) -> str:
         else "without an image (give --slides)"
     )
     return (
-        f"{count(len(slide_ids), 'slide')} {where}: {shown}; drawn on a blank canvas, no montage or "
-        "tissue contours"
+        f"{count(len(slide_ids), 'slide')} {where}: {shown}; drawn on a blank canvas, no montage "
+        "or tissue contours"
     )
 
 
