@@ -111,6 +111,11 @@ def _config_origin(run_dir: Path, config_path: str | Path) -> dict[str, str]:
     }
 
 
+def _is_resolved_copy(run_dir: Path, config_path: str | Path) -> bool:
+    """Whether ``config_path`` is the resolved config that the run wrote into its own folder."""
+    return Path(config_path).resolve() == (run_dir / "config.yaml").resolve()
+
+
 def check_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
     """Refuse a run folder made by another config file that still exists.
 
@@ -126,6 +131,8 @@ def check_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
     from bidistill.runs.fingerprint import read_run_info
 
     run_dir = Path(run_dir)
+    if _is_resolved_copy(run_dir, config_path):
+        return  # the run's own resolved config, which its finishing commands name
     recorded = read_run_info(run_dir).get(CONFIG_FILE_KEY)
     if not isinstance(recorded, dict):
         return  # a new folder, or one made before the record existed
@@ -146,6 +153,8 @@ def record_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
     """Write in run.json which config file made the run folder (see ``check_config_origin``)."""
     from bidistill.runs.fingerprint import read_run_info, write_run_info
 
+    if _is_resolved_copy(Path(run_dir), config_path):
+        return  # the folder stays its original config's
     info = read_run_info(run_dir)
     origin = _config_origin(Path(run_dir), config_path)
     if info.get(CONFIG_FILE_KEY) != origin:
