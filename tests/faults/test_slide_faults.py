@@ -88,7 +88,7 @@ def test_a_rescanned_slide_is_tiled_and_extracted_again(project):
 
     tiled = invoke("tile", project)
     assert tiled.exit_code == 0, tiled.output
-    assert "tiled 1 slides" in tiled.output and f"redone {RESCANNED}" in tiled.output
+    assert "tiled 1 slide " in tiled.output and f"redone {RESCANNED}" in tiled.output
     assert "changed since it was tiled" in tiled.output
     assert read_coords(coords_path(project.parent / "coords", RESCANNED)).attrs["slide_size"] == (
         rescanned.stat().st_size
@@ -96,7 +96,7 @@ def test_a_rescanned_slide_is_tiled_and_extracted_again(project):
 
     extracted = invoke("extract", project, "--no-progress")
     assert extracted.exit_code == 0, extracted.output
-    assert "extracted 1 slides" in extracted.output and f"redone {RESCANNED}" in extracted.output
+    assert "extracted 1 slide " in extracted.output and f"redone {RESCANNED}" in extracted.output
     after = _features(project, RESCANNED)
     assert after.shape != before.shape or not np.allclose(after, before)
     now = _stamps(project.parent / "features")
