@@ -239,8 +239,15 @@ def run_slides_demo(
         write_text(
             config_path,
             "# `bidistill demo --from-slides`: synthetic BCNB-layout slides, a random-init "
-            "encoder.\n# training.batch_size is 8 here (library default 16): with 120 training "
-            "patients that gives 15 optimiser steps an epoch.\n"
+            f"encoder.\n# training.batch_size is {DEMO_TRAINING['batch_size']} here (library "
+            "default 16): small cohorts need small batches for enough optimiser steps an epoch "
+            f"(15 with {DEMO_PATIENTS} patients).\n"
             + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True),
+        )
+    if say is not None:
+        say(
+            f"demo settings (the demo's own, not the library defaults): {config_path} "
+            f"(training.batch_size {DEMO_TRAINING['batch_size']}; slides with patient-level "
+            f"noise {DEMO_SLIDE_NOISE} on their signal)"
         )
     return run_experiment(config_path, out_dir / "run", progress=progress, say=say)
