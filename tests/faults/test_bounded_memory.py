@@ -8,6 +8,7 @@ import torch
 
 from bidistill.models import create_method
 from bidistill.models.aggregators import GatedAttentionMIL, MeanPoolMIL, TransMIL
+from bidistill.models.streaming import PoolStream
 from bidistill.training.bounded import (
     BoundedBatchSampler,
     PredictionMemoryError,
@@ -50,12 +51,23 @@ def test_streamed_pooling_equals_the_one_pass_result(aggregator):
     assert "forward" not in vars(module)  # restored after the block
 
 
-def test_a_large_bag_is_projected_a_chunk_at_a_time():
+@pytest.fixture
+def chunk_widths(monkeypatch) -> list[int]:
+    """The width of every chunk a ``PoolStream`` pools, in order."""
+    widths: list[int] = []
+    update = PoolStream.update
+
+    def recorded(stream, chunk, valid):
+        widths.append(chunk.shape[1])
+        return update(stream, chunk, valid)
+
+    monkeypatch.setattr(PoolStream, "update", recorded)
+    return widths
+
+
+def test_a_large_bag_is_projected_a_chunk_at_a_time(chunk_widths):
     method = _method()
-    widths = []
-    for module in method.modules():
-        if isinstance(module, GatedAttentionMIL):
-            module.project.register_forward_hook(lambda m, i, o: widths.append(i[0].shape[1]))
+    widths = chunk_widths
     bag = torch.randn(1, 20_000, 8)
     with torch.no_grad(), streaming_aggregation(method, chunk=4096):
         from bidistill.models.batch import Batch
@@ -105,7 +117,7 @@ def test_the_run_checks_prediction_memory_before_training(tmp_path, monkeypatch)
     assert not (tmp_path / "run" / "wsi-only" / "model.safetensors").exists()
 
 
-def test_predict_bags_handles_a_bag_far_larger_than_a_chunk():
+def test_predict_bags_handles_a_bag_far_larger_than_a_chunk(chunk_widths):
     from bidistill.cohort.encoder import EncodedClinical
     from bidistill.inference import predict_bags
 
@@ -116,10 +128,7 @@ def test_predict_bags_handles_a_bag_far_larger_than_a_chunk():
         valid=np.zeros((2, 1), bool),
         present=np.zeros(2, bool),
     )
-    rows = []
-    for module in method.modules():
-        if isinstance(module, GatedAttentionMIL):
-            module.project.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[-2]))
+    rows = chunk_widths
     streamed = predict_bags(method, bags, clinical, memory_budget=2**20)
     assert 1 < max(rows) < 12_345  # encoded in chunks
     rows.clear()

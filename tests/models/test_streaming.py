@@ -17,7 +17,7 @@ def test_chunked_pooling_equals_the_whole_bag(name, chunk):
     valid[1, 25:] = False  # a padded bag
     valid[2, :] = False  # an empty one
     whole = module(bags, valid)
-    stream = PoolStream(module)
+    stream = PoolStream(module, 40)
     for start in range(0, 40, chunk):
         stream.update(bags[:, start : start + chunk], valid[:, start : start + chunk])
     part = stream.result()
@@ -31,4 +31,4 @@ def test_transmil_is_refused():
     module = make_aggregator("transmil", 12, 16, 0.0)
     assert not streams(module)
     with pytest.raises(TypeError, match="TransMIL"):
-        PoolStream(module)
+        PoolStream(module, 40)

@@ -411,7 +411,7 @@ def demo(
         None,
         "--patients",
         min=20,
-        help="Synthetic patients (default 1058, the size of BCNB; 100 with --from-slides).",
+        help="Synthetic patients (default 1058, the size of BCNB; 200 with --from-slides).",
     ),
     seed: int = typer.Option(
         0, "--seed", min=0, max=2**32 - 1, help="Seed of the synthetic cohort."
@@ -435,9 +435,9 @@ def demo(
     start = time.perf_counter()
     with _ConsoleLog():
         if from_slides:
-            from bidistill.pixels import run_slides_demo
+            from bidistill.pixels import DEMO_PATIENTS, run_slides_demo
 
-            result = run_slides_demo(out, patients=patients or 100, seed=seed, say=say)
+            result = run_slides_demo(out, patients=patients or DEMO_PATIENTS, seed=seed, say=say)
         else:
             from bidistill.pipeline import run_demo
 

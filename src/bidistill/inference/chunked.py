@@ -155,8 +155,8 @@ class _WholeBag:
         return self.module(bag, torch.ones(bag.shape[:2], dtype=torch.bool, device=bag.device))
 
 
-def _stream(module: nn.Module, dim: int) -> PoolStream | _WholeBag:
-    return PoolStream(module) if streams(module) else _WholeBag(module, dim)
+def _stream(module: nn.Module, n_instances: int, dim: int) -> PoolStream | _WholeBag:
+    return PoolStream(module, n_instances) if streams(module) else _WholeBag(module, dim)
 
 
 def whole_bag_bytes(module: nn.Module, n: int, dim: int) -> int:
@@ -259,13 +259,13 @@ def encode_bag(
     if not found:
         return {}, 0
     rows, _ = chunk_rows(method, bag.n_instances, bag.dim, memory_budget)
-    pools = {name: _stream(module, bag.dim) for name, module in found.items()}
+    pools = {name: _stream(module, bag.n_instances, bag.dim) for name, module in found.items()}
     device = torch.device(device)
+    valid = torch.ones(1, rows, dtype=torch.bool, device=device)
     for chunk in bag.chunks(rows):
         x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device=device, dtype=torch.float32)
-        valid = torch.ones(1, len(x), dtype=torch.bool, device=device)
         for stream in pools.values():
-            stream.update(x[None], valid)
+            stream.update(x[None], valid[:, : len(x)])
         del x
     return {name: stream.result() for name, stream in pools.items()}, rows
 

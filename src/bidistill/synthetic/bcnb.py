@@ -52,6 +52,7 @@ ALND, SLNB = "Axillary lymph node dissection", "Sentinel lymph node biopsy"
 _FIXED_TIME = datetime(2020, 1, 1)  # xlsx docProps and zip entries: same seed, same bytes
 _BACKGROUND = 234
 _PEN_BLUE = (38, 62, 168)
+_MAX_STRENGTH = 1.2
 _MIN_PATIENTS = 10  # enough for both classes in each of the three splits
 
 
@@ -70,6 +71,7 @@ def make_bcnb_folder(
     slide_size: tuple[int, int] = (2048, 1536),
     jpeg_quality: int = 80,
     signal: float = 1.0,
+    signal_noise: float = 0.15,
     slides: bool = True,
     progress: bool = True,
 ) -> Path:
@@ -82,6 +84,8 @@ def make_bcnb_folder(
         slide_size: slide (width, height) in pixels; BCNB slides are ~0.5 µm/px.
         jpeg_quality: JPEG quality of the slides.
         signal: strength of the ALN signal in the tumour nuclei (0: none; 1: default).
+        signal_noise: standard deviation of the patient-level noise on that strength; the
+            default leaves the classes almost apart (``signal_oracle_auc`` says how far).
         slides: write ``WSIs/``; False gives the clinical part only (fast; for table tests).
         progress: show a progress bar over the slides.
 
@@ -96,6 +100,8 @@ def make_bcnb_folder(
     if patients < _MIN_PATIENTS:
         raise ValueError(f"patients must be >= {_MIN_PATIENTS} (got {patients})")
     width, height = slide_size
+    if signal_noise < 0:
+        raise ValueError(f"signal_noise must be >= 0 (got {signal_noise})")
     if min(width, height) < 512:
         raise ValueError(f"slide_size must be at least 512 px a side (got {slide_size})")
     out_dir = Path(out_dir)
@@ -107,7 +113,7 @@ def make_bcnb_folder(
     for index, patient in _track(list(enumerate(cohort)), progress, "synthetic BCNB slides"):
         # One generator per slide: a slide does not change when --patients grows.
         rng = np.random.default_rng([seed, 1, index])
-        strength = np.clip(ALN_SIGNAL[patient.aln] * signal + rng.normal(0, 0.15), 0, 1.2)
+        strength = _strength(patient.aln, signal, signal_noise, rng)
         image, polygons = _draw_slide(rng, (width, height), float(strength))
         stem = out_dir / WSI_DIR / patient.patient_id
         with atomic_path(stem.with_suffix(".jpg")) as tmp:
@@ -120,6 +126,28 @@ def make_bcnb_folder(
         }
         write_text(stem.with_suffix(".json"), json.dumps(annotation))
     return out_dir
+
+
+def _strength(aln: str, signal: float, noise: float, rng: np.random.Generator) -> float:
+    """How node-positive a patient's tumour looks: the class's signal plus patient noise."""
+    return float(np.clip(ALN_SIGNAL[aln] * signal + rng.normal(0, noise), 0, _MAX_STRENGTH))
+
+
+def signal_oracle_auc(
+    signal: float = 1.0, signal_noise: float = 0.15, *, draws: int = 200_000, seed: int = 0
+) -> float:
+    """N0-vs-N+ AUC of an oracle that reads each patient's planted strength exactly.
+
+    No model that learns from the slides can beat it in expectation, so it is the ceiling of a
+    WSI-only model on these slides; it depends on the generator's settings only.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    classes = rng.choice(len(ALN_CLASSES), draws, p=ALN_SHARES)
+    levels = np.array([ALN_SIGNAL[c] for c in ALN_CLASSES])[classes] * signal
+    strength = np.clip(levels + rng.normal(0, signal_noise, draws), 0, _MAX_STRENGTH)
+    return float(roc_auc_score(classes > 0, strength))
 
 
 def _track(items: list, enabled: bool, description: str):

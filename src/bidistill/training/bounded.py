@@ -75,7 +75,7 @@ def _streamed(module: nn.Module, chunk: int):
     def forward(bags: Tensor, tile_valid: Tensor) -> Aggregate:
         if bags.shape[1] <= chunk:
             return one_pass(bags, tile_valid)
-        stream = PoolStream(module)  # no [B, N, H] tensor is ever held
+        stream = PoolStream(module, bags.shape[1])  # no [B, N, H] tensor is ever held
         for start in range(0, bags.shape[1], chunk):
             stream.update(bags[:, start : start + chunk], tile_valid[:, start : start + chunk])
         return stream.result()
