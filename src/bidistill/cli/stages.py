@@ -16,6 +16,7 @@ from bidistill.cli.base import (
     console,
     default_run_dir,
     fail,
+    free_run_dir,
     load_experiment,
     say,
     say_next,
@@ -115,7 +116,7 @@ def tile(
             soft_wrap=True,
         )
     if cfg.training.mode == "end-to-end":  # the methods read the tiles: nothing to extract
-        run_dir = default_run_dir(config, cfg)
+        run_dir = free_run_dir(config, cfg)
         _print_next(summary, f"bidistill run {shell_arg(config)} --out {shell_arg(run_dir)}")
     else:
         _print_next(summary, f"bidistill extract {shell_arg(config)}")
@@ -158,7 +159,7 @@ def extract(
                 "and demos only",
                 highlight=False,
             )
-        run_dir = default_run_dir(config, cfg)
+        run_dir = free_run_dir(config, cfg)
         _print_next(merged, f"bidistill run {shell_arg(config)} --out {shell_arg(run_dir)}")
     _exit_if_failed(summary)
 

