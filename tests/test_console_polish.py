@@ -5,15 +5,19 @@ the right number."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
 
+from bidistill._io import write_csv, write_text
 from bidistill.cli import app
 from bidistill.synthetic.features import make_feature_cohort
 from bidistill.synthetic.patches import make_patch_cohort
@@ -86,3 +90,59 @@ def test_run_hints_avoid_a_run_folder_that_another_config_made(tmp_path, monkeyp
     ran = runner.invoke(app, [*shlex.split(hints[1])[1:], "--no-progress"])
     assert ran.exit_code == 0, ran.output
     assert (Path("runs/second") / "metrics.csv").is_file()
+
+
+# --- the results table at 80 columns, on a tiny test set -------------------------------------
+
+LONG_LABEL = "bd-with-a-long-label"
+TINY_CONFIG = f"""name: tiny
+cohort:
+  table: cohort.csv
+  patient_column: id
+  label: {{column: y, positive: ['1']}}
+methods: [{{name: bd, label: {LONG_LABEL}}}, wsi-only]
+evaluation: {{mask_seeds: 2, bootstrap: 50}}
+"""
+
+
+def _tiny_predictions(seed: int) -> pd.DataFrame:
+    """7 test patients of whom 1 positive, 4 validation, 10 training."""
+    labels = np.array([1, 0, 0, 0, 0, 0, 0] + [1, 1, 0, 0] + [1, 0] * 5)
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "patient_id": [f"P{i:02d}" for i in range(len(labels))],
+            "split": ["test"] * 7 + ["val"] * 4 + ["train"] * 10,
+            "fold": 0,
+            "label": labels,
+            "clinical_available": True,
+            "prob_present": np.round(0.4 * labels + 0.6 * rng.random(len(labels)), 2),
+            "prob_absent": np.round(rng.random(len(labels)), 2),
+        }
+    )
+
+
+@pytest.fixture
+def tiny_run(tmp_path) -> Path:
+    run = tmp_path / "run"
+    for seed, method in enumerate([LONG_LABEL, "wsi-only"]):
+        write_csv(run / method / "predictions.csv", _tiny_predictions(seed))
+    write_text(run / "config.yaml", TINY_CONFIG)
+    return run
+
+
+def test_the_results_table_keeps_names_and_cis_whole_at_80_columns(tiny_run):
+    result = runner.invoke(app, ["evaluate", str(tiny_run)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), result.stdout
+    assert "…" not in result.stdout, result.stdout
+    rows = [line for line in lines if re.match(rf"({LONG_LABEL}|wsi-only) +\d\.\d{{3}}", line)]
+    assert len(rows) == 4  # two tables of two methods
+    bound = r"(\.\d\d|1\.00)"
+    assert len(re.findall(rf"{bound}–{bound}", "\n".join(lines))) == 2 * 6  # every CI, whole
+    headers = [line.split() for line in lines if line.startswith("method")]
+    assert [r for h in headers for r in h[1:]] == ["r=0", "r=0.2", "r=0.4", "r=0.6", "r=0.8", "r=1"]
+    # No line of spaces between the title and the table's header.
+    title = next(i for i, line in enumerate(lines) if line.startswith("AUC on 7 test patients"))
+    assert lines[title + 1].startswith("method"), result.stdout
