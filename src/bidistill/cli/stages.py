@@ -39,7 +39,8 @@ def _print_stage_summary(summary, *, verb: str, unit: str, outputs: str) -> None
         f"{len(summary.skipped)} already done, {len(summary.failed)} failed"
     )
     if summary.shard is not None:
-        line += f" (shard {summary.shard}; {summary.other_shards} slides left to other shards)"
+        others = count(summary.other_shards, "slide")
+        line += f" (shard {summary.shard}; {others} left to other shards)"
     console.print(f"{line}; {outputs}", highlight=False, soft_wrap=True)
     for slide_id, reason in summary.redone.items():
         note = f"  redone {slide_id}: {reason}"
