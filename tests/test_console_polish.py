@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from typer.testing import CliRunner
 
 from bidistill._io import write_csv, write_text
 from bidistill.cli import app
+from bidistill.evaluation import metrics as M
+from bidistill.evaluation.evaluate import evaluate_run
 from bidistill.synthetic.features import make_feature_cohort
 from bidistill.synthetic.patches import make_patch_cohort
 
@@ -146,3 +149,34 @@ def test_the_results_table_keeps_names_and_cis_whole_at_80_columns(tiny_run):
     # No line of spaces between the title and the table's header.
     title = next(i for i, line in enumerate(lines) if line.startswith("AUC on 7 test patients"))
     assert lines[title + 1].startswith("method"), result.stdout
+
+
+# --- no numpy warnings on a tiny test set ------------------------------------------------------
+
+
+def test_a_tiny_test_set_evaluates_without_numpy_warnings(tiny_run):
+    """7 test patients, 1 positive: every statistic is computed where it is defined."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_run(tiny_run)
+    metrics = pd.read_csv(tiny_run / "metrics.csv")
+    assert metrics["auc_ci_low"].notna().all() and (metrics["n_positive"] == 1).all()
+
+
+def test_statistics_undefined_on_a_class_of_one_or_none_are_nan_without_warnings():
+    one_positive = np.array([1, 0, 0, 0, 0, 0, 0])
+    no_positive = np.zeros(7, dtype=int)
+    scores = np.random.default_rng(0).random((2, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # A variance needs two patients in each class: DeLong's has none with one positive.
+        components = M.delong_components(scores, one_positive)
+        assert np.isnan(components.covariance()).all()
+        difference, z, p = M.delong_test(components, 0, 1)
+        assert np.isfinite(difference) and np.isnan(z) and np.isnan(p)
+        # With a class empty there is no AUC at all.
+        assert np.isnan(M.permutation_test(scores[:1], scores[1:], no_positive).p_value)
+        assert np.isnan(M.youden_threshold(no_positive, scores[0]))
+        assert np.isnan(M.newcombe_ci(0.5, 0, 7)).all()
+        kernels = M.pair_kernel(scores, no_positive)  # [2, 0, 7]
+        assert np.isnan(M.bootstrap_auc(kernels, n_boot=10)).all()
