@@ -19,6 +19,7 @@ import yaml
 from typer.testing import CliRunner
 
 from bidistill._io import write_csv, write_text
+from bidistill._text import count, every, verb
 from bidistill.cli import app
 from bidistill.evaluation import metrics as M
 from bidistill.evaluation.evaluate import evaluate_run
@@ -180,3 +181,12 @@ def test_statistics_undefined_on_a_class_of_one_or_none_are_nan_without_warnings
         assert np.isnan(M.newcombe_ci(0.5, 0, 7)).all()
         kernels = M.pair_kernel(scores, no_positive)  # [2, 0, 7]
         assert np.isnan(M.bootstrap_auc(kernels, n_boot=10)).all()
+
+
+# --- counts in the right number ------------------------------------------------------------------
+
+
+def test_counts_agree_with_their_number():
+    assert [count(1, "patch"), count(2, "patch")] == ["1 patch", "2 patches"]
+    assert [every(1, "slide"), every(3, "slide")] == ["the slide", "all 3 slides"]
+    assert [verb(1, "is", "are"), verb(0, "is", "are")] == ["is", "are"]

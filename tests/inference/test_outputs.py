@@ -218,6 +218,6 @@ def test_a_slide_not_among_the_given_slides_is_said_so(demo_run, demo_cohort, tm
                        "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "1 slides not found among --slides" in text and "S0000" in text
+    assert "1 slide not found among --slides" in text and "S0000" in text
     assert "give --slides" not in text
     assert opened_file(result.output) == out / "S0000.heatmap.png"

@@ -33,7 +33,7 @@ import pandas as pd
 import yaml
 
 from bidistill._io import write_csv, write_text
-from bidistill._text import count
+from bidistill._text import count, verb
 from bidistill.cohort.parsers import normalise_text
 from bidistill.config import parse_config
 from bidistill.errors import CohortError
@@ -511,7 +511,7 @@ class PrepareReport:
         if n_no_slide := len(self.patients_without_slide):
             lines.append(
                 f"  warning: {count(n_no_slide, 'patient')} "
-                f"{'has' if n_no_slide == 1 else 'have'} no slide: "
+                f"{verb(n_no_slide, 'has', 'have')} no slide: "
                 f"{_preview(self.patients_without_slide)}"
             )
         if n_no_split := len(self.patients_without_split):

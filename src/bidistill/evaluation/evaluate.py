@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from bidistill._io import write_csv
-from bidistill._text import count
+from bidistill._text import count, verb
 from bidistill.config import EvaluationConfig, ExperimentConfig, dump_config, load_config
 from bidistill.evaluation import plots
 from bidistill.evaluation.inputs import (
@@ -276,11 +276,11 @@ def check_against_splits(run_dir: Path, predictions: dict[str, pd.DataFrame]) ->
                     where = f"fold {fold}, " if len(splits.folds) > 1 else ""
                     problem = (
                         f"{count(len(missing), f'{split} patient')} of splits.json "
-                        f"{'has' if len(missing) == 1 else 'have'} no prediction "
+                        f"{verb(len(missing), 'has', 'have')} no prediction "
                         f"({_first(missing)})"
                         if missing
                         else f"{count(len(extra), f'{split} patient')} "
-                        f"{'is' if len(extra) == 1 else 'are'} not in splits.json "
+                        f"{verb(len(extra), 'is', 'are')} not in splits.json "
                         f"({_first(extra)})"
                     )
                     raise PredictionsError(

@@ -64,7 +64,7 @@ def draw_tiling(tiling: SlideTiling, slide_id: str = "") -> Image.Image:
     n = len(tiling.coords)
     spec = tiling.spec
     size = f"{spec.patch_size} px at {spec.mpp:g} µm/px" if spec.mpp else f"{spec.patch_size} px"
-    title = f"{slide_id}: {n} tiles" if slide_id else f"{n} tiles"
+    title = f"{slide_id}: {count(n, 'tile')}" if slide_id else count(n, "tile")
     subtitle = (
         f"{size}; kept {n} of {tiling.n_candidates} grid positions; mask: {tiling.mask_kind}"
         + ("" if mpp is not None else "; no scale bar: the slide's MPP is unknown")
