@@ -176,7 +176,7 @@ def test_config_names_missing_columns_features_and_slides(tmp_path, synth_cohort
     result = runner.invoke(app, ["config", str(folder / "config.yaml")])
     err = " ".join(result.stderr.split())
     assert result.exit_code == 1
-    assert re.search(rf"1 of \d+ slides have no feature file in {folder / 'features'}", err)
+    assert re.search(rf"1 of \d+ slides has no feature file in {folder / 'features'}", err)
     assert slide.name in err and "`run` tiles and extracts them first" in err
     assert f"missing slides.dir: {folder / 'slides'} not found" in err
     assert "tile blocked by slides.dir" in err and "train ready" in err

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bidistill._text import count, every, verb
 from bidistill.config import ExperimentConfig
 from bidistill.errors import BidistillError, ConfigError
 
@@ -317,7 +318,7 @@ def _slides(context: _Context) -> list[Finding]:
                 "pass --skip-errors to go on past them: `tile` and `extract` list them at the end)",
             )
         ]
-    return [Finding("slides.dir", OK, f"{folder} (a file for all {len(jobs)} slides)")]
+    return [Finding("slides.dir", OK, f"{folder} (a file for {every(len(jobs), 'slide')})")]
 
 
 def _annotations(context: _Context) -> list[Finding]:
@@ -389,7 +390,8 @@ def _tiles(context: _Context) -> list[Finding]:
         Finding(
             "tiling.coords_dir",
             BLOCK,
-            f"{len(untiled)} of {len(todo)} slides to extract are not tiled in "
+            f"{len(untiled)} of {count(len(todo), 'slide')} to extract "
+            f"{verb(len(untiled), 'is', 'are')} not tiled in "
             f"{config.tiling.coords_dir} (first: {untiled[0]}): run `bidistill tile` first",
         )
     ]
@@ -434,18 +436,21 @@ def _tiles_for_training(
     folder = Path(config.tiling.coords_dir)
     missing = [s for s in slide_ids if not coords_path(folder, s).is_file()]
     if not missing:
-        return Finding("tiling.coords_dir", OK, f"{folder} (tiles of all {len(slide_ids)} slides)")
+        tiled = every(len(slide_ids), "slide")
+        return Finding("tiling.coords_dir", OK, f"{folder} (tiles of {tiled})")
     if "tile" in stages:
         return Finding(
             "tiling.coords_dir",
             OK,
-            f"{len(missing)} of {len(slide_ids)} slides are not tiled yet in {folder}: `run` "
+            f"{len(missing)} of {count(len(slide_ids), 'slide')} "
+            f"{verb(len(missing), 'is', 'are')} not tiled yet in {folder}: `run` "
             "tiles them first",
         )
     return Finding(
         "tiling.coords_dir",
         BLOCK,
-        f"{len(missing)} of {len(slide_ids)} slides are not tiled in {folder} (first: "
+        f"{len(missing)} of {count(len(slide_ids), 'slide')} "
+        f"{verb(len(missing), 'is', 'are')} not tiled in {folder} (first: "
         f"{missing[0]}): end-to-end training reads their tiles; tile them (`bidistill tile`, "
         "or `run` with a `slides` section)",
     )
@@ -469,13 +474,16 @@ def _feature_files(context: _Context, slide_ids: list[str]) -> list[Finding]:
         return [Finding("features.dir", BLOCK, str(err))]
     if len(present) == len(slide_ids):
         return [
-            Finding("features.dir", OK, f"{folder} (a feature file for all {len(present)} slides)")
+            Finding(
+                "features.dir", OK, f"{folder} (a feature file for {every(len(present), 'slide')})"
+            )
         ]
     missing = [s for s in slide_ids if s not in set(present)]
     where = (
         f"{folder} not found"
         if not folder.is_dir()
-        else f"{len(missing)} of {len(slide_ids)} slides have no feature file in {folder} "
+        else f"{len(missing)} of {count(len(slide_ids), 'slide')} "
+        f"{verb(len(missing), 'has', 'have')} no feature file in {folder} "
         f"(first: {feature_path(folder, missing[0]).name})"
     )
     if "extract" in context.stages:

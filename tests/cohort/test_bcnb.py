@@ -286,8 +286,8 @@ def test_missing_slide_and_unsplit_patient_are_reported(root_copy, tmp_path):
     assert report.patients_without_slide == [no_slide]
     assert report.patients_without_split == [no_split]
     text = report.format()
-    assert f"1 patients have no slide: {no_slide}" in text
-    assert f"in no split file and were left out: {no_split}" in text
+    assert f"1 patient has no slide: {no_slide}" in text
+    assert f"1 patient in no split file, left out: {no_split}" in text
     cohort = load_cohort(load_config(report.config_path).cohort)
     assert no_split not in cohort.patients.index
     assert no_slide in cohort.patients.index and cohort.slides_of(no_slide) == []

@@ -30,7 +30,7 @@ def test_evaluate_refuses_predictions_of_patients_outside_the_splits(run_copy):
     extra = rows[rows["split"] == "val"].iloc[[0]].assign(patient_id="STRANGER")
     pd.concat([rows, extra]).to_csv(path, index=False)
     result = invoke("evaluate", run_dir)
-    assert_one_line_error(result, "1 val patients are not in splits.json (STRANGER)")
+    assert_one_line_error(result, "1 val patient is not in splits.json (STRANGER)")
 
 
 def test_column_names_cannot_inject_markup_into_the_report(tmp_path):

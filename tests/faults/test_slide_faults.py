@@ -216,7 +216,7 @@ def test_heatmap_montage_shows_the_patches_that_were_encoded(project, tmp_path, 
         shown = invoke(*args, "--out", tmp_path / "maps")
     assert shown.exit_code == 0, shown.output
     assert (tmp_path / "maps" / "P002.montage.png").is_file()
-    assert "1 patches added since the folder was tiled are left out" in caplog.text
+    assert "1 patch added since the folder was tiled is left out" in caplog.text
 
     names = read_coords(coords_path(project.parent / "coords", "P002")).paths
     (folder / names[-1]).unlink()

@@ -10,8 +10,9 @@ mid-command, so that it can be pasted.
 
 Errors are handled once, at the top (``base._HandledGroup``): our own errors (bad config, bad table,
 bad file: ``BidistillError``) print as one line and exit 1; anything else is a bug, printed as a
-short message that names the log file holding its traceback, and also exits 1. Commands
-therefore just raise.
+short message that names the log file holding its traceback, and also exits 1. Output piped
+into a reader that closes early (`| head`) ends quietly with status 141. Commands therefore
+just raise.
 """
 
 from bidistill.cli.base import app

@@ -18,8 +18,22 @@ from bidistill._cli_help import HelpGroup
 console = Console(stderr=True)
 
 
+# What a shell reports for a program whose reader went away (128 + SIGPIPE), as `cat` does.
+CLOSED_PIPE_EXIT = 141
+
+
 class _HandledGroup(HelpGroup):
     """The root command group: turns every exception of a command into one clear message."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)
+        except SystemExit as stop:
+            # click and rich end quietly when the reader of the output closed it early
+            # (`bidistill ... | head`), with status 1; the shell's convention is 141.
+            if _closed_pipe(stop.__context__):
+                raise SystemExit(CLOSED_PIPE_EXIT) from None
+            raise
 
     def invoke(self, ctx):
         from bidistill.errors import BidistillError
@@ -31,6 +45,8 @@ class _HandledGroup(HelpGroup):
         except KeyboardInterrupt:
             print_error("interrupted; run the same command again to resume")
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            raise  # the reader closed the output early: click ends quietly
         except Exception as err:
             if type(err).__module__.split(".")[0] in ("typer", "click"):
                 raise  # exits, usage errors and --help: typer prints them itself
@@ -41,6 +57,10 @@ class _HandledGroup(HelpGroup):
 
 # The machine's doing, not a bug: a full disk, a read-only or forbidden folder, no memory.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _closed_pipe(err: BaseException | None) -> bool:
+    return isinstance(err, OSError) and err.errno == errno.EPIPE
 
 
 def _describe_unexpected(err: Exception, log_path: Path) -> str:
@@ -163,3 +183,17 @@ def default_run_dir(config: Path, loaded=None) -> Path:
 
     name = (loaded or load_experiment(config)).name
     return Path("runs") / (name if re.fullmatch(r"[\w.+-]+", name) else config.stem)
+
+
+def free_run_dir(config: Path, loaded=None) -> Path:
+    """The run folder that `next: bidistill run` hints name: ``default_run_dir``, unless another
+    config file made it (`run` would refuse it): then a folder named after this file."""
+    from bidistill.errors import ConfigError
+    from bidistill.runs.preflight import check_config_origin
+
+    run_dir = default_run_dir(config, loaded)
+    try:
+        check_config_origin(run_dir, config)
+    except ConfigError:
+        return run_dir.parent / config.stem
+    return run_dir

@@ -13,6 +13,7 @@ from bidistill.cli.base import (
     console,
     default_run_dir,
     fail,
+    free_run_dir,
     load_experiment,
     print_error,
     say,
@@ -117,25 +118,13 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
         say(f"  {stage:<8}" + (f"blocked by {', '.join(keys)}" if keys else "ready"))
     blocking = [f for f in checks.findings if f.blocks_run]
     if not blocking:
-        out = _free_run_dir(config, run_dir)
+        out = free_run_dir(config, loaded)
         say_next(f"bidistill run {shell_arg(config)} --out {shell_arg(out)}")
         return
     keys = ", ".join(dict.fromkeys(f.key for f in blocking))
     print_error(f"{config}: `bidistill run` cannot start yet: fix {keys} (see above)")
     say_next(f"bidistill config {shell_arg(config)}   (after editing {config})")
     raise typer.Exit(code=1)
-
-
-def _free_run_dir(config: Path, run_dir: Path) -> Path:
-    """``run_dir``, unless another config file made it: then a folder named after this file."""
-    from bidistill.errors import ConfigError
-    from bidistill.runs.preflight import check_config_origin
-
-    try:
-        check_config_origin(run_dir, config)
-    except ConfigError:
-        return run_dir.parent / config.stem
-    return run_dir
 
 
 # --- synthetic cohorts --------------------------------------------------------------------------

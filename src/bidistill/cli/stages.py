@@ -16,6 +16,7 @@ from bidistill.cli.base import (
     console,
     default_run_dir,
     fail,
+    free_run_dir,
     load_experiment,
     say,
     say_next,
@@ -38,7 +39,8 @@ def _print_stage_summary(summary, *, verb: str, unit: str, outputs: str) -> None
         f"{len(summary.skipped)} already done, {len(summary.failed)} failed"
     )
     if summary.shard is not None:
-        line += f" (shard {summary.shard}; {summary.other_shards} slides left to other shards)"
+        others = count(summary.other_shards, "slide")
+        line += f" (shard {summary.shard}; {others} left to other shards)"
     console.print(f"{line}; {outputs}", highlight=False, soft_wrap=True)
     for slide_id, reason in summary.redone.items():
         note = f"  redone {slide_id}: {reason}"
@@ -115,7 +117,7 @@ def tile(
             soft_wrap=True,
         )
     if cfg.training.mode == "end-to-end":  # the methods read the tiles: nothing to extract
-        run_dir = default_run_dir(config, cfg)
+        run_dir = free_run_dir(config, cfg)
         _print_next(summary, f"bidistill run {shell_arg(config)} --out {shell_arg(run_dir)}")
     else:
         _print_next(summary, f"bidistill extract {shell_arg(config)}")
@@ -158,7 +160,7 @@ def extract(
                 "and demos only",
                 highlight=False,
             )
-        run_dir = default_run_dir(config, cfg)
+        run_dir = free_run_dir(config, cfg)
         _print_next(merged, f"bidistill run {shell_arg(config)} --out {shell_arg(run_dir)}")
     _exit_if_failed(summary)
 

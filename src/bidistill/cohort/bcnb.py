@@ -33,6 +33,7 @@ import pandas as pd
 import yaml
 
 from bidistill._io import write_csv, write_text
+from bidistill._text import count, verb
 from bidistill.cohort.parsers import normalise_text
 from bidistill.config import parse_config
 from bidistill.errors import CohortError
@@ -506,16 +507,17 @@ class PrepareReport:
         else:
             lines.append(f"  slides: none ({WSI_DIR}/ absent): clinical-only cohort")
         if self.paper_patches:
-            lines.append(f"  paper_patches: {self.paper_patches} patients")
-        if self.patients_without_slide:
+            lines.append(f"  paper_patches: {count(self.paper_patches, 'patient')}")
+        if n_no_slide := len(self.patients_without_slide):
             lines.append(
-                f"  warning: {len(self.patients_without_slide)} patients have no slide: "
+                f"  warning: {count(n_no_slide, 'patient')} "
+                f"{verb(n_no_slide, 'has', 'have')} no slide: "
                 f"{_preview(self.patients_without_slide)}"
             )
-        if self.patients_without_split:
+        if n_no_split := len(self.patients_without_split):
             lines.append(
-                f"  warning: {len(self.patients_without_split)} patients are in no split file "
-                f"and were left out: {_preview(self.patients_without_split)}"
+                f"  warning: {count(n_no_split, 'patient')} in no split file, left out: "
+                f"{_preview(self.patients_without_split)}"
             )
         lines.append(
             f"task '{self.task}': {spec.description}; label '{spec.label}' positive "
@@ -536,9 +538,9 @@ class PrepareReport:
         if self.dropped_features:
             lines.append(f"  dropped (reveal the label): {', '.join(self.dropped_features)}")
         lines.append("missing values per column:")
-        for column, count in self.missing.items():
-            share = count / self.patients_in_table if self.patients_in_table else 0
-            lines.append(f"  {column:<34}{count:>6}  ({share:.0%})")
+        for column, blank in self.missing.items():
+            share = blank / self.patients_in_table if self.patients_in_table else 0
+            lines.append(f"  {column:<34}{blank:>6}  ({share:.0%})")
         if self.protocol == "paper":
             source = (
                 f"the authors' patches ({PAPER_PATCHES_DIR}/, one folder per patient)"

@@ -15,6 +15,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from bidistill import __version__
 from bidistill._io import write_json
+from bidistill._text import count
 from bidistill.cohort.table import Cohort
 from bidistill.config import SplitConfig, SplitMode
 from bidistill.errors import CohortError
@@ -106,7 +107,8 @@ def _stratified_cut(ids, labels, share: float, seed: int):
     try:
         keep, cut = train_test_split(ids, test_size=share, stratify=labels, random_state=seed)
     except ValueError as err:
-        raise CohortError(f"cannot make a stratified split of {len(ids)} patients: {err}") from err
+        what = count(len(ids), "patient")
+        raise CohortError(f"cannot make a stratified split of {what}: {err}") from err
     return np.asarray(keep), np.asarray(cut)
 
 
@@ -145,7 +147,8 @@ def resolve_splits(cohort: Cohort, cfg: SplitConfig, path: str | Path) -> Splits
             added = set(cohort.patients.index) - splits.patients
             gone = splits.patients - set(cohort.patients.index)
             raise CohortError(
-                f"{path}: the saved splits do not match the cohort ({len(added)} patients not in "
+                f"{path}: the saved splits do not match the cohort "
+                f"({count(len(added), 'patient')} not in "
                 f"them, {len(gone)} no longer in the cohort); delete the file to make new splits"
             )
         check_splits(splits, cohort)

@@ -23,15 +23,14 @@ from bidistill.evaluation.headline import (
 )
 
 
-def results_table(metrics: pd.DataFrame, headline: Headline) -> Table:
-    """Methods as rows, rates as columns; each cell the AUC over its 95% CI.
+def results_table(metrics: pd.DataFrame, headline: Headline, rates: list[float]) -> Table:
+    """Methods as rows, ``rates`` as columns; each cell the AUC over its 95% CI.
 
     Bold: the highest AUC at that rate. ``*``: differs from the reference method at that rate
     (DeLong, Holm-corrected p < 0.05).
     """
-    rates = sorted(metrics["missing_rate"].unique())
     best = metrics.groupby("missing_rate")["auc"].max().map(auc_text)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table = _table()
     table.add_column("method", no_wrap=True)
     for rate in rates:
         table.add_column(f"r={rate:g}", justify="right", no_wrap=True)
@@ -73,7 +72,8 @@ def print_results(
         highlight=False,
         style="bold",
     )
-    console.print(results_table(metrics, headline))
+    rates = sorted(metrics["missing_rate"].unique())
+    _print_tables(console, _fitting(rates, console, lambda r: results_table(metrics, headline, r)))
     console.print(
         f"{RATE_MEANING}. bold: highest AUC at that rate. *: differs from {reference} at that "
         f"rate ({tests_label(delong)}, Holm-corrected p < 0.05); no mark: no significant "
@@ -119,10 +119,10 @@ def print_comparison(result, *, console: Console | None = None) -> None:
         if row.p_holm < 0.05
     }
     rates = sorted(table_data["missing_rate"].unique())
-    for part in _fitting(
-        rates, console, lambda r: _comparison_table(table_data, r, short, significant)
-    ):
-        console.print(part)
+    _print_tables(
+        console,
+        _fitting(rates, console, lambda r: _comparison_table(table_data, r, short, significant)),
+    )
     test = tests_label(result.delong)
     console.print(
         f"{RATE_MEANING}. *: differs from the same method in {reference} at that rate "
@@ -158,7 +158,7 @@ def print_comparison(result, *, console: Console | None = None) -> None:
 
 
 def _comparison_table(table_data: pd.DataFrame, rates: list[float], short, significant) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table = _table()
     table.add_column("run", no_wrap=True)
     table.add_column("method", no_wrap=True)
     for rate in rates:
@@ -178,6 +178,18 @@ def _comparison_table(table_data: pd.DataFrame, rates: list[float], short, signi
             cells.append(cell)
         table.add_row(short[run], method, *cells)
     return table
+
+
+def _table() -> Table:
+    # No edges: the top one would be a line of spaces between the title and the header.
+    return Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
+
+
+def _print_tables(console: Console, tables: list[Table]) -> None:
+    """Each table followed by an empty line, which sets it apart from the next and the legend."""
+    for table in tables:
+        console.print(table)
+        console.print()
 
 
 def _fitting(rates: list[float], console: Console, build) -> list[Table]:

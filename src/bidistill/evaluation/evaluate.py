@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from bidistill._io import write_csv
+from bidistill._text import count, verb
 from bidistill.config import EvaluationConfig, ExperimentConfig, dump_config, load_config
 from bidistill.evaluation import plots
 from bidistill.evaluation.inputs import (
@@ -274,10 +275,12 @@ def check_against_splits(run_dir: Path, predictions: dict[str, pd.DataFrame]) ->
                 if missing or extra:
                     where = f"fold {fold}, " if len(splits.folds) > 1 else ""
                     problem = (
-                        f"{len(missing)} {split} patients of splits.json have no prediction "
+                        f"{count(len(missing), f'{split} patient')} of splits.json "
+                        f"{verb(len(missing), 'has', 'have')} no prediction "
                         f"({_first(missing)})"
                         if missing
-                        else f"{len(extra)} {split} patients are not in splits.json "
+                        else f"{count(len(extra), f'{split} patient')} "
+                        f"{verb(len(extra), 'is', 'are')} not in splits.json "
                         f"({_first(extra)})"
                     )
                     raise PredictionsError(

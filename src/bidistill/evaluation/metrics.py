@@ -77,9 +77,11 @@ def bootstrap_auc(
         chunk: resamples computed at once (bounds memory to ``chunk * n_neg`` per kernel).
 
     Returns:
-        ``[m, n_boot]`` resampled AUCs.
+        ``[m, n_boot]`` resampled AUCs; NaN when a class is empty (no AUC to resample).
     """
     m, n_pos, n_neg = kernels.shape
+    if not n_pos or not n_neg:
+        return np.full((m, n_boot), np.nan)
     rng = np.random.default_rng(seed)
     w_pos = rng.multinomial(n_pos, np.full(n_pos, 1 / n_pos), size=n_boot).astype(np.float64)
     w_neg = rng.multinomial(n_neg, np.full(n_neg, 1 / n_neg), size=n_boot).astype(np.float64)
@@ -119,8 +121,11 @@ class DelongComponents:
         return self.v10.mean(axis=1)
 
     def covariance(self) -> np.ndarray:
-        """``[m, m]`` DeLong covariance of the AUCs."""
+        """``[m, m]`` DeLong covariance of the AUCs; NaN when a class has fewer than 2 patients
+        (a variance needs two)."""
         n_pos, n_neg = self.v10.shape[1], self.v01.shape[1]
+        if min(n_pos, n_neg) < 2:
+            return np.full((len(self.v10), len(self.v10)), np.nan)
         s10 = np.atleast_2d(np.cov(self.v10))
         s01 = np.atleast_2d(np.cov(self.v01))
         return s10 / n_pos + s01 / n_neg
@@ -150,12 +155,15 @@ def delong_test(components: DelongComponents, a: int, b: int) -> tuple[float, fl
     """Paired two-sided DeLong test of AUC[a] = AUC[b].
 
     Returns:
-        ``(auc_a - auc_b, z, p)``; identical scores give z = 0 and p = 1.
+        ``(auc_a - auc_b, z, p)``; identical scores give z = 0 and p = 1; z and p are NaN when
+        a class has fewer than 2 patients (no variance estimate).
     """
     aucs = components.aucs
     cov = components.covariance()
     diff = float(aucs[a] - aucs[b])
     var = float(cov[a, a] + cov[b, b] - 2 * cov[a, b])
+    if np.isnan(var):
+        return diff, float("nan"), float("nan")
     if var <= 1e-15:
         return diff, 0.0, 1.0 if abs(diff) < 1e-12 else 0.0
     z = diff / np.sqrt(var)
@@ -253,7 +261,10 @@ def permutation_test(
     p-value ``(k + 1) / (B + 1)``. ``p_floor`` is the smallest p-value possible on these patients:
     the share of patterns reaching the largest possible difference (at least 2 / 2^n, since
     swapping every patient mirrors the difference), or ``1 / (B + 1)`` for the drawn patterns.
+    With a class empty there is no AUC: difference and p are NaN.
     """
+    if len(np.unique(labels)) < 2:
+        return PairedTest(float("nan"), float("nan"), float("nan"), "none (one class)", 0.0)
     weights = swap_weights(np.atleast_2d(scores_a), np.atleast_2d(scores_b), labels)
     observed = float(weights.sum())
     tolerance = 1e-12 * max(1.0, float(np.abs(weights).sum()))
@@ -284,7 +295,10 @@ def newcombe_ci(auc: float, n_pos: int, n_neg: int, level: float = 0.95) -> tupl
     (not at the estimate), with both class sizes replaced by N* = (n_pos + n_neg) / 2 − 1:
     (AUC − θ)² ≤ z² V(θ). Like Wilson's interval for a proportion it stays inside [0, 1] and is
     not degenerate at an AUC of 0 or 1, where the bootstrap and Wald intervals collapse.
+    NaN when a class is empty (no AUC).
     """
+    if not n_pos or not n_neg or np.isnan(auc):
+        return float("nan"), float("nan")
     z = stats.norm.ppf(0.5 + level / 2)
     n_star = (n_pos + n_neg) / 2 - 1
 
@@ -305,9 +319,12 @@ def newcombe_ci(auc: float, n_pos: int, n_neg: int, level: float = 0.95) -> tupl
 def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     """The threshold maximising sensitivity + specificity − 1 (predict positive if p ≥ t).
 
-    Ties in J go to the highest threshold (the first ROC point reaching the maximum).
+    Ties in J go to the highest threshold (the first ROC point reaching the maximum). NaN when
+    a class is empty (no sensitivity or no specificity to trade).
     """
     labels = np.asarray(labels).astype(bool)
+    if labels.all() or not labels.any():
+        return float("nan")
     order = np.argsort(-probs, kind="mergesort")
     sorted_probs, sorted_labels = probs[order], labels[order]
     tp = np.cumsum(sorted_labels)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from bidistill._io import is_temp_file
+from bidistill._text import count
 from bidistill.cohort import ClinicalEncoder
 from bidistill.cohort.prediction import PredictionCohort
 from bidistill.errors import CohortError, FeatureFileError
@@ -69,7 +70,7 @@ def patient_inputs(
         unknown = [str(w) for w in wanted if str(w) not in by_id]
         if unknown:
             raise CohortError(
-                f"patients {unknown[:5]} not found among the {len(by_id)} patients given "
+                f"patients {unknown[:5]} not found among the {count(len(by_id), 'patient')} given "
                 f"(e.g. {', '.join(list(by_id)[:3])})"
             )
         inputs = [by_id[str(w)] for w in wanted]

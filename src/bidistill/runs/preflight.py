@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bidistill._text import count
 from bidistill.errors import CohortError, ConfigError
 
 
@@ -81,7 +82,7 @@ def check_trainable_cohort(cohort, splits) -> None:
         classes = np.unique(labels.loc[list(ids)].to_numpy())
         if len(classes) < 2:
             raise CohortError(
-                f"{cohort.source}: the {name} split has {len(ids)} patients, all of class "
+                f"{cohort.source}: the {name} split has {count(len(ids), 'patient')}, all of class "
                 f"{int(classes[0]) if len(classes) else '-'}; AUC needs both classes: change the "
                 "split column, or the split fractions or seed (then delete splits.json)"
             )

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from bidistill._io import atomic_path, is_temp_file
+from bidistill._text import count
 from bidistill.slides.reader import PatchFolder
 from bidistill.slides.tiling import SlideTiling
 
@@ -63,7 +64,7 @@ def draw_tiling(tiling: SlideTiling, slide_id: str = "") -> Image.Image:
     n = len(tiling.coords)
     spec = tiling.spec
     size = f"{spec.patch_size} px at {spec.mpp:g} µm/px" if spec.mpp else f"{spec.patch_size} px"
-    title = f"{slide_id}: {n} tiles" if slide_id else f"{n} tiles"
+    title = f"{slide_id}: {count(n, 'tile')}" if slide_id else count(n, "tile")
     subtitle = (
         f"{size}; kept {n} of {tiling.n_candidates} grid positions; mask: {tiling.mask_kind}"
         + ("" if mpp is not None else "; no scale bar: the slide's MPP is unknown")
@@ -230,9 +231,10 @@ def write_cohort_overview(coords_dir: str | Path) -> Path | None:
     sheet = _overview_sheet(coords_dir / "qc", shown, counts)
     total = sum(counts.values())
     empty = [s for s in ranked if counts[s] == 0]
-    title = f"{len(counts)} slides, {total} tiles (median {int(np.median(list(counts.values())))})"
+    median = int(np.median(list(counts.values())))
+    title = f"{count(len(counts), 'slide')}, {count(total, 'tile')} (median {median})"
     subtitle = (
-        f"fewest tiles first; {len(empty)} slides without a tile"
+        f"fewest tiles first; {count(len(empty), 'slide')} without a tile"
         + (f" ({', '.join(empty[:5])}{', …' if len(empty) > 5 else ''})" if empty else "")
         + ("" if len(shown) == len(ranked) else f"; showing {len(shown)} of {len(ranked)}")
     )

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bidistill._io import atomic_path, is_temp_file
+from bidistill._text import count, verb
 from bidistill.errors import SlideError
 
 log = logging.getLogger(__name__)
@@ -363,17 +364,19 @@ def _recorded_patches(folder: Path, files: Sequence[Path], names: Sequence[str])
     if gone:
         more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
         raise SlideError(
-            f"{folder}: {len(gone)} patches listed when the folder was tiled are gone "
+            f"{folder}: {count(len(gone), 'patch')} listed when the folder was tiled "
+            f"{verb(len(gone), 'is', 'are')} gone "
             f"({', '.join(gone[:3])}{more}); the folder changed since it was tiled: tile it "
             "again with `bidistill tile`"
         )
     added = len(present - set(names))
     if added:
         log.warning(
-            "%s: %d patches added since the folder was tiled are left out (tile it again with "
+            "%s: %s added since the folder was tiled %s left out (tile it again with "
             "`bidistill tile` to use them)",
             folder,
-            added,
+            count(added, "patch"),
+            verb(added, "is", "are"),
         )
     return [folder / n for n in names]
 

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from bidistill._io import write_csv
+from bidistill._text import count
 from bidistill.cohort import (
     ClinicalEncoder,
     Cohort,
@@ -300,7 +301,8 @@ def _refuse_non_finite(predictions: pd.DataFrame, key: str, target: Path) -> Non
         patients = predictions.loc[bad, "patient_id"].tolist()
         shown = ", ".join(map(str, patients[:5])) + (", …" if len(patients) > 5 else "")
         raise TrainingDivergedError(
-            f"{key}: predictions are NaN for {len(patients)} of {len(bad)} patients ({shown}); "
+            f"{key}: predictions are NaN for {len(patients)} of "
+            f"{count(len(bad), 'patient')} ({shown}); "
             f"{target} is not written, so the method is not done: check those patients' "
             "feature files, or lower training.lr"
         )
