@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,6 +17,8 @@ from typer.testing import CliRunner
 from bidistill.cli import app
 from bidistill.errors import FeatureFileError
 from bidistill.pipeline import run_experiment
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture
@@ -124,3 +127,12 @@ def test_the_slides_demo_trains_every_method_and_separates_no_class_perfectly(tm
         assert complete.loc[method, "auc"] >= floor, complete[["auc", "auc_ci_low"]]
     config = (tmp_path / "demo" / "cohort" / "config.yaml").read_text()
     assert "batch_size: 8" in config and "library default 16" in config  # said, not hidden
+    # The README quotes this table: it must be what the demo prints.
+    readme = README.read_text(encoding="utf-8")
+    block = readme[readme.index("`make demo-slides` (`bidistill demo --from-slides`) runs") :]
+    block = block[block.index("```\n") + 4 :]
+    quoted = [line.rstrip() for line in block[: block.index("```")].splitlines() if line.strip()]
+    shown = [line.rstrip() for line in result.stdout.splitlines() if line.strip()]
+    assert quoted[0] in shown, result.stdout
+    start = shown.index(quoted[0])
+    assert shown[start : start + len(quoted)] == quoted, result.stdout
