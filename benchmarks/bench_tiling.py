@@ -183,10 +183,8 @@ def loader_rate(
     """Tiles/s through the extraction's data loader (``workers`` processes, batches of 64),
     by the clock and per CPU-second of the workers: the kept tiles split into 8 slides, since
     the workers share out slides."""
-    import torch
-
     from bidistill.features.extract import ExtractionJob
-    from bidistill.features.tiles import TileBatches, init_reader_worker
+    from bidistill.features.tiles import load_tiles
     from bidistill.slides.coords import write_coords
 
     jobs = []
@@ -206,17 +204,12 @@ def loader_rate(
                 height=0,
             )
             jobs.append(ExtractionJob(f"part{i}", path, coords_file, Path(tmp) / "x.h5", 0.5))
-        loader = torch.utils.data.DataLoader(
-            TileBatches(jobs, LOADER_BATCH, cache_dir),
-            batch_size=None,
-            num_workers=workers,
-            worker_init_fn=init_reader_worker,
-            prefetch_factor=4,
-        )
         start, cpu = time.perf_counter(), _children_cpu()
-        n = sum(len(chunk.pixels) for chunk in loader if chunk.pixels is not None)
+        chunks = load_tiles(jobs, batch_size=LOADER_BATCH, cache_dir=cache_dir, num_workers=workers)
+        n = sum(len(chunk.pixels) for chunk in chunks if chunk.pixels is not None)
         seconds = time.perf_counter() - start
-        del loader  # the workers exit and are reaped: their CPU time is counted now
+        # The loader is exhausted: its workers have exited and been reaped, so their CPU time
+        # is counted now.
         worker_cpu = _children_cpu() - cpu
         return round(n / seconds, 1), round(n / max(worker_cpu, 1e-9), 1)
 
