@@ -23,6 +23,7 @@ from typing import NamedTuple, Protocol
 import h5py
 import torch
 
+from bidistill.errors import ConfigError
 from bidistill.runner import describe_failure
 
 PREFETCH = 4  # batches each worker reads ahead
@@ -74,7 +75,14 @@ class BatchSlots:
         self.per_worker = per_worker
         self.capacity = batch_size * side * side * 3
         self.buffers = torch.empty((workers, per_worker, self.capacity), dtype=torch.uint8)
-        self.buffers.share_memory_()
+        try:
+            self.buffers.share_memory_()
+        except RuntimeError as err:  # e.g. a container's small /dev/shm
+            raise ConfigError(
+                f"cannot allocate {self.buffers.numel() / 2**20:.0f} MiB of shared memory for "
+                f"{workers} data-loader workers ({err}); lower features.num_workers or "
+                "features.batch_size, or give the container more (docker run --shm-size=8g)"
+            ) from err
         self.free = [multiprocessing.Semaphore(per_worker) for _ in range(workers)]
         self.filled = 0  # slots this process filled (each worker counts its own)
 
@@ -193,7 +201,7 @@ def load_tiles(
         num_workers=num_workers,
         worker_init_fn=init_reader_worker,
         prefetch_factor=PREFETCH,
-        in_order=True,  # a worker's slots are freed in the order it filled them
+        # In order (the default): a worker's slots come back in the order it filled them.
     )
     yield from slots.delivered(loader)
 
