@@ -164,7 +164,11 @@ class Extractor:
         total = sum(_tile_count(job.coords_path) for job in jobs)
         pending: dict[int, _Pending] = {}
         started = time.perf_counter()
-        with _ExtractionProgress(len(jobs), total, progress) as bar, torch.inference_mode():
+        with (
+            contextlib.closing(chunks),  # a failing slide stops the workers now, not at exit
+            _ExtractionProgress(len(jobs), total, progress) as bar,
+            torch.inference_mode(),
+        ):
             for chunk in chunks:
                 job = jobs[chunk.job]
                 if chunk.error is not None:
