@@ -153,3 +153,25 @@ def test_a_slide_failing_midway_frees_its_slot_and_the_next_slides_load(cohort, 
                 [slide.read_tile(x, y, tiles.patch_size_level0, 32) for x, y in tiles.coords]
             )
         np.testing.assert_array_equal(np.concatenate(seen[index]), expected)
+
+
+def test_workers_reading_one_slide_at_once_get_its_pixels(tmp_path):
+    """Workers forked from a process that had the slide open (libvips caches the open file)
+    read it at the same time, each through a file of its own: a shared file offset would
+    hand one worker the bytes the other asked for."""
+    path = write_pyramid_tiff(tmp_path / "S.tif", tissue_image(2560, 2560, seed=16)[0], mpp=0.5)
+    tile_cohort(
+        [SlideJob("S", path)],
+        TilingConfig(coords_dir=tmp_path / "coords", patch_size=256, mpp=0.5),
+        progress=False,
+    )
+    job = ExtractionJob("S", path, coords_path(tmp_path / "coords", "S"), tmp_path / "S.h5")
+    tiles = read_coords(job.coords_path)
+    with open_slide(path, cache_dir=tmp_path) as slide:  # this process opens it first
+        assert slide.reader == "libvips"
+        expected = np.stack([slide.read_tile(x, y, 256, 256) for x, y in tiles.coords])
+        chunks = load_tiles([job] * 8, batch_size=8, cache_dir=tmp_path, num_workers=2)
+        for chunk in chunks:
+            assert chunk.error is None, chunk.error
+            got = chunk.pixels.numpy()
+            np.testing.assert_array_equal(got, expected[chunk.start : chunk.start + len(got)])

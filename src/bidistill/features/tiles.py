@@ -220,7 +220,16 @@ def _largest_tile(jobs: Sequence[TileJob]) -> int:
 
 
 def init_reader_worker(_: int) -> None:
-    # One libvips thread per worker: the workers are the parallelism. libvips' operation cache
-    # stays on (at its default bound, 100 MB): without it a worker read tiles of a pyramidal
-    # TIFF a quarter slower (``benchmarks/bench_tiling.py``).
+    # One libvips thread per worker: the workers are the parallelism.
     os.environ["VIPS_CONCURRENCY"] = "1"
+    try:
+        import pyvips
+    except (ImportError, OSError):
+        return
+    # Drop the operations libvips cached in the parent process: their open files were inherited
+    # with the parent's file offsets, which two workers reading one slide would share (each
+    # would get bytes the other asked for). The cache itself stays on: without it a worker read
+    # tiles of a pyramidal TIFF a quarter slower (``benchmarks/bench_tiling.py``).
+    bound = pyvips.cache_get_max()
+    pyvips.cache_set_max(0)
+    pyvips.cache_set_max(bound)
