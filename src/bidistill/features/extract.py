@@ -1,8 +1,8 @@
 """Feature extraction: tiles of every slide → one ``<features_dir>/<slide_id>.h5`` per slide.
 
 Data-loader workers open their own slides (OpenSlide, the plain-image cache, patch folders),
-read and decode tiles (``features.tiles``), and hand over uint8 batches (pinned on a GPU); the
-main process moves them to the device, preprocesses them there as the encoder's authors do, and
+read and decode tiles (``features.tiles``) into uint8 batches of shared memory; the main
+process moves them to the device, preprocesses them there as the encoder's authors do, and
 runs the encoder under ``inference_mode``, channels-last (bf16/fp16 on a GPU, fp32 on the
 CPU). A batch never spans two slides and always starts at a multiple of the batch size within its
 slide, so a slide's features do not depend on which worker, shard or process computed them.
@@ -41,7 +41,7 @@ from bidistill.features.identity import (
     common_identity,
 )
 from bidistill.features.store import feature_path, write_feature_file
-from bidistill.features.tiles import TileBatches, init_reader_worker
+from bidistill.features.tiles import load_tiles
 from bidistill.runner import (
     SKIP_ERRORS_HINT,
     Recorder,
@@ -155,19 +155,21 @@ class Extractor:
         """Encode every job's tiles and write its file; outcomes go to ``recorder``."""
         if not jobs:
             return
-        loader = torch.utils.data.DataLoader(
-            TileBatches(jobs, self.batch_size, self.cache_dir),
-            batch_size=None,  # the dataset yields whole batches
+        chunks = load_tiles(
+            jobs,
+            batch_size=self.batch_size,
+            cache_dir=self.cache_dir,
             num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-            worker_init_fn=init_reader_worker if self.num_workers else None,
-            prefetch_factor=4 if self.num_workers else None,
         )
         total = sum(_tile_count(job.coords_path) for job in jobs)
         pending: dict[int, _Pending] = {}
         started = time.perf_counter()
-        with _ExtractionProgress(len(jobs), total, progress) as bar, torch.inference_mode():
-            for chunk in loader:
+        with (
+            contextlib.closing(chunks),  # a failing slide stops the workers now, not at exit
+            _ExtractionProgress(len(jobs), total, progress) as bar,
+            torch.inference_mode(),
+        ):
+            for chunk in chunks:
                 job = jobs[chunk.job]
                 if chunk.error is not None:
                     pending.pop(chunk.job, None)

@@ -66,6 +66,14 @@ def _resize(tile: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(tile).resize(size, Image.Resampling.BOX))
 
 
+def _into(tile: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``tile``, or ``out`` holding a copy of it."""
+    if out is None:
+        return tile
+    out[...] = tile
+    return out
+
+
 class _OpenSlideReader:
     """Pixels through OpenSlide: every vendor format and any tiled pyramidal TIFF."""
 
@@ -222,19 +230,25 @@ class WholeSlide:
         """
         return self._reader.read(int(x), int(y), int(level), int(width), int(height))
 
-    def read_tile(self, x: int, y: int, size_level0: int, out_size: int) -> np.ndarray:
+    def read_tile(
+        self, x: int, y: int, size_level0: int, out_size: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """One square tile: level-0 top-left (x, y) and side ``size_level0``, as ``out_size`` px.
 
         Reads from the best pyramid level for the downsample and resizes (area filter).
 
+        Args:
+            out: where to write the tile (uint8 [out_size, out_size, 3], e.g. one row of a
+                batch), so that a batch is filled without a copy of its own.
+
         Returns:
-            uint8 array [out_size, out_size, 3].
+            uint8 array [out_size, out_size, 3] (``out`` when given).
         """
         downsample = size_level0 / out_size
         level = self.best_level(downsample)
         side = max(1, round(size_level0 / self.level_downsamples[level]))
         region = self.read_region(x, y, level, side, side)
-        return _resize(region, (out_size, out_size))
+        return _into(_resize(region, (out_size, out_size)), out)
 
     def thumbnail(self, downsample: float) -> tuple[np.ndarray, tuple[float, float]]:
         """The whole slide shrunk by about ``downsample``.
@@ -335,9 +349,12 @@ class PatchFolder:
         except (OSError, UnidentifiedImageError) as err:
             raise SlideError(f"{path}: cannot read patch ({err})") from err
 
-    def read_tile(self, x: int, y: int, size_level0: int, out_size: int) -> np.ndarray:
-        """Patch number ``x`` (``y`` and ``size_level0`` are ignored), resized to ``out_size``."""
-        return _resize(self.read_patch(int(x)), (out_size, out_size))
+    def read_tile(
+        self, x: int, y: int, size_level0: int, out_size: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Patch number ``x`` (``y`` and ``size_level0`` are ignored), resized to ``out_size``
+        (written into ``out`` when given, as ``WholeSlide.read_tile``)."""
+        return _into(_resize(self.read_patch(int(x)), (out_size, out_size)), out)
 
     def close(self) -> None:
         """Nothing to release (each patch file is opened and closed on read)."""
