@@ -9,21 +9,15 @@ config names and the run directory was trained on.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bidistill._text import count
 from bidistill.config import ExperimentConfig
-from bidistill.features.identity import (
-    FeatureIdentity,
-    check_matches,
-    common_identity,
-    config_identity,
-)
+from bidistill.features.identity import FeatureIdentity
 from bidistill.features.store import feature_path
+from bidistill.preflight import check_cohort_features
 from bidistill.runner import StageSummary
 
 log = logging.getLogger(__name__)
@@ -112,52 +106,6 @@ def _cohort_slide_ids(config: ExperimentConfig) -> list[str]:
 
     slides = load_cohort(config.cohort).slides
     return [] if slides is None or len(slides) == 0 else [str(s) for s in slides["slide_id"]]
-
-
-def check_cohort_features(
-    config: ExperimentConfig, slide_ids: list[str], run_dir: Path | None
-) -> FeatureIdentity | None:
-    """The common identity of the slides' feature files that exist (None: none exists yet).
-
-    Raises:
-        FeatureFileError: a file is unreadable, two files were made differently, or they are
-            of another kind than the config's `features` section or the run's trained methods.
-    """
-    paths = [feature_path(config.features.dir, s) for s in slide_ids]
-    paths = [p for p in paths if p.is_file()]
-    if not paths:
-        return None  # the training stage says which files are missing
-    identity = common_identity(paths)
-    check_matches(
-        identity,
-        config_identity(config),
-        actual_where=f"the feature files in {paths[0].parent}",
-        expected_where="the config's `features` section",
-    )
-    if run_dir is not None:
-        for model_json, recorded in trained_identities(run_dir):
-            check_matches(
-                identity,
-                recorded,
-                actual_where=f"the feature files in {paths[0].parent}",
-                expected_where=f"the features {model_json.parent.name} was trained on "
-                f"({model_json})",
-            )
-    return identity
-
-
-def trained_identities(run_dir: Path) -> list[tuple[Path, FeatureIdentity]]:
-    """The feature identity each trained method of a run directory recorded (``model.json``)."""
-    found = []
-    for model_json in sorted(run_dir.rglob("model.json")):
-        try:
-            block: dict[str, Any] = json.loads(model_json.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # the method's own loader reports a damaged checkpoint
-        recorded = block.get("features", {}).get("identity")
-        if recorded:
-            found.append((model_json, FeatureIdentity.from_dict(recorded)))
-    return found
 
 
 def _one_line(summary: StageSummary, verb: str, unit: str) -> str:

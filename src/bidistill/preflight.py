@@ -17,6 +17,12 @@ from typing import Any
 from bidistill._text import count, every, verb
 from bidistill.config import ExperimentConfig
 from bidistill.errors import BidistillError, ConfigError
+from bidistill.features.identity import (
+    FeatureIdentity,
+    check_matches,
+    common_identity,
+    config_identity,
+)
 
 OK, WARN, BLOCK = "ok", "warning", "missing"
 
@@ -461,7 +467,6 @@ def _feature_files(context: _Context, slide_ids: list[str]) -> list[Finding]:
     that matches the config and the run's trained methods, and, when all are there, the
     feature store's checks of shapes and values); the others must be made by extraction."""
     from bidistill.features.store import FeatureStore, feature_path
-    from bidistill.pixels import check_cohort_features
 
     config = context.config
     folder = Path(config.features.dir)
@@ -531,3 +536,53 @@ CHECKS: dict[str, list[Callable[[_Context], list[Finding]]]] = {
     "extract": [_cohort, _slides, _tiles, _extraction_device],
     "train": [_cohort, _two_classes, _bags, _training_device, _tracking],
 }
+
+
+def check_cohort_features(
+    config: ExperimentConfig, slide_ids: list[str], run_dir: Path | None
+) -> FeatureIdentity | None:
+    """The common identity of the slides' feature files that exist (None: none exists yet).
+
+    Raises:
+        FeatureFileError: a file is unreadable, two files were made differently, or they are
+            of another kind than the config's `features` section or the run's trained methods.
+    """
+    from bidistill.features.store import feature_path
+
+    paths = [feature_path(config.features.dir, s) for s in slide_ids]
+    paths = [p for p in paths if p.is_file()]
+    if not paths:
+        return None  # the training stage says which files are missing
+    identity = common_identity(paths)
+    check_matches(
+        identity,
+        config_identity(config),
+        actual_where=f"the feature files in {paths[0].parent}",
+        expected_where="the config's `features` section",
+    )
+    if run_dir is not None:
+        for model_json, recorded in trained_identities(run_dir):
+            check_matches(
+                identity,
+                recorded,
+                actual_where=f"the feature files in {paths[0].parent}",
+                expected_where=f"the features {model_json.parent.name} was trained on "
+                f"({model_json})",
+            )
+    return identity
+
+
+def trained_identities(run_dir: Path) -> list[tuple[Path, FeatureIdentity]]:
+    """The feature identity each trained method of a run directory recorded (``model.json``)."""
+    import json
+
+    found = []
+    for model_json in sorted(run_dir.rglob("model.json")):
+        try:
+            block: dict[str, Any] = json.loads(model_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # the method's own loader reports a damaged checkpoint
+        recorded = block.get("features", {}).get("identity")
+        if recorded:
+            found.append((model_json, FeatureIdentity.from_dict(recorded)))
+    return found

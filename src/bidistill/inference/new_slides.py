@@ -92,38 +92,20 @@ def tile_new_slides(
     mask = MaskKind.auto if config.tiling.mask == MaskKind.annotations else None
     update = {"coords_dir": Path(tiles.coords), **({"mask": mask} if mask else {})}
     tiling = config.tiling.model_copy(update=update)
-    todo = [j for j in jobs if not _tiles_ready(tiles, j)]
-    if todo:
-        log.info("tiling %d new slides into %s", len(todo), tiles.coords)
-        tile_cohort(todo, tiling, workers=1, progress=False, hint=PREDICT_HINT)
+    # Slide ids name files, not pixels: a later batch may reuse an id, or a file be replaced.
+    # The tiling stage redoes a slide whose coords file records another file, and extraction
+    # then redoes its features.
+    tiled = tile_cohort(jobs, tiling, workers=1, progress=False, hint=PREDICT_HINT)
+    for slide_id, why in tiled.redone.items():
+        log.warning(
+            "%s: tiled from another file than the one given now (%s: a slide of an earlier batch "
+            "with the same id, or the file was replaced); tiling and encoding it again",
+            slide_id,
+            why,
+        )
     found = {j.slide_id: (j.path, coords_path(tiles.coords, j.slide_id)) for j in jobs}
     _refuse_empty(found, tiles, qc=tiling.qc)
     return found
-
-
-def _tiles_ready(tiles: Tiles, job) -> bool:
-    """Whether the slide's coords file exists and was made from this very file. Slide ids name
-    files, not pixels: a later batch may reuse an id, or the file may have been replaced. A
-    slide tiled again loses its old coords and features (they are of other pixels)."""
-    from bidistill.features.store import feature_path
-    from bidistill.slides import coords_path
-    from bidistill.slides.signature import change_since
-
-    coords = coords_path(tiles.coords, job.slide_id)
-    change = change_since(coords, job.path) if coords.is_file() else "no coords file"
-    if change is None:
-        return True
-    if coords.is_file():
-        log.warning(
-            "%s: tiled from another file than %s (%s: a slide of an earlier batch with the same "
-            "id, or the file was replaced); tiling and encoding it again",
-            coords,
-            job.path,
-            change,
-        )
-        coords.unlink()
-    feature_path(tiles.features, job.slide_id).unlink(missing_ok=True)
-    return False
 
 
 def _refuse_empty(found: dict[str, tuple[Path, Path]], tiles: Tiles, *, qc: bool) -> None:

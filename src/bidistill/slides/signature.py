@@ -52,11 +52,6 @@ def signature_change(recorded: Mapping[str, object], current: Mapping[str, objec
     return ", ".join(changes) or None
 
 
-def same_slide(recorded: Mapping[str, object], current: Mapping[str, object]) -> bool:
-    """True unless the recorded signature names another file or version of the slide."""
-    return signature_change(recorded, current) is None
-
-
 def recorded_signature(h5_path: Path) -> dict[str, object]:
     """The slide signature an .h5 file (coords or features) recorded in its attributes; empty
     when it recorded none or cannot be read (its reader reports that)."""
