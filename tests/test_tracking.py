@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from bidistill.errors import ConfigError
 from bidistill.pipeline import run_experiment
@@ -49,7 +52,16 @@ def test_a_run_logs_params_epochs_metrics_and_report(tmp_path, monkeypatch):
     history = client.get_metric_history(run.info.run_id, "bd/loss_total")
     assert [m.step for m in history] == [1, 2]
     assert "wsi-only/val_auc_absent" in run.data.metrics
-    assert 0 <= run.data.metrics["test_auc/bd/r0"] <= 1
+    # The logged AUC at r = 0 is BD's on its test patients, each with the clinical data it has.
+    test = pd.read_csv(out / "bd" / "predictions.csv").query("split == 'test'")
+    routed = np.where(test["clinical_available"], test["prob_present"], test["prob_absent"])
+    auc = roc_auc_score(test["label"], routed)
+    assert run.data.metrics["test_auc/bd/r0"] == pytest.approx(auc, abs=1e-9)
+    metrics = pd.read_csv(out / "metrics.csv").set_index(["method", "missing_rate"])
+    for method in ("bd", "wsi-only"):
+        for rate in (0.0, 1.0):
+            logged = run.data.metrics[f"test_auc/{method}/r{rate:g}"]
+            assert logged == pytest.approx(metrics.loc[(method, rate), "auc"], abs=1e-9)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.html", "metrics.csv", "figures"} <= artifacts
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from bidistill.cli import app
@@ -48,6 +50,46 @@ def _cohort(tmp_path, *, methods, **overrides) -> object:
     return config
 
 
+def assert_metrics_follow_the_predictions(out) -> None:
+    """metrics.csv's AUCs are scikit-learn's on the run's predictions.csv (mean over folds and
+    mask seeds), and the sweep's probabilities are the methods' own: at r = 0 each test patient's
+    prob_present where it has clinical data (prob_absent where not), at r = 1 prob_absent."""
+    metrics = pd.read_csv(out / "metrics.csv")
+    sweep = pd.read_csv(out / "predictions.csv", dtype={"patient": str})
+    folds = ["fold"] if "fold" in sweep else []
+    per_seed = sweep.groupby(["method", "missing_rate", *folds, "mask_seed"]).apply(
+        lambda g: roc_auc_score(g["label"], g["probability"]), include_groups=False
+    )
+    expected = per_seed.groupby(["method", "missing_rate"]).mean()
+    got = metrics.set_index(["method", "missing_rate"])["auc"]
+    assert set(got.index) == set(expected.index)
+    np.testing.assert_allclose(got.sort_index(), expected.sort_index(), rtol=0, atol=1e-9)
+    for method in metrics["method"].unique():
+        own = _method_predictions(out, method)
+        for rate, column in ((0.0, None), (1.0, "prob_absent")):
+            rows = sweep[(sweep["method"] == method) & (sweep["missing_rate"] == rate)]
+            merged = rows.merge(own, left_on=[*folds, "patient"], right_on=[*folds, "patient_id"])
+            assert len(merged) == len(rows) > 0
+            if column is None:
+                assert (merged["clinical_present"] == merged["clinical_available"]).all()
+                column_values = np.where(
+                    merged["clinical_available"], merged["prob_present"], merged["prob_absent"]
+                )
+            else:
+                assert not merged["clinical_present"].any()
+                column_values = merged[column]
+            np.testing.assert_allclose(merged["probability"], column_values, rtol=1e-6)
+
+
+def _method_predictions(out, method: str) -> pd.DataFrame:
+    """The test rows of a method's own predictions.csv (of every fold in k-fold runs)."""
+    paths = sorted(out.glob(f"folds/fold*/{method}/predictions.csv")) or [
+        out / method / "predictions.csv"
+    ]
+    frame = pd.concat([pd.read_csv(p, dtype={"patient_id": str}) for p in paths])
+    return frame[frame["split"] == "test"]
+
+
 @pytest.mark.slow
 def test_run_writes_the_run_directory_and_resumes(tmp_path) -> None:
     config = _cohort(tmp_path, methods=["bd", "wsi-only"])
@@ -57,7 +99,7 @@ def test_run_writes_the_run_directory_and_resumes(tmp_path) -> None:
     for name in RUN_FILES:
         assert (out / name).is_file(), name
     assert set(result.metrics.method) == {"bd", "wsi-only"}
-    assert result.metrics.auc.between(0, 1).all()
+    assert_metrics_follow_the_predictions(out)
     predictions = pd.read_csv(out / "predictions.csv")
     test_patients = len(yaml.safe_load((out / "splits.json").read_text())["test"])
     assert len(predictions) == 2 * 6 * 3 * test_patients
@@ -99,6 +141,7 @@ def test_kfold_and_train_time_missingness(tmp_path) -> None:
     result = run_experiment(config, tmp_path / "cv", progress=False)
     assert (result.metrics.n_folds == 2).all()
     assert (tmp_path / "cv" / "folds" / "fold1" / "bd" / "model.safetensors").is_file()
+    assert_metrics_follow_the_predictions(tmp_path / "cv")
 
     raw["cohort"]["splits"] = {"mode": "table"}
     raw["evaluation"]["train_missing_rates"] = [0.5]
