@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 
 from bidistill.features import feature_path, write_feature_file
 
-from .conftest import Snapshot, assert_one_line_error, invoke, slide_of_split, small_cohort
+from .conftest import (
+    Snapshot,
+    assert_one_line_error,
+    invoke,
+    slide_of_split,
+    small_cohort,
+    table,
+)
 
 
 def _rewrite(path, features, *, coords=None):
@@ -85,7 +93,18 @@ def test_a_fixed_feature_file_lets_the_rerun_go_through(tmp_path):
     bad.write_bytes(original)  # fixed: nothing has to be deleted by hand
     fixed = invoke("run", config, "--out", tmp_path / "run", "--no-progress")
     assert fixed.exit_code == 0, fixed.output
-    assert (tmp_path / "run" / "wsi-only" / "predictions.csv").is_file()
+    # The repaired slide's patient is predicted like every other, and the run is evaluated.
+    rows = table(config)
+    patient = rows.loc[rows["slide_id"] == bad.stem, "patient_id"].iloc[0]
+    predictions = pd.read_csv(tmp_path / "run" / "wsi-only" / "predictions.csv", dtype=str)
+    assert sorted(predictions["patient_id"]) == sorted(rows["patient_id"].unique())
+    mine = predictions.set_index("patient_id").loc[patient]
+    assert mine["split"] == "test" and np.isfinite(float(mine["prob_present"]))
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert sorted(zip(metrics["method"], metrics["missing_rate"])) == [
+        ("wsi-only", 0.0),
+        ("wsi-only", 1.0),
+    ]
 
 
 def test_nan_predictions_never_mark_a_method_done(tmp_path, monkeypatch):

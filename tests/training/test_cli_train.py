@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import yaml
@@ -37,10 +39,19 @@ def test_train_command_writes_the_method_folder(tiny_cohort, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert (out / "splits.json").is_file()
+    splits = json.loads((out / "splits.json").read_text())
+    (fold,) = splits["folds"]
+    expected = {"train": fold["train"], "val": fold["val"], "test": splits["test"]}
     for name in ("bd", "clinical-linear"):
         log = pd.read_csv(out / name / "train_log.csv")
-        assert len(log) == 2 and (out / name / "predictions.csv").is_file()
+        assert log["epoch"].tolist() == [1, 2]  # --epochs 2
+        meta = json.loads((out / name / "model.json").read_text())
+        assert meta["training"]["epochs"] == 2 and meta["training"]["seed"] == 4
+        predictions = pd.read_csv(out / name / "predictions.csv", dtype={"patient_id": str})
+        # Every patient once, in the split splits.json gives it, both probabilities finite.
+        got = predictions.groupby("split")["patient_id"].apply(sorted).to_dict()
+        assert got == {split: sorted(ids) for split, ids in expected.items()}
+        assert predictions[["prob_present", "prob_absent"]].notna().all().all()
 
 
 def test_unknown_method_fails_with_the_valid_names(tiny_cohort, tmp_path):
