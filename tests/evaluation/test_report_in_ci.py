@@ -1,6 +1,6 @@
 """Without Chromium the report rendering tests fail in CI (CI set) and skip, saying why, elsewhere.
 
-Runs one of them in a pytest subprocess whose PATH holds no browser.
+Runs one of them in a pytest subprocess whose PATH is an empty folder.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _run_without_chromium(tmp_path: Path, ci: bool) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "CI"}
-    # Only the interpreter's own folder on PATH (a virtual environment holds no browser).
-    env["PATH"] = str(Path(sys.executable).parent)
+    empty = tmp_path / "no-browser"  # the interpreter runs by its full path; nothing else is needed
+    empty.mkdir()
+    env["PATH"] = str(empty)
     if ci:
         env["CI"] = "1"
     command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:randomly", "-n", "0"]
