@@ -65,11 +65,11 @@ def epochs_started(monkeypatch, *, stop_at: int | None = None) -> list[int]:
     started: list[int] = []
     original = EpochBar.start_epoch
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+    def start_epoch(self, epoch: int, *args, **kwargs) -> None:
         if epoch == stop_at:
             raise KeyboardInterrupt
         started.append(epoch)
-        original(self, epoch, epochs, steps)
+        original(self, epoch, *args, **kwargs)
 
     monkeypatch.setattr(EpochBar, "start_epoch", start_epoch)
     return started
