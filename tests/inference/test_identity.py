@@ -11,7 +11,7 @@ import pytest
 
 import bidistill
 from bidistill.features.identity import FeatureIdentity, read_identity
-from bidistill.inference.identity import FeatureIdentityError, run_identity
+from bidistill.inference.feature_source import FeatureIdentityError, run_identity
 
 from .helpers import altered_copy
 
@@ -99,7 +99,7 @@ def test_the_run_identity_survives_a_moved_feature_folder(demo_run, demo_cohort,
     meta["features"].pop("identity", None)
     (copy / "bd" / "model.json").write_text(json.dumps(meta))
     run = bidistill.load_run(copy)
-    assert run.identity == FeatureIdentity(encoder="synthetic")
+    assert run.source.identity == FeatureIdentity(encoder="synthetic")
     other = altered_copy(
         demo_cohort / "features" / "S0000.h5", tmp_path / "S0000.h5", encoder="uni"
     )

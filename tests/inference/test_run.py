@@ -12,7 +12,7 @@ import pytest
 
 import bidistill
 from bidistill.errors import CheckpointError, CohortError, ConfigError
-from bidistill.evaluation.metrics import youden_threshold
+from bidistill.thresholds import youden_threshold
 
 from .helpers import new_patients_table, saved_predictions
 

@@ -64,9 +64,9 @@ def tile_new_slides(
         TilesError: no slides given, or a slide of ``slide_ids`` not found.
         SlideError: a slide cannot be tiled.
     """
-    from bidistill.inference.maps import SlideFinder
     from bidistill.slides import coords_path
-    from bidistill.slides.run import SlideJob, locate_annotations, tile_cohort
+    from bidistill.slides.locate import SlideFinder, locate_annotations
+    from bidistill.slides.run import SlideJob, tile_cohort
 
     if not tiles.slides:
         raise TilesError(
@@ -74,7 +74,7 @@ def tile_new_slides(
             "folders of slides); their tiles go to --tiles"
         )
     finder = SlideFinder(tiles.slides)
-    wanted = list(slide_ids) if slide_ids is not None else all_slide_ids(finder)
+    wanted = list(slide_ids) if slide_ids is not None else finder.slide_ids()
     absent = [s for s in wanted if finder.find(s) is None]
     if absent:
         raise TilesError(
@@ -145,9 +145,3 @@ def extract_new_slides(
     cache_dir = next(iter(found.values()))[1].parent / ".cache" if found else features_dir
     extract_features(jobs, features, cache_dir=cache_dir, progress=False, hint=PREDICT_HINT)
     return Path(features_dir)
-
-
-def all_slide_ids(finder) -> list[str]:
-    """Without a table: every slide file given, and every slide in the folders given (a patch
-    folder is a slide of the folder holding it)."""
-    return list(dict.fromkeys([*finder.files, *finder.indexed]))
