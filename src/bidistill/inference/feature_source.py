@@ -7,7 +7,7 @@ identity, since a model trained on one encoder's features outputs numbers for an
 features too, and they mean nothing. Each file's identity (``features.identity.read_identity``,
 the reader training used) is compared with what the run was trained on:
 
-1. ``model.json`` → ``features.identity`` where the run recorded one;
+1. the method's options (``MethodDir.meta``) → ``features.identity`` where the run recorded one;
 2. else the identity of the run's own training feature files (``features.dir``), when they can
    still be read;
 3. else the encoder name of the run's config (``features.encoder``).
@@ -52,9 +52,9 @@ class FeatureSource:
 
     reads_tiles = False
 
-    def __init__(self, config: ExperimentConfig, meta: dict[str, Any]):
+    def __init__(self, config: ExperimentConfig, meta: dict[str, Any], meta_path: Path):
         self.config = config
-        self.identity, self.identity_source = run_identity(meta)
+        self.identity, self.identity_source = run_identity(meta, meta_path)
         self.dim = int(meta["dims"]["in_dim"])
 
     def aggregators(self, method: Method) -> list[str]:
@@ -125,11 +125,11 @@ class FeatureSource:
             )
 
 
-def run_identity(meta: dict[str, Any]) -> tuple[FeatureIdentity, str]:
+def run_identity(meta: dict[str, Any], meta_path: Path) -> tuple[FeatureIdentity, str]:
     """What a trained method's features were, and where that was read from.
 
     Args:
-        meta: the method's ``model.json``.
+        meta: the method's options, read from ``meta_path``.
 
     Returns:
         (the identity, a description of its source for error messages).
@@ -137,7 +137,7 @@ def run_identity(meta: dict[str, Any]) -> tuple[FeatureIdentity, str]:
     recorded = meta.get("features") or {}
     identity = FeatureIdentity.from_dict(recorded.get("identity") or {})
     if identity != FeatureIdentity():
-        return identity, "the run's model.json"
+        return identity, str(meta_path)
     training_dir = Path(recorded.get("dir") or "")
     training_file = next(iter(sorted(training_dir.glob("*.h5"))), None) if recorded else None
     if training_file is not None:

@@ -29,7 +29,7 @@ from bidistill.thresholds import FALLBACK_THRESHOLD, youden_threshold
 
 log = logging.getLogger(__name__)
 
-# What ``model.json`` must hold to rebuild the method (training writes them all).
+# What a method's options file (``MethodDir.meta``) must hold to rebuild it.
 _META_KEYS = (
     "method",
     "options",
@@ -51,13 +51,13 @@ def load_run(
         run_dir: what ``bidistill run`` (or ``bidistill train``) wrote.
         method: the method's folder name; default: the config's reference method (``bd``)
             when it was trained, else the first trained method of the config.
-        config: the experiment YAML; default: ``<run_dir>/config.yaml`` (``bidistill run``
-            writes it; pass it for a run made by ``bidistill train``).
+        config: the experiment YAML; default: the run's own copy (``RunDir.config``:
+            ``bidistill run`` writes it; pass it for a run made by ``bidistill train``).
         device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ...
 
     Raises:
         CheckpointError: no such run or method, a method trained by a newer bidistill, a
-            method whose training did not finish (k-fold: on every fold of ``splits.json``),
+            method whose training did not finish (k-fold: on every fold of the run's splits),
             or a damaged checkpoint file (each named, with the command that fixes it).
         ConfigError: no config to read the table layout from.
     """
@@ -85,8 +85,11 @@ def load_run(
         model, encoder, meta = load_trained(method_dir, device=torch_device)
         thresholds = decision_thresholds(method_dir, cfg)
         folds.append(FoldModel(method_dir, model, encoder, meta, thresholds))
-    meta = folds[0].meta
-    source = TileSource(cfg, meta, key) if meta.get("end_to_end") else FeatureSource(cfg, meta)
+    first = folds[0]
+    if first.meta.get("end_to_end"):  # trained on tiles: predicts from tiles
+        source = TileSource(cfg, first.meta, key)
+    else:
+        source = FeatureSource(cfg, first.meta, first.method_dir.meta)
     return TrainedRun(run.path, key, cfg, folds, torch_device, source)
 
 
@@ -96,7 +99,7 @@ def load_trained(
     """Rebuild a trained method in ``eval()`` mode with its fitted clinical encoder.
 
     Returns:
-        (method, encoder, meta): ``meta`` is the content of ``model.json``.
+        (method, encoder, meta): ``meta`` is the method's options (``MethodDir.meta``).
 
     Raises:
         CheckpointError: a file is missing or unreadable, or the checkpoint comes from a newer

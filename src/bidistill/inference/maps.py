@@ -8,7 +8,7 @@ Per slide, in the output folder:
 - ``<slide_id>.tiles.geojson``: the tiles as QuPath detections with the scores as measurements;
 - ``<slide_id>.tissue.geojson``: the outline of the mask tiling kept tiles from.
 
-Plus ``predictions.csv`` for the patients drawn. A slide given as a patch folder has no
+Plus the predictions table of the patients drawn (named as a run's, ``RunDir.predictions``). A slide given as a patch folder has no
 geometry: it gets the montage and the CSV. A slide without an image (no ``--slides`` match)
 gets the map over a white canvas, the CSV and the tile GeoJSON.
 """
@@ -48,7 +48,7 @@ class MapsSummary:
     """What ``write_attention_maps`` wrote.
 
     Attributes:
-        predictions: one row per patient drawn (also in ``out_dir/predictions.csv``).
+        predictions: one row per patient drawn (also written to ``out_dir``).
         files: slide id → the files written for it.
         without_image: slides drawn without a slide image (no ``--slides`` match).
     """
@@ -103,7 +103,7 @@ def write_attention_maps(
                 out_dir, attention, patient, run.config, image=image, top_k=top_k
             )
     summary.predictions = pd.DataFrame(rows)
-    write_csv(RunDir(out_dir).predictions, summary.predictions)  # named as a run's table
+    write_csv(RunDir(out_dir).predictions, summary.predictions)
     return summary
 
 

@@ -10,7 +10,7 @@ file there are tiled first with the run's ``tiling`` settings (annotations from
 the run's patch size and MPP. A patient's tiles are cut into bags as in the run's validation
 (``bag_size``, ``bags_per_patient``, a shuffle seeded by the run's seed and the patient id), and
 its probability is the reduction (mean by default) of its bags' probabilities, so a test
-patient's probability here is the one in the run's ``predictions.csv``.
+patient's probability here is the one in the run's own predictions.
 
 Attention: each tile's weight within its bag, times the bag's size over the patient's tile
 count (so that the weights of a patient sum to 1, as in feature mode); tiles left out of every
