@@ -5,6 +5,7 @@ attention onto each slide's tiles and refuse inputs of another kind."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -101,19 +102,28 @@ def test_attention_is_mapped_onto_each_slides_tiles(slide_run, tmp_path):
     assert patient.probability == pytest.approx(table["probability"].iloc[0], abs=1e-7)
 
 
-def test_the_heatmap_command_draws_every_branch(slide_run, tmp_path):
+def test_predict_from_slides_then_the_heatmap_it_points_at(slide_run, tmp_path):
     _, cohort, run_dir = slide_run
-    maps = tmp_path / "maps"
-    args = ["--run", run_dir, "--slides", cohort / "slides", "--tiles", tmp_path / "tiles"]
-    args += ["--patient", "P001", "--out", maps, "--device", "cpu"]
-    result = CliRunner().invoke(app, ["heatmap", *map(str, args)])
+    out = tmp_path / "pred.csv"
+    args = ["--run", run_dir, "--slides", cohort / "slides", "--clinical", cohort / "cohort.csv"]
+    args += ["--patient", "P001", "--device", "cpu", "--out", out]
+    result = CliRunner().invoke(app, ["predict", *map(str, args)])
     assert result.exit_code == 0, result.output
-    tiles = pd.read_csv(maps / "P001.tiles.csv")
+    assert (tmp_path / "tiles" / "P001.h5").is_file()  # tiled into --tiles' default
+    (next_line,) = [line for line in result.output.splitlines() if line.startswith("next: ")]
+    command = shlex.split(next_line.removeprefix("next: "))
+    assert command[:2] == ["bidistill", "heatmap"] and "--slides" in command, command
+    maps = CliRunner().invoke(app, command[1:])
+    assert maps.exit_code == 0, maps.output
+    predicted = pd.read_csv(out, dtype={"patient_id": str})
+    drawn = pd.read_csv(tmp_path / "heatmaps" / "predictions.csv", dtype={"patient_id": str})
+    pd.testing.assert_frame_equal(drawn, predicted)  # the heatmap predicted what predict did
+    assert predicted["branch"].tolist() == ["multi-modal"]
+    tiles = pd.read_csv(tmp_path / "heatmaps" / "P001.tiles.csv")
     assert len(tiles) == len(read_coords(tmp_path / "tiles" / "P001.h5").coords)
     for branch in ("multi-modal", "single-modal"):
         assert tiles[f"attention_{branch}"].sum() == pytest.approx(1, abs=1e-5)
-    drawn = pd.read_csv(maps / "predictions.csv", dtype={"patient_id": str})
-    assert drawn["patient_id"].tolist() == ["P001"] and drawn["branch"].tolist() == ["single-modal"]
+    np.testing.assert_array_equal(tiles["attention"], tiles["attention_multi-modal"])
 
 
 def test_tiles_of_another_patch_size_are_refused_before_any_prediction(slide_run, tmp_path):
@@ -128,11 +138,13 @@ def test_tiles_of_another_patch_size_are_refused_before_any_prediction(slide_run
     run = bidistill.load_run(run_dir, device="cpu")
     slides = Tiles(tmp_path / "tiles", slides=[cohort / "slides"])
     if mode == "end-to-end":
-        with pytest.raises(TilesError, match=r"P001.h5: tiles of another kind.*patch size 64 "):
+        refusal = r"P001.h5: tiles of another kind.*patch_size 64 \(the run's: 32\)"
+        with pytest.raises(TilesError, match=refusal):
             run.predict(slides, patients=["P001"])
         # Feature files are not what an end-to-end run reads: it says what it needs.
         with pytest.raises(TilesError, match="trained end to end on tiles"):
             run.predict(cohort / "features")
     else:  # encoded at the run's settings but from these tiles: features of another kind
-        with pytest.raises(FeatureIdentityError, match=r"P001.h5: features of another kind.*64"):
+        refusal = r"P001.h5: features of another kind.*patch_size 64 \(the run's: 32\)"
+        with pytest.raises(FeatureIdentityError, match=refusal):
             run.predict(slides, patients=["P001"])

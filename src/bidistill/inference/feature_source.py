@@ -152,6 +152,14 @@ def run_identity(meta: dict[str, Any], meta_path: Path) -> tuple[FeatureIdentity
     return FeatureIdentity(), "nothing recorded"
 
 
+def identity_problems(found: FeatureIdentity, expected: FeatureIdentity) -> list[str]:
+    """Each field both identities state and disagree on, with the run's value."""
+    return [
+        f"{name} {value!r} (the run's: {want!r})"
+        for name, (value, want) in found.disagreements(expected).items()
+    ]
+
+
 def check_feature_identity(
     path: str | Path, expected: FeatureIdentity, source: str, *, dim: int | None = None
 ) -> None:
@@ -160,10 +168,7 @@ def check_feature_identity(
     Raises:
         FeatureIdentityError: names the file, each differing attribute and the run's value.
     """
-    problems = [
-        f"{name} {found!r} (the run's: {want!r})"
-        for name, (found, want) in read_identity(path).disagreements(expected).items()
-    ]
+    problems = identity_problems(read_identity(path), expected)
     if dim is not None:
         with h5py.File(path, "r") as h5:
             file_dim = int(h5["features"].shape[-1])

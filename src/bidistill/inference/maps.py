@@ -8,7 +8,8 @@ Per slide, in the output folder:
 - ``<slide_id>.tiles.geojson``: the tiles as QuPath detections with the scores as measurements;
 - ``<slide_id>.tissue.geojson``: the outline of the mask tiling kept tiles from.
 
-Plus the predictions table of the patients drawn (named as a run's, ``RunDir.predictions``). A slide given as a patch folder has no
+Plus the predictions table of the patients drawn (named as a run's, ``RunDir.predictions``).
+A slide given as a patch folder has no
 geometry: it gets the montage and the CSV. A slide without an image (no ``--slides`` match)
 gets the map over a white canvas, the CSV and the tile GeoJSON.
 """

@@ -20,7 +20,6 @@ bag (``bags_per_patient``) get NaN.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ import torch
 from bidistill.cohort import EncodedClinical
 from bidistill.cohort.prediction import PredictionCohort
 from bidistill.config import ExperimentConfig
+from bidistill.features.identity import FeatureIdentity, read_identity
+from bidistill.inference.feature_source import identity_problems
 from bidistill.inference.inputs import PatientInput, patient_inputs
 from bidistill.inference.new_slides import Tiles, TilesError, tile_new_slides
 from bidistill.inference.results import PatientBags
@@ -96,18 +97,10 @@ class TileSource:
         ]
 
     def _check_tiles(self, path: Path) -> None:
-        from bidistill.slides import read_coords
-
-        expected = self.settings.get("tiles", {})
-        attrs = read_coords(path).attrs
-        problems = []
-        if expected.get("patch_size") and int(attrs["patch_size"]) != int(expected["patch_size"]):
-            problems.append(
-                f"patch size {attrs['patch_size']} (the run's: {expected['patch_size']})"
-            )
-        mpp, run_mpp = attrs.get("mpp"), expected.get("mpp")
-        if mpp is not None and run_mpp is not None and not math.isclose(mpp, run_mpp, rel_tol=0.02):
-            problems.append(f"MPP {mpp:g} (the run's: {run_mpp:g})")
+        """Refuse tiles of another patch size or MPP (MPP within 2%) than the run's."""
+        tiles = self.settings.get("tiles", {})
+        expected = FeatureIdentity(patch_size=tiles.get("patch_size"), mpp=tiles.get("mpp"))
+        problems = identity_problems(read_identity(path), expected)
         if problems:
             raise TilesError(
                 f"{path}: tiles of another kind than the run was trained on: "
