@@ -38,7 +38,12 @@ from bidistill.inference.inputs import (
     feature_files,
     patient_inputs,
 )
-from bidistill.inference.new_slides import Tiles, extract_new_slides, tile_new_slides
+from bidistill.inference.new_slides import (
+    Tiles,
+    extract_new_slides,
+    listed_slides,
+    tile_new_slides,
+)
 from bidistill.inference.results import PatientBags
 from bidistill.models import Method
 
@@ -84,7 +89,7 @@ class FeatureSource:
         of earlier batches: they are not predicted)."""
         from bidistill.features.store import feature_path
 
-        listed = None if cohort is None else [s for v in cohort.slides_of().values() for s in v]
+        listed = listed_slides(cohort)
         if listed is not None and not listed:
             return tiles.features  # a clinical-only table: nothing to encode
         found = tile_new_slides(self.config, tiles, listed)

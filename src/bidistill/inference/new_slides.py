@@ -6,7 +6,7 @@ the run's ``tiling`` settings (annotations from ``Tiles.annotations``, else besi
 file; a slide without any is tiled on its detected tissue). A feature run then encodes them with
 the run's encoder (``extract_new_slides``: same name, weights file or seeded random weights, so
 the features' identity is the run's), into ``<coords>/features/``; an end-to-end run reads the
-tiles themselves (``pixel_run``). Both stages skip what is done, so a rerun is cheap.
+tiles themselves (``tile_source``). Both stages skip what is done, so a rerun is cheap.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bidistill.cohort.prediction import PredictionCohort
 from bidistill.config import ExperimentConfig, MaskKind
 from bidistill.errors import BidistillError
 
@@ -49,6 +50,11 @@ class Tiles:
     @property
     def features(self) -> Path:
         return Path(self.coords) / "features"
+
+
+def listed_slides(cohort: PredictionCohort | None) -> list[str] | None:
+    """The slides a table of new patients lists; None without a table (every slide given)."""
+    return None if cohort is None else [s for v in cohort.slides_of().values() for s in v]
 
 
 def tile_new_slides(

@@ -33,7 +33,7 @@ from bidistill.config import ExperimentConfig
 from bidistill.features.identity import FeatureIdentity, read_identity
 from bidistill.inference.feature_source import identity_problems
 from bidistill.inference.inputs import PatientInput, patient_inputs
-from bidistill.inference.new_slides import Tiles, TilesError, tile_new_slides
+from bidistill.inference.new_slides import Tiles, TilesError, listed_slides, tile_new_slides
 from bidistill.inference.results import PatientBags
 from bidistill.models import Method
 from bidistill.models.patch_encoder import encoded_aggregators
@@ -83,16 +83,16 @@ class TileSource:
                     "their tiles (`bidistill predict --slides DIR [--tiles DIR]`, or Tiles(...) "
                     "in Python)"
                 )
-            listed = None if cohort is None else [s for v in cohort.slides_of().values() for s in v]
-            found = tile_new_slides(self.config, features, listed)
+            found = tile_new_slides(self.config, features, listed_slides(cohort))
             for _, coords in found.values():
                 self._check_tiles(coords)
         files = {s: coords for s, (_, coords) in found.items()} or None
         inputs = patient_inputs(files, cohort, wanted, needs_bags=needs_bags)
+        slide_files = {s: slide for s, (slide, _) in found.items()}
         return [
-            dataclasses.replace(item, slide_files=[found[s][0] for s in item.slide_ids])
-            if needs_bags
-            else item
+            dataclasses.replace(
+                item, slide_files=[slide_files[s] for s in item.slide_ids if s in slide_files]
+            )
             for item in inputs
         ]
 
