@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bidistill.cohort import ClinicalEncoder, EncodedClinical
+from bidistill.cohort import ClinicalEncoder
 from bidistill.cohort.prediction import PredictionCohort, load_prediction_cohort
 from bidistill.config import ExperimentConfig
 from bidistill.errors import CohortError
@@ -51,34 +51,21 @@ _BRANCH_NAMES = {"aggregator_multi": "multi-modal", "aggregator_single": "single
 
 
 class BagSource(Protocol):
-    """Where a trained run's bags come from (``FeatureSource``, ``TileSource``)."""
+    """Where a trained run's bags come from (``FeatureSource``, ``TileSource``): the method's
+    attention branches as the source runs them; the patients to predict, every input found and
+    checked before any prediction; per patient, in order, every fold model's prediction."""
 
     reads_tiles: bool
 
-    def aggregators(self, method: Method) -> list[str]:
-        """The method's attention branches (module paths) as this source runs them."""
+    def aggregators(self, method: Method) -> list[str]: ...
 
     def patients(
-        self,
-        features: FeaturesArg | Tiles,
-        cohort: PredictionCohort | None,
-        wanted: Sequence[str] | None,
-        *,
-        needs_bags: bool,
-    ) -> list[PatientInput]:
-        """The patients to predict, every input found and checked before any prediction."""
+        self, features, cohort: PredictionCohort | None, wanted, *, needs_bags: bool
+    ) -> list[PatientInput]: ...
 
     def predictions(
-        self,
-        methods: Sequence[Method],
-        inputs: Sequence[PatientInput],
-        encoded: Sequence[EncodedClinical],
-        *,
-        device: torch.device,
-        with_attention: bool,
-        memory_budget: int,
-    ) -> Iterator[PatientBags]:
-        """Per patient, in order, every fold model's prediction."""
+        self, methods, inputs, encoded, *, device, with_attention: bool, memory_budget: int
+    ) -> Iterator[PatientBags]: ...
 
 
 @dataclass
