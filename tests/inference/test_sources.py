@@ -144,6 +144,9 @@ def test_tiles_of_another_patch_size_are_refused_before_any_prediction(slide_run
         # Feature files are not what an end-to-end run reads: it says what it needs.
         with pytest.raises(TilesError, match="trained end to end on tiles"):
             run.predict(cohort / "features")
+        args = ["--run", run_dir, "--features", tmp_path, "--out", tmp_path / "p.csv"]
+        result = CliRunner().invoke(app, ["predict", *map(str, args)])
+        assert result.exit_code == 1 and "give the slides (--slides" in result.output
     else:  # encoded at the run's settings but from these tiles: features of another kind
         refusal = r"P001.h5: features of another kind.*patch_size 64 \(the run's: 32\)"
         with pytest.raises(FeatureIdentityError, match=refusal):
