@@ -162,7 +162,9 @@ def _patch_encoders(meta: dict[str, Any]):
     return architecture_factory(BackboneSpec.from_dict(block["backbone"]))
 
 
-def decision_thresholds(method_dir: str | Path | MethodDir, cfg: ExperimentConfig) -> dict:
+def decision_thresholds(
+    method_dir: str | Path | MethodDir, cfg: ExperimentConfig
+) -> dict[str, float]:
     """The method's decision thresholds, with clinical data (``present``) and without
     (``absent``), chosen on its validation patients as the evaluation does."""
     fixed = cfg.evaluation.threshold

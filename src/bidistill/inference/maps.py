@@ -9,9 +9,9 @@ Per slide, in the output folder:
 - ``<slide_id>.tissue.geojson``: the outline of the mask tiling kept tiles from.
 
 Plus the predictions table of the patients drawn (named as a run's, ``RunDir.predictions``).
-A slide given as a patch folder has no
-geometry: it gets the montage and the CSV. A slide without an image (no ``--slides`` match)
-gets the map over a white canvas, the CSV and the tile GeoJSON.
+A slide given as a patch folder has no geometry: it gets the montage and the CSV. A slide
+without an image (no ``--slides`` match) gets the map over a white canvas, the CSV and the tile
+GeoJSON.
 """
 
 from __future__ import annotations
