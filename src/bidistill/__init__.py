@@ -1,7 +1,7 @@
 """bidistill: whole-slide image + clinical models that keep working when clinical data is missing.
 
 ``bidistill.load_run(run_dir)`` loads a trained run for prediction (see
-``bidistill.inference.run``); importing the package itself loads nothing heavy.
+``bidistill.inference.trained_run``); importing the package itself loads nothing heavy.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from bidistill.inference.run import TrainedRun
+    from bidistill.inference.trained_run import TrainedRun
 
 
 def load_run(run_dir, method: str | None = None, **kwargs) -> TrainedRun:
     """Load a trained method of a run directory: ``.predict(...)`` and ``.attention(...)``.
 
-    See ``bidistill.inference.run.load_run`` for the arguments.
+    See ``bidistill.inference.load.load_run`` for the arguments.
     """
-    from bidistill.inference.run import load_run as _load_run
+    from bidistill.inference.load import load_run as _load_run
 
     return _load_run(run_dir, method, **kwargs)
 

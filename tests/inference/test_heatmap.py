@@ -147,6 +147,14 @@ def test_a_patch_folder_gets_the_montage(demo_run, tmp_path):
         "PF1.tiles.csv",
         "predictions.csv",
     }
+    # Tile i is patch i, each with the weight the run gives it (summing to 1 over the slide).
+    tiles = pd.read_csv(out / "PF1.tiles.csv")
+    np.testing.assert_array_equal(tiles["x"], np.arange(12))
+    (patient,) = bidistill.load_run(demo_run).attention(features)
+    np.testing.assert_allclose(tiles["attention"], patient.slides[0].scores[patient.branch])
+    assert tiles["attention"].sum() == pytest.approx(1, abs=1e-5)
+    with Image.open(out / "PF1.montage.png") as png:  # the top and bottom rows of patches
+        assert png.height > 2 * 64 and png.width > 4 * 64
 
 
 def test_an_unreadable_slide_is_refused(demo_run, demo_cohort, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 import bidistill
 from bidistill.features.identity import FeatureIdentity, read_identity
-from bidistill.inference.identity import FeatureIdentityError, run_identity
+from bidistill.inference.feature_source import FeatureIdentityError, run_identity
 
 from .helpers import altered_copy
 
@@ -61,18 +62,18 @@ def test_trident_attributes_on_coords_are_read(tmp_path):
 
 def test_a_recorded_identity_is_compared_key_by_key(demo_cohort):
     recorded = {"encoder": "x", "weights_sha256": "ab", "future_key": 1}
-    identity, source = run_identity({"features": {"identity": recorded}})
-    assert source == "the run's model.json"
+    identity, source = run_identity({"features": {"identity": recorded}}, Path("r/bd/model.json"))
+    assert source == str(Path("r/bd/model.json"))
     assert identity.disagreements(FeatureIdentity(encoder="x", weights_sha256="cd", mpp=1.0)) == {
         "weights_sha256": ("ab", "cd")
     }
     # no identity recorded: the run's training files, else its config
     meta = {"features": {"dir": str(demo_cohort / "features"), "encoder": "resnet50-trunc"}}
-    identity, source = run_identity(meta)
+    identity, source = run_identity(meta, Path("m.json"))
     assert identity == FeatureIdentity(encoder="synthetic", patch_size=256, mpp=0.5)
     assert "training features" in source
     gone = {"features": {"dir": str(demo_cohort / "nowhere"), "encoder": "resnet50-trunc"}}
-    assert run_identity(gone) == (
+    assert run_identity(gone, Path("m.json")) == (
         FeatureIdentity(encoder="resnet50-trunc"),
         "the run's config (features.encoder)",
     )
@@ -99,7 +100,7 @@ def test_the_run_identity_survives_a_moved_feature_folder(demo_run, demo_cohort,
     meta["features"].pop("identity", None)
     (copy / "bd" / "model.json").write_text(json.dumps(meta))
     run = bidistill.load_run(copy)
-    assert run.identity == FeatureIdentity(encoder="synthetic")
+    assert run.source.identity == FeatureIdentity(encoder="synthetic")
     other = altered_copy(
         demo_cohort / "features" / "S0000.h5", tmp_path / "S0000.h5", encoder="uni"
     )

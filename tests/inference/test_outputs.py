@@ -167,6 +167,9 @@ def test_the_heatmap_predict_points_at_predicts_what_predict_did(demo_run, demo_
             np.testing.assert_array_equal(tiles["attention"], tiles[f"attention_{branch}"])
             np.testing.assert_array_equal(tiles["percentile"], tiles[f"percentile_{branch}"])
             assert tiles["percentile"].between(0, 1).all() and tiles["percentile"].max() == 1
+            # The percentile ranks the predicting branch's attention within the slide.
+            ranked = tiles.sort_values("attention")["percentile"].to_numpy()
+            assert ranked[0] == 0 and (np.diff(ranked) >= 0).all()
     readme_row = next(
         line for line in README.read_text(encoding="utf-8").splitlines() if "tiles.csv` |" in line
     )

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import shlex
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from bidistill.cli import app
@@ -36,8 +38,18 @@ def test_the_demo_walkthrough_commands_run_as_written(demo_root, monkeypatch):
         assert result.exit_code == 0, (command, result.output)
     table = pd.read_csv("demo_run/new_patients.csv")
     assert len(table) == 120 and set(table["branch"]) == {"multi-modal", "single-modal"}
-    assert Path("demo_run/heatmaps/S0003.heatmap.png").is_file()
-    assert Path("demo_run/heatmaps/S0003.tiles.geojson").is_file()
+    # The heatmap drew P0003 as predict predicted it, every tile of its slide in its exports.
+    drawn = pd.read_csv("demo_run/heatmaps/predictions.csv", dtype=str).set_index("patient_id")
+    predicted = pd.read_csv("demo_run/new_patients.csv", dtype=str).set_index("patient_id")
+    predicted = predicted.loc[["P0003"]]
+    pd.testing.assert_frame_equal(drawn, predicted)
+    tiles = pd.read_csv("demo_run/heatmaps/S0003.tiles.csv")
+    assert len(tiles) == int(predicted["tiles"].iloc[0])
+    assert tiles["attention"].sum() == pytest.approx(1, abs=1e-5)
+    exported = json.loads(Path("demo_run/heatmaps/S0003.tiles.geojson").read_text())
+    assert len(exported["features"]) == len(tiles)
+    with Image.open("demo_run/heatmaps/S0003.heatmap.png") as png:
+        assert png.width > 1000  # a panel per branch
 
 
 def test_the_readme_python_example_runs(demo_root, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 
 import bidistill
 from bidistill.errors import CheckpointError, CohortError, ConfigError
-from bidistill.evaluation.metrics import youden_threshold
+from bidistill.thresholds import youden_threshold
 
 from .helpers import new_patients_table, saved_predictions
 
@@ -20,30 +20,23 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("method", ["bd", "wsi-only", "clinical-only"])
-def test_predict_reproduces_the_test_predictions_with_clinical_data(
-    demo_run, demo_cohort, tmp_path, method
-):
-    saved = saved_predictions(demo_run, method)
-    table = new_patients_table(demo_cohort, tmp_path / "new.csv")
-    predicted = bidistill.load_run(demo_run, method).predict(demo_cohort / "features", table)
-    predicted = predicted.set_index("patient_id").loc[saved.index]
-    np.testing.assert_allclose(predicted["probability"], saved["prob_present"], atol=1e-5)
-    np.testing.assert_array_equal(predicted["clinical_present"], saved["clinical_available"])
-
-
-@pytest.mark.parametrize("method", ["bd", "wsi-only", "clinical-only"])
-def test_predict_reproduces_the_test_predictions_without_clinical_data(
-    demo_run, demo_cohort, tmp_path, method
+@pytest.mark.parametrize("with_clinical", [True, False], ids=["with-clinical", "without"])
+def test_predict_reproduces_the_test_predictions(
+    demo_run, demo_cohort, tmp_path, method, with_clinical
 ):
     """A table without the clinical columns: every patient without clinical data."""
     saved = saved_predictions(demo_run, method)
-    clinical = ["age", "tumour_size_cm", "er", "grade", "ki67", "subtype"]
-    table = new_patients_table(demo_cohort, tmp_path / "ids.csv", drop=clinical)
+    clinical = [] if with_clinical else ["age", "tumour_size_cm", "er", "grade", "ki67", "subtype"]
+    table = new_patients_table(demo_cohort, tmp_path / "new.csv", drop=clinical)
     predicted = bidistill.load_run(demo_run, method).predict(demo_cohort / "features", table)
     predicted = predicted.set_index("patient_id").loc[saved.index]
-    np.testing.assert_allclose(predicted["probability"], saved["prob_absent"], atol=1e-5)
-    assert not predicted["clinical_present"].any()
-    assert (predicted["clinical_missing"] == ";".join(clinical)).all()
+    expected = saved["prob_present" if with_clinical else "prob_absent"]
+    np.testing.assert_allclose(predicted["probability"], expected, atol=1e-5)
+    if with_clinical:
+        np.testing.assert_array_equal(predicted["clinical_present"], saved["clinical_available"])
+    else:
+        assert not predicted["clinical_present"].any()
+        assert (predicted["clinical_missing"] == ";".join(clinical)).all()
 
 
 def test_feature_files_alone_are_patients_without_clinical_data(demo_run, demo_cohort):

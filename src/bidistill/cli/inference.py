@@ -46,7 +46,7 @@ def _bag_source(trained, features: list[Path] | None, slides, tiles: Path):
     reads and a feature run first encodes with its own settings."""
     from bidistill.inference.new_slides import Tiles
 
-    end_to_end = getattr(trained, "end_to_end", False)
+    end_to_end = trained.end_to_end
     if features and not end_to_end:
         return features
     return Tiles(coords=tiles, slides=tuple(slides or ())) if slides or end_to_end else None
@@ -113,7 +113,7 @@ def _warnings_as_lines():
 
 
 def _load_run(run_dir: Path, method: str | None, config: Path | None, device: str):
-    from bidistill.inference.run import load_run
+    from bidistill.inference.load import load_run
 
     return load_run(run_dir, method, config=config, device=device)
 
@@ -192,7 +192,7 @@ def _bag_args(trained, features: list[Path] | None, slides: list[Path] | None, t
     their images)."""
     args = [f"--features {shell_arg(f)}" for f in features or ()]
     args += [f"--slides {shell_arg(s)}" for s in slides or ()]
-    if slides and (not features or getattr(trained, "end_to_end", False)):
+    if slides and (not features or trained.end_to_end):
         args.append(f"--tiles {shell_arg(tiles)}")  # where predict tiled (and encoded) them
     return args
 

@@ -25,6 +25,9 @@ from itertools import product
 import numpy as np
 from scipy import optimize, stats
 
+# The threshold rule lives below the evaluation, so that prediction decides by it too.
+from bidistill.thresholds import youden_threshold as youden_threshold
+
 # Patients of the smaller class from which DeLong's normal approximation and the bootstrap are
 # trusted (the same count below which the headline calls a ranking unreliable).
 LARGE_SAMPLE_PER_CLASS = 30
@@ -314,25 +317,6 @@ def newcombe_ci(auc: float, n_pos: int, n_neg: int, level: float = 0.95) -> tupl
 
 
 # --- threshold and thresholded metrics ----------------------------------------------------------
-
-
-def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-    """The threshold maximising sensitivity + specificity − 1 (predict positive if p ≥ t).
-
-    Ties in J go to the highest threshold (the first ROC point reaching the maximum). NaN when
-    a class is empty (no sensitivity or no specificity to trade).
-    """
-    labels = np.asarray(labels).astype(bool)
-    if labels.all() or not labels.any():
-        return float("nan")
-    order = np.argsort(-probs, kind="mergesort")
-    sorted_probs, sorted_labels = probs[order], labels[order]
-    tp = np.cumsum(sorted_labels)
-    fp = np.cumsum(~sorted_labels)
-    # The last index of each run of equal scores: thresholds between distinct values.
-    ends = np.r_[np.flatnonzero(np.diff(sorted_probs) != 0), len(probs) - 1]
-    j = tp[ends] / tp[-1] - fp[ends] / fp[-1]
-    return float(sorted_probs[ends[np.argmax(j)]])
 
 
 def threshold_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:

@@ -8,11 +8,12 @@ from bidistill.inference.chunked import (
     encode_bag,
     predict_bag,
 )
-from bidistill.inference.identity import FeatureIdentityError, check_feature_identity
-from bidistill.inference.load import decision_thresholds, load_trained
+from bidistill.inference.feature_source import FeatureIdentityError, check_feature_identity
+from bidistill.inference.load import decision_thresholds, load_run, load_trained
+from bidistill.inference.new_slides import Tiles
 from bidistill.inference.predict import BagPredictions, predict_bags
 from bidistill.inference.results import PatientPrediction, SlideAttention
-from bidistill.inference.run import TrainedRun, load_run
+from bidistill.inference.trained_run import TrainedRun
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -23,6 +24,7 @@ __all__ = [
     "FileBag",
     "PatientPrediction",
     "SlideAttention",
+    "Tiles",
     "TrainedRun",
     "check_feature_identity",
     "decision_thresholds",

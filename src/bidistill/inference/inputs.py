@@ -8,7 +8,7 @@ must have a feature file.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -29,7 +29,8 @@ FeaturesArg = str | Path | Sequence[str | Path] | None
 class PatientInput:
     patient_id: str
     slide_ids: list[str]
-    paths: list[Path]  # one .h5 per slide, in the order of slide_ids
+    paths: list[Path]  # one .h5 per slide (features or tiles), in the order of slide_ids
+    slide_files: list[Path] = field(default_factory=list)  # the slides, for a run on tiles
 
 
 def patient_inputs(

@@ -8,9 +8,10 @@ Per slide, in the output folder:
 - ``<slide_id>.tiles.geojson``: the tiles as QuPath detections with the scores as measurements;
 - ``<slide_id>.tissue.geojson``: the outline of the mask tiling kept tiles from.
 
-Plus ``predictions.csv`` for the patients drawn. A slide given as a patch folder has no
-geometry: it gets the montage and the CSV. A slide without an image (no ``--slides`` match)
-gets the map over a white canvas, the CSV and the tile GeoJSON.
+Plus the predictions table of the patients drawn (named as a run's, ``RunDir.predictions``).
+A slide given as a patch folder has no geometry: it gets the montage and the CSV. A slide
+without an image (no ``--slides`` match) gets the map over a white canvas, the CSV and the tile
+GeoJSON.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pandas as pd
 
 from bidistill._io import write_csv
 from bidistill.config import ExperimentConfig, MaskKind
-from bidistill.errors import BidistillError, SlideError
+from bidistill.errors import BidistillError
 from bidistill.inference.chunked import DEFAULT_MEMORY_BUDGET
 from bidistill.inference.export import (
     contours_geojson,
@@ -36,7 +37,9 @@ from bidistill.inference.export import (
 from bidistill.inference.heatmap import render_heatmap, render_montage
 from bidistill.inference.inputs import FeaturesArg
 from bidistill.inference.results import PatientPrediction, SlideAttention
-from bidistill.inference.run import ClinicalArg, TrainedRun
+from bidistill.inference.trained_run import ClinicalArg, TrainedRun
+from bidistill.runs.rundir import RunDir
+from bidistill.slides.locate import SlideFinder, locate_annotations
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ class MapsSummary:
     """What ``write_attention_maps`` wrote.
 
     Attributes:
-        predictions: one row per patient drawn (also in ``out_dir/predictions.csv``).
+        predictions: one row per patient drawn (also written to ``out_dir``).
         files: slide id → the files written for it.
         without_image: slides drawn without a slide image (no ``--slides`` match).
     """
@@ -55,36 +58,6 @@ class MapsSummary:
     predictions: pd.DataFrame
     files: dict[str, list[Path]] = field(default_factory=dict)
     without_image: list[str] = field(default_factory=list)
-
-
-class SlideFinder:
-    """slide id → slide file or patch folder, among files, patch folders and folders of slides.
-
-    A folder named by the slide id is that slide's patch folder; any other folder is a folder
-    of slides (``<slide_id>.<ext>`` files and ``<slide_id>/`` patch folders).
-
-    Raises:
-        SlideError: an item that does not exist.
-    """
-
-    def __init__(self, items: Sequence[str | Path]):
-        from bidistill.slides.run import index_slide_files
-
-        self.folders: dict[str, Path] = {}
-        self.indexed: dict[str, Path] = {}
-        self.files: dict[str, Path] = {}
-        for item in map(Path, items):
-            if item.is_dir():
-                self.folders.setdefault(item.name, item)
-                for slide_id, path in index_slide_files(item).items():
-                    self.indexed.setdefault(slide_id, path)
-            elif item.is_file():
-                self.files[item.stem] = item
-            else:
-                raise SlideError(f"{item}: no such slide file or folder")
-
-    def find(self, slide_id: str) -> Path | None:
-        return self.files.get(slide_id) or self.folders.get(slide_id) or self.indexed.get(slide_id)
 
 
 def write_attention_maps(
@@ -131,7 +104,7 @@ def write_attention_maps(
                 out_dir, attention, patient, run.config, image=image, top_k=top_k
             )
     summary.predictions = pd.DataFrame(rows)
-    write_csv(out_dir / "predictions.csv", summary.predictions)
+    write_csv(RunDir(out_dir).predictions, summary.predictions)
     return summary
 
 
@@ -207,7 +180,6 @@ def tiling_mask(slide, config: ExperimentConfig, slide_id: str, tile_size: int):
     Returns:
         (mask bool [h, w], (dx, dy) level-0 pixels per mask pixel, the mask kind used).
     """
-    from bidistill.slides.run import locate_annotations
     from bidistill.slides.tiling import slide_mask, thumbnail_downsample
 
     annotations_dir = config.slides.annotations_dir if config.slides else None

@@ -6,7 +6,7 @@ the run's ``tiling`` settings (annotations from ``Tiles.annotations``, else besi
 file; a slide without any is tiled on its detected tissue). A feature run then encodes them with
 the run's encoder (``extract_new_slides``: same name, weights file or seeded random weights, so
 the features' identity is the run's), into ``<coords>/features/``; an end-to-end run reads the
-tiles themselves (``pixel_run``). Both stages skip what is done, so a rerun is cheap.
+tiles themselves (``tile_source``). Both stages skip what is done, so a rerun is cheap.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bidistill.cohort.prediction import PredictionCohort
 from bidistill.config import ExperimentConfig, MaskKind
 from bidistill.errors import BidistillError
 
@@ -51,6 +52,11 @@ class Tiles:
         return Path(self.coords) / "features"
 
 
+def listed_slides(cohort: PredictionCohort | None) -> list[str] | None:
+    """The slides a table of new patients lists; None without a table (every slide given)."""
+    return None if cohort is None else [s for v in cohort.slides_of().values() for s in v]
+
+
 def tile_new_slides(
     config: ExperimentConfig, tiles: Tiles, slide_ids: Sequence[str] | None = None
 ) -> dict[str, tuple[Path, Path]]:
@@ -64,9 +70,9 @@ def tile_new_slides(
         TilesError: no slides given, or a slide of ``slide_ids`` not found.
         SlideError: a slide cannot be tiled.
     """
-    from bidistill.inference.maps import SlideFinder
     from bidistill.slides import coords_path
-    from bidistill.slides.run import SlideJob, locate_annotations, tile_cohort
+    from bidistill.slides.locate import SlideFinder, locate_annotations
+    from bidistill.slides.run import SlideJob, tile_cohort
 
     if not tiles.slides:
         raise TilesError(
@@ -74,7 +80,7 @@ def tile_new_slides(
             "folders of slides); their tiles go to --tiles"
         )
     finder = SlideFinder(tiles.slides)
-    wanted = list(slide_ids) if slide_ids is not None else all_slide_ids(finder)
+    wanted = list(slide_ids) if slide_ids is not None else finder.slide_ids()
     absent = [s for s in wanted if finder.find(s) is None]
     if absent:
         raise TilesError(
@@ -145,9 +151,3 @@ def extract_new_slides(
     cache_dir = next(iter(found.values()))[1].parent / ".cache" if found else features_dir
     extract_features(jobs, features, cache_dir=cache_dir, progress=False, hint=PREDICT_HINT)
     return Path(features_dir)
-
-
-def all_slide_ids(finder) -> list[str]:
-    """Without a table: every slide file given, and every slide in the folders given (a patch
-    folder is a slide of the folder holding it)."""
-    return list(dict.fromkeys([*finder.files, *finder.indexed]))

@@ -16,6 +16,26 @@ from bidistill.features.identity import read_attrs
 
 
 @dataclass
+class PatientBags:
+    """What a bag source predicts for one patient, per fold model of the run.
+
+    Attributes:
+        probabilities: each fold model's P(positive class).
+        routed: the aggregator (module path) that predicted, None without a bag.
+        attention: per fold, aggregator path → weights over the patient's tiles (empty unless
+            asked for).
+        lengths: tiles per slide, in the order of the patient's slides.
+        n_tiles: the patient's tiles.
+    """
+
+    probabilities: list[float]
+    routed: str | None
+    attention: list[dict[str, np.ndarray]]
+    lengths: list[int]
+    n_tiles: int
+
+
+@dataclass
 class SlideAttention:
     """Attention over one slide's tiles.
 

@@ -83,6 +83,8 @@ class MethodDir:
         if not isinstance(meta, dict):
             raise self.damaged(path, "not a JSON object")
         missing = [key for key in required if not _has(meta, key)]
+        # A missing parent is named alone ("dims", not also every "dims.<key>").
+        missing = [key for key in missing if key.rpartition(".")[0] not in missing]
         if missing:
             raise self.damaged(path, f"lacks {', '.join(missing)}")
         return meta

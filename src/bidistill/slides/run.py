@@ -33,6 +33,7 @@ from bidistill.runner import (
     run_slides,
 )
 from bidistill.slides.coords import coords_path
+from bidistill.slides.locate import index_slide_files, locate_annotations
 from bidistill.slides.qc import qc_path, write_patch_folder_qc, write_tiling_qc
 from bidistill.slides.reader import SLIDE_SUFFIXES, PatchFolder, open_slide
 from bidistill.slides.signature import change_since, slide_signature
@@ -40,7 +41,6 @@ from bidistill.slides.tiling import tile_slide, write_patch_folder_coords, write
 
 log = logging.getLogger(__name__)
 
-ANNOTATION_SUFFIXES = (".json", ".geojson")
 SUMMARY_FILE = "tiling_summary.json"
 
 
@@ -53,37 +53,6 @@ class SlideJob:
     path: Path
     mpp: float | None = None
     annotations: Path | None = None
-
-
-# --- finding files ------------------------------------------------------------------------------
-
-
-def index_slide_files(slides_dir: Path) -> dict[str, Path]:
-    """Map slide id → file, for ``<slide_id>.<supported ext>`` files and ``<slide_id>/`` folders.
-
-    A file wins over a folder of the same name (MIRAX keeps its data in a folder beside the
-    ``.mrxs``).
-    """
-    if not slides_dir.is_dir():
-        raise ConfigError(f"{slides_dir}: slides folder not found (`slides.dir` in the config)")
-    files: dict[str, Path] = {}
-    folders: dict[str, Path] = {}
-    for entry in sorted(slides_dir.iterdir()):
-        if entry.is_dir():
-            folders[entry.name] = entry
-        elif entry.suffix.lower() in SLIDE_SUFFIXES:
-            files.setdefault(entry.stem, entry)
-    return {**folders, **files}
-
-
-def locate_annotations(annotations_dir: Path | None, slide_id: str) -> Path | None:
-    if annotations_dir is None:
-        return None
-    for suffix in ANNOTATION_SUFFIXES:
-        candidate = annotations_dir / f"{slide_id}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def jobs_from_config(config: ExperimentConfig) -> tuple[list[SlideJob], dict[str, str]]:

@@ -1,0 +1,318 @@
+"""A trained run as an object that predicts for new patients and shows its attention.
+
+    run = load_run("runs/exp1")                       # the reference method (bd) unless told
+    table = run.predict("new/features", clinical="new/patients.csv")
+    patients = run.attention("new/features", clinical="new/patients.csv", patients=["P7"])
+
+New patients come as ``.h5`` feature files (one per slide, the DESIGN layout), or as new slides
+(``Tiles``), and, optionally, a table in the layout of the training table without labels
+(``cohort.prediction``). Where the bags come from is the run's bag source, chosen once when the
+run is loaded: feature files (``inference.feature_source``; new slides are encoded with the
+run's settings first) or tiles for an end-to-end run (``inference.tile_source``). Everything
+else is one path: each patient's clinical values go through the run's fitted encoder; the method
+routes the patient by what is present (BD: the multi-modal branch with clinical data, the
+single-modal without); attention is mapped back to each slide's tiles. A k-fold run predicts
+with the mean of its fold models.
+
+The decision threshold is the one the evaluation uses: chosen on the run's validation patients
+(Youden's J unless the config fixes one), with their clinical data as recorded for patients who
+have clinical data, and with it withheld for patients who have none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bidistill.cohort import ClinicalEncoder
+from bidistill.cohort.prediction import PredictionCohort, load_prediction_cohort
+from bidistill.config import ExperimentConfig
+from bidistill.errors import CohortError
+from bidistill.inference.chunked import DEFAULT_MEMORY_BUDGET
+from bidistill.inference.inputs import FeaturesArg, PatientInput, clinical_frame
+from bidistill.inference.new_slides import Tiles
+from bidistill.inference.results import (
+    PREDICTION_COLUMNS,
+    PatientBags,
+    PatientPrediction,
+    split_by_slide,
+)
+from bidistill.models import Method
+from bidistill.runs.rundir import MethodDir
+
+ClinicalArg = str | Path | pd.DataFrame | None
+_BRANCH_NAMES = {"aggregator_multi": "multi-modal", "aggregator_single": "single-modal"}
+
+
+class BagSource(Protocol):
+    """Where a trained run's bags come from (``FeatureSource``, ``TileSource``): the method's
+    attention branches as the source runs them; the patients to predict, every input found and
+    checked before any prediction; per patient, in order, every fold model's prediction."""
+
+    reads_tiles: bool
+
+    def aggregators(self, method: Method) -> list[str]: ...
+
+    def patients(
+        self, features, cohort: PredictionCohort | None, wanted, *, needs_bags: bool
+    ) -> list[PatientInput]: ...
+
+    def predictions(
+        self, methods, inputs, encoded, *, device, with_attention: bool, memory_budget: int
+    ) -> Iterator[PatientBags]: ...
+
+
+@dataclass
+class FoldModel:
+    method_dir: MethodDir
+    method: Method
+    encoder: ClinicalEncoder
+    meta: dict[str, Any]
+    thresholds: dict[str, float]  # "present" / "absent"
+
+
+class TrainedRun:
+    """A trained method of a run directory, ready to predict (``load_run`` makes one).
+
+    Attributes:
+        run_dir: the run directory.
+        method: the method's key (its folder name).
+        config: the run's experiment config.
+        folds: the fold models (one for a holdout run).
+        device: where the models run.
+        source: where bags come from (feature files, or tiles for an end-to-end run).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        method: str,
+        config: ExperimentConfig,
+        folds: list[FoldModel],
+        device: torch.device,
+        source: BagSource,
+    ):
+        self.run_dir = run_dir
+        self.method = method
+        self.config = config
+        self.folds = folds
+        self.device = device
+        self.source = source
+        first = folds[0]
+        self.aggregators = source.aggregators(first.method)
+        self._branch_names = _branch_names(self.aggregators, first.meta["method"])
+
+    @property
+    def end_to_end(self) -> bool:
+        """The run reads tiles (``Tiles``), not feature files."""
+        return self.source.reads_tiles
+
+    @property
+    def branches(self) -> list[str]:
+        """The method's attention branches (BD: ``multi-modal``, ``single-modal``)."""
+        return list(self._branch_names.values())
+
+    def predict(
+        self,
+        features: FeaturesArg | Tiles = None,
+        clinical: ClinicalArg = None,
+        *,
+        patients: Sequence[str] | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        progress: bool = False,
+    ) -> pd.DataFrame:
+        """Predict new patients.
+
+        Args:
+            features: a folder of ``<slide_id>.h5`` files, one file, or a list of files; or a
+                ``Tiles`` of new slides (tiled, and for a feature run encoded, with the run's
+                settings first; what an end-to-end run needs).
+            clinical: a table (path or DataFrame) in the training table's layout, labels not
+                needed. Without it, each feature file is one patient without clinical data.
+            patients: predict only these patient ids.
+            memory_budget: bytes for what grows with a bag (see ``inference.chunked``).
+
+        Returns:
+            One row per patient: ``patient_id, method, probability, positive_class,
+            threshold, decision, predicted, branch, clinical_present, clinical_missing,
+            slides, tiles`` (``probability`` is of the class named in ``positive_class``).
+
+        Raises:
+            CohortError: a bad table. FeatureFileError: a missing or foreign feature file.
+            TilesError: an end-to-end run given no slides, or tiles of another kind.
+        """
+        rows = [
+            p.row(self.method)
+            for p in self.iter_patients(
+                features,
+                clinical,
+                patients=patients,
+                memory_budget=memory_budget,
+                progress=progress,
+            )
+        ]
+        return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+
+    def attention(
+        self,
+        features: FeaturesArg | Tiles,
+        clinical: ClinicalArg = None,
+        *,
+        patients: Sequence[str] | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ) -> list[PatientPrediction]:
+        """Predict and keep every branch's attention over each slide's tiles.
+
+        Same arguments as ``predict``; each ``PatientPrediction.slides`` holds a
+        ``SlideAttention`` per slide (``.frame()`` gives one row per tile).
+        """
+        return list(
+            self.iter_patients(
+                features,
+                clinical,
+                patients=patients,
+                with_attention=True,
+                memory_budget=memory_budget,
+            )
+        )
+
+    def iter_patients(
+        self,
+        features: FeaturesArg | Tiles,
+        clinical: ClinicalArg = None,
+        *,
+        patients: Sequence[str] | None = None,
+        with_attention: bool = False,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        progress: bool = False,
+    ) -> Iterator[PatientPrediction]:
+        """Patients one at a time (so that attention is held for one patient only).
+
+        Every input is checked before the first prediction: the table, and the bags' files
+        (feature files: presence, identity, dimension and values; tiles: patch size and MPP).
+        """
+        cohort = self._cohort(clinical)
+        needs_bags = bool(self.aggregators)
+        inputs = self.source.patients(features, cohort, patients, needs_bags=needs_bags)
+        frame = clinical_frame(cohort, [p.patient_id for p in inputs], self.folds[0].encoder)
+        encoded = [fold.encoder.transform(frame) for fold in self.folds]
+        # Missing as the model saw it: blank cells and categories unseen in training.
+        names = np.array(self.folds[0].encoder.feature_names_in_, dtype=object)
+        missing = ~encoded[0].valid
+        outputs = self.source.predictions(
+            [fold.method for fold in self.folds],
+            inputs,
+            encoded,
+            device=self.device,
+            with_attention=with_attention,
+            memory_budget=memory_budget,
+        )
+        sequence: Sequence[int] | Iterator[int] = range(len(inputs))
+        if progress:
+            from bidistill._progress import transient_track
+
+            sequence = transient_track(sequence, "predicting")
+        for i, bags in zip(sequence, outputs):
+            yield self._patient_prediction(
+                inputs[i],
+                bags,
+                present=bool(encoded[0].present[i]),
+                clinical_missing=[str(c) for c in names[missing[i]]],
+            )
+
+    def _cohort(self, clinical: ClinicalArg) -> PredictionCohort | None:
+        if clinical is None:
+            return None
+        slides_cfg = self.config.slides
+        other = [slides_cfg.mpp_column] if slides_cfg and slides_cfg.mpp_column else []
+        # Columns of the training table that were not features were ignored in training too;
+        # only a column the run has never seen is refused (often a renamed clinical column).
+        other += _training_table_columns(self.config)
+        return load_prediction_cohort(clinical, self.config.cohort, other_columns=other)
+
+    def _patient_prediction(
+        self,
+        item: PatientInput,
+        bags: PatientBags,
+        *,
+        present: bool,
+        clinical_missing: list[str],
+    ) -> PatientPrediction:
+        """One patient's result from its folds' predictions: the fold mean, decided at the
+        run's mean threshold for the patient's route, with the attention (when kept) cut into
+        the patient's slides."""
+        route = "present" if present else "absent"
+        probability = float(np.mean(bags.probabilities))
+        threshold = float(np.mean([f.thresholds[route] for f in self.folds]))
+        decision = int(probability >= threshold)
+        method_name = self.folds[0].meta["method"]
+        routed = bags.routed
+        branch = self._branch_names.get(routed, method_name) if routed else method_name
+        slides = []
+        if bags.attention and self.aggregators:
+            mean_attention = {
+                self._branch_names[name]: np.mean([a[name] for a in bags.attention], axis=0)
+                for name in self.aggregators
+            }
+            slides = split_by_slide(
+                item.slide_ids, item.paths, bags.lengths, mean_attention, branch if routed else None
+            )
+        return PatientPrediction(
+            patient_id=item.patient_id,
+            probability=probability,
+            positive_class=self.positive_class,
+            threshold=threshold,
+            decision=decision,
+            predicted=self._label_name(decision),
+            branch=branch,
+            clinical_present=present,
+            clinical_missing=clinical_missing,
+            slide_ids=item.slide_ids,
+            n_tiles=bags.n_tiles,
+            slides=slides,
+        )
+
+    @property
+    def random_init(self) -> bool:
+        """The run's patch encoder had random weights (``features.random_init``: tests and
+        demos), so its predictions carry no pretrained knowledge."""
+        meta = self.folds[0].meta
+        recorded = (meta.get("features") or {}).get("identity") or {}  # feature runs
+        backbone = (meta.get("end_to_end") or {}).get("backbone") or {}  # end-to-end runs
+        return bool(
+            self.config.features.random_init
+            or recorded.get("random_init")
+            or backbone.get("random_init")
+        )
+
+    @property
+    def positive_class(self) -> str:
+        """The class the probabilities are of, as the run's config names it."""
+        return self.config.cohort.label.positive_class
+
+    def _label_name(self, decision: int) -> str:
+        label = self.config.cohort.label
+        return label.positive_class if decision else label.negative_class
+
+
+def _training_table_columns(config: ExperimentConfig) -> list[str]:
+    """The header of the run's training table, when it can still be read (else nothing)."""
+    from bidistill.cohort.table import read_table
+
+    try:
+        return list(read_table(Path(config.cohort.table), config.cohort.sheet).columns)
+    except CohortError:
+        return []
+
+
+def _branch_names(aggregators: list[str], method_name: str) -> dict[str, str]:
+    """Display names: BD's branches by modality, sub-models by name, else the method's name."""
+    if len(aggregators) == 1:
+        return {aggregators[0]: method_name}
+    return {a: _BRANCH_NAMES.get(a, a.removesuffix(".aggregator")) for a in aggregators}
