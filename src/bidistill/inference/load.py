@@ -22,9 +22,13 @@ from bidistill.cohort import ClinicalEncoder
 from bidistill.config import ExperimentConfig
 from bidistill.errors import BidistillError, CheckpointError
 from bidistill.models import Method, create_method
-from bidistill.training.checkpoint import ENCODER, META, PREDICTIONS, WEIGHTS
+from bidistill.runs.rundir import MethodDir
 
 log = logging.getLogger(__name__)
+
+_NAMES = MethodDir("")  # the file names, as the run folder spells them
+WEIGHTS, META = _NAMES.weights.name, _NAMES.meta.name
+ENCODER, PREDICTIONS = _NAMES.clinical_encoder.name, _NAMES.predictions.name
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

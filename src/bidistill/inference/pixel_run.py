@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from bidistill.cohort import EncodedClinical
-from bidistill.inference.chunked import DEFAULT_MEMORY_BUDGET
 from bidistill.inference.inputs import PatientInput, clinical_frame, patient_inputs
 from bidistill.inference.new_slides import Tiles, TilesError, tile_new_slides
 from bidistill.inference.results import PatientPrediction
 from bidistill.inference.run import ClinicalArg, TrainedRun, _branch_names
 from bidistill.models.patch_encoder import encoded_aggregators
+from bidistill.models.streaming import DEFAULT_MEMORY_BUDGET
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,9 @@ class PixelRun(TrainedRun):
     def _predict_patient(
         self, i, item, encoded, clinical_missing, loaders, *, with_attention: bool
     ) -> PatientPrediction:
+        from bidistill.devices import resolve_precision
         from bidistill.training.pixel_bags import BagSpec, prediction_bags
-        from bidistill.training.pixel_predict import GIVEN, reduce_bags, resolve_precision, run_bags
+        from bidistill.training.pixel_predict import GIVEN, reduce_bags, run_bags
 
         s = self.settings
         index = loaders[0][0]

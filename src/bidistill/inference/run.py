@@ -8,7 +8,7 @@ New patients come as ``.h5`` feature files (one per slide, the DESIGN layout) an
 table in the layout of the training table without labels (``cohort.prediction``). Each patient's
 clinical values go through the run's fitted encoder; the method routes the patient by what is
 present (BD: the multi-modal branch with clinical data, the single-modal without). Bags are
-encoded in bounded memory (``inference.chunked``) and attention is mapped back to each slide's
+encoded in bounded memory (``models.streaming``) and attention is mapped back to each slide's
 tiles. A k-fold run predicts with the mean of its fold models.
 
 The decision threshold is the one the evaluation uses: chosen on the run's validation patients
@@ -33,12 +33,6 @@ from bidistill.cohort import ClinicalEncoder, EncodedClinical
 from bidistill.cohort.prediction import PredictionCohort, load_prediction_cohort
 from bidistill.config import ExperimentConfig, load_config
 from bidistill.errors import CheckpointError, CohortError, ConfigError
-from bidistill.inference.chunked import (
-    DEFAULT_MEMORY_BUDGET,
-    FileBag,
-    find_aggregators,
-    predict_bag,
-)
 from bidistill.inference.identity import check_feature_identity, run_identity
 from bidistill.inference.inputs import (
     FeaturesArg,
@@ -48,11 +42,12 @@ from bidistill.inference.inputs import (
     feature_files,
     patient_inputs,
 )
-from bidistill.inference.load import decision_thresholds, load_trained
+from bidistill.inference.load import PREDICTIONS, WEIGHTS, decision_thresholds, load_trained
 from bidistill.inference.new_slides import Tiles, extract_new_slides, tile_new_slides
 from bidistill.inference.results import PREDICTION_COLUMNS, PatientPrediction, split_by_slide
 from bidistill.models import Method
-from bidistill.training.checkpoint import PREDICTIONS, WEIGHTS
+from bidistill.models.streaming import DEFAULT_MEMORY_BUDGET, find_aggregators, predict_bag
+from bidistill.training.data import FileBag
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +119,7 @@ class TrainedRun:
             clinical: a table (path or DataFrame) in the training table's layout, labels not
                 needed. Without it, each feature file is one patient without clinical data.
             patients: predict only these patient ids.
-            memory_budget: bytes for what grows with a bag (see ``inference.chunked``).
+            memory_budget: bytes for what grows with a bag (see ``models.streaming``).
 
         Returns:
             One row per patient: ``patient_id, method, probability, positive_class,
@@ -406,7 +401,7 @@ def load_run(
             or a damaged checkpoint file (each named, with the command that fixes it).
         ConfigError: no config to read the table layout from.
     """
-    from bidistill.training.loop import resolve_device
+    from bidistill.devices import resolve_device
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
