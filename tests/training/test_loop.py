@@ -182,3 +182,61 @@ def test_parts_must_hold_every_trained_parameter():
     cfg = TrainingConfig(epochs=1, lr_warmup_epochs=0, batch_size=200)
     with pytest.raises(ValueError, match=r"parameters \['b.weight', 'b.bias'\] belong to no part"):
         _fit(Incomplete(1, 1), _two_branch_data(), cfg)
+
+
+def test_a_resumed_run_restores_the_frozen_part_and_trains_only_the_remaining_epochs(tmp_path):
+    cfg = TrainingConfig(epochs=12, patience=3, lr_warmup_epochs=0, grad_clip=None, batch_size=200)
+    torch.manual_seed(0)
+    whole = _fit(TwoBranches(peak_a=2, peak_b=6), _two_branch_data(), cfg, EndToEndSteps)
+
+    class KilledInEpoch7(TwoBranches):
+        def forward(self, batch):
+            if self.training and int(self.b.count) == 6:
+                raise KeyboardInterrupt  # after epoch 6's state was kept
+            return super().forward(batch)
+
+    state = tmp_path / "training_state.pt"
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(KilledInEpoch7(2, 6), _two_branch_data(), cfg, EndToEndSteps, state_file=state)
+    resumed_method = TwoBranches(peak_a=2, peak_b=6)  # other initial weights: the state wins
+    resumed = _fit(resumed_method, _two_branch_data(), cfg, EndToEndSteps, state_file=state)
+
+    # Epochs 7 to 9 only, with branch a still frozen (in eval mode) at its best weights.
+    assert resumed_method.a_trained_in_eval == [True] * 3
+    assert int(resumed_method.a.count) == 2 and int(resumed_method.b.count) == 6
+    assert resumed.stages[0].to_dict() == whole.stages[0].to_dict()
+    drop = {"seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.log_rows] == [
+        {k: v for k, v in r.items() if k not in drop} for r in whole.log_rows
+    ]
+
+
+def test_one_function_builds_the_predictions_table():
+    from bidistill.training.train import predictions_table
+
+    cfg = TrainingConfig(epochs=1, lr_warmup_epochs=0, batch_size=64)
+    train, test = _two_branch_data(30), _two_branch_data(40)
+    ids = {"train": [f"T{i}" for i in range(30)], "test": [f"P{i}" for i in range(40)]}
+    source = FeatureSource({k: (ids[k], d) for k, d in [("train", train), ("test", test)]}, cfg, 2)
+    source.device = CPU
+    method = TwoBranches(1, 1)
+    table = predictions_table(method, source, fold=3)
+    assert list(table.columns) == [
+        "patient_id",
+        "split",
+        "fold",
+        "label",
+        "clinical_available",
+        "prob_present",
+        "prob_absent",
+    ]
+    assert table["split"].tolist() == ["train"] * 30 + ["test"] * 40
+    assert table["patient_id"].tolist() == ids["train"] + ids["test"]
+    assert (table["fold"] == 3).all()
+    tested = table[table["split"] == "test"]
+    given, withheld = source.probabilities(method, "test", final=True)
+    assert np.array_equal(tested["prob_present"], given)
+    assert np.array_equal(tested["prob_absent"], withheld)
+    assert tested["label"].tolist() == test.labels.tolist()
+    assert tested["clinical_available"].tolist() == test.clinical_present.tolist()

@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 from bidistill.cohort import load_cohort, resolve_splits
 from bidistill.config import MethodConfig
 from bidistill.models import get_method_class, list_methods
+
 from .conftest import fast_config, train_method
 
 PREDICTION_COLUMNS = [
