@@ -8,7 +8,6 @@ encoded tiles (``remember_encodings``), so a method with one backbone runs it on
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,26 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bidistill.devices import autocast
 from bidistill.models.batch import Batch
 from bidistill.models.patch_encoder import encoded_aggregators, remember_encodings
 from bidistill.training.data import withhold_clinical
 from bidistill.training.pixel_bags import BagSpec, to_batch
 
 GIVEN, WITHHELD = "given", "withheld"
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on GPUs that have it, else float16 on a GPU; float32 on the CPU."""
-    from bidistill.features.extract import resolve_precision as resolve
-
-    return resolve(name, device)
-
-
-def autocast(device: torch.device, precision: torch.dtype):
-    """Mixed precision for ``precision`` other than float32 (a no-op context otherwise)."""
-    if precision == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=precision)
 
 
 @dataclass
