@@ -50,7 +50,8 @@ def child(mode: str, path: str, dim: int, budget_mib: int) -> None:
     import h5py
     import torch
 
-    from bidistill.inference.chunked import ArrayBag, FileBag, predict_bag
+    from bidistill.models.streaming import ArrayBag, predict_bag
+    from bidistill.training.data import FileBag
     from bidistill.models import create_method
     from bidistill.training.data import collate_bags
 

@@ -96,7 +96,7 @@ def load_trained(
     return method.to(device).eval(), encoder, meta
 
 
-# What ``model.json`` must hold to rebuild the method (``save_checkpoint`` writes them all).
+# What ``model.json`` must hold to rebuild the method (the trainer writes them all).
 _META_KEYS = ("method", "options", "dims")
 _DIMS_KEYS = ("in_dim", "clinical_dim", "n_clinical_features", "feature_slices")
 
