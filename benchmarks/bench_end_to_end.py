@@ -115,11 +115,11 @@ def model_rate(
     import torch
 
     from bidistill.config import EndToEndConfig
+    from bidistill.devices import autocast
     from bidistill.features.encoders import load_encoder
     from bidistill.features.spec import Preprocess
     from bidistill.models import create_method
     from bidistill.models.patch_encoder import PatchEncoder
-    from bidistill.devices import autocast
 
     loaded = load_encoder(encoder, random_init=True)
     model = loaded.model.train().requires_grad_(True)
