@@ -32,7 +32,6 @@ class Processes:
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -55,7 +54,7 @@ def start_processes(device: torch.device) -> Processes:
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return Processes(dist.get_rank(), dist.get_world_size())
 
 
 def sum_gradients(parameters: Iterable[nn.Parameter], processes: Processes) -> None:

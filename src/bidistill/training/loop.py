@@ -221,13 +221,9 @@ class _Track:
             self.stale += 1
 
     def counters(self) -> dict:
-        return {
-            "best_epoch": self.best.best_epoch,
-            "best_score": self.best.best_score,
-            "stale": self.stale,
-            "last": self.last,
-            "frozen": bool(self.frozen),
-        }
+        """What the training state keeps of the track besides its best weights."""
+        best = {"epoch": self.best.best_epoch, "score": self.best.best_score}
+        return best | {"stale": self.stale, "last": self.last, "frozen": bool(self.frozen)}
 
 
 def _tracks(method: Method, stage: Stage) -> list[_Track]:
@@ -473,10 +469,7 @@ class _Loop:
         if scaler is not None and payload["scaler"] is not None:
             scaler.load_state_dict(payload["scaler"])
         for track, counters, best in zip(tracks, state.tracks, payload["best"]):
-            track.best.best_epoch, track.best.best_score = (
-                counters["best_epoch"],
-                counters["best_score"],
-            )
+            track.best.best_epoch, track.best.best_score = counters["epoch"], counters["score"]
             track.stale, track.last, track.state = counters["stale"], counters["last"], best
             if counters["frozen"]:
                 _freeze(self.method, track)

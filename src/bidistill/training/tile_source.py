@@ -65,7 +65,7 @@ class TileSource:
         processes: Processes,
         device: torch.device,
     ):
-        self.config, self.cohort, self.split_ids, self.encoder = config, cohort, split_ids, encoder
+        self.config, self.cohort, self.split_ids = config, cohort, split_ids
         self.tcfg, self.e2e = config.training, config.training.end_to_end
         check_bag_settings(self.tcfg.batch_size, self.e2e.micro_batch)
         self.processes, self.device = processes, device
@@ -73,12 +73,18 @@ class TileSource:
         backbone, self.spec = load_backbone(config)
         self.in_dim = self.spec.dim
         self.patch_encoder = patch_encoder_factory(backbone, self.spec)
-        self.patients = {}
-        for name, ids in split_ids.items():
-            rows = cohort.subset(ids)
-            present = encoder.transform(rows[cohort.feature_names]).present
-            labels = rows["label"].to_numpy(np.int64)
-            self.patients[name] = Patients(list(ids), labels, np.asarray(present, dtype=bool))
+        self.rows = {name: cohort.subset(ids) for name, ids in split_ids.items()}
+        self.encoded = {
+            name: encoder.transform(rows[cohort.feature_names]) for name, rows in self.rows.items()
+        }
+        self.patients = {
+            name: Patients(
+                list(split_ids[name]),
+                rows["label"].to_numpy(np.int64),
+                np.asarray(self.encoded[name].present, dtype=bool),
+            )
+            for name, rows in self.rows.items()
+        }
 
     def start(self, method: Method, device: torch.device) -> None:
         from bidistill.slides import slide_cache_dir
@@ -92,15 +98,14 @@ class TileSource:
         }
         self.datasets, self.loaders = {}, {}
         for name, ids in self.split_ids.items():
-            rows = self.cohort.subset(ids)
-            encoded = self.encoder.transform(rows[self.cohort.feature_names])
+            encoded = self.encoded[name]
             per_patient = [slides_of.get(p, []) if reads_tiles else [] for p in ids]
             dataset = PixelBags(
                 tile_index_from_config(self.config, per_patient),
                 encoded.values,
                 encoded.valid,
                 encoded.present,
-                rows["label"].to_numpy(np.int64),
+                self.patients[name].labels,
                 augment=self.e2e.augment if name == "train" else None,
                 cache_dir=slide_cache_dir(self.config),
             )
