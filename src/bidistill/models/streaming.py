@@ -490,16 +490,16 @@ def predict_bag(
             "prediction cannot serve"
         )
     attention = {name: a.attention[0].float().cpu().numpy() for name, a in aggregates.items()}
-    return BagOutput(probability, attention, _routed(output, aggregates), rows)
+    routed = routed_aggregator(output.attention, {n: a.attention for n, a in aggregates.items()})
+    return BagOutput(probability, attention, routed, rows)
 
 
-def _routed(output: Output, aggregates: dict[str, Aggregate]) -> str | None:
-    """The aggregator whose weights the output carries (they are routed, not recomputed)."""
-    if output.attention is None:
+def routed_aggregator(attention: Tensor | None, candidates: dict[str, Tensor]) -> str | None:
+    """The aggregator whose weights an output carries (they are routed, not recomputed), among
+    each aggregator's attention by path."""
+    if attention is None:
         return None
-    for name, aggregate in aggregates.items():
-        if aggregate.attention.shape == output.attention.shape and torch.equal(
-            aggregate.attention, output.attention
-        ):
+    for name, weights in candidates.items():
+        if weights.shape == attention.shape and torch.equal(weights, attention):
             return name
     return None

@@ -180,23 +180,28 @@ class LengthBucketSampler(torch.utils.data.Sampler[list[int]]):
 
 def collate_bags(items: list[dict]) -> Batch:
     """Pad the bags to the largest one in the batch; ``tile_valid`` marks the real instances."""
-    lengths = [len(item["features"]) for item in items]
-    dim = items[0]["features"].shape[-1]
-    n_max = max(max(lengths), 1)  # an empty bag still gets one (invalid) slot
-    bags = torch.zeros(len(items), n_max, dim)
-    tile_valid = torch.zeros(len(items), n_max, dtype=torch.bool)
-    for b, (item, n) in enumerate(zip(items, lengths)):
-        bags[b, :n] = item["features"].float()  # float16 files are computed in float32
-        tile_valid[b, :n] = True
+    # float16 files are computed in float32
+    bags, tile_valid = pad_bags([item["features"] for item in items], torch.float32)
     labels = None if items[0]["label"] is None else torch.stack([i["label"] for i in items])
-    return Batch(
-        bags=bags,
-        tile_valid=tile_valid,
-        clinical=torch.stack([i["clinical"] for i in items]),
-        clinical_valid=torch.stack([i["clinical_valid"] for i in items]),
-        clinical_present=torch.stack([i["clinical_present"] for i in items]),
-        labels=labels,
-    )
+    return Batch(bags, tile_valid, *stack_clinical(items), labels=labels)
+
+
+def pad_bags(bags: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bags [n_i, ...] padded into [B, N_max, ...] of ``dtype``, and ``tile_valid`` [B, N_max]."""
+    lengths = [len(bag) for bag in bags]
+    n_max = max(max(lengths), 1)  # an empty bag still gets one (invalid) slot
+    padded = torch.zeros(len(bags), n_max, *bags[0].shape[1:], dtype=dtype)
+    tile_valid = torch.zeros(len(bags), n_max, dtype=torch.bool)
+    for b, (bag, n) in enumerate(zip(bags, lengths)):
+        padded[b, :n] = bag
+        tile_valid[b, :n] = True
+    return padded, tile_valid
+
+
+def stack_clinical(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's clinical rows, their validity and presence."""
+    keys = ("clinical", "clinical_valid", "clinical_present")
+    return tuple(torch.stack([item[key] for item in items]) for key in keys)
 
 
 def withhold_clinical(batch: Batch, blank_clinical: torch.Tensor) -> Batch:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from bidistill.devices import autocast
 from bidistill.models.batch import Batch
 from bidistill.models.patch_encoder import encoded_aggregators, remember_encodings
+from bidistill.models.streaming import routed_aggregator
 from bidistill.training.data import withhold_clinical
 from bidistill.training.pixel_bags import BagSpec, to_batch
 
@@ -114,14 +115,7 @@ class _AttentionCapture:
         self.seen = {}
 
     def finish(self, batch: Batch, output, result: BagRun) -> None:
-        routed = None
-        if output.attention is not None:
-            for name, weights in self.seen.items():
-                if weights.shape == output.attention.shape and torch.equal(
-                    weights, output.attention
-                ):
-                    routed = name
-                    break
+        routed = routed_aggregator(output.attention, self.seen)
         counts = batch.tile_valid.sum(dim=1).tolist()
         result.routed += [routed] * len(counts)
         if not self.complete:
