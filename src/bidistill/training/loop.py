@@ -265,6 +265,36 @@ def _stopped_modules(tracks: list[_Track]) -> list[str]:
     return [m for t in tracks if t.frozen for m in t.part.modules]
 
 
+def _record(method: Method, tracks: list[_Track], epoch: int, aucs, *, candidate: bool) -> None:
+    weights = method.state_dict()
+    for track in tracks:
+        if not track.frozen:
+            track.update(epoch, aucs.score(track.part.select), weights, candidate)
+
+
+def _stop_stale_parts(method: Method, tracks: list[_Track], patience: int) -> bool:
+    """Freeze at its best each part that has not improved for ``patience`` epochs while others
+    still do; False when none is left improving (the stage ends)."""
+    if not [t for t in tracks if not t.frozen and t.stale < patience]:
+        return False
+    for track in tracks:
+        if not track.frozen and track.stale >= patience:
+            method.load_state_dict({**method.state_dict(), **track.state})
+            _freeze(method, track)
+    return True
+
+
+def _restore_best(method: Method, stage: Stage, tracks: list[_Track], epochs_run: int):
+    """The end of a stage: every part back to its best weights, and trainable again."""
+    best = method.state_dict()
+    for track in tracks:
+        best.update(track.state)
+        for p in track.frozen:
+            p.requires_grad_(True)
+    method.load_state_dict(best)
+    return StageResult(stage.name, stage.select, epochs_run, [t.best for t in tracks])
+
+
 def fit(
     method: Method,
     source: BagSource,
@@ -358,37 +388,23 @@ class _Loop:
                 )
                 average_buffers(method, self.processes)
                 aucs = self.validate()
-                weights = method.state_dict()
                 # The learning-rate warm-up's epochs are no candidates: a barely trained model
                 # wins them only by the noise of a small validation set (a branch whose score
                 # stays at chance would keep its first epoch's weights, attention and all).
                 warmup = schedule.warmup_epochs
-                candidate = epoch > warmup or epochs <= warmup
-                for track in tracks:
-                    if not track.frozen:
-                        track.update(epoch, aucs.score(track.part.select), weights, candidate)
+                _record(method, tracks, epoch, aucs, candidate=epoch > warmup or epochs <= warmup)
                 lr = schedule.optimizer.param_groups[0]["lr"]
                 state.log_rows.append(_log_row(stage, epoch, lr, terms, aucs, tracks, started))
                 if not schedule.per_step:
                     schedule.scheduler.step()
                 bar.finish_epoch(terms["total"], {t.part.name: t.best.best_score for t in tracks})
                 state.epoch = epoch
-                if not [t for t in tracks if not t.frozen and t.stale < cfg.patience]:
+                if not _stop_stale_parts(method, tracks, cfg.patience):
                     break
-                for track in tracks:
-                    if not track.frozen and track.stale >= cfg.patience:
-                        method.load_state_dict({**method.state_dict(), **track.state})
-                        _freeze(method, track)
                 if epoch < epochs:
                     state.tracks = [t.counters() for t in tracks]
                     self._save(state, schedule, scaler, tracks)
-        best = method.state_dict()
-        for track in tracks:
-            best.update(track.state)
-            for p in track.frozen:
-                p.requires_grad_(True)
-        method.load_state_dict(best)
-        result = StageResult(stage.name, stage.select, state.epoch, [t.best for t in tracks])
+        result = _restore_best(method, stage, tracks, state.epoch)
         log.info("%s: %s", label, _selection_summary(result))
         state.stages.append(result.to_dict())
         state.stage, state.epoch, state.tracks = index + 1, 0, []
