@@ -100,11 +100,11 @@ def test_a_bag_too_large_for_memory_is_refused_before_allocating():
             _method(), [10, 2 * 10**9], 8, names=["P1", "P7"], available=16 * 2**30
         )
     # A bag that fits streamed passes; TransMIL's exact attention over 2e5 instances does not.
-    check_prediction_memory(_method(), [2 * 10**7], 8, available=16 * 2**30)
+    check_prediction_memory(_method(), [2 * 10**7], 8, None, available=16 * 2**30)
     transmil = _method(aggregator="transmil")
     assert any(isinstance(m, TransMIL) for m in transmil.modules())
     with pytest.raises(BagTooLargeError, match="TransMIL"):
-        check_prediction_memory(transmil, [200_000], 8, available=16 * 2**30)
+        check_prediction_memory(transmil, [200_000], 8, None, available=16 * 2**30)
 
 
 def test_the_run_checks_prediction_memory_before_training(tmp_path, monkeypatch):

@@ -254,28 +254,26 @@ def check_prediction_memory(
     method: nn.Module,
     lengths: Sequence[int],
     dim: int,
-    names: Sequence[str] | None = None,
-    available: int | None = None,
+    names: Sequence[str] | None,
+    available: int,
 ) -> None:
-    """Refuse, before allocating anything, a bag that cannot be predicted in memory.
+    """Refuse, before allocating anything, a bag that cannot be predicted in the ``available``
+    bytes of memory.
 
     Raises:
         BagTooLargeError: naming the bag (patient), its size, the need and what is free.
     """
-    from bidistill.features.hygiene import available_memory_bytes, format_bytes
-
     if not len(lengths):
         return
     largest = int(np.argmax(lengths))
     needed = prediction_bytes(method, int(lengths[largest]), dim)
-    available = available_memory_bytes() if available is None else available
     if needed > MEMORY_SHARE * available:
         who = f"patient '{names[largest]}'" if names is not None else f"bag {largest}"
         kinds = sorted({type(m).__name__ for m in find_aggregators(method).values()})
         raise BagTooLargeError(
             f"{who}: predicting its bag of {int(lengths[largest]):,} instances x {dim} needs "
-            f"about {format_bytes(needed)}, more than {MEMORY_SHARE:.0%} of the "
-            f"{format_bytes(available)} of memory available (with aggregator "
+            f"about {needed / MiB:,.1f} MiB, more than {MEMORY_SHARE:.0%} of the "
+            f"{available / MiB:,.1f} MiB of memory available (with aggregator "
             f"{', '.join(kinds) or 'none'}); tile the slide coarser or split it"
         )
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from bidistill.cohort import ClinicalEncoder, Cohort
 from bidistill.config import ExperimentConfig, TrainingConfig
+from bidistill.features import hygiene
 from bidistill.features.identity import config_identity
 from bidistill.features.store import FeatureStore
 from bidistill.models import Method
@@ -172,8 +173,9 @@ class FeatureSource:
 
     def start(self, method: Method, device: torch.device) -> None:
         self.device = device
+        available = hygiene.available_memory_bytes()
         for ids, bags in self.parts.values():  # a bag too large to predict fails now
-            check_prediction_memory(method, bags.bags.lengths(), self.in_dim, ids)
+            check_prediction_memory(method, bags.bags.lengths(), self.in_dim, ids, available)
         cfg = self.cfg
         self.loaders = {
             name: bag_loader(
