@@ -115,11 +115,11 @@ def model_rate(
     import torch
 
     from bidistill.config import EndToEndConfig
+    from bidistill.devices import autocast
     from bidistill.features.encoders import load_encoder
     from bidistill.features.spec import Preprocess
     from bidistill.models import create_method
     from bidistill.models.patch_encoder import PatchEncoder
-    from bidistill.training.pixel_predict import autocast
 
     loaded = load_encoder(encoder, random_init=True)
     model = loaded.model.train().requires_grad_(True)
@@ -200,7 +200,7 @@ def main() -> None:
     import torch
 
     from bidistill.config import load_config
-    from bidistill.training.loop import resolve_device
+    from bidistill.devices import resolve_device
 
     device = resolve_device(args.device)
     args.device = str(device)

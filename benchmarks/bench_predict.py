@@ -50,9 +50,9 @@ def child(mode: str, path: str, dim: int, budget_mib: int) -> None:
     import h5py
     import torch
 
-    from bidistill.inference.chunked import ArrayBag, FileBag, predict_bag
     from bidistill.models import create_method
-    from bidistill.training.data import collate_bags
+    from bidistill.models.streaming import ArrayBag, predict_bag
+    from bidistill.training.data import FileBag, collate_bags
 
     torch.manual_seed(0)
     method = create_method(

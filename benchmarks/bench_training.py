@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> dict:
     from bidistill.cohort import load_cohort, resolve_splits
     from bidistill.config import MethodConfig, load_config
     from bidistill.models import list_methods
+    from bidistill.runs.rundir import MethodDir
     from bidistill.training import open_feature_store, train_method
 
     torch.set_num_threads(args.threads)
@@ -84,10 +85,12 @@ def run(args: argparse.Namespace) -> dict:
                 run_dir = Path(tmp) / f"seed{seed}" / label.replace(" ", "_").replace(":", "")
                 splits = resolve_splits(cohort, config.cohort.splits, run_dir / "splits.json")
                 t0 = time.perf_counter()
-                method_dir = train_method(
+                method_cfg = MethodConfig(name=name, **options)
+                method_dir = run_dir / method_cfg.key
+                train_method(
                     config,
-                    MethodConfig(name=name, **options),
-                    run_dir,
+                    method_cfg,
+                    MethodDir(method_dir),
                     cohort=cohort,
                     splits=splits,
                     store=store,

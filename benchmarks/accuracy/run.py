@@ -121,6 +121,7 @@ def train_task(task: tuple) -> tuple[str, str, int, float, float]:
     generator, label, name, options, seed, config_path, training = task
     from bidistill.cohort import load_cohort, resolve_splits
     from bidistill.config import MethodConfig, load_config
+    from bidistill.runs.rundir import MethodDir
     from bidistill.training import open_feature_store, train_method
 
     if generator not in _LOADED:
@@ -143,7 +144,8 @@ def train_task(task: tuple) -> tuple[str, str, int, float, float]:
         return generator, label, seed, seconds, seconds
     started, cpu = time.perf_counter(), time.process_time()
     method = MethodConfig(name=name, label=label if label != name else None, **options)
-    train_method(config, method, run_dir, cohort=cohort, splits=splits, store=store, progress=False)
+    out = MethodDir(run_dir / method.key)
+    train_method(config, method, out, cohort=cohort, splits=splits, store=store, progress=False)
     return generator, label, seed, time.perf_counter() - started, time.process_time() - cpu
 
 

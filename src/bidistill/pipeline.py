@@ -414,6 +414,7 @@ class _Trainer:
 
     def _train_fold(self, method_cfg, fold_dir: Path, splits, cohort, fold: int) -> bool:
         """Train one method on one fold unless its record matches its inputs."""
+        from bidistill.runs.rundir import MethodDir
         from bidistill.training import train_method
 
         method_dir = fold_dir / method_cfg.key
@@ -432,7 +433,7 @@ class _Trainer:
         train_method(
             self.config,
             method_cfg,
-            fold_dir,
+            MethodDir(method_dir, fold),
             cohort=cohort,
             splits=splits,
             fold=fold,

@@ -8,10 +8,10 @@ import torch
 
 from bidistill.models import create_method
 from bidistill.models.aggregators import GatedAttentionMIL, MeanPoolMIL, TransMIL
-from bidistill.models.streaming import PoolStream
-from bidistill.training.bounded import (
+from bidistill.models.streaming import (
+    BagTooLargeError,
     BoundedBatchSampler,
-    PredictionMemoryError,
+    PoolStream,
     check_prediction_memory,
     streaming_aggregation,
 )
@@ -95,22 +95,22 @@ def test_batches_are_capped_in_bytes_and_otherwise_match_the_training_sampler():
 
 
 def test_a_bag_too_large_for_memory_is_refused_before_allocating():
-    with pytest.raises(PredictionMemoryError, match=r"patient 'P7': .*2,000,000,000 instances"):
+    with pytest.raises(BagTooLargeError, match=r"patient 'P7': .*2,000,000,000 instances"):
         check_prediction_memory(
             _method(), [10, 2 * 10**9], 8, names=["P1", "P7"], available=16 * 2**30
         )
     # A bag that fits streamed passes; TransMIL's exact attention over 2e5 instances does not.
-    check_prediction_memory(_method(), [2 * 10**7], 8, available=16 * 2**30)
+    check_prediction_memory(_method(), [2 * 10**7], 8, None, available=16 * 2**30)
     transmil = _method(aggregator="transmil")
     assert any(isinstance(m, TransMIL) for m in transmil.modules())
-    with pytest.raises(PredictionMemoryError, match="TransMIL"):
-        check_prediction_memory(transmil, [200_000], 8, available=16 * 2**30)
+    with pytest.raises(BagTooLargeError, match="TransMIL"):
+        check_prediction_memory(transmil, [200_000], 8, None, available=16 * 2**30)
 
 
 def test_the_run_checks_prediction_memory_before_training(tmp_path, monkeypatch):
-    import bidistill.training.bounded as bounded
+    import bidistill.features.hygiene as hygiene
 
-    monkeypatch.setattr(bounded, "available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr(hygiene, "available_memory_bytes", lambda: 10_000)
     config = small_cohort(tmp_path / "cohort", methods=["wsi-only"])
     result = invoke("run", config, "--out", tmp_path / "run", "--no-progress")
     assert_one_line_error(result, "predicting its bag of", "memory available")

@@ -111,18 +111,18 @@ def test_nan_predictions_never_mark_a_method_done(tmp_path, monkeypatch):
     import bidistill.training.train as train_module
 
     config = small_cohort(tmp_path / "cohort", methods=["wsi-only"])
-    real = train_module.predict_loader
+    real = train_module.predictions_table
 
-    def diverged(method, loader, device):
-        present, absent = real(method, loader, device)
-        present[0] = np.nan  # what weights gone NaN would give
-        return present, absent
+    def diverged(method, source, fold):
+        table = real(method, source, fold)
+        table.loc[0, "prob_present"] = np.nan  # what weights gone NaN would give
+        return table
 
-    monkeypatch.setattr(train_module, "predict_loader", diverged)
+    monkeypatch.setattr(train_module, "predictions_table", diverged)
     result = invoke("run", config, "--out", tmp_path / "run", "--no-progress")
     assert_one_line_error(result, "wsi-only: predictions are NaN for", "not done")
     assert not (tmp_path / "run" / "wsi-only" / "predictions.csv").exists()
-    monkeypatch.setattr(train_module, "predict_loader", real)
+    monkeypatch.setattr(train_module, "predictions_table", real)
     again = invoke("run", config, "--out", tmp_path / "run", "--no-progress")
     assert again.exit_code == 0, again.output
     assert "wsi-only: training" in again.output  # trained again, not skipped

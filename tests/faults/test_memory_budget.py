@@ -19,7 +19,8 @@ MARGIN_MIB = 16
 _CHILD = """
 import json, sys
 import h5py, torch
-from bidistill.inference.chunked import ArrayBag, FileBag, predict_bag
+from bidistill.models.streaming import ArrayBag, predict_bag
+from bidistill.training.data import FileBag
 from bidistill.models import create_method
 from bidistill.models.batch import Batch
 

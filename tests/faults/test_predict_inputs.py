@@ -255,25 +255,3 @@ def test_a_blank_slide_is_refused_by_name_not_given_a_decision(slide_run, tmp_pa
     result, _ = _predict(run, "--slides", folder, "--out", out)
     assert_one_line_error(result, str(blank), "no tile", "predict again")
     assert not out.exists()
-
-
-def test_an_end_to_end_run_removes_the_state_copies_of_killed_saves(tmp_path):
-    from bidistill.synthetic.patches import make_patch_cohort
-
-    config = make_patch_cohort(tmp_path / "cohort", patients=12, seed=2, tiles=(4, 6))
-
-    def short(raw):
-        raw["methods"] = ["wsi-only"]
-        raw["training"].update(epochs=1, patience=1)
-        raw["evaluation"] = {"mask_seeds": 1, "bootstrap": 0, "missing_rates": [0.0, 1.0]}
-
-    edit_config(config, short)
-    # What a kill -9 while the state was saved leaves beside it (a partial copy).
-    method_dir = tmp_path / "run" / "wsi-only"
-    method_dir.mkdir(parents=True)
-    leftover = method_dir / ".training_state.pt.k2j_9x1a.tmp.pt"
-    leftover.write_bytes(b"PK\x03\x04 partial")
-    result = invoke("run", config, "--out", tmp_path / "run", "--no-progress")
-    assert result.exit_code == 0, result.output
-    assert (method_dir / "model.safetensors").is_file()
-    assert sorted(p.name for p in method_dir.glob(".*")) == []

@@ -9,17 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from bidistill.inference.chunked import (
+from bidistill.models import create_method, list_methods
+from bidistill.models.streaming import (
     ArrayBag,
     BagTooLargeError,
-    FileBag,
+    PoolStream,
     chunk_rows,
     find_aggregators,
     predict_bag,
 )
-from bidistill.models import create_method, list_methods
-from bidistill.models.streaming import PoolStream
-from bidistill.training.data import collate_bags
+from bidistill.training.data import FileBag, collate_bags
 
 DIM = 17  # odd, so that a swapped axis fails
 FEATURE_SLICES = [(0, 2), (2, 3)]  # a categorical of 2 levels, then a numeric

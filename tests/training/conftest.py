@@ -29,6 +29,16 @@ def fast_config(config_path: Path, **training):
     return config
 
 
+def train_method(config, method_cfg, run: Path, **kwargs) -> Path:
+    """The trainer writing into ``run/<method>/``, as a holdout run keeps it; the folder."""
+    from bidistill.runs.rundir import MethodDir
+    from bidistill.training import train_method as train
+
+    method_dir = MethodDir(Path(run) / method_cfg.key, kwargs.get("fold", 0))
+    train(config, method_cfg, method_dir, **kwargs)
+    return method_dir.path
+
+
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> Path:
     """120 patients, 16-d features, 20-60 instances per slide: trains a method in a second."""
@@ -39,7 +49,7 @@ def tiny_cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tiny_cohort, tmp_path_factory) -> Path:
     """Every registered method trained on the tiny cohort into one run folder."""
-    from bidistill.training import open_feature_store, train_method
+    from bidistill.training import open_feature_store
 
     config = fast_config(tiny_cohort)
     run = tmp_path_factory.mktemp("run")

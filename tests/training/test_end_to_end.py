@@ -127,10 +127,14 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(
     process.wait()
     assert process.returncode == -9 and state.exists()
     assert not (out / "bd" / "predictions.csv").exists()
+    # What a kill -9 while the state was saved leaves beside it (a partial copy).
+    leftover = out / "bd" / ".training_state.pt.k2j_9x1a.tmp.pt"
+    leftover.write_bytes(b"PK\x03\x04 partial")
     with caplog.at_level(logging.INFO, logger="bidistill"):
         train(cohort_config, out)
     assert "resuming from training_state.pt" in caplog.text
     assert_same_weights(reference, out / "bd")
+    assert sorted(p.name for p in (out / "bd").glob(".*")) == [] and not state.exists()
 
 
 def test_two_torchrun_processes_give_the_weights_of_one(cohort_config, reference, tmp_path):

@@ -10,8 +10,36 @@ from torch import Tensor, nn
 from bidistill.config import TrainingConfig
 from bidistill.models import Batch, Method, MethodDims, MethodOptions, Output
 from bidistill.models.base import Part, Stage
-from bidistill.training.data import ArrayBags, PatientBags, bag_loader
-from bidistill.training.loop import fit
+from bidistill.training.data import ArrayBags, PatientBags
+from bidistill.training.loop import Pass, Schedule, fit
+from bidistill.training.sources import FeatureSource
+
+CPU = torch.device("cpu")
+
+
+class EndToEndSteps(FeatureSource):
+    """Feature bags stepped as end-to-end mode steps them: each forward pass re-seeded, SGD with
+    a per-epoch schedule, the state kept at every epoch boundary."""
+
+    resumable = True
+
+    def schedule(self, method, epochs, steps):
+        params = [p for p in method.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=self.cfg.lr, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return Schedule(optimizer, scheduler, per_step=False)
+
+    def train_steps(self, drawn):
+        for step, batch in enumerate(self.loaders["train"]):
+            yield iter([Pass(batch.to(self.device), seed=1000 * drawn + step)])
+
+
+def _fit(method, dataset, cfg, steps=FeatureSource, state_file=None):
+    """``fit`` on one dataset for training and validation (the scripted scores need no other)."""
+    ids = [f"P{i}" for i in range(len(dataset))]
+    source = steps({"train": (ids, dataset), "val": (ids, dataset)}, cfg, dim=2)
+    source.start(method, CPU)
+    return fit(method, source, cfg, device=CPU, progress=False, state_file=state_file)
 
 
 class ScriptedMethod(Method):
@@ -55,11 +83,10 @@ def test_present_stage_is_selected_on_the_patients_with_clinical_data():
     present = np.arange(n) < n // 2
     clinical = np.stack([np.zeros(n), (~present).astype(float)], axis=1)
     dataset = PatientBags(ArrayBags(bags), clinical, present[:, None], present, labels)
-    loader = bag_loader(dataset, 64, shuffle=False, workers=0, seed=0)
-    cfg = TrainingConfig(epochs=2, patience=5, lr_warmup_epochs=0, grad_clip=None)
+    cfg = TrainingConfig(epochs=2, patience=5, lr_warmup_epochs=0, grad_clip=None, batch_size=64)
 
     method = ScriptedMethod()
-    result = fit(method, loader, loader, labels, cfg, device=torch.device("cpu"), progress=False)
+    result = _fit(method, dataset, cfg)
 
     rows = result.log_rows
     # Over every patient, epoch 1 looks better; over those with clinical data, epoch 0 is.
@@ -119,15 +146,18 @@ def _two_branch_data(n: int = 200):
     bags = [np.array([[y, rng.random()]], np.float32) for y in labels]
     present = np.arange(n) < n // 2
     clinical = np.stack([np.zeros(n), (~present).astype(float)], axis=1)
-    dataset = PatientBags(ArrayBags(bags), clinical, present[:, None], present, labels)
-    return bag_loader(dataset, n, shuffle=False, workers=0, seed=0), labels
+    return PatientBags(ArrayBags(bags), clinical, present[:, None], present, labels)
 
 
-def test_each_part_keeps_its_own_best_epoch_and_a_finished_part_stops():
-    loader, labels = _two_branch_data()
-    cfg = TrainingConfig(epochs=12, patience=3, lr_warmup_epochs=0, grad_clip=None)
+@pytest.mark.parametrize("steps", [FeatureSource, EndToEndSteps], ids=["features", "end-to-end"])
+def test_each_part_keeps_its_own_best_epoch_and_a_finished_part_stops(steps, tmp_path):
+    """One part selection for both modes: a branch that stops improving is frozen at its best
+    while the other trains on (end-to-end mode's steps: micro-batches, a per-epoch schedule and
+    a state file at every epoch boundary)."""
+    cfg = TrainingConfig(epochs=12, patience=3, lr_warmup_epochs=0, grad_clip=None, batch_size=200)
     method = TwoBranches(peak_a=2, peak_b=6)
-    result = fit(method, loader, loader, labels, cfg, device=torch.device("cpu"), progress=False)
+    state = tmp_path / "training_state.pt" if steps.resumable else None
+    result = _fit(method, _two_branch_data(), cfg, steps, state_file=state)
 
     best = {p.part: p.best_epoch for p in result.stages[0].parts}
     assert best == {"a": 2, "b": 6}
@@ -149,15 +179,64 @@ def test_parts_must_hold_every_trained_parameter():
         def stages(self):
             return [Stage("main", "routed", parts=(Part("a", "present", ("a",)),))]
 
-    loader, labels = _two_branch_data()
-    cfg = TrainingConfig(epochs=1, lr_warmup_epochs=0)
+    cfg = TrainingConfig(epochs=1, lr_warmup_epochs=0, batch_size=200)
     with pytest.raises(ValueError, match=r"parameters \['b.weight', 'b.bias'\] belong to no part"):
-        fit(
-            Incomplete(1, 1),
-            loader,
-            loader,
-            labels,
-            cfg,
-            device=torch.device("cpu"),
-            progress=False,
-        )
+        _fit(Incomplete(1, 1), _two_branch_data(), cfg)
+
+
+def test_a_resumed_run_restores_the_frozen_part_and_trains_only_the_remaining_epochs(tmp_path):
+    cfg = TrainingConfig(epochs=12, patience=3, lr_warmup_epochs=0, grad_clip=None, batch_size=200)
+    torch.manual_seed(0)
+    whole = _fit(TwoBranches(peak_a=2, peak_b=6), _two_branch_data(), cfg, EndToEndSteps)
+
+    class KilledInEpoch7(TwoBranches):
+        def forward(self, batch):
+            if self.training and int(self.b.count) == 6:
+                raise KeyboardInterrupt  # after epoch 6's state was kept
+            return super().forward(batch)
+
+    state = tmp_path / "training_state.pt"
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(KilledInEpoch7(2, 6), _two_branch_data(), cfg, EndToEndSteps, state_file=state)
+    resumed_method = TwoBranches(peak_a=2, peak_b=6)  # other initial weights: the state wins
+    resumed = _fit(resumed_method, _two_branch_data(), cfg, EndToEndSteps, state_file=state)
+
+    # Epochs 7 to 9 only, with branch a still frozen (in eval mode) at its best weights.
+    assert resumed_method.a_trained_in_eval == [True] * 3
+    assert int(resumed_method.a.count) == 2 and int(resumed_method.b.count) == 6
+    assert resumed.stages[0].to_dict() == whole.stages[0].to_dict()
+    drop = {"seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.log_rows] == [
+        {k: v for k, v in r.items() if k not in drop} for r in whole.log_rows
+    ]
+
+
+def test_one_function_builds_the_predictions_table():
+    from bidistill.training.train import predictions_table
+
+    cfg = TrainingConfig(epochs=1, lr_warmup_epochs=0, batch_size=64)
+    train, test = _two_branch_data(30), _two_branch_data(40)
+    ids = {"train": [f"T{i}" for i in range(30)], "test": [f"P{i}" for i in range(40)]}
+    source = FeatureSource({k: (ids[k], d) for k, d in [("train", train), ("test", test)]}, cfg, 2)
+    source.device = CPU
+    method = TwoBranches(1, 1)
+    table = predictions_table(method, source, fold=3)
+    assert list(table.columns) == [
+        "patient_id",
+        "split",
+        "fold",
+        "label",
+        "clinical_available",
+        "prob_present",
+        "prob_absent",
+    ]
+    assert table["split"].tolist() == ["train"] * 30 + ["test"] * 40
+    assert table["patient_id"].tolist() == ids["train"] + ids["test"]
+    assert (table["fold"] == 3).all()
+    tested = table[table["split"] == "test"]
+    given, withheld = source.probabilities(method, "test", final=True)
+    assert np.array_equal(tested["prob_present"], given)
+    assert np.array_equal(tested["prob_absent"], withheld)
+    assert tested["label"].tolist() == test.labels.tolist()
+    assert tested["clinical_available"].tolist() == test.clinical_present.tolist()

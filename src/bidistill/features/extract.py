@@ -34,6 +34,7 @@ import torch
 from bidistill import __version__
 from bidistill._io import write_json
 from bidistill.config import ExperimentConfig, FeaturesConfig
+from bidistill.devices import resolve_device, resolve_precision
 from bidistill.features.encoders import Encoder, load_encoder
 from bidistill.features.identity import (
     FeatureIdentity,
@@ -71,30 +72,6 @@ class ExtractionJob:
     coords_path: Path
     target: Path
     mpp: float | None = None  # for slide files that lack it (the config's value)
-
-
-# --- device and precision -----------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this process's GPU under torchrun (``LOCAL_RANK``), else the first GPU, else
-    Apple's MPS, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on GPUs that have it, else fp16 on a GPU; fp32 on the CPU."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device.type == "mps" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 # --- the main loop ------------------------------------------------------------------------------
@@ -566,6 +543,4 @@ __all__ = [
     "extraction_jobs",
     "gather_summaries",
     "out_of_date_slides",
-    "resolve_device",
-    "resolve_precision",
 ]

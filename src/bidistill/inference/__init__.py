@@ -1,19 +1,19 @@
 """Inference: trained methods applied to new patients (predictions, attention, heatmaps)."""
 
-from bidistill.inference.chunked import (
-    DEFAULT_MEMORY_BUDGET,
-    ArrayBag,
-    BagTooLargeError,
-    FileBag,
-    encode_bag,
-    predict_bag,
-)
 from bidistill.inference.feature_source import FeatureIdentityError, check_feature_identity
 from bidistill.inference.load import decision_thresholds, load_run, load_trained
 from bidistill.inference.new_slides import Tiles
 from bidistill.inference.predict import BagPredictions, predict_bags
 from bidistill.inference.results import PatientPrediction, SlideAttention
 from bidistill.inference.trained_run import TrainedRun
+from bidistill.models.streaming import (
+    DEFAULT_MEMORY_BUDGET,
+    ArrayBag,
+    BagTooLargeError,
+    encode_bag,
+    predict_bag,
+)
+from bidistill.training.data import FileBag
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",

@@ -1,6 +1,6 @@
 """Bags from feature files: a feature run's new patients, read from ``.h5`` files (or from new
 slides, tiled and encoded with the run's own settings first) and predicted in bounded memory
-(``inference.chunked``).
+(``models.streaming``).
 
 Before the first prediction every file is checked: its values (tiles present, finite) and its
 identity, since a model trained on one encoder's features outputs numbers for another encoder's
@@ -30,7 +30,6 @@ from bidistill.cohort.prediction import PredictionCohort
 from bidistill.config import ExperimentConfig
 from bidistill.errors import FeatureFileError
 from bidistill.features.identity import FeatureIdentity, read_identity
-from bidistill.inference.chunked import FileBag, find_aggregators, predict_bag
 from bidistill.inference.inputs import (
     FeaturesArg,
     PatientInput,
@@ -46,6 +45,8 @@ from bidistill.inference.new_slides import (
 )
 from bidistill.inference.results import PatientBags
 from bidistill.models import Method
+from bidistill.models.streaming import find_aggregators, predict_bag
+from bidistill.training.data import FileBag
 
 
 class FeatureIdentityError(FeatureFileError):

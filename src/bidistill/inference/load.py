@@ -61,7 +61,7 @@ def load_run(
             or a damaged checkpoint file (each named, with the command that fixes it).
         ConfigError: no config to read the table layout from.
     """
-    from bidistill.training.loop import resolve_device
+    from bidistill.devices import resolve_device
 
     run = RunDir(run_dir)
     if not run.path.is_dir():

@@ -26,7 +26,6 @@ import pandas as pd
 from bidistill._io import write_csv
 from bidistill.config import ExperimentConfig, MaskKind
 from bidistill.errors import BidistillError
-from bidistill.inference.chunked import DEFAULT_MEMORY_BUDGET
 from bidistill.inference.export import (
     contours_geojson,
     tile_size_level0,
@@ -38,6 +37,7 @@ from bidistill.inference.heatmap import render_heatmap, render_montage
 from bidistill.inference.inputs import FeaturesArg
 from bidistill.inference.results import PatientPrediction, SlideAttention
 from bidistill.inference.trained_run import ClinicalArg, TrainedRun
+from bidistill.models.streaming import DEFAULT_MEMORY_BUDGET
 from bidistill.runs.rundir import RunDir
 from bidistill.slides.locate import SlideFinder, locate_annotations
 

@@ -9,13 +9,8 @@ import numpy as np
 import torch
 
 from bidistill.cohort import EncodedClinical
-from bidistill.inference.chunked import (
-    DEFAULT_MEMORY_BUDGET,
-    ArrayBag,
-    BagSource,
-    predict_bag,
-)
 from bidistill.models import Method
+from bidistill.models.streaming import DEFAULT_MEMORY_BUDGET, ArrayBag, ChunkedBag, predict_bag
 
 
 @dataclass
@@ -39,7 +34,7 @@ class BagPredictions:
 
 def predict_bags(
     method: Method,
-    bags: Sequence[np.ndarray | BagSource],
+    bags: Sequence[np.ndarray | ChunkedBag],
     clinical: EncodedClinical,
     *,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
@@ -48,13 +43,13 @@ def predict_bags(
 ) -> BagPredictions:
     """Predict new patients from their whole bags and encoded clinical data (eval mode).
 
-    Each bag is encoded in chunks sized to ``memory_budget`` (``inference.chunked``), so a bag
+    Each bag is encoded in chunks sized to ``memory_budget`` (``models.streaming``), so a bag
     of any size predicts in bounded memory, and gives the same numbers as a padded batch.
 
     Args:
         method: a trained method (``load_trained``), on ``device``.
         bags: one per patient: an array [n_i, D] (its slides' features concatenated) or a
-            ``BagSource`` such as ``FileBag`` (read from the .h5 files a chunk at a time).
+            ``ChunkedBag`` such as ``FileBag`` (read from the .h5 files a chunk at a time).
         clinical: the fitted encoder's ``transform`` of the patients' clinical rows (use
             ``encoder.missing_row(n)`` to predict without clinical data).
         memory_budget: bytes for what grows with a bag.

@@ -30,6 +30,7 @@ import torch
 from bidistill.cohort import EncodedClinical
 from bidistill.cohort.prediction import PredictionCohort
 from bidistill.config import ExperimentConfig
+from bidistill.devices import resolve_precision
 from bidistill.features.identity import FeatureIdentity, read_identity
 from bidistill.inference.feature_source import identity_problems
 from bidistill.inference.inputs import PatientInput, patient_inputs
@@ -45,7 +46,7 @@ from bidistill.training.pixel_bags import (
     prediction_bags,
     read_slide_tiles,
 )
-from bidistill.training.pixel_predict import GIVEN, reduce_bags, resolve_precision, run_bags
+from bidistill.training.pixel_predict import GIVEN, reduce_bags, run_bags
 
 
 class TileSource:

@@ -34,7 +34,6 @@ from bidistill.cohort import ClinicalEncoder
 from bidistill.cohort.prediction import PredictionCohort, load_prediction_cohort
 from bidistill.config import ExperimentConfig
 from bidistill.errors import CohortError
-from bidistill.inference.chunked import DEFAULT_MEMORY_BUDGET
 from bidistill.inference.inputs import FeaturesArg, PatientInput, clinical_frame
 from bidistill.inference.new_slides import Tiles
 from bidistill.inference.results import (
@@ -44,6 +43,7 @@ from bidistill.inference.results import (
     split_by_slide,
 )
 from bidistill.models import Method
+from bidistill.models.streaming import DEFAULT_MEMORY_BUDGET
 from bidistill.runs.rundir import MethodDir
 
 ClinicalArg = str | Path | pd.DataFrame | None
@@ -136,7 +136,7 @@ class TrainedRun:
             clinical: a table (path or DataFrame) in the training table's layout, labels not
                 needed. Without it, each feature file is one patient without clinical data.
             patients: predict only these patient ids.
-            memory_budget: bytes for what grows with a bag (see ``inference.chunked``).
+            memory_budget: bytes for what grows with a bag (see ``models.streaming``).
 
         Returns:
             One row per patient: ``patient_id, method, probability, positive_class,

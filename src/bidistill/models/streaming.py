@@ -1,25 +1,88 @@
-"""Attention and mean pooling over a bag that arrives in chunks, with bounded memory.
+"""Prediction in bounded memory, for bags of any size: the one engine of training's
+predictions, ``predict``, ``heatmap`` and ``load_run``.
 
-``PoolStream`` gives what ``GatedAttentionMIL`` (with or without its mean half) and
-``MeanPoolMIL`` give on the whole bag, to float rounding, while holding only one chunk of
-projected instances [B, c, H] at a time: the attention softmax is taken online with a running
-maximum (each chunk rescales the running sums by exp(m_old - m_new)), and the scores of every
-instance, one float each, are kept for the weights a heatmap shows. Two callers share it: the
-trainer's predictions of whole bags (``training/bounded.py``) and ``bidistill predict`` reading
-one slide's file chunk by chunk (``inference/chunked.py``).
+A MIL aggregator spends its memory per instance (the projection D → H and the attention layers);
+only the softmax over the instances couples them. ``PoolStream`` projects and scores a bag a
+chunk at a time and combines the chunks with an online softmax (a running maximum and rescaled
+sums, Milakov & Gimelshein 2018, as in FlashAttention): the embedding equals the whole-bag one
+up to float rounding while the memory grows with the chunk, and per instance only the attention
+score is kept (4 bytes). An aggregator that attends between instances (TransMIL) cannot be
+streamed: it runs on the whole bag when an estimate of its memory fits, and is refused with a
+``BagTooLargeError`` otherwise.
+
+The method itself runs unchanged: each of its aggregators (``find_aggregators``) answers for the
+block through a substituted ``forward``, so BD's two branches, ``switch``, ``kd`` and any new
+method predict without code of their own. Two ways in:
+
+- ``streaming_aggregation(method)``: padded batches of whole bags (the trainer's predictions,
+  ``BoundedBatchSampler`` caps a batch in bytes, ``check_prediction_memory`` refuses before
+  allocating a bag too large for the machine); bags up to the chunk take the one-pass code, so
+  ordinary predictions stay bit-identical;
+- ``predict_bag(method, bag)``: one patient read a chunk at a time (``ArrayBag``, or
+  ``training.data.FileBag`` over its ``.h5`` files) within a memory budget; every aggregator is
+  encoded once (``encode_bag``) and its result replayed into the method's forward.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bidistill.models.aggregators import Aggregate, GatedAttentionMIL, MeanPoolMIL
+from bidistill.errors import BidistillError
+from bidistill.models import aggregators as _aggregators
+from bidistill.models.aggregators import Aggregate, GatedAttentionMIL, MeanPoolMIL, TransMIL
+from bidistill.models.batch import Batch, Output
+
+MiB = 2**20
+DEFAULT_MEMORY_BUDGET = 512 * MiB
+# Instances projected at once by a streamed aggregator in a padded batch (64k x 128 floats).
+CHUNK_INSTANCES = 65_536
+# Padded input per prediction batch (B x N_max x D float32).
+BATCH_BYTES = 256 * MiB
+# A prediction may use at most this share of the available memory.
+MEMORY_SHARE = 0.6
+_FLOAT = 4  # bytes per float32
+
+
+class BagTooLargeError(BidistillError, MemoryError):
+    """A bag that cannot be predicted within the memory at hand; the message says what to do."""
 
 
 def streams(module: nn.Module) -> bool:
     """Whether ``PoolStream`` can run ``module`` (others need the whole bag at once)."""
     return type(module) in (GatedAttentionMIL, MeanPoolMIL)
+
+
+def find_aggregators(method: nn.Module) -> dict[str, nn.Module]:
+    """The MIL aggregators of a method by module path (e.g. ``aggregator_multi``,
+    ``wsi.aggregator``), outermost only, in registration order."""
+    found: dict[str, nn.Module] = {}
+    for name, module in method.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in found):
+            continue
+        if type(module).__module__ == _aggregators.__name__ and hasattr(module, "out_dim"):
+            found[name] = module
+    return found
+
+
+@contextlib.contextmanager
+def _answering(modules: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Within the block each module's ``forward`` is the one given (an instance attribute,
+    which shadows the class's method; removed afterwards)."""
+    for module, forward in modules.items():
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
 
 
 class PoolStream:
@@ -140,3 +203,301 @@ class PoolStream:
         shift = torch.where(torch.isfinite(self.running_max), self.running_max, 0.0)
         weights = self.scores.sub_(shift).exp_().div_(self.total.clamp_min(tiny))
         return Aggregate(embedding, weights)
+
+
+# --- padded batches of whole bags ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def streaming_aggregation(method: nn.Module, chunk: int | None = None) -> Iterator[None]:
+    """Within the block, the method's streamable aggregators process bags larger than ``chunk``
+    (default ``CHUNK_INSTANCES``) instances ``chunk`` at a time (eval mode: dropout is off)."""
+    chunk = CHUNK_INSTANCES if chunk is None else chunk
+    streamed = {m: _chunked(m, chunk) for m in find_aggregators(method).values() if streams(m)}
+    with _answering(streamed):
+        yield
+
+
+def _chunked(module: nn.Module, chunk: int) -> Callable[[Tensor, Tensor], Aggregate]:
+    one_pass = type(module).forward.__get__(module)
+
+    def forward(bags: Tensor, tile_valid: Tensor) -> Aggregate:
+        if bags.shape[1] <= chunk:
+            return one_pass(bags, tile_valid)
+        stream = PoolStream(module, bags.shape[1])  # no [B, N, H] tensor is ever held
+        for start in range(0, bags.shape[1], chunk):
+            stream.update(bags[:, start : start + chunk], tile_valid[:, start : start + chunk])
+        return stream.result()
+
+    return forward
+
+
+def prediction_bytes(method: nn.Module, n_instances: int, dim: int) -> int:
+    """Peak bytes to predict one bag of ``n_instances`` x ``dim`` (float32) in a padded batch.
+
+    The bag itself is held about three times (as read, concatenated over the patient's slides,
+    and padded into a batch); streamed aggregators add a constant per chunk; TransMIL's exact
+    self-attention holds (1 + n)² weights per head.
+    """
+    work = 0
+    for module in find_aggregators(method).values():
+        if streams(module):
+            chunk = min(n_instances, CHUNK_INSTANCES)
+            work = max(work, 6 * chunk * module.out_dim * _FLOAT + 8 * n_instances)
+        elif isinstance(module, TransMIL):
+            heads = module.attentions[0].num_heads
+            work = max(work, 3 * heads * (n_instances + 1) ** 2 * _FLOAT)
+    return 3 * n_instances * dim * _FLOAT + work
+
+
+def check_prediction_memory(
+    method: nn.Module,
+    lengths: Sequence[int],
+    dim: int,
+    names: Sequence[str] | None,
+    available: int,
+) -> None:
+    """Refuse, before allocating anything, a bag that cannot be predicted in the ``available``
+    bytes of memory.
+
+    Raises:
+        BagTooLargeError: naming the bag (patient), its size, the need and what is free.
+    """
+    if not len(lengths):
+        return
+    largest = int(np.argmax(lengths))
+    needed = prediction_bytes(method, int(lengths[largest]), dim)
+    if needed > MEMORY_SHARE * available:
+        who = f"patient '{names[largest]}'" if names is not None else f"bag {largest}"
+        kinds = sorted({type(m).__name__ for m in find_aggregators(method).values()})
+        raise BagTooLargeError(
+            f"{who}: predicting its bag of {int(lengths[largest]):,} instances x {dim} needs "
+            f"about {needed / MiB:,.1f} MiB, more than {MEMORY_SHARE:.0%} of the "
+            f"{available / MiB:,.1f} MiB of memory available (with aggregator "
+            f"{', '.join(kinds) or 'none'}); tile the slide coarser or split it"
+        )
+
+
+class BoundedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Bags sorted by size (as the training sampler does for prediction), cut into batches of
+    at most ``batch_size`` bags and ``max_bytes`` of padded float32 input (a huge bag alone)."""
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, dim: int, max_bytes: int = BATCH_BYTES
+    ):
+        lengths = torch.as_tensor(list(lengths), dtype=torch.int64)
+        self.batches: list[list[int]] = []
+        current: list[int] = []
+        for i in torch.argsort(lengths, stable=True).tolist():
+            padded = (len(current) + 1) * max(int(lengths[i]), 1) * dim * _FLOAT
+            if current and (len(current) == batch_size or padded > max_bytes):
+                self.batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            self.batches.append(current)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        yield from (list(b) for b in self.batches)
+
+
+# --- one bag read a chunk at a time -------------------------------------------------------------
+
+
+class ChunkedBag(Protocol):
+    """A bag that can be read in chunks of rows: features [n, D]."""
+
+    n_instances: int
+    dim: int
+
+    def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        """Consecutive blocks of at most ``rows`` instances, float16 or float32 [r, D]."""
+
+
+class ArrayBag:
+    """A bag already in memory."""
+
+    def __init__(self, features: np.ndarray):
+        features = np.asarray(features)
+        if features.ndim != 2:
+            raise ValueError(f"a bag must be [n, D], got shape {features.shape}")
+        self.features = features
+        self.n_instances, self.dim = features.shape
+
+    def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        for start in range(0, self.n_instances, rows):
+            yield self.features[start : start + rows]
+
+
+class _WholeBag:
+    """Any other aggregator: the chunks are joined and the module runs on the whole bag."""
+
+    def __init__(self, module: nn.Module, dim: int):
+        self.module, self.dim = module, dim
+        self.parts: list[Tensor] = []
+
+    def update(self, x: Tensor, valid: Tensor) -> None:
+        self.parts.append(x)
+
+    def result(self) -> Aggregate:
+        bag = torch.cat(self.parts, dim=1) if self.parts else torch.zeros(1, 0, self.dim)
+        return self.module(bag, torch.ones(bag.shape[:2], dtype=torch.bool, device=bag.device))
+
+
+def whole_bag_bytes(module: nn.Module, n: int, dim: int) -> int:
+    """Estimated memory of running a non-streaming aggregator on a bag of ``n`` instances."""
+    hidden = getattr(module, "out_dim", 128)
+    per_instance = _FLOAT * (2 * dim + 12 * hidden)
+    if isinstance(module, TransMIL):
+        heads = module.attentions[0].num_heads if len(module.attentions) else 1
+        # the attention matrices of one layer: per head inside PyTorch, plus their average
+        return per_instance * n + _FLOAT * (heads + 1) * (n + 1) ** 2
+    return per_instance * n
+
+
+def chunk_rows(
+    method: nn.Module, n_instances: int, dim: int, memory_budget: int
+) -> tuple[int, int]:
+    """Rows per chunk for ``method`` on a bag of ``n_instances`` within ``memory_budget`` bytes
+    (what grows with the bag: the features as read, their activations, the per-instance scores;
+    not the model's weights).
+
+    Returns:
+        (rows per chunk, bytes the per-instance results take whatever the chunk).
+
+    Raises:
+        BagTooLargeError: the budget cannot hold even the per-instance results, or an
+            aggregator that cannot be streamed needs more than the budget for this bag.
+    """
+    found = find_aggregators(method)
+    for name, module in found.items():
+        need = 0 if streams(module) else whole_bag_bytes(module, n_instances, dim)
+        if need > memory_budget:
+            raise BagTooLargeError(
+                f"a bag of {n_instances} tiles needs about {need / MiB:,.0f} MiB in "
+                f"{type(module).__name__} ({name}), which sees every tile at once; the memory "
+                f"budget is {memory_budget / MiB:,.0f} MiB. Raise it (--memory-budget), or train "
+                "with `aggregator: abmil` or `mean`, which predict in bounded memory"
+            )
+    # Per instance, whatever the chunk: each aggregator's scores and attention, the routed copy.
+    fixed = _FLOAT * n_instances * (2 * len(found) + 1)
+    hidden = max((getattr(m, "out_dim", 0) for m in found.values()), default=0)
+    # The chunk as read (float16 or float32) and as float32, and one aggregator's activations
+    # (projection, ReLU, gated attention: about 4.5 H floats; 8 H leaves room).
+    per_row = _FLOAT * (2 * dim + 8 * hidden)
+    available = memory_budget - fixed
+    if available < per_row:
+        raise BagTooLargeError(
+            f"a memory budget of {memory_budget / MiB:,.1f} MiB cannot hold the attention scores "
+            f"of a bag of {n_instances} tiles ({fixed / MiB:,.1f} MiB); raise --memory-budget"
+        )
+    return max(1, available // per_row), fixed
+
+
+@dataclass
+class BagOutput:
+    """One bag's prediction.
+
+    Attributes:
+        probability: P(label = 1).
+        attention: per aggregator path, the instance weights [n] (empty without aggregators).
+        routed: the aggregator whose weights the prediction used (None for methods without a
+            bag, e.g. clinical-only).
+        chunk_rows: the most instances encoded at once.
+    """
+
+    probability: float
+    attention: dict[str, np.ndarray]
+    routed: str | None
+    chunk_rows: int
+
+
+@torch.no_grad()
+def encode_bag(
+    method: nn.Module,
+    bag: ChunkedBag,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, Aggregate], int]:
+    """Every aggregator's result on ``bag``, reading it once, a chunk at a time.
+
+    Returns:
+        (aggregator path → Aggregate with embedding [1, H] and attention [1, n], rows per chunk).
+    """
+    found = find_aggregators(method)
+    if not found:
+        return {}, 0
+    rows, _ = chunk_rows(method, bag.n_instances, bag.dim, memory_budget)
+    pools = {
+        name: PoolStream(m, bag.n_instances) if streams(m) else _WholeBag(m, bag.dim)
+        for name, m in found.items()
+    }
+    device = torch.device(device)
+    valid = torch.ones(1, rows, dtype=torch.bool, device=device)
+    for chunk in bag.chunks(rows):
+        x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device=device, dtype=torch.float32)
+        for stream in pools.values():
+            stream.update(x[None], valid[:, : len(x)])
+        del x
+    return {name: stream.result() for name, stream in pools.items()}, rows
+
+
+@torch.no_grad()
+def predict_bag(
+    method: nn.Module,
+    bag: ChunkedBag,
+    clinical: Tensor,
+    clinical_valid: Tensor,
+    clinical_present: bool,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    device: str | torch.device = "cpu",
+) -> BagOutput:
+    """Predict one patient from its whole bag in bounded memory (the method in eval mode).
+
+    Args:
+        method: a trained method (``load_trained``), already on ``device``.
+        bag: the patient's instances.
+        clinical: the encoded clinical row [C]; clinical_valid: [F]; clinical_present: routes.
+        memory_budget: bytes for what grows with the bag (see ``chunk_rows``).
+    """
+    method.eval()
+    device = torch.device(device)
+    aggregates, rows = encode_bag(method, bag, memory_budget=memory_budget, device=device)
+    # NaN features: a method that read the bag anywhere but through its aggregators would
+    # return NaN instead of a wrong number.
+    batch = Batch(
+        bags=torch.full((1, 1, max(bag.dim, 1)), math.nan, device=device),
+        tile_valid=torch.ones(1, 1, dtype=torch.bool, device=device),
+        clinical=clinical.reshape(1, -1).to(device=device, dtype=torch.float32),
+        clinical_valid=clinical_valid.reshape(1, -1).to(device=device, dtype=torch.bool),
+        clinical_present=torch.tensor([bool(clinical_present)], device=device),
+    )
+    found = find_aggregators(method)
+    replayed = {found[name]: (lambda *_, a=a: a) for name, a in aggregates.items()}
+    with _answering(replayed):
+        output: Output = method(batch)
+    probability = float(output.probabilities.float().cpu()[0])
+    if not math.isfinite(probability):
+        raise RuntimeError(
+            f"{type(method).__name__} reads the bag outside its aggregators, which chunked "
+            "prediction cannot serve"
+        )
+    attention = {name: a.attention[0].float().cpu().numpy() for name, a in aggregates.items()}
+    routed = routed_aggregator(output.attention, {n: a.attention for n, a in aggregates.items()})
+    return BagOutput(probability, attention, routed, rows)
+
+
+def routed_aggregator(attention: Tensor | None, candidates: dict[str, Tensor]) -> str | None:
+    """The aggregator whose weights an output carries (they are routed, not recomputed), among
+    each aggregator's attention by path."""
+    if attention is None:
+        return None
+    for name, weights in candidates.items():
+        if weights.shape == attention.shape and torch.equal(weights, attention):
+            return name
+    return None

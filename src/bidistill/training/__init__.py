@@ -1,20 +1,19 @@
-"""Training: bag datasets over the feature files, the training loop, checkpoints."""
+"""Training: one trainer over bag sources (feature rows or tiles), its loop, its data."""
 
-from bidistill.training.checkpoint import save_checkpoint
 from bidistill.training.data import PatientBags, bag_loader, collate_bags, withhold_clinical
-from bidistill.training.loop import fit, predict_loader, resolve_device
+from bidistill.training.loop import fit
 from bidistill.training.seeding import seed_everything
-from bidistill.training.train import open_feature_store, train_method
+from bidistill.training.sources import open_feature_store, predict_loader
+from bidistill.training.train import MethodFiles, train_method
 
 __all__ = [
+    "MethodFiles",
     "PatientBags",
     "bag_loader",
     "collate_bags",
     "fit",
     "open_feature_store",
     "predict_loader",
-    "resolve_device",
-    "save_checkpoint",
     "seed_everything",
     "train_method",
     "withhold_clinical",

@@ -13,8 +13,10 @@ from bidistill.errors import ConfigError
 from bidistill.models import get_method_class
 from bidistill.runs.lock import lock_run_dir
 from bidistill.runs.preflight import check_device, check_trainable_cohort, prepare_output_dir
+from bidistill.runs.rundir import MethodDir
 from bidistill.training.distributed import barrier, launched_by_torchrun, process_group
-from bidistill.training.train import open_feature_store, train_method
+from bidistill.training.sources import open_feature_store
+from bidistill.training.train import train_method
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +73,19 @@ def train_from_config(
                 store = open_feature_store(config, cohort, progress=True)
             written = []
             for method_cfg in chosen:
-                written.append(
-                    train_method(
-                        config,
-                        method_cfg,
-                        out,
-                        cohort=cohort,
-                        splits=splits,
-                        fold=fold,
-                        store=store,
-                    )
+                method_dir = MethodDir(out / method_cfg.key, fold)
+                written.append(method_dir.path)
+                if method_dir.done:
+                    say(f"{method_cfg.key}: done already ({method_dir.predictions.name} exists)")
+                    continue
+                train_method(
+                    config,
+                    method_cfg,
+                    method_dir,
+                    cohort=cohort,
+                    splits=splits,
+                    fold=fold,
+                    store=store,
                 )
                 if processes.is_main:
                     _record(out, config, method_cfg, cohort, splits)

@@ -6,12 +6,16 @@ Feature files are read through ``bidistill.features.FeatureStore``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from bidistill.errors import FeatureFileError
+from bidistill.features.hygiene import check_values
 from bidistill.features.store import FeatureStore
 from bidistill.models.batch import Batch
 from bidistill.training.seeding import seed_worker
@@ -176,23 +180,28 @@ class LengthBucketSampler(torch.utils.data.Sampler[list[int]]):
 
 def collate_bags(items: list[dict]) -> Batch:
     """Pad the bags to the largest one in the batch; ``tile_valid`` marks the real instances."""
-    lengths = [len(item["features"]) for item in items]
-    dim = items[0]["features"].shape[-1]
-    n_max = max(max(lengths), 1)  # an empty bag still gets one (invalid) slot
-    bags = torch.zeros(len(items), n_max, dim)
-    tile_valid = torch.zeros(len(items), n_max, dtype=torch.bool)
-    for b, (item, n) in enumerate(zip(items, lengths)):
-        bags[b, :n] = item["features"].float()  # float16 files are computed in float32
-        tile_valid[b, :n] = True
+    # float16 files are computed in float32
+    bags, tile_valid = pad_bags([item["features"] for item in items], torch.float32)
     labels = None if items[0]["label"] is None else torch.stack([i["label"] for i in items])
-    return Batch(
-        bags=bags,
-        tile_valid=tile_valid,
-        clinical=torch.stack([i["clinical"] for i in items]),
-        clinical_valid=torch.stack([i["clinical_valid"] for i in items]),
-        clinical_present=torch.stack([i["clinical_present"] for i in items]),
-        labels=labels,
-    )
+    return Batch(bags, tile_valid, *stack_clinical(items), labels=labels)
+
+
+def pad_bags(bags: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bags [n_i, ...] padded into [B, N_max, ...] of ``dtype``, and ``tile_valid`` [B, N_max]."""
+    lengths = [len(bag) for bag in bags]
+    n_max = max(max(lengths), 1)  # an empty bag still gets one (invalid) slot
+    padded = torch.zeros(len(bags), n_max, *bags[0].shape[1:], dtype=dtype)
+    tile_valid = torch.zeros(len(bags), n_max, dtype=torch.bool)
+    for b, (bag, n) in enumerate(zip(bags, lengths)):
+        padded[b, :n] = bag
+        tile_valid[b, :n] = True
+    return padded, tile_valid
+
+
+def stack_clinical(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's clinical rows, their validity and presence."""
+    keys = ("clinical", "clinical_valid", "clinical_present")
+    return tuple(torch.stack([item[key] for item in items]) for key in keys)
 
 
 def withhold_clinical(batch: Batch, blank_clinical: torch.Tensor) -> Batch:
@@ -225,3 +234,64 @@ def bag_loader(dataset: PatientBags, batch_size: int, *, shuffle: bool, workers:
         worker_init_fn=seed_worker if workers else None,
         generator=generator,
     )
+
+
+class FileBag:
+    """A patient's bag: its slides' ``.h5`` feature files, in order, read a chunk at a time.
+
+    Only the file headers are read here; ``chunks`` reads row slices of ``features`` (CLAM's
+    older ``[1, n, D]`` layout included).
+
+    Raises:
+        FeatureFileError: a file is missing or not a feature file, or the files disagree on D.
+    """
+
+    def __init__(self, paths: Sequence[str | Path]):
+        self.paths = [Path(p) for p in paths]
+        self.lengths: list[int] = []
+        dims = set()
+        for path in self.paths:
+            shape = _features_shape(path)
+            self.lengths.append(shape[-2])
+            dims.add(shape[-1])
+        if len(dims) > 1:
+            raise FeatureFileError(
+                f"{', '.join(map(str, self.paths))}: the slides' feature files have different "
+                f"dimensions {sorted(dims)}; extract every slide with the same encoder"
+            )
+        self.dim = dims.pop() if dims else 0
+        self.n_instances = sum(self.lengths)
+
+    def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        """Row blocks read into one buffer that every block reuses: a block is valid until the
+        next one is asked for (so two blocks never sit in memory at once)."""
+        buffer: np.ndarray | None = None
+        for path in self.paths:
+            with h5py.File(path, "r") as h5:
+                dataset = h5["features"]
+                n = dataset.shape[-2]
+                if buffer is None or buffer.dtype != dataset.dtype:
+                    buffer = np.empty((min(rows, max(n, 1)), self.dim), dtype=dataset.dtype)
+                for start in range(0, n, rows):
+                    stop = min(start + rows, n)
+                    if stop - start > len(buffer):
+                        buffer = np.empty((stop - start, self.dim), dtype=dataset.dtype)
+                    block = buffer[: stop - start]
+                    where = np.s_[0, start:stop] if dataset.ndim == 3 else np.s_[start:stop]
+                    dataset.read_direct(block, source_sel=where)
+                    # NaN would pass the aggregators and surface as a NaN probability.
+                    check_values(path, block, first_row=start)
+                    yield block
+
+
+def _features_shape(path: Path) -> tuple[int, ...]:
+    if not path.is_file():
+        raise FeatureFileError(f"{path}: feature file not found")
+    try:
+        with h5py.File(path, "r") as h5:
+            shape = tuple(h5["features"].shape)
+    except (OSError, KeyError) as err:
+        raise FeatureFileError(f"{path}: not a readable feature file ({err})") from err
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1):
+        raise FeatureFileError(f"{path}: 'features' must be [n, D], got {shape}")
+    return shape

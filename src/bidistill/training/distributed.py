@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from bidistill.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class Processes:
@@ -30,7 +32,6 @@ class Processes:
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -53,17 +54,7 @@ def start_processes(device: torch.device) -> Processes:
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Processes(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def process_device(name: str, processes: Processes) -> torch.device:
-    """``auto`` or ``cuda`` under torchrun: this process's own GPU (``LOCAL_RANK``)."""
-    from bidistill.training.loop import resolve_device
-
-    device = resolve_device(name)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", processes.local_rank)
-    return device
+    return Processes(dist.get_rank(), dist.get_world_size())
 
 
 def sum_gradients(parameters: Iterable[nn.Parameter], processes: Processes) -> None:
@@ -138,17 +129,6 @@ def barrier(processes: Processes) -> None:
         dist.barrier()
 
 
-def broadcast_object(value: Any, processes: Processes) -> Any:
-    """Rank 0's ``value`` in every process."""
-    if not processes.distributed:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def process_group(device_name: str):
     """Context manager for ``bidistill train``: join torchrun's process group (if launched by
     torchrun) for the whole command and leave it at the end; yields ``Processes``."""
@@ -161,7 +141,7 @@ def process_group(device_name: str):
             return
         import torch.distributed as dist
 
-        processes = start_processes(process_device(device_name, Processes()))
+        processes = start_processes(resolve_device(device_name))
         try:
             yield processes
         finally:

@@ -1,9 +1,12 @@
-"""The training loop: stages, epochs, AdamW with a learning-rate warm-up and cosine decay, and
-model selection with early stopping.
+"""The one training loop: stages, epochs, steps, model selection with early stopping, and its
+resumable state, over any bag source (``training.sources``).
 
-One loop serves every method. A method's ``stages()`` run in order, each with a fresh optimiser.
-After every epoch the validation patients are predicted twice, with their clinical data as in the
-table and with all of it withheld, which gives three AUCs (``train_log.csv`` columns):
+A method's ``stages()`` run in order, each with a fresh optimiser (the source's: feature mode's
+AdamW with a per-step warm-up and cosine decay, end-to-end's configured optimiser and per-epoch
+schedule). A step is one or more forward passes (micro-batches) whose gradients add up, summed
+over the processes under torchrun, with mixed precision when asked. After every epoch the
+validation patients are predicted twice, with their clinical data as in the table and with all
+of it withheld, which gives three AUCs (``train_log.csv`` columns):
 
 - ``val_auc_present``: every validation patient, clinical data as given;
 - ``val_auc_with_clinical``: only the validation patients that have clinical data, as given;
@@ -13,8 +16,14 @@ A stage selects its best epoch on the score it names (``Stage.select``, see ``SE
 stage made of parts (``Stage.parts``: e.g. BD's multi-modal and single-modal branches, which
 share no parameters and never use each other at prediction) keeps each part's own best epoch on
 the part's own score, because one checkpoint for two branches that peak at different epochs
-shortchanges one of them. Early stopping ends a stage when no part has improved for
-``patience`` epochs; then every part's best weights are restored.
+shortchanges one of them. A part that has not improved for ``patience`` epochs while others
+still do goes back to its best weights and is frozen for the rest of the stage; the stage ends
+when no part is left improving.
+
+With a state file (end-to-end mode) everything above (weights, optimiser, scheduler, gradient
+scaler, each part's best weights and counters, the log) is written atomically at every epoch
+boundary, and a rerun whose fingerprint matches resumes from it with the weights an
+uninterrupted run would have reached.
 
 Epochs count from 1 within each stage everywhere: progress bar, run.log, ``train_log.csv`` and
 ``model.json``.
@@ -26,20 +35,32 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
+from bidistill._io import atomic_path, remove_temp_files
 from bidistill.config import TrainingConfig
+from bidistill.devices import autocast
 from bidistill.errors import BidistillError
 from bidistill.models.base import Method, Part, Selection, Stage
 from bidistill.models.batch import Batch
-from bidistill.training.data import withhold_clinical
+from bidistill.training.distributed import (
+    Processes,
+    average_buffers,
+    barrier,
+    gather,
+    sum_gradients,
+)
 from bidistill.training.progress import EpochBar
+
+if TYPE_CHECKING:
+    from bidistill.training.sources import BagSource
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +73,8 @@ SELECTION: dict[Selection, str] = {
 
 
 class TrainingDivergedError(BidistillError, RuntimeError):
-    """A loss term became NaN or infinite (the settings' doing, e.g. the learning rate, since
-    the feature files are checked for NaN/inf when they are opened)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda, then mps, then cpu; anything else as torch reads it."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
+    """A loss term or a prediction became NaN or infinite (the settings' doing, e.g. the
+    learning rate, since the feature files are checked for NaN/inf when they are opened)."""
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
@@ -106,29 +116,25 @@ class ValidationAUCs:
         return (self.present + self.absent) / 2
 
 
-@torch.no_grad()
-def predict_loader(
-    method: Method, loader: DataLoader, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """P(label = 1) per patient, in loader order, with clinical data as given and withheld.
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass of a step: its bags (on the device), the torch seed to draw its dropout
+    from (None: the running generator) and the number of passes of its step."""
 
-    Runs in ``eval()`` mode under ``no_grad`` and restores the previous mode.
+    batch: Batch
+    seed: int | None = None
+    passes: int = 1
 
-    Returns:
-        (prob_present [n], prob_absent [n]).
-    """
-    was_training = method.training
-    method.eval()
-    n = len(loader.dataset)
-    present, absent = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    # The sampler batches bags by size; its batches give each prediction's place.
-    for indices, batch in zip(loader.batch_sampler, loader):
-        batch = batch.to(device)
-        present[indices] = method(batch).probabilities.float().cpu().numpy()
-        blank = withhold_clinical(batch, method.blank_clinical)
-        absent[indices] = method(blank).probabilities.float().cpu().numpy()
-    method.train(was_training)
-    return present, absent
+
+@dataclass
+class Schedule:
+    """A stage's optimiser and learning-rate schedule (stepped per step or per epoch); the
+    epochs of its warm-up are no candidates for selection."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    per_step: bool
+    warmup_epochs: int = 0
 
 
 @dataclass
@@ -163,6 +169,14 @@ class StageResult:
             ],
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> StageResult:
+        parts = [
+            PartResult(p["part"], p["select"], p["best_epoch"], p["val_score"])
+            for p in data["parts"]
+        ]
+        return cls(data["stage"], data["select"], data["epochs_run"], parts)
+
 
 @dataclass
 class FitResult:
@@ -171,54 +185,15 @@ class FitResult:
 
 
 @dataclass
-class _Fit:
-    """What every stage of one ``fit`` call shares."""
+class LoopState:
+    """Where training is (what ``training_state.pt`` holds besides the tensors)."""
 
-    method: Method
-    train_loader: DataLoader
-    val_loader: DataLoader
-    val_labels: np.ndarray
-    cfg: TrainingConfig
-    device: torch.device
-    progress: bool
+    fingerprint: str = ""
+    stage: int = 0  # index of the stage in training (== number of stages: all done)
+    epoch: int = 0  # epochs of that stage done
+    tracks: list[dict] = field(default_factory=list)  # per part: best epoch, score, counters
     log_rows: list[dict] = field(default_factory=list)
-
-    def validate(self) -> ValidationAUCs:
-        present, absent = predict_loader(self.method, self.val_loader, self.device)
-        with_clinical = self.val_loader.dataset.clinical_present.numpy()
-        return ValidationAUCs(
-            present=auc_or_nan(self.val_labels, present),
-            absent=auc_or_nan(self.val_labels, absent),
-            with_clinical=auc_or_nan(self.val_labels[with_clinical], present[with_clinical]),
-        )
-
-
-def fit(
-    method: Method,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
-    val_labels: np.ndarray,
-    cfg: TrainingConfig,
-    *,
-    device: torch.device,
-    epochs: int | None = None,
-    progress: bool = True,
-) -> FitResult:
-    """Train ``method`` through its stages; leave it holding each stage's (parts') best weights.
-
-    Args:
-        val_labels: labels of the validation patients, in ``val_loader`` order.
-        epochs: overrides ``cfg.epochs`` (stages with their own epoch count keep it).
-
-    Returns:
-        One log row per epoch (stage, epoch, lr, every named loss term, validation AUCs and
-        selection scores, time) and per stage each part's best epoch and score.
-    """
-    run = _Fit(method, train_loader, val_loader, val_labels, cfg, device, progress)
-    result = FitResult(log_rows=run.log_rows)
-    for stage in method.stages():
-        result.stages.append(_fit_stage(run, stage, stage.epochs or epochs or cfg.epochs))
-    return result
+    stages: list[dict] = field(default_factory=list)  # StageResult.to_dict of each stage done
 
 
 @dataclass
@@ -245,6 +220,11 @@ class _Track:
         else:
             self.stale += 1
 
+    def counters(self) -> dict:
+        """What the training state keeps of the track besides its best weights."""
+        best = {"epoch": self.best.best_epoch, "score": self.best.best_score}
+        return best | {"stale": self.stale, "last": self.last, "frozen": bool(self.frozen)}
+
 
 def _tracks(method: Method, stage: Stage) -> list[_Track]:
     """One track per part of the stage (one for the whole method when it has no parts)."""
@@ -268,12 +248,10 @@ def _within(key: str, module: str) -> bool:
     return module == "" or key == module or key.startswith(module + ".")
 
 
-def _stop_part(method: Method, track: _Track) -> None:
-    """A part that has not improved for ``patience`` epochs while others still do: back to its
-    best weights, and frozen for the rest of the stage (in eval mode, see ``_train_epoch``).
-    Its outputs stay what the part gives at its best, e.g. the targets BD's multi-modal
-    branch sets its single-modal branch."""
-    method.load_state_dict({**method.state_dict(), **track.state})
+def _freeze(method: Method, track: _Track) -> None:
+    """Freeze a stopped part for the rest of the stage (in eval mode, see ``_train_epoch``).
+    Its outputs stay what the part gives at its best, e.g. the targets BD's multi-modal branch
+    sets its single-modal branch."""
     track.frozen = [
         p
         for name, p in method.named_parameters()
@@ -287,60 +265,276 @@ def _stopped_modules(tracks: list[_Track]) -> list[str]:
     return [m for t in tracks if t.frozen for m in t.part.modules]
 
 
-def _fit_stage(run: _Fit, stage: Stage, epochs: int) -> StageResult:
-    method, cfg = run.method, run.cfg
-    method.set_stage(stage.name)
-    params = [p for p in method.parameters() if p.requires_grad]
-    # foreach: one fused update for all parameters (torch's CPU default loops over them).
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    steps = len(run.train_loader)
-    scheduler = warmup_cosine(optimizer, cfg.lr_warmup_epochs * steps, epochs * steps)
-    tracks = _tracks(method, stage)
-    label = f"{method.name}/{stage.name}" if len(method.stages()) > 1 else method.name
-    bar = EpochBar(run.progress, label, parts=[t.part.name for t in tracks])
-    with bar:
-        bar.note(_selection_note(label, stage, tracks))
-        epochs_run = 0
-        for epoch in range(1, epochs + 1):
-            started = time.perf_counter()
-            # A global epoch index, so that stages draw different instance subsets.
-            run.train_loader.dataset.set_epoch(len(run.log_rows))
-            bar.start_epoch(epoch, epochs, steps)
-            terms = _train_epoch(run, optimizer, scheduler, epoch, bar, _stopped_modules(tracks))
-            aucs = run.validate()
-            state = method.state_dict()
-            # The learning-rate warm-up's epochs are no candidates: a barely trained model wins
-            # them only by the noise of a small validation set (a branch whose score stays at
-            # chance would keep its first epoch's weights, attention and all).
-            candidate = epoch > cfg.lr_warmup_epochs or epochs <= cfg.lr_warmup_epochs
-            for track in tracks:
-                if not track.frozen:
-                    track.update(epoch, aucs.score(track.part.select), state, candidate)
-            run.log_rows.append(_log_row(stage, epoch, optimizer, terms, aucs, tracks, started))
-            bar.finish_epoch(terms["total"], {t.part.name: t.best.best_score for t in tracks})
-            epochs_run = epoch
-            active = [t for t in tracks if not t.frozen and t.stale < cfg.patience]
-            if not active:
-                break
-            for track in tracks:
-                if not track.frozen and track.stale >= cfg.patience:
-                    _stop_part(method, track)
+def _record(method: Method, tracks: list[_Track], epoch: int, aucs, *, candidate: bool) -> None:
+    weights = method.state_dict()
+    for track in tracks:
+        if not track.frozen:
+            track.update(epoch, aucs.score(track.part.select), weights, candidate)
+
+
+def _stop_stale_parts(method: Method, tracks: list[_Track], patience: int) -> bool:
+    """Freeze at its best each part that has not improved for ``patience`` epochs while others
+    still do; False when none is left improving (the stage ends)."""
+    if not [t for t in tracks if not t.frozen and t.stale < patience]:
+        return False
+    for track in tracks:
+        if not track.frozen and track.stale >= patience:
+            method.load_state_dict({**method.state_dict(), **track.state})
+            _freeze(method, track)
+    return True
+
+
+def _restore_best(method: Method, stage: Stage, tracks: list[_Track], epochs_run: int):
+    """The end of a stage: every part back to its best weights, and trainable again."""
     best = method.state_dict()
     for track in tracks:
         best.update(track.state)
         for p in track.frozen:
             p.requires_grad_(True)
     method.load_state_dict(best)
-    result = StageResult(stage.name, stage.select, epochs_run, [t.best for t in tracks])
-    log.info("%s: %s", label, _selection_summary(result))
-    return result
+    return StageResult(stage.name, stage.select, epochs_run, [t.best for t in tracks])
 
 
-def _log_row(stage, epoch, optimizer, terms, aucs: ValidationAUCs, tracks, started) -> dict:
+def fit(
+    method: Method,
+    source: BagSource,
+    cfg: TrainingConfig,
+    *,
+    device: torch.device,
+    epochs: int | None = None,
+    progress: bool = True,
+    processes: Processes = Processes(),
+    precision: torch.dtype = torch.float32,
+    state_file: Path | None = None,
+    fingerprint: str = "",
+) -> FitResult:
+    """Train ``method`` on ``source`` through its stages; leave it holding each stage's (parts')
+    best weights.
+
+    Args:
+        epochs: overrides ``cfg.epochs`` (stages with their own epoch count keep it).
+        processes: this process's place under torchrun (gradients summed over them).
+        precision: mixed precision of the forward passes (float32: none).
+        state_file: where the state is kept at every epoch boundary (None: not resumable);
+            resumed from when it holds ``fingerprint``.
+
+    Returns:
+        One log row per epoch (stage, epoch, lr, every named loss term, validation AUCs and
+        selection scores, time) and per stage each part's best epoch and score.
+    """
+    loop = _Loop(method, source, cfg, device, progress, processes, precision, state_file)
+    state, payload = loop.resume(fingerprint)
+    stages = method.stages()
+    for index in range(state.stage, len(stages)):
+        stage = stages[index]
+        loop.fit_stage(stage, index, stage.epochs or epochs or cfg.epochs, state, payload)
+        payload = None
+    return FitResult(state.log_rows, [StageResult.from_dict(s) for s in state.stages])
+
+
+@dataclass
+class _Loop:
+    """What every stage of one ``fit`` call shares."""
+
+    method: Method
+    source: BagSource
+    cfg: TrainingConfig
+    device: torch.device
+    progress: bool
+    processes: Processes
+    precision: torch.dtype
+    state_file: Path | None
+
+    def resume(self, fingerprint: str) -> tuple[LoopState, dict | None]:
+        payload = load_state(self.state_file, fingerprint, self.device)
+        if payload is None:
+            return LoopState(fingerprint), None
+        state = LoopState(**payload["state"])
+        self.method.load_state_dict(payload["model"])
+        message = (
+            f"{self.method.name}: resuming from {self.state_file.name} (stage {state.stage + 1}, "
+            f"epoch {state.epoch + 1}, {len(state.log_rows)} epochs done)"
+        )
+        log.info("%s", message)
+        if self.progress and self.processes.is_main:
+            from rich.console import Console
+
+            Console(stderr=True).print(message, highlight=False, soft_wrap=True)
+        return state, payload
+
+    def fit_stage(
+        self, stage: Stage, index: int, epochs: int, state: LoopState, payload: dict | None
+    ) -> None:
+        method, cfg = self.method, self.cfg
+        method.set_stage(stage.name)
+        steps = self.source.steps_per_epoch()
+        schedule = self.source.schedule(method, epochs, steps)
+        scaler = self._scaler()
+        tracks = _tracks(method, stage)
+        if payload is not None and payload["optimizer"] is not None:
+            self._restore(payload, schedule, scaler, tracks, state)
+        label = f"{method.name}/{stage.name}" if len(method.stages()) > 1 else method.name
+        bar = EpochBar(
+            self.progress and self.processes.is_main, label, parts=[t.part.name for t in tracks]
+        )
+        with bar:
+            bar.note(_selection_note(label, stage, tracks))
+            for epoch in range(state.epoch + 1, epochs + 1):
+                started = time.perf_counter()
+                bar.start_epoch(epoch, epochs, steps)
+                stopped = _stopped_modules(tracks)
+                terms = self._train_epoch(
+                    schedule, scaler, epoch, len(state.log_rows), bar, stopped
+                )
+                average_buffers(method, self.processes)
+                aucs = self.validate()
+                # The learning-rate warm-up's epochs are no candidates: a barely trained model
+                # wins them only by the noise of a small validation set (a branch whose score
+                # stays at chance would keep its first epoch's weights, attention and all).
+                warmup = schedule.warmup_epochs
+                _record(method, tracks, epoch, aucs, candidate=epoch > warmup or epochs <= warmup)
+                lr = schedule.optimizer.param_groups[0]["lr"]
+                state.log_rows.append(_log_row(stage, epoch, lr, terms, aucs, tracks, started))
+                if not schedule.per_step:
+                    schedule.scheduler.step()
+                bar.finish_epoch(terms["total"], {t.part.name: t.best.best_score for t in tracks})
+                state.epoch = epoch
+                if not _stop_stale_parts(method, tracks, cfg.patience):
+                    break
+                if epoch < epochs:
+                    state.tracks = [t.counters() for t in tracks]
+                    self._save(state, schedule, scaler, tracks)
+        result = _restore_best(method, stage, tracks, state.epoch)
+        log.info("%s: %s", label, _selection_summary(result))
+        state.stages.append(result.to_dict())
+        state.stage, state.epoch, state.tracks = index + 1, 0, []
+        self._save(state, None, None, [])
+
+    def validate(self) -> ValidationAUCs:
+        patients = self.source.patients["val"]
+        given, withheld = self.source.probabilities(self.method, "val")
+        labels, with_clinical = patients.labels, patients.clinical_present
+        return ValidationAUCs(
+            present=auc_or_nan(labels, given),
+            absent=auc_or_nan(labels, withheld),
+            with_clinical=auc_or_nan(labels[with_clinical], given[with_clinical]),
+        )
+
+    def _scaler(self):
+        if self.precision == torch.float16 and self.device.type == "cuda":
+            return torch.amp.GradScaler("cuda")
+        return None
+
+    def _train_epoch(
+        self, schedule: Schedule, scaler, epoch: int, drawn: int, bar, stopped
+    ) -> dict:
+        """One epoch of steps (``drawn``: epochs run before, over all stages, which draws the
+        bags); the loss terms averaged over bags."""
+        method, cfg, optimizer = self.method, self.cfg, schedule.optimizer
+        method.train()
+        for module in stopped:
+            method.get_submodule(module).eval()
+        params = [p for p in method.parameters() if p.requires_grad]
+        sums: dict[str, float] = {}
+        seen = 0
+        for step in self.source.train_steps(drawn):
+            optimizer.zero_grad(set_to_none=True)
+            for one in step:
+                seen += len(one.batch)
+                self._forward_backward(one, scaler, epoch, sums)
+            sum_gradients(params, self.processes)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if schedule.per_step:
+                schedule.scheduler.step()
+            bar.advance(sums.get("total", 0.0) / max(seen, 1))
+        totals = gather((sums, seen), self.processes)
+        seen_all = max(sum(s for _, s in totals), 1)
+        return {k: sum(t[0].get(k, 0.0) for t in totals) / seen_all for k in sums}
+
+    def _forward_backward(self, one: Pass, scaler, epoch: int, sums: dict) -> None:
+        method = self.method
+        if one.seed is not None:
+            torch.manual_seed(one.seed)
+        with autocast(self.device, self.precision):
+            output = method(one.batch)
+            terms = method.loss(one.batch, output)
+        total = terms["total"]
+        if not torch.isfinite(total):
+            values = {k: float(v) for k, v in terms.items()}
+            raise TrainingDivergedError(
+                f"{method.name}/{method.stage}, epoch {epoch}: loss is not finite {values}; "
+                "lower training.lr or check the features for NaN"
+            )
+        scaled = total if one.passes == 1 else total.float() / one.passes
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        n = len(one.batch)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
+
+    def _restore(self, payload, schedule: Schedule, scaler, tracks, state: LoopState) -> None:
+        schedule.optimizer.load_state_dict(payload["optimizer"])
+        schedule.scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and payload["scaler"] is not None:
+            scaler.load_state_dict(payload["scaler"])
+        for track, counters, best in zip(tracks, state.tracks, payload["best"]):
+            track.best.best_epoch, track.best.best_score = counters["epoch"], counters["score"]
+            track.stale, track.last, track.state = counters["stale"], counters["last"], best
+            if counters["frozen"]:
+                _freeze(self.method, track)
+
+    def _save(self, state: LoopState, schedule: Schedule | None, scaler, tracks) -> None:
+        if self.state_file is None:
+            return
+        if self.processes.is_main:
+            payload = {
+                "state": asdict(state),
+                "model": self.method.state_dict(),
+                "optimizer": schedule.optimizer.state_dict() if schedule else None,
+                "scheduler": schedule.scheduler.state_dict() if schedule else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "best": [t.state for t in tracks],
+            }
+            with atomic_path(self.state_file) as tmp:
+                torch.save(payload, tmp)
+        barrier(self.processes)
+
+
+def load_state(path: Path | None, fingerprint: str, device: torch.device) -> dict | None:
+    """The saved state of this training (None: none, unreadable, or of other settings)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a damaged file costs a restart, never a wrong resume
+        log.warning("%s: unreadable (%s); training starts over", path, err)
+        return None
+    if payload.get("state", {}).get("fingerprint") != fingerprint:
+        log.warning("%s: made with other settings, patients or weights; starting over", path)
+        return None
+    return payload
+
+
+def remove_state(path: Path) -> None:
+    """Training is done: remove its state, and the partial copies that a process killed while
+    saving it left (each as large as the weights and the optimiser together)."""
+    path.unlink(missing_ok=True)
+    for leftover in remove_temp_files(path):
+        log.info("removed %s, left by a killed save", leftover)
+
+
+def _log_row(stage, epoch, lr, terms, aucs: ValidationAUCs, tracks, started) -> dict:
     row = {
         "stage": stage.name,
         "epoch": epoch,
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr,
         **{f"loss_{k}": v for k, v in terms.items()},
         "val_auc_present": aucs.present,
         "val_auc_absent": aucs.absent,
@@ -365,37 +559,3 @@ def _selection_summary(result: StageResult) -> str:
         f"{result.epochs_run} ({p.select} {p.best_score:.3f})"
         for p in result.parts
     )
-
-
-def _train_epoch(
-    run: _Fit, optimizer, scheduler, epoch: int, bar: EpochBar, stopped: list[str]
-) -> dict:
-    method, cfg = run.method, run.cfg
-    method.train()
-    for module in stopped:
-        method.get_submodule(module).eval()
-    sums: dict[str, float] = {}
-    seen = 0
-    for batch in run.train_loader:
-        batch: Batch = batch.to(run.device)
-        output = method(batch)
-        terms = method.loss(batch, output)
-        total = terms["total"]
-        if not torch.isfinite(total):
-            values = {k: float(v) for k, v in terms.items()}
-            raise TrainingDivergedError(
-                f"{method.name}/{method.stage}, epoch {epoch}: loss is not finite {values}; "
-                "lower training.lr or check the features for NaN"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        n = len(batch)
-        seen += n
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
-        bar.advance(sums["total"] / seen)
-    return {name: total / max(seen, 1) for name, total in sums.items()}

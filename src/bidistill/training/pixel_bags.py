@@ -33,6 +33,7 @@ import torch
 
 from bidistill.config import AugmentConfig, ExperimentConfig
 from bidistill.errors import ConfigError, SlideError
+from bidistill.training.data import pad_bags, stack_clinical
 
 MAX_OPEN_SLIDES = 8  # per worker process: enough for bags that span a patient's slides
 
@@ -338,21 +339,10 @@ class PixelBags(torch.utils.data.Dataset):
 
 def collate_pixel_bags(items: list[dict]) -> dict[str, torch.Tensor]:
     """Pad the bags to the largest in the batch: a dict of tensors (pinnable), see ``to_batch``."""
-    lengths = [len(item["pixels"]) for item in items]
-    shape = items[0]["pixels"].shape[1:]
-    n_max = max(max(lengths), 1)  # an empty bag still gets one (invalid) slot
-    pixels = torch.zeros(len(items), n_max, *shape, dtype=torch.uint8)
-    tile_valid = torch.zeros(len(items), n_max, dtype=torch.bool)
-    for b, (item, n) in enumerate(zip(items, lengths)):
-        pixels[b, :n] = item["pixels"]
-        tile_valid[b, :n] = True
-    out = {
-        "bags": pixels,
-        "tile_valid": tile_valid,
-        "clinical": torch.stack([i["clinical"] for i in items]),
-        "clinical_valid": torch.stack([i["clinical_valid"] for i in items]),
-        "clinical_present": torch.stack([i["clinical_present"] for i in items]),
-    }
+    bags, tile_valid = pad_bags([item["pixels"] for item in items], torch.uint8)
+    clinical, valid, present = stack_clinical(items)
+    out = {"bags": bags, "tile_valid": tile_valid, "clinical": clinical}
+    out |= {"clinical_valid": valid, "clinical_present": present}
     if items[0]["label"] is not None:
         out["labels"] = torch.stack([i["label"] for i in items])
     return out

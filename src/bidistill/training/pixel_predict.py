@@ -8,7 +8,6 @@ encoded tiles (``remember_encodings``), so a method with one backbone runs it on
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,26 +15,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bidistill.devices import autocast
 from bidistill.models.batch import Batch
 from bidistill.models.patch_encoder import encoded_aggregators, remember_encodings
+from bidistill.models.streaming import routed_aggregator
 from bidistill.training.data import withhold_clinical
 from bidistill.training.pixel_bags import BagSpec, to_batch
 
 GIVEN, WITHHELD = "given", "withheld"
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on GPUs that have it, else float16 on a GPU; float32 on the CPU."""
-    from bidistill.features.extract import resolve_precision as resolve
-
-    return resolve(name, device)
-
-
-def autocast(device: torch.device, precision: torch.dtype):
-    """Mixed precision for ``precision`` other than float32 (a no-op context otherwise)."""
-    if precision == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=precision)
 
 
 @dataclass
@@ -128,14 +115,7 @@ class _AttentionCapture:
         self.seen = {}
 
     def finish(self, batch: Batch, output, result: BagRun) -> None:
-        routed = None
-        if output.attention is not None:
-            for name, weights in self.seen.items():
-                if weights.shape == output.attention.shape and torch.equal(
-                    weights, output.attention
-                ):
-                    routed = name
-                    break
+        routed = routed_aggregator(output.attention, self.seen)
         counts = batch.tile_valid.sum(dim=1).tolist()
         result.routed += [routed] * len(counts)
         if not self.complete:

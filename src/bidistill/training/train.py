@@ -1,48 +1,47 @@
-"""``train_method``: one method, one fold, from a cohort and its feature files to a run folder.
+"""``train_method``: one method, one fold, from a cohort and its bags to a method's files.
 
-Writes ``<run_dir>/<method>/``: ``model.safetensors``, ``model.json``, ``clinical_encoder.json``,
-``train_log.csv`` and, last, ``predictions.csv`` (its existence means the method is done, so a
-rerun skips it). Every statistic (clinical encoding, class weights, model selection) comes from
-the training and validation patients only.
+One trainer for both modes: the clinical encoder fitted on the training patients, the method
+created on the bag source's input (``training.sources``: feature rows or tiles through a
+trainable patch encoder), class weights, the loop (``training.loop``), then the predictions
+table and ``model.json``, handed to the run folder (``MethodFiles``) to write. Every statistic
+(clinical encoding, class weights, model selection) comes from the training and validation
+patients only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 
-from bidistill._io import write_csv
+from bidistill import __version__
 from bidistill._text import count
-from bidistill.cohort import (
-    ClinicalEncoder,
-    Cohort,
-    Splits,
-    check_separating_features,
-)
+from bidistill.cohort import ClinicalEncoder, Cohort, Splits, check_separating_features
 from bidistill.config import ExperimentConfig, MethodConfig
-from bidistill.features.identity import config_identity
+from bidistill.devices import resolve_device
 from bidistill.features.store import FeatureStore
 from bidistill.models import Method, create_method
-from bidistill.training.bounded import (
-    check_prediction_memory,
-    prediction_loader,
-    streaming_aggregation,
-)
-from bidistill.training.checkpoint import PREDICTIONS, save_checkpoint
-from bidistill.training.data import PatientBags, StoreBags, bag_loader
-from bidistill.training.loop import TrainingDivergedError, fit, predict_loader, resolve_device
+from bidistill.training.distributed import barrier, broadcast_parameters, start_processes
+from bidistill.training.loop import FitResult, TrainingDivergedError, fit, remove_state
 from bidistill.training.seeding import seed_everything
-from bidistill.training.threads import cpu_threads_for
+from bidistill.training.sources import BagSource, open_bag_source
 
 log = logging.getLogger(__name__)
 
-TRAIN_LOG = "train_log.csv"
+
+class MethodFiles(Protocol):
+    """Where a trained method's files go (``runs.rundir.MethodDir`` is one)."""
+
+    training_state: Path
+
+    def save(self, *, state_dict, meta, encoder, train_log, predictions) -> None: ...
 
 
 def class_weights(labels: np.ndarray) -> torch.Tensor:
@@ -51,144 +50,40 @@ def class_weights(labels: np.ndarray) -> torch.Tensor:
     return torch.tensor(len(labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
 
 
-def open_feature_store(
-    config: ExperimentConfig, cohort: Cohort, *, progress: bool = False
-) -> FeatureStore:
-    """The cohort's feature files, in RAM when ``training.in_memory`` allows."""
-    return FeatureStore(
-        config.features.dir,
-        cohort.slides["slide_id"].tolist(),
-        in_memory=config.training.in_memory,
-        progress=progress,
-    )
-
-
-@dataclass
-class _Part:
-    """The patients of one split with their encoded data."""
-
-    ids: list[str]
-    dataset: PatientBags
-
-
-@dataclass
-class _Setup:
-    """Everything a method's training needs, fitted on the training patients only."""
-
-    method: Method
-    encoder: ClinicalEncoder
-    parts: dict[str, _Part]  # train, val, test
-    device: torch.device
-
-
 def train_method(
     config: ExperimentConfig,
     method_cfg: MethodConfig,
-    run_dir: str | Path,
+    out: MethodFiles,
     *,
     cohort: Cohort,
     splits: Splits,
     fold: int = 0,
     store: FeatureStore | None = None,
     progress: bool = True,
-) -> Path:
-    """Train one method on one fold and write its folder (see the module docstring).
+) -> None:
+    """Train one method on one fold and hand its files to ``out``.
+
+    Under torchrun every process trains and process 0 saves.
 
     Args:
-        config: the experiment; ``config.training`` gives the optimiser, epochs and seed.
+        config: the experiment; ``config.training`` gives the mode, optimiser, epochs and seed.
         method_cfg: the method's name and options.
-        run_dir: the run folder; the method writes ``run_dir/<method_cfg.key>/``.
         store: feature files already opened (several methods on one cohort share one).
         progress: show a progress bar per epoch.
 
-    Returns:
-        The method's folder.
-
     Raises:
         ConfigError: unknown method or option. CohortError: a separating clinical feature.
-        FeatureFileError: missing or inconsistent feature files.
+        FeatureFileError, SlideError: missing or inconsistent feature files, slides or tiles.
+        TrainingDivergedError: a loss, or a prediction, not finite (nothing is saved).
     """
-    method_dir = Path(run_dir) / method_cfg.key
-    if (method_dir / PREDICTIONS).is_file():
-        log.info("%s: done already (%s exists), skipped", method_cfg.key, PREDICTIONS)
-        return method_dir
-    if config.training.mode == "end-to-end":  # bags of tiles, the encoder trains too (issue 13)
-        from bidistill.training.end_to_end import train_end_to_end
-
-        return train_end_to_end(
-            config, method_cfg, run_dir, cohort=cohort, splits=splits, fold=fold, progress=progress
-        )
     started = time.perf_counter()
+    tcfg = config.training
     chosen = splits.folds[fold]
     split_ids = {"train": list(chosen.train), "val": list(chosen.val), "test": list(splits.test)}
-    store = store or open_feature_store(config, cohort, progress=progress)
-    setup = _set_up(config, method_cfg, cohort, split_ids, store)
-    tcfg = config.training
-    for part in setup.parts.values():  # before training: a bag too large to predict fails now
-        check_prediction_memory(setup.method, part.dataset.bags.lengths(), store.dim, part.ids)
-    train_loader = bag_loader(
-        setup.parts["train"].dataset,
-        tcfg.batch_size,
-        shuffle=True,
-        workers=tcfg.num_workers,
-        seed=tcfg.seed,
-    )
-    val_loader = bag_loader(
-        setup.parts["val"].dataset,
-        tcfg.batch_size,
-        shuffle=False,
-        workers=tcfg.num_workers,
-        seed=tcfg.seed,
-    )
-    val_labels = setup.parts["val"].dataset.labels.numpy()
-    threads = cpu_threads_for(
-        setup.method,
-        setup.device,
-        batch_size=tcfg.batch_size,
-        bag_lengths=setup.parts["train"].dataset.lengths(),
-    )
-    with threads:
-        result = fit(
-            setup.method,
-            train_loader,
-            val_loader,
-            val_labels,
-            tcfg,
-            device=setup.device,
-            progress=progress,
-        )
-        predictions = _predict_all(setup, fold, tcfg.batch_size)
-    meta = {
-        "fold": fold,
-        "selection": [stage.to_dict() for stage in result.stages],
-        "training": tcfg.model_dump(mode="json"),
-        "features": {
-            "dir": str(config.features.dir),
-            "encoder": config.features.encoder,
-            "dim": store.dim,
-            # What made the features (a later prediction refuses features of another kind).
-            "identity": store.identity.filled_from(config_identity(config)).to_dict(),
-        },
-        "patients": split_ids,
-        "train_seconds": round(time.perf_counter() - started, 2),
-    }
-    save_checkpoint(method_dir, setup.method, setup.encoder, meta)
-    write_csv(method_dir / TRAIN_LOG, pd.DataFrame(result.log_rows))
-    _refuse_non_finite(predictions, method_cfg.key, method_dir / PREDICTIONS)
-    write_csv(method_dir / PREDICTIONS, predictions)  # last: marks the method as done
-    log.info("%s: trained in %.1f s", method_cfg.key, time.perf_counter() - started)
-    return method_dir
-
-
-def _set_up(
-    config: ExperimentConfig,
-    method_cfg: MethodConfig,
-    cohort: Cohort,
-    split_ids: dict[str, list[str]],
-    store: FeatureStore,
-) -> _Setup:
-    """Fit the clinical encoder on the training patients, build the method and the datasets."""
-    tcfg = config.training
+    device = resolve_device(tcfg.device)
+    processes = start_processes(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     train_rows = cohort.subset(split_ids["train"])
     check_separating_features(
         train_rows[cohort.feature_names],
@@ -197,104 +92,91 @@ def _set_up(
         config.cohort.allow_separating,
     )
     encoder = ClinicalEncoder(cohort.columns).fit(train_rows[cohort.feature_names])
+    source = open_bag_source(
+        config,
+        cohort,
+        split_ids,
+        encoder,
+        store=store,
+        processes=processes,
+        device=device,
+        progress=progress,
+    )
     seed_everything(tcfg.seed)
+    encoders = {"patch_encoder": source.patch_encoder} if source.patch_encoder else {}
     method = create_method(
         method_cfg.name,
-        in_dim=store.dim,
+        in_dim=source.in_dim,
         clinical_dim=encoder.n_outputs_,
         n_clinical_features=encoder.n_features_,
         feature_slices=encoder.feature_slices_,
+        **encoders,
         **method_cfg.options,
     )
     method.set_blank_clinical(torch.from_numpy(encoder.missing_row().values[0]))
     if tcfg.class_weighting:
         method.set_class_weights(class_weights(train_rows["label"].to_numpy(np.int64)))
-    device = resolve_device(tcfg.device)
     method.to(device)
-    parts = {
-        name: _Part(
-            ids,
-            _patient_bags(
-                cohort,
-                ids,
-                encoder,
-                store,
-                max_instances=tcfg.max_instances if name == "train" else None,
-                instance_dropout=tcfg.instance_dropout if name == "train" else 0.0,
-                seed=tcfg.seed,
-            ),
-        )
-        for name, ids in split_ids.items()
-    }
-    return _Setup(method, encoder, parts, device)
+    source.start(method, device)
+    broadcast_parameters(method, processes)
+    state_file = out.training_state if source.resumable else None
+    try:
+        with source.cpu_threads(method, device):
+            result = fit(
+                method,
+                source,
+                tcfg,
+                device=device,
+                progress=progress,
+                processes=processes,
+                precision=source.precision,
+                state_file=state_file,
+                fingerprint=_fingerprint(config, method_cfg, cohort, split_ids, source),
+            )
+            predictions = predictions_table(method, source, fold)
+        if processes.is_main:
+            refuse_non_finite(predictions, method_cfg.key)
+            meta = _meta(method, source, result, config, fold, split_ids, started)
+            out.save(
+                state_dict=method.state_dict(),
+                meta=meta,
+                encoder=encoder,
+                train_log=pd.DataFrame(result.log_rows),
+                predictions=predictions,
+            )
+            if state_file is not None:
+                remove_state(state_file)
+            log.info("%s: trained in %.1f s", method_cfg.key, time.perf_counter() - started)
+        barrier(processes)
+    finally:
+        source.close()
 
 
-def _patient_bags(
-    cohort: Cohort,
-    ids: list[str],
-    encoder: ClinicalEncoder,
-    store: FeatureStore,
-    *,
-    max_instances: int | None,
-    instance_dropout: float,
-    seed: int,
-) -> PatientBags:
-    rows = cohort.subset(ids)
-    encoded = encoder.transform(rows[cohort.feature_names])
-    slides = _slides_by_patient(cohort)
-    bags = StoreBags(store, [slides.get(p, []) for p in ids])
-    return PatientBags(
-        bags,
-        encoded.values,
-        encoded.valid,
-        encoded.present,
-        rows["label"].to_numpy(np.int64),
-        max_instances=max_instances,
-        instance_dropout=instance_dropout,
-        seed=seed,
-    )
-
-
-def _slides_by_patient(cohort: Cohort) -> dict[str, list[str]]:
-    # One groupby over the whole table (not a filter per patient): rows of a patient need not
-    # be adjacent, and 1000 filters would cost seconds.
-    return {str(p): list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
-
-
-def _predict_all(setup: _Setup, fold: int, batch_size: int) -> pd.DataFrame:
+def predictions_table(method: Method, source: BagSource, fold: int) -> pd.DataFrame:
+    """``predictions.csv``: per patient of every split its label and P(label = 1) with its
+    clinical data as given (``prob_present``) and withheld (``prob_absent``)."""
     frames = []
-    for split, part in setup.parts.items():
-        # Whole bags for every split: the training subsets are an augmentation.
-        part.dataset.max_instances, part.dataset.instance_dropout = None, 0.0
-        # Bounded memory for any bag size (training/bounded.py).
-        loader = prediction_loader(
-            part.dataset,
-            batch_size,
-            method=setup.method,
-            dim=setup.method.dims.in_dim,
-            names=part.ids,
-        )
-        with streaming_aggregation(setup.method):
-            prob_present, prob_absent = predict_loader(setup.method, loader, setup.device)
+    for split, patients in source.patients.items():
+        given, withheld = source.probabilities(method, split, final=True)
         frames.append(
             pd.DataFrame(
                 {
-                    "patient_id": part.ids,
+                    "patient_id": patients.ids,
                     "split": split,
                     "fold": fold,
-                    "label": part.dataset.labels.numpy(),
-                    "clinical_available": part.dataset.clinical_present.numpy(),
-                    "prob_present": prob_present,
-                    "prob_absent": prob_absent,
+                    "label": patients.labels,
+                    "clinical_available": patients.clinical_present,
+                    "prob_present": given,
+                    "prob_absent": withheld,
                 }
             )
         )
     return pd.concat(frames, ignore_index=True)
 
 
-def _refuse_non_finite(predictions: pd.DataFrame, key: str, target: Path) -> None:
-    """A method whose predictions hold NaN is never marked done (``predictions.csv`` is not
-    written), so a rerun trains it again instead of evaluating NaN."""
+def refuse_non_finite(predictions: pd.DataFrame, key: str) -> None:
+    """A method whose predictions hold NaN is never saved, so it is not marked done and a
+    rerun trains it again instead of evaluating NaN."""
     probabilities = predictions[["prob_present", "prob_absent"]].to_numpy()
     bad = ~np.isfinite(probabilities).all(axis=1)
     if bad.any():
@@ -302,7 +184,49 @@ def _refuse_non_finite(predictions: pd.DataFrame, key: str, target: Path) -> Non
         shown = ", ".join(map(str, patients[:5])) + (", …" if len(patients) > 5 else "")
         raise TrainingDivergedError(
             f"{key}: predictions are NaN for {len(patients)} of "
-            f"{count(len(bad), 'patient')} ({shown}); "
-            f"{target} is not written, so the method is not done: check those patients' "
-            "feature files, or lower training.lr"
+            f"{count(len(bad), 'patient')} ({shown}); nothing is saved, so the method is not "
+            "done: check those patients' feature files, or lower training.lr"
         )
+
+
+def _meta(method: Method, source: BagSource, result: FitResult, config, fold, split_ids, started):
+    """``model.json``: everything needed to rebuild the method and to know how it was trained
+    (a checkpoint of a newer bidistill is refused when loaded)."""
+    dims = method.dims
+    return {
+        "bidistill_version": __version__,
+        "method": method.name,
+        "options": method.options.model_dump(mode="json"),
+        "dims": {
+            "in_dim": dims.in_dim,
+            "clinical_dim": dims.clinical_dim,
+            "n_clinical_features": dims.n_clinical_features,
+            "feature_slices": [list(s) for s in dims.feature_slices],
+        },
+        "fold": fold,
+        "selection": [stage.to_dict() for stage in result.stages],
+        "training": config.training.model_dump(mode="json"),
+        **source.meta(),
+        "patients": split_ids,
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _fingerprint(config, method_cfg, cohort: Cohort, split_ids, source: BagSource) -> str:
+    """What decides the weights, so that a kept training state is resumed only by the training
+    it belongs to: the settings, the method, the patients' rows, and the source's part (e.g.
+    the starting weights and the tiles). Left out on purpose: the device, the loader workers
+    and the number of processes, which change nothing."""
+    patients = [p for ids in split_ids.values() for p in ids]
+    rows = cohort.subset(patients)[["label", *cohort.feature_names]]
+    slides = cohort.slides.sort_values(["patient_id", "slide_id"])[["patient_id", "slide_id"]]
+    data: dict[str, Any] = {
+        "training": config.training.model_dump(mode="json", exclude={"num_workers", "device"}),
+        "method": method_cfg.model_dump(mode="json"),
+        "patients": split_ids,
+        "rows": rows.to_csv(),
+        "slides": slides[slides["patient_id"].isin(patients)].to_csv(index=False),
+        "source": source.fingerprint(),
+    }
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]

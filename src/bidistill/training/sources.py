@@ -1,0 +1,290 @@
+"""Where the bags of training come from: the one seam between the trainer and its data.
+
+``training.mode`` chooses the source once (``open_bag_source``):
+
+- ``features``: bags of feature rows from the ``.h5`` files (``FeatureSource``), the method's
+  input dimension the files'; AdamW with a per-step learning-rate warm-up and cosine decay;
+- ``end-to-end``: bags of tiles decoded from the slides and encoded by a trainable patch encoder
+  (``training.tile_source.TileSource``), the input dimension the backbone's.
+
+The trainer (``training.train``) and its loop (``training.loop``) are the same for both; a
+source gives the method's input, each epoch's steps, the patients' probabilities of a split
+(clinical data given and withheld), its ``model.json`` blocks and what its resumable state
+depends on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bidistill.cohort import ClinicalEncoder, Cohort
+from bidistill.config import ExperimentConfig, TrainingConfig
+from bidistill.features import hygiene
+from bidistill.features.identity import config_identity
+from bidistill.features.store import FeatureStore
+from bidistill.models import Method
+from bidistill.models.streaming import (
+    BoundedBatchSampler,
+    check_prediction_memory,
+    streaming_aggregation,
+)
+from bidistill.training.data import (
+    PatientBags,
+    StoreBags,
+    bag_loader,
+    collate_bags,
+    withhold_clinical,
+)
+from bidistill.training.distributed import Processes
+from bidistill.training.loop import Pass, Schedule, warmup_cosine
+from bidistill.training.threads import cpu_threads_for
+
+
+@dataclass(frozen=True)
+class Patients:
+    """The patients of one split, in the order a source predicts them."""
+
+    ids: list[str]
+    labels: np.ndarray  # int [n]
+    clinical_present: np.ndarray  # bool [n]
+
+
+class BagSource(Protocol):
+    """What the trainer needs of a mode's data (see the module docstring)."""
+
+    in_dim: int  # D, the method's instance dimension
+    patch_encoder: Callable[[], nn.Module] | None  # builds a trainable patch encoder, or None
+    precision: torch.dtype  # of the forward passes
+    resumable: bool  # keeps its state at epoch boundaries
+    patients: dict[str, Patients]  # train, val, test
+
+    def start(self, method: Method, device: torch.device) -> None:
+        """Ready the bags for ``method`` (built with ``in_dim`` and ``patch_encoder``)."""
+
+    def cpu_threads(
+        self, method: Method, device: torch.device
+    ) -> contextlib.AbstractContextManager:
+        """The torch threads that suit a step's work (``training.threads``)."""
+
+    def schedule(self, method: Method, epochs: int, steps: int) -> Schedule:
+        """A stage's optimiser and schedule over the method's trainable parameters."""
+
+    def steps_per_epoch(self) -> int: ...
+
+    def train_steps(self, drawn: int) -> Iterator[Iterator[Pass]]:
+        """An epoch's steps, each its forward passes; ``drawn`` (epochs run before) draws the
+        bags."""
+
+    def probabilities(
+        self, method: Method, split: str, *, final: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """P(label = 1) per patient of ``split`` with clinical data given and withheld;
+        ``final``: the predictions table's (whole bags, in bounded memory)."""
+
+    def meta(self) -> dict[str, Any]:
+        """The source's ``model.json`` blocks (``features``, ``end_to_end``)."""
+
+    def fingerprint(self) -> str:
+        """What the weights depend on beyond the settings and the patients' rows."""
+
+    def close(self) -> None: ...
+
+
+def open_bag_source(
+    config: ExperimentConfig,
+    cohort: Cohort,
+    split_ids: dict[str, list[str]],
+    encoder: ClinicalEncoder,
+    *,
+    store: FeatureStore | None,
+    processes: Processes,
+    device: torch.device,
+    progress: bool,
+) -> BagSource:
+    """The bag source of ``config.training.mode`` (the one place the mode is decided)."""
+    if config.training.mode == "end-to-end":
+        from bidistill.training.tile_source import TileSource
+
+        return TileSource(config, cohort, split_ids, encoder, processes, device)
+    store = store or open_feature_store(config, cohort, progress=progress)
+    slides = _slides_by_patient(cohort)
+    parts = {
+        name: (ids, _patient_bags(config.training, cohort, ids, encoder, store, slides, name))
+        for name, ids in split_ids.items()
+    }
+    features = {
+        "dir": str(config.features.dir),
+        "encoder": config.features.encoder,
+        "dim": store.dim,
+        # What made the features (a later prediction refuses features of another kind).
+        "identity": store.identity.filled_from(config_identity(config)).to_dict(),
+    }
+    return FeatureSource(parts, config.training, store.dim, features)
+
+
+def open_feature_store(
+    config: ExperimentConfig, cohort: Cohort, *, progress: bool = False
+) -> FeatureStore:
+    """The cohort's feature files, in RAM when ``training.in_memory`` allows."""
+    return FeatureStore(
+        config.features.dir,
+        cohort.slides["slide_id"].tolist(),
+        in_memory=config.training.in_memory,
+        progress=progress,
+    )
+
+
+class FeatureSource:
+    """Bags of feature rows (``training.data.PatientBags``) per split.
+
+    Args:
+        parts: split → (patient ids, their bags); training subsets and instance dropout apply
+            to the ``train`` split's bags only.
+        features: ``model.json``'s ``features`` block.
+    """
+
+    patch_encoder = None
+    precision = torch.float32
+    resumable = False
+
+    def __init__(
+        self,
+        parts: dict[str, tuple[list[str], PatientBags]],
+        cfg: TrainingConfig,
+        dim: int,
+        features: dict[str, Any] | None = None,
+    ):
+        self.parts = parts
+        self.cfg = cfg
+        self.in_dim = dim
+        self.features = features or {}
+        self.patients = {
+            name: Patients(list(ids), bags.labels.numpy(), bags.clinical_present.numpy())
+            for name, (ids, bags) in parts.items()
+        }
+
+    def start(self, method: Method, device: torch.device) -> None:
+        self.device = device
+        available = hygiene.available_memory_bytes()
+        for ids, bags in self.parts.values():  # a bag too large to predict fails now
+            check_prediction_memory(method, bags.bags.lengths(), self.in_dim, ids, available)
+        cfg = self.cfg
+        self.loaders = {
+            name: bag_loader(
+                self.parts[name][1],
+                cfg.batch_size,
+                shuffle=name == "train",
+                workers=cfg.num_workers,
+                seed=cfg.seed,
+            )
+            for name in ("train", "val")
+        }
+
+    def cpu_threads(self, method: Method, device: torch.device):
+        lengths = self.parts["train"][1].lengths()
+        return cpu_threads_for(method, device, batch_size=self.cfg.batch_size, bag_lengths=lengths)
+
+    def schedule(self, method: Method, epochs: int, steps: int) -> Schedule:
+        params = [p for p in method.parameters() if p.requires_grad]
+        cfg = self.cfg
+        # foreach: one fused update for all parameters (torch's CPU default loops over them).
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True
+        )
+        scheduler = warmup_cosine(optimizer, cfg.lr_warmup_epochs * steps, epochs * steps)
+        return Schedule(optimizer, scheduler, per_step=True, warmup_epochs=cfg.lr_warmup_epochs)
+
+    def steps_per_epoch(self) -> int:
+        return len(self.loaders["train"])
+
+    def train_steps(self, drawn: int) -> Iterator[Iterator[Pass]]:
+        loader = self.loaders["train"]
+        loader.dataset.set_epoch(drawn)  # so that epochs and stages draw different subsets
+        for batch in loader:
+            yield iter([Pass(batch.to(self.device))])
+
+    def probabilities(
+        self, method: Method, split: str, *, final: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if not final:
+            return predict_loader(method, self.loaders[split], self.device)
+        ids, bags = self.parts[split]
+        # Whole bags for every split: the training subsets are an augmentation.
+        bags.max_instances, bags.instance_dropout = None, 0.0
+        batches = BoundedBatchSampler(bags.lengths(), self.cfg.batch_size, self.in_dim)
+        loader = DataLoader(bags, batch_sampler=batches, collate_fn=collate_bags, num_workers=0)
+        with streaming_aggregation(method):
+            return predict_loader(method, loader, self.device)
+
+    def meta(self) -> dict[str, Any]:
+        return {"features": self.features}
+
+    def fingerprint(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def predict_loader(
+    method: Method, loader: DataLoader, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """P(label = 1) per patient, in dataset order, with clinical data as given and withheld.
+
+    Runs in ``eval()`` mode under ``no_grad`` and restores the previous mode.
+
+    Returns:
+        (prob_present [n], prob_absent [n]).
+    """
+    was_training = method.training
+    method.eval()
+    n = len(loader.dataset)
+    present, absent = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    # The sampler batches bags by size; its batches give each prediction's place.
+    for indices, batch in zip(loader.batch_sampler, loader):
+        batch = batch.to(device)
+        present[indices] = method(batch).probabilities.float().cpu().numpy()
+        blank = withhold_clinical(batch, method.blank_clinical)
+        absent[indices] = method(blank).probabilities.float().cpu().numpy()
+    method.train(was_training)
+    return present, absent
+
+
+def _patient_bags(
+    cfg: TrainingConfig,
+    cohort: Cohort,
+    ids: list[str],
+    encoder: ClinicalEncoder,
+    store: FeatureStore,
+    slides: dict[str, list[str]],
+    split: str,
+) -> PatientBags:
+    rows = cohort.subset(ids)
+    encoded = encoder.transform(rows[cohort.feature_names])
+    bags = StoreBags(store, [slides.get(p, []) for p in ids])
+    train = split == "train"
+    return PatientBags(
+        bags,
+        encoded.values,
+        encoded.valid,
+        encoded.present,
+        rows["label"].to_numpy(np.int64),
+        max_instances=cfg.max_instances if train else None,
+        instance_dropout=cfg.instance_dropout if train else 0.0,
+        seed=cfg.seed,
+    )
+
+
+def _slides_by_patient(cohort: Cohort) -> dict[str, list[str]]:
+    # One groupby over the whole table (not a filter per patient): rows of a patient need not
+    # be adjacent, and 1000 filters would cost seconds.
+    return {str(p): list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
