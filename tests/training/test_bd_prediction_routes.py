@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from bidistill.cohort import load_cohort, resolve_splits
 from bidistill.config import MethodConfig
+from bidistill.runs.rundir import RunDir
 from bidistill.synthetic.features import make_feature_cohort
 from bidistill.training import train_method
 
@@ -30,8 +31,9 @@ def train_bd(config, run: Path) -> Path:
     cohort = load_cohort(config.cohort)
     splits = resolve_splits(cohort, config.cohort.splits, run / "splits.json")
     method_cfg = MethodConfig(name="bd")
-    train_method(config, method_cfg, run, cohort=cohort, splits=splits, progress=False)
-    return run / method_cfg.key
+    out = RunDir(run).method(method_cfg.key)
+    train_method(config, method_cfg, out, cohort=cohort, splits=splits, progress=False)
+    return out.path
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ from torch import Tensor, nn
 from bidistill.config import TrainingConfig
 from bidistill.models import Batch, Method, MethodDims, MethodOptions, Output
 from bidistill.models.base import Part, Stage
+from bidistill.training.bag_source import Pass, Schedule
 from bidistill.training.data import ArrayBags, PatientBags
-from bidistill.training.loop import Pass, Schedule, fit
-from bidistill.training.sources import FeatureSource
+from bidistill.training.feature_source import FeatureSource
+from bidistill.training.loop import fit
 
 CPU = torch.device("cpu")
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from bidistill.cohort import load_cohort, resolve_splits
 from bidistill.config import load_config
+from bidistill.runs.rundir import RunDir
 from bidistill.slides.run import tile_from_config
 from bidistill.synthetic.patches import make_patch_cohort
 from bidistill.training import train_method
@@ -55,8 +56,9 @@ def train_bd(config_path: Path, run: Path) -> Path:
     cohort = load_cohort(config.cohort)
     splits = resolve_splits(cohort, config.cohort.splits, run / "splits.json")
     (method_cfg,) = config.methods
-    train_method(config, method_cfg, run, cohort=cohort, splits=splits, progress=False)
-    return run / method_cfg.key
+    out = RunDir(run).method(method_cfg.key)
+    train_method(config, method_cfg, out, cohort=cohort, splits=splits, progress=False)
+    return out.path
 
 
 def epochs_started(monkeypatch, *, stop_at: int | None = None) -> list[int]:

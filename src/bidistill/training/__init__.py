@@ -1,9 +1,9 @@
 """Training: one trainer over bag sources (feature rows or tiles), its loop, its data."""
 
 from bidistill.training.data import PatientBags, bag_loader, collate_bags, withhold_clinical
+from bidistill.training.feature_source import open_feature_store, predict_loader
 from bidistill.training.loop import fit
 from bidistill.training.seeding import seed_everything
-from bidistill.training.sources import open_feature_store, predict_loader
 from bidistill.training.train import MethodFiles, train_method
 
 __all__ = [

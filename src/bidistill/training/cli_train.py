@@ -15,7 +15,7 @@ from bidistill.runs.lock import lock_run_dir
 from bidistill.runs.preflight import check_device, check_trainable_cohort, prepare_output_dir
 from bidistill.runs.rundir import MethodDir
 from bidistill.training.distributed import barrier, launched_by_torchrun, process_group
-from bidistill.training.sources import open_feature_store
+from bidistill.training.feature_source import open_feature_store
 from bidistill.training.train import train_method
 
 log = logging.getLogger(__name__)

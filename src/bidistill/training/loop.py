@@ -1,5 +1,5 @@
 """The one training loop: stages, epochs, steps, model selection with early stopping, and its
-resumable state, over any bag source (``training.sources``).
+resumable state, over any bag source (``training.bag_source``).
 
 A method's ``stages()`` run in order, each with a fresh optimiser (the source's: feature mode's
 AdamW with a per-step warm-up and cosine decay, end-to-end's configured optimiser and per-epoch
@@ -37,7 +37,6 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,7 +48,7 @@ from bidistill.config import TrainingConfig
 from bidistill.devices import autocast
 from bidistill.errors import BidistillError
 from bidistill.models.base import Method, Part, Selection, Stage
-from bidistill.models.batch import Batch
+from bidistill.training.bag_source import BagSource, Pass, Schedule
 from bidistill.training.distributed import (
     Processes,
     average_buffers,
@@ -58,9 +57,6 @@ from bidistill.training.distributed import (
     sum_gradients,
 )
 from bidistill.training.progress import EpochBar
-
-if TYPE_CHECKING:
-    from bidistill.training.sources import BagSource
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +71,6 @@ SELECTION: dict[Selection, str] = {
 class TrainingDivergedError(BidistillError, RuntimeError):
     """A loss term or a prediction became NaN or infinite (the settings' doing, e.g. the
     learning rate, since the feature files are checked for NaN/inf when they are opened)."""
-
-
-def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
-    """Linear warm-up to the base LR, then cosine decay to 0 at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def auc_or_nan(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -114,27 +98,6 @@ class ValidationAUCs:
         if select == "absent":
             return self.absent
         return (self.present + self.absent) / 2
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One forward pass of a step: its bags (on the device), the torch seed to draw its dropout
-    from (None: the running generator) and the number of passes of its step."""
-
-    batch: Batch
-    seed: int | None = None
-    passes: int = 1
-
-
-@dataclass
-class Schedule:
-    """A stage's optimiser and learning-rate schedule (stepped per step or per epoch); the
-    epochs of its warm-up are no candidates for selection."""
-
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    per_step: bool
-    warmup_epochs: int = 0
 
 
 @dataclass

@@ -34,8 +34,8 @@ from bidistill.devices import resolve_precision
 from bidistill.models import Method
 from bidistill.models.patch_encoder import encoded_aggregators, patch_encoder_parameters
 from bidistill.training.backbone import load_backbone, patch_encoder_factory
+from bidistill.training.bag_source import Pass, Patients, Schedule
 from bidistill.training.distributed import Processes, gather
-from bidistill.training.loop import Pass, Schedule
 from bidistill.training.pixel_bags import (
     BagSpec,
     PixelBags,
@@ -47,7 +47,6 @@ from bidistill.training.pixel_bags import (
     training_bags,
 )
 from bidistill.training.pixel_predict import GIVEN, WITHHELD, reduce_bags, run_bags
-from bidistill.training.sources import Patients
 from bidistill.training.threads import cpu_threads_for
 
 

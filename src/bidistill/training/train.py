@@ -1,7 +1,7 @@
 """``train_method``: one method, one fold, from a cohort and its bags to a method's files.
 
 One trainer for both modes: the clinical encoder fitted on the training patients, the method
-created on the bag source's input (``training.sources``: feature rows or tiles through a
+created on the bag source's input (``training.bag_source``: feature rows or tiles through a
 trainable patch encoder), class weights, the loop (``training.loop``), then the predictions
 table and ``model.json``, handed to the run folder (``MethodFiles``) to write. Every statistic
 (clinical encoding, class weights, model selection) comes from the training and validation
@@ -28,10 +28,17 @@ from bidistill.config import ExperimentConfig, MethodConfig
 from bidistill.devices import resolve_device
 from bidistill.features.store import FeatureStore
 from bidistill.models import Method, create_method
-from bidistill.training.distributed import barrier, broadcast_parameters, start_processes
+from bidistill.training.bag_source import BagSource
+from bidistill.training.distributed import (
+    Processes,
+    barrier,
+    broadcast_parameters,
+    start_processes,
+)
+from bidistill.training.feature_source import open_feature_source
 from bidistill.training.loop import FitResult, TrainingDivergedError, fit, remove_state
 from bidistill.training.seeding import seed_everything
-from bidistill.training.sources import BagSource, open_bag_source
+from bidistill.training.tile_source import TileSource
 
 log = logging.getLogger(__name__)
 
@@ -230,3 +237,20 @@ def _fingerprint(config, method_cfg, cohort: Cohort, split_ids, source: BagSourc
     }
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def open_bag_source(
+    config: ExperimentConfig,
+    cohort: Cohort,
+    split_ids: dict[str, list[str]],
+    encoder: ClinicalEncoder,
+    *,
+    store: FeatureStore | None,
+    processes: Processes,
+    device: torch.device,
+    progress: bool,
+) -> BagSource:
+    """The bag source of ``config.training.mode`` (the one place the mode is decided)."""
+    if config.training.mode == "end-to-end":
+        return TileSource(config, cohort, split_ids, encoder, processes, device)
+    return open_feature_source(config, cohort, split_ids, encoder, store=store, progress=progress)

@@ -1,28 +1,12 @@
-"""Where the bags of training come from: the one seam between the trainer and its data.
-
-``training.mode`` chooses the source once (``open_bag_source``):
-
-- ``features``: bags of feature rows from the ``.h5`` files (``FeatureSource``), the method's
-  input dimension the files'; AdamW with a per-step learning-rate warm-up and cosine decay;
-- ``end-to-end``: bags of tiles decoded from the slides and encoded by a trainable patch encoder
-  (``training.tile_source.TileSource``), the input dimension the backbone's.
-
-The trainer (``training.train``) and its loop (``training.loop``) are the same for both; a
-source gives the method's input, each epoch's steps, the patients' probabilities of a split
-(clinical data given and withheld), its ``model.json`` blocks and what its resumable state
-depends on.
-"""
+"""Feature mode's bag source: bags of feature rows from the cohort's ``.h5`` files."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from bidistill.cohort import ClinicalEncoder, Cohort
@@ -36,6 +20,7 @@ from bidistill.models.streaming import (
     check_prediction_memory,
     streaming_aggregation,
 )
+from bidistill.training.bag_source import Pass, Patients, Schedule, warmup_cosine
 from bidistill.training.data import (
     PatientBags,
     StoreBags,
@@ -43,91 +28,7 @@ from bidistill.training.data import (
     collate_bags,
     withhold_clinical,
 )
-from bidistill.training.distributed import Processes
-from bidistill.training.loop import Pass, Schedule, warmup_cosine
 from bidistill.training.threads import cpu_threads_for
-
-
-@dataclass(frozen=True)
-class Patients:
-    """The patients of one split, in the order a source predicts them."""
-
-    ids: list[str]
-    labels: np.ndarray  # int [n]
-    clinical_present: np.ndarray  # bool [n]
-
-
-class BagSource(Protocol):
-    """What the trainer needs of a mode's data (see the module docstring)."""
-
-    in_dim: int  # D, the method's instance dimension
-    patch_encoder: Callable[[], nn.Module] | None  # builds a trainable patch encoder, or None
-    precision: torch.dtype  # of the forward passes
-    resumable: bool  # keeps its state at epoch boundaries
-    patients: dict[str, Patients]  # train, val, test
-
-    def start(self, method: Method, device: torch.device) -> None:
-        """Ready the bags for ``method`` (built with ``in_dim`` and ``patch_encoder``)."""
-
-    def cpu_threads(
-        self, method: Method, device: torch.device
-    ) -> contextlib.AbstractContextManager:
-        """The torch threads that suit a step's work (``training.threads``)."""
-
-    def schedule(self, method: Method, epochs: int, steps: int) -> Schedule:
-        """A stage's optimiser and schedule over the method's trainable parameters."""
-
-    def steps_per_epoch(self) -> int: ...
-
-    def train_steps(self, drawn: int) -> Iterator[Iterator[Pass]]:
-        """An epoch's steps, each its forward passes; ``drawn`` (epochs run before) draws the
-        bags."""
-
-    def probabilities(
-        self, method: Method, split: str, *, final: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """P(label = 1) per patient of ``split`` with clinical data given and withheld;
-        ``final``: the predictions table's (whole bags, in bounded memory)."""
-
-    def meta(self) -> dict[str, Any]:
-        """The source's ``model.json`` blocks (``features``, ``end_to_end``)."""
-
-    def fingerprint(self) -> str:
-        """What the weights depend on beyond the settings and the patients' rows."""
-
-    def close(self) -> None: ...
-
-
-def open_bag_source(
-    config: ExperimentConfig,
-    cohort: Cohort,
-    split_ids: dict[str, list[str]],
-    encoder: ClinicalEncoder,
-    *,
-    store: FeatureStore | None,
-    processes: Processes,
-    device: torch.device,
-    progress: bool,
-) -> BagSource:
-    """The bag source of ``config.training.mode`` (the one place the mode is decided)."""
-    if config.training.mode == "end-to-end":
-        from bidistill.training.tile_source import TileSource
-
-        return TileSource(config, cohort, split_ids, encoder, processes, device)
-    store = store or open_feature_store(config, cohort, progress=progress)
-    slides = _slides_by_patient(cohort)
-    parts = {
-        name: (ids, _patient_bags(config.training, cohort, ids, encoder, store, slides, name))
-        for name, ids in split_ids.items()
-    }
-    features = {
-        "dir": str(config.features.dir),
-        "encoder": config.features.encoder,
-        "dim": store.dim,
-        # What made the features (a later prediction refuses features of another kind).
-        "identity": store.identity.filled_from(config_identity(config)).to_dict(),
-    }
-    return FeatureSource(parts, config.training, store.dim, features)
 
 
 def open_feature_store(
@@ -288,3 +189,29 @@ def _slides_by_patient(cohort: Cohort) -> dict[str, list[str]]:
     # One groupby over the whole table (not a filter per patient): rows of a patient need not
     # be adjacent, and 1000 filters would cost seconds.
     return {str(p): list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
+
+
+def open_feature_source(
+    config: ExperimentConfig,
+    cohort: Cohort,
+    split_ids: dict[str, list[str]],
+    encoder: ClinicalEncoder,
+    *,
+    store: FeatureStore | None,
+    progress: bool,
+) -> FeatureSource:
+    """The feature rows of each split's patients (the store's files, opened unless given)."""
+    store = store or open_feature_store(config, cohort, progress=progress)
+    slides = _slides_by_patient(cohort)
+    parts = {
+        name: (ids, _patient_bags(config.training, cohort, ids, encoder, store, slides, name))
+        for name, ids in split_ids.items()
+    }
+    features = {
+        "dir": str(config.features.dir),
+        "encoder": config.features.encoder,
+        "dim": store.dim,
+        # What made the features (a later prediction refuses features of another kind).
+        "identity": store.identity.filled_from(config_identity(config)).to_dict(),
+    }
+    return FeatureSource(parts, config.training, store.dim, features)
