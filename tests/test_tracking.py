@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from bidistill.errors import ConfigError
-from bidistill.pipeline import run_experiment
+from bidistill.experiment import run_experiment
 from bidistill.synthetic.features import make_feature_cohort
 
 mlflow = pytest.importorskip(

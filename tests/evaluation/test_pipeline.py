@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from bidistill.cli import app
 from bidistill.config import dump_config, load_config
 from bidistill.errors import ConfigError
-from bidistill.pipeline import run_experiment
+from bidistill.experiment import run_experiment
 from bidistill.synthetic.features import make_feature_cohort
 
 RUN_FILES = [

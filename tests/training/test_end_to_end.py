@@ -25,10 +25,10 @@ from typer.testing import CliRunner
 
 from bidistill.cli import app
 from bidistill.config import load_config
-from bidistill.pipeline import run_experiment
+from bidistill.experiment import run_experiment
+from bidistill.experiment import train_methods as train_from_config
 from bidistill.slides.run import tile_from_config
 from bidistill.synthetic.patches import make_patch_cohort
-from bidistill.training.cli_train import train_from_config
 
 pytestmark = pytest.mark.slow
 

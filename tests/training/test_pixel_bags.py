@@ -130,8 +130,8 @@ def test_end_to_end_needs_slides_and_whole_forward_passes(tiled):
 
 
 def test_torchrun_runs_end_to_end_training_only(tiled, tmp_path, monkeypatch):
-    from bidistill.pipeline import run_experiment
-    from bidistill.training.cli_train import train_from_config
+    from bidistill.experiment import run_experiment
+    from bidistill.experiment import train_methods as train_from_config
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "localhost")

@@ -169,14 +169,6 @@ def say(message: str) -> None:
     console.print(message, soft_wrap=True, highlight=False, markup=False)
 
 
-def has_command(name: str) -> bool:
-    """Whether this build has a `bidistill <name>` command (hints name only commands that exist)."""
-    return any(
-        (info.name or (info.callback.__name__ if info.callback else "")) == name
-        for info in app.registered_commands
-    )
-
-
 def default_run_dir(config: Path, loaded=None) -> Path:
     """``runs/<the config's name>`` (its file name when the name has unusual characters)."""
     import re
@@ -189,7 +181,7 @@ def free_run_dir(config: Path, loaded=None) -> Path:
     """The run folder that `next: bidistill run` hints name: ``default_run_dir``, unless another
     config file made it (`run` would refuse it): then a folder named after this file."""
     from bidistill.errors import ConfigError
-    from bidistill.runs.preflight import check_config_origin
+    from bidistill.experiment.checks import check_config_origin
 
     run_dir = default_run_dir(config, loaded)
     try:

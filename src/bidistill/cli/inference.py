@@ -61,7 +61,7 @@ def _check_output_folder(folder: Path, given: Path | None = None) -> None:
             folder that cannot be made or written.
     """
     from bidistill.errors import ConfigError
-    from bidistill.runs.preflight import prepare_output_dir
+    from bidistill.experiment.checks import prepare_output_dir
 
     given = given or folder
     blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
