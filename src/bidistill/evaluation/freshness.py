@@ -30,7 +30,7 @@ def evaluation_inputs(run_dir: Path, config: ExperimentConfig) -> StageInputs:
         says="evaluation settings",
     )
     run = RunDir(run_dir)
-    inputs.add("splits", file_digest(run.splits), says="splits.json")
+    inputs.add("splits", file_digest(run.splits), says=run.splits.name)
     inputs.add_items(
         "predictions",
         {m.key: file_digest(run.joined(m.key).predictions) for m in config.methods},

@@ -744,10 +744,6 @@ def record_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
 
 # --- the run folder: made by this config, with these settings -------------------------------------
 
-# Sections that decide what a trained method is; a run folder refuses a config that changes
-# them (methods may be added and evaluation settings changed: that only adds or redoes work).
-FIXED_SECTIONS = ("cohort", "slides", "tiling", "features", "training")
-
 
 def check_run_folder(config: ExperimentConfig, config_path: str | Path, run: RunDir) -> None:
     """Refuse a run folder made by another config file, or holding a run of other cohort,
@@ -757,16 +753,18 @@ def check_run_folder(config: ExperimentConfig, config_path: str | Path, run: Run
         ConfigError: naming the folder, what changed and how to go on.
     """
     from bidistill.config import load_config
-    from bidistill.runs.inputs import config_sections
+    from bidistill.runs.inputs import TRAINING_SECTIONS, config_sections
 
     check_config_origin(run.path, config_path)
     if not run.config.is_file():
         return
     previous = load_config(run.config)
-    # Paths left out: a moved project folder is the same experiment; its files are
-    # fingerprinted by content, so what changed with the move is still found.
-    old, new = config_sections(previous, FIXED_SECTIONS), config_sections(config, FIXED_SECTIONS)
-    changed = [s for s in FIXED_SECTIONS if old[s] != new[s]]
+    # The sections that decide what a trained method is (methods may be added and evaluation
+    # settings changed: that only adds or redoes work). Paths are left out: a moved project
+    # folder is the same experiment; its files are fingerprinted by content.
+    old = config_sections(previous, TRAINING_SECTIONS)
+    new = config_sections(config, TRAINING_SECTIONS)
+    changed = [s for s in TRAINING_SECTIONS if old[s] != new[s]]
     if changed:
         raise ConfigError(
             f"{run.path} holds a run made with other {', '.join(changed)} settings "
