@@ -256,7 +256,7 @@ def train(
         store=checks.store,
     )
     for method_dir in written:
-        console.print(f"{method_dir.key}: {method_dir.path}", highlight=False)
+        say(f"{method_dir.key}: {method_dir.path}")
     say_next(f"bidistill evaluate {shell_arg(out)}")
 
 
