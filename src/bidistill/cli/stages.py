@@ -219,7 +219,7 @@ def encoders() -> None:
 def train(
     config: Path = typer.Argument(..., help="Experiment YAML."),
     out: Path = typer.Option(
-        ..., "--out", metavar="DIR", help="Run folder; each method writes out/<method>/."
+        ..., "--out", metavar="DIR", help="Run folder: out/<method>/ (k-fold: out/folds/fold<k>/<method>/)."
     ),
     method: list[str] = typer.Option(
         None,
