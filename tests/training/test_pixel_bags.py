@@ -130,8 +130,7 @@ def test_end_to_end_needs_slides_and_whole_forward_passes(tiled):
 
 
 def test_torchrun_runs_end_to_end_training_only(tiled, tmp_path, monkeypatch):
-    from bidistill.experiment import run_experiment
-    from bidistill.experiment import train_methods
+    from bidistill.experiment import run_experiment, train_methods
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "localhost")

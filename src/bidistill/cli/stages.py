@@ -219,7 +219,10 @@ def encoders() -> None:
 def train(
     config: Path = typer.Argument(..., help="Experiment YAML."),
     out: Path = typer.Option(
-        ..., "--out", metavar="DIR", help="Run folder: out/<method>/ (k-fold: out/folds/fold<k>/<method>/)."
+        ...,
+        "--out",
+        metavar="DIR",
+        help="Run folder: out/<method>/ (k-fold: out/folds/fold<k>/<method>/).",
     ),
     method: list[str] = typer.Option(
         None,
