@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -167,6 +169,46 @@ def say_next(command: str) -> None:
 
 def say(message: str) -> None:
     console.print(message, soft_wrap=True, highlight=False, markup=False)
+
+
+@contextlib.contextmanager
+def warnings_shown(*, python_warnings: bool = False) -> Iterator[None]:
+    """Show the package's warnings as `warning:` lines while a command runs, each once (a stage
+    that loads the cohort again must not repeat it); without it they would go only to the run's
+    ``run.log``. ``python_warnings``: Python's warnings too, after the command's work."""
+    import logging
+    import warnings
+
+    from rich.text import Text
+
+    shown: set[str] = set()
+
+    def show(message: str) -> None:
+        if message not in shown:
+            shown.add(message)
+            line = Text.assemble(("warning: ", "bold yellow"), message)
+            console.print(line, soft_wrap=True, highlight=False)
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            show(record.getMessage())
+
+    handler, package_log = Lines(logging.WARNING), logging.getLogger("bidistill")
+    old_level = package_log.level
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    caught: list = []
+    try:
+        with contextlib.ExitStack() as stack:
+            if python_warnings:
+                caught = stack.enter_context(warnings.catch_warnings(record=True))
+                warnings.simplefilter("always")
+            yield
+        for warning in caught:
+            show(str(warning.message))
+    finally:
+        package_log.removeHandler(handler)
+        package_log.setLevel(old_level)
 
 
 def default_run_dir(config: Path, loaded=None) -> Path:

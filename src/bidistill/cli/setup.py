@@ -73,9 +73,9 @@ def init(
         )
     write_text(output, template_text(bcnb=bcnb, synthetic=synthetic))
     say(f"wrote {output}")
-    from bidistill.experiment.checks import check_config_paths
+    from bidistill.experiment.checks import check_config
 
-    todo = [f for f in check_config_paths(load_experiment(output)) if f.status != "ok"]
+    todo = [f for f in check_config(load_experiment(output)).findings if f.status != "ok"]
     if todo:
         say("to fill in before it runs (paths are relative to the config):")
         for finding in todo:

@@ -20,6 +20,7 @@ from bidistill.cli.base import (
     say,
     say_next,
     shell_arg,
+    warnings_shown,
 )
 from bidistill.runs.rundir import RunDir
 
@@ -284,46 +285,6 @@ def _reference_of(run_dir: Path) -> str:
     )
 
 
-class _ConsoleLog:
-    """Show every warning on the console while a command runs, each once (a stage that loads
-    the cohort again must not repeat it); without it they would go only to the run's
-    ``run.log``. (Stage messages reach the console through ``say``.)"""
-
-    def __enter__(self):
-        import logging
-
-        from rich.text import Text
-
-        class StageFilter(logging.Filter):
-            def filter(self, record: logging.LogRecord) -> bool:
-                return record.levelno >= logging.WARNING
-
-        shown: set[str] = set()
-
-        class Handler(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                message = record.getMessage()
-                if message not in shown:
-                    shown.add(message)
-                    console.print(
-                        Text.assemble(("warning: ", "bold yellow"), message),
-                        soft_wrap=True,
-                        highlight=False,
-                    )
-
-        self.handler = Handler(logging.INFO)
-        self.handler.addFilter(StageFilter())
-        self.logger = logging.getLogger("bidistill")
-        self.old_level = self.logger.level
-        self.logger.addHandler(self.handler)
-        self.logger.setLevel(logging.INFO)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.logger.removeHandler(self.handler)
-        self.logger.setLevel(self.old_level)
-
-
 @app.command(cls=HelpCommand)
 def run(
     config: Path = typer.Argument(..., help="Experiment YAML."),
@@ -349,7 +310,7 @@ def run(
     from bidistill.experiment import run_experiment
 
     out = out or default_run_dir(config)
-    with _ConsoleLog():
+    with warnings_shown():
         result = run_experiment(config, out, progress=not no_progress, say=say)
     _print_results(result.metrics, pd.read_csv(RunDir(out).delong), out)
     say_next(_predict_command(load_experiment(config), out))
@@ -427,7 +388,7 @@ def demo(
     import pandas as pd
 
     start = time.perf_counter()
-    with _ConsoleLog():
+    with warnings_shown():
         if from_slides:
             from bidistill.experiment.demo import DEMO_PATIENTS, run_slides_demo
 

@@ -10,6 +10,7 @@ to exactly what the stages then accept. Features that `run` makes from the slide
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -127,7 +128,7 @@ def check_stages(
         need_features: False when every method of the run is trained already (the feature
             files are then not read again).
         skip_errors: the stage goes on past failing slides (missing files, no MPP).
-        shard: only this shard's slides (``runner.Shard``).
+        shard: only this shard's slides (``slide_stages.Shard``).
         in_memory: how to open the feature store when every file is there (``no``: headers
             and a scan of the values; the training setting to keep it for training).
     """
@@ -152,11 +153,6 @@ def check_config(config: ExperimentConfig, *, run_dir: Path | None = None) -> Ch
             finding.status = WARN
             finding.detail += f" (blocks `bidistill {' / '.join(finding.stages)}` only)"
     return checks
-
-
-def check_config_paths(config: ExperimentConfig) -> list[Finding]:
-    """The findings of ``check_config`` (what `bidistill init` lists to fill in)."""
-    return check_config(config).findings
 
 
 def _run_checks(context: _Context, stages: list[str]) -> Checks:
@@ -565,32 +561,20 @@ def check_cohort_features(
         actual_where=f"the feature files in {paths[0].parent}",
         expected_where="the config's `features` section",
     )
-    if run_dir is not None:
-        for model_json, recorded in trained_identities(run_dir):
-            check_matches(
-                identity,
-                recorded,
-                actual_where=f"the feature files in {paths[0].parent}",
-                expected_where=f"the features {model_json.parent.name} was trained on "
-                f"({model_json})",
-            )
+    for model_json in RunDir(run_dir).method_metas() if run_dir is not None else []:
+        try:  # the identity each trained method recorded
+            recorded = json.loads(model_json.read_text(encoding="utf-8"))["features"]["identity"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # none recorded; a damaged checkpoint is its own loader's to report
+        if not recorded:
+            continue
+        check_matches(
+            identity,
+            FeatureIdentity.from_dict(recorded),
+            actual_where=f"the feature files in {paths[0].parent}",
+            expected_where=f"the features {model_json.parent.name} was trained on ({model_json})",
+        )
     return identity
-
-
-def trained_identities(run_dir: Path) -> list[tuple[Path, FeatureIdentity]]:
-    """The feature identity each trained method of a run directory recorded (``model.json``)."""
-    import json
-
-    found = []
-    for model_json in RunDir(run_dir).method_metas():
-        try:
-            block: dict[str, Any] = json.loads(model_json.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # the method's own loader reports a damaged checkpoint
-        recorded = block.get("features", {}).get("identity")
-        if recorded:
-            found.append((model_json, FeatureIdentity.from_dict(recorded)))
-    return found
 
 
 # --- the run folder and what training needs -----------------------------------------------------
