@@ -182,6 +182,9 @@ def test_train_writes_the_folds_where_run_keeps_them(tmp_path) -> None:
     assert second.exit_code == 0, second.output
     joined = pd.read_csv(out / "wsi-only" / "predictions.csv")
     assert set(joined["fold"]) == {0, 1}
+    again = runner.invoke(app, ["train", str(config), "--out", str(out), "--fold", "1"])
+    assert again.exit_code == 0, again.output
+    assert "up to date in this run, kept: wsi-only" in again.output  # the same record as run
     result = run_experiment(config, out, progress=False)
     assert result.trained == [] and result.evaluated
     assert (result.metrics.n_folds == 2).all()

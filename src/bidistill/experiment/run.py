@@ -92,7 +92,7 @@ def run_experiment(
     tell = _teller(say)
     with lock_run_dir(run.path, command=f"run {config_path} --out {run.path}", say=tell):
         handler = _add_file_log(run.log)
-        tracker = None
+        tracker, ok = None, False
         try:
             from bidistill.experiment.tracking import open_tracker
 
@@ -107,23 +107,20 @@ def run_experiment(
                 stage(exp)
             record_call(exp)
             tracker.sync()
-            tracker.finish(ok=True)
-            metrics = pd.read_csv(run.metrics)
-            return RunResult(run.path, metrics, exp.trained, exp.tables is not None)
+            ok = True
         except BidistillError as err:  # bad input: the message says it all, no traceback
             log.error("run stopped: %s", err)
-            if tracker is not None:
-                tracker.finish(ok=False)
             raise
         except Exception as err:
             log.exception("run stopped")
-            if tracker is not None:
-                tracker.finish(ok=False)
             err.log_path = run.log  # the CLI's error handler points the user there
             raise
         finally:
+            if tracker is not None:
+                tracker.finish(ok=ok)
             logging.getLogger("bidistill").removeHandler(handler)
             handler.close()
+    return RunResult(run.path, pd.read_csv(run.metrics), exp.trained, exp.tables is not None)
 
 
 def train_methods(
