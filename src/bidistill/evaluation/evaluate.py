@@ -38,6 +38,7 @@ from bidistill.evaluation.run_info import (
     training_logs,
 )
 from bidistill.evaluation.summary import EvaluationTables, summarize
+from bidistill.runs.fingerprint import read_run_info
 from bidistill.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -328,8 +329,7 @@ def _cohort_section(run_dir: Path, predictions: pd.DataFrame) -> dict[str, Any]:
 
 def _run_times(run_dir: Path) -> dict[str, Any]:
     """When the run started and how long its `bidistill run` calls took (from ``run.json``)."""
-    info = RunDir(run_dir).run_info
-    calls = json.loads(info.read_text(encoding="utf-8")).get("calls", []) if info.is_file() else []
+    calls = read_run_info(run_dir).get("calls", [])
     if not calls:
         return {}
     return {

@@ -22,7 +22,7 @@ import numpy as np
 
 from bidistill._text import count, every, verb
 from bidistill.config import ExperimentConfig
-from bidistill.errors import BidistillError, CohortError, ConfigError
+from bidistill.errors import BidistillError, CohortError, ConfigError, SlideError
 from bidistill.features.identity import (
     FeatureIdentity,
     check_matches,
@@ -31,6 +31,7 @@ from bidistill.features.identity import (
 )
 from bidistill.runs.fingerprint import read_run_info, write_run_info
 from bidistill.runs.rundir import RunDir
+from bidistill.slide_stages import Shard, missing_slides
 
 OK, WARN, BLOCK = "ok", "warning", "missing"
 
@@ -315,18 +316,16 @@ def _slides(context: _Context) -> list[Finding]:
     if not folder.is_dir():
         return [Finding("slides.dir", BLOCK, f"{folder} not found: tiling reads the slides there")]
     jobs, missing = context.slide_jobs() or ([], {})
-    missing = {s: m for s, m in missing.items() if s in context.owned(list(missing))}
-    if missing and not context.skip_errors:
-        first = next(iter(missing.values()))
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        return [
-            Finding(
-                "slides.dir",
-                BLOCK,
-                f"{first}{more}; add the files or remove those rows from the cohort table (or "
-                "pass --skip-errors to go on past them: `tile` and `extract` list them at the end)",
-            )
-        ]
+    try:
+        missing_slides(
+            missing,
+            context.shard or Shard(),
+            skip_errors=context.skip_errors,
+            hint="add the files or remove those rows from the cohort table (or pass "
+            "--skip-errors to go on past them: `tile` and `extract` list them at the end)",
+        )
+    except SlideError as err:
+        return [Finding("slides.dir", BLOCK, str(err))]
     return [Finding("slides.dir", OK, f"{folder} (a file for {every(len(jobs), 'slide')})")]
 
 
