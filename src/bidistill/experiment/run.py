@@ -19,7 +19,13 @@ import pandas as pd
 
 from bidistill.config import ExperimentConfig, MethodConfig, dump_config, load_config
 from bidistill.errors import BidistillError, ConfigError
-from bidistill.experiment import checks
+from bidistill.experiment.checks import (
+    check_device,
+    check_run_folder,
+    check_stages,
+    prepare_output_dir,
+    record_config_origin,
+)
 from bidistill.experiment.stages import (
     STAGES,
     Experiment,
@@ -79,16 +85,16 @@ def run_experiment(
         )
     check_method_configs(config.methods, source=config_path)
     # Checked before the run directory exists, so that a refused run leaves nothing behind.
-    checks.check_run_folder(config, config_path, run)
+    check_run_folder(config, config_path, run)
     untrained = [m for m in config.methods if not run.joined(m.key).done]
-    found = checks.check_stages(
+    found = check_stages(
         config,
         run_dir=run.path if run.path.is_dir() else None,
         need_features=bool(untrained),
         in_memory=config.training.in_memory,
     )
     found.require("run", config_path)
-    checks.prepare_output_dir(run.path)
+    prepare_output_dir(run.path)
     tell = _teller(say)
     with lock_run_dir(run.path, command=f"run {config_path} --out {run.path}", say=tell):
         handler = _add_file_log(run.log)
@@ -101,7 +107,7 @@ def run_experiment(
                 config, run, tell, progress, store=found.store, after_method=tracker.sync
             )
             _write_resolved_config(config, run)
-            checks.record_config_origin(run.path, config_path)
+            record_config_origin(run.path, config_path)
             log.info("run %s: config %s", run.path, config_path)
             for stage in STAGES:
                 stage(exp)
@@ -157,7 +163,7 @@ def train_methods(
     chosen = [configured.get(name, MethodConfig(name=name)) for name in methods or configured]
     for method_cfg in chosen:
         get_method_class(method_cfg.name)  # unknown names fail before any work
-    checks.check_device(config.training.device, "training.device")
+    check_device(config.training.device, "training.device")
     run = RunDir(out)
     if launched_by_torchrun() and config.training.mode != "end-to-end":
         raise ConfigError(
@@ -165,7 +171,7 @@ def train_methods(
             "processes; feature-mode training runs in one process: `bidistill train` alone"
         )
     with process_group(config.training.device) as processes:  # torchrun: one per GPU
-        checks.prepare_output_dir(run.path)
+        prepare_output_dir(run.path)
         lock = lock_run_dir(run.path, command=f"train --out {run.path}", say=say)
         with lock if processes.is_main else contextlib.nullcontext():
             main = processes.is_main

@@ -318,9 +318,9 @@ def evaluate_stage(exp: Experiment, *, force: bool = False) -> None:
     if check and not force:
         exp.say(f"{stage}: up to date")
         return
-    if not force:
+    if not force:  # (`bidistill evaluate` keeps the record of a run it refuses to evaluate)
         exp.say(f"{stage}: evaluating" + (f" again: {check.reason}" if check.recorded else ""))
-    forget_stage(exp.root.path, stage)
+        forget_stage(exp.root.path, stage)
     log.info("evaluating %d methods", len(exp.config.methods))
     provenance = None
     if exp.run.path == exp.root.path and not force:
