@@ -71,7 +71,7 @@ def torch_default_threads():
 
 
 def timed_run(config: Path, run_dir: Path) -> dict:
-    from bidistill.pipeline import run_experiment
+    from bidistill.experiment import run_experiment
 
     start = time.perf_counter()
     run_experiment(config, run_dir, progress=False)

@@ -178,9 +178,9 @@ def training_rate(config_path: Path, work: Path) -> tuple[float, int]:
     import pandas as pd
 
     from bidistill.config import load_config
-    from bidistill.training.cli_train import train_from_config
+    from bidistill.experiment import train_methods
 
-    train_from_config(load_config(config_path), work / "run", methods=["wsi-only"])
+    train_methods(load_config(config_path), work / "run", methods=["wsi-only"])
     log = pd.read_csv(work / "run" / "wsi-only" / "train_log.csv")
     return float(log["bags"].iloc[0] / log["train_seconds"].iloc[0]), int(log["bags"].iloc[0])
 

@@ -1,4 +1,4 @@
-"""The run folder's record of the config file that made it (``runs.preflight``)."""
+"""The run folder's record of the config file that made it (``experiment.checks``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from bidistill.errors import ConfigError
-from bidistill.runs.preflight import check_config_origin, record_config_origin
+from bidistill.experiment.checks import check_config_origin, record_config_origin
 
 
 @pytest.fixture

@@ -243,12 +243,12 @@ def test_bad_input_is_one_line_and_a_bug_names_its_log(tmp_path, monkeypatch):
     ]
     assert "Traceback" not in missing.output
 
-    import bidistill.pipeline
+    import bidistill.experiment
 
     def broken(*args, **kwargs):
         raise RuntimeError("a planted bug")
 
-    monkeypatch.setattr(bidistill.pipeline, "run_experiment", broken)
+    monkeypatch.setattr(bidistill.experiment, "run_experiment", broken)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     result = runner.invoke(app, ["run", str(tmp_path / "x.yaml"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from bidistill.cli import app
 from bidistill.errors import FeatureFileError
-from bidistill.pipeline import run_experiment
+from bidistill.experiment import run_experiment
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -12,7 +12,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from bidistill.errors import ConfigError
-from bidistill.pipeline import run_experiment
+from bidistill.experiment import run_experiment
 from bidistill.synthetic.features import make_feature_cohort
 
 mlflow = pytest.importorskip(

@@ -371,7 +371,7 @@ class MethodConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-# --- end-to-end training (issue 13) ---------------------------------------------------------
+# --- end-to-end training ------------------------------------------------------------------
 
 
 class AugmentConfig(_Section):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from bidistill.cli import app
 from bidistill.config import dump_config, load_config
 from bidistill.errors import ConfigError
-from bidistill.pipeline import run_experiment
+from bidistill.experiment import run_experiment
 from bidistill.synthetic.features import make_feature_cohort
 
 RUN_FILES = [
@@ -205,3 +205,29 @@ def test_changed_options_of_a_trained_method_are_refused(tmp_path) -> None:
     config.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="method 'bd' was trained with other options"):
         run_experiment(config, out, progress=False)
+
+
+@pytest.mark.slow
+def test_train_writes_the_folds_where_run_keeps_them(tmp_path) -> None:
+    """`bidistill train --fold k` and `bidistill run` share one layout and one record: folds
+    trained one by one are joined once all are there, and `run` then trains nothing again."""
+    config = _cohort(
+        tmp_path, methods=["wsi-only"], cohort={"splits": {"mode": "kfold", "folds": 2}}
+    )
+    out = tmp_path / "run"
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", str(config), "--out", str(out), "--fold", "0"])
+    assert first.exit_code == 0, first.output
+    assert f"wsi-only: {out / 'folds' / 'fold0' / 'wsi-only'}" in first.output
+    assert (out / "folds" / "fold0" / "wsi-only" / "predictions.csv").is_file()
+    assert not (out / "wsi-only").exists()  # joined once every fold is trained
+    second = runner.invoke(app, ["train", str(config), "--out", str(out), "--fold", "1"])
+    assert second.exit_code == 0, second.output
+    joined = pd.read_csv(out / "wsi-only" / "predictions.csv")
+    assert set(joined["fold"]) == {0, 1}
+    again = runner.invoke(app, ["train", str(config), "--out", str(out), "--fold", "1"])
+    assert again.exit_code == 0, again.output
+    assert "up to date in this run, kept: wsi-only" in again.output  # the same record as run
+    result = run_experiment(config, out, progress=False)
+    assert result.trained == [] and result.evaluated
+    assert (result.metrics.n_folds == 2).all()

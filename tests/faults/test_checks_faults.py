@@ -134,7 +134,7 @@ def test_jpegs_without_an_mpp_are_found_by_config_and_stop_tile_and_run(bcnb_coh
 
 
 def test_missing_slide_files_are_found_by_config_and_stop_tile_and_run(bcnb_cohort, tmp_path):
-    from bidistill.runner import Shard
+    from bidistill.slide_stages import Shard
 
     source = Path(yaml.safe_load(bcnb_cohort.read_text())["slides"]["dir"])
     slides = shutil.copytree(source, tmp_path / "slides")

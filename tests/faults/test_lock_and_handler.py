@@ -69,12 +69,12 @@ def test_a_lock_left_by_a_killed_run_is_recovered(tmp_path):
 
 
 def test_a_bug_inside_a_run_names_run_log_with_the_traceback(tmp_path, monkeypatch):
-    import bidistill.pipeline
+    import bidistill.experiment.stages
 
     def broken(*args, **kwargs):
         raise KeyError("planted")
 
-    monkeypatch.setattr(bidistill.pipeline, "_write_cohort_summary", broken)
+    monkeypatch.setattr(bidistill.experiment.stages, "write_json", broken)
     config = small_cohort(tmp_path / "cohort")
     result = invoke("run", config, "--out", tmp_path / "run")
     line = assert_one_line_error(result, "unexpected KeyError", "This is a bug in bidistill")
@@ -84,12 +84,12 @@ def test_a_bug_inside_a_run_names_run_log_with_the_traceback(tmp_path, monkeypat
 
 
 def test_a_full_disk_is_one_line_not_a_bug_report(tmp_path, monkeypatch):
-    import bidistill.pipeline
+    import bidistill.experiment.stages
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x"))
 
-    monkeypatch.setattr(bidistill.pipeline, "_write_cohort_summary", full)
+    monkeypatch.setattr(bidistill.experiment.stages, "write_json", full)
     config = small_cohort(tmp_path / "cohort")
     result = invoke("run", config, "--out", tmp_path / "run")
     line = assert_one_line_error(result, "No space left on device", "run the same command again")

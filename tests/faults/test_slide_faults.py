@@ -117,7 +117,7 @@ def test_a_moved_project_keeps_its_tiles_and_features(project, tmp_path):
 
 @pytest.mark.slow
 def test_run_retrains_on_a_rescanned_slide(project, tmp_path):
-    from bidistill.pipeline import run_experiment
+    from bidistill.experiment import run_experiment
 
     first = run_experiment(project, tmp_path / "run", progress=False)
     assert first.trained == ["wsi-only"]
@@ -205,7 +205,7 @@ def test_end_to_end_bags_read_the_patches_recorded_at_tiling(project):
 
 @pytest.mark.slow
 def test_heatmap_montage_shows_the_patches_that_were_encoded(project, tmp_path, caplog):
-    from bidistill.pipeline import run_experiment
+    from bidistill.experiment import run_experiment
 
     run_experiment(project, tmp_path / "run", progress=False)
     folder = project.parent / "slides" / "P002"

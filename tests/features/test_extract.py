@@ -16,7 +16,7 @@ from bidistill.errors import FeatureFileError, SlideError
 from bidistill.features import read_feature_file
 from bidistill.features.encoders import load_encoder
 from bidistill.features.extract import ExtractionJob, extract_features
-from bidistill.runner import Shard
+from bidistill.slide_stages import Shard
 from bidistill.slides import SlideJob, coords_path, open_slide, read_coords, tile_cohort
 
 from ..slides.helpers import CMU_SVS, needs_cmu, tissue_image, write_jpeg, write_pyramid_tiff

@@ -25,7 +25,7 @@ def demo_root(tmp_path_factory) -> Path:
     """A folder holding ``demo_run/cohort`` (a synthetic cohort: 120 patients, 32-d features,
     30-120 tiles per slide, planted key instances) and ``demo_run/run`` (bd, wsi-only and
     clinical-only trained on it by ``bidistill run``), as `make demo` lays them out."""
-    from bidistill.pipeline import run_experiment
+    from bidistill.experiment import run_experiment
     from bidistill.synthetic.features import make_feature_cohort
 
     root = tmp_path_factory.mktemp("inference")

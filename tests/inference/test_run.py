@@ -91,7 +91,7 @@ def test_attention_maps_each_patients_bag_back_to_its_slides(demo_run, demo_coho
 
 
 def test_a_kfold_run_predicts_with_the_mean_of_its_fold_models(demo_cohort, tmp_path):
-    from bidistill.pipeline import run_experiment
+    from bidistill.experiment import run_experiment
 
     raw = {
         "cohort": {

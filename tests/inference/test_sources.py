@@ -30,7 +30,7 @@ MODES = ["features", "end-to-end"]
 def slide_run(request, tmp_path_factory) -> tuple[str, Path, Path]:
     """(mode, cohort folder, run dir): BD trained for 2 epochs on 12 patch-folder slides, on
     the features of a tiny random-init CNN or end to end through it."""
-    from bidistill.pipeline import run_experiment
+    from bidistill.experiment import run_experiment
     from bidistill.synthetic.patches import make_patch_cohort
 
     base = tmp_path_factory.mktemp(request.param)

@@ -189,7 +189,7 @@ def test_zero_signal_hides_the_label(tmp_path):
 def test_signal_noise_blurs_the_label_in_the_slides(tmp_path):
     """The demo's noise (``DEMO_SLIDE_NOISE``) leaves an oracle of the planted strength at AUC
     ~0.85; the default leaves the classes almost apart; the slides follow the setting."""
-    from bidistill.pixels import DEMO_SLIDE_NOISE
+    from bidistill.experiment.demo import DEMO_SLIDE_NOISE
 
     assert signal_oracle_auc() > 0.99
     assert 0.83 < signal_oracle_auc(signal_noise=DEMO_SLIDE_NOISE) < 0.87

@@ -25,10 +25,9 @@ from typer.testing import CliRunner
 
 from bidistill.cli import app
 from bidistill.config import load_config
-from bidistill.pipeline import run_experiment
+from bidistill.experiment import run_experiment, train_methods
 from bidistill.slides.run import tile_from_config
 from bidistill.synthetic.patches import make_patch_cohort
-from bidistill.training.cli_train import train_from_config
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +54,7 @@ def train(config_path: Path, out: Path, **training) -> Path:
     config = load_config(config_path)
     for key, value in training.items():
         setattr(config.training, key, value)
-    train_from_config(config, out, methods=["bd"])
+    train_methods(config, out, methods=["bd"])
     return out / "bd"
 
 

@@ -130,15 +130,14 @@ def test_end_to_end_needs_slides_and_whole_forward_passes(tiled):
 
 
 def test_torchrun_runs_end_to_end_training_only(tiled, tmp_path, monkeypatch):
-    from bidistill.pipeline import run_experiment
-    from bidistill.training.cli_train import train_from_config
+    from bidistill.experiment import run_experiment, train_methods
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "localhost")
     features_mode = tiled.model_copy(deep=True)
     features_mode.training.mode = "features"
     with pytest.raises(ConfigError, match="feature-mode training runs in one process"):
-        train_from_config(features_mode, tmp_path / "a")
+        train_methods(features_mode, tmp_path / "a")
     config_path = tiled.cohort.table.parent / "config.yaml"
     with pytest.raises(ConfigError, match="under torchrun, train with `bidistill train"):
         run_experiment(config_path, tmp_path / "b")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -169,12 +171,44 @@ def say(message: str) -> None:
     console.print(message, soft_wrap=True, highlight=False, markup=False)
 
 
-def has_command(name: str) -> bool:
-    """Whether this build has a `bidistill <name>` command (hints name only commands that exist)."""
-    return any(
-        (info.name or (info.callback.__name__ if info.callback else "")) == name
-        for info in app.registered_commands
-    )
+@contextlib.contextmanager
+def warnings_shown(*, python_warnings: bool = False) -> Iterator[None]:
+    """Show the package's warnings as `warning:` lines while a command runs, each once (a stage
+    that loads the cohort again must not repeat it); without it they would go only to the run's
+    ``run.log``. ``python_warnings``: Python's warnings too, after the command's work."""
+    import logging
+    import warnings
+
+    from rich.text import Text
+
+    shown: set[str] = set()
+
+    def show(message: str) -> None:
+        if message not in shown:
+            shown.add(message)
+            line = Text.assemble(("warning: ", "bold yellow"), message)
+            console.print(line, soft_wrap=True, highlight=False)
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            show(record.getMessage())
+
+    handler, package_log = Lines(logging.WARNING), logging.getLogger("bidistill")
+    old_level = package_log.level
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    caught: list = []
+    try:
+        with contextlib.ExitStack() as stack:
+            if python_warnings:
+                caught = stack.enter_context(warnings.catch_warnings(record=True))
+                warnings.simplefilter("always")
+            yield
+        for warning in caught:
+            show(str(warning.message))
+    finally:
+        package_log.removeHandler(handler)
+        package_log.setLevel(old_level)
 
 
 def default_run_dir(config: Path, loaded=None) -> Path:
@@ -189,7 +223,7 @@ def free_run_dir(config: Path, loaded=None) -> Path:
     """The run folder that `next: bidistill run` hints name: ``default_run_dir``, unless another
     config file made it (`run` would refuse it): then a folder named after this file."""
     from bidistill.errors import ConfigError
-    from bidistill.runs.preflight import check_config_origin
+    from bidistill.experiment.checks import check_config_origin
 
     run_dir = default_run_dir(config, loaded)
     try:

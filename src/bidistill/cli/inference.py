@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import typer
@@ -15,6 +14,7 @@ from bidistill.cli.base import (
     say,
     say_next,
     shell_arg,
+    warnings_shown,
 )
 
 # --- predict / heatmap --------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def _check_output_folder(folder: Path, given: Path | None = None) -> None:
             folder that cannot be made or written.
     """
     from bidistill.errors import ConfigError
-    from bidistill.runs.preflight import prepare_output_dir
+    from bidistill.experiment.checks import prepare_output_dir
 
     given = given or folder
     blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
@@ -82,34 +82,6 @@ def _check_output_csv(out: Path) -> None:
             f"--out {out}: is a folder; give the CSV file to write (e.g. {out / 'predictions.csv'})"
         )
     _check_output_folder(out.parent, out)
-
-
-@contextlib.contextmanager
-def _warnings_as_lines():
-    """Print the stage's warnings (unseen categories, absent columns) as `warning:` lines."""
-    import logging
-    import warnings
-
-    from rich.text import Text
-
-    class _Lines(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            _print_warning(record.getMessage())
-
-    def _print_warning(message: str) -> None:
-        console.print(Text.assemble(("warning: ", "yellow"), message), soft_wrap=True)
-
-    handler = _Lines(logging.WARNING)
-    package_log = logging.getLogger("bidistill")
-    package_log.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-        for message in dict.fromkeys(str(w.message) for w in caught):
-            _print_warning(message)
-    finally:
-        package_log.removeHandler(handler)
 
 
 def _load_run(run_dir: Path, method: str | None, config: Path | None, device: str):
@@ -155,7 +127,7 @@ def predict(
     from bidistill._io import write_csv
 
     _check_output_csv(out)  # before any work: the table is written only at the end
-    with _warnings_as_lines():
+    with warnings_shown(python_warnings=True):
         trained = _load_run(run_dir, method, config, device)
         table = trained.predict(
             _bag_source(trained, features, slides, tiles or out.parent / "tiles"),
@@ -253,7 +225,7 @@ def heatmap(
     from bidistill.inference.maps import write_attention_maps
 
     _check_output_folder(out)
-    with _warnings_as_lines():
+    with warnings_shown(python_warnings=True):
         trained = _load_run(run_dir, method, config, device)
         source = _bag_source(trained, features, slides, tiles or out / "tiles")
         if source is None:

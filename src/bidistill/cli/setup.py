@@ -73,9 +73,9 @@ def init(
         )
     write_text(output, template_text(bcnb=bcnb, synthetic=synthetic))
     say(f"wrote {output}")
-    from bidistill.preflight import check_config_paths
+    from bidistill.experiment.checks import check_config
 
-    todo = [f for f in check_config_paths(load_experiment(output)) if f.status != "ok"]
+    todo = [f for f in check_config(load_experiment(output)).findings if f.status != "ok"]
     if todo:
         say("to fill in before it runs (paths are relative to the config):")
         for finding in todo:
@@ -98,8 +98,8 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
     from rich.text import Text
 
     from bidistill.config import dump_config
+    from bidistill.experiment.checks import check_config
     from bidistill.models.registry import check_method_configs
-    from bidistill.preflight import check_config
 
     loaded = load_experiment(config)
     check_method_configs(loaded.methods, source=config)

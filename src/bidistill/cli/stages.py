@@ -1,8 +1,7 @@
-"""The pipeline's stages: tile, extract, encoders, train, run, evaluate, demo, compare."""
+"""The experiment's commands: tile, extract, encoders, train, run, evaluate, demo, compare."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -21,7 +20,9 @@ from bidistill.cli.base import (
     say,
     say_next,
     shell_arg,
+    warnings_shown,
 )
+from bidistill.runs.rundir import RunDir
 
 # --- tile / extract / encoders (the per-slide stages) -------------------------------------------
 
@@ -64,7 +65,7 @@ def _exit_if_failed(summary) -> None:
 
 def _check_stage(cfg, config: Path, stage: str, *, skip_errors: bool, shard) -> None:
     """The stage's checks before any work (those `bidistill config` reports)."""
-    from bidistill.preflight import check_stages
+    from bidistill.experiment.checks import check_stages
 
     checks = check_stages(cfg, [stage], skip_errors=skip_errors, shard=shard)
     checks.require(stage, config)
@@ -86,7 +87,7 @@ def tile(
 
     Example: bidistill tile experiment.yaml --workers 4 --skip-errors
     """
-    from bidistill.runner import resolve_shard
+    from bidistill.slide_stages import resolve_shard
     from bidistill.slides.run import tile_from_config
 
     cfg = load_experiment(config)
@@ -141,7 +142,7 @@ def extract(
     (4 GPUs: torchrun --nproc_per_node=4 -m bidistill extract experiment.yaml)
     """
     from bidistill.features.extract import extract_from_config, gather_summaries
-    from bidistill.runner import Shard, resolve_shard
+    from bidistill.slide_stages import Shard, resolve_shard
 
     cfg = load_experiment(config)
     rank = Shard.from_env()
@@ -219,7 +220,10 @@ def encoders() -> None:
 def train(
     config: Path = typer.Argument(..., help="Experiment YAML."),
     out: Path = typer.Option(
-        ..., "--out", metavar="DIR", help="Run folder; each method writes out/<method>/."
+        ...,
+        "--out",
+        metavar="DIR",
+        help="Run folder: out/<method>/ (k-fold: out/folds/fold<k>/<method>/).",
     ),
     method: list[str] = typer.Option(
         None,
@@ -234,19 +238,18 @@ def train(
     ),
     fold: int = typer.Option(0, "--fold", min=0, help="Fold to train (kfold splits)."),
 ) -> None:
-    """Train methods on the cohort's feature files (finished methods are skipped).
-
-    A method whose predictions.csv exists is done; delete its folder to retrain it.
+    """Train methods on the cohort's feature files (methods trained on the same inputs are
+    skipped), in the run folder's layout (`folds/fold<k>/<method>/` in a k-fold run).
 
     Example: bidistill train experiment.yaml --method bd --out runs/exp1
     """
-    from bidistill.preflight import check_stages
-    from bidistill.training.cli_train import train_from_config
+    from bidistill.experiment import train_methods
+    from bidistill.experiment.checks import check_stages
 
     cfg = load_experiment(config)
     checks = check_stages(cfg, ["train"], run_dir=out, in_memory=cfg.training.in_memory)
     checks.require("train", config)
-    written = train_from_config(
+    written = train_methods(
         cfg,
         out,
         methods=method or None,
@@ -256,8 +259,8 @@ def train(
         say=say,
         store=checks.store,
     )
-    for path in written:
-        console.print(f"{path.name}: {path}", highlight=False)
+    for method_dir in written:
+        say(f"{method_dir.key}: {method_dir.path}")
     say_next(f"bidistill evaluate {shell_arg(out)}")
 
 
@@ -267,58 +270,19 @@ def _print_results(metrics, delong, run_dir: Path) -> None:
 
     reference = str(delong["reference"].iloc[0]) if len(delong) else _reference_of(run_dir)
     print_results(metrics, delong, reference=reference)
-    say(f"report: {run_dir / 'report.html'}  (tables: {run_dir / 'metrics.csv'})")
+    run = RunDir(run_dir)
+    say(f"report: {run.report}  (tables: {run.metrics})")
 
 
 def _reference_of(run_dir: Path) -> str:
     from bidistill.config import EvaluationConfig
 
-    config = run_dir / "config.yaml"
+    config = RunDir(run_dir).config
     return (
         load_experiment(config).evaluation.reference_method
         if config.is_file()
         else (EvaluationConfig().reference_method)
     )
-
-
-class _ConsoleLog:
-    """Show every warning on the console while a command runs, each once (a stage that loads
-    the cohort again must not repeat it); without it they would go only to the run's
-    ``run.log``. (Stage messages reach the console through ``say``.)"""
-
-    def __enter__(self):
-        import logging
-
-        from rich.text import Text
-
-        class StageFilter(logging.Filter):
-            def filter(self, record: logging.LogRecord) -> bool:
-                return record.levelno >= logging.WARNING
-
-        shown: set[str] = set()
-
-        class Handler(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                message = record.getMessage()
-                if message not in shown:
-                    shown.add(message)
-                    console.print(
-                        Text.assemble(("warning: ", "bold yellow"), message),
-                        soft_wrap=True,
-                        highlight=False,
-                    )
-
-        self.handler = Handler(logging.INFO)
-        self.handler.addFilter(StageFilter())
-        self.logger = logging.getLogger("bidistill")
-        self.old_level = self.logger.level
-        self.logger.addHandler(self.handler)
-        self.logger.setLevel(logging.INFO)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.logger.removeHandler(self.handler)
-        self.logger.setLevel(self.old_level)
 
 
 @app.command(cls=HelpCommand)
@@ -343,12 +307,12 @@ def run(
     """
     import pandas as pd
 
-    from bidistill.pipeline import run_experiment
+    from bidistill.experiment import run_experiment
 
     out = out or default_run_dir(config)
-    with _ConsoleLog():
+    with warnings_shown():
         result = run_experiment(config, out, progress=not no_progress, say=say)
-    _print_results(result.metrics, pd.read_csv(out / "delong.csv"), out)
+    _print_results(result.metrics, pd.read_csv(RunDir(out).delong), out)
     say_next(_predict_command(load_experiment(config), out))
 
 
@@ -386,22 +350,11 @@ def evaluate(
 
     Example: bidistill evaluate runs/exp1
     """
+    from bidistill.experiment import evaluate_run_dir
 
-    from bidistill.evaluation import evaluate_run
-    from bidistill.evaluation.freshness import record_evaluation
-    from bidistill.runs import lock_run_dir
-
-    held = (
-        lock_run_dir(run_dir, command=f"evaluate {run_dir}", say=say)
-        if run_dir.is_dir()
-        else contextlib.nullcontext()  # evaluate_run says there is nothing to evaluate
-    )
-    with held:
-        tables = evaluate_run(run_dir)
-        if (run_dir / "config.yaml").is_file():  # `run` and `compare` then know it is current
-            record_evaluation(run_dir, load_experiment(run_dir / "config.yaml"))
+    tables = evaluate_run_dir(run_dir, say=say)
     _print_results(tables.metrics, tables.delong, run_dir)
-    say_next(f"open {shell_arg(run_dir / 'report.html')}")
+    say_next(f"open {shell_arg(RunDir(run_dir).report)}")
 
 
 @app.command(cls=HelpCommand)
@@ -435,18 +388,19 @@ def demo(
     import pandas as pd
 
     start = time.perf_counter()
-    with _ConsoleLog():
+    with warnings_shown():
         if from_slides:
-            from bidistill.pixels import DEMO_PATIENTS, run_slides_demo
+            from bidistill.experiment.demo import DEMO_PATIENTS, run_slides_demo
 
             result = run_slides_demo(out, patients=patients or DEMO_PATIENTS, seed=seed, say=say)
         else:
-            from bidistill.pipeline import run_demo
+            from bidistill.experiment.demo import run_demo
 
             result = run_demo(out, patients=patients or 1058, seed=seed, say=say)
-    _print_results(result.metrics, pd.read_csv(result.run_dir / "delong.csv"), result.run_dir)
+    run = RunDir(result.run_dir)
+    _print_results(result.metrics, pd.read_csv(run.delong), run.path)
     say(f"done in {time.perf_counter() - start:.0f} s")
-    say_next(f"open {shell_arg(result.run_dir / 'report.html')}")
+    say_next(f"open {shell_arg(run.report)}")
 
 
 @app.command(cls=HelpCommand)

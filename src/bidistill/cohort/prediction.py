@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from bidistill.cohort.table import (
-    _FIRST_ROW,
-    _parse_clinical,
+    FIRST_ROW,
     identifier_frame,
+    parse_clinical,
     per_patient,
     read_table,
     slide_rows,
@@ -81,12 +81,12 @@ def load_prediction_cohort(
         path = Path(table)
         raw = read_table(path, cfg.sheet)
     _check_prediction_columns(raw, cfg, path, other_columns)
-    rows = pd.Series(raw.index.to_numpy() + _FIRST_ROW, index=raw.index)
+    rows = pd.Series(raw.index.to_numpy() + FIRST_ROW, index=raw.index)
     frame = identifier_frame(raw, cfg, path, rows)
     missing = [c.column for c in cfg.clinical if c.column not in raw.columns]
     for col in cfg.clinical:
         if col.column in raw.columns:
-            frame[col.feature_name] = _parse_clinical(raw[col.column], col, path, rows)
+            frame[col.feature_name] = parse_clinical(raw[col.column], col, path, rows)
         else:
             frame[col.feature_name] = np.nan
     if missing:

@@ -41,14 +41,6 @@ class Splits:
         fold = self.folds[0]
         return {*self.test, *fold.train, *fold.val}
 
-    def split_of(self, fold: int = 0) -> dict[str, str]:
-        """patient id → 'train' / 'val' / 'test' for one fold."""
-        chosen = self.folds[fold]
-        names = {p: "test" for p in self.test}
-        names.update({p: "train" for p in chosen.train})
-        names.update({p: "val" for p in chosen.val})
-        return names
-
     def save(self, path: str | Path) -> None:
         write_json(path, {"bidistill_version": __version__, **asdict(self)})
 

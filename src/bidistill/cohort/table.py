@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 # Spreadsheet row of the first data row: row 1 holds the header.
-_FIRST_ROW = 2
+FIRST_ROW = 2
 
 
 @dataclass
@@ -123,11 +123,11 @@ def load_cohort(
     path = Path(cfg.table)
     raw = read_table(path, cfg.sheet)
     _check_columns(raw, cfg, path, mpp_column)
-    rows = pd.Series(raw.index.to_numpy() + _FIRST_ROW, index=raw.index)
+    rows = pd.Series(raw.index.to_numpy() + FIRST_ROW, index=raw.index)
     frame = identifier_frame(raw, cfg, path, rows)
     frame["split"] = _parse_splits(raw, cfg, path, rows)
     for col in cfg.clinical:
-        frame[col.feature_name] = _parse_clinical(raw[col.column], col, path, rows)
+        frame[col.feature_name] = parse_clinical(raw[col.column], col, path, rows)
     if mpp_column:
         frame["mpp"] = _map_cells(raw[mpp_column], rows, path, mpp_column, PARSERS["number"])
     frame, label_summary = _labels(frame, raw[cfg.label.column], cfg, path)
@@ -287,7 +287,7 @@ def _parse_splits(raw: pd.DataFrame, cfg: CohortConfig, path: Path, rows: pd.Ser
     return _map_cells(raw[cfg.split_column], rows, path, cfg.split_column, parse)
 
 
-def _parse_clinical(cells: pd.Series, col: ClinicalColumn, path: Path, rows: pd.Series) -> list:
+def parse_clinical(cells: pd.Series, col: ClinicalColumn, path: Path, rows: pd.Series) -> list:
     levels = {normalise_text(c) for c in col.categories} if col.categories else None
 
     def parse(cell: Any) -> Any:

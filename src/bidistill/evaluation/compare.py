@@ -26,6 +26,7 @@ from bidistill._io import write_csv
 from bidistill.evaluation import metrics as M
 from bidistill.evaluation.freshness import evaluation_check
 from bidistill.evaluation.inputs import PredictionsError
+from bidistill.runs.rundir import RunDir
 
 DELONG_COLUMNS = [
     "run",
@@ -90,11 +91,11 @@ def compare_runs(
     frames, predictions = [], {}
     for run, label in zip(runs, labels):
         check_evaluated_run(run)
-        frame = pd.read_csv(run / "metrics.csv")
+        frame = pd.read_csv(RunDir(run).metrics)
         if methods:
             frame = frame[frame["method"].isin(methods)]
         frames.append(frame.assign(run=label))
-        predictions[label] = pd.read_csv(run / "predictions.csv", dtype={"patient": str})
+        predictions[label] = pd.read_csv(RunDir(run).predictions, dtype={"patient": str})
     table = pd.concat(frames, ignore_index=True)
     if table.empty:
         raise PredictionsError(f"none of the methods {list(methods or [])} is in these runs")
@@ -124,7 +125,7 @@ def check_evaluated_run(run: Path) -> None:
     evaluate = f"bidistill evaluate {shlex.quote(str(run))}"
     if not run.is_dir():
         raise PredictionsError(f"{run}: no such folder; give the run folders to compare")
-    evaluated = (run / "metrics.csv").is_file() and (run / "predictions.csv").is_file()
+    evaluated = RunDir(run).metrics.is_file() and RunDir(run).predictions.is_file()
     if not evaluated:
         if _has_method_folders(run):
             raise PredictionsError(f"{run}: not evaluated yet (no metrics.csv); run: {evaluate}")
@@ -140,12 +141,12 @@ def check_evaluated_run(run: Path) -> None:
 def _has_method_folders(folder: Path) -> bool:
     """Whether ``folder`` holds a trained method's ``<method>/predictions.csv`` (not a whole
     run's, which sits beside its ``config.yaml``)."""
-    return any(not (p.parent / "config.yaml").is_file() for p in folder.glob("*/predictions.csv"))
+    return any(not RunDir(m.path).config.is_file() for m in RunDir(folder).predicted_methods())
 
 
 def _run_hint(folder: Path) -> str:
     """Evaluated runs inside ``folder`` to compare instead, else how to make a run."""
-    inside = sorted(p.parent for p in folder.glob("*/metrics.csv"))
+    inside = sorted(p for p in folder.iterdir() if RunDir(p).metrics.is_file())
     if len(inside) >= 2:
         shown = " ".join(shlex.quote(str(p)) for p in inside[:4])
         return f"It holds runs; compare those: bidistill compare {shown}"

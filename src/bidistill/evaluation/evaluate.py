@@ -20,17 +20,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bidistill._io import write_csv
+from bidistill._io import write_csv, write_text
 from bidistill._text import count, verb
 from bidistill.config import EvaluationConfig, ExperimentConfig, dump_config, load_config
 from bidistill.evaluation import plots
-from bidistill.evaluation.inputs import (
-    PredictionsError,
-    method_predictions_path,
-    read_method_predictions,
-)
+from bidistill.evaluation.inputs import PredictionsError, read_method_predictions
 from bidistill.evaluation.missing import SplitSweep, sweep_split
-from bidistill.evaluation.report import FigureGroup, ReportInputs, write_report
+from bidistill.evaluation.report import FigureGroup, ReportInputs, render_markdown
+from bidistill.evaluation.report_html import render_html
 from bidistill.evaluation.run_info import (
     best_epochs,
     confusion_rows,
@@ -41,17 +38,11 @@ from bidistill.evaluation.run_info import (
     training_logs,
 )
 from bidistill.evaluation.summary import EvaluationTables, summarize
+from bidistill.runs.fingerprint import read_run_info
+from bidistill.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-RUN_OUTPUTS = (
-    "predictions.csv",
-    "metrics.csv",
-    "metrics_by_seed.csv",
-    "delong.csv",
-    "report.html",
-    "report.md",
-)
 PACKAGES = ("bidistill", "torch", "numpy", "pandas", "scikit-learn", "scipy", "timm")
 
 
@@ -76,13 +67,14 @@ def evaluate_run(
         PredictionsError: no method to evaluate, a configured method without predictions, or
             predictions that break the contract.
     """
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run_dir = run.path
     start = time.perf_counter()
-    if config is None and (run_dir / "config.yaml").is_file():
-        config = load_config(run_dir / "config.yaml")
+    if config is None and run.config.is_file():
+        config = load_config(run.config)
     eval_cfg = config.evaluation if config else EvaluationConfig()
     methods = _methods(run_dir, config)
-    predictions = {m: read_method_predictions(method_predictions_path(run_dir, m)) for m in methods}
+    predictions = {m: read_method_predictions(run.joined(m).predictions) for m in methods}
     check_against_splits(run_dir, predictions)
     test, val = _sweeps(predictions, eval_cfg)
     tables = summarize(test, val, eval_cfg)
@@ -91,42 +83,41 @@ def evaluate_run(
     long = pd.concat(test_frames, ignore_index=True)
     if len(test) == 1:  # the DESIGN columns exactly; k-fold runs add the fold
         long = long.drop(columns="fold")
-    write_csv(run_dir / "predictions.csv", long)
-    write_csv(run_dir / "metrics.csv", tables.metrics)
-    write_csv(run_dir / "metrics_by_seed.csv", tables.by_seed)
-    write_csv(run_dir / "delong.csv", tables.delong)
+    write_csv(run.predictions, long)
+    write_csv(run.metrics, tables.metrics)
+    write_csv(run.metrics_by_seed, tables.by_seed)
+    write_csv(run.delong, tables.delong)
 
     figures = _figures(run_dir, tables, test, eval_cfg.reference_method, methods)
     cohort = _cohort_section(run_dir, predictions[methods[0]])
-    write_report(
-        run_dir,
-        ReportInputs(
-            title=f"bidistill report: {config.name if config else run_dir.name}",
-            metrics=tables.metrics,
-            delong=tables.delong,
-            figures=figures,
-            reference=eval_cfg.reference_method,
-            protocol={
-                "seeds": eval_cfg.mask_seeds,
-                "folds": len(test),
-                "bootstrap": eval_cfg.bootstrap,
-                "threshold": eval_cfg.threshold,
-                "ci_level": eval_cfg.ci_level,
-            },
-            cohort=cohort,
-            provenance={
-                **collect_provenance(config),
-                **_run_times(run_dir),
-                **(provenance or {}),
-                "evaluation time (s)": round(time.perf_counter() - start, 1),
-            },
-            config_text=dump_config(config) if config else "",
-            methods=method_infos(run_dir, methods, config),
-            confusion=confusion_rows(test[0], tables.by_seed),
-            synthetic=synthetic_notice(cohort, config),
-            label=_label_text(config),
-        ),
+    report = ReportInputs(
+        title=f"bidistill report: {config.name if config else run_dir.name}",
+        metrics=tables.metrics,
+        delong=tables.delong,
+        figures=figures,
+        reference=eval_cfg.reference_method,
+        protocol={
+            "seeds": eval_cfg.mask_seeds,
+            "folds": len(test),
+            "bootstrap": eval_cfg.bootstrap,
+            "threshold": eval_cfg.threshold,
+            "ci_level": eval_cfg.ci_level,
+        },
+        cohort=cohort,
+        provenance={
+            **collect_provenance(config),
+            **_run_times(run_dir),
+            **(provenance or {}),
+            "evaluation time (s)": round(time.perf_counter() - start, 1),
+        },
+        config_text=dump_config(config) if config else "",
+        methods=method_infos(run_dir, methods, config),
+        confusion=confusion_rows(test[0], tables.by_seed),
+        synthetic=synthetic_notice(cohort, config),
+        label=_label_text(config),
     )
+    write_text(run.report, render_html(report))
+    write_text(run.report_markdown, render_markdown(report, run_dir))
     log.info("evaluated %d methods in %.1f s", len(methods), time.perf_counter() - start)
     return tables
 
@@ -139,7 +130,7 @@ def _figures(
     methods: list[str],
 ) -> list[FigureGroup]:
     """Every figure of the report, grouped as the report shows them."""
-    folder = run_dir / "figures"
+    folder = RunDir(run_dir).figures
     metrics = tables.metrics
     auc = plots.plot_auc_vs_missing(metrics, folder / "auc_vs_missing.png", reference=reference)
     groups = [
@@ -238,14 +229,14 @@ def _label_text(config: ExperimentConfig | None) -> str:
 def _methods(run_dir: Path, config: ExperimentConfig | None) -> list[str]:
     if config is not None:
         methods = [m.key for m in config.methods]
-        missing = [m for m in methods if not method_predictions_path(run_dir, m).is_file()]
+        missing = [m for m in methods if not RunDir(run_dir).joined(m).done]
         if missing:
             raise PredictionsError(
                 f"{run_dir}: no predictions.csv for method(s) {missing}; train them with "
                 f"`bidistill run CONFIG --out {run_dir}`"
             )
         return methods
-    methods = sorted(p.parent.name for p in run_dir.glob("*/predictions.csv"))
+    methods = [m.key for m in RunDir(run_dir).predicted_methods()]
     if not methods:
         raise PredictionsError(f"{run_dir}: no <method>/predictions.csv to evaluate")
     return methods
@@ -260,12 +251,12 @@ def check_against_splits(run_dir: Path, predictions: dict[str, pd.DataFrame]) ->
     """
     from bidistill.cohort import Splits
 
-    splits_path = run_dir / "splits.json"
+    splits_path = RunDir(run_dir).splits
     if not splits_path.is_file():
         return
     splits = Splits.load(splits_path)
     for method, frame in predictions.items():
-        path = method_predictions_path(run_dir, method)
+        path = RunDir(run_dir).joined(method).predictions
         for fold, chosen in enumerate(splits.folds):
             rows = frame[frame["fold"] == fold] if len(splits.folds) > 1 else frame
             for split, expected in (("test", splits.test), ("val", chosen.val)):
@@ -330,7 +321,7 @@ def _cohort_section(run_dir: Path, predictions: pd.DataFrame) -> dict[str, Any]:
                 }
             )
     section: dict[str, Any] = {"splits": splits}
-    extra = run_dir / "cohort.json"
+    extra = RunDir(run_dir).cohort_summary
     if extra.is_file():
         section.update(json.loads(extra.read_text(encoding="utf-8")))
     return section
@@ -338,8 +329,7 @@ def _cohort_section(run_dir: Path, predictions: pd.DataFrame) -> dict[str, Any]:
 
 def _run_times(run_dir: Path) -> dict[str, Any]:
     """When the run started and how long its `bidistill run` calls took (from ``run.json``)."""
-    info = run_dir / "run.json"
-    calls = json.loads(info.read_text(encoding="utf-8")).get("calls", []) if info.is_file() else []
+    calls = read_run_info(run_dir).get("calls", [])
     if not calls:
         return {}
     return {

@@ -37,11 +37,6 @@ def format_p(p: float) -> str:
     return f"p = {min(p, 1.0):.2f}"
 
 
-def p_cell(p: float) -> str:
-    """The p-value for a table cell: ``<0.001``, ``0.004``, ``0.41``."""
-    return format_p(p).removeprefix("p = ").replace("p < ", "<")
-
-
 def tests_label(delong: pd.DataFrame) -> str:
     """The paired test(s) behind ``delong.csv``: ``DeLong``, ``exact permutation test``."""
     names = list(dict.fromkeys(delong["test"].dropna())) if "test" in delong else []

@@ -29,10 +29,6 @@ class PredictionsError(BidistillError, ValueError):
     """A method's predictions file that cannot be evaluated; the message names file and row."""
 
 
-def method_predictions_path(run_dir: str | Path, method: str) -> Path:
-    return Path(run_dir) / method / "predictions.csv"
-
-
 def read_method_predictions(path: str | Path) -> pd.DataFrame:
     """Read and check one method's predictions.
 

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bidistill._io import write_text
 from bidistill.evaluation.headline import Headline, auc_text, build_headline, format_p, tests_label
 from bidistill.evaluation.metrics import LARGE_SAMPLE_PER_CLASS
 
@@ -104,16 +103,6 @@ class ReportInputs:
     @property
     def headline(self) -> Headline:
         return build_headline(self.metrics, self.delong, self.reference)
-
-
-def write_report(run_dir: Path, inputs: ReportInputs) -> tuple[Path, Path]:
-    """Write ``report.html`` and ``report.md`` into ``run_dir``; returns their paths."""
-    from bidistill.evaluation.report_html import render_html
-
-    html_path, md_path = run_dir / "report.html", run_dir / "report.md"
-    write_text(html_path, render_html(inputs))
-    write_text(md_path, render_markdown(inputs, run_dir))
-    return html_path, md_path
 
 
 # --- texts and tables both formats share --------------------------------------------------------

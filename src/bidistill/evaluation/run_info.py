@@ -17,8 +17,7 @@ import pandas as pd
 
 from bidistill.config import ExperimentConfig
 from bidistill.evaluation.missing import SplitSweep
-
-TRAIN_LOG = "train_log.csv"
+from bidistill.runs.rundir import RunDir
 
 
 @dataclass
@@ -95,16 +94,8 @@ def best_epochs(log: pd.DataFrame, selection: list[dict] | None = None) -> list[
     return out
 
 
-def _method_dir(run_dir: Path, key: str) -> Path:
-    """The folder holding a method's model: its own, or fold 0's in a k-fold run."""
-    own = run_dir / key
-    if (own / "model.json").is_file() or not (run_dir / "folds").is_dir():
-        return own
-    return run_dir / "folds" / "fold0" / key
-
-
 def model_json(run_dir: Path, key: str) -> dict[str, Any]:
-    path = _method_dir(run_dir, key) / "model.json"
+    path = RunDir(run_dir).model_dir(key).meta
     if not path.is_file():
         return {}
     return json.loads(path.read_text(encoding="utf-8"))
@@ -114,7 +105,7 @@ def training_logs(run_dir: Path, methods: list[str]) -> dict[str, pd.DataFrame]:
     """Each method's ``train_log.csv`` (fold 0 in k-fold runs); methods without one are left out."""
     logs = {}
     for key in methods:
-        path = _method_dir(run_dir, key) / TRAIN_LOG
+        path = RunDir(run_dir).model_dir(key).train_log
         if path.is_file():
             frame = pd.read_csv(path)
             if len(frame):

@@ -13,7 +13,7 @@ file copies the slide signature of its coords file (``slides.signature``): featu
 tiled again since (a rescan) are extracted again, and a slide that changed since it was tiled
 is refused until it is tiled again. Sharding
 (``--shard i/n`` or torchrun's ranks) and the bookkeeping of failures come from
-``bidistill.runner``.
+``bidistill.slide_stages``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from bidistill.features.identity import (
 )
 from bidistill.features.store import feature_path, write_feature_file
 from bidistill.features.tiles import load_tiles
-from bidistill.runner import (
+from bidistill.slide_stages import (
     SKIP_ERRORS_HINT,
     Recorder,
     Shard,

@@ -24,7 +24,7 @@ import h5py
 import torch
 
 from bidistill.errors import ConfigError
-from bidistill.runner import describe_failure
+from bidistill.slide_stages import describe_failure
 
 PREFETCH = 4  # batches each worker reads ahead
 

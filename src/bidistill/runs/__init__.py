@@ -1,5 +1,5 @@
-"""The run directory's bookkeeping: one run at a time (a lock), what each stage consumed
-(fingerprints in ``run.json``), and the checks made before any work."""
+"""The run folder: its files and layout (``rundir``), one run at a time (a lock), what each
+stage consumed (fingerprints in ``run.json``)."""
 
 from bidistill.runs.fingerprint import (
     StageCheck,

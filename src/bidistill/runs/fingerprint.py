@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from bidistill._io import write_json
+from bidistill.runs.rundir import RunDir
 
-RUN_INFO = "run.json"
 # Items named in a "what changed" message before "…".
 _SHOWN = 5
 
@@ -95,7 +95,7 @@ class StageCheck:
 
 
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / RUN_INFO
+    path = RunDir(run_dir).run_info
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -108,7 +108,7 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
 def write_run_info(run_dir: str | Path, info: dict[str, Any]) -> None:
     used = {d for s in info.get("stages", {}).values() for d in s.get("inputs", {}).values()}
     info["items"] = {d: table for d, table in info.get("items", {}).items() if d in used}
-    write_json(Path(run_dir) / RUN_INFO, info)
+    write_json(RunDir(run_dir).run_info, info)
 
 
 def check_stage(

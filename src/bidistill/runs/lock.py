@@ -24,11 +24,9 @@ from filelock import FileLock, Timeout
 
 from bidistill._io import write_json
 from bidistill.errors import BidistillError
+from bidistill.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
-
-LOCK_NAME = "run.lock"
-HOLDER_NAME = "run.lock.json"
 
 
 class RunDirBusyError(BidistillError):
@@ -52,8 +50,8 @@ def lock_run_dir(
         ConfigError: the folder cannot hold a lock file (read-only).
     """
     run_dir = Path(run_dir)
-    holder_path = run_dir / HOLDER_NAME
-    lock = FileLock(str(run_dir / LOCK_NAME), timeout=0)
+    holder_path = RunDir(run_dir).lock_holder
+    lock = FileLock(str(RunDir(run_dir).lock), timeout=0)
     try:
         lock.acquire()
     except Timeout:

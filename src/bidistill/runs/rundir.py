@@ -126,6 +126,7 @@ class RunDir:
         self.path = Path(path)
 
     config = property(lambda self: self.path / "config.yaml")
+    cohort_summary = property(lambda self: self.path / "cohort.json")
     splits = property(lambda self: self.path / "splits.json")
     run_info = property(lambda self: self.path / "run.json")
     log = property(lambda self: self.path / "run.log")
@@ -192,6 +193,21 @@ class RunDir:
             if index.isdigit():
                 roots[int(index)] = path
         return roots
+
+    def predicted_methods(self) -> list[MethodDir]:
+        """The folders at the run's top that hold a method's predictions."""
+        return [MethodDir(p.parent) for p in sorted(self.path.glob("*/predictions.csv"))]
+
+    def method_metas(self) -> list[Path]:
+        """Every ``model.json`` under the run (train-time missingness runs included)."""
+        return sorted(self.path.rglob("model.json"))
+
+    def has_method(self, key: str) -> bool:
+        """Whether any folder of the method exists (holdout, a fold, a train-missing run)."""
+        folders = [self.path / key, *self.path.glob(f"{_FOLDS}/*/{key}")]
+        return any(f.exists() for f in folders) or any(
+            r.has_method(key) for r in self.train_missing_runs()
+        )
 
     def train_missing(self, rate: float) -> RunDir:
         """The run trained with clinical data withheld from ``rate`` of its training patients."""

@@ -3,9 +3,9 @@
 A slide is done when its coords file exists (coords files are written atomically and last, after
 the QC image), so a rerun after a kill tiles only what is missing, and when the slide is the one
 that was tiled: a coords file records the slide's size and modification time
-(``slides.signature``), and a slide replaced under the same id is tiled again. The per-slide runner
-(``bidistill.runner``) does the skipping, the sharding, the process pool and the bookkeeping of
-failures: by default the first failure stops the run with its message and says that
+(``slides.signature``), and a slide replaced under the same id is tiled again. The per-slide
+runner (``bidistill.slide_stages``) does the skipping, the sharding, the process pool and the
+bookkeeping of failures: by default the first failure stops the run with its message and says that
 ``--skip-errors`` exists; with it the run goes on and ends with a summary of the slides that
 failed.
 """
@@ -21,7 +21,7 @@ from bidistill._io import write_json
 from bidistill._paths import lookup_named
 from bidistill.config import ExperimentConfig, TilingConfig
 from bidistill.errors import ConfigError
-from bidistill.runner import (
+from bidistill.slide_stages import (
     SKIP_ERRORS_HINT,
     Recorder,
     Shard,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bidistill.errors import ConfigError, SlideError
-from bidistill.runner import (
+from bidistill.slide_stages import (
     Recorder,
     Shard,
     StageSummary,

@@ -29,10 +29,10 @@ import pandas as pd
 from bidistill._io import write_json
 from bidistill.config import ExperimentConfig
 from bidistill.errors import ConfigError
+from bidistill.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "tracking.json"
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 MAX_PARAM = 500  # characters of a param value (MLflow's limit in older servers)
 
@@ -76,7 +76,7 @@ class MlflowTracker:
             # MLflow 3 keeps its file store only for those who ask for it; a file: URI in the
             # config is that request.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.config, self.run_dir, self.uri = config, Path(run_dir), uri
+        self.config, self.run, self.uri = config, RunDir(run_dir), uri
         self.client = MlflowClient(tracking_uri=uri)
         try:
             self.run_id = self._run_id()
@@ -85,7 +85,7 @@ class MlflowTracker:
         log.info("MLflow: logging to run %s at %s", self.run_id, uri)
 
     def _run_id(self) -> str:
-        state_path = self.run_dir / STATE_FILE
+        state_path = self.run.tracking
         if state_path.is_file():
             state = json.loads(state_path.read_text(encoding="utf-8"))
             if state.get("tracking_uri") == self.uri:
@@ -100,8 +100,8 @@ class MlflowTracker:
         )
         run = self.client.create_run(
             experiment_id,
-            run_name=self.run_dir.name,
-            tags={"bidistill.run_dir": str(self.run_dir.resolve())},
+            run_name=self.run.path.name,
+            tags={"bidistill.run_dir": str(self.run.path.resolve())},
         )
         write_json(state_path, {"tracking_uri": self.uri, "mlflow_run_id": run.info.run_id})
         return run.info.run_id
@@ -114,12 +114,12 @@ class MlflowTracker:
         tags = self.client.get_run(self.run_id).data.tags
         self._log_params()
         for method in self.config.methods:
-            train_log = self.run_dir / method.key / "train_log.csv"
-            done = (self.run_dir / method.key / "predictions.csv").is_file()
-            if done and train_log.is_file() and f"bidistill.logged.{method.key}" not in tags:
-                self._log_training(method.key, pd.read_csv(train_log))
+            folder = self.run.joined(method.key)
+            trained = folder.done and folder.train_log.is_file()
+            if trained and f"bidistill.logged.{method.key}" not in tags:
+                self._log_training(method.key, pd.read_csv(folder.train_log))
                 self.client.set_tag(self.run_id, f"bidistill.logged.{method.key}", "true")
-        report = self.run_dir / "report.html"
+        report = self.run.report
         if report.is_file():
             stamp = str(report.stat().st_mtime_ns)
             if tags.get("bidistill.logged.report") != stamp:
@@ -159,7 +159,7 @@ class MlflowTracker:
     def _log_evaluation(self) -> None:
         from mlflow.entities import Metric
 
-        table = pd.read_csv(self.run_dir / "metrics.csv")
+        table = pd.read_csv(self.run.metrics)
         metrics = []
         for row in table.itertuples():
             for column in ("auc", "auc_ci_low", "auc_ci_high"):
@@ -168,11 +168,12 @@ class MlflowTracker:
                     key = f"test_{column}/{row.method}/r{row.missing_rate:g}"
                     metrics.append(Metric(key, float(value), 0, 0))
         self._log_metrics(metrics)
-        for name in ("report.html", "report.md", "metrics.csv", "delong.csv"):
-            if (self.run_dir / name).is_file():
-                self.client.log_artifact(self.run_id, str(self.run_dir / name))
-        if (self.run_dir / "figures").is_dir():
-            self.client.log_artifacts(self.run_id, str(self.run_dir / "figures"), "figures")
+        run = self.run
+        for path in (run.report, run.report_markdown, run.metrics, run.delong):
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path))
+        if run.figures.is_dir():
+            self.client.log_artifacts(self.run_id, str(run.figures), run.figures.name)
 
     def _log_metrics(self, metrics: list) -> None:
         for start in range(0, len(metrics), BATCH):

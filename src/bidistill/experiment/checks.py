@@ -1,4 +1,5 @@
-"""The checks made before any work, one list per stage (tile, extract, train).
+"""The checks made before any work: one list per stage (tile, extract, train), and the run
+folder's own (writable, made by this config file, a device this machine has, a trainable cohort).
 
 ``bidistill config`` runs every stage's checks and says which stage each problem blocks;
 ``bidistill run``, ``tile`` and ``extract`` run the checks of the stages they are about to run,
@@ -9,20 +10,28 @@ to exactly what the stages then accept. Features that `run` makes from the slide
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bidistill._text import count, every, verb
 from bidistill.config import ExperimentConfig
-from bidistill.errors import BidistillError, ConfigError
+from bidistill.errors import BidistillError, CohortError, ConfigError, SlideError
 from bidistill.features.identity import (
     FeatureIdentity,
     check_matches,
     common_identity,
     config_identity,
 )
+from bidistill.runs.fingerprint import read_run_info, write_run_info
+from bidistill.runs.rundir import RunDir
+from bidistill.slide_stages import Shard, missing_slides
 
 OK, WARN, BLOCK = "ok", "warning", "missing"
 
@@ -120,7 +129,7 @@ def check_stages(
         need_features: False when every method of the run is trained already (the feature
             files are then not read again).
         skip_errors: the stage goes on past failing slides (missing files, no MPP).
-        shard: only this shard's slides (``runner.Shard``).
+        shard: only this shard's slides (``slide_stages.Shard``).
         in_memory: how to open the feature store when every file is there (``no``: headers
             and a scan of the values; the training setting to keep it for training).
     """
@@ -145,11 +154,6 @@ def check_config(config: ExperimentConfig, *, run_dir: Path | None = None) -> Ch
             finding.status = WARN
             finding.detail += f" (blocks `bidistill {' / '.join(finding.stages)}` only)"
     return checks
-
-
-def check_config_paths(config: ExperimentConfig) -> list[Finding]:
-    """The findings of ``check_config`` (what `bidistill init` lists to fill in)."""
-    return check_config(config).findings
 
 
 def _run_checks(context: _Context, stages: list[str]) -> Checks:
@@ -312,18 +316,16 @@ def _slides(context: _Context) -> list[Finding]:
     if not folder.is_dir():
         return [Finding("slides.dir", BLOCK, f"{folder} not found: tiling reads the slides there")]
     jobs, missing = context.slide_jobs() or ([], {})
-    missing = {s: m for s, m in missing.items() if s in context.owned(list(missing))}
-    if missing and not context.skip_errors:
-        first = next(iter(missing.values()))
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        return [
-            Finding(
-                "slides.dir",
-                BLOCK,
-                f"{first}{more}; add the files or remove those rows from the cohort table (or "
-                "pass --skip-errors to go on past them: `tile` and `extract` list them at the end)",
-            )
-        ]
+    try:
+        missing_slides(
+            missing,
+            context.shard or Shard(),
+            skip_errors=context.skip_errors,
+            hint="add the files or remove those rows from the cohort table (or pass "
+            "--skip-errors to go on past them: `tile` and `extract` list them at the end)",
+        )
+    except SlideError as err:
+        return [Finding("slides.dir", BLOCK, str(err))]
     return [Finding("slides.dir", OK, f"{folder} (a file for {every(len(jobs), 'slide')})")]
 
 
@@ -511,7 +513,7 @@ def _training_device(context: _Context) -> list[Finding]:
 def _tracking(context: _Context) -> list[Finding]:
     if not context.config.tracking.mlflow:
         return []
-    from bidistill.tracking import require_mlflow
+    from bidistill.experiment.tracking import require_mlflow
 
     try:
         require_mlflow()
@@ -521,8 +523,6 @@ def _tracking(context: _Context) -> list[Finding]:
 
 
 def _device(name: str, key: str) -> list[Finding]:
-    from bidistill.runs.preflight import check_device
-
     try:
         check_device(name, key)
     except BidistillError as err:
@@ -560,29 +560,206 @@ def check_cohort_features(
         actual_where=f"the feature files in {paths[0].parent}",
         expected_where="the config's `features` section",
     )
-    if run_dir is not None:
-        for model_json, recorded in trained_identities(run_dir):
-            check_matches(
-                identity,
-                recorded,
-                actual_where=f"the feature files in {paths[0].parent}",
-                expected_where=f"the features {model_json.parent.name} was trained on "
-                f"({model_json})",
-            )
+    for model_json in RunDir(run_dir).method_metas() if run_dir is not None else []:
+        try:  # the identity each trained method recorded
+            recorded = json.loads(model_json.read_text(encoding="utf-8"))["features"]["identity"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # none recorded; a damaged checkpoint is its own loader's to report
+        if not recorded:
+            continue
+        check_matches(
+            identity,
+            FeatureIdentity.from_dict(recorded),
+            actual_where=f"the feature files in {paths[0].parent}",
+            expected_where=f"the features {model_json.parent.name} was trained on ({model_json})",
+        )
     return identity
 
 
-def trained_identities(run_dir: Path) -> list[tuple[Path, FeatureIdentity]]:
-    """The feature identity each trained method of a run directory recorded (``model.json``)."""
-    import json
+# --- the run folder and what training needs -----------------------------------------------------
 
-    found = []
-    for model_json in sorted(run_dir.rglob("model.json")):
+
+def prepare_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and make sure files can be written in it.
+
+    Raises:
+        ConfigError: ``out_dir`` is a file, cannot be created, or is not writable.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: is a file, not a folder; give a folder for the run")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir, prefix=".bidistill-write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"--out {out_dir}: cannot write there ({err.strerror or err}); choose a writable folder"
+        ) from None
+
+
+def check_device(name: str, key: str) -> None:
+    """Refuse a device that this machine does not have (``auto`` always works).
+
+    Raises:
+        ConfigError: naming the config key, the device and what the machine has.
+    """
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"{key}: '{name}' is not a torch device ({err})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"{key}: '{name}', but this machine has no usable CUDA GPU (torch "
+                f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); set "
+                f"{key}: auto or cpu"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{key}: '{name}', but this machine has {count} CUDA GPU(s)")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"{key}: '{name}', but MPS is not available here; set {key}: auto")
+    elif device.type != "cpu":
         try:
-            block: dict[str, Any] = json.loads(model_json.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # the method's own loader reports a damaged checkpoint
-        recorded = block.get("features", {}).get("identity")
-        if recorded:
-            found.append((model_json, FeatureIdentity.from_dict(recorded)))
-    return found
+            torch.empty(0, device=device)
+        except Exception as err:  # torch raises RuntimeError or AssertionError per backend
+            raise ConfigError(f"{key}: '{name}' is not usable here ({err})") from None
+
+
+def check_trainable_cohort(cohort, splits) -> None:
+    """Every evaluated split has both classes, and no declared clinical column is blank for all
+    training patients.
+
+    Raises:
+        CohortError: naming the split (and fold) or the column.
+    """
+    labels = cohort.labels
+    checks = [("test", splits.test)] + [
+        (f"val (fold {i})" if len(splits.folds) > 1 else "val", f.val)
+        for i, f in enumerate(splits.folds)
+    ]
+    for name, ids in checks:
+        classes = np.unique(labels.loc[list(ids)].to_numpy())
+        if len(classes) < 2:
+            raise CohortError(
+                f"{cohort.source}: the {name} split has {count(len(ids), 'patient')}, all of class "
+                f"{int(classes[0]) if len(classes) else '-'}; AUC needs both classes: change the "
+                "split column, or the split fractions or seed (then delete splits.json)"
+            )
+    for i, fold in enumerate(splits.folds):
+        train = cohort.patients.loc[list(fold.train), cohort.feature_names]
+        blank = [c.column for c in cohort.columns if train[c.feature_name].isna().all()]
+        if blank:
+            where = f" (fold {i})" if len(splits.folds) > 1 else ""
+            raise CohortError(
+                f"{cohort.source}: clinical column(s) {blank} are blank for every training "
+                f"patient{where}: nothing can be learned from them; fill them in or remove them "
+                "from cohort.clinical"
+            )
+
+
+# --- which config file a run folder belongs to --------------------------------------------------
+
+# run.json's record of the config file that made the run folder.
+CONFIG_FILE_KEY = "config_file"
+
+
+def _config_origin(run_dir: Path, config_path: str | Path) -> dict[str, str]:
+    config = Path(config_path).resolve()
+    return {
+        "path": str(config),
+        "relative": Path(os.path.relpath(config, Path(run_dir).resolve())).as_posix(),
+    }
+
+
+def _is_resolved_copy(run_dir: Path, config_path: str | Path) -> bool:
+    """Whether ``config_path`` is the resolved config that the run wrote into its own folder."""
+    return Path(config_path).resolve() == RunDir(run_dir).config.resolve()
+
+
+def check_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
+    """Refuse a run folder made by another config file that still exists.
+
+    A config copied from another keeps its `name:`, so both default to the same run folder; a
+    rerun of the copy there would train into the other's results. The same file is recognised
+    by its path, or by its path relative to the run folder (a project folder moved or copied
+    with its runs); a recorded file that no longer exists was renamed or moved, and its folder
+    goes on with this one.
+
+    Raises:
+        ConfigError: naming both config files and how to give this one its own folder.
+    """
+    run_dir = Path(run_dir)
+    if _is_resolved_copy(run_dir, config_path):
+        return  # the run's own resolved config, which its finishing commands name
+    recorded = read_run_info(run_dir).get(CONFIG_FILE_KEY)
+    if not isinstance(recorded, dict):
+        return  # a new folder, or one made before the record existed
+    ours = _config_origin(run_dir, config_path)
+    if recorded.get("path") == ours["path"] or recorded.get("relative") == ours["relative"]:
+        return
+    other = Path(str(recorded.get("path")))
+    if not other.is_file():
+        return  # renamed or moved: this config takes the folder over (and the record)
+    raise ConfigError(
+        f"--out {run_dir}: this run folder was made by another config file, {other}, not by "
+        f"{config_path} (a copied config keeps the other's `name:`, and so its run folder); "
+        f"pass --out with a folder of its own, e.g. --out {run_dir.parent / Path(config_path).stem}"
+    )
+
+
+def record_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
+    """Write in run.json which config file made the run folder (see ``check_config_origin``)."""
+    if _is_resolved_copy(Path(run_dir), config_path):
+        return  # the folder stays its original config's
+    info = read_run_info(run_dir)
+    origin = _config_origin(Path(run_dir), config_path)
+    if info.get(CONFIG_FILE_KEY) != origin:
+        info[CONFIG_FILE_KEY] = origin
+        write_run_info(run_dir, info)
+
+
+# --- the run folder: made by this config, with these settings -------------------------------------
+
+
+def check_run_folder(config: ExperimentConfig, config_path: str | Path, run: RunDir) -> None:
+    """Refuse a run folder made by another config file, or holding a run of other cohort,
+    features or training settings, or of other options of a method trained there.
+
+    Raises:
+        ConfigError: naming the folder, what changed and how to go on.
+    """
+    from bidistill.config import load_config
+    from bidistill.runs.inputs import TRAINING_SECTIONS, config_sections
+
+    check_config_origin(run.path, config_path)
+    if not run.config.is_file():
+        return
+    previous = load_config(run.config)
+    # The sections that decide what a trained method is (methods may be added and evaluation
+    # settings changed: that only adds or redoes work). Paths are left out: a moved project
+    # folder is the same experiment; its files are fingerprinted by content.
+    old = config_sections(previous, TRAINING_SECTIONS)
+    new = config_sections(config, TRAINING_SECTIONS)
+    changed = [s for s in TRAINING_SECTIONS if old[s] != new[s]]
+    if changed:
+        raise ConfigError(
+            f"{run.path} holds a run made with other {', '.join(changed)} settings "
+            f"(see {run.config}); use a new --out folder, or delete the folder to start over"
+        )
+    before = {m.key: m.model_dump(mode="json") for m in previous.methods}
+    for method in config.methods:
+        options = before.get(method.key)
+        changed = options is not None and options != method.model_dump(mode="json")
+        if changed and run.has_method(method.key):
+            raise ConfigError(
+                f"{run.path}: method '{method.key}' was trained with other options "
+                f"({options}); give the new entry its own `label`, or delete "
+                f"{run.joined(method.key).path} to train it again"
+            )
