@@ -490,6 +490,12 @@ class TrainingConfig(_Section):
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of weights and shuffling.")
 
+    @property
+    def on_tiles(self) -> bool:
+        """The methods read tiles and train the patch encoder (``mode: end-to-end``): tiling is
+        needed, feature extraction is not. The one reading of ``mode``."""
+        return self.mode == "end-to-end"
+
     @model_validator(mode="before")
     @classmethod
     def _renamed_keys(cls, data: Any) -> Any:

@@ -117,7 +117,7 @@ def tile(
             highlight=False,
             soft_wrap=True,
         )
-    if cfg.training.mode == "end-to-end":  # the methods read the tiles: nothing to extract
+    if cfg.training.on_tiles:  # the methods read the tiles: nothing to extract
         run_dir = free_run_dir(config, cfg)
         _print_next(summary, f"bidistill run {shell_arg(config)} --out {shell_arg(run_dir)}")
     else:
@@ -320,7 +320,7 @@ def _predict_command(cfg, run_dir: Path) -> str:
     """`bidistill predict` as it runs on the training cohort itself: the command to adapt to
     new patients (their features folder and table)."""
     command = f"bidistill predict --run {shell_arg(_shown(run_dir))}"
-    if cfg.training.mode == "end-to-end":  # the model reads tiles: the slides and their coords
+    if cfg.training.on_tiles:  # the model reads tiles: the slides and their coords
         command += f" --slides {shell_arg(_shown(cfg.slides.dir))}"
         command += f" --tiles {shell_arg(_shown(cfg.tiling.coords_dir))}"
     elif cfg.cohort.slide_column:

@@ -100,7 +100,7 @@ def run_stages(config: ExperimentConfig, slide_ids: Sequence[str]) -> list[str]:
     when the config has a `slides` section and some slide has no feature file yet."""
     if config.slides is None or not slide_ids:
         return ["train"]
-    if config.training.mode == "end-to-end":  # the methods read tiles; nothing is extracted
+    if config.training.on_tiles:  # the methods read tiles; nothing is extracted
         return ["tile", "train"]
     from bidistill.features.store import feature_path
 
@@ -144,7 +144,7 @@ def check_config(config: ExperimentConfig, *, run_dir: Path | None = None) -> Ch
     of stages that `run` would not go through are warnings."""
     stages = ["train"]
     if config.slides is not None:
-        end_to_end = config.training.mode == "end-to-end"
+        end_to_end = config.training.on_tiles
         stages = ["tile", "train"] if end_to_end else ["tile", "extract", "train"]
     context = _Context(config, run_dir)
     checks = _run_checks(context, stages)
@@ -431,7 +431,7 @@ def _bags(context: _Context) -> list[Finding]:
     slide_ids = context.slide_ids()
     if not slide_ids or not context.need_features:
         return []
-    if config.training.mode == "end-to-end":
+    if config.training.on_tiles:
         return [_tiles_for_training(config, slide_ids, context.stages)]
     return _feature_files(context, slide_ids)
 

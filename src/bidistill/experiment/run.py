@@ -165,7 +165,7 @@ def train_methods(
         get_method_class(method_cfg.name)  # unknown names fail before any work
     check_device(config.training.device, "training.device")
     run = RunDir(out)
-    if launched_by_torchrun() and config.training.mode != "end-to-end":
+    if launched_by_torchrun() and not config.training.on_tiles:
         raise ConfigError(
             "torchrun runs end-to-end training (training.mode: end-to-end) over several "
             "processes; feature-mode training runs in one process: `bidistill train` alone"

@@ -86,7 +86,7 @@ class Experiment:
         return self.root.stage_name(path)
 
     def feature_store(self):
-        if self.config.training.mode == "end-to-end":
+        if self.config.training.on_tiles:
             return None  # bags of tiles, read by the trainer
         if self.store is None:
             from bidistill.training import open_feature_store
@@ -127,7 +127,7 @@ def features_stage(exp: Experiment) -> None:
         return
     if config.features.random_init:
         log.warning("%s", RANDOM_FEATURES_WARNING)  # the CLI shows it once, as `warning:`
-    if config.training.mode == "end-to-end":  # the methods read tiles and train the encoder
+    if config.training.on_tiles:  # the methods read tiles and train the encoder
         _say(_one_line(tile_from_config(config, progress=exp.progress, hint=RUN_HINT)), exp)
         return
     from bidistill.features.extract import extract_from_config, out_of_date_slides

@@ -251,6 +251,6 @@ def open_bag_source(
     progress: bool,
 ) -> BagSource:
     """The bag source of ``config.training.mode`` (the one place the mode is decided)."""
-    if config.training.mode == "end-to-end":
+    if config.training.on_tiles:
         return TileSource(config, cohort, split_ids, encoder, processes, device)
     return open_feature_source(config, cohort, split_ids, encoder, store=store, progress=progress)
