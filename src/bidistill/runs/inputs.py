@@ -142,7 +142,7 @@ def method_inputs(
     )
     inputs.add("splits", {k: sorted(v) for k, v in split_ids.items()}, says="the splits")
     inputs.add_items("cohort", cohort_rows(cohort, patients), says="cohort rows", unit="patient(s)")
-    if len(slides) and reads_slides(method) and config.training.mode == "end-to-end":
+    if len(slides) and reads_slides(method) and config.training.on_tiles:
         inputs.add_items(  # bags of tiles: what was tiled decides the bags
             "tiles", tile_identities(config, sorted(slides)), says="tile files", unit="slide(s)"
         )
