@@ -91,7 +91,7 @@ def test_every_next_line_runs_in_feature_mode(tmp_path, monkeypatch):
     ]
     assert follow(f"bidistill compare {run_dir} {run_dir}-b --method wsi-only --out cmp")
     assert follow("bidistill encoders")
-    chain = follow("bidistill synth features --out synth --patients 20 --dim 8")
+    chain = follow("bidistill synth features --out synth --patients 24 --dim 8")
     assert [shlex.split(c)[1] for c in chain][:2] == ["synth", "run"]
 
 
