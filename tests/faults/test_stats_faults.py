@@ -117,11 +117,20 @@ def test_compare_on_a_folder_that_is_not_a_run(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+LONG_NAMES = ["resnet50-trident-baseline-2024", "uni2-h-finetuned-on-bcnb-fold-all"]
+FOUR_METHODS = ("bd", "wsi-only", "fusion-zero", "clinical-only")
+
+
+@pytest.fixture(scope="module")
+def long_named_runs(tmp_path_factory) -> list:
+    """Two evaluated runs with long names and four methods each (read only by the tests)."""
+    folder = tmp_path_factory.mktemp("long-names")
+    return [_evaluated_run(folder / n, methods=FOUR_METHODS) for n in LONG_NAMES]
+
+
 @pytest.mark.parametrize("columns", [80, 60])
-def test_compare_at_80_columns_cuts_no_name_method_or_ci(tmp_path, columns):
-    names = ["resnet50-trident-baseline-2024", "uni2-h-finetuned-on-bcnb-fold-all"]
-    methods = ("bd", "wsi-only", "fusion-zero", "clinical-only")
-    runs = [_evaluated_run(tmp_path / n, methods=methods) for n in names]
+def test_compare_at_80_columns_cuts_no_name_method_or_ci(long_named_runs, tmp_path, columns):
+    names, methods, runs = LONG_NAMES, FOUR_METHODS, long_named_runs
     result = runner.invoke(
         app_cli(),
         ["compare", *map(str, runs), "--out", str(tmp_path / "cmp")],
