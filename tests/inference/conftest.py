@@ -8,18 +8,6 @@ import pytest
 import yaml
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """One thread: the models are tiny, and two OpenMP threads on a shared 2-core machine wait
-    for each other."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """A folder holding ``demo_run/cohort`` (a synthetic cohort: 120 patients, 32-d features,

@@ -66,15 +66,3 @@ def trained_run(tiny_cohort, tmp_path_factory) -> Path:
             config, method_cfg, run, cohort=cohort, splits=splits, store=store, progress=False
         )
     return run
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """One thread: these models are tiny, and on a shared 2-core machine two OpenMP threads
-    that wait for each other make an epoch up to 30 times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
