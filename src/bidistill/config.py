@@ -640,12 +640,8 @@ def resolve_tracking_uri(uri: str, base_dir: Path) -> str:
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
-    """Read, validate and resolve an experiment config.
-
-    Raises:
-        ConfigError: the file is missing or is not YAML, or a key is unknown, misspelt, of the
-            wrong type or out of range; the message names the file, the section and the key.
-    """
+    """Read, validate and resolve an experiment config; every problem is one ``ConfigError``
+    naming the file, the section and the key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (make one with `bidistill init`)")
@@ -756,15 +752,16 @@ def _valid_keys(loc: list[str]) -> list[str]:
         field = model.model_fields.get(part)
         if field is None:
             return []
-        model = _model_in(field.annotation) or model
+        model = nested_model(field.annotation) or model
     return list(model.model_fields)
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section a field holds (``X``, ``X | None``, ``list[X]``), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
+        found = nested_model(arg)
         if found:
             return found
     return None

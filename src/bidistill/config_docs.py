@@ -1,11 +1,6 @@
-"""``docs/config.md``, the config reference, generated from the pydantic models.
-
-Every key of the experiment config with its type, default and meaning, section by section, and
-the options of every registered method. Regenerate after changing a model:
-
-    python -m bidistill.config_docs > docs/config.md      (or: make docs)
-
-``tests/test_config_docs.py`` fails when the file and the models disagree.
+"""``docs/config.md``, the config reference, generated from the pydantic models and the method
+registry: ``python -m bidistill.config_docs > docs/config.md`` (``make docs``); a test fails
+when the file and the models disagree.
 """
 
 from __future__ import annotations
@@ -21,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from bidistill.config import ExperimentConfig
+from bidistill.config import ExperimentConfig, nested_model
 
 HEADER = """\
 # Config reference
@@ -93,10 +88,7 @@ METHOD_SUMMARIES = {
 
 
 def render() -> str:
-    """The whole reference as Markdown."""
-    parts = [HEADER]
-    parts += _model_sections(ExperimentConfig, "")
-    parts.append(_methods_section())
+    parts = [HEADER, *_model_sections(ExperimentConfig, ""), _methods_section()]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -105,7 +97,7 @@ def _model_sections(model: type[BaseModel], prefix: str) -> list[str]:
     rows, nested = [], []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        sub = _nested_model(field.annotation)
+        sub = nested_model(field.annotation)
         if sub is not None:
             listed = typing.get_origin(field.annotation) in (list, typing.List)  # noqa: UP006
             nested.append((f"{key}[]" if listed else key, sub, field.description))
@@ -113,7 +105,9 @@ def _model_sections(model: type[BaseModel], prefix: str) -> list[str]:
                 rows.append((name, f"list of `{key}[]` entries", _default(field), field))
             continue
         rows.append((name, _type_text(field.annotation), _default(field), field))
-    rows = [(n, t, d, _meaning(f.description, f"{prefix}{n}")) for n, t, d, f in rows]
+    rows = [
+        (n, t, d, _cell(f.description) or MEANINGS.get(f"{prefix}{n}", "")) for n, t, d, f in rows
+    ]
     title = f"## `{prefix.rstrip('.')}`" if prefix else "## Top level"
     lines = [title, ""]
     if model.__doc__ and prefix:
@@ -163,19 +157,6 @@ def _options_table(options: type[BaseModel], skip: set[str]) -> list[str]:
             f"| `{option}` | {_type_text(field.annotation)} | {_default(field)} | {meaning} |"
         )
     return [*lines, ""]
-
-
-def _meaning(description: str | None, key: str) -> str:
-    return _cell(description) or MEANINGS.get(key, "")
-
-
-def _nested_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
 
 
 def _type_text(annotation: Any) -> str:
