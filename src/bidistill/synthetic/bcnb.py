@@ -1,20 +1,6 @@
-"""A synthetic cohort in the exact layout of the BCNB download, with a label the pixels show.
-
-``make_bcnb_folder`` writes what ``bidistill bcnb prepare`` reads (see ``bidistill.cohort.bcnb``)::
-
-    patient-clinical-data.xlsx                  the 14 BCNB columns, messy as the real one
-    dataset-splitting/{train,val,test}_id.txt   CRLF line ends, stratified on the ALN status
-    WSIs/<id>.jpg, WSIs/<id>.json               slide + tumour polygons
-
-Each slide is a grey background with one or two pink tissue strips (core-needle biopsies), sparse
-pale nuclei in normal tissue, and tumour regions (the JSON polygons) whose nuclei are denser,
-larger and darker the more lymph nodes are involved: N0 < N+(1-2) < N+(>2), with patient-level
-noise so that the task is learnable by a patch encoder plus MIL but not trivial. Blue pen strokes
-outline some tumours, as pathologists' marks do on real BCNB slides. The clinical columns follow
-the receptor logic of the molecular subtypes and are mildly informative of the ALN status (tumour
-size, grade), like the real table; ``Surgical`` and the node count leak the label, as in BCNB.
-
-Same seed ⇒ the same bytes in every file (the xlsx carries fixed timestamps).
+"""A synthetic cohort in the exact layout of the BCNB download, with a label the pixels show
+(what the slides and the table hold: docs/internal-interfaces.md, "Synthetic data"). Same seed ⇒
+the same bytes in every file (the xlsx carries fixed timestamps).
 """
 
 from __future__ import annotations
@@ -75,27 +61,11 @@ def make_bcnb_folder(
     slides: bool = True,
     progress: bool = True,
 ) -> Path:
-    """Write a synthetic BCNB folder.
+    """Write a synthetic BCNB folder of ``patients`` (ids "1" … str(patients)), one slide each.
 
-    Args:
-        out_dir: the folder to create (or fill; files of the same names are replaced).
-        patients: number of patients (>= 10), one slide each, ids "1" … str(patients).
-        seed: everything follows from it: same seed, same bytes.
-        slide_size: slide (width, height) in pixels; BCNB slides are ~0.5 µm/px.
-        jpeg_quality: JPEG quality of the slides.
-        signal: strength of the ALN signal in the tumour nuclei (0: none; 1: default).
-        signal_noise: standard deviation of the patient-level noise on that strength; the
-            default leaves the classes almost apart (``signal_oracle_auc`` says how far).
-        slides: write ``WSIs/``; False gives the clinical part only (fast; for table tests).
-        progress: show a progress bar over the slides.
-
-    Returns:
-        ``out_dir`` as a Path.
-
-    Side effects: writes the xlsx, three split files and two files per patient, atomically.
-
-    Raises:
-        ValueError: fewer than 10 patients, or slides smaller than 512 px a side.
+    ``signal``: strength of the ALN signal in the tumour nuclei; ``signal_noise``: the sd of the
+    patient-level noise on it (the default leaves the classes almost apart: ``signal_oracle_auc``
+    says how far). ``slides=False`` writes the clinical part only (fast; for table tests).
     """
     if patients < _MIN_PATIENTS:
         raise ValueError(f"patients must be >= {_MIN_PATIENTS} (got {patients})")
