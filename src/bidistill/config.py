@@ -113,7 +113,7 @@ class ClinicalColumn(_Section):
 class LabelConfig(_Section):
     """A binary label made from one column: ``positive`` values are 1, ``negative`` values 0."""
 
-    column: str
+    column: str = Field(description="The label's column in the table.")
     positive: list[str] = Field(min_length=1, description="Values of the column that mean 1.")
     negative: list[str] | None = Field(
         default=None,
@@ -458,10 +458,10 @@ class EndToEndConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    epochs: int = Field(default=40, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    lr: float = Field(default=2e-4, gt=0)
-    weight_decay: float = Field(default=1e-2, ge=0)
+    epochs: int = Field(default=40, ge=1, description="Maximum epochs per training stage.")
+    batch_size: int = Field(default=16, ge=1, description="Patients per batch.")
+    lr: float = Field(default=2e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(default=1e-2, ge=0, description="AdamW weight decay.")
     lr_warmup_epochs: int = Field(
         default=2, ge=0, description="Epochs of linear learning-rate warm-up (then cosine decay)."
     )
@@ -484,7 +484,7 @@ class TrainingConfig(_Section):
         "inside the method on bags of tiles (`training.end_to_end`).",
     )
     end_to_end: EndToEndConfig = Field(default_factory=EndToEndConfig)
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int = Field(default=0, ge=0, description="Data-loader worker processes.")
     device: str = Field(
         default="auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:1, mps."
     )
