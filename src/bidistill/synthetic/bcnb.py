@@ -17,13 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from bidistill._io import atomic_path, write_text
-from bidistill.cohort.bcnb import (
-    BCNB_COLUMNS,
-    CLINICAL_XLSX,
-    SPLIT_DIR,
-    SPLIT_FILES,
-    WSI_DIR,
-)
+from bidistill.cohort.bcnb import BCNB_COLUMNS, CLINICAL_XLSX, SPLIT_DIR, SPLIT_FILES, WSI_DIR
 
 ALN_CLASSES = ("N0", "N+(1-2)", "N+(>2)")
 ALN_SHARES = (0.55, 0.27, 0.18)  # close to BCNB's 655 / 210 / 193 of 1058
@@ -346,10 +340,7 @@ def _strip_paths(
 
 
 def _tumour_polygon(
-    rng: np.random.Generator,
-    points: list[tuple[int, int]],
-    thickness: int,
-    size: tuple[int, int],
+    rng: np.random.Generator, points: list[tuple[int, int]], thickness: int, size: tuple[int, int]
 ) -> list[list[int]]:
     """An irregular blob on the strip, wide enough to hold several 256 px tiles."""
     cx, cy = points[int(rng.integers(6, len(points) - 6))]
