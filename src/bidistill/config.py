@@ -589,7 +589,7 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _end_to_end_reads_slides(self) -> ExperimentConfig:
-        if self.training.mode == "end-to-end" and self.slides is None:
+        if self.training.on_tiles and self.slides is None:
             raise ValueError(
                 "training.mode: end-to-end trains on the slides' tiles: add a `slides` section "
                 "(slides.dir) and tile them with `bidistill tile`"

@@ -394,8 +394,9 @@ def _paper_protocol(task: str) -> str:
     """The shipped protocol's sections (comments kept), under this task's name."""
     from bidistill.configs import protocol_text
 
-    text = protocol_text("bcnb-paper")
-    return text.replace("name: bcnb-aln-paper", f"name: bcnb-{task}-paper", 1)
+    return protocol_text("bcnb-paper").replace(
+        "name: bcnb-aln-paper", f"name: bcnb-{task}-paper", 1
+    )
 
 
 def _yaml(data: dict[str, Any]) -> str:

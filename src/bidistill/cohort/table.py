@@ -250,7 +250,14 @@ def parse_clinical(cells: pd.Series, col: ClinicalColumn, path: Path, rows: pd.S
     levels = {normalise_text(c) for c in col.categories} if col.categories else None
 
     def parse(cell: Any) -> Any:
-        return np.nan if is_blank(cell) else _parse_cell(cell, col, levels)
+        if is_blank(cell):
+            return np.nan
+        if col.kind == ClinicalKind.numeric:
+            return PARSERS[col.parser or "number"](cell)
+        text = normalise_text(cell)
+        if levels is not None and text not in levels:
+            raise ValueError(f"expected one of {sorted(levels)}")
+        return text
 
     values = _map_cells(cells, rows, path, col.column, parse)
     if col.kind == ClinicalKind.binary:
@@ -261,15 +268,6 @@ def parse_clinical(cells: pd.Series, col: ClinicalColumn, path: Path, rows: pd.S
                 f"{seen}; declare it categorical, or fix the values"
             )
     return values
-
-
-def _parse_cell(cell, col: ClinicalColumn, levels: set[str] | None):
-    if col.kind == ClinicalKind.numeric:
-        return PARSERS[col.parser or "number"](cell)
-    text = normalise_text(cell)
-    if levels is not None and text not in levels:
-        raise ValueError(f"expected one of {sorted(levels)}")
-    return text
 
 
 def per_patient(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:

@@ -5,7 +5,7 @@ posterior is exact: docs/internal-interfaces.md ("Latent-trait cohorts").
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -121,7 +121,6 @@ class _Patients:
     c: np.ndarray
     z: np.ndarray
     label: np.ndarray
-    extra: dict = field(default_factory=dict)
 
 
 def make_latent_cohort(
