@@ -44,14 +44,7 @@ def classify_labels(cells: pd.Series, cfg: LabelConfig, path: Path) -> np.ndarra
             return 1
         return 0 if negative is None or key in negative else UNLISTED
 
-    codes: dict[str | None, float] = {}
-    out = np.empty(len(cells), dtype=float)
-    for i, cell in enumerate(cells):
-        key = label_key(cell)
-        if key not in codes:
-            codes[key] = code(key)
-        out[i] = codes[key]
-    return out
+    return np.array([code(label_key(cell)) for cell in cells], dtype=float)
 
 
 @dataclass

@@ -93,16 +93,9 @@ def _check_prediction_columns(
             f"{path}: no slide id column '{cfg.slide_column}' (the run's cohort.slide_column), "
             "so no patient can be matched to a feature file"
         )
-    known = {
-        cfg.patient_column,
-        cfg.slide_column,
-        cfg.label.column,
-        cfg.split_column,
-        *cfg.leakage_columns,
-        *other_columns,
-        *(c.column for c in cfg.clinical),
-    }
     clinical = [c.column for c in cfg.clinical]
+    ids = {cfg.patient_column, cfg.slide_column, cfg.label.column, cfg.split_column}
+    known = ids | {*cfg.leakage_columns, *other_columns, *clinical}
     for column in raw.columns:
         if column in known:
             continue

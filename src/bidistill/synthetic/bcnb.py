@@ -82,13 +82,8 @@ def make_bcnb_folder(
         stem = out_dir / WSI_DIR / patient.patient_id
         with atomic_path(stem.with_suffix(".jpg")) as tmp:
             image.save(tmp, format="JPEG", quality=jpeg_quality)
-        annotation = {
-            "positive": [
-                {"name": f"Annotation {k}", "vertices": poly} for k, poly in enumerate(polygons)
-            ],
-            "negative": [],
-        }
-        write_text(stem.with_suffix(".json"), json.dumps(annotation))
+        tumours = [{"name": f"Annotation {k}", "vertices": p} for k, p in enumerate(polygons)]
+        write_text(stem.with_suffix(".json"), json.dumps({"positive": tumours, "negative": []}))
     return out_dir
 
 
@@ -293,23 +288,13 @@ def _draw_slide(
     image = _stained_background(rng, tissue)
     draw = ImageDraw.Draw(image)
     # Normal tissue: sparse, small, pale nuclei, the same for every label.
-    _draw_nuclei(
-        draw,
-        rng,
-        tissue_mask & ~tumour_mask,
-        per_px=1 / 2500,
-        radius=(2, 4),
-        colour=(165, 120, 185),
-    )
+    normal = tissue_mask & ~tumour_mask
+    _draw_nuclei(draw, rng, normal, per_px=1 / 2500, radius=(2, 4), colour=(165, 120, 185))
     # Tumour: density, size and darkness grow with the nodal involvement.
-    dark = np.array((150, 105, 180)) - strength * np.array((85, 80, 60))
+    dark = tuple(int(c) for c in np.array((150, 105, 180)) - strength * np.array((85, 80, 60)))
+    radius = (3 + strength, 4.5 + 2 * strength)
     _draw_nuclei(
-        draw,
-        rng,
-        tumour_mask,
-        per_px=(1 + 2 * strength) / 900,
-        radius=(3 + strength, 4.5 + 2 * strength),
-        colour=tuple(int(c) for c in dark),
+        draw, rng, tumour_mask, per_px=(1 + 2 * strength) / 900, radius=radius, colour=dark
     )
     for poly in polygons:
         if rng.random() < 0.7:
@@ -329,11 +314,8 @@ def _strip_paths(
         x0 = width * rng.uniform(0.04, 0.12)
         x1 = width * rng.uniform(0.88, 0.96)
         xs = np.linspace(x0, x1, 24)
-        wave = (
-            height
-            * 0.04
-            * np.sin(2 * np.pi * xs / width * rng.uniform(0.5, 1.5) + rng.uniform(0, 6.3))
-        )
+        phase = 2 * np.pi * xs / width * rng.uniform(0.5, 1.5) + rng.uniform(0, 6.3)
+        wave = height * 0.04 * np.sin(phase)
         ys = centre_y + wave + (xs - width / 2) * rng.uniform(-0.05, 0.05)
         strips.append(([(int(x), int(y)) for x, y in zip(xs, ys)], thickness))
     return strips
