@@ -471,11 +471,11 @@ class PrepareReport:
                 f"  warning: {count(n_no_split, 'patient')} in no split file, left out: "
                 f"{_preview(self.patients_without_split)}"
             )
-        lines.append(
+        lines += [
             f"task '{self.task}': {spec.description}; label '{spec.label}' positive "
-            f"{list(spec.positive)}, negative {list(spec.negative)}"
-        )
-        lines.append(f"  {'split':<8}{'positive':>10}{'negative':>10}{'left out':>10}{'% pos':>8}")
+            f"{list(spec.positive)}, negative {list(spec.negative)}",
+            f"  {'split':<8}{'positive':>10}{'negative':>10}{'left out':>10}{'% pos':>8}",
+        ]
         for split, counts in self.label_counts.items():
             labelled = counts["positive"] + counts["negative"]
             share = f"{counts['positive'] / labelled:.0%}" if labelled else "-"
@@ -503,8 +503,7 @@ class PrepareReport:
                 "protocol: paper (VGG16-BN trained end to end on bags of 10 patches, SGD, "
                 f"cosine warm restarts; bidistill/configs/bcnb-paper.yaml) on {source}"
             )
-        lines.append(f"wrote {self.table_path}")
-        lines.append(f"wrote {self.config_path}")
+        lines += [f"wrote {self.table_path}", f"wrote {self.config_path}"]
         return "\n".join(lines)
 
 

@@ -21,10 +21,8 @@ _INVISIBLE = ("Cc", "Cf")
 
 
 def read_identifier(cell: object) -> str | None:
-    """The identifier in a cell, as written but for surrounding whitespace; None when empty.
-
-    A spreadsheet number ``12.0`` reads as ``"12"`` (Excel shows it so); text is never changed.
-    """
+    """The identifier in a cell, as written but for surrounding whitespace; None when empty. A
+    spreadsheet number ``12.0`` reads as ``"12"`` (Excel shows it so); text is never changed."""
     if cell is None or (isinstance(cell, float) and math.isnan(cell)):
         return None
     if isinstance(cell, float) and cell.is_integer():

@@ -95,11 +95,8 @@ def _strength(aln: str, signal: float, noise: float, rng: np.random.Generator) -
 def signal_oracle_auc(
     signal: float = 1.0, signal_noise: float = 0.15, *, draws: int = 200_000, seed: int = 0
 ) -> float:
-    """N0-vs-N+ AUC of an oracle that reads each patient's planted strength exactly.
-
-    No model that learns from the slides can beat it in expectation, so it is the ceiling of a
-    WSI-only model on these slides; it depends on the generator's settings only.
-    """
+    """N0-vs-N+ AUC of an oracle that reads each patient's planted strength exactly: the ceiling
+    of a WSI-only model on these slides (no model beats it in expectation)."""
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(seed)
@@ -262,14 +259,8 @@ def _write_splits(split_dir: Path, cohort: list[_Patient], seed: int) -> None:
 def _draw_slide(
     rng: np.random.Generator, size: tuple[int, int], strength: float
 ) -> tuple[Image.Image, list[list[list[int]]]]:
-    """One slide and its tumour polygons.
-
-    Args:
-        strength: how node-positive the tumour looks, ~0 (N0) to ~1 (N+(>2)).
-
-    Returns:
-        The RGB image ``[height, width]`` and the polygons as lists of [x, y] vertices.
-    """
+    """One slide whose tumour looks ``strength`` node-positive (~0: N0, ~1: N+(>2)), and its
+    tumour polygons as lists of [x, y] vertices."""
     width, height = size
     strips = _strip_paths(rng, width, height)
     tissue = Image.new("L", size, 0)
@@ -337,10 +328,8 @@ def _tumour_polygon(
 
 
 def _stained_background(rng: np.random.Generator, tissue: Image.Image) -> Image.Image:
-    """Grey glass with eosin-pink tissue whose tone varies smoothly (stroma-like).
-
-    The tone is drawn on a coarse grid and upsampled by Pillow: smooth, and fast on big slides.
-    """
+    """Grey glass with eosin-pink tissue whose tone varies smoothly (stroma-like): drawn on a
+    coarse grid and upsampled by Pillow, smooth and fast on big slides."""
     width, height = tissue.size
     coarse = rng.normal(0, 1, (height // 64 + 2, width // 64 + 2, 1)).astype(np.float32)
     pink = np.array((232, 176, 206), np.float32) + coarse * np.array((6, 12, 8), np.float32)
