@@ -310,19 +310,15 @@ def _feature_values(rng, feature: ClinicalFeature, patients: _Patients) -> list[
         return list(rng.choice(feature.levels, size=n))
     if feature.source == "z":
         return [str(int(z)) for z in patients.z]
-    latent = _feature_latent(rng, feature, patients)
+    rho = feature.strength
+    if feature.source == "c":
+        latent = rho * patients.c + np.sqrt(1 - rho**2) * rng.normal(size=n)
+    else:  # label: a shift of ``strength`` between the classes
+        latent = rho * patients.label + rng.normal(size=n)
     if feature.kind == "numeric":
         return [f"{feature.mean + feature.scale * x:.4f}" for x in latent]
     level = np.searchsorted(np.asarray(feature.cuts), latent)  # cuts below the latent
     return [str(int(k) + (1 if feature.kind == "ordinal" else 0)) for k in level]
-
-
-def _feature_latent(rng, feature: ClinicalFeature, patients: _Patients) -> np.ndarray:
-    n = len(patients.c)
-    if feature.source == "c":
-        rho = feature.strength
-        return rho * patients.c + np.sqrt(1 - rho**2) * rng.normal(size=n)
-    return feature.strength * patients.label + rng.normal(size=n)  # source: label
 
 
 def _splits(rng, spec: LatentSpec, labels: np.ndarray) -> list[str]:
