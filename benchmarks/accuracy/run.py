@@ -39,7 +39,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,13 +67,12 @@ def variants() -> dict[str, tuple[str, dict]]:
 
 def suite_spec(name: str, scale: float):
     """The generator's spec, with ``scale`` times its patients (for smoke tests)."""
-    from bidistill.synthetic.latent import spec_with
     from bidistill.synthetic.suite import SUITE
 
     spec = SUITE[name]
     if scale == 1:
         return spec
-    return spec_with(
+    return replace(
         spec,
         patients=max(int(spec.patients * scale), 40),
         test_patients=max(int(spec.test_patients * scale), 40),

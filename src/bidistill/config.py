@@ -113,7 +113,7 @@ class ClinicalColumn(_Section):
 class LabelConfig(_Section):
     """A binary label made from one column: ``positive`` values are 1, ``negative`` values 0."""
 
-    column: str
+    column: str = Field(description="The label's column in the table.")
     positive: list[str] = Field(min_length=1, description="Values of the column that mean 1.")
     negative: list[str] | None = Field(
         default=None,
@@ -458,10 +458,10 @@ class EndToEndConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    epochs: int = Field(default=40, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    lr: float = Field(default=2e-4, gt=0)
-    weight_decay: float = Field(default=1e-2, ge=0)
+    epochs: int = Field(default=40, ge=1, description="Maximum epochs per training stage.")
+    batch_size: int = Field(default=16, ge=1, description="Patients per batch.")
+    lr: float = Field(default=2e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(default=1e-2, ge=0, description="AdamW weight decay.")
     lr_warmup_epochs: int = Field(
         default=2, ge=0, description="Epochs of linear learning-rate warm-up (then cosine decay)."
     )
@@ -484,7 +484,7 @@ class TrainingConfig(_Section):
         "inside the method on bags of tiles (`training.end_to_end`).",
     )
     end_to_end: EndToEndConfig = Field(default_factory=EndToEndConfig)
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int = Field(default=0, ge=0, description="Data-loader worker processes.")
     device: str = Field(
         default="auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:1, mps."
     )
@@ -589,7 +589,7 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _end_to_end_reads_slides(self) -> ExperimentConfig:
-        if self.training.mode == "end-to-end" and self.slides is None:
+        if self.training.on_tiles and self.slides is None:
             raise ValueError(
                 "training.mode: end-to-end trains on the slides' tiles: add a `slides` section "
                 "(slides.dir) and tile them with `bidistill tile`"
@@ -640,12 +640,8 @@ def resolve_tracking_uri(uri: str, base_dir: Path) -> str:
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
-    """Read, validate and resolve an experiment config.
-
-    Raises:
-        ConfigError: the file is missing or is not YAML, or a key is unknown, misspelt, of the
-            wrong type or out of range; the message names the file, the section and the key.
-    """
+    """Read, validate and resolve an experiment config; every problem is one ``ConfigError``
+    naming the file, the section and the key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (make one with `bidistill init`)")
@@ -756,15 +752,16 @@ def _valid_keys(loc: list[str]) -> list[str]:
         field = model.model_fields.get(part)
         if field is None:
             return []
-        model = _model_in(field.annotation) or model
+        model = nested_model(field.annotation) or model
     return list(model.model_fields)
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section a field holds (``X``, ``X | None``, ``list[X]``), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
+        found = nested_model(arg)
         if found:
             return found
     return None

@@ -1,11 +1,6 @@
-"""``docs/config.md``, the config reference, generated from the pydantic models.
-
-Every key of the experiment config with its type, default and meaning, section by section, and
-the options of every registered method. Regenerate after changing a model:
-
-    python -m bidistill.config_docs > docs/config.md      (or: make docs)
-
-``tests/test_config_docs.py`` fails when the file and the models disagree.
+"""``docs/config.md``, the config reference, generated from the pydantic models and the method
+registry: ``python -m bidistill.config_docs > docs/config.md`` (``make docs``); a test fails
+when the file and the models disagree.
 """
 
 from __future__ import annotations
@@ -21,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from bidistill.config import ExperimentConfig
+from bidistill.config import ExperimentConfig, nested_model
 
 HEADER = """\
 # Config reference
@@ -44,36 +39,20 @@ MEANINGS = {
     "cohort.split_column": "Column with train/val/test per patient; leave out to make splits "
     "(`cohort.splits`).",
     "cohort.clinical": "The clinical columns used as features, each with its kind.",
-    "cohort.label.column": "The label's column in the table.",
     "cohort.clinical[].kind": "How the column is encoded: numeric, categorical, ordinal or binary.",
     "cohort.splits.mode": "auto: the table's split column when there is one, else holdout; "
     "table; holdout; kfold (k folds over train+val, a fixed test set).",
     "cohort.splits.val_fraction": "Share of patients for validation (early stopping, thresholds).",
     "cohort.splits.test_fraction": "Share of patients held out for testing.",
-    "cohort.splits.seed": "Seed of the split.",
-    "features.dir": "Folder of <slide_id>.h5 feature files (bidistill's, CLAM's or TRIDENT's).",
-    "features.checkpoint": "Local weights file of the encoder (for sites without internet).",
-    "features.batch_size": "Tiles per batch in feature extraction.",
-    "features.num_workers": "Data-loader workers reading tiles in feature extraction.",
-    "features.precision": "Precision of the stored features.",
-    "features.device": "auto (cuda, then mps, then cpu), or a torch device, for extraction.",
-    "training.epochs": "Maximum epochs per training stage.",
-    "training.batch_size": "Patients per batch.",
-    "training.lr": "Peak learning rate (AdamW).",
-    "training.weight_decay": "AdamW weight decay.",
-    "training.lr_warmup_epochs": "Epochs of linear learning-rate warm-up before the cosine decay.",
     "training.grad_clip": "Clip the gradient norm to this; null: no clipping.",
     "training.class_weighting": "Weight the classes by inverse frequency in the loss.",
     "training.in_memory": "Keep the feature files in RAM: yes, no, or auto (when they fit).",
-    "training.num_workers": "Data-loader worker processes.",
-    "training.seed": "Training seed: the same config and seed give the same numbers on CPU.",
     "evaluation.missing_rates": "Shares of test patients whose clinical data is withheld.",
     "evaluation.mask_seeds": "Random masks per rate; the metrics are averaged over them.",
     "evaluation.bootstrap": "Bootstrap resamples for the AUC confidence intervals (0: none).",
     "evaluation.ci_level": "Confidence level of the intervals.",
     "evaluation.threshold": "Decision threshold: youden (chosen on the validation patients) or "
     "a fixed probability; `bidistill predict` decides with it too.",
-    "evaluation.reference_method": "The method the others are compared with (DeLong tests).",
 }
 OPTION_MEANINGS = {
     "dropout": "Dropout rate in the aggregators and heads.",
@@ -93,10 +72,7 @@ METHOD_SUMMARIES = {
 
 
 def render() -> str:
-    """The whole reference as Markdown."""
-    parts = [HEADER]
-    parts += _model_sections(ExperimentConfig, "")
-    parts.append(_methods_section())
+    parts = [HEADER, *_model_sections(ExperimentConfig, ""), _methods_section()]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -105,7 +81,7 @@ def _model_sections(model: type[BaseModel], prefix: str) -> list[str]:
     rows, nested = [], []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        sub = _nested_model(field.annotation)
+        sub = nested_model(field.annotation)
         if sub is not None:
             listed = typing.get_origin(field.annotation) in (list, typing.List)  # noqa: UP006
             nested.append((f"{key}[]" if listed else key, sub, field.description))
@@ -113,7 +89,9 @@ def _model_sections(model: type[BaseModel], prefix: str) -> list[str]:
                 rows.append((name, f"list of `{key}[]` entries", _default(field), field))
             continue
         rows.append((name, _type_text(field.annotation), _default(field), field))
-    rows = [(n, t, d, _meaning(f.description, f"{prefix}{n}")) for n, t, d, f in rows]
+    rows = [
+        (n, t, d, _cell(f.description) or MEANINGS.get(f"{prefix}{n}", "")) for n, t, d, f in rows
+    ]
     title = f"## `{prefix.rstrip('.')}`" if prefix else "## Top level"
     lines = [title, ""]
     if model.__doc__ and prefix:
@@ -163,19 +141,6 @@ def _options_table(options: type[BaseModel], skip: set[str]) -> list[str]:
             f"| `{option}` | {_type_text(field.annotation)} | {_default(field)} | {meaning} |"
         )
     return [*lines, ""]
-
-
-def _meaning(description: str | None, key: str) -> str:
-    return _cell(description) or MEANINGS.get(key, "")
-
-
-def _nested_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
 
 
 def _type_text(annotation: Any) -> str:

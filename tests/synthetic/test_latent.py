@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,6 @@ from bidistill.synthetic.latent import (
     LatentSpec,
     draw_latent_cohort,
     make_latent_cohort,
-    spec_with,
 )
 from bidistill.synthetic.suite import SUITE
 
@@ -149,7 +149,7 @@ def test_the_posterior_matches_importance_sampling_from_the_prior():
 
 
 def test_the_posterior_is_calibrated_and_clinical_data_helps():
-    spec = spec_with(EVERYTHING, patients=20, test_patients=1500, blank_rate=0.05)
+    spec = replace(EVERYTHING, patients=20, test_patients=1500, blank_rate=0.05)
     drawn = draw_latent_cohort(spec, seed=5)
     frame = drawn.posterior_frame(list(range(spec.patients, spec.patients + 1500)))
     assert frame["label"].mean() == pytest.approx(spec.prevalence, abs=0.03)
@@ -166,8 +166,8 @@ def test_the_posterior_is_calibrated_and_clinical_data_helps():
 
 def test_the_quadrature_grid_is_fine_enough(monkeypatch):
     # Large bags and a steep key share: the narrowest posterior over v the suite produces.
-    spec = spec_with(SUITE["sparse-partial"], patients=20, test_patients=8, instances=(300, 400))
-    spec = spec_with(spec, key_slope=2.5)
+    spec = replace(SUITE["sparse-partial"], patients=20, test_patients=8, instances=(300, 400))
+    spec = replace(spec, key_slope=2.5)
     drawn = draw_latent_cohort(spec, seed=6)
     patients = list(range(20, 28))
     coarse = drawn.posterior_frame(patients)
@@ -180,7 +180,7 @@ def test_the_quadrature_grid_is_fine_enough(monkeypatch):
 
 @pytest.mark.parametrize("name", list(SUITE))
 def test_every_suite_generator_draws_with_a_sensible_limit(name):
-    spec = spec_with(SUITE[name], patients=40, test_patients=300, instances=(5, 20))
+    spec = replace(SUITE[name], patients=40, test_patients=300, instances=(5, 20))
     drawn = draw_latent_cohort(spec, seed=0)
     frame = drawn.posterior_frame(list(range(40, 340)))
     auc = {c: roc_auc_score(frame["label"], frame[c]) for c in ("bayes_present", "bayes_absent")}
@@ -192,6 +192,6 @@ def test_every_suite_generator_draws_with_a_sensible_limit(name):
 
 def test_a_spec_that_cannot_work_is_refused():
     with pytest.raises(ValueError, match="dim must be at least"):
-        draw_latent_cohort(spec_with(EVERYTHING, dim=4))
+        draw_latent_cohort(replace(EVERYTHING, dim=4))
     with pytest.raises(ValueError, match="prevalence"):
-        draw_latent_cohort(spec_with(EVERYTHING, prevalence=1.0))
+        draw_latent_cohort(replace(EVERYTHING, prevalence=1.0))

@@ -1,22 +1,8 @@
-"""The BCNB adapter: the public BCNB download → a generic cohort table and an experiment config.
-
-BCNB (Early Breast Cancer Core-Needle Biopsy WSI dataset, 1058 patients) ships as::
-
-    patient-clinical-data.xlsx      14 columns (BCNB_COLUMNS), one row per patient
-    dataset-splitting/{train,val,test}_id.txt   patient ids, one per line (CRLF)
-    WSIs/<id>.jpg, WSIs/<id>.json   one slide per patient; tumour polygons next to it
-    paper_patches/[patches/]<id>/   optional: the authors' 256 px patches, a folder per patient
-
-``prepare_bcnb`` reads that layout and writes ``cohort.csv`` (one row per slide: ``patient_id``,
-``slide_id``, ``split`` and the clinical columns under their original names with their raw values)
-and ``config.yaml`` (a ready experiment config for one task and feature set). Values are not
-parsed here: the config declares each column's kind and parser, and ``load_cohort`` reads them.
-Every BCNB specific of bidistill lives in this module.
-
-``--protocol paper`` adds the published protocol (``bidistill/configs/bcnb-paper.yaml``: VGG16-BN
-trained end to end on bags of 10 patches, the BCNB authors' optimiser and schedule) and trains on
-the authors' own patches when ``paper_patches/`` is there (one patch folder per patient), else on
-256 px tiles cut from the annotated tumour regions of the WSIs, as the authors cut theirs.
+"""The BCNB adapter: the public BCNB download (layout in the README) → ``cohort.csv`` (one row
+per slide: ``patient_id``, ``slide_id``, ``split`` and the raw clinical columns) and a ready
+``config.yaml``. Values are not parsed here: the config declares each column's kind and parser.
+``--protocol paper`` adds ``bidistill/configs/bcnb-paper.yaml`` and trains on the authors' patches
+(``paper_patches/``) when present, else on tiles of the annotated tumour regions.
 """
 
 from __future__ import annotations
@@ -135,16 +121,8 @@ DEFAULT_FEATURE_SET = "balnmp5"
 
 
 def read_clinical(root: str | Path) -> pd.DataFrame:
-    """Read ``patient-clinical-data.xlsx`` as raw text.
-
-    Returns:
-        One row per patient with the 14 ``BCNB_COLUMNS`` in order, every cell as text ("" for
-        blank; whole numbers without ".0"; full-width symbols kept as written).
-
-    Raises:
-        CohortError: the file is missing or unreadable, a column is missing (named), or a patient
-            id is blank or repeated (row named).
-    """
+    """``patient-clinical-data.xlsx`` as raw text: one row per patient, the 14 ``BCNB_COLUMNS``
+    ("" for blank, whole numbers without ".0", full-width symbols kept as written)."""
     import openpyxl
 
     path = Path(root) / CLINICAL_XLSX
@@ -220,15 +198,8 @@ def _check_patient_ids(frame: pd.DataFrame, path: Path) -> None:
 
 
 def read_splits(root: str | Path, patient_ids: list[str]) -> dict[str, str] | None:
-    """Read the official split files (CRLF or LF line ends).
-
-    Returns:
-        patient id → ``train``/``val``/``test``, or None when ``dataset-splitting/`` is absent.
-
-    Raises:
-        CohortError: a split file is missing, names a patient that is not in the clinical table
-            (file, line and id named), or a patient is in two splits.
-    """
+    """patient id → ``train``/``val``/``test`` from the official split files, or None when
+    ``dataset-splitting/`` is absent."""
     split_dir = Path(root) / SPLIT_DIR
     if not split_dir.is_dir():
         return None
@@ -319,12 +290,8 @@ def build_cohort_table(
     *,
     patches: bool = False,
 ) -> pd.DataFrame:
-    """The generic cohort table: ``patient_id``, ``slide_id``, ``split`` + the raw clinical columns.
-
-    One row per slide (BCNB has one slide per patient, named by the patient id); ``slide_id`` is
-    blank for a patient without a JPEG (with ``patches``: without a patch folder). Patients that
-    no split file names are left out when the split files exist (``prepare_bcnb`` reports them).
-    """
+    """``patient_id``, ``slide_id`` (blank without a JPEG, or with ``patches`` a patch folder),
+    ``split`` and the raw clinical columns; patients in no split file are left out."""
     table = clinical.rename(columns={PATIENT_ID: "patient_id"})
     if splits is not None:
         table = table[table["patient_id"].isin(splits)].copy()
@@ -340,11 +307,8 @@ def build_cohort_table(
 
 
 def feature_columns(task: str, feature_set: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """The `cohort.clinical` entries of ``feature_set`` for ``task``, and the features dropped.
-
-    A feature set is filtered per task: the label column and the task's leakage columns are
-    never features (e.g. ``er`` and ``subtype`` are dropped for the ER task).
-    """
+    """The `cohort.clinical` entries of ``feature_set`` for ``task``, and the features dropped
+    (the label column and the task's leakage columns are never features)."""
     spec = _task(task)
     if feature_set not in FEATURE_SETS:
         raise CohortError(
@@ -376,21 +340,11 @@ def config_text(
     protocol: str = "features",
     patch_root: Path | None = None,
 ) -> str:
-    """The experiment config YAML for ``task`` (validated before it is returned).
-
-    Args:
-        table: the cohort table path as the config should name it (relative to the config).
-        wsi_dir: ``<root>/WSIs`` when the slides exist; None gives a clinical-only config.
-        protocol: ``features``, or ``paper`` (the published end-to-end protocol).
-        patch_root: ``paper``: the authors' per-patient patch folders, used instead of tiling
-            the WSIs when given.
-    """
+    """The experiment config YAML for ``task``, validated; no ``wsi_dir`` and no
+    ``patch_root`` (the authors' patch folders) give a clinical-only config."""
     spec = _task(task)
     clinical, _ = feature_columns(task, feature_set)
-    cohort: dict[str, Any] = {
-        "table": table,
-        "patient_column": "patient_id",
-    }
+    cohort: dict[str, Any] = {"table": table, "patient_column": "patient_id"}
     if wsi_dir is not None or patch_root is not None:
         cohort["slide_column"] = "slide_id"
     cohort["label"] = {
@@ -440,8 +394,9 @@ def _paper_protocol(task: str) -> str:
     """The shipped protocol's sections (comments kept), under this task's name."""
     from bidistill.configs import protocol_text
 
-    text = protocol_text("bcnb-paper")
-    return text.replace("name: bcnb-aln-paper", f"name: bcnb-{task}-paper", 1)
+    return protocol_text("bcnb-paper").replace(
+        "name: bcnb-aln-paper", f"name: bcnb-{task}-paper", 1
+    )
 
 
 def _yaml(data: dict[str, Any]) -> str:
@@ -465,8 +420,6 @@ _ConfigDumper.add_representer(list, _represent_list)
 
 @dataclass
 class PrepareReport:
-    """What ``prepare_bcnb`` found and wrote."""
-
     root: Path
     task: str
     feature_set: str
@@ -492,7 +445,6 @@ class PrepareReport:
         return self.has_wsi_dir or self.protocol == "paper"
 
     def format(self) -> str:
-        """A plain-text summary for the terminal."""
         spec = TASKS[self.task]
         lines = [
             f"BCNB folder {self.root}",
@@ -519,11 +471,11 @@ class PrepareReport:
                 f"  warning: {count(n_no_split, 'patient')} in no split file, left out: "
                 f"{_preview(self.patients_without_split)}"
             )
-        lines.append(
+        lines += [
             f"task '{self.task}': {spec.description}; label '{spec.label}' positive "
-            f"{list(spec.positive)}, negative {list(spec.negative)}"
-        )
-        lines.append(f"  {'split':<8}{'positive':>10}{'negative':>10}{'left out':>10}{'% pos':>8}")
+            f"{list(spec.positive)}, negative {list(spec.negative)}",
+            f"  {'split':<8}{'positive':>10}{'negative':>10}{'left out':>10}{'% pos':>8}",
+        ]
         for split, counts in self.label_counts.items():
             labelled = counts["positive"] + counts["negative"]
             share = f"{counts['positive'] / labelled:.0%}" if labelled else "-"
@@ -551,8 +503,7 @@ class PrepareReport:
                 "protocol: paper (VGG16-BN trained end to end on bags of 10 patches, SGD, "
                 f"cosine warm restarts; bidistill/configs/bcnb-paper.yaml) on {source}"
             )
-        lines.append(f"wrote {self.table_path}")
-        lines.append(f"wrote {self.config_path}")
+        lines += [f"wrote {self.table_path}", f"wrote {self.config_path}"]
         return "\n".join(lines)
 
 
@@ -568,18 +519,8 @@ def prepare_bcnb(
     feature_set: str = DEFAULT_FEATURE_SET,
     protocol: str = "features",
 ) -> PrepareReport:
-    """Turn a BCNB download into ``<out_dir>/cohort.csv`` and ``<out_dir>/config.yaml``.
-
-    Works without ``WSIs/`` (a clinical-only cohort and config) and without
-    ``dataset-splitting/`` (no split column; the run makes its own splits). ``protocol:
-    paper`` writes the published end-to-end protocol (module docstring); it needs the slides.
-
-    Side effects: writes the two files atomically (creating ``out_dir``).
-
-    Raises:
-        CohortError: no or a malformed clinical xlsx, split files that name unknown patients,
-            an unknown task or feature set.
-    """
+    """Turn a BCNB download into ``<out_dir>/cohort.csv`` and ``<out_dir>/config.yaml``; works
+    without ``WSIs/`` (clinical only) and without ``dataset-splitting/`` (the run splits)."""
     root, out_dir = Path(root), Path(out_dir)
     if not root.is_dir():
         raise CohortError(f"{root}: BCNB folder not found")
@@ -635,11 +576,7 @@ def prepare_bcnb(
 
 
 def _check_protocol(protocol: str, inventory: SlideInventory, root: Path) -> bool:
-    """Whether the config reads the authors' patch folders (``paper`` with ``paper_patches/``).
-
-    Raises:
-        CohortError: an unknown protocol, or ``paper`` without any slides.
-    """
+    """Whether the config reads the authors' patch folders (``paper`` with ``paper_patches/``)."""
     if protocol not in PROTOCOLS:
         raise CohortError(f"unknown protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")
     if protocol != "paper":
@@ -664,13 +601,12 @@ def _label_counts(table: pd.DataFrame, spec: BcnbTask) -> dict[str, dict[str, in
         value = normalise_text(value).casefold()
         return "positive" if value in positive else "negative" if value in negative else "left out"
 
-    groups = table.groupby("split", sort=False) if "split" in table else [("all", table)]
-    counts: dict[str, dict[str, int]] = {}
+    def tally(rows: pd.DataFrame) -> dict[str, int]:
+        found = Counter(kind(v) for v in rows[spec.label])
+        return {k: found.get(k, 0) for k in ("positive", "negative", "left out")}
+
+    if "split" not in table:
+        return {"all": tally(table)}
     order = {"train": 0, "val": 1, "test": 2}
-    for split, rows in sorted(groups, key=lambda g: order.get(g[0], 3)):
-        tally = Counter(kind(v) for v in rows[spec.label])
-        counts[str(split)] = {k: tally.get(k, 0) for k in ("positive", "negative", "left out")}
-    if "split" in table:
-        tally = Counter(kind(v) for v in table[spec.label])
-        counts["all"] = {k: tally.get(k, 0) for k in ("positive", "negative", "left out")}
-    return counts
+    groups = sorted(table.groupby("split", sort=False), key=lambda g: order.get(g[0], 3))
+    return {**{str(split): tally(rows) for split, rows in groups}, "all": tally(table)}

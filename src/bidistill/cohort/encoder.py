@@ -1,18 +1,13 @@
 """``ClinicalEncoder``: the clinical table as model input, a scikit-learn-style estimator.
 
-Fitted on the training split only (scaling statistics and category levels must never see
-validation or test patients), then serialised to JSON beside the model so that prediction uses
-exactly the training-time encoding. Modelled on ``SimpleImputer(add_indicator=True)``: every
-feature gets a missing-indicator, so missingness is an explicit input.
-
-Encoding per kind:
+Fitted on the training split only (statistics must never see validation or test patients) and
+saved beside the model, so that prediction uses exactly the training-time encoding. Per kind:
     numeric      standardised with the training mean and std; missing → 0 (the training mean)
     binary       1 for a positive value, 0 for the other value seen in training; missing or
                  unseen → the training prevalence
     ordinal      level index scaled to [0, 1]; missing → the training mean
     categorical  one-hot over the training levels; missing or unseen → all zeros
-
-``values`` = the encoded columns followed by one indicator per feature (1 = missing).
+then one missing-indicator per feature (as ``SimpleImputer(add_indicator=True)``).
 """
 
 from __future__ import annotations
@@ -38,13 +33,7 @@ DEFAULT_POSITIVE = ("1", "yes", "y", "true", "positive", "pos", "+")
 
 @dataclass
 class EncodedClinical:
-    """Encoded clinical data of n patients.
-
-    Attributes:
-        values: float32 [n, n_outputs]: encoded features, then one missing-indicator per feature.
-        valid: bool [n, n_features]: True where the feature was observed.
-        present: bool [n]: True where at least one feature was observed (the modality exists).
-    """
+    """Encoded clinical data of n patients (shapes: docs/internal-interfaces.md)."""
 
     values: np.ndarray
     valid: np.ndarray
@@ -52,23 +41,13 @@ class EncodedClinical:
 
 
 class ClinicalEncoder:
-    """Encode clinical features for the models; fit on training patients only.
-
-    Args:
-        columns: the declared clinical columns (kinds, levels, positive values).
-    """
+    """Encode the declared clinical columns for the models; fit on training patients only."""
 
     def __init__(self, columns: list[ClinicalColumn]):
         self.columns = columns
 
-    # --- fitting --------------------------------------------------------------------------------
-
     def fit(self, frame: pd.DataFrame) -> ClinicalEncoder:
-        """Learn statistics and levels from ``frame`` (training patients, one column per feature).
-
-        Side effects: sets ``feature_names_in_``, ``stats_``, ``feature_slices_``,
-        ``n_values_``, ``n_outputs_``.
-        """
+        """Learn statistics and levels from ``frame`` (training patients, a column per feature)."""
         names = [c.feature_name for c in self.columns]
         missing = [n for n in names if n not in frame.columns]
         if missing:
@@ -112,18 +91,13 @@ class ClinicalEncoder:
         self.n_values_ = int(sum(widths))
         self.n_outputs_ = self.n_values_ + len(self.stats_)
 
-    # --- transforming ---------------------------------------------------------------------------
-
     @property
     def n_features_(self) -> int:
         self._check_fitted()
         return len(self.stats_)
 
     def transform(self, frame: pd.DataFrame) -> EncodedClinical:
-        """Encode ``frame`` (one row per patient, one column per feature) with the fitted state.
-
-        A category never seen in training is treated as missing, with a warning.
-        """
+        """Encode ``frame`` (a patient per row); a category unseen in training is missing."""
         self._check_fitted()
         unknown = [c for c in self.feature_names_in_ if c not in frame.columns]
         if unknown:
@@ -198,8 +172,6 @@ class ClinicalEncoder:
                 for v in cells
             ]
         )
-
-    # --- persistence ----------------------------------------------------------------------------
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "stats_"):

@@ -22,10 +22,8 @@ MIN_PER_CLASS = 10
 
 
 def separation_auc(cells: pd.Series, labels: pd.Series, col: ClinicalColumn) -> float | None:
-    """AUC of one feature alone on its observed rows (direction-free).
-
-    None when fewer than ``MIN_PER_CLASS`` patients of either class have the feature.
-    """
+    """AUC of one feature alone on its observed rows (direction-free); None below
+    ``MIN_PER_CLASS`` observed patients of a class."""
     observed = ~cells.map(is_blank)
     x, y = cells[observed], labels[observed].to_numpy()
     if col.kind == ClinicalKind.numeric:
@@ -51,17 +49,8 @@ def check_separating_features(
     columns: list[ClinicalColumn],
     allow: list[str] | tuple[str, ...] = (),
 ) -> dict[str, float]:
-    """Raise ``CohortError`` for any feature that separates ``labels`` almost perfectly.
-
-    Args:
-        frame: training patients, one column per clinical feature.
-        labels: their labels (0/1), aligned with ``frame``.
-        columns: the clinical columns to check.
-        allow: feature or column names that may separate (the config's ``allow_separating``).
-
-    Returns:
-        feature name → single-feature AUC, for the log.
-    """
+    """Raise ``CohortError`` for a feature of the training ``frame`` that separates ``labels``
+    almost perfectly and is not in ``allow``; returns feature name → AUC, for the log."""
     aucs = {}
     for col in columns:
         auc = separation_auc(frame[col.feature_name], labels, col)

@@ -1,12 +1,8 @@
 """Patient and slide identifiers: read exactly as written, and safe to use as file names.
 
-Identifiers are compared exactly: no Unicode normalisation merges ``P００２６`` (full-width
-digits) into ``P0026``, since two registries may well use both for different patients. Two
-spellings that differ only in their Unicode composition (NFC ``é`` and NFD ``e`` + ``◌́``) look
-the same to every reader and are refused as ambiguous; finding files tolerates that difference
-instead (``bidistill._paths``). A slide id names files (``<features_dir>/<slide_id>.h5``), so it
-may not contain a path separator or be ``.``/``..``: it could otherwise reach outside the
-configured folders.
+No Unicode normalisation merges ``P００２６`` into ``P0026`` (two registries may use both for
+different patients); spellings that differ only in NFC/NFD composition look the same to every
+reader and are refused as ambiguous (finding files tolerates that difference: ``_paths``).
 """
 
 from __future__ import annotations
@@ -25,10 +21,8 @@ _INVISIBLE = ("Cc", "Cf")
 
 
 def read_identifier(cell: object) -> str | None:
-    """The identifier in a cell, as written but for surrounding whitespace; None when empty.
-
-    A spreadsheet number ``12.0`` reads as ``"12"`` (Excel shows it so); text is never changed.
-    """
+    """The identifier in a cell, as written but for surrounding whitespace; None when empty. A
+    spreadsheet number ``12.0`` reads as ``"12"`` (Excel shows it so); text is never changed."""
     if cell is None or (isinstance(cell, float) and math.isnan(cell)):
         return None
     if isinstance(cell, float) and cell.is_integer():
@@ -38,11 +32,7 @@ def read_identifier(cell: object) -> str | None:
 
 
 def identifier_problem(identifier: str, *, names_files: bool) -> str | None:
-    """Why ``identifier`` cannot be used, or None.
-
-    Args:
-        names_files: the identifier names files inside a folder (slide ids).
-    """
+    """Why ``identifier`` cannot be used, or None (``names_files``: a slide id names files)."""
     for ch in identifier:
         if unicodedata.category(ch) in _INVISIBLE:
             return f"it contains the invisible character U+{ord(ch):04X}"
@@ -60,14 +50,7 @@ def identifier_problem(identifier: str, *, names_files: bool) -> str | None:
 def check_identifiers(
     ids: pd.Series, rows: pd.Series, *, column: str, path: Path, names_files: bool
 ) -> None:
-    """Refuse unusable identifiers and spellings that differ only in Unicode composition.
-
-    Args:
-        ids: identifiers (None where blank), one per table row; rows: their spreadsheet rows.
-
-    Raises:
-        CohortError: naming the file, row, column and identifier.
-    """
+    """Refuse unusable identifiers and spellings that differ only in Unicode composition."""
     present = ids.dropna()
     for value in pd.unique(present):
         problem = identifier_problem(value, names_files=names_files)

@@ -1,13 +1,8 @@
 """The label column: which written value means which class, shown before any work is done.
 
-``label.positive`` values are 1, ``label.negative`` values 0 (without ``negative``: every other
-non-blank value is 0). Values are compared after NFKC normalisation, whitespace collapsing and
-case folding, so ``"n+"`` and ``"Ｎ+"`` both match ``N+``, but ``"N 0"`` does not match ``N0``. A
-value in neither list is an error that lists every such value and its count, unless
-``label.unlisted: drop`` leaves those patients out, which ``LabelSummary.format`` then reports.
-
-These functions know nothing of the rest of the table, so a cohort without labels (prediction
-on new patients) simply does not call them.
+Values are compared after NFKC normalisation, whitespace collapsing and case folding, so ``"n+"``
+and ``"Ｎ+"`` both match ``N+``, but ``"N 0"`` does not match ``N0``. These functions know nothing
+of the rest of the table, so a cohort without labels (new patients) simply does not call them.
 """
 
 from __future__ import annotations
@@ -35,11 +30,7 @@ def label_key(cell: object) -> str | None:
 
 
 def classify_labels(cells: pd.Series, cfg: LabelConfig, path: Path) -> np.ndarray:
-    """Class code per cell: 1 (positive), 0 (negative), NaN (blank) or ``UNLISTED``.
-
-    Raises:
-        CohortError: a value is in both lists.
-    """
+    """Class code per cell: 1 (positive), 0 (negative), NaN (blank) or ``UNLISTED``."""
     positive = {label_key(v) for v in cfg.positive} - {None}
     negative = None if cfg.negative is None else {label_key(v) for v in cfg.negative} - {None}
     overlap = positive & (negative or set())
@@ -53,27 +44,13 @@ def classify_labels(cells: pd.Series, cfg: LabelConfig, path: Path) -> np.ndarra
             return 1
         return 0 if negative is None or key in negative else UNLISTED
 
-    codes: dict[str | None, float] = {}
-    out = np.empty(len(cells), dtype=float)
-    for i, cell in enumerate(cells):
-        key = label_key(cell)
-        if key not in codes:
-            codes[key] = code(key)
-        out[i] = codes[key]
-    return out
+    return np.array([code(label_key(cell)) for cell in cells], dtype=float)
 
 
 @dataclass
 class LabelSummary:
-    """What the label column held, per written value, counted in patients.
-
-    Attributes:
-        column: the label column.
-        table: one row per distinct value (as first written): ``value``, ``code`` (1, 0, NaN
-            for blank, ``UNLISTED``) and ``patients``.
-        dropped: unlisted value → patients left out by ``unlisted: drop``.
-        blank_patients: patients left out because their label is blank in every row.
-    """
+    """What the label column held: ``table`` has a row per distinct value (as first written)
+    with its ``code`` and ``patients``; ``dropped``: unlisted value → patients left out."""
 
     column: str
     table: pd.DataFrame
@@ -81,7 +58,6 @@ class LabelSummary:
     blank_patients: int = 0
 
     def format(self) -> str:
-        """The value → class table and what was left out, for the console."""
         width = max([len("value")] + [len(repr(v)) for v in self.table["value"]])
         lines = [f"label '{self.column}': value → class (patients)"]
         for row in self.table.itertuples():
@@ -106,12 +82,7 @@ def _meaning(code: float) -> str:
 
 
 def summarize_labels(frame: pd.DataFrame, cells: pd.Series, column: str) -> LabelSummary:
-    """Patients per written label value.
-
-    Args:
-        frame: ``patient_id`` and the ``label`` code of each row (same index as ``cells``).
-        cells: the label cells as written.
-    """
+    """Patients per written label value (``frame``: each row's ``patient_id`` and ``label``)."""
     written = pd.DataFrame(
         {
             "patient_id": frame["patient_id"],
@@ -133,11 +104,7 @@ def summarize_labels(frame: pd.DataFrame, cells: pd.Series, column: str) -> Labe
 
 
 def refuse_unlisted(frame: pd.DataFrame, cells: pd.Series, cfg: LabelConfig, path: Path) -> None:
-    """With ``unlisted: error`` (the default), stop on label values in neither list.
-
-    Raises:
-        CohortError: listing each such value with its patients and first rows.
-    """
+    """With ``unlisted: error`` (the default), stop on label values in neither list."""
     unlisted = (frame["label"] == UNLISTED).to_numpy()
     if cfg.unlisted == "drop" or not unlisted.any():
         return
@@ -158,11 +125,7 @@ def refuse_unlisted(frame: pd.DataFrame, cells: pd.Series, cfg: LabelConfig, pat
 
 
 def drop_unlisted(frame: pd.DataFrame, cells: pd.Series) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Leave out the rows whose (patient's) label is in neither list.
-
-    Returns:
-        The rows kept, and each dropped value (as written) → patients left out.
-    """
+    """The rows whose label is in a list, and each dropped value → patients left out."""
     unlisted = (frame["label"] == UNLISTED).to_numpy()
     if not unlisted.any():
         return frame, {}

@@ -1,9 +1,5 @@
-"""Value parsers for the messy cells of real clinical registries.
-
-Every parser takes one raw cell (text, number or blank) and returns a float, or NaN for a blank.
-Text is NFKC-normalised first, which turns full-width symbols such as "＜5%" and "３０" into their
-ASCII forms. A cell that cannot be read raises ``ValueError`` with the reason; the table loader adds
-the file, row and column.
+"""Value parsers for the messy cells of real clinical registries: a raw cell → a float (NaN for a
+blank), after NFKC (full-width "＜5%" → "<5%"); ``ValueError`` says why (the loader adds where).
 """
 
 from __future__ import annotations
@@ -21,8 +17,6 @@ _PERCENT_RE = re.compile(
 )
 
 _WHOLE_FLOAT_TEXT = re.compile(r"^([-+]?\d+)\.0+$")
-
-
 # Registry spellings of "not recorded" (pandas' own NA strings among them): blank, not a category.
 MISSING_MARKERS = frozenset({"na", "n/a", "#n/a", "nan", "null", "none", "-", "--", "—", "?"})
 
@@ -37,10 +31,8 @@ def is_blank(cell: Any) -> bool:
 
 
 def normalise_text(cell: Any) -> str:
-    """NFKC-normalised text with whitespace collapsed; whole floats lose their ``.0``.
-
-    Spreadsheets turn a grade of 2 into 2.0; as a category it must read "2".
-    """
+    """NFKC-normalised text with whitespace collapsed; whole floats lose their ``.0`` (a
+    spreadsheet turns a grade of 2 into 2.0; as a category it must read "2")."""
     if isinstance(cell, float) and cell.is_integer():
         cell = int(cell)
     text = " ".join(unicodedata.normalize("NFKC", str(cell)).split())
@@ -73,13 +65,9 @@ def parse_number(cell: Any) -> float:
 
 
 def parse_percent(cell: Any) -> float:
-    """A percentage as a fraction in [0, 1].
-
-    Reads ``0.3`` and ``"0.3"`` (already a fraction), ``30`` and ``"30%"`` (percent),
-    ``"30-40%"`` (a range: its midpoint, 0.35), ``"<5%"``, ``"＜5%"``, ``"＞30%"`` (a censored
-    value: the bound itself, 0.05 and 0.30, since the registry gives nothing finer). A bare number
-    above 1 is read as percent. Blank → NaN.
-    """
+    """A percentage as a fraction in [0, 1]: ``0.3`` (a fraction), ``30`` or ``"30%"``, a range
+    ``"30-40%"`` (its midpoint), a censored ``"<5%"`` or ``"＞30%"`` (the bound: nothing finer is
+    known). A bare number above 1 is read as percent."""
     if is_blank(cell):
         return math.nan
     if isinstance(cell, (int, float)) and not isinstance(cell, bool):

@@ -1,10 +1,7 @@
-"""Tables of new patients for prediction: the training table's layout, without labels.
+"""Tables of new patients for prediction: the training table's layout, labels optional.
 
-A prediction table holds the columns the run was trained with: the patient id, the slide id
-(when the run used slides) and any of the run's clinical columns. Labels and splits are not
-needed (they are ignored when present, so the training table itself can be passed). Values are
-parsed exactly as in training. A clinical column the run never saw is refused: it would be
-silently ignored, and it is often a renamed column the user expects to count. A run column that
+Values are parsed exactly as in training. A clinical column the run never saw is refused: it would
+be silently ignored, and it is often a renamed column the user expects to count. A run column that
 the table lacks is missing for every patient (with a warning), as a blank cell would be.
 """
 
@@ -35,15 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PredictionCohort:
-    """New patients: clinical values per patient and their slides.
-
-    Attributes:
-        patients: indexed by patient id (str), one column per clinical feature of the run
-            (parsed as in training, NaN for blank).
-        slides: ``slide_id``, ``patient_id``; one row per slide (empty without a slide column).
-        missing_columns: the run's clinical columns that the table lacks.
-        source: the table file.
-    """
+    """New patients: ``patients`` (a column per clinical feature, as ``Cohort.patients``), their
+    ``slides`` and the run's clinical columns that the table lacks."""
 
     patients: pd.DataFrame
     slides: pd.DataFrame
@@ -59,19 +49,8 @@ class PredictionCohort:
 def load_prediction_cohort(
     table: str | Path | pd.DataFrame, cfg: CohortConfig, *, other_columns: Sequence[str] = ()
 ) -> PredictionCohort:
-    """Read a table of new patients with the run's column declarations (``cfg``).
-
-    Args:
-        table: CSV or XLSX, or a DataFrame of the table's cells.
-        cfg: the run's cohort section (column names, kinds, parsers).
-        other_columns: further columns the run knows and prediction ignores (the training
-            table's other columns, the ``slides.mpp_column``).
-
-    Raises:
-        CohortError: a required id column is absent, a clinical column is unknown to the run,
-            a cell cannot be parsed, or a patient's rows disagree; the message names the file,
-            row and column.
-    """
+    """Read a table (a file, or a DataFrame of cells) of new patients with the run's cohort
+    section; ``other_columns``: further columns the run knows and prediction ignores."""
     if isinstance(table, pd.DataFrame):
         path = Path("<table>")
         raw = table.astype(object).where(table.notna(), "").astype(str)
@@ -114,16 +93,9 @@ def _check_prediction_columns(
             f"{path}: no slide id column '{cfg.slide_column}' (the run's cohort.slide_column), "
             "so no patient can be matched to a feature file"
         )
-    known = {
-        cfg.patient_column,
-        cfg.slide_column,
-        cfg.label.column,
-        cfg.split_column,
-        *cfg.leakage_columns,
-        *other_columns,
-        *(c.column for c in cfg.clinical),
-    }
     clinical = [c.column for c in cfg.clinical]
+    ids = {cfg.patient_column, cfg.slide_column, cfg.label.column, cfg.split_column}
+    known = ids | {*cfg.leakage_columns, *other_columns, *clinical}
     for column in raw.columns:
         if column in known:
             continue

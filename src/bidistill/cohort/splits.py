@@ -123,9 +123,8 @@ def check_splits(splits: Splits, cohort: Cohort) -> None:
                 )
         if labels.loc[fold.train].nunique() < 2:
             raise CohortError(f"{cohort.source}: the training split (fold {i}) has one class")
-        overlap = set(fold.train) & set(fold.val) | (set(fold.train) | set(fold.val)) & set(
-            splits.test
-        )
+        train, val = set(fold.train), set(fold.val)
+        overlap = train & val | (train | val) & set(splits.test)
         if overlap:
             raise CohortError(f"patients in more than one split: {sorted(overlap)[:5]}")
 

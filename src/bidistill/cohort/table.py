@@ -1,12 +1,8 @@
 """Load a cohort table (CSV or XLSX, one row per slide) into a validated ``Cohort``.
 
-The table holds a patient id, an optional slide id, a label column, an optional split column and
-the clinical columns declared in the config. Labels and clinical values are per patient: rows of
-one patient must agree, and a blank cell in one row is filled by the patient's other rows.
-Identifiers are read exactly (``cohort.identifiers``); label values are mapped to classes by
-``cohort.labels``.
-Every error names the file, and where it can, the row (as a spreadsheet shows it), the column and
-the value.
+Labels and clinical values are per patient: rows of one patient must agree, and a blank cell in
+one row is filled by the patient's other rows. Every error names the file, and where it can, the
+row (as a spreadsheet shows it), the column and the value.
 """
 
 from __future__ import annotations
@@ -43,18 +39,8 @@ FIRST_ROW = 2
 
 @dataclass
 class Cohort:
-    """Patients with labels, clinical values and splits, and the slides of each patient.
-
-    Attributes:
-        patients: one row per patient, indexed by patient id, with ``label`` (0/1), ``split``
-            (train/val/test, or None without a split column) and one column per clinical feature
-            (float for numeric, text for the other kinds, NaN for blank).
-        slides: one row per slide: ``slide_id``, ``patient_id`` (and ``mpp`` when configured).
-        columns: the declared clinical columns, in order.
-        source: the table file.
-        label_summary: each written label value with its class and patients, and what was
-            left out (None for a cohort without labels).
-    """
+    """Patients with labels, clinical values and splits, and the slides of each patient (the
+    frames' columns: docs/internal-interfaces.md)."""
 
     patients: pd.DataFrame
     slides: pd.DataFrame
@@ -106,20 +92,9 @@ def read_table(path: Path, sheet: str | int | None = None) -> pd.DataFrame:
 def load_cohort(
     cfg: CohortConfig, *, mpp_column: str | None = None, require_classes: bool = True
 ) -> Cohort:
-    """Read, check and assemble the cohort that ``cfg`` describes.
-
-    Args:
-        cfg: the config's cohort section.
-        mpp_column: also read this per-slide MPP column (``slides.mpp_column``).
-        require_classes: refuse a label with one class (False for tiling and extraction,
-            which need no labels; ``check_two_classes`` is then the training stage's check).
-
-    Raises:
-        CohortError: a declared column is absent, a cell cannot be parsed, an identifier is
-            unusable, a patient's rows disagree, a slide id repeats, a label value is in neither
-            list (unless ``label.unlisted: drop``), the label has one class, or a split value is
-            unknown.
-    """
+    """Read, check and assemble the cohort that ``cfg`` describes (with ``slides.mpp_column``'s
+    per-slide MPP). ``require_classes=False`` for tiling and extraction, which need no labels:
+    ``check_two_classes`` is then the training stage's check."""
     path = Path(cfg.table)
     raw = read_table(path, cfg.sheet)
     _check_columns(raw, cfg, path, mpp_column)
@@ -131,26 +106,15 @@ def load_cohort(
     if mpp_column:
         frame["mpp"] = _map_cells(raw[mpp_column], rows, path, mpp_column, PARSERS["number"])
     frame, label_summary = _labels(frame, raw[cfg.label.column], cfg, path)
-    patients = per_patient(frame, cfg, path)
-    slides = slide_rows(frame, cfg, path)
-    cohort = Cohort(
-        patients=patients,
-        slides=slides,
-        columns=list(cfg.clinical),
-        source=path,
-        label_summary=label_summary,
-    )
+    patients, slides = per_patient(frame, cfg, path), slide_rows(frame, cfg, path)
+    cohort = Cohort(patients, slides, list(cfg.clinical), path, label_summary)
     if require_classes:
         check_two_classes(cohort, cfg)
     return cohort
 
 
 def check_two_classes(cohort: Cohort, cfg: CohortConfig) -> None:
-    """Training needs patients of both classes.
-
-    Raises:
-        CohortError: naming the table, the label column and the one class.
-    """
+    """Training needs patients of both classes."""
     labels = cohort.patients["label"]
     if labels.nunique() < 2:
         raise CohortError(
@@ -209,12 +173,7 @@ def _map_cells(
     cells: pd.Series, rows: pd.Series, path: Path, column: str, parse: Callable[[Any], Any]
 ) -> list:
     """``parse`` of every cell, each distinct cell parsed once (a registry repeats its values:
-    1058 patients hold a few dozen distinct grades or receptor statuses).
-
-    Raises:
-        CohortError: naming the file, row and column of the first cell that ``parse`` refuses
-            with ``ValueError``.
-    """
+    1058 patients hold a few dozen distinct grades); a ``ValueError`` names file, row, column."""
     parsed: dict[tuple[type, Any], Any] = {}
     values = []
     for row, cell in zip(rows, cells):
@@ -291,7 +250,14 @@ def parse_clinical(cells: pd.Series, col: ClinicalColumn, path: Path, rows: pd.S
     levels = {normalise_text(c) for c in col.categories} if col.categories else None
 
     def parse(cell: Any) -> Any:
-        return np.nan if is_blank(cell) else _parse_cell(cell, col, levels)
+        if is_blank(cell):
+            return np.nan
+        if col.kind == ClinicalKind.numeric:
+            return PARSERS[col.parser or "number"](cell)
+        text = normalise_text(cell)
+        if levels is not None and text not in levels:
+            raise ValueError(f"expected one of {sorted(levels)}")
+        return text
 
     values = _map_cells(cells, rows, path, col.column, parse)
     if col.kind == ClinicalKind.binary:
@@ -304,22 +270,9 @@ def parse_clinical(cells: pd.Series, col: ClinicalColumn, path: Path, rows: pd.S
     return values
 
 
-def _parse_cell(cell, col: ClinicalColumn, levels: set[str] | None):
-    if col.kind == ClinicalKind.numeric:
-        return PARSERS[col.parser or "number"](cell)
-    text = normalise_text(cell)
-    if levels is not None and text not in levels:
-        raise ValueError(f"expected one of {sorted(levels)}")
-    return text
-
-
 def per_patient(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:
-    """One row per patient; every per-patient column (``label`` and ``split`` where the frame
-    has them, the clinical features) must agree across the patient's rows.
-
-    Vectorised over patients (one groupby, not a filter per patient): a per-patient loop made
-    a 1058-patient table take seconds.
-    """
+    """One row per patient; ``label``, ``split`` and the clinical features must agree across
+    the patient's rows. One groupby: a loop per patient made a 1058-patient table take seconds."""
     columns = [c for c in ("label", "split") if c in frame]
     columns += [c.feature_name for c in cfg.clinical]
     grouped = frame.groupby("patient_id", sort=False)
@@ -345,15 +298,11 @@ def _raise_conflict(
     column = conflicts.loc[patient].idxmax()
     values = frame.loc[frame["patient_id"] == patient, [column, "row"]].dropna(subset=[column])
     distinct = pd.unique(values[column])
-    shown = [_label_text(v) if column == "label" else str(v) for v in distinct]
+    shown = [str(int(v)) if column == "label" else str(v) for v in distinct]
     raise CohortError(
         f"{path}: patient '{patient}' has conflicting values in column '{names[column]}' "
         f"({', '.join(shown)}) on rows {', '.join(str(r) for r in values['row'])}"
     )
-
-
-def _label_text(code: float) -> str:
-    return str(int(code))
 
 
 def slide_rows(frame: pd.DataFrame, cfg: CohortConfig, path: Path) -> pd.DataFrame:

@@ -1,20 +1,6 @@
-"""A synthetic cohort in the exact layout of the BCNB download, with a label the pixels show.
-
-``make_bcnb_folder`` writes what ``bidistill bcnb prepare`` reads (see ``bidistill.cohort.bcnb``)::
-
-    patient-clinical-data.xlsx                  the 14 BCNB columns, messy as the real one
-    dataset-splitting/{train,val,test}_id.txt   CRLF line ends, stratified on the ALN status
-    WSIs/<id>.jpg, WSIs/<id>.json               slide + tumour polygons
-
-Each slide is a grey background with one or two pink tissue strips (core-needle biopsies), sparse
-pale nuclei in normal tissue, and tumour regions (the JSON polygons) whose nuclei are denser,
-larger and darker the more lymph nodes are involved: N0 < N+(1-2) < N+(>2), with patient-level
-noise so that the task is learnable by a patch encoder plus MIL but not trivial. Blue pen strokes
-outline some tumours, as pathologists' marks do on real BCNB slides. The clinical columns follow
-the receptor logic of the molecular subtypes and are mildly informative of the ALN status (tumour
-size, grade), like the real table; ``Surgical`` and the node count leak the label, as in BCNB.
-
-Same seed ⇒ the same bytes in every file (the xlsx carries fixed timestamps).
+"""A synthetic cohort in the exact layout of the BCNB download, with a label the pixels show
+(what the slides and the table hold: docs/internal-interfaces.md, "Synthetic data"). Same seed ⇒
+the same bytes in every file (the xlsx carries fixed timestamps).
 """
 
 from __future__ import annotations
@@ -31,13 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from bidistill._io import atomic_path, write_text
-from bidistill.cohort.bcnb import (
-    BCNB_COLUMNS,
-    CLINICAL_XLSX,
-    SPLIT_DIR,
-    SPLIT_FILES,
-    WSI_DIR,
-)
+from bidistill.cohort.bcnb import BCNB_COLUMNS, CLINICAL_XLSX, SPLIT_DIR, SPLIT_FILES, WSI_DIR
 
 ALN_CLASSES = ("N0", "N+(1-2)", "N+(>2)")
 ALN_SHARES = (0.55, 0.27, 0.18)  # close to BCNB's 655 / 210 / 193 of 1058
@@ -75,27 +55,11 @@ def make_bcnb_folder(
     slides: bool = True,
     progress: bool = True,
 ) -> Path:
-    """Write a synthetic BCNB folder.
+    """Write a synthetic BCNB folder of ``patients`` (ids "1" … str(patients)), one slide each.
 
-    Args:
-        out_dir: the folder to create (or fill; files of the same names are replaced).
-        patients: number of patients (>= 10), one slide each, ids "1" … str(patients).
-        seed: everything follows from it: same seed, same bytes.
-        slide_size: slide (width, height) in pixels; BCNB slides are ~0.5 µm/px.
-        jpeg_quality: JPEG quality of the slides.
-        signal: strength of the ALN signal in the tumour nuclei (0: none; 1: default).
-        signal_noise: standard deviation of the patient-level noise on that strength; the
-            default leaves the classes almost apart (``signal_oracle_auc`` says how far).
-        slides: write ``WSIs/``; False gives the clinical part only (fast; for table tests).
-        progress: show a progress bar over the slides.
-
-    Returns:
-        ``out_dir`` as a Path.
-
-    Side effects: writes the xlsx, three split files and two files per patient, atomically.
-
-    Raises:
-        ValueError: fewer than 10 patients, or slides smaller than 512 px a side.
+    ``signal``: strength of the ALN signal in the tumour nuclei; ``signal_noise``: the sd of the
+    patient-level noise on it (the default leaves the classes almost apart: ``signal_oracle_auc``
+    says how far). ``slides=False`` writes the clinical part only (fast; for table tests).
     """
     if patients < _MIN_PATIENTS:
         raise ValueError(f"patients must be >= {_MIN_PATIENTS} (got {patients})")
@@ -118,13 +82,8 @@ def make_bcnb_folder(
         stem = out_dir / WSI_DIR / patient.patient_id
         with atomic_path(stem.with_suffix(".jpg")) as tmp:
             image.save(tmp, format="JPEG", quality=jpeg_quality)
-        annotation = {
-            "positive": [
-                {"name": f"Annotation {k}", "vertices": poly} for k, poly in enumerate(polygons)
-            ],
-            "negative": [],
-        }
-        write_text(stem.with_suffix(".json"), json.dumps(annotation))
+        tumours = [{"name": f"Annotation {k}", "vertices": p} for k, p in enumerate(polygons)]
+        write_text(stem.with_suffix(".json"), json.dumps({"positive": tumours, "negative": []}))
     return out_dir
 
 
@@ -136,11 +95,8 @@ def _strength(aln: str, signal: float, noise: float, rng: np.random.Generator) -
 def signal_oracle_auc(
     signal: float = 1.0, signal_noise: float = 0.15, *, draws: int = 200_000, seed: int = 0
 ) -> float:
-    """N0-vs-N+ AUC of an oracle that reads each patient's planted strength exactly.
-
-    No model that learns from the slides can beat it in expectation, so it is the ceiling of a
-    WSI-only model on these slides; it depends on the generator's settings only.
-    """
+    """N0-vs-N+ AUC of an oracle that reads each patient's planted strength exactly: the ceiling
+    of a WSI-only model on these slides (no model beats it in expectation)."""
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(seed)
@@ -303,14 +259,8 @@ def _write_splits(split_dir: Path, cohort: list[_Patient], seed: int) -> None:
 def _draw_slide(
     rng: np.random.Generator, size: tuple[int, int], strength: float
 ) -> tuple[Image.Image, list[list[list[int]]]]:
-    """One slide and its tumour polygons.
-
-    Args:
-        strength: how node-positive the tumour looks, ~0 (N0) to ~1 (N+(>2)).
-
-    Returns:
-        The RGB image ``[height, width]`` and the polygons as lists of [x, y] vertices.
-    """
+    """One slide whose tumour looks ``strength`` node-positive (~0: N0, ~1: N+(>2)), and its
+    tumour polygons as lists of [x, y] vertices."""
     width, height = size
     strips = _strip_paths(rng, width, height)
     tissue = Image.new("L", size, 0)
@@ -329,23 +279,13 @@ def _draw_slide(
     image = _stained_background(rng, tissue)
     draw = ImageDraw.Draw(image)
     # Normal tissue: sparse, small, pale nuclei, the same for every label.
-    _draw_nuclei(
-        draw,
-        rng,
-        tissue_mask & ~tumour_mask,
-        per_px=1 / 2500,
-        radius=(2, 4),
-        colour=(165, 120, 185),
-    )
+    normal = tissue_mask & ~tumour_mask
+    _draw_nuclei(draw, rng, normal, per_px=1 / 2500, radius=(2, 4), colour=(165, 120, 185))
     # Tumour: density, size and darkness grow with the nodal involvement.
-    dark = np.array((150, 105, 180)) - strength * np.array((85, 80, 60))
+    dark = tuple(int(c) for c in np.array((150, 105, 180)) - strength * np.array((85, 80, 60)))
+    radius = (3 + strength, 4.5 + 2 * strength)
     _draw_nuclei(
-        draw,
-        rng,
-        tumour_mask,
-        per_px=(1 + 2 * strength) / 900,
-        radius=(3 + strength, 4.5 + 2 * strength),
-        colour=tuple(int(c) for c in dark),
+        draw, rng, tumour_mask, per_px=(1 + 2 * strength) / 900, radius=radius, colour=dark
     )
     for poly in polygons:
         if rng.random() < 0.7:
@@ -365,21 +305,15 @@ def _strip_paths(
         x0 = width * rng.uniform(0.04, 0.12)
         x1 = width * rng.uniform(0.88, 0.96)
         xs = np.linspace(x0, x1, 24)
-        wave = (
-            height
-            * 0.04
-            * np.sin(2 * np.pi * xs / width * rng.uniform(0.5, 1.5) + rng.uniform(0, 6.3))
-        )
+        phase = 2 * np.pi * xs / width * rng.uniform(0.5, 1.5) + rng.uniform(0, 6.3)
+        wave = height * 0.04 * np.sin(phase)
         ys = centre_y + wave + (xs - width / 2) * rng.uniform(-0.05, 0.05)
         strips.append(([(int(x), int(y)) for x, y in zip(xs, ys)], thickness))
     return strips
 
 
 def _tumour_polygon(
-    rng: np.random.Generator,
-    points: list[tuple[int, int]],
-    thickness: int,
-    size: tuple[int, int],
+    rng: np.random.Generator, points: list[tuple[int, int]], thickness: int, size: tuple[int, int]
 ) -> list[list[int]]:
     """An irregular blob on the strip, wide enough to hold several 256 px tiles."""
     cx, cy = points[int(rng.integers(6, len(points) - 6))]
@@ -394,10 +328,8 @@ def _tumour_polygon(
 
 
 def _stained_background(rng: np.random.Generator, tissue: Image.Image) -> Image.Image:
-    """Grey glass with eosin-pink tissue whose tone varies smoothly (stroma-like).
-
-    The tone is drawn on a coarse grid and upsampled by Pillow: smooth, and fast on big slides.
-    """
+    """Grey glass with eosin-pink tissue whose tone varies smoothly (stroma-like): drawn on a
+    coarse grid and upsampled by Pillow, smooth and fast on big slides."""
     width, height = tissue.size
     coarse = rng.normal(0, 1, (height // 64 + 2, width // 64 + 2, 1)).astype(np.float32)
     pink = np.array((232, 176, 206), np.float32) + coarse * np.array((6, 12, 8), np.float32)

@@ -1,24 +1,6 @@
-"""Synthetic feature cohorts that anyone can make offline (tests, demo, benchmarks).
-
-The label comes from two latent patient traits, ``w`` and ``c``, plus noise. The slides show
-``w`` (through biological noise) and a faint trace of ``c``; the clinical table shows ``c``. So
-each modality alone is informative, both together are better, and a WSI-only model can learn
-part of what the clinical data adds: the situation that bidirectional distillation is built for.
-
-Slides carry ``w`` as a multiple-instance signal: a fraction of 'key' instances (drawn around a
-key prototype) among background instances (drawn around tissue prototypes), with the key fraction
-rising with ``w``. The trace of ``c`` is 'marker' instances, background instances nudged along one
-direction, whose share rises with ``c`` (real slides show part of what the clinical table
-records: grade, proliferation, receptor status). A model trained with the clinical data at hand
-has little reason to learn the faint trace; one that must do without it does, which is what
-separates the methods when clinical data goes missing.
-
-Clinical values carry ``c`` with realistic mess: decimal commas, Ki67 strings with full-width
-symbols, per-feature blanks, and some patients with no clinical data at all.
-
-The ground truth of the planted signal is kept beside the table in ``key_instances.h5``: one
-bool dataset per slide id, True for a key instance, in the order of the slide's feature file.
-Attention maps can be checked against it (do the hottest tiles hold the key instances?).
+"""Synthetic feature cohorts that anyone can make offline (tests, demo, benchmarks): the slides
+show one latent trait and a faint trace of another that the clinical table records (the model:
+docs/internal-interfaces.md, "Synthetic data").
 """
 
 from __future__ import annotations
@@ -49,19 +31,8 @@ def make_feature_cohort(
     progress: bool = False,
     config_name: str | None = "config.yaml",
 ) -> Path:
-    """Write a cohort table, one .h5 feature file per slide and a ready config.
-
-    Args:
-        config_name: the config's file name in ``out_dir``; None writes no config (for
-            ``bidistill init --synthetic``, which writes its own template beside the cohort).
-
-    Side effects: creates ``out_dir/cohort.csv``, ``out_dir/features/<slide_id>.h5``,
-    ``out_dir/key_instances.h5`` (the planted key instances of each slide) and
-    ``out_dir/<config_name>`` (every file written atomically).
-
-    Returns:
-        The path of the experiment config (where it would be when ``config_name`` is None).
-    """
+    """Write ``cohort.csv``, ``features/``, ``key_instances.h5`` and the config, whose path is
+    returned; ``config_name=None`` writes none (``init --synthetic`` writes its own template)."""
     if patients < 20:
         raise ValueError(f"a synthetic cohort needs at least 20 patients, got {patients}")
     out_dir = Path(out_dir)
@@ -71,12 +42,7 @@ def make_feature_cohort(
     prototypes = _prototypes(rng, dim)
     rows = []
     key_instances: dict[str, np.ndarray] = {}
-    iterator = range(patients)
-    if progress:
-        from rich.progress import track
-
-        iterator = track(iterator, description="synthetic slides")
-    for i in iterator:
+    for i in tracked(range(patients), progress, "synthetic slides"):
         n_slides = 2 if rng.random() < two_slide_share else 1
         bag, is_key = _bag(
             rng, prototypes, traits["key_fraction"][i], traits["marker_fraction"][i], instances
@@ -85,14 +51,7 @@ def make_feature_cohort(
         for s, (part, part_is_key) in enumerate(parts):
             slide_id = f"S{i:04d}" + (f"-{s + 1}" if n_slides > 1 else "")
             key_instances[slide_id] = part_is_key
-            write_feature_file(
-                feature_path(out_dir / "features", slide_id),
-                part,
-                _grid_coords(len(part)),
-                encoder=SYNTHETIC_ENCODER,
-                patch_size=256,
-                mpp=0.5,
-            )
+            write_synthetic_features(out_dir, slide_id, part, SYNTHETIC_ENCODER)
             rows.append({"slide_id": slide_id, **table[i]})
     frame = pd.DataFrame(rows)
     if with_split:
@@ -221,10 +180,22 @@ def _bag(
     return bag[order].astype(np.float32), order < n_key  # the first n_key centres are key
 
 
-def _grid_coords(n: int, patch: int = 256) -> np.ndarray:
-    side = int(np.ceil(np.sqrt(n)))
-    idx = np.arange(n)
-    return np.stack([idx % side, idx // side], axis=1).astype(np.int64) * patch
+def write_synthetic_features(out_dir: Path, slide_id: str, features: np.ndarray, encoder: str):
+    """``<out_dir>/features/<slide_id>.h5``, its instances laid out on a square grid of tiles."""
+    side = int(np.ceil(np.sqrt(len(features))))
+    idx = np.arange(len(features))
+    coords = np.stack([idx % side, idx // side], axis=1).astype(np.int64) * 256
+    path = feature_path(out_dir / "features", slide_id)
+    write_feature_file(path, features, coords, encoder=encoder, patch_size=256, mpp=0.5)
+
+
+def tracked(items, enabled: bool, description: str):
+    """``items`` with a progress bar when ``enabled``."""
+    if not enabled:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description)
 
 
 def _splits(rng, labels: np.ndarray, table: list[dict]) -> dict[str, str]:

@@ -1,48 +1,11 @@
-"""Latent-trait feature cohorts whose Bayes-optimal posterior is known exactly.
-
-Every patient has latent traits; the label, the slides and the clinical table are drawn from
-them by a model simple enough that P(label | slides, clinical data) can be computed exactly (by
-quadrature over the traits, with closed forms where they exist). So a method's AUC can be read
-as a gap to the best AUC that any method could reach on the same patients, with and without
-their clinical data.
-
-The model (every parameter is a field of ``LatentSpec``):
-
-- Traits: ``w ~ N(0, 1)`` (shown by the slides), ``c ~ N(0, 1)`` (recorded in the clinical
-  table, optionally traced in the slides), and optionally a binary subtype ``z`` (recorded in
-  the table, optionally traced in the slides, and changing how much ``w`` matters).
-- Label: ``y = 1[b_z · w + beta_c · c + beta_z · z + e > t]`` with ``e ~ N(0, label_noise²)``,
-  ``b_z = beta_w · (1 + interaction · (2z - 1))`` and ``t`` set for the prevalence.
-- Slides: a biopsy samples the tumour, so the slides see ``v = w + u``, ``u ~ N(0,
-  slide_noise²)``. A patient's instances (one bag, split over one or two slides) are drawn around
-  tissue prototypes with unit Gaussian noise; ``v`` shows either as *key* instances (a share
-  ``sigmoid(key_slope · v + key_offset)`` of instances drawn around a key prototype close to one
-  tissue prototype) or *diffusely* (every instance shifted by ``diffuse_w · v`` along one
-  direction). The clinical trait ``c`` leaves no trace, a *marker* trace (a share
-  ``sigmoid(marker_slope · c + marker_offset)`` of tissue instances nudged by ``marker_shift``),
-  or a *diffuse* one (every instance shifted by ``diffuse_c · c``); ``z`` may shift every
-  instance by ``diffuse_z · z``. The features are then rotated and rescaled by one fixed random
-  affine map, so no signal lies along an axis.
-- Clinical table: numeric, ordinal and binary columns read off ``c`` (a Gaussian latent with
-  correlation ``strength`` to ``c``, cut into levels for ordinal and binary columns), the subtype
-  ``z`` itself, columns that depend on the label directly (information the slides cannot hold)
-  and pure-noise categorical columns. Cells are blank at random (``blank_rate``); some patients
-  have no clinical data at all (``no_clinical_share``, plus ``train_no_clinical_share`` of the
-  training patients only).
-
-Exactness: the prototypes have no component along the diffuse directions, so the diffuse shifts
-enter the bag likelihood through sums of projections; the key and marker shares enter through
-per-instance mixture weights. The posterior over (v, c, z) is evaluated on a fine grid (the
-quadrature error is far below 1e-4, see the tests), ``w`` given ``v`` is integrated in closed
-form (a Gaussian through a probit), and blank cells are marginalised by leaving their factor out
-(they are blank at random). ``bayes.csv`` holds, for the test patients, the posterior with the
-patient's clinical data as in the table and with all of it withheld.
+"""Latent-trait feature cohorts whose Bayes-optimal posterior is known exactly, so a method's AUC
+reads as a gap to the best AUC any method could reach on the same patients. The model and why its
+posterior is exact: docs/internal-interfaces.md ("Latent-trait cohorts").
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -52,7 +15,7 @@ from scipy.optimize import brentq
 from scipy.special import expit, log_ndtr, logsumexp, ndtr
 
 from bidistill._io import write_csv, write_text
-from bidistill.features.store import feature_path, write_feature_file
+from bidistill.synthetic.features import tracked, write_synthetic_features
 
 LATENT_ENCODER = "synthetic-latent"
 BAYES = "bayes.csv"
@@ -66,19 +29,10 @@ _DIFFUSE_AXES = 3  # coordinates 0, 1, 2 of the unrotated space: the w, c and z 
 
 @dataclass(frozen=True)
 class ClinicalFeature:
-    """One clinical column and how it is drawn.
-
-    Attributes:
-        column: the table's column name.
-        kind: the config kind (``numeric``, ``ordinal``, ``binary``, ``categorical``).
-        source: ``c`` (a noisy reading of the clinical trait), ``z`` (the subtype itself),
-            ``label`` (depends on the label directly) or ``none`` (noise).
-        strength: ``c``: correlation of the column's latent with c; ``label``: shift of the
-            latent (in units of its noise) between the classes.
-        cuts: thresholds on the latent for ordinal and binary columns.
-        mean, scale: numeric columns are written as ``mean + scale · latent``.
-        levels: categorical levels (``none`` source only).
-    """
+    """One clinical column and how it is drawn from its ``source``: ``c`` (``strength``: the
+    correlation of the column's latent with c), ``z``, ``label`` (``strength``: the latent's shift
+    between the classes) or ``none``. Ordinal and binary columns cut the latent at ``cuts``;
+    numeric ones write ``mean + scale · latent``; ``levels``: categorical (``none`` only)."""
 
     column: str
     kind: Literal["numeric", "ordinal", "binary", "categorical"]
@@ -167,40 +121,19 @@ class _Patients:
     c: np.ndarray
     z: np.ndarray
     label: np.ndarray
-    extra: dict = field(default_factory=dict)
 
 
 def make_latent_cohort(
     spec: LatentSpec, out_dir: str | Path, *, seed: int = 0, progress: bool = False
 ) -> Path:
-    """Write a cohort of ``spec`` with its exact Bayes posteriors.
-
-    Side effects: creates ``out_dir/cohort.csv`` (split column: train/val/test),
-    ``out_dir/features/<slide_id>.h5``, ``out_dir/config.yaml`` and ``out_dir/bayes.csv``
-    (test patients: ``patient_id, split, label, bayes_present, bayes_absent``), each written
-    atomically.
-
-    Returns:
-        The path of the experiment config.
-    """
+    """Write ``cohort.csv``, ``features/``, ``config.yaml`` (returned) and ``bayes.csv`` (the
+    exact posteriors of the test patients) of a cohort of ``spec``."""
     out_dir = Path(out_dir)
     drawn = draw_latent_cohort(spec, seed=seed)
     rows = []
-    iterator = range(len(drawn.bags))
-    if progress:
-        from rich.progress import track
-
-        iterator = track(iterator, description=f"{spec.name}: feature files")
-    for i in iterator:
+    for i in tracked(range(len(drawn.bags)), progress, f"{spec.name}: feature files"):
         for slide_id, part in drawn.slides[i]:
-            write_feature_file(
-                feature_path(out_dir / "features", slide_id),
-                part,
-                _grid_coords(len(part)),
-                encoder=LATENT_ENCODER,
-                patch_size=256,
-                mpp=0.5,
-            )
+            write_synthetic_features(out_dir, slide_id, part, LATENT_ENCODER)
             rows.append({"slide_id": slide_id, **drawn.table[i], "split": drawn.splits[i]})
     frame = pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
     write_csv(out_dir / "cohort.csv", frame)
@@ -377,19 +310,15 @@ def _feature_values(rng, feature: ClinicalFeature, patients: _Patients) -> list[
         return list(rng.choice(feature.levels, size=n))
     if feature.source == "z":
         return [str(int(z)) for z in patients.z]
-    latent = _feature_latent(rng, feature, patients)
+    rho = feature.strength
+    if feature.source == "c":
+        latent = rho * patients.c + np.sqrt(1 - rho**2) * rng.normal(size=n)
+    else:  # label: a shift of ``strength`` between the classes
+        latent = rho * patients.label + rng.normal(size=n)
     if feature.kind == "numeric":
         return [f"{feature.mean + feature.scale * x:.4f}" for x in latent]
     level = np.searchsorted(np.asarray(feature.cuts), latent)  # cuts below the latent
     return [str(int(k) + (1 if feature.kind == "ordinal" else 0)) for k in level]
-
-
-def _feature_latent(rng, feature: ClinicalFeature, patients: _Patients) -> np.ndarray:
-    n = len(patients.c)
-    if feature.source == "c":
-        rho = feature.strength
-        return rho * patients.c + np.sqrt(1 - rho**2) * rng.normal(size=n)
-    return feature.strength * patients.label + rng.normal(size=n)  # source: label
 
 
 def _splits(rng, spec: LatentSpec, labels: np.ndarray) -> list[str]:
@@ -404,24 +333,13 @@ def _splits(rng, spec: LatentSpec, labels: np.ndarray) -> list[str]:
     return names
 
 
-def _grid_coords(n: int, patch: int = 256) -> np.ndarray:
-    side = int(np.ceil(np.sqrt(n)))
-    idx = np.arange(n)
-    return np.stack([idx % side, idx // side], axis=1).astype(np.int64) * patch
-
-
 # --- the exact posterior ------------------------------------------------------------------------
 
 
 def bayes_posteriors(
     spec: LatentSpec, world: _World, bags: list[np.ndarray], rows: list[dict]
 ) -> np.ndarray:
-    """P(y = 1 | bag, clinical row) and P(y = 1 | bag), ``[n, 2]``.
-
-    Args:
-        bags: each patient's features as written ``[n_i, D]``.
-        rows: each patient's table row (blank cells are ``""``).
-    """
+    """P(y = 1 | bag, clinical row) and P(y = 1 | bag), ``[n, 2]``, for features as written."""
     grid = _Grid(spec)
     out = np.zeros((len(bags), 2))
     for i, (bag, row) in enumerate(zip(bags, rows)):
@@ -548,8 +466,7 @@ def _latent_loglik(feature: ClinicalFeature, value: str, mean, sd):
 
 
 def latent_cohort_config(spec: LatentSpec) -> str:
-    """The experiment config of a latent cohort: its table, columns and feature folder; the
-    methods, training and evaluation sections keep bidistill's defaults."""
+    """The experiment config of a latent cohort (methods, training, evaluation: the defaults)."""
     lines = []
     for feature in spec.clinical:
         entry = f"    - {{column: {feature.column}, kind: {feature.kind}"
@@ -579,8 +496,3 @@ features:
   dir: features
   encoder: {LATENT_ENCODER}
 """
-
-
-def spec_with(spec: LatentSpec, **changes) -> LatentSpec:
-    """A copy of ``spec`` with some fields changed (e.g. fewer patients for a quick run)."""
-    return dataclasses.replace(spec, **changes)

@@ -1,15 +1,5 @@
-"""A synthetic cohort of patch folders with a label the pixels show: end-to-end mode offline.
-
-Each patient has one slide given as a folder of small pre-cut patches (the layout of BCNB's
-``paper_patches``): pink stroma with pale nuclei. In positive patients a share of the patches
-holds a cluster of large, dark nuclei (the 'key' patches, as tumour cells in a biopsy); the
-share varies per patient and some negative patients show a few decoys, so the task is
-learnable by a small CNN trained end to end but not trivial. The clinical table carries a weak
-trace of the label (tumour size) with blanks.
-
-``make_patch_cohort`` writes ``cohort.csv``, ``slides/<slide_id>/<k>.png`` and a ready
-``config.yaml`` in end-to-end mode with a tiny random-init timm backbone (``timm:test_convnext``,
-nothing to download). Same seed ⇒ the same files.
+"""A synthetic cohort of patch folders with a label the pixels show: end-to-end mode offline
+(what the patches hold: docs/internal-interfaces.md). Same seed ⇒ the same files.
 """
 
 from __future__ import annotations
@@ -36,16 +26,8 @@ def make_patch_cohort(
     signal: float = 1.0,
     encoder: str = TINY_ENCODER,
 ) -> Path:
-    """Write the cohort (see the module docstring) and return its config's path.
-
-    Args:
-        patients: at least 12 (both classes in each split).
-        tile: side of a patch in pixels.
-        tiles: patches per slide, drawn in [low, high].
-        signal: share of key patches in a positive patient's slide at 1.0 (about 0.5), scaled.
-
-    Side effects: creates ``out_dir/cohort.csv``, ``out_dir/slides/`` and ``out_dir/config.yaml``.
-    """
+    """Write ``cohort.csv``, ``slides/<slide_id>/<k>.png`` (``tiles``: patches per slide, in
+    [low, high]) and ``config.yaml``, whose path is returned."""
     if patients < 12:
         raise ValueError(f"a synthetic patch cohort needs at least 12 patients, got {patients}")
     out_dir = Path(out_dir)

@@ -1,15 +1,6 @@
-"""The accuracy suite's cohorts: structurally different latent-trait generators.
-
-Each entry of ``SUITE`` is a ``LatentSpec`` (``bidistill.synthetic.latent``), so every cohort
-comes with its exact Bayes-optimal posterior with and without the clinical data. Together they
-vary what decides how methods rank when clinical data goes missing: how much of the clinical
-signal the slides also carry (none, part, nearly all), sparse key instances against a diffuse
-slide signal, bag sizes, feature dimension, class balance, blank cells, training patients
-without clinical data, clinical columns that depend on the label directly, an interaction
-between a subtype and the slide signal, and cohort size (300 to 3,000 patients).
-
-The generators were fixed before any method was tuned on them (see benchmarks/accuracy/): they
-are for finding where methods lose, never to be adjusted until a method wins.
+"""The accuracy suite's cohorts: structurally different latent-trait generators (README,
+"Accuracy suite"). They were fixed before any method was tuned on them: they are for finding
+where methods lose, never to be adjusted until a method wins.
 """
 
 from __future__ import annotations

@@ -59,11 +59,7 @@ def _bcnb_template(generic: str) -> str:
     # stage sections are the generic template's, comments included. The adapter's own header
     # ("written by bcnb prepare") is replaced by this template's.
     head = config_text(
-        task="aln",
-        feature_set="balnmp5",
-        table="cohort.csv",
-        has_splits=True,
-        wsi_dir=Path("WSIs"),
+        task="aln", feature_set="balnmp5", table="cohort.csv", has_splits=True, wsi_dir=Path("WSIs")
     )
     head = "\n".join(line for line in head.splitlines() if not line.startswith("# ")) + "\n"
     tail = generic[generic.index("\ntiling:") :]
