@@ -1,19 +1,11 @@
 """Feature extraction: tiles of every slide → one ``<features_dir>/<slide_id>.h5`` per slide.
 
-Data-loader workers open their own slides (OpenSlide, the plain-image cache, patch folders),
-read and decode tiles (``features.tiles``) into uint8 batches of shared memory; the main
-process moves them to the device, preprocesses them there as the encoder's authors do, and
-runs the encoder under ``inference_mode``, channels-last (bf16/fp16 on a GPU, fp32 on the
-CPU). A batch never spans two slides and always starts at a multiple of the batch size within its
-slide, so a slide's features do not depend on which worker, shard or process computed them.
-
-A slide's file is written atomically once all its patches are encoded; a file that exists is a
-slide that is done, so a killed run resumes with no partial file and no slide redone. A feature
-file copies the slide signature of its coords file (``slides.signature``): features of a slide
-tiled again since (a rescan) are extracted again, and a slide that changed since it was tiled
-is refused until it is tiled again. Sharding
-(``--shard i/n`` or torchrun's ranks) and the bookkeeping of failures come from
-``bidistill.slide_stages``.
+Workers decode tiles into shared-memory uint8 batches (``features.tiles``); the main process
+preprocesses and encodes them on the device. A batch never spans two slides and starts at a
+multiple of the batch size within its slide, so a slide's features do not depend on which worker,
+shard or process computed them. A file is written atomically once its slide is encoded (a file
+that exists is a slide done) and copies its coords file's slide signature: features of a slide
+tiled again since are extracted again, a slide changed since it was tiled is refused.
 """
 
 from __future__ import annotations
@@ -51,16 +43,16 @@ from bidistill.slide_stages import (
     missing_slides,
     plan_slides,
 )
+from bidistill.slides.coords import nan_if_none
 from bidistill.slides.signature import (
     SIGNATURE_KEYS,
     change_since,
     recorded_signature,
     signature_change,
 )
+from bidistill.slides.stage import summary_file
 
 log = logging.getLogger(__name__)
-
-SUMMARY_FILE = "extraction_summary.json"
 
 
 @dataclass(frozen=True)
@@ -86,15 +78,8 @@ class _Pending:
 
 
 class Extractor:
-    """Runs one encoder over slides and writes their feature files.
-
-    Args:
-        encoder: the loaded encoder (see ``load_encoder``).
-        batch_size: tiles per forward pass.
-        num_workers: data-loader worker processes (0 reads in this process).
-        device, precision: where and in which precision the encoder runs.
-        cache_dir: the plain-image cache the tiling stage filled (``slide_cache_dir``).
-    """
+    """Runs one encoder over slides and writes their feature files (``cache_dir``: the
+    plain-image cache the tiling stage filled, ``slide_cache_dir``)."""
 
     def __init__(
         self,
@@ -190,14 +175,13 @@ class Extractor:
         from bidistill.slides import read_coords
 
         tiles = read_coords(job.coords_path)
-        mpp = tiles.attrs.get("mpp")
         write_feature_file(
             job.target,
             features,
             tiles.coords,
             encoder=self.encoder.name,
             patch_size=tiles.patch_size,
-            mpp=float("nan") if mpp is None else float(mpp),
+            mpp=nan_if_none(tiles.attrs.get("mpp")),
             level=int(tiles.attrs.get("level", 0)),
             paths=tiles.paths,
             extra_attrs={
@@ -207,16 +191,12 @@ class Extractor:
                 "patch_size_level0": tiles.patch_size_level0,
                 "precision": str(self.precision).removeprefix("torch."),
                 "input_size": self.encoder.preprocess.size,
-                "slide_mpp": _nan_if_none(tiles.attrs.get("slide_mpp")),
+                "slide_mpp": nan_if_none(tiles.attrs.get("slide_mpp")),
                 "bidistill_version": __version__,
                 **{k: tiles.attrs[k] for k in SIGNATURE_KEYS if k in tiles.attrs},
             },
             coords_attrs=tiles.tool_attrs(job.slide_id),
         )
-
-
-def _nan_if_none(value: float | None) -> float:
-    return float("nan") if value is None else float(value)
 
 
 def _tile_count(coords_path: Path) -> int:
@@ -279,11 +259,7 @@ class _ExtractionProgress:
 
 
 def extraction_jobs(config: ExperimentConfig) -> tuple[list[ExtractionJob], dict[str, str]]:
-    """The cohort's slides as extraction jobs, plus slides that cannot be (id → reason).
-
-    Raises:
-        ConfigError: no ``slides`` section or no slide column (from ``jobs_from_config``).
-    """
+    """The cohort's slides as extraction jobs, plus slides that cannot be (id → reason)."""
     from bidistill.slides import coords_path, jobs_from_config
 
     slides, missing = jobs_from_config(config)
@@ -329,26 +305,12 @@ def extract_features(
     encoder: Encoder | None = None,
     hint: str = SKIP_ERRORS_HINT,
 ) -> StageSummary:
-    """Extract the features of every job (of this shard) whose file does not exist yet.
-
-    Args:
-        jobs: the slides (``extraction_jobs``).
-        features: the config's ``features`` section (encoder, batch size, workers, device).
-        cache_dir: the plain-image cache of the tiling stage.
-        shard: this process's share of the slides (default: all).
-        skip_errors: record failing slides and go on.
-        encoder: an encoder already loaded (default: load the one ``features`` names).
-        hint: what the error of a failed slide says about going on past it.
-
-    Returns:
-        StageSummary (``done``: patches per slide extracted now).
+    """Extract the features of every job (of this shard) whose file does not exist yet; the
+    summary's ``done`` counts patches per slide extracted now.
 
     Raises:
         SlideError: a slide fails (unreadable, not tiled) and ``skip_errors`` is off.
         FeatureFileError: the features folder holds files of another encoder.
-        EncoderError: the encoder cannot be loaded.
-
-    Side effects: writes ``<features.dir>/<slide_id>.h5`` and an ``extraction_summary*.json``.
     """
     summary = StageSummary(stage="extraction")
     todo = plan_slides(
@@ -396,15 +358,8 @@ def extract_features(
             }
         )
         target_dir = todo[0].target.parent
-        write_json(target_dir / _summary_name(summary), summary.to_dict())
+        write_json(target_dir / summary_file(summary), summary.to_dict())
     return summary
-
-
-def _summary_name(summary: StageSummary) -> str:
-    if summary.shard is None:
-        return SUMMARY_FILE
-    index, count = summary.shard.split("/")
-    return f"extraction_summary.shard{index}of{count}.json"
 
 
 def _is_extracted(job: ExtractionJob, summary: StageSummary) -> bool:
@@ -488,11 +443,7 @@ def extract_from_config(
     progress: bool = True,
     hint: str = SKIP_ERRORS_HINT,
 ) -> StageSummary:
-    """What `bidistill extract CONFIG` does: every slide of the cohort that has no features yet.
-
-    Raises:
-        SlideError: a slide is missing or fails and ``skip_errors`` is off.
-    """
+    """What `bidistill extract CONFIG` does: every slide of the cohort that has no features yet."""
     from bidistill.slides import slide_cache_dir
 
     jobs, missing = extraction_jobs(config)
