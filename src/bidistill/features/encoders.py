@@ -74,9 +74,6 @@ def list_encoders() -> list[EncoderSpec]:
     return list(_REGISTRY.values())
 
 
-# --- names → specs ------------------------------------------------------------------------------
-
-
 def encoder_spec(name: str) -> EncoderSpec:
     """The spec for a config's ``features.encoder`` (an unknown name: ``EncoderError`` with the
     closest registry names)."""
@@ -123,9 +120,6 @@ def _local_spec(name: str, folder: Path) -> EncoderSpec:
         )
     where = f"local-dir:{folder.resolve()}"
     return _generic_spec(name, hub=where, arch=where)
-
-
-# --- building and loading -----------------------------------------------------------------------
 
 
 @dataclass

@@ -66,9 +66,6 @@ class ExtractionJob:
     mpp: float | None = None  # for slide files that lack it (the config's value)
 
 
-# --- the main loop ------------------------------------------------------------------------------
-
-
 @dataclass
 class _Pending:
     """Features of a slide whose patches are still arriving."""
@@ -103,15 +100,6 @@ class Extractor:
         self.channels_last = self.device.type in ("cuda", "cpu")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-
-    def identity(self, patch_size: int | None, mpp: float | None) -> FeatureIdentity:
-        return FeatureIdentity(
-            encoder=self.encoder.name,
-            weights_sha256=self.encoder.weights_sha256,
-            random_init=self.encoder.random_init,
-            patch_size=patch_size,
-            mpp=mpp,
-        )
 
     def run(self, jobs: Sequence[ExtractionJob], recorder: Recorder, *, progress: bool) -> None:
         """Encode every job's tiles and write its file; outcomes go to ``recorder``."""
@@ -255,9 +243,6 @@ class _ExtractionProgress:
             self.bar.__exit__(*exc)
 
 
-# --- the stage ----------------------------------------------------------------------------------
-
-
 def extraction_jobs(config: ExperimentConfig) -> tuple[list[ExtractionJob], dict[str, str]]:
     """The cohort's slides as extraction jobs, plus slides that cannot be (id → reason)."""
     from bidistill.slides import coords_path, jobs_from_config
@@ -335,7 +320,7 @@ def extract_features(
         precision=precision,
         cache_dir=cache_dir,
     )
-    _refuse_other_features(extractor, jobs, todo)
+    _refuse_other_features(encoder, jobs)
     _warn_on_mpp(encoder, todo)
     log.info(
         "extracting %d slides with %s (%s, %s on %s)",
@@ -401,18 +386,14 @@ def _is_tiled(job: ExtractionJob, recorder: Recorder) -> bool:
     return True
 
 
-def _refuse_other_features(
-    extractor: Extractor, jobs: Sequence[ExtractionJob], todo: Sequence[ExtractionJob]
-) -> None:
+def _refuse_other_features(encoder: Encoder, jobs: Sequence[ExtractionJob]) -> None:
     """Refuse to add features of this encoder to a folder that holds another encoder's."""
     existing = [job.target for job in jobs if job.target.is_file()]
     if not existing:
         return
-    theirs = common_identity(existing)
-    ours = extractor.identity(None, None)
     check_matches(
-        ours,
-        theirs,
+        FeatureIdentity(encoder.name, encoder.weights_sha256, encoder.random_init),
+        common_identity(existing),
         actual_where="this config's encoder",
         expected_where=f"{existing[0].parent} (e.g. {existing[0].name})",
     )
@@ -484,14 +465,3 @@ def gather_summaries(summary: StageSummary) -> StageSummary | None:
             dist.destroy_process_group()
     merged = StageSummary.merged([p for p in parts if p is not None])
     return merged if shard.index == 0 else None
-
-
-__all__ = [
-    "ExtractionJob",
-    "Extractor",
-    "extract_features",
-    "extract_from_config",
-    "extraction_jobs",
-    "gather_summaries",
-    "out_of_date_slides",
-]

@@ -1,10 +1,7 @@
 """Feature hygiene: what a feature file must satisfy before anything trains or predicts on it.
 
-A feature file that breaks the contract fails when a store opens it, before any training, with a
-message that names the file: a ``features`` array that is not 2-D ``[n, D]`` (CLAM's ``[1, n, D]``
-is read as ``[n, D]``), values that are not floating point, no instances, a declared size that
-cannot fit in memory (a damaged header can declare 1e11 rows), and NaN or infinite values, which
-would otherwise turn a training loss, a validation AUC or a test prediction into NaN.
+A damaged header can declare 1e11 rows, and NaN or infinite values would turn a loss, an AUC or a
+prediction into NaN: such a file fails when a store opens it, with a message that names it.
 """
 
 from __future__ import annotations
@@ -44,12 +41,8 @@ def format_bytes(n: float) -> str:
 
 
 def checked_shape(path: str | Path, dataset) -> tuple[int, int]:
-    """``[n, D]`` of a ``features`` dataset (h5py or numpy), checked without reading values.
-
-    Raises:
-        FeatureFileError: wrong rank, not floating point, no instances, or too large for the
-            memory of this machine.
-    """
+    """``[n, D]`` of a ``features`` dataset (h5py or numpy), checked without reading values:
+    rank, floating point, instances, and size against this machine's memory."""
     shape = tuple(int(s) for s in dataset.shape)
     if len(shape) == 3 and shape[0] == 1:  # CLAM's older [1, n, D] layout
         shape = shape[1:]

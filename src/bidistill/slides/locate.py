@@ -45,9 +45,6 @@ class SlideFinder:
 
     A folder named by the slide id is that slide's patch folder; any other folder is a folder
     of slides (``<slide_id>.<ext>`` files and ``<slide_id>/`` patch folders).
-
-    Raises:
-        SlideError: an item that does not exist.
     """
 
     def __init__(self, items: Sequence[str | Path]):

@@ -29,9 +29,6 @@ class Annotations:
     source: Path | None = None
 
 
-# --- annotations --------------------------------------------------------------------------------
-
-
 def load_annotations(path: str | Path) -> Annotations:
     """Read BCNB JSON (``{"positive": [{"vertices": [[x, y], ...]}], "negative": [...]}``) or
     GeoJSON as QuPath exports it (holes and ``Ignore``/``Negative`` objects are out; geometries
@@ -135,9 +132,6 @@ def rasterize(
             points = [tuple(p) for p in (poly / scale).tolist()]
             draw.polygon(points, fill=value, outline=value)
     return np.asarray(canvas, dtype=bool)
-
-
-# --- tissue -------------------------------------------------------------------------------------
 
 
 @dataclass

@@ -11,6 +11,7 @@ whose tiles are its files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -121,8 +122,6 @@ class _VipsPyramidReader:
         self.properties = {"vips.n-pages": str(len(self.pages))}
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        import pyvips
-
         page = self.pages[level]
         ds = self.level_downsamples[level]
         lx, ly = int(x / ds), int(y / ds)
@@ -132,13 +131,8 @@ class _VipsPyramidReader:
         if x0 == lx and y0 == ly and x1 - x0 == width and y1 - y0 == height:
             return self._fetch(level, x0, y0, width, height)
         out = np.full((height, width, 3), 255, dtype=np.uint8)
-        if x1 > x0 and y1 > y0:
-            try:
-                out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._fetch(
-                    level, x0, y0, x1 - x0, y1 - y0
-                )
-            except pyvips.Error as err:
-                raise SlideError(f"{self.path}: cannot read region at ({x}, {y}): {err}") from err
+        if x1 > x0 and y1 > y0:  # _fetch turns libvips' errors into SlideError
+            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._fetch(level, x0, y0, x1 - x0, y1 - y0)
         return out
 
     def _fetch(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -155,7 +149,12 @@ class _VipsPyramidReader:
         self.pages = []
 
 
-class WholeSlide:
+class _ClosedOnExit(contextlib.AbstractContextManager):
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WholeSlide(_ClosedOnExit):
     """A whole-slide image: a pyramidal file (OpenSlide) or a plain image's cache (libvips).
 
     ``read_path`` is where the pixels come from (``path``, or a plain image's cache TIFF);
@@ -247,14 +246,8 @@ class WholeSlide:
     def close(self) -> None:
         self._reader.close()
 
-    def __enter__(self) -> WholeSlide:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class PatchFolder:
+class PatchFolder(_ClosedOnExit):
     """A folder of pre-cut patches: tile ``i`` is the ``i``-th image file (sorted by name), or,
     once tiled, the ``i``-th of the names the coords file recorded (``tile_names``), so that a
     patch added or removed since does not shift the tiles.
@@ -317,12 +310,6 @@ class PatchFolder:
 
     def close(self) -> None:
         """Nothing to release (each patch file is opened and closed on read)."""
-
-    def __enter__(self) -> PatchFolder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 Slide = WholeSlide | PatchFolder
@@ -432,8 +419,6 @@ def metadata_mpp(path: str | Path) -> float | None:
     except pyvips.Error:
         return None
 
-
-# --- OpenSlide files ----------------------------------------------------------------------------
 
 # OpenSlide formats whose levels are plain tiled TIFF pages that libvips decodes itself.
 FAST_TIFF_VENDORS = ("aperio", "generic-tiff")
@@ -548,9 +533,6 @@ def _choose_mpp(
     if config_mpp is not None:
         return float(config_mpp), "config"
     return None, None
-
-
-# --- plain images -------------------------------------------------------------------------------
 
 
 def _cache_name(path: Path) -> str:

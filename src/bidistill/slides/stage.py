@@ -88,9 +88,6 @@ def jobs_from_config(config: ExperimentConfig) -> tuple[list[SlideJob], dict[str
     return jobs, missing
 
 
-# --- one slide ----------------------------------------------------------------------------------
-
-
 def tile_one(job: SlideJob, tiling: TilingConfig, cache_dir: Path) -> int:
     """Tile one slide, write its QC image and coords file (in that order); the tiles kept."""
     target = coords_path(tiling.coords_dir, job.slide_id)
@@ -123,9 +120,6 @@ class _TileWork:
             return job.slide_id, tile_one(job, self.tiling, self.cache_dir), None
         except Exception as err:  # a damaged file can surface as any library's error
             return job.slide_id, None, describe_failure(err, job.path)
-
-
-# --- the cohort ---------------------------------------------------------------------------------
 
 
 def tile_cohort(
