@@ -22,23 +22,8 @@ import torch
 from torch import nn
 
 from bidistill.errors import BidistillError
-from bidistill.features.spec import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, Preprocess
+from bidistill.features.spec import EncoderSpec, Preprocess
 from bidistill.features.zoo import builtin_encoders
-
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "Encoder",
-    "EncoderError",
-    "EncoderSpec",
-    "Preprocess",
-    "build_architecture",
-    "encoder_spec",
-    "list_encoders",
-    "load_encoder",
-    "register_encoder",
-    "weights_digest",
-]
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +129,7 @@ def load_encoder(
     random_init: bool = False,
 ) -> Encoder:
     """Build an encoder with its weights, on the CPU, in eval mode; ``checkpoint`` is a local
-    weights file (``.safetensors``, ``.bin``, ``.pth``) for the named architecture.
-
-    Raises:
-        EncoderError: unknown name, missing package, gated or unreachable weights, or a
-            checkpoint that does not fit the architecture; each says what to do.
-    """
+    weights file (``.safetensors``, ``.bin``, ``.pth``) for the named architecture."""
     spec = encoder_spec(name)
     if checkpoint is not None and random_init:
         raise EncoderError("features.checkpoint and features.random_init exclude each other")

@@ -34,7 +34,7 @@ from bidistill.features.identity import (
     common_identity,
 )
 from bidistill.features.store import feature_path, write_feature_file
-from bidistill.features.tiles import load_tiles
+from bidistill.features.tiles import coords_header, load_tiles
 from bidistill.slide_stages import (
     SKIP_ERRORS_HINT,
     Recorder,
@@ -111,7 +111,7 @@ class Extractor:
             cache_dir=self.cache_dir,
             num_workers=self.num_workers,
         )
-        total = sum(_tile_count(job.coords_path) for job in jobs)
+        total = sum(coords_header(job.coords_path)[0] for job in jobs)
         pending: dict[int, _Pending] = {}
         started = time.perf_counter()
         with (
@@ -187,60 +187,44 @@ class Extractor:
         )
 
 
-def _tile_count(coords_path: Path) -> int:
-    """Tiles in a coords file, read from its header (0 when unreadable: the worker reports it)."""
-    try:
-        with h5py.File(coords_path, "r") as h5:
-            return int(h5["coords"].shape[0])
-    except (OSError, KeyError):
-        return 0
-
-
 class _ExtractionProgress:
     """A rich bar over patches, with slides done and patches per second."""
 
     def __init__(self, slides: int, patches: int, enabled: bool) -> None:
-        self.enabled = enabled and slides > 0
-        self.slides, self.patches_total = slides, patches
-        self.slides_done = 0
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.slides, self.slides_done = slides, 0
+        self.bar = Progress(
+            TextColumn("extracting"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("patches, {task.fields[slides]} slides, {task.fields[rate]} patches/s"),
+            TimeRemainingColumn(),
+            disable=not enabled or slides == 0,
+        )
+        self.task = self.bar.add_task("extract", total=patches, slides=f"0/{slides}", rate="-")
 
     def __enter__(self) -> _ExtractionProgress:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("extracting"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("patches, {task.fields[slides]} slides, {task.fields[rate]} patches/s"),
-                TimeRemainingColumn(),
-            )
-            self.bar.__enter__()
-            self.task = self.bar.add_task(
-                "extract", total=self.patches_total, slides=f"0/{self.slides}", rate="-"
-            )
+        self.bar.start()
         return self
 
     def patches(self, n: int) -> None:
-        if self.enabled:
-            self.bar.advance(self.task, n)
-            speed = self.bar.tasks[0].speed
-            self.bar.update(self.task, rate=f"{speed:.0f}" if speed else "-")
+        self.bar.advance(self.task, n)
+        speed = self.bar.tasks[0].speed
+        self.bar.update(self.task, rate=f"{speed:.0f}" if speed else "-")
 
     def slide_done(self) -> None:
         self.slides_done += 1
-        if self.enabled:
-            self.bar.update(self.task, slides=f"{self.slides_done}/{self.slides}")
+        self.bar.update(self.task, slides=f"{self.slides_done}/{self.slides}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
+        self.bar.stop()
 
 
 def extraction_jobs(config: ExperimentConfig) -> tuple[list[ExtractionJob], dict[str, str]]:

@@ -180,7 +180,8 @@ def load_tiles(
         yield from TileBatches(jobs, batch_size, cache_dir)
         return
     # One slot per batch a worker reads ahead, and one for the batch being encoded.
-    slots = BatchSlots(num_workers, PREFETCH + 1, batch_size, _largest_tile(jobs))
+    side = max((coords_header(job.coords_path)[1] for job in jobs), default=0)
+    slots = BatchSlots(num_workers, PREFETCH + 1, batch_size, side)
     loader = torch.utils.data.DataLoader(
         TileBatches(jobs, batch_size, cache_dir, slots),
         batch_size=None,  # the dataset yields whole batches
@@ -192,17 +193,14 @@ def load_tiles(
     yield from slots.delivered(loader)
 
 
-def _largest_tile(jobs: Sequence[TileJob]) -> int:
-    """The largest tile side of the jobs' coords files (those that cannot be read count 0:
-    the worker reports them)."""
-    side = 0
-    for job in jobs:
-        try:
-            with h5py.File(job.coords_path, "r") as h5:
-                side = max(side, int(h5.attrs["patch_size"]))
-        except (OSError, KeyError, ValueError, TypeError):
-            continue
-    return side
+def coords_header(path: Path) -> tuple[int, int]:
+    """(tiles, tile side) of a coords file, from its header; (0, 0) when it cannot be read (the
+    worker reports it)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return int(h5["coords"].shape[0]), int(h5.attrs["patch_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return 0, 0
 
 
 def init_reader_worker(_: int) -> None:
