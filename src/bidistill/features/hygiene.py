@@ -47,7 +47,14 @@ def checked_shape(path: str | Path, dataset) -> tuple[int, int]:
     if len(shape) == 3 and shape[0] == 1:  # CLAM's older [1, n, D] layout
         shape = shape[1:]
     check_layout(path, shape, np.dtype(dataset.dtype))
-    check_fits_memory(path, shape)
+    available = available_memory_bytes()
+    needed = shape[0] * shape[1] * 4
+    if needed > MEMORY_SHARE * available:
+        raise FeatureFileError(
+            f"{path}: declares {shape[0]:,} x {shape[1]} features ({format_bytes(needed)} as "
+            f"float32), more than half of the {format_bytes(available)} of memory available; "
+            "the file is damaged, or the slide must be tiled coarser"
+        )
     return shape[0], shape[1]
 
 
@@ -79,18 +86,6 @@ def check_layout(path: str | Path, shape: tuple[int, ...], dtype: np.dtype) -> N
     n, dim = shape
     if dim == 0:
         raise FeatureFileError(f"{path}: 'features' have 0 values per instance ({n} x 0)")
-
-
-def check_fits_memory(path: str | Path, shape: tuple[int, int], available: int | None = None):
-    """Refuse a slide whose features (as float32) cannot fit in the memory of this machine."""
-    available = available_memory_bytes() if available is None else available
-    needed = shape[0] * shape[1] * 4
-    if needed > MEMORY_SHARE * available:
-        raise FeatureFileError(
-            f"{path}: declares {shape[0]:,} x {shape[1]} features ({format_bytes(needed)} as "
-            f"float32), more than half of the {format_bytes(available)} of memory available; "
-            "the file is damaged, or the slide must be tiled coarser"
-        )
 
 
 def check_values(path: str | Path, features: np.ndarray, first_row: int = 0) -> None:

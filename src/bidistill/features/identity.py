@@ -45,16 +45,14 @@ class FeatureIdentity:
     def from_attrs(cls, merged: dict[str, Any]) -> FeatureIdentity:
         """The identity stated by a file's attributes as ``read_attrs`` merges them (ours,
         TRIDENT's, STAMP's or none)."""
-        encoder = merged.get("encoder", merged.get("extractor"))
-        mpp = _number(merged.get("mpp"))
         random_init = merged.get("random_init")
         patch_size = _number(merged.get("patch_size"))
         return cls(
-            encoder=encoder,
+            encoder=merged.get("encoder", merged.get("extractor")),
             weights_sha256=merged.get("encoder_weights_sha256") or None,
             random_init=bool(random_init) if random_init is not None else None,
             patch_size=int(patch_size) if patch_size is not None else None,
-            mpp=mpp,
+            mpp=_number(merged.get("mpp")),
         )
 
     @classmethod

@@ -64,8 +64,8 @@ def _vgg_features(model: nn.Module) -> nn.Module:
 
 def builtin_encoders() -> list[EncoderSpec]:
     """The built-in entries, in the order `bidistill encoders` lists them."""
-    vit_l = {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0}
-    optimus = {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": False}
+    vit = {"img_size": 224, "init_values": 1e-5, "num_classes": 0}  # every ViT entry's
+    optimus = {**vit, "dynamic_img_size": False}
     return [
         EncoderSpec(
             name="resnet50-trunc",
@@ -94,7 +94,7 @@ def builtin_encoders() -> list[EncoderSpec]:
             licence="CC-BY-NC-ND-4.0",
             hub="hf-hub:MahmoodLab/uni",
             arch="vit_large_patch16_224",
-            kwargs={**vit_l, "dynamic_img_size": True},
+            kwargs={**vit, "patch_size": 16, "dynamic_img_size": True},
         ),
         EncoderSpec(
             name="uni2-h",
@@ -104,14 +104,12 @@ def builtin_encoders() -> list[EncoderSpec]:
             hub="hf-hub:MahmoodLab/UNI2-h",
             arch="vit_giant_patch14_224",
             kwargs={
-                "img_size": 224,
+                **vit,
                 "patch_size": 14,
                 "depth": 24,
                 "num_heads": 24,
-                "init_values": 1e-5,
                 "embed_dim": 1536,
                 "mlp_ratio": 2.66667 * 2,
-                "num_classes": 0,
                 "no_embed_class": True,
                 "reg_tokens": 8,
                 "dynamic_img_size": True,
@@ -127,9 +125,7 @@ def builtin_encoders() -> list[EncoderSpec]:
             hub="hf-hub:paige-ai/Virchow2",
             arch="vit_huge_patch14_224",
             kwargs={
-                "img_size": 224,
-                "init_values": 1e-5,
-                "num_classes": 0,
+                **vit,
                 "reg_tokens": 4,
                 "mlp_ratio": 5.3375,
                 "global_pool": "",
@@ -160,15 +156,13 @@ def builtin_encoders() -> list[EncoderSpec]:
             hub="hf-hub:prov-gigapath/prov-gigapath",
             arch="vit_giant_patch14_dinov2",
             kwargs={
-                "img_size": 224,
+                **vit,
                 "in_chans": 3,
                 "patch_size": 16,
                 "embed_dim": 1536,
                 "depth": 40,
                 "num_heads": 24,
-                "init_values": 1e-5,
                 "mlp_ratio": 5.33334,
-                "num_classes": 0,
                 "global_pool": "token",
             },
         ),

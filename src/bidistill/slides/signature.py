@@ -1,8 +1,6 @@
-"""A slide's signature: which file a tiling or a feature file was made from.
-
-A slide replaced under the same id (a rescan) changes its size or time. Only the file's name is
-compared, not its folder: a project folder that moves keeps its tiles and features. A patch
-folder is signed by its files' total size and the latest time of the folder and its files.
+"""A slide's signature: which file a tiling or a feature file was made from (a rescan changes
+its size or time; only the file's name is compared, so a project folder that moves keeps its
+tiles and features).
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""The tiling stage's driver: the cohort's slides as jobs, tiled in parallel, resumable.
-
-A slide is done when its coords file (written atomically, last, after the QC image) exists and
-records the slide's current signature (``slides.signature``): a slide replaced under the same id
-is tiled again. ``bidistill.slide_stages`` does the skipping, sharding, process pool and failures.
+"""The tiling stage's driver: the cohort's slides as jobs, tiled in parallel (with
+``bidistill.slide_stages``), resumable: a slide whose coords file records its current signature
+is done.
 """
 
 from __future__ import annotations
