@@ -23,7 +23,6 @@ import h5py
 import numpy as np
 import torch
 
-from bidistill import __version__
 from bidistill._io import write_json
 from bidistill.config import ExperimentConfig, FeaturesConfig
 from bidistill.devices import resolve_device, resolve_precision
@@ -180,7 +179,6 @@ class Extractor:
                 "precision": str(self.precision).removeprefix("torch."),
                 "input_size": self.encoder.preprocess.size,
                 "slide_mpp": nan_if_none(tiles.attrs.get("slide_mpp")),
-                "bidistill_version": __version__,
                 **{k: tiles.attrs[k] for k in SIGNATURE_KEYS if k in tiles.attrs},
             },
             coords_attrs=tiles.tool_attrs(job.slide_id),
