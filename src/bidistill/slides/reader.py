@@ -359,8 +359,6 @@ def open_slide(
     cache TIFF into ``cache_dir`` (default ``default_cache_dir()``; seconds to a minute for a
     BCNB-sized JPEG). ``tile_names``: a patch folder's recorded file names (tile i is file i).
     """
-    import openslide
-
     path = Path(path)
     if not path.exists():
         raise SlideError(f"{path}: slide file not found")
@@ -379,7 +377,7 @@ def open_slide(
         return slide
     if suffix in OPENSLIDE_SUFFIXES and suffix not in PLAIN_SUFFIXES:
         # .svs, .ndpi, ...: OpenSlide is the only reader, so say what it made of the file.
-        raise SlideError(_openslide_refusal(path, openslide))
+        raise SlideError(_openslide_refusal(path))
     cache_path, file_mpp = _plain_to_cache(path, Path(cache_dir or default_cache_dir()), mpp)
     value, source = _choose_mpp(path, file_mpp, mpp)
     return WholeSlide(path, cache_path, mpp=value, mpp_source=source, reader="vips")
@@ -495,7 +493,9 @@ def _detect_format(path: Path) -> str | None:
         return None
 
 
-def _openslide_refusal(path: Path, openslide) -> str:
+def _openslide_refusal(path: Path) -> str:
+    import openslide
+
     try:
         openslide.OpenSlide(str(path)).close()
     except openslide.OpenSlideUnsupportedFormatError:
