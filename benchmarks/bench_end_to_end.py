@@ -41,7 +41,7 @@ GPU_ENCODER, GPU_INPUT, GPU_TILE = "vgg16-bn", 224, 256
 def make_cohort(folder: Path, *, tile: int, encoder: str, input_size: int, args) -> Path:
     """A tiled patch-folder cohort and its end-to-end config (wsi-only, one epoch)."""
     from bidistill.config import load_config
-    from bidistill.slides.run import tile_from_config
+    from bidistill.slides.stage import tile_from_config
     from bidistill.synthetic.patches import make_patch_cohort
 
     path = make_patch_cohort(

@@ -1,8 +1,6 @@
-"""Atomic file writing: a file that exists is whole.
-
-Every output (h5, CSV, JSON, PNG, checkpoint) is written to a temporary name in the *target*
-folder and renamed into place when complete, so a killed process never leaves a half file that a
-rerun would mistake for finished work.
+"""Atomic file writing: every output is written to a temporary name in the *target* folder and
+renamed into place when complete, so a killed process never leaves a half file that a rerun
+would mistake for finished work.
 """
 
 from __future__ import annotations
@@ -30,15 +28,9 @@ class DiskFullError(BidistillError, OSError):
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` when the block ends.
-
-    Side effects: creates ``target``'s folder; on an exception the temporary file is removed and
-    ``target`` is left as it was.
-
-    Raises:
-        DiskFullError: the disk is full (or a quota or the file size limit is reached) while the
-            block writes: one message that names ``target`` instead of the temporary name.
-    """
+    """Yield a temporary path beside ``target``; rename it onto ``target`` when the block ends
+    (on an exception ``target`` is left as it was). A full disk is a ``DiskFullError`` that
+    names ``target``, not the temporary name."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
@@ -69,9 +61,6 @@ def atomic_h5(target: str | Path) -> Iterator[Any]:
     The HDF5 file is built in memory and written to disk by Python: a disk that fills up then
     fails one ``write`` with a clean error, where HDF5 writing it itself would leave its library
     with a file it can neither flush nor close (tracebacks at exit, then a segfault).
-
-    Raises:
-        DiskFullError: no space left (see ``atomic_path``); ``target`` is as it was.
     """
     import h5py
 

@@ -19,13 +19,8 @@ class PathOutsideFolderError(BidistillError, ValueError):
 
 
 def contained_path(folder: str | Path, name: str, suffix: str = "") -> Path:
-    """``folder / (name + suffix)``, refused when it would lie outside ``folder``.
-
-    The check is on the names only (symbolic links inside the folder are the user's choice).
-
-    Raises:
-        PathOutsideFolderError: ``name`` is absolute or climbs out with ``..``.
-    """
+    """``folder / (name + suffix)``, refused when ``name`` is absolute or climbs out with ``..``
+    (on the names only: symbolic links inside the folder are the user's choice)."""
     folder = Path(folder)
     candidate = folder / f"{name}{suffix}"
     inside = os.path.normpath(folder.absolute())

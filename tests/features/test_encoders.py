@@ -15,6 +15,7 @@ from bidistill.features.encoders import (
     load_encoder,
     weights_digest,
 )
+from bidistill.features.spec import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture
@@ -160,9 +161,7 @@ def test_preprocess_resizes_crops_and_normalises_like_the_published_transforms()
     grey = torch.full((2, 256, 256, 3), 128, dtype=torch.uint8).permute(0, 3, 1, 2)
     out = Preprocess(224, resize=256, interpolation="bicubic")(grey)
     assert out.shape == (2, 3, 224, 224)
-    expected = (128 / 255 - torch.tensor(encoders.IMAGENET_MEAN)) / torch.tensor(
-        encoders.IMAGENET_STD
-    )
+    expected = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     torch.testing.assert_close(out[0, :, 100, 100], expected)
     ramp = torch.arange(256, dtype=torch.uint8).repeat(256, 1)[None, None].expand(1, 3, 256, 256)
     crop = Preprocess(128, resize=256, mean=(0, 0, 0), std=(1, 1, 1))(ramp)

@@ -129,7 +129,7 @@ def test_predict_from_slides_then_the_heatmap_it_points_at(slide_run, tmp_path):
 def test_tiles_of_another_patch_size_are_refused_before_any_prediction(slide_run, tmp_path):
     """Slides tiled earlier into the --tiles folder with another patch size than the run's."""
     from bidistill.config import load_config
-    from bidistill.slides.run import tile_from_config
+    from bidistill.slides.stage import tile_from_config
 
     mode, cohort, run_dir = slide_run
     config = load_config(run_dir / "config.yaml")

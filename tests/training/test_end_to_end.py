@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from bidistill.cli import app
 from bidistill.config import load_config
 from bidistill.experiment import run_experiment, train_methods
-from bidistill.slides.run import tile_from_config
+from bidistill.slides.stage import tile_from_config
 from bidistill.synthetic.patches import make_patch_cohort
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 from bidistill.config import AugmentConfig, load_config, parse_config
 from bidistill.errors import ConfigError, SlideError
 from bidistill.slides.reader import open_slide
-from bidistill.slides.run import tile_from_config
+from bidistill.slides.stage import tile_from_config
 from bidistill.synthetic.patches import make_patch_cohort
 from bidistill.training.pixel_bags import (
     BagSpec,

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from bidistill.cohort import load_cohort, resolve_splits
 from bidistill.config import load_config
 from bidistill.runs.rundir import RunDir
-from bidistill.slides.run import tile_from_config
+from bidistill.slides.stage import tile_from_config
 from bidistill.synthetic.patches import make_patch_cohort
 from bidistill.training import train_method
 from bidistill.training.progress import EpochBar

@@ -88,7 +88,7 @@ def tile(
     Example: bidistill tile experiment.yaml --workers 4 --skip-errors
     """
     from bidistill.slide_stages import resolve_shard
-    from bidistill.slides.run import tile_from_config
+    from bidistill.slides.stage import tile_from_config
 
     cfg = load_experiment(config)
     shard_ = resolve_shard(shard)

@@ -228,7 +228,7 @@ class _Context:
     def slide_jobs(self):
         """(jobs, missing files) of the tiling stage, or None when they cannot be listed."""
         if "jobs" not in self._loaded:
-            from bidistill.slides.run import jobs_from_config
+            from bidistill.slides.stage import jobs_from_config
 
             try:
                 self._loaded["jobs"] = jobs_from_config(self.config)

@@ -119,7 +119,7 @@ def features_stage(exp: Experiment) -> None:
     """
     from bidistill.experiment.checks import check_cohort_features
     from bidistill.features.store import feature_path
-    from bidistill.slides.run import tile_from_config
+    from bidistill.slides.stage import tile_from_config
 
     config, slides = exp.config, exp.cohort.slides
     slide_ids = [] if slides is None else [str(s) for s in slides["slide_id"]]

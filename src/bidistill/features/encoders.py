@@ -1,22 +1,8 @@
-"""Patch encoders by name: a registry of the encoders pathology users expect, plus any timm model.
-
-``features.encoder`` in the config is one of:
-
-- a registry name (``bidistill encoders`` lists them): ``resnet50-trunc`` (CLAM's baseline),
-  ``vgg16-bn`` (the BCNB and BD papers' backbone) and the pathology foundation models as their
-  authors publish them: ``uni``, ``uni2-h``, ``virchow2``, ``h-optimus-0``, ``h-optimus-1``,
-  ``prov-gigapath``, ``phikon-v2``;
-- ``timm:<name>`` (any timm model, e.g. ``timm:resnet18.a1_in1k``; pooled features);
-- ``hf-hub:<org>/<repo>`` (a timm model on the Hugging Face Hub);
-- a local folder holding a timm ``config.json`` and weights (a Hub download, for offline sites).
-
-Weights come from the Hub through timm / huggingface_hub (cached; ``HF_TOKEN`` for gated models),
-from ``features.checkpoint`` (a local weights file, loaded into the architecture built here,
-fully offline), or, for tests and demos only, from a seeded random initialisation
-(``features.random_init``), which every feature file then records.
-
-The entries themselves are in ``zoo`` (with the preprocessing of their model cards), the spec
-they fill in ``spec``; this module finds names and builds encoders with their weights.
+"""Patch encoders by name: the registry (entries in ``zoo``, their spec in ``spec``), any timm
+model (``timm:<name>``, ``hf-hub:<org>/<repo>``) or a local model folder, built with their
+weights from the Hub (cached; ``HF_TOKEN`` for gated models), from ``features.checkpoint`` (fully
+offline) or, for tests and demos only, a seeded random initialisation that every feature file
+records.
 """
 
 from __future__ import annotations
@@ -31,29 +17,13 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from bidistill.errors import BidistillError
-from bidistill.features.spec import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, Preprocess
+from bidistill.features.spec import EncoderSpec, Preprocess
 from bidistill.features.zoo import builtin_encoders
-
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "Encoder",
-    "EncoderError",
-    "EncoderSpec",
-    "Preprocess",
-    "build_architecture",
-    "encoder_spec",
-    "list_encoders",
-    "load_encoder",
-    "register_encoder",
-    "weights_digest",
-]
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +50,6 @@ def register_encoder(spec: EncoderSpec) -> EncoderSpec:
     return spec
 
 
-def _silu_swiglu() -> dict[str, Any]:
-    from timm.layers import SwiGLUPacked
-
-    return {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
-
-
 for _spec in builtin_encoders():
     register_encoder(_spec)
 
@@ -95,16 +59,9 @@ def list_encoders() -> list[EncoderSpec]:
     return list(_REGISTRY.values())
 
 
-# --- names → specs ------------------------------------------------------------------------------
-
-
 def encoder_spec(name: str) -> EncoderSpec:
-    """The spec for a config's ``features.encoder``.
-
-    Raises:
-        EncoderError: an unknown name (with the closest registry names), or a path that is not a
-            model folder.
-    """
+    """The spec for a config's ``features.encoder`` (an unknown name: ``EncoderError`` with the
+    closest registry names)."""
     key = name.strip()
     if key.lower() in _REGISTRY:
         return _REGISTRY[key.lower()]
@@ -150,19 +107,10 @@ def _local_spec(name: str, folder: Path) -> EncoderSpec:
     return _generic_spec(name, hub=where, arch=where)
 
 
-# --- building and loading -----------------------------------------------------------------------
-
-
 @dataclass
 class Encoder:
-    """A ready patch encoder: ``model(preprocess(uint8 batch))`` → [B, dim].
-
-    Attributes:
-        name: as the config spelt it (recorded in every feature file).
-        weights_sha256: digest of the weights (first 16 hex digits of SHA-256 over the tensors).
-        source: where the weights came from (the Hub, a file, or random init).
-        random_init: True for seeded random weights (tests and demos).
-    """
+    """A ready patch encoder: ``model(preprocess(uint8 batch))`` → [B, dim]; ``name`` as the
+    config spelt it (recorded in every feature file), ``source`` where the weights came from."""
 
     name: str
     spec: EncoderSpec
@@ -180,18 +128,8 @@ def load_encoder(
     checkpoint: str | Path | None = None,
     random_init: bool = False,
 ) -> Encoder:
-    """Build an encoder with its weights, on the CPU, in eval mode.
-
-    Args:
-        name: ``features.encoder`` (see the module docstring).
-        checkpoint: a local weights file (``.safetensors``, ``.bin``, ``.pth``) for the named
-            architecture; nothing is downloaded.
-        random_init: seeded random weights instead (tests and demos); recorded in the files.
-
-    Raises:
-        EncoderError: unknown name, missing package, gated or unreachable weights, or a
-            checkpoint that does not fit the architecture; each says what to do.
-    """
+    """Build an encoder with its weights, on the CPU, in eval mode; ``checkpoint`` is a local
+    weights file (``.safetensors``, ``.bin``, ``.pth``) for the named architecture."""
     spec = encoder_spec(name)
     if checkpoint is not None and random_init:
         raise EncoderError("features.checkpoint and features.random_init exclude each other")
@@ -208,7 +146,7 @@ def load_encoder(
         base = _with_hub_errors(spec, lambda: _create_pretrained(spec))
         source = spec.hub
     preprocess = spec.preprocess or _timm_preprocess(base)
-    model = _wrapped(spec, base).eval().requires_grad_(False)
+    model = (spec.wrap(base) if spec.wrap else base).eval().requires_grad_(False)
     dim = _output_dim(model, preprocess)
     if spec.dim is not None and dim != spec.dim:
         raise EncoderError(f"encoder '{name}' gives {dim}-d features, expected {spec.dim}")
@@ -227,11 +165,8 @@ def load_encoder(
 def build_architecture(spec: EncoderSpec) -> nn.Module:
     """The entry's model with untrained weights, returning [B, D] (build it under
     ``torch.device("meta")`` to check an architecture without memory or downloads)."""
-    return _wrapped(spec, _create(spec, pretrained=False))
-
-
-def _wrapped(spec: EncoderSpec, base: nn.Module) -> nn.Module:
-    return spec.wrap(base) if spec.wrap is not None else base
+    base = _create(spec, pretrained=False)
+    return spec.wrap(base) if spec.wrap else base
 
 
 def _create(spec: EncoderSpec, *, pretrained: bool) -> nn.Module:
@@ -241,7 +176,9 @@ def _create(spec: EncoderSpec, *, pretrained: bool) -> nn.Module:
 
     kwargs = dict(spec.kwargs)
     if kwargs.pop("swiglu", False):
-        kwargs.update(_silu_swiglu())
+        from timm.layers import SwiGLUPacked
+
+        kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
     if pretrained:
         target = spec.hub.removeprefix("timm:")
         return timm.create_model(target, pretrained=True, **kwargs)
@@ -253,12 +190,8 @@ def _create(spec: EncoderSpec, *, pretrained: bool) -> nn.Module:
 
 def _create_pretrained(spec: EncoderSpec) -> nn.Module:
     """The pretrained model: from the local Hugging Face cache when the weights are there (no
-    network), else from the Hub when it answers within ``HUB_PROBE_SECONDS``.
-
-    Raises:
-        EncoderError: at once, when the weights are not cached and the Hub is offline
-            (``HF_HUB_OFFLINE``) or unreachable; the Hub client would retry for a minute first.
-    """
+    network), else from the Hub when it answers within ``HUB_PROBE_SECONDS``; else an
+    ``EncoderError`` at once, where the Hub client would retry for a minute first."""
     from huggingface_hub import constants
 
     try:
@@ -341,7 +274,6 @@ def _create_transformers(spec: EncoderSpec, *, pretrained: bool) -> nn.Module:
 
 
 def _with_hub_errors(spec: EncoderSpec, build: Callable[[], nn.Module]) -> nn.Module:
-    """Run ``build`` and turn the Hub's errors into instructions."""
     try:
         return build()
     except Exception as err:
@@ -359,13 +291,12 @@ def _hub_error(spec: EncoderSpec, err: Exception) -> Exception:
     if isinstance(err, EncoderError):
         return err
     where = spec.hub_repo or spec.hub.removeprefix("timm:")
-    offline = OFFLINE_FIX
     if isinstance(err, GatedRepoError):
         return EncoderError(
             f"encoder '{spec.name}': the weights on the Hugging Face Hub ({where}) are gated. "
             f"Accept the licence at https://huggingface.co/{where} with your account, then make "
             "a token with read access and set it: `export HF_TOKEN=hf_...` (or `hf auth "
-            f"login`){offline}"
+            f"login`){OFFLINE_FIX}"
         )
     if isinstance(err, RepositoryNotFoundError):
         return EncoderError(
@@ -375,7 +306,7 @@ def _hub_error(spec: EncoderSpec, err: Exception) -> Exception:
     text = f"{type(err).__name__}: {err}".splitlines()[0]
     if isinstance(err, (LocalEntryNotFoundError, OSError, ConnectionError)):
         return EncoderError(
-            f"encoder '{spec.name}': cannot download its weights ({where}): {text}{offline}"
+            f"encoder '{spec.name}': cannot download its weights ({where}): {text}{OFFLINE_FIX}"
         )
     return EncoderError(f"encoder '{spec.name}': cannot build it ({text})")
 
@@ -404,11 +335,7 @@ _HEAD_PREFIXES = ("fc.", "head.", "classifier.", "pre_logits.")
 
 
 def load_weights_file(model: nn.Module, path: Path, spec: EncoderSpec) -> None:
-    """Load a local weights file into ``model`` (the unwrapped architecture), strictly.
-
-    Raises:
-        EncoderError: unreadable file, or keys that do not match the architecture.
-    """
+    """Load a local weights file into ``model`` (the unwrapped architecture), strictly."""
     state = _read_state_dict(path)
     result = model.load_state_dict(state, strict=False)
     # Classifier heads are not part of any embedding here: an ImageNet file may carry one that
@@ -453,11 +380,8 @@ def _output_dim(model: nn.Module, preprocess: Preprocess) -> int:
 
 
 def weights_digest(model: nn.Module) -> str:
-    """SHA-256 over the parameters and buffers in name order (first 16 hex digits).
-
-    The digest is of the tensors, not of a file, so the same weights give the same digest whether
-    they came from the Hub, a local file or a cache.
-    """
+    """SHA-256 over the parameters and buffers in name order (first 16 hex digits): of the
+    tensors, not of a file, so the same weights give the same digest from the Hub or a file."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

@@ -1,19 +1,11 @@
 """Feature extraction: tiles of every slide → one ``<features_dir>/<slide_id>.h5`` per slide.
 
-Data-loader workers open their own slides (OpenSlide, the plain-image cache, patch folders),
-read and decode tiles (``features.tiles``) into uint8 batches of shared memory; the main
-process moves them to the device, preprocesses them there as the encoder's authors do, and
-runs the encoder under ``inference_mode``, channels-last (bf16/fp16 on a GPU, fp32 on the
-CPU). A batch never spans two slides and always starts at a multiple of the batch size within its
-slide, so a slide's features do not depend on which worker, shard or process computed them.
-
-A slide's file is written atomically once all its patches are encoded; a file that exists is a
-slide that is done, so a killed run resumes with no partial file and no slide redone. A feature
-file copies the slide signature of its coords file (``slides.signature``): features of a slide
-tiled again since (a rescan) are extracted again, and a slide that changed since it was tiled
-is refused until it is tiled again. Sharding
-(``--shard i/n`` or torchrun's ranks) and the bookkeeping of failures come from
-``bidistill.slide_stages``.
+Workers decode tiles into shared-memory uint8 batches (``features.tiles``); the main process
+preprocesses and encodes them on the device. A batch never spans two slides and starts at a
+multiple of the batch size within its slide, so a slide's features do not depend on which worker,
+shard or process computed them. A file is written atomically once its slide is encoded (a file
+that exists is a slide done) and copies its coords file's slide signature: features of a slide
+tiled again since are extracted again, a slide changed since it was tiled is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +23,6 @@ import h5py
 import numpy as np
 import torch
 
-from bidistill import __version__
 from bidistill._io import write_json
 from bidistill.config import ExperimentConfig, FeaturesConfig
 from bidistill.devices import resolve_device, resolve_precision
@@ -42,7 +33,7 @@ from bidistill.features.identity import (
     common_identity,
 )
 from bidistill.features.store import feature_path, write_feature_file
-from bidistill.features.tiles import load_tiles
+from bidistill.features.tiles import coords_header, load_tiles
 from bidistill.slide_stages import (
     SKIP_ERRORS_HINT,
     Recorder,
@@ -51,16 +42,16 @@ from bidistill.slide_stages import (
     missing_slides,
     plan_slides,
 )
+from bidistill.slides.coords import nan_if_none
 from bidistill.slides.signature import (
     SIGNATURE_KEYS,
     change_since,
     recorded_signature,
     signature_change,
 )
+from bidistill.slides.stage import summary_file
 
 log = logging.getLogger(__name__)
-
-SUMMARY_FILE = "extraction_summary.json"
 
 
 @dataclass(frozen=True)
@@ -74,9 +65,6 @@ class ExtractionJob:
     mpp: float | None = None  # for slide files that lack it (the config's value)
 
 
-# --- the main loop ------------------------------------------------------------------------------
-
-
 @dataclass
 class _Pending:
     """Features of a slide whose patches are still arriving."""
@@ -86,15 +74,8 @@ class _Pending:
 
 
 class Extractor:
-    """Runs one encoder over slides and writes their feature files.
-
-    Args:
-        encoder: the loaded encoder (see ``load_encoder``).
-        batch_size: tiles per forward pass.
-        num_workers: data-loader worker processes (0 reads in this process).
-        device, precision: where and in which precision the encoder runs.
-        cache_dir: the plain-image cache the tiling stage filled (``slide_cache_dir``).
-    """
+    """Runs one encoder over slides and writes their feature files (``cache_dir``: the
+    plain-image cache the tiling stage filled, ``slide_cache_dir``)."""
 
     def __init__(
         self,
@@ -119,15 +100,6 @@ class Extractor:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
-    def identity(self, patch_size: int | None, mpp: float | None) -> FeatureIdentity:
-        return FeatureIdentity(
-            encoder=self.encoder.name,
-            weights_sha256=self.encoder.weights_sha256,
-            random_init=self.encoder.random_init,
-            patch_size=patch_size,
-            mpp=mpp,
-        )
-
     def run(self, jobs: Sequence[ExtractionJob], recorder: Recorder, *, progress: bool) -> None:
         """Encode every job's tiles and write its file; outcomes go to ``recorder``."""
         if not jobs:
@@ -138,7 +110,7 @@ class Extractor:
             cache_dir=self.cache_dir,
             num_workers=self.num_workers,
         )
-        total = sum(_tile_count(job.coords_path) for job in jobs)
+        total = sum(coords_header(job.coords_path)[0] for job in jobs)
         pending: dict[int, _Pending] = {}
         started = time.perf_counter()
         with (
@@ -190,14 +162,13 @@ class Extractor:
         from bidistill.slides import read_coords
 
         tiles = read_coords(job.coords_path)
-        mpp = tiles.attrs.get("mpp")
         write_feature_file(
             job.target,
             features,
             tiles.coords,
             encoder=self.encoder.name,
             patch_size=tiles.patch_size,
-            mpp=float("nan") if mpp is None else float(mpp),
+            mpp=nan_if_none(tiles.attrs.get("mpp")),
             level=int(tiles.attrs.get("level", 0)),
             paths=tiles.paths,
             extra_attrs={
@@ -207,83 +178,55 @@ class Extractor:
                 "patch_size_level0": tiles.patch_size_level0,
                 "precision": str(self.precision).removeprefix("torch."),
                 "input_size": self.encoder.preprocess.size,
-                "slide_mpp": _nan_if_none(tiles.attrs.get("slide_mpp")),
-                "bidistill_version": __version__,
+                "slide_mpp": nan_if_none(tiles.attrs.get("slide_mpp")),
                 **{k: tiles.attrs[k] for k in SIGNATURE_KEYS if k in tiles.attrs},
             },
             coords_attrs=tiles.tool_attrs(job.slide_id),
         )
 
 
-def _nan_if_none(value: float | None) -> float:
-    return float("nan") if value is None else float(value)
-
-
-def _tile_count(coords_path: Path) -> int:
-    """Tiles in a coords file, read from its header (0 when unreadable: the worker reports it)."""
-    try:
-        with h5py.File(coords_path, "r") as h5:
-            return int(h5["coords"].shape[0])
-    except (OSError, KeyError):
-        return 0
-
-
 class _ExtractionProgress:
     """A rich bar over patches, with slides done and patches per second."""
 
     def __init__(self, slides: int, patches: int, enabled: bool) -> None:
-        self.enabled = enabled and slides > 0
-        self.slides, self.patches_total = slides, patches
-        self.slides_done = 0
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.slides, self.slides_done = slides, 0
+        self.bar = Progress(
+            TextColumn("extracting"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("patches, {task.fields[slides]} slides, {task.fields[rate]} patches/s"),
+            TimeRemainingColumn(),
+            disable=not enabled or slides == 0,
+        )
+        self.task = self.bar.add_task("extract", total=patches, slides=f"0/{slides}", rate="-")
 
     def __enter__(self) -> _ExtractionProgress:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("extracting"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("patches, {task.fields[slides]} slides, {task.fields[rate]} patches/s"),
-                TimeRemainingColumn(),
-            )
-            self.bar.__enter__()
-            self.task = self.bar.add_task(
-                "extract", total=self.patches_total, slides=f"0/{self.slides}", rate="-"
-            )
+        self.bar.start()
         return self
 
     def patches(self, n: int) -> None:
-        if self.enabled:
-            self.bar.advance(self.task, n)
-            speed = self.bar.tasks[0].speed
-            self.bar.update(self.task, rate=f"{speed:.0f}" if speed else "-")
+        self.bar.advance(self.task, n)
+        speed = self.bar.tasks[0].speed
+        self.bar.update(self.task, rate=f"{speed:.0f}" if speed else "-")
 
     def slide_done(self) -> None:
         self.slides_done += 1
-        if self.enabled:
-            self.bar.update(self.task, slides=f"{self.slides_done}/{self.slides}")
+        self.bar.update(self.task, slides=f"{self.slides_done}/{self.slides}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
-
-
-# --- the stage ----------------------------------------------------------------------------------
+        self.bar.stop()
 
 
 def extraction_jobs(config: ExperimentConfig) -> tuple[list[ExtractionJob], dict[str, str]]:
-    """The cohort's slides as extraction jobs, plus slides that cannot be (id → reason).
-
-    Raises:
-        ConfigError: no ``slides`` section or no slide column (from ``jobs_from_config``).
-    """
+    """The cohort's slides as extraction jobs, plus slides that cannot be (id → reason)."""
     from bidistill.slides import coords_path, jobs_from_config
 
     slides, missing = jobs_from_config(config)
@@ -329,26 +272,12 @@ def extract_features(
     encoder: Encoder | None = None,
     hint: str = SKIP_ERRORS_HINT,
 ) -> StageSummary:
-    """Extract the features of every job (of this shard) whose file does not exist yet.
-
-    Args:
-        jobs: the slides (``extraction_jobs``).
-        features: the config's ``features`` section (encoder, batch size, workers, device).
-        cache_dir: the plain-image cache of the tiling stage.
-        shard: this process's share of the slides (default: all).
-        skip_errors: record failing slides and go on.
-        encoder: an encoder already loaded (default: load the one ``features`` names).
-        hint: what the error of a failed slide says about going on past it.
-
-    Returns:
-        StageSummary (``done``: patches per slide extracted now).
+    """Extract the features of every job (of this shard) whose file does not exist yet; the
+    summary's ``done`` counts patches per slide extracted now.
 
     Raises:
         SlideError: a slide fails (unreadable, not tiled) and ``skip_errors`` is off.
         FeatureFileError: the features folder holds files of another encoder.
-        EncoderError: the encoder cannot be loaded.
-
-    Side effects: writes ``<features.dir>/<slide_id>.h5`` and an ``extraction_summary*.json``.
     """
     summary = StageSummary(stage="extraction")
     todo = plan_slides(
@@ -373,7 +302,7 @@ def extract_features(
         precision=precision,
         cache_dir=cache_dir,
     )
-    _refuse_other_features(extractor, jobs, todo)
+    _refuse_other_features(encoder, jobs)
     _warn_on_mpp(encoder, todo)
     log.info(
         "extracting %d slides with %s (%s, %s on %s)",
@@ -396,15 +325,8 @@ def extract_features(
             }
         )
         target_dir = todo[0].target.parent
-        write_json(target_dir / _summary_name(summary), summary.to_dict())
+        write_json(target_dir / summary_file(summary), summary.to_dict())
     return summary
-
-
-def _summary_name(summary: StageSummary) -> str:
-    if summary.shard is None:
-        return SUMMARY_FILE
-    index, count = summary.shard.split("/")
-    return f"extraction_summary.shard{index}of{count}.json"
 
 
 def _is_extracted(job: ExtractionJob, summary: StageSummary) -> bool:
@@ -446,18 +368,14 @@ def _is_tiled(job: ExtractionJob, recorder: Recorder) -> bool:
     return True
 
 
-def _refuse_other_features(
-    extractor: Extractor, jobs: Sequence[ExtractionJob], todo: Sequence[ExtractionJob]
-) -> None:
+def _refuse_other_features(encoder: Encoder, jobs: Sequence[ExtractionJob]) -> None:
     """Refuse to add features of this encoder to a folder that holds another encoder's."""
     existing = [job.target for job in jobs if job.target.is_file()]
     if not existing:
         return
-    theirs = common_identity(existing)
-    ours = extractor.identity(None, None)
     check_matches(
-        ours,
-        theirs,
+        FeatureIdentity(encoder.name, encoder.weights_sha256, encoder.random_init),
+        common_identity(existing),
         actual_where="this config's encoder",
         expected_where=f"{existing[0].parent} (e.g. {existing[0].name})",
     )
@@ -488,11 +406,7 @@ def extract_from_config(
     progress: bool = True,
     hint: str = SKIP_ERRORS_HINT,
 ) -> StageSummary:
-    """What `bidistill extract CONFIG` does: every slide of the cohort that has no features yet.
-
-    Raises:
-        SlideError: a slide is missing or fails and ``skip_errors`` is off.
-    """
+    """What `bidistill extract CONFIG` does: every slide of the cohort that has no features yet."""
     from bidistill.slides import slide_cache_dir
 
     jobs, missing = extraction_jobs(config)
@@ -533,14 +447,3 @@ def gather_summaries(summary: StageSummary) -> StageSummary | None:
             dist.destroy_process_group()
     merged = StageSummary.merged([p for p in parts if p is not None])
     return merged if shard.index == 0 else None
-
-
-__all__ = [
-    "ExtractionJob",
-    "Extractor",
-    "extract_features",
-    "extract_from_config",
-    "extraction_jobs",
-    "gather_summaries",
-    "out_of_date_slides",
-]

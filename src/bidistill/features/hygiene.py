@@ -1,10 +1,7 @@
 """Feature hygiene: what a feature file must satisfy before anything trains or predicts on it.
 
-A feature file that breaks the contract fails when a store opens it, before any training, with a
-message that names the file: a ``features`` array that is not 2-D ``[n, D]`` (CLAM's ``[1, n, D]``
-is read as ``[n, D]``), values that are not floating point, no instances, a declared size that
-cannot fit in memory (a damaged header can declare 1e11 rows), and NaN or infinite values, which
-would otherwise turn a training loss, a validation AUC or a test prediction into NaN.
+A damaged header can declare 1e11 rows, and NaN or infinite values would turn a loss, an AUC or a
+prediction into NaN: such a file fails when a store opens it, with a message that names it.
 """
 
 from __future__ import annotations
@@ -36,25 +33,28 @@ def available_memory_bytes() -> int:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TB"  # pragma: no cover - the loop always returns
+    return f"{n:.1f} TB"
 
 
 def checked_shape(path: str | Path, dataset) -> tuple[int, int]:
-    """``[n, D]`` of a ``features`` dataset (h5py or numpy), checked without reading values.
-
-    Raises:
-        FeatureFileError: wrong rank, not floating point, no instances, or too large for the
-            memory of this machine.
-    """
+    """``[n, D]`` of a ``features`` dataset (h5py or numpy), checked without reading values:
+    rank, floating point, instances, and size against this machine's memory."""
     shape = tuple(int(s) for s in dataset.shape)
     if len(shape) == 3 and shape[0] == 1:  # CLAM's older [1, n, D] layout
         shape = shape[1:]
     check_layout(path, shape, np.dtype(dataset.dtype))
-    check_fits_memory(path, shape)
+    available = available_memory_bytes()
+    needed = shape[0] * shape[1] * 4
+    if needed > MEMORY_SHARE * available:
+        raise FeatureFileError(
+            f"{path}: declares {shape[0]:,} x {shape[1]} features ({format_bytes(needed)} as "
+            f"float32), more than half of the {format_bytes(available)} of memory available; "
+            "the file is damaged, or the slide must be tiled coarser"
+        )
     return shape[0], shape[1]
 
 
@@ -86,18 +86,6 @@ def check_layout(path: str | Path, shape: tuple[int, ...], dtype: np.dtype) -> N
     n, dim = shape
     if dim == 0:
         raise FeatureFileError(f"{path}: 'features' have 0 values per instance ({n} x 0)")
-
-
-def check_fits_memory(path: str | Path, shape: tuple[int, int], available: int | None = None):
-    """Refuse a slide whose features (as float32) cannot fit in the memory of this machine."""
-    available = available_memory_bytes() if available is None else available
-    needed = shape[0] * shape[1] * 4
-    if needed > MEMORY_SHARE * available:
-        raise FeatureFileError(
-            f"{path}: declares {shape[0]:,} x {shape[1]} features ({format_bytes(needed)} as "
-            f"float32), more than half of the {format_bytes(available)} of memory available; "
-            "the file is damaged, or the slide must be tiled coarser"
-        )
 
 
 def check_values(path: str | Path, features: np.ndarray, first_row: int = 0) -> None:

@@ -1,16 +1,8 @@
-"""Feature identity: what made a set of feature files, and the checks that keep sets apart.
-
-A feature file's identity is its encoder (registry name and a digest of the weights), whether the
-weights were random, the patch size and the MPP. It is read from whatever attributes a file has,
-on the file, the ``features`` dataset or the ``coords`` dataset: ours (``encoder``,
-``encoder_weights_sha256``, ``random_init``, ``patch_size``, ``mpp``), TRIDENT's (``encoder`` on
-``features`` under TRIDENT's names, see ``interop``; ``patch_size`` and ``target_magnification``
-on ``coords``) or STAMP's (``extractor``); CLAM's files may carry none, and then the config
-fills in what the files do not say. Two files that both know a field and disagree on it are
-never mixed: features of two encoders in one bag would train a model on noise without any error.
-
-``read_identity`` is the one reader: training, the feature store, extraction, the run's checks
-and prediction all call it, so no stage sees a file differently from another.
+"""Feature identity: what made a set of feature files (encoder, weights digest, random init,
+patch size, MPP), read from whatever attributes a file has: ours, TRIDENT's, STAMP's
+(``extractor``) or none (CLAM's; the config then fills in). Two files that both know a field and
+disagree on it never mix: features of two encoders in one bag would train a model on noise
+without any error. ``read_identity`` is the one reader every stage calls.
 """
 
 from __future__ import annotations
@@ -36,15 +28,7 @@ MPP_TOLERANCE = 0.02
 
 @dataclass(frozen=True)
 class FeatureIdentity:
-    """What produced a set of features; None means "not known" (never "disagrees").
-
-    Attributes:
-        encoder: the encoder as the config named it (``resnet50-trunc``, ``timm:resnet18``, ...).
-        weights_sha256: digest of the encoder's weights (first 16 hex digits).
-        random_init: the encoder had random weights (tests and demos only).
-        patch_size: tile side in pixels at ``mpp``.
-        mpp: microns per pixel of the tiles (None when tiled at level 0 of slides without one).
-    """
+    """What produced a set of features; None means "not known" (never "disagrees")."""
 
     encoder: str | None = None
     weights_sha256: str | None = None
@@ -61,16 +45,14 @@ class FeatureIdentity:
     def from_attrs(cls, merged: dict[str, Any]) -> FeatureIdentity:
         """The identity stated by a file's attributes as ``read_attrs`` merges them (ours,
         TRIDENT's, STAMP's or none)."""
-        encoder = merged.get("encoder", merged.get("extractor"))
-        mpp = _number(merged.get("mpp"))
         random_init = merged.get("random_init")
         patch_size = _number(merged.get("patch_size"))
         return cls(
-            encoder=encoder,
+            encoder=merged.get("encoder", merged.get("extractor")),
             weights_sha256=merged.get("encoder_weights_sha256") or None,
             random_init=bool(random_init) if random_init is not None else None,
             patch_size=int(patch_size) if patch_size is not None else None,
-            mpp=mpp,
+            mpp=_number(merged.get("mpp")),
         )
 
     @classmethod
@@ -166,19 +148,9 @@ def _value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _format(name: str, value: Any) -> str:
-    return f"{name}={_value(value)}"
-
-
 def common_identity(paths: Iterable[str | Path]) -> FeatureIdentity:
-    """The identity shared by every file, or an error naming two files that disagree.
-
-    Each field is compared among the files that state it; the result holds every field that some
-    file states.
-
-    Raises:
-        FeatureFileError: two files disagree on the encoder, its weights, the patch size or MPP.
-    """
+    """The identity shared by every file (every field some file states), or a
+    ``FeatureFileError`` naming two files that disagree on a field both state."""
     known: dict[str, tuple[Any, Path]] = {}  # field → (value, first file that stated it)
     for path in paths:
         path = Path(path)
@@ -196,7 +168,7 @@ def common_identity(paths: Iterable[str | Path]) -> FeatureIdentity:
             if probe:
                 raise FeatureFileError(
                     f"feature files made differently: {first_path} has "
-                    f"{_format(name, first_value)} but {path} has {_format(name, value)}; "
+                    f"{name}={_value(first_value)} but {path} has {name}={_value(value)}; "
                     "every slide of a cohort must be extracted with the same encoder, patch size "
                     "and MPP (extract them again into one folder with `bidistill extract`)"
                 )
@@ -206,11 +178,8 @@ def common_identity(paths: Iterable[str | Path]) -> FeatureIdentity:
 def check_matches(
     actual: FeatureIdentity, expected: FeatureIdentity, *, actual_where: str, expected_where: str
 ) -> None:
-    """Refuse features whose identity disagrees with what is expected (a config, a trained run).
-
-    Raises:
-        FeatureFileError: naming both sources and every field that differs.
-    """
+    """Refuse features whose identity disagrees with what is expected (a config, a trained run),
+    naming both sources and every field that differs."""
     diff = actual.disagreements(expected)
     if diff:
         details = "; ".join(

@@ -1,18 +1,11 @@
 """What CLAM and TRIDENT read and write: their encoder names and their coordinate attributes.
 
-Encoder names. TRIDENT records the encoder on the ``features`` dataset under its own names
-(``trident/patch_encoder_models/load.py``: ``uni_v1``, ``uni_v2``, ``virchow2``, ...). Those that
-name an encoder of our registry are read as the registry's name, so TRIDENT's UNI features and a
-config that says ``features.encoder: uni`` are the same thing at every stage (training,
-prediction, heatmaps). Names outside the table are compared verbatim.
-
-Coordinate attributes. CLAM's feature extraction (``Whole_Slide_Bag_FP``) and stitching read
-``patch_size`` and ``patch_level`` from the ``coords`` dataset; TRIDENT's readers
-(``trident/IO.py`` ``coords_to_h5``/``read_coords``, its patchers, heatmaps and slide encoders)
-read ``patch_size`` (at the target magnification), ``patch_size_level0``,
-``level0_magnification``, ``target_magnification``, ``overlap``, ``level0_width`` and
-``level0_height`` there. Every coords and feature file bidistill writes carries them, so those
-tools read bidistill's files as their own.
+TRIDENT records the encoder on the ``features`` dataset under its own names
+(``trident/patch_encoder_models/load.py``); those of our registry's encoders are read as the
+registry's name, so TRIDENT's UNI features and ``features.encoder: uni`` are the same thing at
+every stage. CLAM (``Whole_Slide_Bag_FP``, stitching) and TRIDENT (``trident/IO.py``, patchers,
+heatmaps, slide encoders) read their coordinate attributes from the ``coords`` dataset; every
+coords and feature file bidistill writes carries them, so those tools read them as their own.
 """
 
 from __future__ import annotations
@@ -38,10 +31,8 @@ _NO_NAME = ("", "none")
 
 
 def canonical_encoder(name: Any) -> str | None:
-    """An encoder name as the registry spells it (TRIDENT's names mapped), else as given.
-
-    Returns None for an absent name (None, empty, TRIDENT's ``'None'``).
-    """
+    """An encoder name as the registry spells it (TRIDENT's names mapped), else as given; None
+    for an absent name (None, empty, TRIDENT's ``'None'``)."""
     if name is None:
         return None
     text = (name.decode() if isinstance(name, bytes) else str(name)).strip()
@@ -70,20 +61,11 @@ def coords_dataset_attrs(
     width: int | None = None,
     height: int | None = None,
 ) -> dict[str, Any]:
-    """The attributes CLAM's and TRIDENT's coordinate readers take from the ``coords`` dataset.
+    """The attributes CLAM's and TRIDENT's coordinate readers take from the ``coords`` dataset;
+    only what is known is written (a slide without an MPP has no magnification).
 
-    Only what is known is written (a slide without an MPP has no magnification).
-
-    Args:
-        name: the slide id.
-        patch_size: tile side in pixels at the tiling MPP (TRIDENT's meaning; CLAM reads it at
-            ``patch_level``, the pyramid level the tiles are read from, which is the same
-            region when that level is at the tiling MPP).
-        level: the pyramid level the tiles are read from.
-        mpp: the tiling MPP; slide_mpp: the slide's level-0 MPP.
-        patch_size_level0: tile side in level-0 pixels.
-        overlap: pixels (at the tiling MPP) shared by neighbouring tiles.
-        width, height: the slide's level-0 size.
+    ``patch_size`` is the tile side at the tiling MPP (TRIDENT's meaning; CLAM reads it at
+    ``patch_level``, the same region when that level is at the tiling MPP).
     """
     attrs: dict[str, Any] = {"name": name, "patch_size": int(patch_size), "patch_level": int(level)}
     optional = {

@@ -1,9 +1,6 @@
-"""What a patch encoder is, as the registry knows it: its spec and its preprocessing.
-
-``EncoderSpec`` is the counterpart of timm's ``PretrainedCfg``: weights, architecture,
-preprocessing and provenance of one encoder in one object. ``Preprocess`` applies the authors'
-published preprocessing to whole batches on the extraction device.
-"""
+"""What a patch encoder is, as the registry knows it: ``EncoderSpec`` (timm's ``PretrainedCfg``
+counterpart) and ``Preprocess``, the authors' preprocessing applied to whole batches on the
+extraction device."""
 
 from __future__ import annotations
 
@@ -57,32 +54,20 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """One registry entry.
-
-    Attributes:
-        name: registry name.
-        summary: one line for ``bidistill encoders``.
-        dim: output dimension D (None for generic names until built).
-        preprocess: the authors' preprocessing (None: from the timm model's config).
-        mpp: the microns per pixel the encoder was trained at (None: any).
-        licence: the weights' licence.
-        gated: the Hub asks users to accept terms before downloading.
-        hub: where pretrained weights come from (``hf-hub:org/repo`` or a timm name).
-        arch: timm architecture used for random init and local checkpoints.
-        kwargs: timm keyword arguments (the Hub config's ``model_args`` and the card's extras).
-        wrap: turns the built timm model into one that returns [B, D].
-        kind: ``timm`` or ``transformers``.
-    """
+    """One registry entry (the defaults are those of most published encoders): ``hub`` where
+    pretrained weights come from, ``arch`` and ``kwargs`` the timm model that random init and
+    local checkpoints build, ``preprocess`` None for the timm model's own, ``mpp`` None for any,
+    ``wrap`` what turns the built model into one that returns [B, D]."""
 
     name: str
     summary: str
     dim: int | None
-    preprocess: Preprocess | None
-    mpp: float | None
     licence: str
-    gated: bool
     hub: str
     arch: str
+    preprocess: Preprocess | None = Preprocess(224)
+    mpp: float | None = 0.5
+    gated: bool = True
     kwargs: dict[str, Any] = field(default_factory=dict)
     wrap: Callable[[nn.Module], nn.Module] | None = None
     kind: Literal["timm", "transformers"] = "timm"

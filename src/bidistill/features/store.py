@@ -1,10 +1,5 @@
 """The .h5 feature files (DESIGN contract, the layout CLAM and TRIDENT write) and the store that
 serves them to training and prediction.
-
-``<features_dir>/<slide_id>.h5``: dataset ``features`` float32/float16 ``[n, D]``, dataset
-``coords`` int64 ``[n, 2]`` (level-0 x, y of each tile's top-left corner), attributes ``encoder``,
-``patch_size``, ``mpp``, ``level``, ``bidistill_version``; the ``coords`` dataset carries what
-CLAM's and TRIDENT's coordinate readers take from it (``interop.coords_dataset_attrs``).
 """
 
 from __future__ import annotations
@@ -64,16 +59,10 @@ def write_feature_file(
     coords_attrs: dict[str, Any] | None = None,
     paths: list[str] | None = None,
 ) -> Path:
-    """Write one slide's features atomically (``paths``: a patch folder's file of each tile, as
-    its coords file recorded them, so that attention maps show the patches that were encoded).
-
-    Args:
-        coords_attrs: the ``coords`` dataset's attributes for CLAM's and TRIDENT's readers (the
-            tiling stage's, as TRIDENT copies them); by default what ``patch_size``, ``mpp``
-            and ``level`` tell.
-
-    Side effects: creates ``path`` (and its folder); an existing file is replaced only when the
-    new one is complete.
+    """Write one slide's features atomically. ``paths``: a patch folder's file of each tile, as
+    its coords file recorded them, so that attention maps show the patches that were encoded;
+    ``coords_attrs``: the tiling stage's CLAM/TRIDENT attributes (default: from ``patch_size``,
+    ``mpp`` and ``level``).
     """
     features = np.asarray(features)
     coords = np.asarray(coords, dtype=np.int64)
@@ -111,12 +100,7 @@ def write_feature_file(
 
 
 def read_feature_file(path: str | Path, *, with_coords: bool = True) -> FeatureFile:
-    """Read a feature file written by bidistill, CLAM or TRIDENT.
-
-    Raises:
-        FeatureFileError: missing file, not HDF5, or datasets of the wrong shape; the message
-            names the file and says how to rebuild it.
-    """
+    """Read a feature file written by bidistill, CLAM or TRIDENT."""
     path = Path(path)
     if not path.is_file():
         raise FeatureFileError(
@@ -157,17 +141,8 @@ class FeatureStore:
 
     Held in RAM when they fit (the fast path on CPU, where reading .h5 files would dominate an
     epoch), otherwise opened lazily, once per process, because h5py handles must not cross into
-    data-loader worker processes.
-
-    Args:
-        features_dir: folder of ``<slide_id>.h5`` files.
-        slide_ids: the slides that will be asked for; all are checked up front.
-        in_memory: ``yes`` loads every file now, ``no`` reads on demand, ``auto`` loads when the
-            features fit comfortably in the available memory.
-
-    Raises:
-        FeatureFileError: a file is missing, or the files disagree on the feature dimension or
-            on what made them (``identity``: encoder, weights, patch size, MPP).
+    data-loader worker processes. Every slide of ``slide_ids`` is checked up front: a missing
+    file, or files that disagree on D or on what made them (``identity``), are refused.
     """
 
     def __init__(

@@ -1,14 +1,9 @@
-"""Reading tiles for extraction, in data-loader worker processes.
+"""Reading tiles for extraction, in data-loader worker processes, one slide's batches at a time.
 
-``load_tiles`` yields batches of one slide's tiles at a time (uint8, as decoded), slide after
-slide, each worker taking its own slides and opening them itself: OpenSlide and libvips handles
-must not cross processes. A slide that cannot be read yields one ``TileChunk`` carrying its error
-instead of stopping the loader, so the main process decides whether the stage goes on.
-
-Workers decode tiles straight into batches of shared memory that the main process allocated
-(``BatchSlots``), and hand over only where a batch lies: no copy, no pickled pixels, and no fresh
-pages to fault in for every batch. Those three cost a worker more than a third of its CPU for
-256 px tiles (``benchmarks/bench_tiling.py``).
+A slide that cannot be read yields one ``TileChunk`` carrying its error, so the main process
+decides whether the stage goes on. Workers decode straight into shared-memory batches
+(``BatchSlots``) and hand over only where a batch lies: a copy, pickled pixels and fresh pages
+for every batch cost a worker more than a third of its CPU (``benchmarks/bench_tiling.py``).
 """
 
 from __future__ import annotations
@@ -46,12 +41,9 @@ class SlotRef(NamedTuple):
 
 
 class TileChunk(NamedTuple):
-    """What a worker hands over: one batch of one slide's tiles, or that slide's error.
-
-    ``start`` is the index of the first tile in the slide, ``total`` the slide's tile count,
-    ``pixels`` uint8 [b, H, W, 3] (None for an error or a slide without tiles, and while the
-    batch travels in a slot: ``load_tiles`` puts it in place).
-    """
+    """What a worker hands over: one batch of one slide's tiles (from tile ``start`` of
+    ``total``), or that slide's error. ``pixels`` is None for an error or a slide without tiles,
+    and while the batch travels in a slot (``load_tiles`` puts it in place)."""
 
     job: int
     start: int
@@ -121,11 +113,8 @@ class BatchSlots:
 
 
 class TileBatches(torch.utils.data.IterableDataset):
-    """Batches of tiles, slide after slide; worker w of W reads slides w, w + W, ...
-
-    Each worker opens its own slides: OpenSlide and libvips handles must not cross processes.
-    With ``slots``, workers decode into them (``BatchSlots``); without, into new tensors.
-    """
+    """Batches of tiles, slide after slide; worker w of W reads slides w, w + W, ... and opens
+    them itself: OpenSlide and libvips handles must not cross processes."""
 
     def __init__(
         self,
@@ -165,7 +154,10 @@ class TileBatches(torch.utils.data.IterableDataset):
                     batch = tiles.coords[start : start + self.batch_size]
                     shape = (len(batch), size, size, 3)
                     slot = self.slots.take(worker, shape) if self.slots else None
-                    pixels = self._batch(slot, shape)
+                    # Decoded into its slot, or a new tensor (no slots, or too big for one).
+                    pixels = (
+                        self.slots.pixels(slot) if slot else torch.empty(shape, dtype=torch.uint8)
+                    )
                     for tile, (x, y) in zip(pixels.numpy(), batch.tolist(), strict=True):
                         slide.read_tile(x, y, size0, size, out=tile)
                     yield TileChunk(index, start, total, None if slot else pixels, None, slot)
@@ -174,12 +166,6 @@ class TileBatches(torch.utils.data.IterableDataset):
             if slot is not None:
                 self.slots.give_back(slot)
             yield TileChunk(index, start, 0, None, describe_failure(err, job.slide_path))
-
-    def _batch(self, slot: SlotRef | None, shape: tuple[int, int, int, int]) -> torch.Tensor:
-        """Where to decode a batch: its slot, or a new tensor (no slots, or too big for one)."""
-        if slot is None:
-            return torch.empty(shape, dtype=torch.uint8)
-        return self.slots.pixels(slot)
 
 
 def load_tiles(
@@ -194,7 +180,8 @@ def load_tiles(
         yield from TileBatches(jobs, batch_size, cache_dir)
         return
     # One slot per batch a worker reads ahead, and one for the batch being encoded.
-    slots = BatchSlots(num_workers, PREFETCH + 1, batch_size, _largest_tile(jobs))
+    side = max((coords_header(job.coords_path)[1] for job in jobs), default=0)
+    slots = BatchSlots(num_workers, PREFETCH + 1, batch_size, side)
     loader = torch.utils.data.DataLoader(
         TileBatches(jobs, batch_size, cache_dir, slots),
         batch_size=None,  # the dataset yields whole batches
@@ -206,17 +193,14 @@ def load_tiles(
     yield from slots.delivered(loader)
 
 
-def _largest_tile(jobs: Sequence[TileJob]) -> int:
-    """The largest tile side of the jobs' coords files (those that cannot be read count 0:
-    the worker reports them)."""
-    side = 0
-    for job in jobs:
-        try:
-            with h5py.File(job.coords_path, "r") as h5:
-                side = max(side, int(h5.attrs["patch_size"]))
-        except (OSError, KeyError, ValueError, TypeError):
-            continue
-    return side
+def coords_header(path: Path) -> tuple[int, int]:
+    """(tiles, tile side) of a coords file, from its header; (0, 0) when it cannot be read (the
+    worker reports it)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return int(h5["coords"].shape[0]), int(h5.attrs["patch_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return 0, 0
 
 
 def init_reader_worker(_: int) -> None:

@@ -1,11 +1,6 @@
-"""The registered patch encoders, as their authors publish them.
-
-Each entry names the Hub weights, the timm architecture and keyword arguments that rebuild the
-model offline (the Hub config's ``model_args`` and the model card's extras, for random init and
-local checkpoints), the output dimension, the MPP it was trained at, the licence, and the
-preprocessing of its model card: ``resnet50-trunc`` (CLAM's baseline), ``vgg16-bn`` (the BCNB
-and BD papers' backbone), UNI, UNI2-h, Virchow2 (class token + mean of patch tokens),
-H-optimus-0/1, the Prov-GigaPath tile encoder and Phikon-v2.
+"""The registered patch encoders, as their authors publish them: Hub weights, the timm
+architecture and keyword arguments that rebuild the model offline (the Hub config's
+``model_args`` and the model card's extras), and the preprocessing of its model card.
 """
 
 from __future__ import annotations
@@ -69,93 +64,68 @@ def _vgg_features(model: nn.Module) -> nn.Module:
 
 def builtin_encoders() -> list[EncoderSpec]:
     """The built-in entries, in the order `bidistill encoders` lists them."""
-    specs: list[EncoderSpec] = []
-    add = specs.append
-    add(
+    vit = {"img_size": 224, "init_values": 1e-5, "num_classes": 0}  # every ViT entry's
+    optimus = {**vit, "dynamic_img_size": False}
+    return [
         EncoderSpec(
             name="resnet50-trunc",
             summary="ImageNet ResNet-50 to layer 3, pooled (CLAM's baseline)",
             dim=1024,
-            preprocess=Preprocess(224),
-            mpp=0.5,
             licence="BSD-3-Clause",
             gated=False,
             hub="timm:resnet50.tv_in1k",
             arch="resnet50",
             wrap=_truncate_resnet50,
-        )
-    )
-    add(
+        ),
         EncoderSpec(
             name="vgg16-bn",
             summary="ImageNet VGG16-BN convolutions, pooled (the BCNB and BD papers' backbone)",
             dim=512,
-            preprocess=Preprocess(224),
-            mpp=0.5,
             licence="BSD-3-Clause",
             gated=False,
             hub="timm:vgg16_bn.tv_in1k",
             arch="vgg16_bn",
             wrap=_vgg_features,
-        )
-    )
-    vit_l = {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0}
-    add(
+        ),
         EncoderSpec(
             name="uni",
             summary="UNI ViT-L/16 (Mahmood Lab, 100k WSIs)",
             dim=1024,
-            preprocess=Preprocess(224),
-            mpp=0.5,
             licence="CC-BY-NC-ND-4.0",
-            gated=True,
             hub="hf-hub:MahmoodLab/uni",
             arch="vit_large_patch16_224",
-            kwargs={**vit_l, "dynamic_img_size": True},
-        )
-    )
-    add(
+            kwargs={**vit, "patch_size": 16, "dynamic_img_size": True},
+        ),
         EncoderSpec(
             name="uni2-h",
             summary="UNI2-h ViT-H/14 with 8 registers (Mahmood Lab, 350k WSIs)",
             dim=1536,
-            preprocess=Preprocess(224),
-            mpp=0.5,
             licence="CC-BY-NC-ND-4.0",
-            gated=True,
             hub="hf-hub:MahmoodLab/UNI2-h",
             arch="vit_giant_patch14_224",
             kwargs={
-                "img_size": 224,
+                **vit,
                 "patch_size": 14,
                 "depth": 24,
                 "num_heads": 24,
-                "init_values": 1e-5,
                 "embed_dim": 1536,
                 "mlp_ratio": 2.66667 * 2,
-                "num_classes": 0,
                 "no_embed_class": True,
                 "reg_tokens": 8,
                 "dynamic_img_size": True,
                 "swiglu": True,
             },
-        )
-    )
-    add(
+        ),
         EncoderSpec(
             name="virchow2",
             summary="Virchow2 ViT-H/14 (Paige): class token + mean of patch tokens",
             dim=2560,
             preprocess=Preprocess(224, interpolation="bicubic"),
-            mpp=0.5,
             licence="CC-BY-NC-ND-4.0",
-            gated=True,
             hub="hf-hub:paige-ai/Virchow2",
             arch="vit_huge_patch14_224",
             kwargs={
-                "img_size": 224,
-                "init_values": 1e-5,
-                "num_classes": 0,
+                **vit,
                 "reg_tokens": 4,
                 "mlp_ratio": 5.3375,
                 "global_pool": "",
@@ -163,56 +133,43 @@ def builtin_encoders() -> list[EncoderSpec]:
                 "swiglu": True,
             },
             wrap=_ClassAndMeanPatchTokens,
-        )
-    )
-    optimus = {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": False}
-    for version, licence in (("0", "Apache-2.0"), ("1", "Bioptimus, non-commercial")):
-        add(
+        ),
+        *(
             EncoderSpec(
                 name=f"h-optimus-{version}",
                 summary=f"H-optimus-{version} ViT-g/14 with 4 registers (Bioptimus)",
                 dim=1536,
                 preprocess=Preprocess(224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD),
-                mpp=0.5,
                 licence=licence,
-                gated=True,
                 hub=f"hf-hub:bioptimus/H-optimus-{version}",
                 arch="vit_giant_patch14_reg4_dinov2",
                 kwargs=optimus,
             )
-        )
-    add(
+            for version, licence in (("0", "Apache-2.0"), ("1", "Bioptimus, non-commercial"))
+        ),
         EncoderSpec(
             name="prov-gigapath",
             summary="Prov-GigaPath tile encoder ViT-g (Providence / Microsoft)",
             dim=1536,
             preprocess=Preprocess(224, resize=256, interpolation="bicubic"),
-            mpp=0.5,
             licence="Apache-2.0",
-            gated=True,
             hub="hf-hub:prov-gigapath/prov-gigapath",
             arch="vit_giant_patch14_dinov2",
             kwargs={
-                "img_size": 224,
+                **vit,
                 "in_chans": 3,
                 "patch_size": 16,
                 "embed_dim": 1536,
                 "depth": 40,
                 "num_heads": 24,
-                "init_values": 1e-5,
                 "mlp_ratio": 5.33334,
-                "num_classes": 0,
                 "global_pool": "token",
             },
-        )
-    )
-    add(
+        ),
         EncoderSpec(
             name="phikon-v2",
             summary="Phikon-v2 ViT-L/16 DINOv2 (Owkin): class token; needs `transformers`",
             dim=1024,
-            preprocess=Preprocess(224),
-            mpp=0.5,
             licence="Owkin non-commercial",
             gated=False,
             hub="hf-hub:owkin/phikon-v2",
@@ -227,6 +184,5 @@ def builtin_encoders() -> list[EncoderSpec]:
             },
             wrap=_HFClassToken,
             kind="transformers",
-        )
-    )
-    return specs
+        ),
+    ]

@@ -120,7 +120,7 @@ def write_slide_maps(
     """Every file for one slide (see the module docstring); returns the paths written."""
     from bidistill.slides.coords import read_tile_names
     from bidistill.slides.reader import open_slide
-    from bidistill.slides.run import slide_cache_dir
+    from bidistill.slides.stage import slide_cache_dir
 
     def target(kind: str) -> Path:  # not with_suffix: slide ids may hold dots
         return out_dir / f"{attention.slide_id}.{kind}"

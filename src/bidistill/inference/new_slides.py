@@ -72,7 +72,7 @@ def tile_new_slides(
     """
     from bidistill.slides import coords_path
     from bidistill.slides.locate import SlideFinder, locate_annotations
-    from bidistill.slides.run import SlideJob, tile_cohort
+    from bidistill.slides.stage import SlideJob, tile_cohort
 
     if not tiles.slides:
         raise TilesError(

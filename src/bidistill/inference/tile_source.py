@@ -146,7 +146,7 @@ class TileSource:
         return TileIndex(slides, patients)
 
     def _loader(self, index: TileIndex, clinical: EncodedClinical, device: torch.device):
-        from bidistill.slides.run import slide_cache_dir
+        from bidistill.slides.stage import slide_cache_dir
 
         dataset = PixelBags(
             index,

@@ -9,7 +9,7 @@ from bidistill.slides.coords import (
 )
 from bidistill.slides.masks import Annotations, load_annotations, rasterize, tissue_mask
 from bidistill.slides.reader import PatchFolder, Slide, WholeSlide, open_slide, require_mpp
-from bidistill.slides.run import (
+from bidistill.slides.stage import (
     SlideJob,
     jobs_from_config,
     slide_cache_dir,

@@ -1,16 +1,7 @@
-"""The tile-coordinates file: ``<coords_dir>/<slide_id>.h5``, the tiling stage's output.
-
-Dataset ``coords`` int64 [n, 2] (level-0 x, y of each tile's top-left corner) and attributes
-``patch_size`` (px at the target MPP), ``patch_size_level0``, ``level`` (pyramid level to read
-from), ``mpp`` (target), ``slide_mpp``, ``mask_kind``, ``width``, ``height``,
-``overlap``, ``bidistill_version`` (unknown MPPs are NaN), and the slide's signature
-``slide_path``, ``slide_size``, ``slide_mtime_ns`` (``slides.signature``: which version of the
-slide was tiled); the ``coords`` dataset carries the attributes CLAM's and TRIDENT's coordinate
-readers take from it (``patch_size``, ``patch_level``, ``patch_size_level0``, magnifications,
-``overlap``, level-0 size: see ``features.interop``), so their tools read these files as their
-own. For a folder of patches the coords are synthetic, (i, 0), and a string dataset ``paths``
-holds the patch file names. Written atomically: a file that exists is whole, which is what lets
-a killed tiling run resume.
+"""The tile-coordinates file ``<coords_dir>/<slide_id>.h5``, the tiling stage's output (layout:
+docs/internal-interfaces.md). Its ``coords`` dataset carries CLAM's and TRIDENT's attributes, so
+their tools read these files as their own. Written atomically: a file that exists is whole,
+which is what lets a killed tiling run resume.
 """
 
 from __future__ import annotations
@@ -72,7 +63,7 @@ def coords_path(coords_dir: str | Path, slide_id: str) -> Path:
     return find_named(coords_dir, slide_id, ".h5")
 
 
-def _nan_if_none(value: float | None) -> float:
+def nan_if_none(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
@@ -92,11 +83,7 @@ def write_coords(
     paths: list[str] | None = None,
     extra_attrs: dict[str, Any] | None = None,
 ) -> Path:
-    """Write one slide's tile coordinates atomically.
-
-    Side effects: creates ``path`` (and its folder); an existing file is replaced only when the
-    new one is complete.
-    """
+    """Write one slide's tile coordinates atomically."""
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if paths is not None and len(paths) != len(coords):
         raise CoordsFileError(f"{path}: {len(paths)} paths for {len(coords)} coords")
@@ -110,8 +97,8 @@ def write_coords(
             "patch_size": int(patch_size),
             "patch_size_level0": int(patch_size_level0),
             "level": int(level),
-            "mpp": _nan_if_none(mpp),
-            "slide_mpp": _nan_if_none(slide_mpp),
+            "mpp": nan_if_none(mpp),
+            "slide_mpp": nan_if_none(slide_mpp),
             "mask_kind": str(mask_kind),
             "width": int(width),
             "height": int(height),
@@ -125,12 +112,7 @@ def write_coords(
 
 
 def read_coords(path: str | Path) -> CoordsFile:
-    """Read a coords file (ours; CLAM's coords files also load when they carry these attrs).
-
-    Raises:
-        CoordsFileError: missing file, not HDF5, no ``coords`` [n, 2], or a missing attribute;
-            the message names the file and says how to remake it.
-    """
+    """Read a coords file (ours; CLAM's coords files also load when they carry these attrs)."""
     path = Path(path)
     if not path.is_file():
         raise CoordsFileError(f"{path}: coords file not found (make it with `bidistill tile`)")
@@ -140,9 +122,7 @@ def read_coords(path: str | Path) -> CoordsFile:
                 raise CoordsFileError(f"{path}: no 'coords' dataset (remake with `bidistill tile`)")
             coords = np.asarray(h5["coords"][()], dtype=np.int64)
             attrs = h5_attrs(h5)
-            paths = None
-            if "paths" in h5:
-                paths = [p.decode() if isinstance(p, bytes) else str(p) for p in h5["paths"][()]]
+            paths = _tile_names(h5)
     except OSError as err:
         raise CoordsFileError(f"{path}: not a readable HDF5 file ({err})") from err
     if coords.ndim != 2 or coords.shape[1] != 2:
@@ -163,8 +143,12 @@ def read_tile_names(path: str | Path) -> list[str] | None:
     one) recorded them; None when the file records none (a whole slide, or an older file)."""
     try:
         with h5py.File(path, "r") as h5:
-            if "paths" not in h5:
-                return None
-            return [p.decode() if isinstance(p, bytes) else str(p) for p in h5["paths"][()]]
+            return _tile_names(h5)
     except OSError:
         return None
+
+
+def _tile_names(h5: h5py.File) -> list[str] | None:
+    if "paths" not in h5:
+        return None
+    return [p.decode() if isinstance(p, bytes) else str(p) for p in h5["paths"][()]]

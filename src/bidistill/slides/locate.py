@@ -13,10 +13,8 @@ ANNOTATION_SUFFIXES = (".json", ".geojson")
 
 
 def index_slide_files(slides_dir: Path) -> dict[str, Path]:
-    """Map slide id → file, for ``<slide_id>.<supported ext>`` files and ``<slide_id>/`` folders.
-
-    A file wins over a folder of the same name (MIRAX keeps its data in a folder beside the
-    ``.mrxs``).
+    """Map slide id → file, for ``<slide_id>.<supported ext>`` files and ``<slide_id>/`` folders;
+    a file wins over a folder of the same name (MIRAX keeps its data in one beside the ``.mrxs``).
     """
     if not slides_dir.is_dir():
         raise ConfigError(f"{slides_dir}: slides folder not found (`slides.dir` in the config)")
@@ -41,14 +39,8 @@ def locate_annotations(annotations_dir: Path | None, slide_id: str) -> Path | No
 
 
 class SlideFinder:
-    """slide id → slide file or patch folder, among files, patch folders and folders of slides.
-
-    A folder named by the slide id is that slide's patch folder; any other folder is a folder
-    of slides (``<slide_id>.<ext>`` files and ``<slide_id>/`` patch folders).
-
-    Raises:
-        SlideError: an item that does not exist.
-    """
+    """slide id → slide file or patch folder, among files, patch folders and folders of slides
+    (a folder named by the slide id is that slide's patch folder)."""
 
     def __init__(self, items: Sequence[str | Path]):
         self.folders: dict[str, Path] = {}

@@ -1,13 +1,7 @@
-"""Where the tiles may come from: annotation polygons, or detected tissue.
+"""Where the tiles may come from: annotation polygons, or detected tissue, on a thumbnail.
 
-Everything here works on a thumbnail (about 16 thumbnail pixels per tile side), so masking a slide
-takes a fraction of a second whatever its size.
-
-- Annotations: BCNB's JSON (``positive`` regions in, ``negative`` regions out, level-0 pixels)
-  and GeoJSON as QuPath exports it (holes and ``Ignore``/``Negative``-classified objects are out).
-- Tissue: Otsu on HSV saturation (grey or white scanner background has almost none), after
-  removing pen marks (blue, green and black ink: BCNB slides carry blue outlines drawn by
-  pathologists), then morphological clean-up, hole filling and a minimum region size.
+Tissue is Otsu on HSV saturation (scanner background has almost none), after removing pen marks
+(BCNB slides carry blue outlines drawn by pathologists), then morphological clean-up.
 """
 
 from __future__ import annotations
@@ -28,30 +22,17 @@ MIN_SATURATION = 15  # floor of the Otsu threshold (0-255): a blank slide must n
 
 @dataclass
 class Annotations:
-    """Polygons in level-0 pixels: ``positive`` regions are in, ``negative`` regions are out.
-
-    Each polygon is a float array [n_vertices, 2] of (x, y).
-    """
+    """Polygons (float [n_vertices, 2] of level-0 x, y): ``positive`` in, ``negative`` out."""
 
     positive: list[np.ndarray] = field(default_factory=list)
     negative: list[np.ndarray] = field(default_factory=list)
     source: Path | None = None
 
 
-# --- annotations --------------------------------------------------------------------------------
-
-
 def load_annotations(path: str | Path) -> Annotations:
-    """Read BCNB JSON or (QuPath) GeoJSON polygons.
-
-    BCNB: ``{"positive": [{"name": ..., "vertices": [[x, y], ...]}], "negative": [...]}``.
-    GeoJSON: a FeatureCollection, a Feature, a list of Features or a bare geometry; Polygon and
-    MultiPolygon geometries are used, other geometries (points, lines) are ignored.
-
-    Raises:
-        SlideError: unreadable file, or a layout that is neither; the message names the file and
-            what was expected.
-    """
+    """Read BCNB JSON (``{"positive": [{"vertices": [[x, y], ...]}], "negative": [...]}``) or
+    GeoJSON as QuPath exports it (holes and ``Ignore``/``Negative`` objects are out; geometries
+    other than polygons are ignored)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -139,16 +120,8 @@ def _is_negative(properties: dict) -> bool:
 def rasterize(
     annotations: Annotations, shape: tuple[int, int], downsample: tuple[float, float]
 ) -> np.ndarray:
-    """Draw the polygons at a given level: positive regions filled, negative regions cut out.
-
-    Args:
-        annotations: polygons in level-0 pixels.
-        shape: (height, width) of the output mask.
-        downsample: (dx, dy) level-0 pixels per mask pixel.
-
-    Returns:
-        bool array [height, width].
-    """
+    """bool [height, width]: positive regions filled, negative regions cut out, at
+    ``downsample`` (dx, dy) level-0 pixels per mask pixel."""
     from PIL import Image, ImageDraw
 
     canvas = Image.new("L", (shape[1], shape[0]), 0)
@@ -161,20 +134,10 @@ def rasterize(
     return np.asarray(canvas, dtype=bool)
 
 
-# --- tissue -------------------------------------------------------------------------------------
-
-
 @dataclass
 class TissueMask:
-    """Result of tissue detection on a thumbnail.
-
-    Attributes:
-        mask: bool [h, w], cleaned tissue regions (holes filled, small regions removed).
-        foreground: bool [h, w], pixels that are tissue one by one (before clean-up): the
-            blank filter counts the others as background.
-        pen: bool [h, w], pen-ink pixels.
-        threshold: the saturation threshold used (0-255).
-    """
+    """Tissue detection on a thumbnail: ``mask`` the cleaned regions, ``foreground`` the
+    pixels that are tissue one by one (the blank filter counts the others as background)."""
 
     mask: np.ndarray
     foreground: np.ndarray
@@ -198,9 +161,6 @@ def pen_mask(rgb: np.ndarray) -> np.ndarray:
     H&E is pink to purple: red is at least as strong as green, and blue exceeds red only in
     purple hematoxylin (green below red). Blue ink has blue well above both and green above red;
     green ink has green above both; black ink is dark and grey.
-
-    Returns:
-        bool [h, w].
     """
     blue, green, black = _inks(rgb)
     return blue | green | black
@@ -223,9 +183,6 @@ def ink_strokes(rgb: np.ndarray, *, min_region_fraction: float = 2e-5) -> np.nda
     pixel by pixel (on a real H&E slide about 0.3% of the pixels), but never as a stroke of
     blue or green. The strokes are widened by two pixels, as in ``tissue_mask``, because their
     anti-aliased rims are tinted too.
-
-    Returns:
-        bool [h, w].
     """
     blue, green, _ = _inks(rgb)
     strokes = remove_small_regions(
@@ -253,17 +210,7 @@ def otsu_threshold(values: np.ndarray) -> float:
 def tissue_mask(
     rgb: np.ndarray, *, min_region_fraction: float = 5e-4, remove_pen: bool = True
 ) -> TissueMask:
-    """Detect tissue on a thumbnail.
-
-    Args:
-        rgb: uint8 [h, w, 3] thumbnail.
-        min_region_fraction: drop connected regions smaller than this share of the thumbnail
-            (specks of dust, debris).
-        remove_pen: treat marker ink as background.
-
-    Returns:
-        TissueMask.
-    """
+    """Detect tissue on a thumbnail; regions under ``min_region_fraction`` of it are dust."""
     sat = saturation(rgb)
     pen = np.zeros(rgb.shape[:2], dtype=bool)
     if remove_pen:

@@ -1,11 +1,6 @@
-"""QC images: what a user opens to trust the tiling.
-
-Whole slides: the thumbnail with the mask outline (green), the marker ink that tiles are dropped
-for (magenta) and every kept tile (yellow, filled translucent), under a header with the slide
-id, the tile count and a legend, and with a scale bar. Patch folders: a contact sheet of the first
-patches under the same kind of header. The cohort overview (``qc/overview.png``) puts every
-slide's QC thumbnail on one sheet, fewest tiles first, so that empty or nearly empty slides are
-the first thing one sees.
+"""QC images: what a user opens to trust the tiling. Whole slides: the thumbnail with the mask
+outline, marker ink and kept tiles, a header and a scale bar; patch folders: a contact sheet.
+The cohort overview shows the fewest tiles first, so that empty slides are seen first.
 """
 
 from __future__ import annotations
@@ -50,9 +45,6 @@ def _font(size: float) -> ImageFont.ImageFont:
 
     path = font_manager.findfont("DejaVu Sans", fallback_to_default=True)
     return ImageFont.truetype(path, size=max(10, int(size)))
-
-
-# --- one slide ----------------------------------------------------------------------------------
 
 
 def draw_tiling(tiling: SlideTiling, slide_id: str = "") -> Image.Image:
@@ -203,9 +195,6 @@ def write_patch_folder_qc(
     title = f"{Path(target).stem}: {total} patches"
     subtitle = f"patch folder; the first {count} of {total} patches"
     return _save_png(target, _with_header(sheet, title, subtitle, []))
-
-
-# --- the cohort ---------------------------------------------------------------------------------
 
 
 def write_cohort_overview(coords_dir: str | Path) -> Path | None:

@@ -1,22 +1,17 @@
 """One way to open every slide a user brings: ``open_slide(path, mpp=None)``.
 
-- Pyramidal formats (svs, tif/tiff, ndpi, mrxs, scn, vms, bif, DICOM) go through OpenSlide.
-- Plain images (jpg, png, non-pyramidal tif) of any size are converted once, streaming, into a
-  tiled pyramidal TIFF cache with libvips, whose tiles libvips then fetches on demand.
-  BCNB slides are plain JPEGs of tens of thousands of pixels a side: a sequential decode keeps
-  memory flat, and the cache turns every later tile read into one small JPEG decode (see
-  ``benchmarks/bench_tiling.py``; random access into the JPEG itself would mean decoding the whole
-  image). The cache carries the MPP in its resolution tags, so OpenSlide and other tools read it
-  too. Pillow is never used for slides, so its decompression-bomb limit cannot refuse one.
-- A folder of pre-cut patches (BCNB's ``paper_patches/<patient>/``) is a slide too: its tiles are
-  its files.
-
-Microns per pixel (MPP) come from the file's metadata where present, else from the ``mpp``
-argument (the config); ``require_mpp`` raises a clear error when neither exists.
+Pyramidal formats go through OpenSlide (or libvips where it gives OpenSlide's pixels faster).
+Plain images (BCNB's JPEGs of tens of thousands of pixels a side) are converted once, streaming,
+into a tiled pyramidal TIFF cache that carries the MPP in its resolution tags: a sequential
+decode keeps memory flat, and every later tile read is one small JPEG decode
+(``benchmarks/bench_tiling.py``). Pillow never opens a slide, so its decompression-bomb limit
+cannot refuse one. A folder of pre-cut patches (BCNB's ``paper_patches/<patient>/``) is a slide
+whose tiles are its files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -35,7 +30,7 @@ OPENSLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"
 )  # fmt: skip
 PLAIN_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
-PATCH_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+PATCH_SUFFIXES = PLAIN_SUFFIXES
 SLIDE_SUFFIXES = tuple(dict.fromkeys(OPENSLIDE_SUFFIXES + PLAIN_SUFFIXES))
 
 # Resolution tags of plain images usually say 72 or 300 dpi (a screen or a printer, not a
@@ -105,14 +100,10 @@ class _OpenSlideReader:
 class _VipsPyramidReader:
     """Pixels of a tiled pyramidal TIFF through libvips: one page per level, tiles on demand.
 
-    About five times faster than OpenSlide on the same file for 256 px tiles (libvips hands
-    back the decoded tile; OpenSlide composites it through premultiplied ARGB), which is what
-    brings a BCNB JPEG and a pyramidal TIFF or SVS over 1,000 tiles/s on one core
-    (``benchmarks/bench_tiling.py``). Used for our plain-image cache and, when their pixels
-    match OpenSlide's, for Aperio SVS and generic tiled TIFFs (``_fast_tiff_reader``).
-
-    Args:
-        pages: the TIFF page of each pyramid level (default: page i is level i, as in the cache).
+    About five times faster than OpenSlide for 256 px tiles (libvips hands back the decoded
+    tile; OpenSlide composites it through premultiplied ARGB). Used for our plain-image cache
+    and, when their pixels match OpenSlide's, for SVS and generic tiled TIFFs. ``pages``: the
+    TIFF page of each level (default: page i is level i, as in the cache).
     """
 
     def __init__(self, path: Path, read_path: Path, pages: Sequence[int] | None = None) -> None:
@@ -120,15 +111,10 @@ class _VipsPyramidReader:
 
         self.path = path
         try:
-            first = pyvips.Image.tiffload(str(read_path), page=0)
-            if pages is None:
-                n_pages = first.get("n-pages") if "n-pages" in first.get_fields() else 1
-                pages = range(n_pages)
-            self.pages = [
-                first if i == 0 else pyvips.Image.tiffload(str(read_path), page=i) for i in pages
-            ]
+            all_pages = _tiff_pages(read_path)
         except pyvips.Error as err:
             raise SlideError(f"{path}: cannot read {read_path} ({err})") from err
+        self.pages = all_pages if pages is None else [all_pages[i] for i in pages]
         self.regions = [pyvips.Region.new(page) for page in self.pages]
         self.level_dimensions = tuple((p.width, p.height) for p in self.pages)
         w0 = self.pages[0].width
@@ -136,8 +122,6 @@ class _VipsPyramidReader:
         self.properties = {"vips.n-pages": str(len(self.pages))}
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        import pyvips
-
         page = self.pages[level]
         ds = self.level_downsamples[level]
         lx, ly = int(x / ds), int(y / ds)
@@ -147,13 +131,8 @@ class _VipsPyramidReader:
         if x0 == lx and y0 == ly and x1 - x0 == width and y1 - y0 == height:
             return self._fetch(level, x0, y0, width, height)
         out = np.full((height, width, 3), 255, dtype=np.uint8)
-        if x1 > x0 and y1 > y0:
-            try:
-                out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._fetch(
-                    level, x0, y0, x1 - x0, y1 - y0
-                )
-            except pyvips.Error as err:
-                raise SlideError(f"{self.path}: cannot read region at ({x}, {y}): {err}") from err
+        if x1 > x0 and y1 > y0:  # _fetch turns libvips' errors into SlideError
+            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = self._fetch(level, x0, y0, x1 - x0, y1 - y0)
         return out
 
     def _fetch(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -170,19 +149,17 @@ class _VipsPyramidReader:
         self.pages = []
 
 
-class WholeSlide:
+class _ClosedOnExit(contextlib.AbstractContextManager):
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WholeSlide(_ClosedOnExit):
     """A whole-slide image: a pyramidal file (OpenSlide) or a plain image's cache (libvips).
 
-    Attributes:
-        path: the file the user gave.
-        read_path: the file the pixels come from (``path``, or the cache TIFF of a plain image).
-        mpp: microns per pixel at level 0, or None when unknown.
-        mpp_source: ``"file"``, ``"config"`` or None.
-        width, height: level-0 size in pixels.
-        level_count, level_dimensions, level_downsamples: the pyramid.
-        properties: the file's metadata (OpenSlide's properties for pyramidal files).
-        reader: where the pixels come from: ``libvips`` (our cache, and SVS / tiled TIFFs whose
-            pixels it decodes as OpenSlide does) or ``openslide``.
+    ``read_path`` is where the pixels come from (``path``, or a plain image's cache TIFF);
+    ``mpp_source`` is ``"file"``, ``"config"`` or None; ``reader`` is ``libvips`` or
+    ``openslide``.
     """
 
     is_patch_folder = False
@@ -223,27 +200,16 @@ class WholeSlide:
         return best
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        """Pixels of a region: top-left (x, y) in level-0 pixels, size in ``level`` pixels.
-
-        Returns:
-            uint8 array [height, width, 3], background (outside the scan) white.
-        """
+        """uint8 [height, width, 3] of a region, top-left (x, y) in level-0 pixels, size in
+        ``level`` pixels; background (outside the scan) white."""
         return self._reader.read(int(x), int(y), int(level), int(width), int(height))
 
     def read_tile(
         self, x: int, y: int, size_level0: int, out_size: int, out: np.ndarray | None = None
     ) -> np.ndarray:
-        """One square tile: level-0 top-left (x, y) and side ``size_level0``, as ``out_size`` px.
-
-        Reads from the best pyramid level for the downsample and resizes (area filter).
-
-        Args:
-            out: where to write the tile (uint8 [out_size, out_size, 3], e.g. one row of a
-                batch), so that a batch is filled without a copy of its own.
-
-        Returns:
-            uint8 array [out_size, out_size, 3] (``out`` when given).
-        """
+        """One square tile: level-0 top-left (x, y) and side ``size_level0``, as ``out_size`` px
+        read from the best level and resized (area filter); written into ``out`` when given
+        (one row of a batch, filled without a copy of its own)."""
         downsample = size_level0 / out_size
         level = self.best_level(downsample)
         side = max(1, round(size_level0 / self.level_downsamples[level]))
@@ -251,12 +217,8 @@ class WholeSlide:
         return _into(_resize(region, (out_size, out_size)), out)
 
     def thumbnail(self, downsample: float) -> tuple[np.ndarray, tuple[float, float]]:
-        """The whole slide shrunk by about ``downsample``.
-
-        Returns:
-            (rgb uint8 [h, w, 3], (downsample_x, downsample_y)) where the exact per-axis factors
-            map thumbnail pixels to level 0: x0 = x_thumb * downsample_x.
-        """
+        """The whole slide shrunk by about ``downsample``, and the exact per-axis factors that
+        map thumbnail pixels to level 0 (x0 = x_thumb * downsample_x)."""
         size = (max(1, round(self.width / downsample)), max(1, round(self.height / downsample)))
         level = self.best_level(downsample)
         lw, lh = self.level_dimensions[level]
@@ -267,11 +229,7 @@ class WholeSlide:
         return _resize(rgb, size), (self.width / size[0], self.height / size[1])
 
     def _shrink_level(self, level: int, factor: int) -> np.ndarray:
-        """Block-mean a whole level by an integer ``factor``, reading bounded strips.
-
-        Returns:
-            uint8 [level_height // factor, level_width // factor, 3].
-        """
+        """Block-mean a whole level by an integer ``factor``, reading bounded strips."""
         factor = max(1, factor)
         lw, lh = self.level_dimensions[level]
         width = lw // factor * factor
@@ -288,14 +246,8 @@ class WholeSlide:
     def close(self) -> None:
         self._reader.close()
 
-    def __enter__(self) -> WholeSlide:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class PatchFolder:
+class PatchFolder(_ClosedOnExit):
     """A folder of pre-cut patches: tile ``i`` is the ``i``-th image file (sorted by name), or,
     once tiled, the ``i``-th of the names the coords file recorded (``tile_names``), so that a
     patch added or removed since does not shift the tiles.
@@ -359,23 +311,13 @@ class PatchFolder:
     def close(self) -> None:
         """Nothing to release (each patch file is opened and closed on read)."""
 
-    def __enter__(self) -> PatchFolder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 Slide = WholeSlide | PatchFolder
 
 
 def _recorded_patches(folder: Path, files: Sequence[Path], names: Sequence[str]) -> list[Path]:
-    """The patches named when the folder was tiled, in that order; a patch gone is an error,
-    patches added since are left out (and said).
-
-    Raises:
-        SlideError: a recorded patch is gone (or a name that leaves the folder).
-    """
+    """The patches named when the folder was tiled, in that order; a patch gone (or a name that
+    leaves the folder) is a ``SlideError``, patches added since are left out (and said)."""
     present = {p.name for p in files}
     gone = [n for n in names if n not in present or Path(n).name != n]
     if gone:
@@ -413,24 +355,10 @@ def open_slide(
 ) -> Slide:
     """Open any slide: a pyramidal WSI, a plain image of any size, or a folder of patches.
 
-    Args:
-        path: the slide file or patch folder.
-        mpp: microns per pixel to use when the file's metadata has none (from the config).
-        cache_dir: where plain images are converted to tiled pyramidal TIFFs (default:
-            ``$BIDISTILL_CACHE_DIR`` or ``~/.cache/bidistill/slides``). The tiling stage uses
-            ``<coords_dir>/.cache``.
-        tile_names: for a patch folder, the file names its coords file recorded (``paths``):
-            tile i is the file of name i, whatever was added to the folder since.
-
-    Raises:
-        SlideError: missing, unsupported, unreadable or truncated file; the message names the
-            file and the reason.
-
-    Side effects: the first open of a plain image writes its cache TIFF (seconds to a minute for
-    a BCNB-sized JPEG); later opens reuse it.
+    ``mpp`` is used when the file's metadata has none. The first open of a plain image writes its
+    cache TIFF into ``cache_dir`` (default ``default_cache_dir()``; seconds to a minute for a
+    BCNB-sized JPEG). ``tile_names``: a patch folder's recorded file names (tile i is file i).
     """
-    import openslide
-
     path = Path(path)
     if not path.exists():
         raise SlideError(f"{path}: slide file not found")
@@ -449,7 +377,7 @@ def open_slide(
         return slide
     if suffix in OPENSLIDE_SUFFIXES and suffix not in PLAIN_SUFFIXES:
         # .svs, .ndpi, ...: OpenSlide is the only reader, so say what it made of the file.
-        raise SlideError(_openslide_refusal(path, openslide))
+        raise SlideError(_openslide_refusal(path))
     cache_path, file_mpp = _plain_to_cache(path, Path(cache_dir or default_cache_dir()), mpp)
     value, source = _choose_mpp(path, file_mpp, mpp)
     return WholeSlide(path, cache_path, mpp=value, mpp_source=source, reader="vips")
@@ -490,8 +418,6 @@ def metadata_mpp(path: str | Path) -> float | None:
         return None
 
 
-# --- OpenSlide files ----------------------------------------------------------------------------
-
 # OpenSlide formats whose levels are plain tiled TIFF pages that libvips decodes itself.
 FAST_TIFF_VENDORS = ("aperio", "generic-tiff")
 READER_ENV = "BIDISTILL_SLIDE_READER"  # "openslide" turns the libvips fast path off
@@ -499,24 +425,17 @@ READER_ENV = "BIDISTILL_SLIDE_READER"  # "openslide" turns the libvips fast path
 
 def _fast_tiff_reader(path: Path, read_path: Path) -> _VipsPyramidReader | None:
     """libvips on the TIFF pages of an SVS or generic tiled TIFF, when it gives OpenSlide's
-    pixels; None (use OpenSlide) for other formats, JPEG 2000 pages libvips cannot decode, or
-    any disagreement.
+    pixels; None (use OpenSlide) otherwise.
 
-    Each OpenSlide level is matched to the tiled TIFF page of exactly its size, and a patch at
-    the centre of level 0 is read by both readers and compared, so a file that libvips reads
-    differently never goes through it. One difference remains by design: a region whose origin
-    falls between two pixels of a coarser level starts at the pixel below (OpenSlide shifts it
-    by the fraction); tiles of a tiling grid sit on the level's pixels, where both agree.
+    Each level is matched to the tiled page of exactly its size and a patch at the centre of
+    level 0 is compared, so a file that libvips reads differently never goes through it. One
+    difference remains by design: a region whose origin falls between two pixels of a coarser
+    level starts at the pixel below (OpenSlide shifts it by the fraction); tiles of a tiling grid
+    sit on the level's pixels, where both agree.
     """
-    import openslide
-
     if os.environ.get(READER_ENV, "").lower() == "openslide":
         return None
-    try:
-        vendor = openslide.OpenSlide.detect_format(str(read_path))
-    except (openslide.OpenSlideError, OSError):
-        return None
-    if vendor not in FAST_TIFF_VENDORS:
+    if _detect_format(read_path) not in FAST_TIFF_VENDORS:
         return None
     reference = _OpenSlideReader(path, read_path)
     try:
@@ -546,17 +465,23 @@ def _tiff_pages_of_levels(
     import pyvips
 
     try:
-        first = pyvips.Image.tiffload(str(read_path), page=0)
-        n_pages = first.get("n-pages") if "n-pages" in first.get_fields() else 1
         sizes = {}
-        for i in range(n_pages):
-            page = first if i == 0 else pyvips.Image.tiffload(str(read_path), page=i)
+        for i, page in enumerate(_tiff_pages(read_path)):
             if "tile-width" in page.get_fields() and page.bands == 3:
                 sizes.setdefault((page.width, page.height), i)
     except pyvips.Error:
         return None
     pages = [sizes.get(tuple(dims)) for dims in level_dimensions]
     return None if any(p is None for p in pages) else pages
+
+
+def _tiff_pages(read_path: Path) -> list:
+    """Every page of a TIFF, as pyvips images (raises ``pyvips.Error``)."""
+    import pyvips
+
+    first = pyvips.Image.tiffload(str(read_path), page=0)
+    n_pages = first.get("n-pages") if "n-pages" in first.get_fields() else 1
+    return [first] + [pyvips.Image.tiffload(str(read_path), page=i) for i in range(1, n_pages)]
 
 
 def _detect_format(path: Path) -> str | None:
@@ -568,7 +493,9 @@ def _detect_format(path: Path) -> str | None:
         return None
 
 
-def _openslide_refusal(path: Path, openslide) -> str:
+def _openslide_refusal(path: Path) -> str:
+    import openslide
+
     try:
         openslide.OpenSlide(str(path)).close()
     except openslide.OpenSlideUnsupportedFormatError:
@@ -608,9 +535,6 @@ def _choose_mpp(
     return None, None
 
 
-# --- plain images -------------------------------------------------------------------------------
-
-
 def _cache_name(path: Path) -> str:
     """A cache file name that changes when the source file is replaced or edited."""
     stat = path.stat()
@@ -635,11 +559,8 @@ def _plain_mpp(image, path: Path) -> float | None:
 def _plain_to_cache(
     path: Path, cache_dir: Path, config_mpp: float | None
 ) -> tuple[Path, float | None]:
-    """Convert a plain image, streaming, into a tiled pyramidal TIFF (once).
-
-    Returns:
-        (cache TIFF path, MPP from the source's metadata or None).
-    """
+    """Convert a plain image, streaming, into a tiled pyramidal TIFF (once); the TIFF's path
+    and the MPP of the source's metadata (or None)."""
     import pyvips
 
     try:

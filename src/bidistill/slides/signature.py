@@ -1,11 +1,6 @@
-"""A slide's signature: which file a tiling or a feature file was made from.
-
-``slide_signature(path)`` records the slide's path, size and modification time; a slide replaced
-under the same id (a rescan) changes its size or time, and ``signature_change`` says so. The
-path itself is not compared, only its name: a project folder that moves (same files, same times)
-keeps its tiles and features. A folder of patches is signed by the total size of its files and
-the latest time among the folder and its files (adding, removing or replacing a patch changes
-one of them).
+"""A slide's signature: which file a tiling or a feature file was made from (a rescan changes
+its size or time; only the file's name is compared, so a project folder that moves keeps its
+tiles and features).
 """
 
 from __future__ import annotations
@@ -13,16 +8,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from bidistill._io import h5_attrs
+
 SIGNATURE_KEYS = ("slide_path", "slide_size", "slide_mtime_ns")
 
 
 def slide_signature(path: Path) -> dict[str, object]:
     """``slide_path`` (resolved), ``slide_size`` (bytes) and ``slide_mtime_ns`` of a slide file
-    or patch folder.
-
-    Raises:
-        OSError: the path cannot be read.
-    """
+    or patch folder (``OSError`` when it cannot be read)."""
     path = Path(path).resolve()
     stat = path.stat()
     size, mtime = stat.st_size, stat.st_mtime_ns
@@ -34,11 +27,8 @@ def slide_signature(path: Path) -> dict[str, object]:
 
 
 def signature_change(recorded: Mapping[str, object], current: Mapping[str, object]) -> str | None:
-    """What differs between a recorded signature and the current one (None: the same slide, or
-    nothing recorded to compare with).
-
-    Compares the file name, size and modification time, not the folder the file is in.
-    """
+    """What differs between a recorded signature and the current one: file name, size, time
+    (None: the same slide, or nothing recorded to compare with)."""
     if any(key not in recorded for key in SIGNATURE_KEYS):
         return None  # written before signatures were recorded, or by another tool
     changes = []
@@ -59,9 +49,10 @@ def recorded_signature(h5_path: Path) -> dict[str, object]:
 
     try:
         with h5py.File(h5_path, "r") as h5:
-            return {k: _plain(h5.attrs[k]) for k in SIGNATURE_KEYS if k in h5.attrs}
+            attrs = h5_attrs(h5)
     except OSError:
         return {}
+    return {k: attrs[k] for k in SIGNATURE_KEYS if k in attrs}
 
 
 def change_since(h5_path: Path, slide_path: Path) -> str | None:
@@ -72,9 +63,3 @@ def change_since(h5_path: Path, slide_path: Path) -> str | None:
     except OSError:
         return None
     return signature_change(recorded_signature(h5_path), current)
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, bytes):
-        return value.decode()
-    return value.item() if hasattr(value, "item") else value

@@ -1,11 +1,8 @@
 """Tiling one slide: a grid of square tiles, kept where the mask is and the tile is not blank.
 
-The tile side is ``patch_size`` pixels at the target MPP (default 256 px at 0.5 um/px, i.e. 20x),
-or at level 0 when the target MPP is null; in level-0 pixels that is ``patch_size_level0``. The
-extractor reads each tile from the best pyramid level and resizes it to ``patch_size``.
-
-Masks and the blank filter are evaluated on a thumbnail with about 16 pixels per tile side, with
-a summed-area table, so a slide of a million candidate tiles is filtered in milliseconds.
+The tile side is ``patch_size`` pixels at the target MPP (or level 0 when it is null). Masks and
+the blank filter are evaluated on a thumbnail with about 16 pixels per tile side, with a
+summed-area table, so a slide of a million candidate tiles is filtered in milliseconds.
 """
 
 from __future__ import annotations
@@ -36,16 +33,8 @@ MAX_PEN_FRACTION = 0.01
 
 @dataclass(frozen=True)
 class TileSpec:
-    """Tile geometry of one slide.
-
-    Attributes:
-        patch_size: tile side in pixels at the target MPP (what the extractor gets).
-        size_level0: tile side in level-0 pixels.
-        stride_level0: step between tiles in level-0 pixels (``size_level0`` minus overlap).
-        level: the pyramid level tiles are read from.
-        mpp: the target MPP (None: level 0 of a slide whose MPP is unknown).
-        overlap: pixels at the target MPP that neighbouring tiles share.
-    """
+    """Tile geometry of one slide: ``patch_size`` and ``overlap`` at the target ``mpp`` (None:
+    level 0 of a slide whose MPP is unknown), size and stride in level-0 pixels."""
 
     patch_size: int
     size_level0: int
@@ -57,19 +46,9 @@ class TileSpec:
 
 @dataclass
 class SlideTiling:
-    """The outcome of tiling one slide (what is written, plus what the QC image shows).
-
-    Attributes:
-        coords: int64 [n, 2] level-0 (x, y) of the kept tiles.
-        spec: tile geometry.
-        mask_kind: ``annotations``, ``tissue`` or ``none``.
-        thumbnail: uint8 [h, w, 3].
-        mask: bool [h, w] at thumbnail resolution.
-        downsample: (dx, dy) level-0 pixels per thumbnail pixel.
-        n_candidates: tiles on the grid before filtering.
-        pen: bool [h, w] at thumbnail resolution, the marker strokes that tiles were dropped
-            for (None when ``remove_pen`` is off).
-    """
+    """The outcome of tiling one slide: what is written, plus what the QC image shows (masks at
+    thumbnail resolution, ``downsample`` level-0 pixels per thumbnail pixel; ``pen`` the marker
+    strokes that tiles were dropped for, None when ``remove_pen`` is off)."""
 
     coords: np.ndarray
     spec: TileSpec
@@ -82,11 +61,7 @@ class SlideTiling:
 
 
 def tile_spec(slide: WholeSlide, tiling: TilingConfig) -> TileSpec:
-    """Tile geometry for ``slide``: sizes in level-0 pixels and the level to read from.
-
-    Raises:
-        SlideError: a target MPP is set and the slide's MPP is unknown (says how to give it).
-    """
+    """Tile geometry for ``slide``: sizes in level-0 pixels and the level to read from."""
     if tiling.mpp is None:
         scale = 1.0
         target_mpp = slide.mpp
@@ -116,17 +91,8 @@ def grid_coords(width: int, height: int, size: int, stride: int) -> np.ndarray:
 def box_fractions(
     mask: np.ndarray, coords: np.ndarray, size_level0: int, downsample: tuple[float, float]
 ) -> np.ndarray:
-    """Share of each tile covered by ``mask`` (a thumbnail-resolution bool array).
-
-    Args:
-        mask: bool [h, w].
-        coords: int64 [n, 2] level-0 (x, y).
-        size_level0: tile side in level-0 pixels.
-        downsample: (dx, dy) level-0 pixels per mask pixel.
-
-    Returns:
-        float64 [n] in [0, 1].
-    """
+    """Share of each tile covered by ``mask`` (bool, ``downsample`` level-0 pixels per mask
+    pixel), from a summed-area table."""
     h, w = mask.shape
     table = np.zeros((h + 1, w + 1), dtype=np.int64)
     table[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
@@ -157,14 +123,7 @@ def slide_mask(
     downsample: tuple[float, float],
     annotations_path: Path | None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """The inclusion mask and the per-pixel tissue map of a thumbnail.
-
-    Returns:
-        (mask bool [h, w], foreground bool [h, w], mask kind actually used).
-
-    Raises:
-        SlideError: ``mask: annotations`` and no annotation file for the slide.
-    """
+    """The inclusion mask, the per-pixel tissue map of a thumbnail and the mask kind used."""
     tissue = tissue_mask(
         thumbnail, min_region_fraction=tiling.min_region_fraction, remove_pen=tiling.remove_pen
     )

@@ -1,13 +1,6 @@
-"""The tiling stage over a cohort: every slide, in parallel over processes, resumable.
-
-A slide is done when its coords file exists (coords files are written atomically and last, after
-the QC image), so a rerun after a kill tiles only what is missing, and when the slide is the one
-that was tiled: a coords file records the slide's size and modification time
-(``slides.signature``), and a slide replaced under the same id is tiled again. The per-slide
-runner (``bidistill.slide_stages``) does the skipping, the sharding, the process pool and the
-bookkeeping of failures: by default the first failure stops the run with its message and says that
-``--skip-errors`` exists; with it the run goes on and ends with a summary of the slides that
-failed.
+"""The tiling stage's driver: the cohort's slides as jobs, tiled in parallel (with
+``bidistill.slide_stages``), resumable: a slide whose coords file records its current signature
+is done.
 """
 
 from __future__ import annotations
@@ -41,8 +34,6 @@ from bidistill.slides.tiling import tile_slide, write_patch_folder_coords, write
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "tiling_summary.json"
-
 
 @dataclass(frozen=True)
 class SlideJob:
@@ -56,11 +47,7 @@ class SlideJob:
 
 
 def jobs_from_config(config: ExperimentConfig) -> tuple[list[SlideJob], dict[str, str]]:
-    """The cohort's slides as jobs, plus the slides whose file was not found (id → reason).
-
-    Raises:
-        ConfigError: no ``slides`` section, no slide column in the cohort, or no slides folder.
-    """
+    """The cohort's slides as jobs, plus the slides whose file was not found (id → reason)."""
     from bidistill.cohort import load_cohort
 
     if config.slides is None:
@@ -99,18 +86,8 @@ def jobs_from_config(config: ExperimentConfig) -> tuple[list[SlideJob], dict[str
     return jobs, missing
 
 
-# --- one slide ----------------------------------------------------------------------------------
-
-
 def tile_one(job: SlideJob, tiling: TilingConfig, cache_dir: Path) -> int:
-    """Tile one slide and write its QC image and coords file (in that order).
-
-    Returns:
-        number of tiles kept.
-
-    Raises:
-        SlideError (or another BidistillError): the slide cannot be read or tiled.
-    """
+    """Tile one slide, write its QC image and coords file (in that order); the tiles kept."""
     target = coords_path(tiling.coords_dir, job.slide_id)
     # Signed before reading: a slide replaced while it is tiled is seen as changed next time.
     signature = slide_signature(job.path) if job.path.exists() else None
@@ -143,9 +120,6 @@ class _TileWork:
             return job.slide_id, None, describe_failure(err, job.path)
 
 
-# --- the cohort ---------------------------------------------------------------------------------
-
-
 def tile_cohort(
     jobs: list[SlideJob],
     tiling: TilingConfig,
@@ -158,26 +132,9 @@ def tile_cohort(
     hint: str = SKIP_ERRORS_HINT,
 ) -> StageSummary:
     """Tile every slide (of this shard) whose coords file does not exist yet, or was made from
-    another version of the slide (``summary.redone`` says which and why).
-
-    Args:
-        jobs: the slides.
-        tiling: tile size, mask, filters, output folder.
-        cache_dir: where plain images are converted (default ``<coords_dir>/.cache``).
-        workers: processes (default ``tiling.workers``); 1 tiles in this process.
-        skip_errors: record failures and go on, instead of stopping at the first.
-        progress: show a progress bar.
-        shard: tile only this shard's slides (default: all).
-        hint: what the error of a failed slide says about going on past it.
-
-    Returns:
-        StageSummary (``done``: tiles kept per slide tiled now; ``extra["cache_mb"]``).
-
-    Raises:
-        SlideError (or another BidistillError): the first failure, unless ``skip_errors``.
-
-    Side effects: writes ``<coords_dir>/<slide_id>.h5``, ``<coords_dir>/qc/<slide_id>.png`` and
-    ``<coords_dir>/tiling_summary.json``.
+    another version of the slide (``summary.redone`` says which and why); ``cache_dir`` (default
+    ``<coords_dir>/.cache``) is where plain images are converted, ``workers`` 1 tiles in this
+    process. The summary's ``done`` counts tiles kept per slide tiled now.
     """
     coords_dir = Path(tiling.coords_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else coords_dir / ".cache"
@@ -203,7 +160,7 @@ def tile_cohort(
         summary.extra["cache_dir"] = str(cache_dir)
         summary.extra["cache_mb"] = round(folder_size(cache_dir) / 2**20, 1)
         if todo:
-            write_json(coords_dir / _summary_name(summary), summary.to_dict())
+            write_json(coords_dir / summary_file(summary), summary.to_dict())
     return summary
 
 
@@ -221,11 +178,12 @@ def _is_tiled(job: SlideJob, coords_dir: Path, summary: StageSummary) -> bool:
     return False
 
 
-def _summary_name(summary: StageSummary) -> str:
+def summary_file(summary: StageSummary) -> str:
+    """``<stage>_summary.json``, or one per shard (``tiling_summary.shard1of4.json``)."""
     if summary.shard is None:
-        return SUMMARY_FILE
+        return f"{summary.stage}_summary.json"
     index, count = summary.shard.split("/")
-    return f"tiling_summary.shard{index}of{count}.json"
+    return f"{summary.stage}_summary.shard{index}of{count}.json"
 
 
 def slide_cache_dir(config: ExperimentConfig) -> Path:
@@ -246,11 +204,7 @@ def tile_from_config(
     progress: bool = True,
     hint: str = SKIP_ERRORS_HINT,
 ) -> StageSummary:
-    """Tile the cohort of an experiment config (what `bidistill tile CONFIG` does).
-
-    Raises:
-        ConfigError: no slides to tile; SlideError: a slide fails and ``skip_errors`` is off.
-    """
+    """Tile the cohort of an experiment config (what `bidistill tile CONFIG` does)."""
     jobs, missing = jobs_from_config(config)
     shard = shard or Shard()
     missing = missing_slides(missing, shard, skip_errors=skip_errors, hint=hint)
@@ -266,5 +220,5 @@ def tile_from_config(
     )
     summary.failed = {**missing, **summary.failed}
     if missing:
-        write_json(Path(config.tiling.coords_dir) / _summary_name(summary), summary.to_dict())
+        write_json(Path(config.tiling.coords_dir) / summary_file(summary), summary.to_dict())
     return summary
