@@ -58,17 +58,10 @@ def _print_next(summary, command: str) -> None:
     say_next(command)
 
 
-def _exit_if_failed(summary) -> None:
-    if summary.failed:
-        raise typer.Exit(code=1)
-
-
 def _check_stage(cfg, config: Path, stage: str, *, skip_errors: bool, shard) -> None:
-    """The stage's checks before any work (those `bidistill config` reports)."""
     from bidistill.experiment.checks import check_stages
 
-    checks = check_stages(cfg, [stage], skip_errors=skip_errors, shard=shard)
-    checks.require(stage, config)
+    check_stages(cfg, [stage], skip_errors=skip_errors, shard=shard).require(stage, config)
 
 
 @app.command(cls=HelpCommand)
@@ -122,7 +115,8 @@ def tile(
         _print_next(summary, f"bidistill run {shell_arg(config)} --out {shell_arg(run_dir)}")
     else:
         _print_next(summary, f"bidistill extract {shell_arg(config)}")
-    _exit_if_failed(summary)
+    if summary.failed:
+        raise typer.Exit(code=1)
 
 
 @app.command(cls=HelpCommand)
@@ -163,7 +157,8 @@ def extract(
             )
         run_dir = free_run_dir(config, cfg)
         _print_next(merged, f"bidistill run {shell_arg(config)} --out {shell_arg(run_dir)}")
-    _exit_if_failed(summary)
+    if summary.failed:
+        raise typer.Exit(code=1)
 
 
 @app.command(cls=HelpCommand)
@@ -278,11 +273,8 @@ def _reference_of(run_dir: Path) -> str:
     from bidistill.config import EvaluationConfig
 
     config = RunDir(run_dir).config
-    return (
-        load_experiment(config).evaluation.reference_method
-        if config.is_file()
-        else (EvaluationConfig().reference_method)
-    )
+    evaluation = load_experiment(config).evaluation if config.is_file() else EvaluationConfig()
+    return evaluation.reference_method
 
 
 @app.command(cls=HelpCommand)

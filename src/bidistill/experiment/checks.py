@@ -1,11 +1,7 @@
-"""The checks made before any work: one list per stage (tile, extract, train), and the run
-folder's own (writable, made by this config file, a device this machine has, a trainable cohort).
+"""The checks made before any work: one list per stage (``CHECKS``), and the run folder's own.
 
-``bidistill config`` runs every stage's checks and says which stage each problem blocks;
-``bidistill run``, ``tile`` and ``extract`` run the checks of the stages they are about to run,
-before they write anything, and stop with one line naming every problem. So `config` says ok
-to exactly what the stages then accept. Features that `run` makes from the slides (a config with a
-``slides`` section) are fine for training: the tile and extract checks cover them.
+`config` runs every stage's checks and the commands those of the stages they run, so `config`
+says ok to exactly what the stages then accept.
 """
 
 from __future__ import annotations
@@ -38,15 +34,9 @@ OK, WARN, BLOCK = "ok", "warning", "missing"
 
 @dataclass
 class Finding:
-    """One checked path, column or setting.
-
-    Attributes:
-        key: the config key, e.g. ``cohort.table``.
-        status: ``ok``, ``missing`` (blocks ``stages``) or ``warning`` (blocks only stages that
-            `run` does not need, e.g. ``bidistill tile`` on a cohort with every feature file).
-        detail: what was found, or what is wrong and how to fix it (file, row, column).
-        stages: the stages whose checks found it.
-    """
+    """One checked config key: ``status`` ``ok``, ``missing`` (blocks ``stages``) or ``warning``
+    (blocks only stages that `run` does not need); ``detail`` says what was found or how to fix
+    it."""
 
     key: str
     status: str
@@ -58,13 +48,13 @@ class Finding:
         return self.status == BLOCK
 
     def line(self) -> str:
-        """``key: detail`` (the detail of an error that names its key already, as is)."""
+        # An error that names its key already is shown as is.
         return self.detail if self.detail.startswith(self.key) else f"{self.key}: {self.detail}"
 
 
 @dataclass
 class Checks:
-    """What the stages' checks found, and what they loaded on the way (for the work itself)."""
+    """What the stages' checks found, and the feature store they opened (for the work)."""
 
     findings: list[Finding]
     stages: list[str]  # the stages checked
@@ -74,18 +64,13 @@ class Checks:
         return [f for f in self.findings if f.status != OK]
 
     def blocked_stages(self) -> dict[str, list[str]]:
-        """stage → the keys that block it."""
         return {
             stage: [f.key for f in self.findings if f.status != OK and stage in f.stages]
             for stage in self.stages
         }
 
     def require(self, command: str, config_path: str | Path) -> None:
-        """Raise one ``ConfigError`` line naming every problem that blocks ``command``.
-
-        Raises:
-            ConfigError: ``<config>: `bidistill <command>` cannot start: key: detail; ...``.
-        """
+        """Raise one ``ConfigError`` line naming every problem that blocks ``command``."""
         problems = self.blocking()
         if problems:
             raise ConfigError(
@@ -96,8 +81,8 @@ class Checks:
 
 
 def run_stages(config: ExperimentConfig, slide_ids: Sequence[str]) -> list[str]:
-    """The stages `bidistill run` goes through for this cohort: it tiles and extracts only
-    when the config has a `slides` section and some slide has no feature file yet."""
+    """The stages `run` goes through: tile and extract only with a `slides` section and a
+    slide without a feature file."""
     if config.slides is None or not slide_ids:
         return ["train"]
     if config.training.on_tiles:  # the methods read tiles; nothing is extracted
@@ -120,18 +105,12 @@ def check_stages(
     shard=None,
     in_memory: str = "no",
 ) -> Checks:
-    """Run the checks of ``stages`` (default: those `bidistill run` goes through).
+    """Run the checks of ``stages`` (default: those `run` goes through).
 
-    Args:
-        config: a loaded config (paths absolute).
-        stages: any of ``tile``, ``extract``, ``train``.
-        run_dir: the run folder: its trained methods' feature identity is checked too.
-        need_features: False when every method of the run is trained already (the feature
-            files are then not read again).
-        skip_errors: the stage goes on past failing slides (missing files, no MPP).
-        shard: only this shard's slides (``slide_stages.Shard``).
-        in_memory: how to open the feature store when every file is there (``no``: headers
-            and a scan of the values; the training setting to keep it for training).
+    ``run_dir``: its trained methods' feature identity is checked too; ``need_features`` False:
+    every method is trained already, the feature files are not read again; ``in_memory``: how
+    to open the feature store when every file is there (training's setting keeps it for
+    training).
     """
     context = _Context(config, run_dir, need_features, skip_errors, shard, in_memory)
     if stages is None:
@@ -140,12 +119,11 @@ def check_stages(
 
 
 def check_config(config: ExperimentConfig, *, run_dir: Path | None = None) -> Checks:
-    """What `bidistill config` reports: the checks of every stage the config can use; problems
-    of stages that `run` would not go through are warnings."""
+    """`bidistill config`: every stage the config can use; problems of stages that `run` would
+    not go through are warnings."""
     stages = ["train"]
     if config.slides is not None:
-        end_to_end = config.training.on_tiles
-        stages = ["tile", "train"] if end_to_end else ["tile", "extract", "train"]
+        stages = ["tile", "train"] if config.training.on_tiles else ["tile", "extract", "train"]
     context = _Context(config, run_dir)
     checks = _run_checks(context, stages)
     needed = set(run_stages(config, context.slide_ids()))
@@ -251,7 +229,6 @@ def _cohort(context: _Context) -> list[Finding]:
 
 def _check_table(config: ExperimentConfig) -> list[Finding]:
     from bidistill.cohort.table import read_table
-    from bidistill.errors import CohortError
 
     cohort = config.cohort
     table = Path(cohort.table)
@@ -297,8 +274,6 @@ def _check_table(config: ExperimentConfig) -> list[Finding]:
 
 
 def _slides(context: _Context) -> list[Finding]:
-    """The slides folder and a file for every slide of the cohort (tiling and extraction read
-    the pixels)."""
     config = context.config
     if config.slides is None:
         return [Finding("slides", BLOCK, "the config has no `slides` section: set `slides.dir`")]
@@ -347,7 +322,6 @@ def _annotations(context: _Context) -> list[Finding]:
 
 
 def _slide_mpps(context: _Context) -> list[Finding]:
-    """Tiling at a target MPP needs each slide's MPP: from its file, the table or the config."""
     config = context.config
     listed = context.slide_jobs()
     if config.tiling.mpp is None or listed is None or context.skip_errors:
@@ -379,7 +353,6 @@ def _slide_mpps(context: _Context) -> list[Finding]:
 
 
 def _tiles(context: _Context) -> list[Finding]:
-    """Extraction reads the tiles of every slide it encodes (`run` tiles them first)."""
     if "tile" in context.stages or context.skip_errors:
         return []
     from bidistill.features.store import feature_path
@@ -426,7 +399,6 @@ def _two_classes(context: _Context) -> list[Finding]:
 
 
 def _bags(context: _Context) -> list[Finding]:
-    """What the methods read: a feature file per slide (or, end to end, its tiles)."""
     config = context.config
     slide_ids = context.slide_ids()
     if not slide_ids or not context.need_features:
@@ -465,9 +437,7 @@ def _tiles_for_training(
 
 
 def _feature_files(context: _Context, slide_ids: list[str]) -> list[Finding]:
-    """The feature files that exist pass the checks training makes (readable, one identity
-    that matches the config and the run's trained methods, and, when all are there, the
-    feature store's checks of shapes and values); the others must be made by extraction."""
+    """The feature files that exist pass training's checks; the others must be extracted."""
     from bidistill.features.store import FeatureStore, feature_path
 
     config = context.config
@@ -541,12 +511,8 @@ CHECKS: dict[str, list[Callable[[_Context], list[Finding]]]] = {
 def check_cohort_features(
     config: ExperimentConfig, slide_ids: list[str], run_dir: Path | None
 ) -> FeatureIdentity | None:
-    """The common identity of the slides' feature files that exist (None: none exists yet).
-
-    Raises:
-        FeatureFileError: a file is unreadable, two files were made differently, or they are
-            of another kind than the config's `features` section or the run's trained methods.
-    """
+    """The common identity of the slides' feature files that exist (None: none yet);
+    ``FeatureFileError`` when they differ from each other, the config or the trained methods."""
     from bidistill.features.store import feature_path
 
     paths = [feature_path(config.features.dir, s) for s in slide_ids]
@@ -580,11 +546,7 @@ def check_cohort_features(
 
 
 def prepare_output_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and make sure files can be written in it.
-
-    Raises:
-        ConfigError: ``out_dir`` is a file, cannot be created, or is not writable.
-    """
+    """Create ``out_dir`` and make sure files can be written in it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir}: is a file, not a folder; give a folder for the run")
     try:
@@ -598,11 +560,7 @@ def prepare_output_dir(out_dir: Path) -> None:
 
 
 def check_device(name: str, key: str) -> None:
-    """Refuse a device that this machine does not have (``auto`` always works).
-
-    Raises:
-        ConfigError: naming the config key, the device and what the machine has.
-    """
+    """Refuse a device that this machine does not have (``auto`` always works)."""
     if name == "auto":
         return
     import torch
@@ -634,11 +592,7 @@ def check_device(name: str, key: str) -> None:
 
 def check_trainable_cohort(cohort, splits) -> None:
     """Every evaluated split has both classes, and no declared clinical column is blank for all
-    training patients.
-
-    Raises:
-        CohortError: naming the split (and fold) or the column.
-    """
+    training patients."""
     labels = cohort.labels
     checks = [("test", splits.test)] + [
         (f"val (fold {i})" if len(splits.folds) > 1 else "val", f.val)
@@ -691,9 +645,6 @@ def check_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
     by its path, or by its path relative to the run folder (a project folder moved or copied
     with its runs); a recorded file that no longer exists was renamed or moved, and its folder
     goes on with this one.
-
-    Raises:
-        ConfigError: naming both config files and how to give this one its own folder.
     """
     run_dir = Path(run_dir)
     if _is_resolved_copy(run_dir, config_path):
@@ -730,11 +681,7 @@ def record_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
 
 def check_run_folder(config: ExperimentConfig, config_path: str | Path, run: RunDir) -> None:
     """Refuse a run folder made by another config file, or holding a run of other cohort,
-    features or training settings, or of other options of a method trained there.
-
-    Raises:
-        ConfigError: naming the folder, what changed and how to go on.
-    """
+    features or training settings, or of other options of a method trained there."""
     from bidistill.config import load_config
     from bidistill.runs.inputs import TRAINING_SECTIONS, config_sections
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from bidistill._io import write_text
-from bidistill.experiment.run import RunResult, run_experiment
+from bidistill.experiment.commands import RunResult, run_experiment
 from bidistill.experiment.stages import Say
 
 log = logging.getLogger(__name__)
