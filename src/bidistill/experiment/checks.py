@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,10 @@ class Checks:
                 + "; ".join(f.line() for f in problems)
                 + f" (`bidistill config {config_path}` checks every stage)"
             )
+
+
+def _blocked(key: str, detail: str) -> list[Finding]:
+    return [Finding(key, BLOCK, detail)]
 
 
 def run_stages(config: ExperimentConfig, slide_ids: Sequence[str]) -> list[str]:
@@ -165,21 +170,16 @@ class _Context:
     in_memory: str = "no"
     stages: list[str] = field(default_factory=list)
     store: Any = None
-    _loaded: dict[str, Any] = field(default_factory=dict)
+    cohort_error: str | None = None  # the table reads, but its cells do not
 
+    @cached_property
     def table_findings(self) -> list[Finding]:
-        if "table" not in self._loaded:
-            self._loaded["table"] = _check_table(self.config)
-        return self._loaded["table"]
+        return _check_table(self.config)
 
+    @cached_property
     def cohort(self):
         """The cohort (without the two-class check), or None when the table does not load."""
-        if "cohort" not in self._loaded:
-            self._loaded["cohort"] = self._load_cohort()
-        return self._loaded["cohort"]
-
-    def _load_cohort(self):
-        if any(f.status != OK for f in self.table_findings()):
+        if any(f.status != OK for f in self.table_findings):
             return None
         from bidistill.cohort import load_cohort
 
@@ -191,11 +191,11 @@ class _Context:
                 require_classes=False,
             )
         except BidistillError as err:
-            self._loaded["cohort_error"] = str(err)
+            self.cohort_error = str(err)
             return None
 
     def slide_ids(self) -> list[str]:
-        cohort = self.cohort()
+        cohort = self.cohort
         if cohort is None or cohort.slides is None or "slide_id" not in cohort.slides:
             return []
         return [str(s) for s in cohort.slides["slide_id"]]
@@ -203,28 +203,26 @@ class _Context:
     def owned(self, slide_ids: list[str]) -> list[str]:
         return [s for s in slide_ids if self.shard is None or self.shard.owns(s)]
 
+    @cached_property
     def slide_jobs(self):
         """(jobs, missing files) of the tiling stage, or None when they cannot be listed."""
-        if "jobs" not in self._loaded:
-            from bidistill.slides.run import jobs_from_config
+        from bidistill.slides.run import jobs_from_config
 
-            try:
-                self._loaded["jobs"] = jobs_from_config(self.config)
-            except BidistillError:
-                self._loaded["jobs"] = None  # _slides says why
-        return self._loaded["jobs"]
+        try:
+            return jobs_from_config(self.config)
+        except BidistillError:
+            return None  # _slides says why
 
 
 # --- the cohort table (every stage) -------------------------------------------------------------
 
 
 def _cohort(context: _Context) -> list[Finding]:
-    findings = list(context.table_findings())
-    if context.cohort() is None and "cohort_error" in context._loaded:
-        # The file reads, but its cells do not (a label value, an identifier, a clinical cell).
-        error = Finding("cohort.table", BLOCK, context._loaded["cohort_error"])
+    findings = context.table_findings
+    if context.cohort is None and context.cohort_error is not None:
+        error = Finding("cohort.table", BLOCK, context.cohort_error)
         return [f for f in findings if f.status != OK] + [error]
-    return findings
+    return list(findings)
 
 
 def _check_table(config: ExperimentConfig) -> list[Finding]:
@@ -233,14 +231,11 @@ def _check_table(config: ExperimentConfig) -> list[Finding]:
     cohort = config.cohort
     table = Path(cohort.table)
     if not table.is_file():
-        return [
-            Finding(
-                "cohort.table",
-                BLOCK,
-                f"{table} not found: every stage reads the cohort table (one row per slide: "
-                "patient id, slide id, label, clinical columns)",
-            )
-        ]
+        return _blocked(
+            "cohort.table",
+            f"{table} not found: every stage reads the cohort table (one row per slide: "
+            "patient id, slide id, label, clinical columns)",
+        )
     try:
         frame = read_table(table, cohort.sheet)
     except CohortError as err:
@@ -259,14 +254,9 @@ def _check_table(config: ExperimentConfig) -> list[Finding]:
     for key, names in declared.items():
         for name in names:
             if name not in frame.columns:
-                findings.append(
-                    Finding(
-                        key,
-                        BLOCK,
-                        f"column '{name}' is not in {table.name} (its columns: "
-                        f"{', '.join(map(str, frame.columns))})",
-                    )
-                )
+                columns = ", ".join(map(str, frame.columns))
+                detail = f"column '{name}' is not in {table.name} (its columns: {columns})"
+                findings += _blocked(key, detail)
     return findings
 
 
@@ -277,20 +267,17 @@ def _slides(context: _Context) -> list[Finding]:
     config = context.config
     if config.slides is None:
         return [Finding("slides", BLOCK, "the config has no `slides` section: set `slides.dir`")]
-    if context.cohort() is None:
+    if context.cohort is None:
         return []  # the cohort's own finding says why
     if not config.cohort.slide_column:
-        return [
-            Finding(
-                "cohort.slide_column",
-                BLOCK,
-                "not set: tiling needs the table's slide id column (one row per slide)",
-            )
-        ]
+        return _blocked(
+            "cohort.slide_column",
+            "not set: tiling needs the table's slide id column (one row per slide)",
+        )
     folder = Path(config.slides.dir)
     if not folder.is_dir():
         return [Finding("slides.dir", BLOCK, f"{folder} not found: tiling reads the slides there")]
-    jobs, missing = context.slide_jobs() or ([], {})
+    jobs, missing = context.slide_jobs or ([], {})
     try:
         missing_slides(
             missing,
@@ -311,19 +298,16 @@ def _annotations(context: _Context) -> list[Finding]:
     folder = Path(slides.annotations_dir)
     if folder.is_dir():
         return [Finding("slides.annotations_dir", OK, str(folder))]
-    return [
-        Finding(
-            "slides.annotations_dir",
-            BLOCK,
-            f"{folder} not found: tiling would use the tissue mask instead of your annotations; "
-            "fix the path, or remove slides.annotations_dir",
-        )
-    ]
+    return _blocked(
+        "slides.annotations_dir",
+        f"{folder} not found: tiling would use the tissue mask instead of your annotations; "
+        "fix the path, or remove slides.annotations_dir",
+    )
 
 
 def _slide_mpps(context: _Context) -> list[Finding]:
     config = context.config
-    listed = context.slide_jobs()
+    listed = context.slide_jobs
     if config.tiling.mpp is None or listed is None or context.skip_errors:
         return []
     from bidistill.slides.coords import coords_path
@@ -340,16 +324,13 @@ def _slide_mpps(context: _Context) -> list[Finding]:
     if not unknown:
         return []
     more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-    return [
-        Finding(
-            "slides.mpp",
-            BLOCK,
-            f"{unknown[0]}{more}: the file has no microns-per-pixel in its metadata, so it "
-            "cannot be tiled at a target MPP; give `slides.mpp` (every slide), "
-            "`slides.mpp_column` (a column of the cohort table), or set `tiling.mpp: null` to "
-            "tile at level 0",
-        )
-    ]
+    return _blocked(
+        "slides.mpp",
+        f"{unknown[0]}{more}: the file has no microns-per-pixel in its metadata, so it "
+        "cannot be tiled at a target MPP; give `slides.mpp` (every slide), "
+        "`slides.mpp_column` (a column of the cohort table), or set `tiling.mpp: null` to "
+        "tile at level 0",
+    )
 
 
 def _tiles(context: _Context) -> list[Finding]:
@@ -367,15 +348,12 @@ def _tiles(context: _Context) -> list[Finding]:
     untiled = [s for s in todo if not coords_path(config.tiling.coords_dir, s).is_file()]
     if not untiled:
         return []
-    return [
-        Finding(
-            "tiling.coords_dir",
-            BLOCK,
-            f"{len(untiled)} of {count(len(todo), 'slide')} to extract "
-            f"{verb(len(untiled), 'is', 'are')} not tiled in "
-            f"{config.tiling.coords_dir} (first: {untiled[0]}): run `bidistill tile` first",
-        )
-    ]
+    return _blocked(
+        "tiling.coords_dir",
+        f"{len(untiled)} of {count(len(todo), 'slide')} to extract "
+        f"{verb(len(untiled), 'is', 'are')} not tiled in "
+        f"{config.tiling.coords_dir} (first: {untiled[0]}): run `bidistill tile` first",
+    )
 
 
 def _extraction_device(context: _Context) -> list[Finding]:
@@ -388,7 +366,7 @@ def _extraction_device(context: _Context) -> list[Finding]:
 def _two_classes(context: _Context) -> list[Finding]:
     from bidistill.cohort.table import check_two_classes
 
-    cohort = context.cohort()
+    cohort = context.cohort
     if cohort is None:
         return []
     try:
@@ -404,35 +382,32 @@ def _bags(context: _Context) -> list[Finding]:
     if not slide_ids or not context.need_features:
         return []
     if config.training.on_tiles:
-        return [_tiles_for_training(config, slide_ids, context.stages)]
+        return _tiles_for_training(config, slide_ids, context.stages)
     return _feature_files(context, slide_ids)
 
 
 def _tiles_for_training(
     config: ExperimentConfig, slide_ids: list[str], stages: list[str]
-) -> Finding:
+) -> list[Finding]:
     from bidistill.slides.coords import coords_path
 
     folder = Path(config.tiling.coords_dir)
     missing = [s for s in slide_ids if not coords_path(folder, s).is_file()]
     if not missing:
         tiled = every(len(slide_ids), "slide")
-        return Finding("tiling.coords_dir", OK, f"{folder} (tiles of {tiled})")
+        return [Finding("tiling.coords_dir", OK, f"{folder} (tiles of {tiled})")]
+    not_tiled = (
+        f"{len(missing)} of {count(len(slide_ids), 'slide')} {verb(len(missing), 'is', 'are')} "
+        "not tiled"
+    )
     if "tile" in stages:
-        return Finding(
-            "tiling.coords_dir",
-            OK,
-            f"{len(missing)} of {count(len(slide_ids), 'slide')} "
-            f"{verb(len(missing), 'is', 'are')} not tiled yet in {folder}: `run` "
-            "tiles them first",
-        )
-    return Finding(
+        return [
+            Finding("tiling.coords_dir", OK, f"{not_tiled} yet in {folder}: `run` tiles them first")
+        ]
+    return _blocked(
         "tiling.coords_dir",
-        BLOCK,
-        f"{len(missing)} of {count(len(slide_ids), 'slide')} "
-        f"{verb(len(missing), 'is', 'are')} not tiled in {folder} (first: "
-        f"{missing[0]}): end-to-end training reads their tiles; tile them (`bidistill tile`, "
-        "or `run` with a `slides` section)",
+        f"{not_tiled} in {folder} (first: {missing[0]}): end-to-end training reads their tiles; "
+        "tile them (`bidistill tile`, or `run` with a `slides` section)",
     )
 
 
@@ -450,11 +425,8 @@ def _feature_files(context: _Context, slide_ids: list[str]) -> list[Finding]:
     except BidistillError as err:
         return [Finding("features.dir", BLOCK, str(err))]
     if len(present) == len(slide_ids):
-        return [
-            Finding(
-                "features.dir", OK, f"{folder} (a feature file for {every(len(present), 'slide')})"
-            )
-        ]
+        every_slide = every(len(present), "slide")
+        return [Finding("features.dir", OK, f"{folder} (a feature file for {every_slide})")]
     missing = [s for s in slide_ids if s not in set(present)]
     where = (
         f"{folder} not found"
@@ -466,14 +438,11 @@ def _feature_files(context: _Context, slide_ids: list[str]) -> list[Finding]:
     if "extract" in context.stages:
         return [Finding("features.dir", OK, f"{where}: `run` tiles and extracts them first")]
     how = "`bidistill extract`" if config.slides else "add a `slides` section, and `run` does"
-    return [
-        Finding(
-            "features.dir",
-            BLOCK,
-            f"{where}: training reads one <slide_id>.h5 per slide (CLAM/TRIDENT layout); "
-            f"extract them ({how})",
-        )
-    ]
+    return _blocked(
+        "features.dir",
+        f"{where}: training reads one <slide_id>.h5 per slide (CLAM/TRIDENT layout); "
+        f"extract them ({how})",
+    )
 
 
 def _training_device(context: _Context) -> list[Finding]:
