@@ -98,7 +98,7 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
     from rich.text import Text
 
     from bidistill.config import dump_config
-    from bidistill.experiment.checks import check_config
+    from bidistill.experiment.checks import BLOCK, check_config
     from bidistill.models.registry import check_method_configs
 
     loaded = load_experiment(config)
@@ -116,7 +116,7 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
         console.print(line, soft_wrap=True, highlight=False)
     for stage, keys in checks.blocked_stages().items():
         say(f"  {stage:<8}" + (f"blocked by {', '.join(keys)}" if keys else "ready"))
-    blocking = [f for f in checks.findings if f.blocks_run]
+    blocking = [f for f in checks.findings if f.status == BLOCK]
     if not blocking:
         out = free_run_dir(config, loaded)
         say_next(f"bidistill run {shell_arg(config)} --out {shell_arg(out)}")

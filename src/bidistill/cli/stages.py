@@ -379,15 +379,13 @@ def demo(
     """
     import pandas as pd
 
+    from bidistill.experiment.demo import DEMO_PATIENTS, run_demo, run_slides_demo
+
     start = time.perf_counter()
     with warnings_shown():
         if from_slides:
-            from bidistill.experiment.demo import DEMO_PATIENTS, run_slides_demo
-
             result = run_slides_demo(out, patients=patients or DEMO_PATIENTS, seed=seed, say=say)
         else:
-            from bidistill.experiment.demo import run_demo
-
             result = run_demo(out, patients=patients or 1058, seed=seed, say=say)
     run = RunDir(result.run_dir)
     _print_results(result.metrics, pd.read_csv(run.delong), run.path)

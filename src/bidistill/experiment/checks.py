@@ -6,7 +6,6 @@ says ok to exactly what the stages then accept.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -19,7 +18,13 @@ import numpy as np
 
 from bidistill._text import count, every, verb
 from bidistill.config import ExperimentConfig
-from bidistill.errors import BidistillError, CohortError, ConfigError, SlideError
+from bidistill.errors import (
+    BidistillError,
+    CheckpointError,
+    CohortError,
+    ConfigError,
+    SlideError,
+)
 from bidistill.features.identity import (
     FeatureIdentity,
     check_matches,
@@ -27,7 +32,7 @@ from bidistill.features.identity import (
     config_identity,
 )
 from bidistill.runs.fingerprint import read_run_info, write_run_info
-from bidistill.runs.rundir import RunDir
+from bidistill.runs.rundir import MethodDir, RunDir
 from bidistill.slide_stages import Shard, missing_slides
 
 OK, WARN, BLOCK = "ok", "warning", "missing"
@@ -43,10 +48,6 @@ class Finding:
     status: str
     detail: str
     stages: tuple[str, ...] = ()
-
-    @property
-    def blocks_run(self) -> bool:
-        return self.status == BLOCK
 
     def line(self) -> str:
         # An error that names its key already is shown as is.
@@ -497,8 +498,8 @@ def check_cohort_features(
     )
     for model_json in RunDir(run_dir).method_metas() if run_dir is not None else []:
         try:  # the identity each trained method recorded
-            recorded = json.loads(model_json.read_text(encoding="utf-8"))["features"]["identity"]
-        except (OSError, ValueError, KeyError, TypeError):
+            recorded = MethodDir(model_json.parent).read_meta()["features"]["identity"]
+        except (CheckpointError, KeyError, TypeError):
             continue  # none recorded; a damaged checkpoint is its own loader's to report
         if not recorded:
             continue

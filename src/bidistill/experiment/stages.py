@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,9 +74,6 @@ class Experiment:
     def __post_init__(self) -> None:
         self.root = self.root or self.run
         self.features = FeatureIdentities(self.config.features.dir)
-
-    def stage_name(self, path: Path) -> str:
-        return self.root.stage_name(path)
 
     def feature_store(self):
         if self.config.training.on_tiles:
@@ -239,15 +235,15 @@ def train_stage(
         else:
             current.append(method_cfg.key)
     if current:
-        where = exp.stage_name(exp.run.path) if exp.run.path != exp.root.path else ""
+        where = exp.root.stage_name(exp.run.path) if exp.run.path != exp.root.path else ""
         exp.say(f"up to date in {where or 'this run'}, kept: {', '.join(current)}")
-    exp.trained += [exp.stage_name(exp.run.joined(key).path) for key in trained]
+    exp.trained += [exp.root.stage_name(exp.run.joined(key).path) for key in trained]
     return trained
 
 
 def _train_fold(exp: Experiment, method_cfg: MethodConfig, fold: int, train_method) -> bool:
     out = exp.run.method(method_cfg.key, fold, len(exp.splits.folds))
-    stage = exp.stage_name(out.path)
+    stage = exp.root.stage_name(out.path)
     chosen = exp.splits.folds[fold]
     split_ids = {"train": chosen.train, "val": chosen.val, "test": exp.splits.test}
     inputs = method_inputs(exp.config, method_cfg, exp.cohort, split_ids, exp.features)
@@ -291,7 +287,7 @@ def evaluate_stage(exp: Experiment, *, force: bool = False) -> None:
     from bidistill.evaluation import evaluate_run
     from bidistill.evaluation.freshness import evaluation_inputs, evaluation_outputs
 
-    stage = exp.stage_name(exp.run.path / "evaluate")
+    stage = exp.root.stage_name(exp.run.path / "evaluate")
     inputs = evaluation_inputs(exp.run.path, exp.config)
     check = check_stage(exp.root.path, stage, inputs, evaluation_outputs(exp.run.path))
     if check and not force:

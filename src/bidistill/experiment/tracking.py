@@ -36,7 +36,6 @@ def require_mlflow() -> None:
 
 
 class NoTracker:
-
     def sync(self) -> None:
         pass
 
@@ -51,7 +50,6 @@ def open_tracker(config: ExperimentConfig, run_dir: Path) -> NoTracker | MlflowT
 
 
 class MlflowTracker:
-
     def __init__(self, config: ExperimentConfig, run_dir: Path) -> None:
         require_mlflow()
         from mlflow.tracking import MlflowClient
