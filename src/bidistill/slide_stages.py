@@ -20,7 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bidistill.errors import ConfigError, SlideError
+from bidistill.errors import BidistillError, ConfigError, SlideError
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,6 @@ SKIP_ERRORS_HINT = (
     "pass --skip-errors to go on past slides that fail (they are listed at the end, and the "
     "slides done are kept)"
 )
-
-
-# --- shards -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -87,9 +84,6 @@ def resolve_shard(option: str | None) -> Shard:
             "give one of them; torchrun already gives each process its own slides"
         )
     return shard
-
-
-# --- outcomes -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -158,16 +152,11 @@ class Recorder:
 
 def describe_failure(err: BaseException, where: str | Path) -> str:
     """One line for a failed slide: our errors as they are, others with their type and file."""
-    from bidistill.errors import BidistillError
-
     if isinstance(err, BidistillError):
         return str(err)
     # Not one of our errors: a library's, or a bug. Keep the traceback in the log.
     log.info("%s failed", where, exc_info=err)
     return f"{where}: {type(err).__name__}: {err}"
-
-
-# --- planning -----------------------------------------------------------------------------------
 
 
 def missing_slides(
@@ -203,9 +192,6 @@ def plan_slides(
         else:
             todo.append(job)
     return todo
-
-
-# --- running ------------------------------------------------------------------------------------
 
 
 def run_slides(

@@ -9,6 +9,7 @@ import typer
 from bidistill._cli_help import HelpCommand
 from bidistill._text import count
 from bidistill.cli.base import app, console, say, say_next, shell_arg, warnings_shown
+from bidistill.errors import BidistillError, ConfigError
 
 _RUN_HELP = "Run directory (what `bidistill run` wrote)."
 _FEATURES_HELP = "Folder of <slide_id>.h5 feature files, or single files (repeatable)."
@@ -47,7 +48,6 @@ def _bag_source(trained, features: list[Path] | None, slides, tiles: Path):
 def _check_output_folder(folder: Path, given: Path | None = None) -> None:
     """Make ``folder`` and check that it takes files, before any work (``given``: the --out
     that the messages name, default ``folder``)."""
-    from bidistill.errors import ConfigError
     from bidistill.experiment.checks import prepare_output_dir
 
     given = given or folder
@@ -61,8 +61,6 @@ def _check_output_folder(folder: Path, given: Path | None = None) -> None:
 
 
 def _check_output_csv(out: Path) -> None:
-    from bidistill.errors import ConfigError
-
     if out.is_dir():
         raise ConfigError(
             f"--out {out}: is a folder; give the CSV file to write (e.g. {out / 'predictions.csv'})"
@@ -211,8 +209,6 @@ def heatmap(
         trained = load_run(run_dir, method, config=config, device=device)
         source = _bag_source(trained, features, slides, tiles or out / "tiles")
         if source is None:
-            from bidistill.errors import BidistillError
-
             raise BidistillError("give the new patients' features (--features)")
         summary = write_attention_maps(
             trained,

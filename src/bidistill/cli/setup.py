@@ -22,8 +22,6 @@ from bidistill.cli.base import (
     synth_app,
 )
 
-# --- init / config ------------------------------------------------------------------------------
-
 
 @app.command(cls=HelpCommand)
 def init(
@@ -127,9 +125,6 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
     raise typer.Exit(code=1)
 
 
-# --- synthetic cohorts --------------------------------------------------------------------------
-
-
 @synth_app.command("features", cls=HelpCommand)
 def synth_features(
     out: Path = typer.Option(..., "--out", metavar="DIR", help="Folder to write the cohort into."),
@@ -206,9 +201,6 @@ def synth_bcnb(
     say_next(
         f"bidistill bcnb prepare --root {shell_arg(out)} --out {shell_arg(str(out) + '-cohort')}"
     )
-
-
-# --- BCNB ---------------------------------------------------------------------------------------
 
 
 @bcnb_app.command("prepare", cls=HelpCommand)

@@ -24,8 +24,6 @@ from bidistill.cli.base import (
 )
 from bidistill.runs.rundir import RunDir
 
-# --- tile / extract / encoders (the per-slide stages) -------------------------------------------
-
 _SKIP_ERRORS_HELP = "Go on past slides that fail; list them at the end (exit status 1)."
 _SHARD_HELP = (
     "Only shard i of n (0-based), e.g. 0/4 in a SLURM job array; under torchrun each process "
@@ -206,9 +204,6 @@ def encoders() -> None:
         soft_wrap=True,
     )
     say_next("bidistill extract CONFIG")
-
-
-# --- train / run / evaluate / demo / compare ----------------------------------------------------
 
 
 @app.command(cls=HelpCommand)

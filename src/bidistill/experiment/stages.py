@@ -86,9 +86,6 @@ class Experiment:
         return self.store
 
 
-# --- cohort and features ------------------------------------------------------------------------
-
-
 def load_cohort_stage(exp: Experiment) -> None:
     from bidistill.cohort import load_cohort
 
@@ -142,9 +139,6 @@ def _say_summary(summary, exp: Experiment) -> None:
     if summary.failed:
         line += f", {len(summary.failed)} failed: {', '.join(summary.failed)}"
     Console(stderr=True).print(line, highlight=False, soft_wrap=True)
-
-
-# --- splits -------------------------------------------------------------------------------------
 
 
 def splits_stage(exp: Experiment) -> None:
@@ -205,9 +199,6 @@ def cohort_summary_stage(exp: Experiment) -> None:
     if random_init:  # the report shows this as a banner
         summary["warning"] = RANDOM_FEATURES_WARNING
     write_json(exp.run.cohort_summary, summary)
-
-
-# --- train --------------------------------------------------------------------------------------
 
 
 def train_stage(
@@ -278,9 +269,6 @@ def _join_folds(run: RunDir, key: str, folds: int, *, again: bool) -> None:
         write_csv(joined.predictions, pd.concat(frames, ignore_index=True))
 
 
-# --- evaluate -----------------------------------------------------------------------------------
-
-
 def evaluate_stage(exp: Experiment, *, force: bool = False) -> None:
     """Evaluate ``exp.run`` unless its record matches the predictions and settings (or
     ``force``); ``exp.tables`` holds the tables when it evaluated."""
@@ -329,9 +317,6 @@ def write_resolved_config(config: ExperimentConfig, run: RunDir) -> None:
 
 def _stamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
-
-
-# --- train-time missingness grid ----------------------------------------------------------------
 
 
 def train_missing_stage(exp: Experiment) -> None:
