@@ -156,9 +156,6 @@ def _run_checks(context: _Context, stages: list[str]) -> Checks:
     return Checks(findings, stages, store=context.store)
 
 
-# --- what the checks share ----------------------------------------------------------------------
-
-
 @dataclass
 class _Context:
     """The config and what the checks loaded from the disk (each thing once)."""
@@ -215,9 +212,6 @@ class _Context:
             return None  # _slides says why
 
 
-# --- the cohort table (every stage) -------------------------------------------------------------
-
-
 def _cohort(context: _Context) -> list[Finding]:
     findings = context.table_findings
     if context.cohort is None and context.cohort_error is not None:
@@ -259,9 +253,6 @@ def _check_table(config: ExperimentConfig) -> list[Finding]:
                 detail = f"column '{name}' is not in {table.name} (its columns: {columns})"
                 findings += _blocked(key, detail)
     return findings
-
-
-# --- tile and extract ---------------------------------------------------------------------------
 
 
 def _slides(context: _Context) -> list[Finding]:
@@ -359,9 +350,6 @@ def _tiles(context: _Context) -> list[Finding]:
 
 def _extraction_device(context: _Context) -> list[Finding]:
     return _device(context.config.features.device, "features.device")
-
-
-# --- train --------------------------------------------------------------------------------------
 
 
 def _two_classes(context: _Context) -> list[Finding]:
@@ -512,9 +500,6 @@ def check_cohort_features(
     return identity
 
 
-# --- the run folder and what training needs -----------------------------------------------------
-
-
 def prepare_output_dir(out_dir: Path) -> None:
     """Create ``out_dir`` and make sure files can be written in it."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -588,8 +573,6 @@ def check_trainable_cohort(cohort, splits) -> None:
             )
 
 
-# --- which config file a run folder belongs to --------------------------------------------------
-
 # run.json's record of the config file that made the run folder.
 CONFIG_FILE_KEY = "config_file"
 
@@ -644,9 +627,6 @@ def record_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
     if info.get(CONFIG_FILE_KEY) != origin:
         info[CONFIG_FILE_KEY] = origin
         write_run_info(run_dir, info)
-
-
-# --- the run folder: made by this config, with these settings -------------------------------------
 
 
 def check_run_folder(config: ExperimentConfig, config_path: str | Path, run: RunDir) -> None:
