@@ -1,10 +1,7 @@
-"""How ``--help`` looks: plain metavars and docstrings that wrap as paragraphs.
-
-typer's rich help shows a required argument as ``{config}``, every flag with a ``<bool>`` type
-and every value as ``<path>`` or ``<int range>``, and keeps the line breaks of a docstring's later
-paragraphs, so they break mid-sentence at any terminal width but the source's. The command and
-group classes here give the conventional look instead (``CONFIG``, ``--out DIR``, flags bare)
-and join each paragraph's lines; a line that starts with ``Example:`` stays on its own.
+"""How ``--help`` looks: conventional metavars (``CONFIG``, ``--out DIR``, flags bare) instead of
+typer's ``{config}``/``<path>``, and each docstring paragraph joined into one line (typer keeps
+the source's line breaks, which break mid-sentence at any other width); ``Example:`` lines and
+list items stay on their own.
 """
 
 from __future__ import annotations
@@ -26,18 +23,14 @@ _METAVARS = {
 
 
 def unwrap_paragraphs(text: str | None) -> str | None:
-    """Join the lines of each paragraph (blank-line separated) into one line."""
     if not text:
         return text
     import inspect
 
-    paragraphs = inspect.cleandoc(text).split("\n\n")
     joined = []
-    for paragraph in paragraphs:
-        lines = [line.strip() for line in paragraph.splitlines()]
-        # An example or a list item starts a line of its own.
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
         out: list[str] = []
-        for line in lines:
+        for line in (line.strip() for line in paragraph.splitlines()):
             if out and not re.match(r"(Example|Examples):|[-*] ", line):
                 out[-1] = f"{out[-1]} {line}"
             else:
@@ -75,7 +68,7 @@ def _tidy(param: Any, ctx: Any) -> None:
 
 
 class _PlainHelp:
-    """Help with plain metavars and unwrapped paragraphs (mixed into typer's classes)."""
+    """Mixed into typer's command and group classes."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -89,8 +82,8 @@ class _PlainHelp:
 
 
 class HelpCommand(_PlainHelp, typer.core.TyperCommand):
-    """A command whose help has plain metavars and unwrapped paragraphs."""
+    pass
 
 
 class HelpGroup(_PlainHelp, typer.core.TyperGroup):
-    """A command group with the same help conventions as ``HelpCommand``."""
+    pass

@@ -1,11 +1,9 @@
-"""The per-slide stage runner: what `tile` and `extract` share.
+"""The per-slide stage runner that `tile` and `extract` share.
 
 A per-slide stage writes one file per slide, atomically, so a file that exists is a slide that is
-done. The runner turns a list of slides into work: it keeps the slides of this shard (``--shard
-i/n`` for job arrays, or the ``RANK``/``WORLD_SIZE`` that ``torchrun`` sets), skips the ones done,
-runs the rest (in a process pool when the stage is parallel over slides), and records each
-outcome. A failure stops the stage with an error that says ``--skip-errors`` exists; with the
-option the stage goes on and the failures are listed once, in the summary, at the end.
+done: the runner keeps this shard's slides, skips the done ones, runs the rest (in a process
+pool when parallel) and records each outcome. A failure stops the stage with an error that names
+``--skip-errors``; with it, the failures are listed once, at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bidistill.errors import ConfigError, SlideError
+from bidistill.errors import BidistillError, ConfigError, SlideError
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +32,12 @@ SKIP_ERRORS_HINT = (
 )
 
 
-# --- shards -------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Shard:
     """Shard ``index`` of ``count``: a slide belongs to shard ``crc32(slide id) mod count``.
 
-    Every slide belongs to exactly one shard, so no two shards ever write the same file, and a
-    slide's shard depends on its id alone: not on the other slides, nor on which are done, so
-    array jobs started at different times (or on an edited cohort table) still agree.
+    A slide's shard depends on its id alone (not on the other slides, nor on which are done), so
+    no two shards write the same file, even array jobs started at different times.
     """
 
     index: int = 0
@@ -79,11 +73,7 @@ class Shard:
 
 
 def resolve_shard(option: str | None) -> Shard:
-    """``--shard`` when given, else torchrun's rank, else the whole cohort.
-
-    Raises:
-        ConfigError: ``--shard`` under torchrun with another split, or a malformed value.
-    """
+    """``--shard`` when given, else torchrun's rank, else the whole cohort."""
     from_env = Shard.from_env()
     if option is None:
         return from_env or Shard()
@@ -96,33 +86,19 @@ def resolve_shard(option: str | None) -> Shard:
     return shard
 
 
-# --- outcomes -----------------------------------------------------------------------------------
-
-
 @dataclass
 class StageSummary:
-    """What a per-slide stage did: counts per slide done now, slides done before, failures.
-
-    Attributes:
-        stage: ``tiling`` or ``extraction``.
-        done: slide → count of tiles (tiling) or patches (extraction) of slides done now.
-        skipped: slides done by an earlier run.
-        failed: slide → error message.
-        redone: slide → why its earlier output was out of date (e.g. the slide file changed).
-        other_shards: slides left to the other shards.
-        shard: ``i/n`` when sharded.
-        extra: stage-specific figures (e.g. the size of the plain-image cache).
-    """
+    """What a per-slide stage (``tiling``, ``extraction``) did."""
 
     stage: str
-    done: dict[str, int] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    redone: dict[str, str] = field(default_factory=dict)
-    other_shards: int = 0
-    shard: str | None = None
+    done: dict[str, int] = field(default_factory=dict)  # slide → its tiles or patches, done now
+    skipped: list[str] = field(default_factory=list)  # done by an earlier run
+    failed: dict[str, str] = field(default_factory=dict)  # slide → error message
+    redone: dict[str, str] = field(default_factory=dict)  # slide → why its output was stale
+    other_shards: int = 0  # slides left to the other shards
+    shard: str | None = None  # ``i/n`` when sharded
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific figures
 
     @property
     def empty(self) -> list[str]:
@@ -157,10 +133,7 @@ class StageSummary:
 
 class Recorder:
     """Records each slide's outcome; the first failure stops the stage unless ``skip_errors``.
-
-    Failures go to the log file (INFO, so that no console handler prints them a second time) and
-    into the summary, which the command prints once at the end.
-    """
+    Failures are logged at INFO, so that no console handler prints them before the summary."""
 
     def __init__(self, summary: StageSummary, *, skip_errors: bool, hint: str = SKIP_ERRORS_HINT):
         self.summary = summary
@@ -171,7 +144,6 @@ class Recorder:
         self.summary.done[slide_id] = int(count)
 
     def failure(self, slide_id: str, message: str) -> None:
-        """Record a failure; raises ``SlideError`` (naming the option) unless ``skip_errors``."""
         log.info("%s failed: %s", slide_id, message)
         if not self.skip_errors:
             raise SlideError(f"{message}; {self.hint}")
@@ -180,8 +152,6 @@ class Recorder:
 
 def describe_failure(err: BaseException, where: str | Path) -> str:
     """One line for a failed slide: our errors as they are, others with their type and file."""
-    from bidistill.errors import BidistillError
-
     if isinstance(err, BidistillError):
         return str(err)
     # Not one of our errors: a library's, or a bug. Keep the traceback in the log.
@@ -189,17 +159,11 @@ def describe_failure(err: BaseException, where: str | Path) -> str:
     return f"{where}: {type(err).__name__}: {err}"
 
 
-# --- planning -----------------------------------------------------------------------------------
-
-
 def missing_slides(
     missing: dict[str, str], shard: Shard, *, skip_errors: bool, hint: str
 ) -> dict[str, str]:
-    """This shard's slides whose file was not found (id → reason), to count as failed.
-
-    Raises:
-        SlideError: there are some and ``skip_errors`` is off (the message ends with ``hint``).
-    """
+    """This shard's slides whose file was not found (id → reason), to count as failed;
+    ``SlideError`` ending with ``hint`` unless ``skip_errors``."""
     missing = {s: m for s, m in missing.items() if shard.owns(s)}
     if missing and not skip_errors:
         first = next(iter(missing.values()))
@@ -230,9 +194,6 @@ def plan_slides(
     return todo
 
 
-# --- running ------------------------------------------------------------------------------------
-
-
 def run_slides(
     todo: Sequence[Job],
     work: Callable[[Job], tuple[str, int | None, str | None]],
@@ -244,9 +205,8 @@ def run_slides(
 ) -> None:
     """Run ``work`` on every job, in a pool of ``workers`` processes when above 1.
 
-    ``work`` never raises for a bad slide: it returns ``(slide id, count, None)`` or ``(slide id,
-    None, error message)``, and the recorder decides whether the stage goes on. It must be a
-    module-level function (the pool pickles it).
+    ``work`` (module-level: the pool pickles it) never raises for a bad slide: it returns
+    ``(slide id, count, error or None)``, and the recorder decides whether the stage goes on.
     """
     start = time.perf_counter()
     with progress_bar(len(todo), progress, description) as advance:
@@ -285,7 +245,6 @@ def _run_pool(todo, work, workers: int, recorder: Recorder, advance) -> None:
 
 @contextlib.contextmanager
 def progress_bar(total: int, enabled: bool, description: str) -> Iterator[Callable[[], None]]:
-    """``with progress_bar(total, enabled, "tiling slides") as advance``: a rich bar."""
     if not enabled or total == 0:
         yield lambda: None
         return
@@ -297,7 +256,6 @@ def progress_bar(total: int, enabled: bool, description: str) -> Iterator[Callab
 
 
 def folder_size(path: Path) -> int:
-    """Bytes under ``path`` (0 when it does not exist)."""
     if not path.is_dir():
         return 0
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

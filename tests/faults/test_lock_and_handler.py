@@ -14,7 +14,7 @@ from .conftest import assert_one_line_error, invoke, small_cohort
 HOLD = textwrap.dedent(
     """
     import sys, time
-    from bidistill.runs import lock_run_dir
+    from bidistill.runs.lock import lock_run_dir
     with lock_run_dir(sys.argv[1], command="run held.yaml --out " + sys.argv[1]):
         print("held", flush=True)
         time.sleep(120)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -162,15 +161,6 @@ def test_small_specks_are_removed():
     rgb[10:14, 10:14] = (200, 80, 150)  # a 16-pixel speck of dust, stained
     tissue = tissue_mask(rgb, min_region_fraction=1e-3)
     assert not tissue.mask[10:14, 10:14].any()
-
-
-def test_masking_a_thumbnail_takes_well_under_a_second():
-    rgb, _ = tissue_image(1536, 2048, seed=7)
-    tissue_mask(rgb)  # warm-up (imports, page faults)
-    start = time.perf_counter()
-    tissue_mask(rgb)
-    # The 2048 px thumbnail of a BCNB slide; generous bound for a shared 2-core machine.
-    assert time.perf_counter() - start < 1.0
 
 
 def test_dense_dark_nuclei_do_not_turn_their_stroma_into_background():

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from bidistill._cli_help import HelpGroup
+from bidistill.errors import BidistillError, ConfigError
 
 console = Console(stderr=True)
 
@@ -38,8 +39,6 @@ class _HandledGroup(HelpGroup):
             raise
 
     def invoke(self, ctx):
-        from bidistill.errors import BidistillError
-
         try:
             return super().invoke(ctx)
         except BidistillError as err:
@@ -222,7 +221,6 @@ def default_run_dir(config: Path, loaded=None) -> Path:
 def free_run_dir(config: Path, loaded=None) -> Path:
     """The run folder that `next: bidistill run` hints name: ``default_run_dir``, unless another
     config file made it (`run` would refuse it): then a folder named after this file."""
-    from bidistill.errors import ConfigError
     from bidistill.experiment.checks import check_config_origin
 
     run_dir = default_run_dir(config, loaded)

@@ -8,16 +8,8 @@ import typer
 
 from bidistill._cli_help import HelpCommand
 from bidistill._text import count
-from bidistill.cli.base import (
-    app,
-    console,
-    say,
-    say_next,
-    shell_arg,
-    warnings_shown,
-)
-
-# --- predict / heatmap --------------------------------------------------------------------------
+from bidistill.cli.base import app, console, say, say_next, shell_arg, warnings_shown
+from bidistill.errors import BidistillError, ConfigError
 
 _RUN_HELP = "Run directory (what `bidistill run` wrote)."
 _FEATURES_HELP = "Folder of <slide_id>.h5 feature files, or single files (repeatable)."
@@ -42,25 +34,20 @@ RANDOM_WEIGHTS_WARNING = (
 
 
 def _bag_source(trained, features: list[Path] | None, slides, tiles: Path):
-    """What the run predicts from: feature files; or new slides, whose tiles an end-to-end run
-    reads and a feature run first encodes with its own settings."""
+    """Feature files; or new slides, whose tiles an end-to-end run reads and a feature run first
+    encodes with its own settings."""
     from bidistill.inference.new_slides import Tiles
 
-    end_to_end = trained.end_to_end
-    if features and not end_to_end:
+    if features and not trained.end_to_end:
         return features
-    return Tiles(coords=tiles, slides=tuple(slides or ())) if slides or end_to_end else None
+    if slides or trained.end_to_end:
+        return Tiles(coords=tiles, slides=tuple(slides or ()))
+    return None
 
 
 def _check_output_folder(folder: Path, given: Path | None = None) -> None:
     """Make ``folder`` and check that it takes files, before any work (``given``: the --out
-    that the messages name, default ``folder``).
-
-    Raises:
-        ConfigError: a file where a folder must be (the folder or a folder above it), or a
-            folder that cannot be made or written.
-    """
-    from bidistill.errors import ConfigError
+    that the messages name, default ``folder``)."""
     from bidistill.experiment.checks import prepare_output_dir
 
     given = given or folder
@@ -74,20 +61,11 @@ def _check_output_folder(folder: Path, given: Path | None = None) -> None:
 
 
 def _check_output_csv(out: Path) -> None:
-    """The CSV ``predict`` writes: not a folder, in a folder that takes files."""
-    from bidistill.errors import ConfigError
-
     if out.is_dir():
         raise ConfigError(
             f"--out {out}: is a folder; give the CSV file to write (e.g. {out / 'predictions.csv'})"
         )
     _check_output_folder(out.parent, out)
-
-
-def _load_run(run_dir: Path, method: str | None, config: Path | None, device: str):
-    from bidistill.inference.load import load_run
-
-    return load_run(run_dir, method, config=config, device=device)
 
 
 @app.command(cls=HelpCommand)
@@ -125,10 +103,11 @@ def predict(
     Example: bidistill predict --run runs/exp1 --slides new/wsi --clinical new.csv --out pred.csv
     """
     from bidistill._io import write_csv
+    from bidistill.inference.load import load_run
 
     _check_output_csv(out)  # before any work: the table is written only at the end
     with warnings_shown(python_warnings=True):
-        trained = _load_run(run_dir, method, config, device)
+        trained = load_run(run_dir, method, config=config, device=device)
         table = trained.predict(
             _bag_source(trained, features, slides, tiles or out.parent / "tiles"),
             clinical,
@@ -222,15 +201,14 @@ def heatmap(
 
     Example: bidistill heatmap --run runs/exp1 --features new/h5 --slides new/wsi --out maps
     """
+    from bidistill.inference.load import load_run
     from bidistill.inference.maps import write_attention_maps
 
     _check_output_folder(out)
     with warnings_shown(python_warnings=True):
-        trained = _load_run(run_dir, method, config, device)
+        trained = load_run(run_dir, method, config=config, device=device)
         source = _bag_source(trained, features, slides, tiles or out / "tiles")
         if source is None:
-            from bidistill.errors import BidistillError
-
             raise BidistillError("give the new patients' features (--features)")
         summary = write_attention_maps(
             trained,
@@ -277,8 +255,5 @@ def _without_image_line(slide_ids: list[str], *, given: bool) -> str:
 
 def _first_named(paths: list[Path], *endings: str) -> Path | None:
     """The first path with the first ending that any path has."""
-    for ending in endings:
-        for path in paths:
-            if path.name.endswith(ending):
-                return path
-    return None
+    named = (path for ending in endings for path in paths if path.name.endswith(ending))
+    return next(named, None)

@@ -22,8 +22,6 @@ from bidistill.cli.base import (
     synth_app,
 )
 
-# --- init / config ------------------------------------------------------------------------------
-
 
 @app.command(cls=HelpCommand)
 def init(
@@ -98,7 +96,7 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
     from rich.text import Text
 
     from bidistill.config import dump_config
-    from bidistill.experiment.checks import check_config
+    from bidistill.experiment.checks import BLOCK, check_config
     from bidistill.models.registry import check_method_configs
 
     loaded = load_experiment(config)
@@ -116,7 +114,7 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
         console.print(line, soft_wrap=True, highlight=False)
     for stage, keys in checks.blocked_stages().items():
         say(f"  {stage:<8}" + (f"blocked by {', '.join(keys)}" if keys else "ready"))
-    blocking = [f for f in checks.findings if f.blocks_run]
+    blocking = [f for f in checks.findings if f.status == BLOCK]
     if not blocking:
         out = free_run_dir(config, loaded)
         say_next(f"bidistill run {shell_arg(config)} --out {shell_arg(out)}")
@@ -125,9 +123,6 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
     print_error(f"{config}: `bidistill run` cannot start yet: fix {keys} (see above)")
     say_next(f"bidistill config {shell_arg(config)}   (after editing {config})")
     raise typer.Exit(code=1)
-
-
-# --- synthetic cohorts --------------------------------------------------------------------------
 
 
 @synth_app.command("features", cls=HelpCommand)
@@ -206,9 +201,6 @@ def synth_bcnb(
     say_next(
         f"bidistill bcnb prepare --root {shell_arg(out)} --out {shell_arg(str(out) + '-cohort')}"
     )
-
-
-# --- BCNB ---------------------------------------------------------------------------------------
 
 
 @bcnb_app.command("prepare", cls=HelpCommand)

@@ -24,8 +24,6 @@ from bidistill.cli.base import (
 )
 from bidistill.runs.rundir import RunDir
 
-# --- tile / extract / encoders (the per-slide stages) -------------------------------------------
-
 _SKIP_ERRORS_HELP = "Go on past slides that fail; list them at the end (exit status 1)."
 _SHARD_HELP = (
     "Only shard i of n (0-based), e.g. 0/4 in a SLURM job array; under torchrun each process "
@@ -58,17 +56,10 @@ def _print_next(summary, command: str) -> None:
     say_next(command)
 
 
-def _exit_if_failed(summary) -> None:
-    if summary.failed:
-        raise typer.Exit(code=1)
-
-
 def _check_stage(cfg, config: Path, stage: str, *, skip_errors: bool, shard) -> None:
-    """The stage's checks before any work (those `bidistill config` reports)."""
     from bidistill.experiment.checks import check_stages
 
-    checks = check_stages(cfg, [stage], skip_errors=skip_errors, shard=shard)
-    checks.require(stage, config)
+    check_stages(cfg, [stage], skip_errors=skip_errors, shard=shard).require(stage, config)
 
 
 @app.command(cls=HelpCommand)
@@ -122,7 +113,8 @@ def tile(
         _print_next(summary, f"bidistill run {shell_arg(config)} --out {shell_arg(run_dir)}")
     else:
         _print_next(summary, f"bidistill extract {shell_arg(config)}")
-    _exit_if_failed(summary)
+    if summary.failed:
+        raise typer.Exit(code=1)
 
 
 @app.command(cls=HelpCommand)
@@ -163,7 +155,8 @@ def extract(
             )
         run_dir = free_run_dir(config, cfg)
         _print_next(merged, f"bidistill run {shell_arg(config)} --out {shell_arg(run_dir)}")
-    _exit_if_failed(summary)
+    if summary.failed:
+        raise typer.Exit(code=1)
 
 
 @app.command(cls=HelpCommand)
@@ -211,9 +204,6 @@ def encoders() -> None:
         soft_wrap=True,
     )
     say_next("bidistill extract CONFIG")
-
-
-# --- train / run / evaluate / demo / compare ----------------------------------------------------
 
 
 @app.command(cls=HelpCommand)
@@ -278,11 +268,8 @@ def _reference_of(run_dir: Path) -> str:
     from bidistill.config import EvaluationConfig
 
     config = RunDir(run_dir).config
-    return (
-        load_experiment(config).evaluation.reference_method
-        if config.is_file()
-        else (EvaluationConfig().reference_method)
-    )
+    evaluation = load_experiment(config).evaluation if config.is_file() else EvaluationConfig()
+    return evaluation.reference_method
 
 
 @app.command(cls=HelpCommand)
@@ -387,15 +374,13 @@ def demo(
     """
     import pandas as pd
 
+    from bidistill.experiment.demo import DEMO_PATIENTS, run_demo, run_slides_demo
+
     start = time.perf_counter()
     with warnings_shown():
         if from_slides:
-            from bidistill.experiment.demo import DEMO_PATIENTS, run_slides_demo
-
             result = run_slides_demo(out, patients=patients or DEMO_PATIENTS, seed=seed, say=say)
         else:
-            from bidistill.experiment.demo import run_demo
-
             result = run_demo(out, patients=patients or 1058, seed=seed, say=say)
     run = RunDir(result.run_dir)
     _print_results(result.metrics, pd.read_csv(run.delong), run.path)

@@ -1,12 +1,11 @@
-"""An experiment's stages and the commands that call them (`run`, `train`, `evaluate`, `demo`).
+"""An experiment's stages (``stages.STAGES``) and the commands that call them (``commands``:
+`run`, `train`, `evaluate`), their checks, tracking and the demos."""
 
-- ``stages``: the stages in order (``STAGES``), one entry function each, over an ``Experiment``;
-- ``run``: ``run_experiment`` (every stage), ``train_methods``, ``evaluate_run_dir``;
-- ``checks``: the checks before any work (per stage, and the run folder's own);
-- ``tracking``: optional MLflow logging of a run;
-- ``demo``: the synthetic demos.
-"""
-
-from bidistill.experiment.run import RunResult, evaluate_run_dir, run_experiment, train_methods
+from bidistill.experiment.commands import (
+    RunResult,
+    evaluate_run_dir,
+    run_experiment,
+    train_methods,
+)
 
 __all__ = ["RunResult", "evaluate_run_dir", "run_experiment", "train_methods"]

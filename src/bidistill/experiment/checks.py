@@ -1,20 +1,16 @@
-"""The checks made before any work: one list per stage (tile, extract, train), and the run
-folder's own (writable, made by this config file, a device this machine has, a trainable cohort).
+"""The checks made before any work: one list per stage (``CHECKS``), and the run folder's own.
 
-``bidistill config`` runs every stage's checks and says which stage each problem blocks;
-``bidistill run``, ``tile`` and ``extract`` run the checks of the stages they are about to run,
-before they write anything, and stop with one line naming every problem. So `config` says ok
-to exactly what the stages then accept. Features that `run` makes from the slides (a config with a
-``slides`` section) are fine for training: the tile and extract checks cover them.
+`config` runs every stage's checks and the commands those of the stages they run, so `config`
+says ok to exactly what the stages then accept.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +18,13 @@ import numpy as np
 
 from bidistill._text import count, every, verb
 from bidistill.config import ExperimentConfig
-from bidistill.errors import BidistillError, CohortError, ConfigError, SlideError
+from bidistill.errors import (
+    BidistillError,
+    CheckpointError,
+    CohortError,
+    ConfigError,
+    SlideError,
+)
 from bidistill.features.identity import (
     FeatureIdentity,
     check_matches,
@@ -30,7 +32,7 @@ from bidistill.features.identity import (
     config_identity,
 )
 from bidistill.runs.fingerprint import read_run_info, write_run_info
-from bidistill.runs.rundir import RunDir
+from bidistill.runs.rundir import MethodDir, RunDir
 from bidistill.slide_stages import Shard, missing_slides
 
 OK, WARN, BLOCK = "ok", "warning", "missing"
@@ -38,33 +40,23 @@ OK, WARN, BLOCK = "ok", "warning", "missing"
 
 @dataclass
 class Finding:
-    """One checked path, column or setting.
-
-    Attributes:
-        key: the config key, e.g. ``cohort.table``.
-        status: ``ok``, ``missing`` (blocks ``stages``) or ``warning`` (blocks only stages that
-            `run` does not need, e.g. ``bidistill tile`` on a cohort with every feature file).
-        detail: what was found, or what is wrong and how to fix it (file, row, column).
-        stages: the stages whose checks found it.
-    """
+    """One checked config key: ``status`` ``ok``, ``missing`` (blocks ``stages``) or ``warning``
+    (blocks only stages that `run` does not need); ``detail`` says what was found or how to fix
+    it."""
 
     key: str
     status: str
     detail: str
     stages: tuple[str, ...] = ()
 
-    @property
-    def blocks_run(self) -> bool:
-        return self.status == BLOCK
-
     def line(self) -> str:
-        """``key: detail`` (the detail of an error that names its key already, as is)."""
+        # An error that names its key already is shown as is.
         return self.detail if self.detail.startswith(self.key) else f"{self.key}: {self.detail}"
 
 
 @dataclass
 class Checks:
-    """What the stages' checks found, and what they loaded on the way (for the work itself)."""
+    """What the stages' checks found, and the feature store they opened (for the work)."""
 
     findings: list[Finding]
     stages: list[str]  # the stages checked
@@ -74,18 +66,13 @@ class Checks:
         return [f for f in self.findings if f.status != OK]
 
     def blocked_stages(self) -> dict[str, list[str]]:
-        """stage → the keys that block it."""
         return {
             stage: [f.key for f in self.findings if f.status != OK and stage in f.stages]
             for stage in self.stages
         }
 
     def require(self, command: str, config_path: str | Path) -> None:
-        """Raise one ``ConfigError`` line naming every problem that blocks ``command``.
-
-        Raises:
-            ConfigError: ``<config>: `bidistill <command>` cannot start: key: detail; ...``.
-        """
+        """Raise one ``ConfigError`` line naming every problem that blocks ``command``."""
         problems = self.blocking()
         if problems:
             raise ConfigError(
@@ -95,9 +82,13 @@ class Checks:
             )
 
 
+def _blocked(key: str, detail: str) -> list[Finding]:
+    return [Finding(key, BLOCK, detail)]
+
+
 def run_stages(config: ExperimentConfig, slide_ids: Sequence[str]) -> list[str]:
-    """The stages `bidistill run` goes through for this cohort: it tiles and extracts only
-    when the config has a `slides` section and some slide has no feature file yet."""
+    """The stages `run` goes through: tile and extract only with a `slides` section and a
+    slide without a feature file."""
     if config.slides is None or not slide_ids:
         return ["train"]
     if config.training.on_tiles:  # the methods read tiles; nothing is extracted
@@ -120,18 +111,12 @@ def check_stages(
     shard=None,
     in_memory: str = "no",
 ) -> Checks:
-    """Run the checks of ``stages`` (default: those `bidistill run` goes through).
+    """Run the checks of ``stages`` (default: those `run` goes through).
 
-    Args:
-        config: a loaded config (paths absolute).
-        stages: any of ``tile``, ``extract``, ``train``.
-        run_dir: the run folder: its trained methods' feature identity is checked too.
-        need_features: False when every method of the run is trained already (the feature
-            files are then not read again).
-        skip_errors: the stage goes on past failing slides (missing files, no MPP).
-        shard: only this shard's slides (``slide_stages.Shard``).
-        in_memory: how to open the feature store when every file is there (``no``: headers
-            and a scan of the values; the training setting to keep it for training).
+    ``run_dir``: its trained methods' feature identity is checked too; ``need_features`` False:
+    every method is trained already, the feature files are not read again; ``in_memory``: how
+    to open the feature store when every file is there (training's setting keeps it for
+    training).
     """
     context = _Context(config, run_dir, need_features, skip_errors, shard, in_memory)
     if stages is None:
@@ -140,12 +125,11 @@ def check_stages(
 
 
 def check_config(config: ExperimentConfig, *, run_dir: Path | None = None) -> Checks:
-    """What `bidistill config` reports: the checks of every stage the config can use; problems
-    of stages that `run` would not go through are warnings."""
+    """`bidistill config`: every stage the config can use; problems of stages that `run` would
+    not go through are warnings."""
     stages = ["train"]
     if config.slides is not None:
-        end_to_end = config.training.on_tiles
-        stages = ["tile", "train"] if end_to_end else ["tile", "extract", "train"]
+        stages = ["tile", "train"] if config.training.on_tiles else ["tile", "extract", "train"]
     context = _Context(config, run_dir)
     checks = _run_checks(context, stages)
     needed = set(run_stages(config, context.slide_ids()))
@@ -172,9 +156,6 @@ def _run_checks(context: _Context, stages: list[str]) -> Checks:
     return Checks(findings, stages, store=context.store)
 
 
-# --- what the checks share ----------------------------------------------------------------------
-
-
 @dataclass
 class _Context:
     """The config and what the checks loaded from the disk (each thing once)."""
@@ -187,21 +168,16 @@ class _Context:
     in_memory: str = "no"
     stages: list[str] = field(default_factory=list)
     store: Any = None
-    _loaded: dict[str, Any] = field(default_factory=dict)
+    cohort_error: str | None = None  # the table reads, but its cells do not
 
+    @cached_property
     def table_findings(self) -> list[Finding]:
-        if "table" not in self._loaded:
-            self._loaded["table"] = _check_table(self.config)
-        return self._loaded["table"]
+        return _check_table(self.config)
 
+    @cached_property
     def cohort(self):
         """The cohort (without the two-class check), or None when the table does not load."""
-        if "cohort" not in self._loaded:
-            self._loaded["cohort"] = self._load_cohort()
-        return self._loaded["cohort"]
-
-    def _load_cohort(self):
-        if any(f.status != OK for f in self.table_findings()):
+        if any(f.status != OK for f in self.table_findings):
             return None
         from bidistill.cohort import load_cohort
 
@@ -213,11 +189,11 @@ class _Context:
                 require_classes=False,
             )
         except BidistillError as err:
-            self._loaded["cohort_error"] = str(err)
+            self.cohort_error = str(err)
             return None
 
     def slide_ids(self) -> list[str]:
-        cohort = self.cohort()
+        cohort = self.cohort
         if cohort is None or cohort.slides is None or "slide_id" not in cohort.slides:
             return []
         return [str(s) for s in cohort.slides["slide_id"]]
@@ -225,45 +201,36 @@ class _Context:
     def owned(self, slide_ids: list[str]) -> list[str]:
         return [s for s in slide_ids if self.shard is None or self.shard.owns(s)]
 
+    @cached_property
     def slide_jobs(self):
         """(jobs, missing files) of the tiling stage, or None when they cannot be listed."""
-        if "jobs" not in self._loaded:
-            from bidistill.slides.stage import jobs_from_config
+        from bidistill.slides.stage import jobs_from_config
 
-            try:
-                self._loaded["jobs"] = jobs_from_config(self.config)
-            except BidistillError:
-                self._loaded["jobs"] = None  # _slides says why
-        return self._loaded["jobs"]
-
-
-# --- the cohort table (every stage) -------------------------------------------------------------
+        try:
+            return jobs_from_config(self.config)
+        except BidistillError:
+            return None  # _slides says why
 
 
 def _cohort(context: _Context) -> list[Finding]:
-    findings = list(context.table_findings())
-    if context.cohort() is None and "cohort_error" in context._loaded:
-        # The file reads, but its cells do not (a label value, an identifier, a clinical cell).
-        error = Finding("cohort.table", BLOCK, context._loaded["cohort_error"])
+    findings = context.table_findings
+    if context.cohort is None and context.cohort_error is not None:
+        error = Finding("cohort.table", BLOCK, context.cohort_error)
         return [f for f in findings if f.status != OK] + [error]
-    return findings
+    return list(findings)
 
 
 def _check_table(config: ExperimentConfig) -> list[Finding]:
     from bidistill.cohort.table import read_table
-    from bidistill.errors import CohortError
 
     cohort = config.cohort
     table = Path(cohort.table)
     if not table.is_file():
-        return [
-            Finding(
-                "cohort.table",
-                BLOCK,
-                f"{table} not found: every stage reads the cohort table (one row per slide: "
-                "patient id, slide id, label, clinical columns)",
-            )
-        ]
+        return _blocked(
+            "cohort.table",
+            f"{table} not found: every stage reads the cohort table (one row per slide: "
+            "patient id, slide id, label, clinical columns)",
+        )
     try:
         frame = read_table(table, cohort.sheet)
     except CohortError as err:
@@ -282,40 +249,27 @@ def _check_table(config: ExperimentConfig) -> list[Finding]:
     for key, names in declared.items():
         for name in names:
             if name not in frame.columns:
-                findings.append(
-                    Finding(
-                        key,
-                        BLOCK,
-                        f"column '{name}' is not in {table.name} (its columns: "
-                        f"{', '.join(map(str, frame.columns))})",
-                    )
-                )
+                columns = ", ".join(map(str, frame.columns))
+                detail = f"column '{name}' is not in {table.name} (its columns: {columns})"
+                findings += _blocked(key, detail)
     return findings
 
 
-# --- tile and extract ---------------------------------------------------------------------------
-
-
 def _slides(context: _Context) -> list[Finding]:
-    """The slides folder and a file for every slide of the cohort (tiling and extraction read
-    the pixels)."""
     config = context.config
     if config.slides is None:
         return [Finding("slides", BLOCK, "the config has no `slides` section: set `slides.dir`")]
-    if context.cohort() is None:
+    if context.cohort is None:
         return []  # the cohort's own finding says why
     if not config.cohort.slide_column:
-        return [
-            Finding(
-                "cohort.slide_column",
-                BLOCK,
-                "not set: tiling needs the table's slide id column (one row per slide)",
-            )
-        ]
+        return _blocked(
+            "cohort.slide_column",
+            "not set: tiling needs the table's slide id column (one row per slide)",
+        )
     folder = Path(config.slides.dir)
     if not folder.is_dir():
         return [Finding("slides.dir", BLOCK, f"{folder} not found: tiling reads the slides there")]
-    jobs, missing = context.slide_jobs() or ([], {})
+    jobs, missing = context.slide_jobs or ([], {})
     try:
         missing_slides(
             missing,
@@ -336,20 +290,16 @@ def _annotations(context: _Context) -> list[Finding]:
     folder = Path(slides.annotations_dir)
     if folder.is_dir():
         return [Finding("slides.annotations_dir", OK, str(folder))]
-    return [
-        Finding(
-            "slides.annotations_dir",
-            BLOCK,
-            f"{folder} not found: tiling would use the tissue mask instead of your annotations; "
-            "fix the path, or remove slides.annotations_dir",
-        )
-    ]
+    return _blocked(
+        "slides.annotations_dir",
+        f"{folder} not found: tiling would use the tissue mask instead of your annotations; "
+        "fix the path, or remove slides.annotations_dir",
+    )
 
 
 def _slide_mpps(context: _Context) -> list[Finding]:
-    """Tiling at a target MPP needs each slide's MPP: from its file, the table or the config."""
     config = context.config
-    listed = context.slide_jobs()
+    listed = context.slide_jobs
     if config.tiling.mpp is None or listed is None or context.skip_errors:
         return []
     from bidistill.slides.coords import coords_path
@@ -366,20 +316,16 @@ def _slide_mpps(context: _Context) -> list[Finding]:
     if not unknown:
         return []
     more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-    return [
-        Finding(
-            "slides.mpp",
-            BLOCK,
-            f"{unknown[0]}{more}: the file has no microns-per-pixel in its metadata, so it "
-            "cannot be tiled at a target MPP; give `slides.mpp` (every slide), "
-            "`slides.mpp_column` (a column of the cohort table), or set `tiling.mpp: null` to "
-            "tile at level 0",
-        )
-    ]
+    return _blocked(
+        "slides.mpp",
+        f"{unknown[0]}{more}: the file has no microns-per-pixel in its metadata, so it "
+        "cannot be tiled at a target MPP; give `slides.mpp` (every slide), "
+        "`slides.mpp_column` (a column of the cohort table), or set `tiling.mpp: null` to "
+        "tile at level 0",
+    )
 
 
 def _tiles(context: _Context) -> list[Finding]:
-    """Extraction reads the tiles of every slide it encodes (`run` tiles them first)."""
     if "tile" in context.stages or context.skip_errors:
         return []
     from bidistill.features.store import feature_path
@@ -394,28 +340,22 @@ def _tiles(context: _Context) -> list[Finding]:
     untiled = [s for s in todo if not coords_path(config.tiling.coords_dir, s).is_file()]
     if not untiled:
         return []
-    return [
-        Finding(
-            "tiling.coords_dir",
-            BLOCK,
-            f"{len(untiled)} of {count(len(todo), 'slide')} to extract "
-            f"{verb(len(untiled), 'is', 'are')} not tiled in "
-            f"{config.tiling.coords_dir} (first: {untiled[0]}): run `bidistill tile` first",
-        )
-    ]
+    return _blocked(
+        "tiling.coords_dir",
+        f"{len(untiled)} of {count(len(todo), 'slide')} to extract "
+        f"{verb(len(untiled), 'is', 'are')} not tiled in "
+        f"{config.tiling.coords_dir} (first: {untiled[0]}): run `bidistill tile` first",
+    )
 
 
 def _extraction_device(context: _Context) -> list[Finding]:
     return _device(context.config.features.device, "features.device")
 
 
-# --- train --------------------------------------------------------------------------------------
-
-
 def _two_classes(context: _Context) -> list[Finding]:
     from bidistill.cohort.table import check_two_classes
 
-    cohort = context.cohort()
+    cohort = context.cohort
     if cohort is None:
         return []
     try:
@@ -426,48 +366,42 @@ def _two_classes(context: _Context) -> list[Finding]:
 
 
 def _bags(context: _Context) -> list[Finding]:
-    """What the methods read: a feature file per slide (or, end to end, its tiles)."""
     config = context.config
     slide_ids = context.slide_ids()
     if not slide_ids or not context.need_features:
         return []
     if config.training.on_tiles:
-        return [_tiles_for_training(config, slide_ids, context.stages)]
+        return _tiles_for_training(config, slide_ids, context.stages)
     return _feature_files(context, slide_ids)
 
 
 def _tiles_for_training(
     config: ExperimentConfig, slide_ids: list[str], stages: list[str]
-) -> Finding:
+) -> list[Finding]:
     from bidistill.slides.coords import coords_path
 
     folder = Path(config.tiling.coords_dir)
     missing = [s for s in slide_ids if not coords_path(folder, s).is_file()]
     if not missing:
         tiled = every(len(slide_ids), "slide")
-        return Finding("tiling.coords_dir", OK, f"{folder} (tiles of {tiled})")
+        return [Finding("tiling.coords_dir", OK, f"{folder} (tiles of {tiled})")]
+    not_tiled = (
+        f"{len(missing)} of {count(len(slide_ids), 'slide')} {verb(len(missing), 'is', 'are')} "
+        "not tiled"
+    )
     if "tile" in stages:
-        return Finding(
-            "tiling.coords_dir",
-            OK,
-            f"{len(missing)} of {count(len(slide_ids), 'slide')} "
-            f"{verb(len(missing), 'is', 'are')} not tiled yet in {folder}: `run` "
-            "tiles them first",
-        )
-    return Finding(
+        return [
+            Finding("tiling.coords_dir", OK, f"{not_tiled} yet in {folder}: `run` tiles them first")
+        ]
+    return _blocked(
         "tiling.coords_dir",
-        BLOCK,
-        f"{len(missing)} of {count(len(slide_ids), 'slide')} "
-        f"{verb(len(missing), 'is', 'are')} not tiled in {folder} (first: "
-        f"{missing[0]}): end-to-end training reads their tiles; tile them (`bidistill tile`, "
-        "or `run` with a `slides` section)",
+        f"{not_tiled} in {folder} (first: {missing[0]}): end-to-end training reads their tiles; "
+        "tile them (`bidistill tile`, or `run` with a `slides` section)",
     )
 
 
 def _feature_files(context: _Context, slide_ids: list[str]) -> list[Finding]:
-    """The feature files that exist pass the checks training makes (readable, one identity
-    that matches the config and the run's trained methods, and, when all are there, the
-    feature store's checks of shapes and values); the others must be made by extraction."""
+    """The feature files that exist pass training's checks; the others must be extracted."""
     from bidistill.features.store import FeatureStore, feature_path
 
     config = context.config
@@ -480,11 +414,8 @@ def _feature_files(context: _Context, slide_ids: list[str]) -> list[Finding]:
     except BidistillError as err:
         return [Finding("features.dir", BLOCK, str(err))]
     if len(present) == len(slide_ids):
-        return [
-            Finding(
-                "features.dir", OK, f"{folder} (a feature file for {every(len(present), 'slide')})"
-            )
-        ]
+        every_slide = every(len(present), "slide")
+        return [Finding("features.dir", OK, f"{folder} (a feature file for {every_slide})")]
     missing = [s for s in slide_ids if s not in set(present)]
     where = (
         f"{folder} not found"
@@ -496,14 +427,11 @@ def _feature_files(context: _Context, slide_ids: list[str]) -> list[Finding]:
     if "extract" in context.stages:
         return [Finding("features.dir", OK, f"{where}: `run` tiles and extracts them first")]
     how = "`bidistill extract`" if config.slides else "add a `slides` section, and `run` does"
-    return [
-        Finding(
-            "features.dir",
-            BLOCK,
-            f"{where}: training reads one <slide_id>.h5 per slide (CLAM/TRIDENT layout); "
-            f"extract them ({how})",
-        )
-    ]
+    return _blocked(
+        "features.dir",
+        f"{where}: training reads one <slide_id>.h5 per slide (CLAM/TRIDENT layout); "
+        f"extract them ({how})",
+    )
 
 
 def _training_device(context: _Context) -> list[Finding]:
@@ -541,12 +469,8 @@ CHECKS: dict[str, list[Callable[[_Context], list[Finding]]]] = {
 def check_cohort_features(
     config: ExperimentConfig, slide_ids: list[str], run_dir: Path | None
 ) -> FeatureIdentity | None:
-    """The common identity of the slides' feature files that exist (None: none exists yet).
-
-    Raises:
-        FeatureFileError: a file is unreadable, two files were made differently, or they are
-            of another kind than the config's `features` section or the run's trained methods.
-    """
+    """The common identity of the slides' feature files that exist (None: none yet);
+    ``FeatureFileError`` when they differ from each other, the config or the trained methods."""
     from bidistill.features.store import feature_path
 
     paths = [feature_path(config.features.dir, s) for s in slide_ids]
@@ -562,8 +486,8 @@ def check_cohort_features(
     )
     for model_json in RunDir(run_dir).method_metas() if run_dir is not None else []:
         try:  # the identity each trained method recorded
-            recorded = json.loads(model_json.read_text(encoding="utf-8"))["features"]["identity"]
-        except (OSError, ValueError, KeyError, TypeError):
+            recorded = MethodDir(model_json.parent).read_meta()["features"]["identity"]
+        except (CheckpointError, KeyError, TypeError):
             continue  # none recorded; a damaged checkpoint is its own loader's to report
         if not recorded:
             continue
@@ -576,15 +500,8 @@ def check_cohort_features(
     return identity
 
 
-# --- the run folder and what training needs -----------------------------------------------------
-
-
 def prepare_output_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and make sure files can be written in it.
-
-    Raises:
-        ConfigError: ``out_dir`` is a file, cannot be created, or is not writable.
-    """
+    """Create ``out_dir`` and make sure files can be written in it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir}: is a file, not a folder; give a folder for the run")
     try:
@@ -598,11 +515,7 @@ def prepare_output_dir(out_dir: Path) -> None:
 
 
 def check_device(name: str, key: str) -> None:
-    """Refuse a device that this machine does not have (``auto`` always works).
-
-    Raises:
-        ConfigError: naming the config key, the device and what the machine has.
-    """
+    """Refuse a device that this machine does not have (``auto`` always works)."""
     if name == "auto":
         return
     import torch
@@ -634,11 +547,7 @@ def check_device(name: str, key: str) -> None:
 
 def check_trainable_cohort(cohort, splits) -> None:
     """Every evaluated split has both classes, and no declared clinical column is blank for all
-    training patients.
-
-    Raises:
-        CohortError: naming the split (and fold) or the column.
-    """
+    training patients."""
     labels = cohort.labels
     checks = [("test", splits.test)] + [
         (f"val (fold {i})" if len(splits.folds) > 1 else "val", f.val)
@@ -663,8 +572,6 @@ def check_trainable_cohort(cohort, splits) -> None:
                 "from cohort.clinical"
             )
 
-
-# --- which config file a run folder belongs to --------------------------------------------------
 
 # run.json's record of the config file that made the run folder.
 CONFIG_FILE_KEY = "config_file"
@@ -691,9 +598,6 @@ def check_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
     by its path, or by its path relative to the run folder (a project folder moved or copied
     with its runs); a recorded file that no longer exists was renamed or moved, and its folder
     goes on with this one.
-
-    Raises:
-        ConfigError: naming both config files and how to give this one its own folder.
     """
     run_dir = Path(run_dir)
     if _is_resolved_copy(run_dir, config_path):
@@ -725,16 +629,9 @@ def record_config_origin(run_dir: str | Path, config_path: str | Path) -> None:
         write_run_info(run_dir, info)
 
 
-# --- the run folder: made by this config, with these settings -------------------------------------
-
-
 def check_run_folder(config: ExperimentConfig, config_path: str | Path, run: RunDir) -> None:
     """Refuse a run folder made by another config file, or holding a run of other cohort,
-    features or training settings, or of other options of a method trained there.
-
-    Raises:
-        ConfigError: naming the folder, what changed and how to go on.
-    """
+    features or training settings, or of other options of a method trained there."""
     from bidistill.config import load_config
     from bidistill.runs.inputs import TRAINING_SECTIONS, config_sections
 

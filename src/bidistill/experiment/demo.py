@@ -1,7 +1,5 @@
-"""`bidistill demo`: a synthetic cohort and its whole run, from features or from slides.
-
-Both resume: the cohort is made once, and the run keeps every stage that is done.
-"""
+"""`bidistill demo`: a synthetic cohort and its whole run, from features or from slides; both
+resume (the cohort is made once, the run keeps every stage that is done)."""
 
 from __future__ import annotations
 
@@ -11,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from bidistill._io import write_text
-from bidistill.experiment.run import RunResult, run_experiment
+from bidistill.experiment.commands import RunResult, run_experiment
 from bidistill.experiment.stages import Say
 
 log = logging.getLogger(__name__)
@@ -77,18 +75,9 @@ def run_slides_demo(
     progress: bool = True,
     say=None,
 ):
-    """The whole tool from pixels on a laptop CPU, in a few minutes.
-
-    Synthetic slides in the exact BCNB layout (``out_dir/BCNB``) → ``bcnb prepare``
-    (``out_dir/cohort``) → tile → extract with a small randomly initialised encoder → train BD and
-    baselines → evaluate and report (``out_dir/run``). The report and the console say loudly that
-    the features are random. Every step resumes. The slides' signal is noisy
-    (``DEMO_SLIDE_NOISE``) and the training batch small (``DEMO_TRAINING``, not the library
-    defaults), so that the methods train and none separates the classes perfectly.
-
-    Returns:
-        the run's ``RunResult``.
-    """
+    """The whole tool from pixels on a laptop CPU, in a few minutes: synthetic slides in the
+    BCNB layout (``out_dir/BCNB``), ``bcnb prepare`` (``out_dir/cohort``), then the run
+    (``out_dir/run``) with a small random-init encoder, which the report says loudly."""
     from bidistill.cohort.bcnb import prepare_bcnb
     from bidistill.synthetic.bcnb import make_bcnb_folder
 

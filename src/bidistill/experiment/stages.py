@@ -1,16 +1,10 @@
-"""The stages of an experiment, in order, each one entry function over the ``Experiment``.
-
-    features   tile and extract what is missing (a config with ``slides``), check the features
-    splits     ``splits.json``, made again only when the patients or the split settings changed
-    train      each method on each fold whose inputs changed (``runs.inputs.method_inputs``)
-    evaluate   the missing-rate sweep, tables, figures and report, when predictions changed
-    train_missing  every method again with clinical data withheld in training (optional grid)
+"""The stages of an experiment in order (``STAGES``), one entry function each over an
+``Experiment``; docs/internal-interfaces.md lists them.
 
 Each stage records in ``run.json`` what it consumed (``runs.fingerprint``) after its outputs are
 written, so a rerun redoes exactly the stages whose inputs changed, says why, and keeps the
-others. `bidistill run` calls every stage (``run.run_experiment``); `bidistill train` calls
-``splits`` and ``train`` for the methods and fold it names; `bidistill evaluate` calls
-``evaluate``.
+others. `run` calls every stage; `train` the splits and train stages; `evaluate` the evaluate
+stage (``experiment.commands``).
 """
 
 from __future__ import annotations
@@ -20,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,9 +52,9 @@ RANDOM_FEATURES_WARNING = (
 class Experiment:
     """What the stages share: the config, the run folder, and what earlier stages made.
 
-    ``root`` is the run whose ``run.json`` records the stages (``run`` itself, or the run a
-    train-time missingness run lies in); ``is_main`` is False on torchrun's other processes,
-    which train but write nothing else.
+    ``root`` is the run whose ``run.json`` records the stages (a train-time missingness run's
+    parent); ``is_main`` is False on torchrun's other processes, which train but write nothing
+    else.
     """
 
     config: ExperimentConfig
@@ -82,9 +75,6 @@ class Experiment:
         self.root = self.root or self.run
         self.features = FeatureIdentities(self.config.features.dir)
 
-    def stage_name(self, path: Path) -> str:
-        return self.root.stage_name(path)
-
     def feature_store(self):
         if self.config.training.on_tiles:
             return None  # bags of tiles, read by the trainer
@@ -94,9 +84,6 @@ class Experiment:
             # Opening checks every feature file (features/hygiene.py): before any training.
             self.store = open_feature_store(self.config, self.cohort, progress=self.progress)
         return self.store
-
-
-# --- cohort and features ------------------------------------------------------------------------
 
 
 def load_cohort_stage(exp: Experiment) -> None:
@@ -110,13 +97,7 @@ def load_cohort_stage(exp: Experiment) -> None:
 
 def features_stage(exp: Experiment) -> None:
     """Tile and extract what is missing, then check the features against the config and the
-    run's trained methods (``experiment.checks.check_cohort_features``).
-
-    Raises:
-        SlideError: a slide cannot be tiled or encoded (the message says how to go on past it).
-        FeatureFileError: feature files of another encoder, patch size or MPP than the config or
-            the trained methods.
-    """
+    run's trained methods."""
     from bidistill.experiment.checks import check_cohort_features
     from bidistill.features.store import feature_path
     from bidistill.slides.stage import tile_from_config
@@ -128,7 +109,7 @@ def features_stage(exp: Experiment) -> None:
     if config.features.random_init:
         log.warning("%s", RANDOM_FEATURES_WARNING)  # the CLI shows it once, as `warning:`
     if config.training.on_tiles:  # the methods read tiles and train the encoder
-        _say(_one_line(tile_from_config(config, progress=exp.progress, hint=RUN_HINT)), exp)
+        _say_summary(tile_from_config(config, progress=exp.progress, hint=RUN_HINT), exp)
         return
     from bidistill.features.extract import extract_from_config, out_of_date_slides
 
@@ -136,15 +117,18 @@ def features_stage(exp: Experiment) -> None:
     missing += out_of_date_slides(config)  # a slide replaced under the same id is redone
     if missing and config.slides is not None:
         log.info("%d of %d slides lack current features", len(missing), len(slide_ids))
-        _say(_one_line(tile_from_config(config, progress=exp.progress, hint=RUN_HINT)), exp)
-        extraction = extract_from_config(config, progress=exp.progress, hint=RUN_HINT)
-        _say(_one_line(extraction), exp)
+        _say_summary(tile_from_config(config, progress=exp.progress, hint=RUN_HINT), exp)
+        _say_summary(extract_from_config(config, progress=exp.progress, hint=RUN_HINT), exp)
     elif not missing:
         log.info("features: all %d slides done, tiling and extraction skipped", len(slide_ids))
     check_cohort_features(config, slide_ids, exp.run.path)
 
 
-def _one_line(summary) -> str:
+def _say_summary(summary, exp: Experiment) -> None:
+    if not exp.progress:
+        return
+    from rich.console import Console
+
     verb, unit = ("tiled", "tile") if summary.stage == "tiling" else ("extracted", "patch")
     line = (
         f"{summary.stage}: {verb} {count(len(summary.done), 'slide')} "
@@ -154,17 +138,7 @@ def _one_line(summary) -> str:
         line += f", {len(summary.redone)} redone ({'; '.join(summary.redone.values())})"
     if summary.failed:
         line += f", {len(summary.failed)} failed: {', '.join(summary.failed)}"
-    return line
-
-
-def _say(message: str, exp: Experiment) -> None:
-    if exp.progress:
-        from rich.console import Console
-
-        Console(stderr=True).print(message, highlight=False, soft_wrap=True)
-
-
-# --- splits -------------------------------------------------------------------------------------
+    Console(stderr=True).print(line, highlight=False, soft_wrap=True)
 
 
 def splits_stage(exp: Experiment) -> None:
@@ -227,9 +201,6 @@ def cohort_summary_stage(exp: Experiment) -> None:
     write_json(exp.run.cohort_summary, summary)
 
 
-# --- train --------------------------------------------------------------------------------------
-
-
 def train_stage(
     exp: Experiment,
     methods: list[MethodConfig] | None = None,
@@ -237,10 +208,7 @@ def train_stage(
 ) -> list[str]:
     """Train each method (default: the config's) on each fold (default: all) whose record does
     not match its inputs; join a k-fold method's predictions once every fold is trained.
-
-    Returns:
-        the methods trained (their stage names are said on the console).
-    """
+    Returns the methods trained."""
     from bidistill.training import train_method
 
     methods = exp.config.methods if methods is None else methods
@@ -258,16 +226,15 @@ def train_stage(
         else:
             current.append(method_cfg.key)
     if current:
-        where = exp.stage_name(exp.run.path) if exp.run.path != exp.root.path else ""
+        where = exp.root.stage_name(exp.run.path) if exp.run.path != exp.root.path else ""
         exp.say(f"up to date in {where or 'this run'}, kept: {', '.join(current)}")
-    exp.trained += [exp.stage_name(exp.run.joined(key).path) for key in trained]
+    exp.trained += [exp.root.stage_name(exp.run.joined(key).path) for key in trained]
     return trained
 
 
 def _train_fold(exp: Experiment, method_cfg: MethodConfig, fold: int, train_method) -> bool:
-    """Train one method on one fold unless its record matches its inputs."""
     out = exp.run.method(method_cfg.key, fold, len(exp.splits.folds))
-    stage = exp.stage_name(out.path)
+    stage = exp.root.stage_name(out.path)
     chosen = exp.splits.folds[fold]
     split_ids = {"train": chosen.train, "val": chosen.val, "test": exp.splits.test}
     inputs = method_inputs(exp.config, method_cfg, exp.cohort, split_ids, exp.features)
@@ -294,16 +261,12 @@ def _train_fold(exp: Experiment, method_cfg: MethodConfig, fold: int, train_meth
 
 
 def _join_folds(run: RunDir, key: str, folds: int, *, again: bool) -> None:
-    """``<run>/<method>/predictions.csv``: every fold's predictions (with their ``fold``
-    column), once every fold is trained."""
+    """The method's predictions at the run's top: every fold's (with their ``fold`` column)."""
     parts = [run.method(key, k, folds) for k in range(folds)]
     joined = run.joined(key)
     if all(p.done for p in parts) and (again or not joined.done):
         frames = [p.read_predictions() for p in parts]
         write_csv(joined.predictions, pd.concat(frames, ignore_index=True))
-
-
-# --- evaluate -----------------------------------------------------------------------------------
 
 
 def evaluate_stage(exp: Experiment, *, force: bool = False) -> None:
@@ -312,7 +275,7 @@ def evaluate_stage(exp: Experiment, *, force: bool = False) -> None:
     from bidistill.evaluation import evaluate_run
     from bidistill.evaluation.freshness import evaluation_inputs, evaluation_outputs
 
-    stage = exp.stage_name(exp.run.path / "evaluate")
+    stage = exp.root.stage_name(exp.run.path / "evaluate")
     inputs = evaluation_inputs(exp.run.path, exp.config)
     check = check_stage(exp.root.path, stage, inputs, evaluation_outputs(exp.run.path))
     if check and not force:
@@ -345,11 +308,15 @@ def record_call(exp: Experiment) -> None:
     write_run_info(exp.run.path, info)
 
 
+def write_resolved_config(config: ExperimentConfig, run: RunDir) -> None:
+    """The run's ``config.yaml``, rewritten only when it changed (its mtime then says when)."""
+    text = dump_config(config)
+    if not run.config.is_file() or run.config.read_text(encoding="utf-8") != text:
+        write_text(run.config, text)
+
+
 def _stamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
-
-
-# --- train-time missingness grid ----------------------------------------------------------------
 
 
 def train_missing_stage(exp: Experiment) -> None:
@@ -369,9 +336,7 @@ def train_missing_stage(exp: Experiment) -> None:
     for rate in rates:
         run = exp.run.train_missing(rate)
         run.path.mkdir(parents=True, exist_ok=True)
-        text = dump_config(exp.config)
-        if not run.config.is_file() or run.config.read_text(encoding="utf-8") != text:
-            write_text(run.config, text)
+        write_resolved_config(exp.config, run)
         exp.splits.save(run.splits)  # the same bytes when unchanged
         sub = dataclasses.replace(
             exp,

@@ -1,18 +1,6 @@
-"""Optional experiment tracking: a run's params, per-epoch metrics and report in MLflow.
-
-With ``tracking: {mlflow: URI}`` in the config (and ``pip install 'bidistill[mlflow]'``), `bidistill
-run` logs to one MLflow run per run directory:
-
-- params: the resolved config, flattened (``training.lr``, ``methods``, ...);
-- per-epoch metrics: every column of each method's ``train_log.csv`` as ``<method>/<column>``,
-  step = epoch counted from 1, logged as soon as the method has trained;
-- the evaluation: ``test_auc/<method>/r<rate>`` (and its CI bounds) from ``metrics.csv``, and the
-  report, the tables and the figures as artifacts.
-
-The MLflow run's id is kept in ``<run_dir>/tracking.json``, so a resumed `bidistill run` logs
-into the same MLflow run, and logs only what it has not logged before (tags record which
-methods and which evaluation were logged). A tracking server that cannot be reached stops the
-run before any training, with the URI in the message.
+"""Optional experiment tracking: one MLflow run per run directory (what it logs:
+docs/internal-interfaces.md). A resumed `run` logs into the same MLflow run, only what it has not
+logged before (tags record which methods and which evaluation were logged).
 """
 
 from __future__ import annotations
@@ -38,7 +26,6 @@ MAX_PARAM = 500  # characters of a param value (MLflow's limit in older servers)
 
 
 def require_mlflow() -> None:
-    """Raise ``ConfigError`` with the install command when MLflow is not installed."""
     try:
         import mlflow.tracking  # noqa: F401
     except ImportError:
@@ -49,8 +36,6 @@ def require_mlflow() -> None:
 
 
 class NoTracker:
-    """What a run uses when the config asks for no tracking."""
-
     def sync(self) -> None:
         pass
 
@@ -65,8 +50,6 @@ def open_tracker(config: ExperimentConfig, run_dir: Path) -> NoTracker | MlflowT
 
 
 class MlflowTracker:
-    """Logs one run directory into one MLflow run (see the module docstring)."""
-
     def __init__(self, config: ExperimentConfig, run_dir: Path) -> None:
         require_mlflow()
         from mlflow.tracking import MlflowClient
@@ -105,8 +88,6 @@ class MlflowTracker:
         )
         write_json(state_path, {"tracking_uri": self.uri, "mlflow_run_id": run.info.run_id})
         return run.info.run_id
-
-    # --- logging ---------------------------------------------------------------------------
 
     def sync(self) -> None:
         """Log whatever of the run directory is not in MLflow yet: params, the training logs

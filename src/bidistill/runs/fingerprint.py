@@ -1,13 +1,5 @@
 """Run fingerprints: what each stage of a run consumed, recorded in ``run.json``.
 
-A stage (``splits``, each trained method folder such as ``bd`` or ``folds/fold1/bd``, the
-``evaluate`` step, or any stage another module adds, e.g. feature extraction) describes its
-inputs as a ``StageInputs``: named digests, each optionally with per-item digests (one per
-patient, one per feature file) that let a rerun say *what* changed. ``check_stage`` compares them
-with the record of the stage's last completion; ``record_stage`` writes that record when the stage
-is done, and ``forget_stage`` drops it when the stage starts over, so an interrupted stage is never
-taken for a finished one.
-
 ``run.json``::
 
     {"calls": [...],
@@ -15,8 +7,9 @@ taken for a finished one.
                        "finished": "2025-01-01T12:00:00+00:00"}, …},
      "items": {"3f2a…": {"P0001": "a1b2…", …}, …}}
 
-``items`` is content-addressed: stages with the same cohort rows share one table.
-Writes are atomic; the caller holds the run directory's lock (``bidistill.runs.lock``).
+Per-item digests (one per patient, one per feature file) let a rerun say *what* changed;
+``items`` is content-addressed, so stages with the same cohort rows share one table. The caller
+holds the run directory's lock (``bidistill.runs.lock``).
 """
 
 from __future__ import annotations
@@ -66,7 +59,6 @@ class StageInputs:
     words: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def add(self, name: str, value: Any, *, says: str | None = None) -> StageInputs:
-        """One input as a whole (a config section, a list of ids)."""
         self.digests[name] = digest(value)
         self.words[name] = (says or name, "")
         return self
@@ -74,7 +66,7 @@ class StageInputs:
     def add_items(
         self, name: str, items: dict[str, Any], *, says: str | None = None, unit: str = "items"
     ) -> StageInputs:
-        """A collection whose changed members a rerun names (patients, feature files)."""
+        """A collection whose changed members a rerun names."""
         per_item = {str(k): digest(v) for k, v in items.items()}
         self.items[name] = per_item
         self.digests[name] = digest(per_item)
@@ -98,10 +90,8 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     path = RunDir(run_dir).run_info
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
     except (OSError, ValueError):
-        return {}  # a damaged record only costs recomputing: every stage is then unrecorded
+        return {}  # missing, or damaged: that only costs recomputing every stage
     return info if isinstance(info, dict) else {}
 
 
@@ -175,7 +165,7 @@ def record_stage(run_dir: str | Path, stage: str, inputs: StageInputs, **extra: 
 
 
 def forget_stage(run_dir: str | Path, stage: str) -> None:
-    """Drop ``stage``'s record (before it starts over: a crash then leaves it undone)."""
+    """Drop ``stage``'s record before it starts over: a crash then leaves it undone."""
     info = read_run_info(run_dir)
     if info.get("stages", {}).pop(stage, None) is not None:
         write_run_info(run_dir, info)

@@ -31,8 +31,7 @@ RUNTIME_ONLY = {
 
 
 def config_sections(config: ExperimentConfig, names: Iterable[str]) -> dict[str, Any]:
-    """The named sections' settings that decide results: without their paths (see
-    ``settings``) and without the runtime-only ones."""
+    """The named sections' settings that decide results: no paths, no runtime-only ones."""
     sections = {}
     for name in names:
         values = settings(getattr(config, name))
@@ -82,20 +81,18 @@ def _cell(value: Any) -> Any:
 
 
 class FeatureIdentities:
-    """Identity of each feature file (name, size, mtime, shape, dtype, attributes), read once
-    per run from the file headers, never from the features themselves."""
+    """Identity of each feature file, read once per run from the file headers (name, size,
+    mtime, shapes, attributes), never from the features themselves."""
 
     def __init__(self, features_dir: str | Path):
         self.features_dir = Path(features_dir)
         self._cache: dict[str, Any] = {}
 
-    def of(self, slide_ids: Iterable[str]) -> dict[str, Any]:
-        return {s: self._identity(s) for s in slide_ids}
-
-    def _identity(self, slide_id: str) -> Any:
-        if slide_id not in self._cache:
-            self._cache[slide_id] = _file_identity(feature_path(self.features_dir, slide_id))
-        return self._cache[slide_id]
+    def of(self, slide_ids: list[str]) -> dict[str, Any]:
+        for slide_id in slide_ids:
+            if slide_id not in self._cache:
+                self._cache[slide_id] = _file_identity(feature_path(self.features_dir, slide_id))
+        return {s: self._cache[s] for s in slide_ids}
 
 
 def _file_identity(path: Path) -> Any:
@@ -117,7 +114,7 @@ def _file_identity(path: Path) -> Any:
 
 
 def file_digest(path: Path) -> str:
-    """Content digest of a (small) output file, e.g. a method's predictions.csv."""
+    """Content digest of a small output file (a method's predictions)."""
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()[:20]
     except OSError:
@@ -142,15 +139,13 @@ def method_inputs(
     )
     inputs.add("splits", {k: sorted(v) for k, v in split_ids.items()}, says="the splits")
     inputs.add_items("cohort", cohort_rows(cohort, patients), says="cohort rows", unit="patient(s)")
-    if len(slides) and reads_slides(method) and config.training.on_tiles:
-        inputs.add_items(  # bags of tiles: what was tiled decides the bags
-            "tiles", tile_identities(config, sorted(slides)), says="tile files", unit="slide(s)"
-        )
-    elif len(slides) and reads_slides(method):
-        inputs.add_items(
-            "features", features.of(sorted(slides)), says="feature files", unit="slide(s)"
-        )
-    return inputs
+    if not len(slides) or not reads_slides(method):
+        return inputs
+    if config.training.on_tiles:  # bags of tiles: what was tiled decides the bags
+        name, says, identities = "tiles", "tile files", tile_identities(config, sorted(slides))
+    else:
+        name, says, identities = "features", "feature files", features.of(sorted(slides))
+    return inputs.add_items(name, identities, says=says, unit="slide(s)")
 
 
 def tile_identities(config: ExperimentConfig, slide_ids: Iterable[str]) -> dict[str, Any]:
@@ -161,11 +156,8 @@ def tile_identities(config: ExperimentConfig, slide_ids: Iterable[str]) -> dict[
 
 
 def reads_slides(method: MethodConfig) -> bool:
-    """Whether a method's predictions depend on the slide features: it holds a MIL aggregator.
-
-    Found by building the method on toy dimensions (a clinical-only model is not retrained
-    when a feature file changes); anything that cannot be built counts as reading them.
-    """
+    """Whether a method holds a MIL aggregator (built on toy dimensions), so that a changed
+    feature file retrains it; a clinical-only model is not retrained."""
     from bidistill.models import create_method
 
     try:

@@ -1,10 +1,8 @@
-"""One run per run directory: an OS file lock held while a command writes into it.
+"""One command per run directory: an OS file lock (``filelock``) held while it writes there.
 
-The lock is ``<run_dir>/run.lock`` (``filelock``: ``flock`` on POSIX, ``LockFileEx`` on
-Windows), which the operating system releases when the process ends in any way, ``kill -9``
-included: a lock left by a killed run is recovered by the next one. Beside it,
-``run.lock.json`` names the holder (PID, host, command, start time) so that a second run can say
-who holds the folder; a holder file whose lock is free is what a killed run leaves behind.
+The operating system releases the lock when the process ends in any way, ``kill -9`` included.
+A holder file beside it names the holder for a second command; a holder file whose lock is free
+is what a killed run leaves behind.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from bidistill._io import write_json
-from bidistill.errors import BidistillError
+from bidistill.errors import BidistillError, ConfigError
 from bidistill.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -37,18 +35,8 @@ class RunDirBusyError(BidistillError):
 def lock_run_dir(
     run_dir: str | Path, *, command: str, say: Callable[[str], None] | None = None
 ) -> Iterator[None]:
-    """Hold ``run_dir`` for the block; refuse when another process holds it.
-
-    Args:
-        run_dir: an existing folder.
-        command: what holds it (shown to a second run), e.g. ``run exp.yaml``.
-        say: where to report a recovered lock (default: the log).
-
-    Raises:
-        RunDirBusyError: another process holds the folder; names its PID, host, command and
-            start time.
-        ConfigError: the folder cannot hold a lock file (read-only).
-    """
+    """Hold the existing folder ``run_dir`` for the block; ``RunDirBusyError`` when another
+    process holds it. ``command`` is shown to a second one; ``say`` reports a recovered lock."""
     run_dir = Path(run_dir)
     holder_path = RunDir(run_dir).lock_holder
     lock = FileLock(str(RunDir(run_dir).lock), timeout=0)
@@ -57,8 +45,6 @@ def lock_run_dir(
     except Timeout:
         raise RunDirBusyError(_busy_message(run_dir, _read_holder(holder_path))) from None
     except OSError as err:
-        from bidistill.errors import ConfigError
-
         raise ConfigError(
             f"{run_dir}: cannot lock the run folder ({err.strerror or err}); is it writable?"
         ) from None

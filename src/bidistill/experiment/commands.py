@@ -1,11 +1,7 @@
 """`bidistill run`, `train` and `evaluate`: the stages of ``experiment.stages``, called three ways.
 
-Before any work, and before the run folder is made, the config, the methods, the checks of every
-stage the command goes through (``experiment.checks``) and the run folder (made by this config
-file, with the same settings) are checked; then the folder is made and locked
-(``runs.lock``: a second command on it is refused). `run` then calls every stage in order;
-`train` the splits and the training of the methods and fold it names (under torchrun every
-process trains, process 0 holds the lock and writes); `evaluate` the evaluation alone.
+Everything is checked before the run folder is made (a refused command leaves nothing behind);
+then the folder is locked (``runs.lock``) while the stages run.
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bidistill.config import ExperimentConfig, MethodConfig, dump_config, load_config
+from bidistill.config import ExperimentConfig, MethodConfig, load_config
 from bidistill.errors import BidistillError, ConfigError
 from bidistill.experiment.checks import (
     check_device,
@@ -34,6 +30,7 @@ from bidistill.experiment.stages import (
     record_call,
     splits_stage,
     train_stage,
+    write_resolved_config,
 )
 from bidistill.runs.lock import lock_run_dir
 from bidistill.runs.rundir import MethodDir, RunDir
@@ -56,23 +53,9 @@ def run_experiment(
     progress: bool = True,
     say: Say | None = None,
 ) -> RunResult:
-    """Run every stage of the experiment that is not done yet.
-
-    Args:
-        config_path: the experiment YAML.
-        out_dir: the run directory (created when missing).
-        progress: show progress bars while training.
-        say: where to write what the run decides (label table, stages redone or kept and why);
-            everything said also goes to ``run.log``. Default: the log only.
-
-    Side effects: writes the run directory (``runs.rundir``); holds its lock while it runs.
-
-    Raises:
-        ConfigError: bad config or device, an unusable ``out_dir``, or ``out_dir`` holds a run
-            of a config with other cohort, features or training settings.
-        RunDirBusyError: another process is running in ``out_dir``.
-        CohortError, FeatureFileError, PredictionsError: bad input files.
-    """
+    """Run every stage of the experiment that is not done yet, in ``out_dir`` (made, and
+    locked while it runs). ``say``: where what the run decides goes (stages redone or kept and
+    why), besides ``run.log``."""
     from bidistill.models.registry import check_method_configs
     from bidistill.training.distributed import launched_by_torchrun
 
@@ -106,7 +89,7 @@ def run_experiment(
             exp = Experiment(
                 config, run, tell, progress, store=found.store, after_method=tracker.sync
             )
-            _write_resolved_config(config, run)
+            write_resolved_config(config, run)
             record_config_origin(run.path, config_path)
             log.info("run %s: config %s", run.path, config_path)
             for stage in STAGES:
@@ -141,16 +124,9 @@ def train_methods(
     store=None,
 ) -> list[MethodDir]:
     """`bidistill train`: the splits and the train stage for the named methods (default: the
-    config's) on fold ``fold``, in the run folder's layout (``<out>/<method>/``, or
-    ``folds/fold<k>/<method>/`` in a k-fold run); returns the methods' folders.
-
-    A method named on the command line but not in the config trains with its default options.
-    The device, the output folder and the label table are checked first; ``out`` is locked
-    while it trains. Under torchrun every process trains; process 0 holds the lock and writes
-    the splits and the records.
-
-    ``store``: the cohort's feature store when the checks before work opened it already.
-    """
+    config's; one not in the config trains with its default options) on fold ``fold``; returns
+    the methods' folders. Under torchrun every process trains; process 0 holds the lock and
+    writes the splits and the records. ``store``: the feature store the checks opened."""
     from bidistill.cohort import Splits, load_cohort
     from bidistill.models import get_method_class
     from bidistill.training.distributed import barrier, launched_by_torchrun, process_group
@@ -226,11 +202,3 @@ def _add_file_log(path: Path) -> logging.Handler:
     package_log.addHandler(handler)
     package_log.setLevel(min(package_log.level or logging.INFO, logging.INFO))
     return handler
-
-
-def _write_resolved_config(config: ExperimentConfig, run: RunDir) -> None:
-    from bidistill._io import write_text
-
-    text = dump_config(config)
-    if not run.config.is_file() or run.config.read_text(encoding="utf-8") != text:
-        write_text(run.config, text)
