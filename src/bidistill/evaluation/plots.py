@@ -72,50 +72,57 @@ def method_colours(methods: Sequence[str]) -> dict[str, str]:
     return {m: method_colour(m) for m in methods}
 
 
-def _line_width(method: str, reference: str) -> float:
-    return 2.6 if method == reference else 1.6
-
-
 # --- AUC versus missing rate --------------------------------------------------------------------
 
 
 def plot_auc_vs_missing(metrics: pd.DataFrame, path: Path, *, reference: str = "bd") -> Path:
-    """AUC against the share of test patients without clinical data, one line per method.
+    """AUC against the share of test patients without clinical data, one line per method (the
+    reference drawn thicker)."""
+    lines = [
+        (
+            metrics[metrics["method"] == method],
+            {
+                "color": method_colour(method),
+                "lw": 2.6 if method == reference else 1.6,
+                "marker": "o",
+                "label": method,
+                "zorder": 3 if method == reference else 2,
+            },
+        )
+        for method in dict.fromkeys(metrics["method"])
+    ]
+    return plot_auc_lines(lines, np.sort(metrics["missing_rate"].unique()), path, legend="method")
 
-    The 95% CIs are error bars, each method's nudged sideways so that they do not overlap (a
-    shaded band per method would merge into one smear).
-    """
-    methods = list(dict.fromkeys(metrics["method"]))
-    rates = np.sort(metrics["missing_rate"].unique())
+
+def plot_auc_lines(
+    lines: list[tuple[pd.DataFrame, dict]], rates: np.ndarray, path: Path, *, legend: str
+) -> Path:
+    """One line of AUCs against the missing rate per ``(rows, matplotlib style)``, with the 95%
+    CIs as error bars, each line's nudged sideways so that they do not overlap (a shaded band
+    per line would merge into one smear)."""
     step = np.min(np.diff(rates)) if len(rates) > 1 else 1.0
-    offsets = (np.arange(len(methods)) - (len(methods) - 1) / 2) * step * 0.6 / max(len(methods), 1)
+    offsets = (np.arange(len(lines)) - (len(lines) - 1) / 2) * step * 0.6 / max(len(lines), 1)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=WIDE, layout="constrained")
-        for method, offset in zip(methods, offsets):
-            rows = metrics[metrics["method"] == method].sort_values("missing_rate")
-            x = rows["missing_rate"].to_numpy(float) + offset
+        for (rows, style), offset in zip(lines, offsets):
+            rows = rows.sort_values("missing_rate")
             auc = rows["auc"].to_numpy(float)
             err = np.vstack([auc - rows["auc_ci_low"], rows["auc_ci_high"] - auc])
-            colour = method_colour(method)
             ax.errorbar(
-                x,
+                rows["missing_rate"].to_numpy(float) + offset,
                 auc,
                 yerr=None if np.isnan(err).all() else err,
-                color=colour,
-                lw=_line_width(method, reference),
-                marker="o",
                 ms=4.5,
                 capsize=2.5,
                 elinewidth=1.0,
-                label=method,
-                zorder=3 if method == reference else 2,
+                **style,
             )
         ax.set_xticks(rates, [f"{r:.0%}" for r in rates])
         ax.set_xlabel("test patients without clinical data (r)")
         ax.set_ylabel("AUC (bars: 95% CI)")
         ax.axhline(0.5, color="#999999", lw=0.8, ls=":")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title="method")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title=legend)
     return save_figure(fig, path)
 
 

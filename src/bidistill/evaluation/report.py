@@ -1,11 +1,5 @@
-"""The run report: a self-contained ``report.html`` (figures embedded, opens offline) and
-``report.md`` (figures linked from ``figures/``), built from the evaluation tables.
-
-Both open with the headline (what was compared on how many patients, what won at which rates,
-with p-values) and, for synthetic or random features, a banner saying so; then the tables and
-figures, the methods with their options, the cohort, how the numbers were made, the intended use
-and limitations (model-card style), provenance and the resolved config. The HTML is in
-``report_html``; the texts both formats share are here.
+"""The run report's content: ``ReportInputs``, the texts and tables ``report.html``
+(``report_html``) and ``report.md`` (here, figures linked from ``figures/``) share.
 """
 
 from __future__ import annotations
@@ -315,25 +309,21 @@ def auc_cells(metrics: pd.DataFrame, headline: Headline) -> pd.DataFrame:
         ci = "" if np.isnan(row.auc_ci_low) else f" [{row.auc_ci_low:.2f}, {row.auc_ci_high:.2f}]"
         return f"{value}{mark}{ci}"
 
-    table = metrics.assign(cell=[cell(i, r) for i, r in metrics.iterrows()])
-    wide = table.pivot(index="method", columns="missing_rate", values="cell")
-    wide = wide.loc[list(dict.fromkeys(metrics["method"]))]
-    wide.columns = [f"r={c:g}" for c in wide.columns]
-    return wide
+    return _by_rate(metrics, [cell(i, r) for i, r in metrics.iterrows()])
 
 
 def delong_cells(delong: pd.DataFrame) -> pd.DataFrame:
     """Method x rate table of ``difference (p)`` strings."""
     if delong.empty:
         return pd.DataFrame()
+    cells = [f"{r.auc_difference:+.3f} ({format_p(r.p_holm)})" for r in delong.itertuples()]
+    return _by_rate(delong, cells)
 
-    def cell(row: pd.Series) -> str:
-        return f"{row.auc_difference:+.3f} ({format_p(row.p_holm)})"
 
-    wide = delong.assign(cell=delong.apply(cell, axis=1)).pivot(
-        index="method", columns="missing_rate", values="cell"
-    )
-    wide = wide.loc[list(dict.fromkeys(delong["method"]))]
+def _by_rate(frame: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
+    """``cells`` (one per row of ``frame``) as a method x rate table, methods in table order."""
+    wide = frame.assign(cell=cells).pivot(index="method", columns="missing_rate", values="cell")
+    wide = wide.loc[list(dict.fromkeys(frame["method"]))]
     wide.columns = [f"r={c:g}" for c in wide.columns]
     return wide
 

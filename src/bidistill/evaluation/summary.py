@@ -1,34 +1,7 @@
-"""From swept predictions to the tables of the run directory.
-
-Replicates. Every statistic is computed for each replicate, one (fold, mask seed) pair; in holdout
-mode there is one fold. ``metrics.csv`` reports the mean over replicates, and ``auc_std`` the
-standard deviation over mask seeds (of the fold-averaged AUC), i.e. how much the AUC depends on
-*which* patients lose their clinical data. In k-fold mode ``auc_fold_std`` is the standard
-deviation over folds (of the seed-averaged AUC).
-
-Confidence interval. ``auc_ci_low``/``auc_ci_high`` are the percentile interval of a stratified
-patient-level bootstrap of the replicate-averaged AUC: each resample draws test patients with
-replacement within each label, and its AUC is the mean over replicates of the resample's AUC
-(see ``metrics.bootstrap_auc``; the resamples are shared by every method and rate). The interval
-thus covers the patient-sampling uncertainty of the reported number, with the mask randomness
-averaged out rather than added.
-
-Threshold. Per method, rate and replicate, the threshold is chosen on the validation patients of
-that fold, masked by the same nested scheme at the same rate and seed (Youden's J by default, or
-the fixed threshold of the config), and then applied to the test patients. Nothing about the
-test set enters the threshold.
-
-Small test sets. Below ``metrics.LARGE_SAMPLE_PER_CLASS`` test patients in either class the CI
-is Newcombe's score interval around the seed-averaged AUC (``auc_ci_method`` says which), since
-the percentile bootstrap collapses to [1, 1] at an AUC of 1 and is too narrow on a handful of
-patients.
-
-Paired tests (``delong.csv``, named for the large-sample test). At each rate, each method's
-seed-averaged AUC is compared with the reference method's (``bd`` by default): by DeLong's paired
-test on the replicate-averaged structural components when both classes are large, else by the
-paired permutation test (exact up to ``metrics.EXACT_MAX_PATIENTS`` patients); the ``test`` column
-names it and ``p_floor`` is the smallest p-value it can give on these patients. p-values are
-Holm-corrected across the methods at that rate.
+"""From swept predictions to the tables of the run directory: ``metrics.csv`` (means over the
+(fold, mask seed) replicates, CIs of the replicate-averaged AUC), the per-replicate table and
+the paired tests against the reference method, Holm-corrected across methods at each rate.
+How each number is made: docs/internal-interfaces.md, "Results, comparison".
 """
 
 from __future__ import annotations
@@ -43,6 +16,7 @@ from bidistill.config import EvaluationConfig
 from bidistill.evaluation import metrics as M
 from bidistill.evaluation.inputs import PredictionsError
 from bidistill.evaluation.missing import SplitSweep
+from bidistill.thresholds import FALLBACK_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +36,17 @@ CONTRACT_COLUMNS = [
 ]
 THRESHOLD_METRICS = ["accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity"]
 SEED_METRICS = ["auc", *THRESHOLD_METRICS, "brier", "ece", "threshold", "missing_share"]
-FALLBACK_THRESHOLD = 0.5
+# The columns of one paired test, in the run's and the comparison's tables of tests alike.
+TEST_COLUMNS = [
+    "auc",
+    "auc_reference",
+    "auc_difference",
+    "z",
+    "p_value",
+    "p_holm",
+    "test",
+    "p_floor",
+]
 
 
 @dataclass
@@ -76,14 +60,8 @@ class EvaluationTables:
 def summarize(
     test: list[SplitSweep], val: list[SplitSweep | None], cfg: EvaluationConfig
 ) -> EvaluationTables:
-    """Compute every table from the test sweeps and the validation sweeps of each fold.
-
-    Args:
-        test: one test sweep per fold (same patients, methods, rates and seeds in each).
-        val: the validation sweep of each fold, or None where a fold has no validation patients
-            (the threshold then falls back to 0.5, with a warning).
-        cfg: the evaluation section of the config.
-    """
+    """Every table from each fold's test sweep (same patients, methods, rates and seeds) and
+    validation sweep (None where a fold has none: the threshold falls back, with a warning)."""
     first = test[0]
     if len(np.unique(first.labels)) < 2:
         raise PredictionsError(
@@ -187,19 +165,7 @@ def _aggregate(by_seed: pd.DataFrame, ci: pd.DataFrame, *, n_patients: int) -> p
 
 
 def _delong_table(test: list[SplitSweep], reference: str) -> pd.DataFrame:
-    columns = [
-        "method",
-        "reference",
-        "missing_rate",
-        "auc",
-        "auc_reference",
-        "auc_difference",
-        "z",
-        "p_value",
-        "p_holm",
-        "test",
-        "p_floor",
-    ]
+    columns = ["method", "reference", "missing_rate", *TEST_COLUMNS]
     methods = test[0].methods
     if reference not in methods:
         log.warning("reference method '%s' not evaluated: no paired tests", reference)
@@ -215,30 +181,28 @@ def _delong_table(test: list[SplitSweep], reference: str) -> pd.DataFrame:
             if m != reference
         }
         adjusted = M.holm(np.array([t.p_value for t in tests.values()]))
-        ref_auc = _mean_auc(ref_scores, labels)
+        ref_auc = M.mean_auc(ref_scores, labels)
         for (method, result), p_adj in zip(tests.items(), adjusted):
-            rows.append(
-                {
-                    "method": method,
-                    "reference": reference,
-                    "missing_rate": rate,
-                    "auc": _mean_auc(aucs[method], labels),
-                    "auc_reference": ref_auc,
-                    "auc_difference": result.difference,
-                    "z": result.z,
-                    "p_value": result.p_value,
-                    "p_holm": p_adj,
-                    "test": result.test,
-                    "p_floor": result.p_floor,
-                }
-            )
+            auc = M.mean_auc(aucs[method], labels)
+            row = test_row(result, auc, ref_auc, p_holm=p_adj)
+            rows.append({"method": method, "reference": reference, "missing_rate": rate, **row})
     return pd.DataFrame(rows, columns=columns)
+
+
+def test_row(result: M.PairedTest, auc: float, auc_reference: float, *, p_holm: float) -> dict:
+    """The ``TEST_COLUMNS`` of one paired test (``delong.csv``, ``compare_delong.csv``)."""
+    return {
+        "auc": auc,
+        "auc_reference": auc_reference,
+        "auc_difference": result.difference,
+        "z": result.z,
+        "p_value": result.p_value,
+        "p_holm": p_holm,
+        "test": result.test,
+        "p_floor": result.p_floor,
+    }
 
 
 def _replicate_scores(test: list[SplitSweep], method: str, r: int) -> np.ndarray:
     """``[folds x seeds, n]``: the method's test scores at rate index ``r`` in every replicate."""
     return np.concatenate([t.probs[method][:, r] for t in test])
-
-
-def _mean_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    return float(M.pair_kernel(scores, labels).mean())
