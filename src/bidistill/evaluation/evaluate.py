@@ -1,9 +1,5 @@
-"""Evaluate a run directory: sweep, statistics, tables, figures and report.
-
-Reads ``<run_dir>/<method>/predictions.csv`` for every method, and ``<run_dir>/config.yaml`` and
-``<run_dir>/cohort.json`` when they exist. Writes (atomically) ``predictions.csv``,
-``metrics.csv``, ``metrics_by_seed.csv``, ``delong.csv``, ``figures/*.png``, ``report.html`` and
-``report.md``.
+"""Evaluate a run directory: every method's predictions swept over the missing rates, the
+statistics, tables, figures and report, each written atomically through ``RunDir``.
 """
 
 from __future__ import annotations
@@ -52,20 +48,11 @@ def evaluate_run(
     config: ExperimentConfig | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> EvaluationTables:
-    """Evaluate every method of a run directory and write the tables, figures and report.
+    """Evaluate every method of a run directory, write the tables, figures and report, and
+    return the tables.
 
-    Args:
-        run_dir: the run directory.
-        config: the experiment config; default: ``<run_dir>/config.yaml``, or the default
-            evaluation settings with every method folder that has a ``predictions.csv``.
-        provenance: extra entries for the report's provenance section (e.g. run times).
-
-    Returns:
-        The tables that were written.
-
-    Raises:
-        PredictionsError: no method to evaluate, a configured method without predictions, or
-            predictions that break the contract.
+    ``config`` defaults to the run's own, else the default evaluation settings over every
+    trained method folder; ``provenance`` adds entries to the report's provenance section.
     """
     run = RunDir(run_dir)
     run_dir = run.path
@@ -243,12 +230,9 @@ def _methods(run_dir: Path, config: ExperimentConfig | None) -> list[str]:
 
 
 def check_against_splits(run_dir: Path, predictions: dict[str, pd.DataFrame]) -> None:
-    """Every method predicts exactly the validation and test patients of ``splits.json``: an
-    AUC over what is left of an edited or truncated file would look like a result.
-
-    Raises:
-        PredictionsError: naming the file, the split and the patients missing or extra.
-    """
+    """``PredictionsError`` unless every method predicts exactly the validation and test
+    patients of the run's splits: an AUC over what is left of an edited or truncated file would
+    look like a result."""
     from bidistill.cohort import Splits
 
     splits_path = RunDir(run_dir).splits
@@ -361,21 +345,13 @@ def git_commit() -> str | None:
     """The commit of the bidistill source tree, with ``+dirty`` for local changes; None if
     the package is not in a git checkout (e.g. installed from a wheel)."""
     source = Path(__file__).resolve().parents[1]  # src/bidistill
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(source), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=5, check=True).stdout
+
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(source), "status", "--porcelain", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
+        commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return None
-    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    return commit.strip() + ("+dirty" if dirty.strip() else "")

@@ -1,12 +1,9 @@
 """What a run's results say, in a few sentences: who won at which rates, and does it hold up.
 
-Shared by the console table (`bidistill run` / `evaluate`) and the report's headline box, so both
-say the same thing. Significance is the paired test against the reference method with Holm's
-correction across methods at each rate (``delong.csv``: DeLong's test, or the permutation test on
-small test sets); nothing here tests anything new.
-
-Ties. Methods whose AUCs print the same (three decimals) tie: a tie is reported with every tied
-method named, and is not a lead to test.
+The console table and the report's headline box both use it, so both say the same thing. It
+tests nothing new: significance is the run's paired tests against the reference method
+(Holm-corrected). Methods whose AUCs print the same (three decimals) tie: every tied method is
+named, and a tie is no lead to test.
 """
 
 from __future__ import annotations
@@ -22,6 +19,8 @@ ALPHA = 0.05
 MIN_RELIABLE_PATIENTS = 100
 MIN_RELIABLE_PER_CLASS = 30
 
+# (versus, difference, p_holm, test, p_floor) where no lead is tested.
+NO_TEST = (None, float("nan"), float("nan"), "DeLong", 0.0)
 RATE_MEANING = "r = share of test patients whose clinical data is withheld (0: all have it)"
 
 
@@ -47,15 +46,11 @@ def test_name(test: str) -> str:
     return test if test == "DeLong" else f"{test} test"
 
 
-def rate_label(rate: float) -> str:
-    return f"{rate:g}"
-
-
 def rate_span(rates: list[float]) -> str:
     """``r = 0-0.6`` for consecutive rates, ``r = 0.2`` for one."""
     if len(rates) == 1:
-        return f"r = {rate_label(rates[0])}"
-    return f"r = {rate_label(rates[0])}–{rate_label(rates[-1])}"
+        return f"r = {rates[0]:g}"
+    return f"r = {rates[0]:g}–{rates[-1]:g}"
 
 
 def auc_text(auc: float) -> str:
@@ -120,7 +115,7 @@ class Headline:
             f"{len(self.methods)} methods ({', '.join(self.methods)}) on "
             f"{self.n_patients} test patients ({self.n_positive} positive), with clinical data "
             f"withheld from {_share(rates[0])} to {_share(rates[-1])} of them (r = "
-            f"{rate_label(rates[0])} to {rate_label(rates[-1])})."
+            f"{rates[0]:g} to {rates[-1]:g})."
         )
 
     def winners(self) -> str:
@@ -131,8 +126,8 @@ class Headline:
             first, last = self.rates[0], self.rates[-1]
             return (
                 f"{groups[0][0]} has the highest AUC at every rate: {auc_text(first.auc)} at "
-                f"r = {rate_label(first.rate)}, {auc_text(last.auc)} at "
-                f"r = {rate_label(last.rate)}."
+                f"r = {first.rate:g}, {auc_text(last.auc)} at "
+                f"r = {last.rate:g}."
             )
         parts = []
         for leaders, rates in groups:
@@ -206,7 +201,7 @@ def _share(rate: float) -> str:
 
 
 def _p_value(p: float) -> str:
-    """A p-value with two significant digits (``0.016``, ``0.0001``)."""
+    """Two significant digits (``0.016``, ``0.0001``)."""
     return f"{p:.2g}"
 
 
@@ -217,7 +212,7 @@ def _p_floor(low: float, rows: list[RateResult]) -> str:
 
 
 def _rates_text(rates: list[float]) -> str:
-    return ", ".join(f"r = {rate_label(r)}" for r in rates)
+    return ", ".join(f"r = {r:g}" for r in rates)
 
 
 def _runs(items: list[tuple[str, float]]) -> list[tuple[str, list[float]]]:
@@ -245,7 +240,7 @@ def build_headline(metrics: pd.DataFrame, delong: pd.DataFrame, reference: str) 
         best = ranked.iloc[0]
         tied = [str(m) for m in ranked["method"][ranked["auc_text"] == auc_text(best.auc)]]
         if len(tied) > 1:
-            test: tuple = (None, float("nan"), float("nan"), "DeLong", 0.0)
+            test: tuple = NO_TEST
         else:
             tied = []
             test = _test_of_lead(ranked, delong, reference, float(rate))
@@ -294,15 +289,14 @@ def _test_of_lead(
     ranked: pd.DataFrame, delong: pd.DataFrame, reference: str, rate: float
 ) -> tuple[str | None, float, float, str, float]:
     """``(versus, difference, p_holm, test, p_floor)`` of the top method's lead."""
-    none = (None, float("nan"), float("nan"), "DeLong", 0.0)
     at_rate = delong[np.isclose(delong["missing_rate"].astype(float), rate)]
     if at_rate.empty or len(ranked) < 2:
-        return none
+        return NO_TEST
     best = str(ranked.iloc[0].method)
     versus = str(ranked.iloc[1].method) if best == reference else reference
     row = at_rate[at_rate["method"] == (versus if best == reference else best)]
     if row.empty:
-        return none
+        return NO_TEST
     row = row.iloc[0]
     sign = -1.0 if best == reference else 1.0
     test = str(row["test"]) if "test" in row and pd.notna(row["test"]) else "DeLong"

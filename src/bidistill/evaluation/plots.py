@@ -1,11 +1,8 @@
-"""The report's figures, each a PNG written atomically into ``figures/``.
+"""The report's figures, each a PNG written atomically into the run's figures folder.
 
-Made to be read at the report's narrowest width (820 px) and on paper: one panel per file (the
-report lays panels out in a grid that wraps), fonts of at least 10 pt at a panel width of 4.2 in,
-a legend in every panel that needs one, and a colour per method that is the same in every report
-(``method_colours``). Curves over mask seeds are averaged, never a single seed picked: the ROC
-curve is the mean true-positive rate over every (fold, mask seed) replicate at each
-false-positive rate, as the AUC of the tables is the mean over the same replicates.
+Made to be read at the report's narrowest width (820 px) and on paper: one panel per file, fonts
+of at least 10 pt at a panel width of 4.2 in, a colour per method that is the same in every
+report. Curves over mask seeds are averaged, never one seed picked, as the tables' AUCs are.
 """
 
 from __future__ import annotations
@@ -66,10 +63,6 @@ def method_colour(method: str) -> str:
         return METHOD_COLOURS[method]
     digest = hashlib.blake2b(method.encode(), digest_size=2).digest()
     return _EXTRA_COLOURS[int.from_bytes(digest, "little") % len(_EXTRA_COLOURS)]
-
-
-def method_colours(methods: Sequence[str]) -> dict[str, str]:
-    return {m: method_colour(m) for m in methods}
 
 
 # --- AUC versus missing rate --------------------------------------------------------------------
@@ -151,13 +144,8 @@ def roc_rate_indices(rates: np.ndarray) -> list[int]:
 def plot_roc(
     sweeps: Sequence[SplitSweep], rate_index: int, path: Path, *, aucs: dict[str, float]
 ) -> Path:
-    """ROC curves of every method at one missing rate, averaged over every replicate.
-
-    Args:
-        sweeps: the test sweep of each fold (same patients).
-        rate_index: which of the sweep's rates.
-        aucs: method -> the AUC of the metrics table at that rate, for the legend.
-    """
+    """ROC curves of every method at one missing rate, averaged over every replicate of each
+    fold's test sweep; ``aucs`` (the metrics table's, at that rate) go in the legend."""
     first = sweeps[0]
     rate = float(first.rates[rate_index])
     with plt.rc_context(STYLE):
@@ -200,11 +188,8 @@ def reliability(labels: np.ndarray, probs: np.ndarray, bins: int):
 def plot_calibration(
     sweeps: Sequence[SplitSweep], rate_index: int, path: Path, *, bins: int = 10
 ) -> Path:
-    """Reliability curve per method at one rate, with the patients per bin underneath.
-
-    Replicates are pooled (at rates 0 and 1 every mask seed withholds the same patients, so in
-    a holdout run this is the one set of test predictions); counts are per replicate.
-    """
+    """Reliability curve per method at one rate, replicates pooled, with the patients per bin
+    (per replicate) underneath."""
     first = sweeps[0]
     rate = float(first.rates[rate_index])
     edges = np.linspace(0, 1, bins + 1)
