@@ -134,10 +134,10 @@ def _figures(
     for r in plots.roc_rate_indices(test[0].rates):
         rate = float(test[0].rates[r])
         at_rate = metrics[np.isclose(metrics["missing_rate"], rate)]
-        aucs = dict(zip(at_rate["method"], at_rate["auc"]))
-        name = f"roc_r{rate:g}"
-        path = plots.plot_roc(test, r, folder / f"{name}.png", aucs=aucs)
-        rocs.append((name, path, f"ROC curves at missing rate {rate:g}"))
+        path = plots.plot_roc(
+            test, r, folder / f"roc_r{rate:g}.png", aucs=dict(zip(at_rate.method, at_rate.auc))
+        )
+        rocs.append((path.stem, path, f"ROC curves at missing rate {rate:g}"))
     replicates = sum(len(t.seeds) for t in test)
     groups.append(
         FigureGroup(
@@ -152,9 +152,8 @@ def _figures(
     calibration = []
     for r in sorted({0, len(test[0].rates) - 1}):
         rate = float(test[0].rates[r])
-        name = f"calibration_r{rate:g}"
-        path = plots.plot_calibration(test, r, folder / f"{name}.png")
-        calibration.append((name, path, f"Calibration at missing rate {rate:g}"))
+        path = plots.plot_calibration(test, r, folder / f"calibration_r{rate:g}.png")
+        calibration.append((path.stem, path, f"Calibration at missing rate {rate:g}"))
     groups.append(
         FigureGroup(
             "calibration",
@@ -171,23 +170,18 @@ def _figures(
         columns = {selection_column(f) for f in logs.values()} - {None}
         score = sorted(columns)[0] if columns else "val_score"
         kept = {m: best_epochs(f, model_json(run_dir, m).get("selection")) for m, f in logs.items()}
+        loss_path = folder / "training_loss.png"
+        auc_path = folder / "training_val_auc.png"
+        auc_label = "validation AUC (model selection)"
         curves = [
             (
-                "training_loss",
-                plots.plot_training(
-                    logs, folder / "training_loss.png", column=loss, label="training loss"
-                ),
+                loss_path.stem,
+                plots.plot_training(logs, loss_path, column=loss, label="training loss"),
                 "Training loss per epoch",
             ),
             (
-                "training_val_auc",
-                plots.plot_training(
-                    logs,
-                    folder / "training_val_auc.png",
-                    column=score,
-                    label="validation AUC (model selection)",
-                    best=kept,
-                ),
+                auc_path.stem,
+                plots.plot_training(logs, auc_path, column=score, label=auc_label, best=kept),
                 "Validation AUC per epoch",
             ),
         ]

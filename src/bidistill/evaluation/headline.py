@@ -37,7 +37,7 @@ def format_p(p: float) -> str:
 
 
 def tests_label(delong: pd.DataFrame) -> str:
-    """The paired test(s) behind ``delong.csv``: ``DeLong``, ``exact permutation test``."""
+    """The paired test(s) of a tests table: ``DeLong``, ``exact permutation test``."""
     names = list(dict.fromkeys(delong["test"].dropna())) if "test" in delong else []
     return " / ".join(test_name(str(n)) for n in names) or "DeLong"
 
@@ -60,13 +60,9 @@ def auc_text(auc: float) -> str:
 
 @dataclass
 class RateResult:
-    """The winner at one missing rate and the test that says whether its lead is real.
-
-    ``versus`` is the method it is tested against: the runner-up when the winner is the
-    reference method, else the reference (the paired tests are all against the reference).
-    When several methods share the highest printed AUC, ``tied`` names them all (``best``
-    first) and there is no lead to test.
-    """
+    """The winner at one missing rate and the test of its lead against ``versus``: the
+    runner-up when the winner is the reference method, else the reference (every paired test
+    is against it). ``tied``: every method sharing the highest printed AUC, no lead tested."""
 
     rate: float
     best: str
@@ -227,7 +223,7 @@ def _runs(items: list[tuple[str, float]]) -> list[tuple[str, list[float]]]:
 
 
 def build_headline(metrics: pd.DataFrame, delong: pd.DataFrame, reference: str) -> Headline:
-    """The headline facts from ``metrics.csv`` and ``delong.csv``."""
+    """The headline facts from the run's metrics and paired tests."""
     methods = list(dict.fromkeys(metrics["method"]))
     significant = {
         (row.method, float(row.missing_rate))

@@ -124,6 +124,11 @@ def plot_auc_lines(
 FPR_GRID = np.linspace(0.0, 1.0, 201)
 
 
+def _replicates(sweeps: Sequence[SplitSweep], method: str, rate_index: int) -> list[np.ndarray]:
+    """The method's probabilities at one rate in every (fold, mask seed) replicate."""
+    return [s.probs[method][k, rate_index] for s in sweeps for k in range(len(s.seeds))]
+
+
 def mean_roc(labels: np.ndarray, replicates: Sequence[np.ndarray]) -> np.ndarray:
     """The mean true-positive rate over replicates at each false-positive rate of
     ``FPR_GRID`` (vertical averaging), starting at 0."""
@@ -151,10 +156,7 @@ def plot_roc(
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=PANEL, layout="constrained")
         for method in first.methods:
-            replicates = [
-                s.probs[method][k, rate_index] for s in sweeps for k in range(len(s.seeds))
-            ]
-            tpr = mean_roc(first.labels, replicates)
+            tpr = mean_roc(first.labels, _replicates(sweeps, method, rate_index))
             ax.plot(
                 FPR_GRID,
                 tpr,
@@ -203,15 +205,12 @@ def plot_calibration(
             gridspec_kw={"height_ratios": [3.2, 1]},
         )
         for method in first.methods:
-            probs = np.concatenate(
-                [s.probs[method][k, rate_index] for s in sweeps for k in range(len(s.seeds))]
-            )
+            replicates = _replicates(sweeps, method, rate_index)
             labels = np.concatenate([s.labels for s in sweeps for _ in s.seeds])
-            replicates = sum(len(s.seeds) for s in sweeps)
-            predicted, observed, counts = reliability(labels, probs, bins)
+            predicted, observed, counts = reliability(labels, np.concatenate(replicates), bins)
             colour = method_colour(method)
             ax.plot(predicted, observed, marker="o", ms=3.5, color=colour, lw=1.5, label=method)
-            hist.stairs(counts / replicates, edges, color=colour, lw=1.3)
+            hist.stairs(counts / len(replicates), edges, color=colour, lw=1.3)
         ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
         # A margin so that points at 0 or 1 are drawn whole inside the frame.
         ax.set(xlim=(-0.02, 1.02), ylim=(-0.03, 1.03))

@@ -46,15 +46,9 @@ SMALL_SAMPLE = (
     "and the bootstrap do not hold (the bootstrap CI of an AUC of 1 is [1, 1]): hence the "
     "permutation test, valid at any size, and the score interval."
 )
-# Columns where the best value per rate is marked, and whether higher is better.
-MARKED = {
-    "auc": True,
-    "accuracy": True,
-    "balanced_accuracy": True,
-    "f1": True,
-    "brier": False,
-    "ece": False,
-}
+# Columns where the best value per rate is marked: the highest, or the lowest for these two.
+MARKED = ("auc", "accuracy", "balanced_accuracy", "f1", "brier", "ece")
+LOWER_IS_BETTER = ("brier", "ece")
 METRIC_COLUMNS = {
     "accuracy": "accuracy",
     "balanced_accuracy": "bal. acc.",
@@ -154,11 +148,11 @@ def headline_rows(headline: Headline) -> list[dict[str, str]]:
 def best_flags(metrics: pd.DataFrame) -> pd.DataFrame:
     """Boolean frame: True where a row holds the best value of its rate for a marked column."""
     flags = pd.DataFrame(False, index=metrics.index, columns=list(MARKED))
-    for column, higher in MARKED.items():
+    for column in MARKED:
         if column not in metrics:
             continue
         grouped = metrics.groupby("missing_rate")[column]
-        best = grouped.transform("max" if higher else "min")
+        best = grouped.transform("min" if column in LOWER_IS_BETTER else "max")
         # As printed (three decimals): values that print the same tie and are all marked.
         printed = metrics[column].map("{:.3f}".format)
         flags[column] = (printed == best.map("{:.3f}".format)) & metrics[column].notna()

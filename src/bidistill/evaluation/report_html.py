@@ -100,23 +100,20 @@ def render_html(inputs: ReportInputs) -> str:
             "<div class='banner' id='synthetic-banner' role='note'>"
             f"<strong>{e(title)}:</strong> {e(text)}</div>"
         )
-    parts.append(_headline(inputs, headline))
-    parts.append(_nav(inputs))
-    parts.append(_section("auc", "AUC by missing rate", _auc_table(inputs, headline)))
-    for group in inputs.figures:
-        parts.append(_section(group.key, group.title, _figure_group(group)))
-    parts.append(
-        _section("confusion", "Confusion matrices at the chosen threshold", _confusion(inputs))
-    )
-    parts.append(_section("metrics", "All metrics", _metrics_table(inputs)))
-    parts.append(_section("delong", f"Paired tests against {inputs.reference}", _delong(inputs)))
-    parts.append(_section("methods", "Methods and their options", _methods(inputs)))
-    parts.append(_section("cohort", "Cohort", _cohort(inputs.cohort)))
-    parts.append(
-        _section("protocol", "How the numbers were made", f"<p>{e(protocol_text(inputs))}</p>")
-    )
-    parts.append(_section("limitations", "Intended use and limitations", _limitations(inputs)))
-    parts.append(_section("provenance", "Provenance", _mapping(inputs.provenance)))
+    sections = [
+        ("auc", "AUC by missing rate", _auc_table(inputs, headline)),
+        *[(group.key, group.title, _figure_group(group)) for group in inputs.figures],
+        ("confusion", "Confusion matrices at the chosen threshold", _confusion(inputs)),
+        ("metrics", "All metrics", _metrics_table(inputs)),
+        ("delong", f"Paired tests against {inputs.reference}", _delong(inputs)),
+        ("methods", "Methods and their options", _methods(inputs)),
+        ("cohort", "Cohort", _cohort(inputs.cohort)),
+        ("protocol", "How the numbers were made", f"<p>{e(protocol_text(inputs))}</p>"),
+        ("limitations", "Intended use and limitations", _limitations(inputs)),
+        ("provenance", "Provenance", _mapping(inputs.provenance)),
+    ]
+    parts += [_headline(inputs, headline), _nav(inputs)]
+    parts += [f"<section id='{e(k)}'><h2>{e(t)}</h2>{body}</section>" for k, t, body in sections]
     if inputs.config_text:
         lines = inputs.config_text.count("\n")
         parts.append(
@@ -133,10 +130,6 @@ def _meta(inputs: ReportInputs) -> str:
         if key in inputs.provenance:
             items.append(f"{key} {inputs.provenance[key]}")
     return f"<p class='meta'>{e(' · '.join(items))}</p>"
-
-
-def _section(key: str, title: str, body: str) -> str:
-    return f"<section id='{e(key)}'><h2>{e(title)}</h2>{body}</section>"
 
 
 def _nav(inputs: ReportInputs) -> str:
