@@ -7,6 +7,8 @@ output keeps them side by side.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pandas as pd
 from rich import box
 from rich.console import Console
@@ -108,6 +110,7 @@ def print_comparison(result, *, console: Console | None = None) -> None:
     """AUC and CI per (run, method) and rate, with the paired tests against the first run's
     same method; long run names are keyed by number (each printed whole once)."""
     console = console or Console()
+    say = partial(console.print, highlight=False, soft_wrap=True)
     table_data = result.table
     reference = result.runs[0]
     counts = {run: int(rows["n_patients"].iloc[0]) for run, rows in table_data.groupby("run")}
@@ -117,9 +120,7 @@ def print_comparison(result, *, console: Console | None = None) -> None:
     for run in result.runs:
         key = f"{short[run]} = " if keyed else ""
         role = " (reference for the tests)" if run == reference else ""
-        console.print(
-            f"  {key}{run}: {counts[run]} test patients{role}", highlight=False, soft_wrap=True
-        )
+        say(f"  {key}{run}: {counts[run]} test patients{role}")
     significant = {
         (short[row.run], row.method, float(row.missing_rate))
         for row in result.delong.itertuples()
@@ -140,31 +141,23 @@ def print_comparison(result, *, console: Console | None = None) -> None:
         highlight=False,
     )
     for rate, runs in result.left_out.items():
-        console.print(
+        say(
             Text.assemble(
                 ("left out: ", "yellow"),
                 f"r = {rate:g}, evaluated only in {', '.join(runs)}; the table and tests use "
                 "the rates every run has.",
-            ),
-            highlight=False,
-            soft_wrap=True,
+            )
         )
     if len(result.delong):
         smallest = result.delong.loc[result.delong["p_holm"].idxmin()]
-        console.print(
+        say(
             f"{int((result.delong['p_holm'] < 0.05).sum())} of {len(result.delong)} paired tests "
             f"significant; smallest: {smallest.run} {smallest.method} at r = "
             f"{smallest.missing_rate:g}, {smallest.auc_difference:+.3f} AUC, "
-            f"{format_p(smallest.p_holm)}.",
-            highlight=False,
-            soft_wrap=True,
+            f"{format_p(smallest.p_holm)}."
         )
     for run, why in result.unpaired.items():
-        console.print(
-            Text.assemble(("not tested: ", "yellow"), f"{run} has {why}: compare its CIs only."),
-            highlight=False,
-            soft_wrap=True,
-        )
+        say(Text.assemble(("not tested: ", "yellow"), f"{run} has {why}: compare its CIs only."))
 
 
 def _print_tables(console: Console, tables: list[Table]) -> None:

@@ -71,9 +71,9 @@ class RateResult:
     versus: str | None
     difference: float  # best minus versus
     p_holm: float
+    test: str  # the paired test behind p_holm
+    p_floor: float  # the smallest p-value that test can give here (before Holm)
     tied: list[str] = field(default_factory=list)
-    test: str = "DeLong"  # the paired test behind p_holm
-    p_floor: float = 0.0  # the smallest p-value that test can give here (before Holm)
 
     @property
     def significant(self) -> bool:
@@ -240,21 +240,9 @@ def build_headline(metrics: pd.DataFrame, delong: pd.DataFrame, reference: str) 
         else:
             tied = []
             test = _test_of_lead(ranked, delong, reference, float(rate))
-        versus, difference, p, name, floor = test
-        results.append(
-            RateResult(
-                rate=float(rate),
-                best=str(best.method),
-                auc=float(best.auc),
-                ci=(float(best.auc_ci_low), float(best.auc_ci_high)),
-                versus=versus,
-                difference=difference,
-                p_holm=p,
-                tied=tied,
-                test=name,
-                p_floor=floor,
-            )
-        )
+        ci = (float(best.auc_ci_low), float(best.auc_ci_high))
+        # The test's fields follow the winner's in RateResult's order.
+        results.append(RateResult(float(rate), str(best.method), float(best.auc), ci, *test, tied))
     widths = (metrics["auc_ci_high"] - metrics["auc_ci_low"]).to_numpy(dtype=float)
     widths = widths[np.isfinite(widths)]
     n_positive = int(metrics["n_positive"].iloc[0]) if "n_positive" in metrics else 0
@@ -284,7 +272,8 @@ def _ranked(rows: pd.DataFrame, reference: str) -> pd.DataFrame:
 def _test_of_lead(
     ranked: pd.DataFrame, delong: pd.DataFrame, reference: str, rate: float
 ) -> tuple[str | None, float, float, str, float]:
-    """``(versus, difference, p_holm, test, p_floor)`` of the top method's lead."""
+    """``(versus, difference, p_holm, test, p_floor)`` of the top method's lead, the fields of
+    ``RateResult`` in their order."""
     at_rate = delong[np.isclose(delong["missing_rate"].astype(float), rate)]
     if at_rate.empty or len(ranked) < 2:
         return NO_TEST

@@ -32,9 +32,6 @@ def large_sample(labels: np.ndarray) -> bool:
     return min(n_pos, len(labels) - n_pos) >= LARGE_SAMPLE_PER_CLASS
 
 
-# --- AUC kernels --------------------------------------------------------------------------------
-
-
 def pair_kernel(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """ψ of scores ``[..., n]`` over all (positive, negative) pairs: ``[..., n_pos, n_neg]``,
     1 where the positive scores higher, ½ on ties, else 0."""
@@ -79,9 +76,6 @@ def percentile_ci(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray,
     alpha = (1 - level) / 2
     low, high = np.quantile(samples, [alpha, 1 - alpha], axis=-1)
     return low, high
-
-
-# --- DeLong -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -147,9 +141,6 @@ def holm(p_values: np.ndarray) -> np.ndarray:
     steps = (m - np.arange(m)) * p[order]
     adjusted[order] = np.minimum(np.maximum.accumulate(steps), 1.0)
     return adjusted
-
-
-# --- paired test of two AUCs at any sample size -------------------------------------------------
 
 
 @dataclass
@@ -226,9 +217,6 @@ def permutation_test(
     return PairedTest(observed, float("nan"), p, "permutation", 1 / (PERMUTATIONS + 1))
 
 
-# --- confidence interval of one AUC at any sample size ------------------------------------------
-
-
 def newcombe_ci(auc: float, n_pos: int, n_neg: int, level: float = 0.95) -> tuple[float, float]:
     """Newcombe's score interval for an AUC (Newcombe 2006, part 2, method 5): not degenerate
     at an AUC of 0 or 1, where the bootstrap and Wald intervals collapse. NaN with a class empty."""
@@ -246,9 +234,6 @@ def newcombe_ci(auc: float, n_pos: int, n_neg: int, level: float = 0.95) -> tupl
     low = optimize.brentq(excess, 0.0, auc - step) if auc > step else 0.0
     high = optimize.brentq(excess, auc + step, 1.0) if auc < 1 - step else 1.0
     return float(low), float(high)
-
-
-# --- threshold and thresholded metrics ----------------------------------------------------------
 
 
 def threshold_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:

@@ -65,9 +65,6 @@ def method_colour(method: str) -> str:
     return _EXTRA_COLOURS[int.from_bytes(digest, "little") % len(_EXTRA_COLOURS)]
 
 
-# --- AUC versus missing rate --------------------------------------------------------------------
-
-
 def plot_auc_vs_missing(metrics: pd.DataFrame, path: Path, *, reference: str = "bd") -> Path:
     """AUC against the share of test patients without clinical data, one line per method (the
     reference drawn thicker)."""
@@ -118,8 +115,6 @@ def plot_auc_lines(
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title=legend)
     return save_figure(fig, path)
 
-
-# --- ROC ----------------------------------------------------------------------------------------
 
 FPR_GRID = np.linspace(0.0, 1.0, 201)
 
@@ -173,9 +168,6 @@ def plot_roc(
     return save_figure(fig, path)
 
 
-# --- calibration --------------------------------------------------------------------------------
-
-
 def reliability(labels: np.ndarray, probs: np.ndarray, bins: int):
     """Per equal-width bin of predicted probability: mean prediction, observed share of
     positives and count (bins without patients left out)."""
@@ -220,9 +212,6 @@ def plot_calibration(
         hist.set_xlabel("predicted probability (bins of 0.1)")
         hist.set_ylabel("patients")
     return save_figure(fig, path)
-
-
-# --- training curves ----------------------------------------------------------------------------
 
 
 def plot_training(

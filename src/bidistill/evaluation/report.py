@@ -93,9 +93,6 @@ class ReportInputs:
         return build_headline(self.metrics, self.delong, self.reference)
 
 
-# --- texts and tables both formats share --------------------------------------------------------
-
-
 def protocol_text(inputs: ReportInputs) -> str:
     p = inputs.protocol
     folds = (
@@ -224,9 +221,6 @@ def fmt(value: Any) -> str:
 
 def options_text(options: dict[str, Any]) -> str:
     return ", ".join(f"{k} {fmt(v)}" for k, v in options.items()) or "–"
-
-
-# --- Markdown -----------------------------------------------------------------------------------
 
 
 def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:

@@ -151,9 +151,6 @@ def _swatch(method: str) -> str:
     return f"<span class='sw' style='background:{method_colour(method)}'></span>{e(method)}"
 
 
-# --- headline -----------------------------------------------------------------------------------
-
-
 def _headline(inputs: ReportInputs, headline) -> str:
     rows = headline_rows(headline)
     head = "".join(f"<th class='{_align(k)}'>{e(k)}</th>" for k in rows[0]) if rows else ""
@@ -183,9 +180,6 @@ def _headline(inputs: ReportInputs, headline) -> str:
 
 def _align(key: str) -> str:
     return "l" if key in ("highest AUC", "tested against", "method") else ""
-
-
-# --- tables -------------------------------------------------------------------------------------
 
 
 def _auc_table(inputs: ReportInputs, headline) -> str:
@@ -383,9 +377,6 @@ def _mapping(mapping: dict[str, Any]) -> str:
         for k, v in mapping.items()
     )
     return f"<div class='scroll'><table><tbody>{rows}</tbody></table></div>"
-
-
-# --- figures ------------------------------------------------------------------------------------
 
 
 def _figure_group(group) -> str:
