@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +39,13 @@ class Comparison:
     runs: list[str]  # labels, in the order given (the first is the reference)
     table: pd.DataFrame  # run, method, missing_rate, auc, auc_ci_low, auc_ci_high, ...
     delong: pd.DataFrame  # DELONG_COLUMNS
-    unpaired: dict[str, str] = field(default_factory=dict)  # run -> why it was not tested
-    left_out: dict[float, list[str]] = field(default_factory=dict)  # rate -> runs that have it
-    table_path: Path | None = None
-    delong_path: Path | None = None
-    figure_path: Path | None = None
+    unpaired: dict[str, str]  # run -> why it was not tested
+    left_out: dict[float, list[str]]  # rate -> runs that have it
+    out_dir: Path
+
+    table_path = property(lambda self: self.out_dir / "compare.csv")
+    delong_path = property(lambda self: self.out_dir / "compare_delong.csv")
+    figure_path = property(lambda self: self.out_dir / "compare.png")
 
 
 def run_labels(runs: Sequence[Path]) -> list[str]:
@@ -83,15 +85,10 @@ def compare_runs(
     first = ["run", "method", "missing_rate"]
     table = table[first + [c for c in table.columns if c not in first]]
     delong, unpaired = _paired_tests(labels, table, predictions)
-    result = Comparison(
-        runs=labels, table=table, delong=delong, unpaired=unpaired, left_out=left_out
-    )
-    out_dir = Path(out_dir)
-    result.table_path = out_dir / "compare.csv"
-    result.delong_path = out_dir / "compare_delong.csv"
+    result = Comparison(labels, table, delong, unpaired, left_out, Path(out_dir))
     write_csv(result.table_path, table)
     write_csv(result.delong_path, delong)
-    result.figure_path = plot_comparison(table, out_dir / "compare.png", runs=labels)
+    plot_comparison(table, result.figure_path, runs=labels)
     return result
 
 

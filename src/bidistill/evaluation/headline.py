@@ -110,7 +110,7 @@ class Headline:
         return (
             f"{len(self.methods)} methods ({', '.join(self.methods)}) on "
             f"{self.n_patients} test patients ({self.n_positive} positive), with clinical data "
-            f"withheld from {_share(rates[0])} to {_share(rates[-1])} of them (r = "
+            f"withheld from {rates[0]:.0%} to {rates[-1]:.0%} of them (r = "
             f"{rates[0]:g} to {rates[-1]:g})."
         )
 
@@ -148,7 +148,8 @@ class Headline:
             )
         how = (
             f"top AUC against {self.reference}, or against the runner-up where "
-            f"{self.reference} is top; {self._tests(tested)}"
+            f"{self.reference} is top; "
+            f"{' / '.join(dict.fromkeys(test_name(r.test) for r in tested))}, Holm-corrected"
         )
         sig = [r for r in tested if r.significant]
         nonsig = [r for r in tested if not r.significant]
@@ -165,10 +166,6 @@ class Headline:
             )
         return verdict + tie_note + self._floor_note(tested)
 
-    def _tests(self, tested: list[RateResult]) -> str:
-        names = list(dict.fromkeys(test_name(r.test) for r in tested))
-        return f"{' / '.join(names)}, Holm-corrected"
-
     def _floor_note(self, tested: list[RateResult]) -> str:
         """On small test sets, the smallest p-value the test could give at all."""
         floors = [r.p_floor for r in tested if r.p_floor > 0]
@@ -176,7 +173,7 @@ class Headline:
             return ""
         return (
             f" With {self.n_patients} test patients no p-value can fall below "
-            f"{_p_value(min(floors))} (before Holm's correction)."
+            f"{min(floors):.2g} (before Holm's correction)."
         )
 
     def reliability(self) -> str | None:
@@ -190,15 +187,6 @@ class Headline:
             "ranking is not reliable. Use a larger test set, or k-fold cross-validation "
             "(cohort.splits.mode: kfold)."
         )
-
-
-def _share(rate: float) -> str:
-    return f"{rate:.0%}"
-
-
-def _p_value(p: float) -> str:
-    """Two significant digits (``0.016``, ``0.0001``)."""
-    return f"{p:.2g}"
 
 
 def _p_floor(low: float, rows: list[RateResult]) -> str:

@@ -336,15 +336,11 @@ def _cohort(cohort: dict[str, Any]) -> str:
     parts = []
     if cohort.get("splits"):
         parts.append(_frame(pd.DataFrame(cohort["splits"])))
-    if cohort.get("clinical_missing"):
-        frame = pd.DataFrame(
-            {
-                "column": list(cohort["clinical_missing"]),
-                "share missing": [f"{v:.1%}" for v in cohort["clinical_missing"].values()],
-            }
-        )
+    missing = cohort.get("clinical_missing")
+    if missing:
+        shares = {"column": list(missing), "share missing": [f"{v:.1%}" for v in missing.values()]}
         parts.append("<h3>Clinical missingness per column (whole cohort)</h3>")
-        parts.append(_frame(frame))
+        parts.append(_frame(pd.DataFrame(shares)))
     details = {k: v for k, v in cohort.items() if k not in ("splits", "clinical_missing")}
     if details:
         parts.append(_mapping(details))

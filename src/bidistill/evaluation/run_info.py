@@ -56,10 +56,7 @@ def method_infos(run_dir: Path, methods: list[str], config: ExperimentConfig | N
 
 def selection_column(log: pd.DataFrame) -> str | None:
     """The training log's model-selection score (what early stopping watched)."""
-    for column in ("val_score", "val_auc_present"):
-        if column in log:
-            return column
-    return None
+    return next((c for c in ("val_score", "val_auc_present") if c in log), None)
 
 
 def best_epochs(log: pd.DataFrame, selection: list[dict] | None = None) -> list[int]:

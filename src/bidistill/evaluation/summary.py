@@ -54,7 +54,6 @@ class EvaluationTables:
     metrics: pd.DataFrame  # one row per (method, missing_rate): metrics.csv
     by_seed: pd.DataFrame  # one row per (method, missing_rate, fold, mask_seed)
     delong: pd.DataFrame  # one row per (method, missing_rate) other than the reference
-    bootstrap: dict[str, np.ndarray]  # method -> [R, n_boot] resampled AUCs
 
 
 def summarize(
@@ -68,7 +67,6 @@ def summarize(
             f"the test split has only label {first.labels[0]}: AUC needs both classes"
         )
     by_seed = pd.DataFrame([row for t, v in zip(test, val) for row in _replicate_rows(t, v, cfg)])
-    bootstrap: dict[str, np.ndarray] = {}
     ci_rows = []
     n_rates = len(first.rates)
     large = M.large_sample(first.labels)
@@ -78,8 +76,8 @@ def summarize(
         if cfg.bootstrap:
             kernels = _averaged_kernels(test, method)  # [R, n_pos, n_neg]
             if large:
-                bootstrap[method] = M.bootstrap_auc(kernels, n_boot=cfg.bootstrap, seed=0)
-                low, high = M.percentile_ci(bootstrap[method], cfg.ci_level)
+                resampled = M.bootstrap_auc(kernels, n_boot=cfg.bootstrap, seed=0)
+                low, high = M.percentile_ci(resampled, cfg.ci_level)
             else:
                 n_neg = len(first.labels) - n_pos
                 bounds = [
@@ -95,7 +93,7 @@ def summarize(
     metrics["n_positive"] = n_pos
     metrics["auc_ci_method"] = ("bootstrap" if large else "newcombe") if cfg.bootstrap else ""
     delong = _delong_table(test, cfg.reference_method)
-    return EvaluationTables(metrics=metrics, by_seed=by_seed, delong=delong, bootstrap=bootstrap)
+    return EvaluationTables(metrics=metrics, by_seed=by_seed, delong=delong)
 
 
 def _replicate_rows(
