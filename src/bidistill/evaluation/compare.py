@@ -23,7 +23,7 @@ from bidistill.evaluation import metrics as M
 from bidistill.evaluation import plots
 from bidistill.evaluation.freshness import evaluation_check
 from bidistill.evaluation.inputs import PredictionsError
-from bidistill.evaluation.summary import TEST_COLUMNS, test_row
+from bidistill.evaluation.summary import TEST_COLUMNS, paired_test_table
 from bidistill.runs.rundir import RunDir
 
 DELONG_COLUMNS = ["run", "method", "reference_run", "missing_rate", *TEST_COLUMNS]
@@ -159,7 +159,7 @@ def _paired_tests(labels: list[str], table: pd.DataFrame, predictions: dict[str,
     reference = labels[0]
     ref_patients = _test_patients(predictions[reference])
     rates = sorted(table["missing_rate"].unique())
-    rows, unpaired = [], {}
+    cases, unpaired = [], {}
     for label in labels[1:]:
         patients = _test_patients(predictions[label])
         if not patients.index.equals(ref_patients.index):
@@ -172,13 +172,8 @@ def _paired_tests(labels: list[str], table: pd.DataFrame, predictions: dict[str,
             table.loc[table.run == reference, "method"]
         )
         for method in [m for m in dict.fromkeys(table["method"]) if m in shared]:
-            rows += _delong_rows(predictions, reference, label, method, ref_patients, rates)
-    delong = pd.DataFrame(rows, columns=DELONG_COLUMNS)
-    if len(delong):
-        delong["p_holm"] = delong.groupby("missing_rate")["p_value"].transform(
-            lambda p: M.holm(p.to_numpy())
-        )
-    return delong, unpaired
+            cases += _test_cases(predictions, reference, label, method, ref_patients, rates)
+    return paired_test_table(cases, ref_patients.to_numpy(), DELONG_COLUMNS), unpaired
 
 
 def _replicates(frame: pd.DataFrame, method: str, rate: float, patients: pd.Series):
@@ -192,10 +187,12 @@ def _replicates(frame: pd.DataFrame, method: str, rate: float, patients: pd.Seri
     }
 
 
-def _delong_rows(
+def _test_cases(
     predictions, reference: str, label: str, method: str, patients: pd.Series, rates: list[float]
-):
-    rows = []
+) -> list[tuple]:
+    """The ``paired_test_table`` case of ``method`` in run ``label`` against the reference run
+    at each rate."""
+    cases = []
     labels = patients.to_numpy()
     for rate in rates:
         a = _replicates(predictions[label], method, rate, patients)
@@ -205,11 +202,10 @@ def _delong_rows(
             scores_a, scores_b = (np.stack([x[k] for k in shared]) for x in (a, b))
         else:
             scores_a, scores_b = (np.stack(list(x.values())).mean(axis=0)[None] for x in (a, b))
-        test = M.paired_auc_test(scores_a, scores_b, labels)
         auc_a, auc_b = (M.mean_auc(np.stack(list(x.values())), labels) for x in (a, b))
         where = {"run": label, "method": method, "reference_run": reference, "missing_rate": rate}
-        rows.append({**where, **test_row(test, auc_a, auc_b, p_holm=np.nan)})
-    return rows
+        cases.append((where, scores_a, scores_b, auc_a, auc_b))
+    return cases
 
 
 def plot_comparison(table: pd.DataFrame, path: Path, *, runs: list[str]) -> Path:

@@ -36,7 +36,7 @@ CONTRACT_COLUMNS = [
 ]
 THRESHOLD_METRICS = ["accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity"]
 SEED_METRICS = ["auc", *THRESHOLD_METRICS, "brier", "ece", "threshold", "missing_share"]
-# The columns of one paired test, in the run's and the comparison's tables of tests alike.
+# The columns of one paired test (``paired_test_table``).
 TEST_COLUMNS = [
     "auc",
     "auc_reference",
@@ -169,36 +169,42 @@ def _delong_table(test: list[SplitSweep], reference: str) -> pd.DataFrame:
         log.warning("reference method '%s' not evaluated: no paired tests", reference)
         return pd.DataFrame(columns=columns)
     labels = test[0].labels
-    rows = []
+    cases = []
     for r, rate in enumerate(test[0].rates):
         ref_scores = _replicate_scores(test, reference, r)
-        aucs = {m: _replicate_scores(test, m, r) for m in methods}
-        tests = {
-            m: M.paired_auc_test(scores, ref_scores, labels)
-            for m, scores in aucs.items()
-            if m != reference
-        }
-        adjusted = M.holm(np.array([t.p_value for t in tests.values()]))
         ref_auc = M.mean_auc(ref_scores, labels)
-        for (method, result), p_adj in zip(tests.items(), adjusted):
-            auc = M.mean_auc(aucs[method], labels)
-            row = test_row(result, auc, ref_auc, p_holm=p_adj)
-            rows.append({"method": method, "reference": reference, "missing_rate": rate, **row})
-    return pd.DataFrame(rows, columns=columns)
+        for method in [m for m in methods if m != reference]:
+            scores = _replicate_scores(test, method, r)
+            where = {"method": method, "reference": reference, "missing_rate": rate}
+            cases.append((where, scores, ref_scores, M.mean_auc(scores, labels), ref_auc))
+    return paired_test_table(cases, labels, columns)
 
 
-def test_row(result: M.PairedTest, auc: float, auc_reference: float, *, p_holm: float) -> dict:
-    """The ``TEST_COLUMNS`` of one paired test (``delong.csv``, ``compare_delong.csv``)."""
-    return {
-        "auc": auc,
-        "auc_reference": auc_reference,
-        "auc_difference": result.difference,
-        "z": result.z,
-        "p_value": result.p_value,
-        "p_holm": p_holm,
-        "test": result.test,
-        "p_floor": result.p_floor,
-    }
+def paired_test_table(cases: list[tuple], labels: np.ndarray, columns: list[str]) -> pd.DataFrame:
+    """One row per case ``(where, scores, reference scores, auc, reference auc)``: ``where``
+    (with its ``missing_rate``) and the paired test, Holm-corrected across the cases at each
+    rate. The run's tests and the comparison's alike."""
+    rows = []
+    for where, scores, reference, auc, auc_reference in cases:
+        test = M.paired_auc_test(scores, reference, labels)
+        rows.append(
+            {
+                **where,
+                "auc": auc,
+                "auc_reference": auc_reference,
+                "auc_difference": test.difference,
+                "z": test.z,
+                "p_value": test.p_value,
+                "p_holm": np.nan,
+                "test": test.test,
+                "p_floor": test.p_floor,
+            }
+        )
+    table = pd.DataFrame(rows, columns=columns)
+    if len(table):
+        by_rate = table.groupby("missing_rate")["p_value"]
+        table["p_holm"] = by_rate.transform(lambda p: M.holm(p.to_numpy()))
+    return table
 
 
 def _replicate_scores(test: list[SplitSweep], method: str, r: int) -> np.ndarray:
