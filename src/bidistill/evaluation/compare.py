@@ -1,11 +1,5 @@
-"""`bidistill compare`: the AUCs of several evaluated runs side by side, on the missing rates
-every run has, with paired tests between runs.
-
-A run whose evaluation is out of date (``freshness``) is refused with the command that evaluates
-it again. Where a later run has exactly the first run's test patients and labels, each of its
-methods is tested against the same method of the first run with the paired test a run uses for
-its own methods, over the (fold, mask seed) replicates both have, Holm-corrected at each rate;
-runs with other test patients are shown but not tested.
+"""`bidistill compare`: the AUCs of several evaluated, current runs side by side, with paired
+tests of each method against the same method of the first run (docs/internal-interfaces.md).
 """
 
 from __future__ import annotations

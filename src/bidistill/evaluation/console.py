@@ -1,8 +1,5 @@
-"""The results table that `bidistill run`, `evaluate` and `demo` print: AUC with its CI per
-method and missing rate, which differences are significant, and what the numbers can carry.
-
-Everything goes to one stream (stdout), table and legend together, so that redirecting the
-output keeps them side by side.
+"""The results table that `bidistill run`, `evaluate`, `demo` and `compare` print, with its
+legend and headline, all to one stream (stdout) so that a redirect keeps them together.
 """
 
 from __future__ import annotations

@@ -83,13 +83,8 @@ def evaluate_run(
         delong=tables.delong,
         figures=figures,
         reference=eval_cfg.reference_method,
-        protocol={
-            "seeds": eval_cfg.mask_seeds,
-            "folds": len(test),
-            "bootstrap": eval_cfg.bootstrap,
-            "threshold": eval_cfg.threshold,
-            "ci_level": eval_cfg.ci_level,
-        },
+        evaluation=eval_cfg,
+        folds=len(test),
         cohort=cohort,
         provenance={
             **collect_provenance(config),

@@ -1,6 +1,5 @@
-"""Is a run's evaluation current? The ``evaluate`` stage's inputs (settings, splits, every
-method's predictions) as the run's record holds them; ``train`` leaves the record as it was, so a
-retrained method makes the evaluation stale, and ``compare`` asks ``evaluation_check`` first.
+"""Is a run's evaluation current? The ``evaluate`` stage's inputs as the run records them, so
+that a retrained method makes the evaluation stale.
 """
 
 from __future__ import annotations

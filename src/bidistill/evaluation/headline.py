@@ -1,9 +1,5 @@
-"""What a run's results say, in a few sentences: who won at which rates, and does it hold up.
-
-The console table and the report's headline box both use it, so both say the same thing. It
-tests nothing new: significance is the run's paired tests against the reference method
-(Holm-corrected). Methods whose AUCs print the same (three decimals) tie: every tied method is
-named, and a tie is no lead to test.
+"""What a run's results say, in a few sentences: who won at which rates, and does it hold up;
+the console table and the report's headline box both say it, from the run's paired tests.
 """
 
 from __future__ import annotations

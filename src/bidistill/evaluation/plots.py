@@ -1,8 +1,5 @@
-"""The report's figures, each a PNG written atomically into the run's figures folder.
-
-Made to be read at the report's narrowest width (820 px) and on paper: one panel per file, fonts
-of at least 10 pt at a panel width of 4.2 in, a colour per method that is the same in every
-report. Curves over mask seeds are averaged, never one seed picked, as the tables' AUCs are.
+"""The report's figures, each a PNG panel written atomically, readable at the report's narrowest
+width and on paper; curves over mask seeds are averaged, as the tables' AUCs are.
 """
 
 from __future__ import annotations

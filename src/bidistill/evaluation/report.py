@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bidistill.config import EvaluationConfig
 from bidistill.evaluation.headline import Headline, auc_text, build_headline, format_p, tests_label
 from bidistill.evaluation.metrics import LARGE_SAMPLE_PER_CLASS
 
@@ -79,7 +80,8 @@ class ReportInputs:
     delong: pd.DataFrame
     figures: list[FigureGroup]
     reference: str
-    protocol: dict[str, Any]  # seeds, folds, bootstrap, threshold, ci_level
+    evaluation: EvaluationConfig
+    folds: int
     cohort: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     config_text: str = ""
@@ -94,25 +96,24 @@ class ReportInputs:
 
 
 def protocol_text(inputs: ReportInputs) -> str:
-    p = inputs.protocol
+    p = inputs.evaluation
     folds = (
-        f" and {p['folds']} cross-validation folds ('fold sd': standard deviation over folds)"
-        if (p.get("folds", 1) > 1)
+        f" and {inputs.folds} cross-validation folds ('fold sd': standard deviation over folds)"
+        if inputs.folds > 1
         else ""
     )
-    threshold = "Youden's J" if p["threshold"] == "youden" else f"fixed threshold {p['threshold']}"
+    threshold = "Youden's J" if p.threshold == "youden" else f"fixed threshold {p.threshold}"
     methods = set(inputs.metrics.get("auc_ci_method", pd.Series(["bootstrap"])).dropna())
-    level = p.get("ci_level", 0.95)
-    if not p["bootstrap"]:
+    if not p.bootstrap:
         ci = "No CI (evaluation.bootstrap: 0)."
     elif "newcombe" in methods:
-        ci = NEWCOMBE_CI.format(level=level)
+        ci = NEWCOMBE_CI.format(level=p.ci_level)
     else:
-        ci = BOOTSTRAP_CI.format(level=level, boot=p["bootstrap"])
+        ci = BOOTSTRAP_CI.format(level=p.ci_level, boot=p.bootstrap)
     tests = list(dict.fromkeys(inputs.delong.get("test", pd.Series(["DeLong"])).dropna()))
     small = "newcombe" in methods or any(t != "DeLong" for t in tests)
     return PROTOCOL.format(
-        seeds=p["seeds"],
+        seeds=p.mask_seeds,
         folds=folds,
         ci=ci,
         threshold=threshold,
@@ -159,7 +160,7 @@ def best_flags(metrics: pd.DataFrame) -> pd.DataFrame:
 def limitations(inputs: ReportInputs) -> list[tuple[str, str]]:
     """The model card's intended use and limitations: ``(heading, text)`` pairs."""
     h = inputs.headline
-    folds = inputs.protocol.get("folds", 1)
+    folds = inputs.folds
     encoder = inputs.cohort.get("feature encoder", "the configured patch encoder")
     split = (
         f"{folds}-fold cross-validation with one fixed test set"

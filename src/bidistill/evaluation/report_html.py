@@ -1,7 +1,5 @@
 """``report.html``: one self-contained page (no script, no external resource) that reads at any
-width from 820 px up and prints on A4/Letter: panels in a grid that wraps (three across at
-1280 px, two at 820 px and on paper), wide tables scrolling in their own box, each method in its
-colour with a swatch beside its name.
+width from 820 px up and prints on A4/Letter, each method in its colour.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""What the report says about a run beyond its metrics: each method's options and training, its
-confusion matrix at the chosen threshold, and whether the data is synthetic; read from the run
-folder and the evaluation's tables, nothing recomputed from the model.
+"""What the report says about a run beyond its metrics (method options and training, confusion
+matrices, synthetic data), read from the run folder and the evaluation's tables.
 """
 
 from __future__ import annotations

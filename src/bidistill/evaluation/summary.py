@@ -1,7 +1,5 @@
-"""From swept predictions to the tables of the run directory: ``metrics.csv`` (means over the
-(fold, mask seed) replicates, CIs of the replicate-averaged AUC), the per-replicate table and
-the paired tests against the reference method, Holm-corrected across methods at each rate.
-How each number is made: docs/internal-interfaces.md, "Results, comparison".
+"""From swept predictions to the run's tables: metrics per method and rate, per replicate, and
+the paired tests against the reference method (docs/internal-interfaces.md, "Results").
 """
 
 from __future__ import annotations
