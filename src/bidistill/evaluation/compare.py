@@ -21,11 +21,6 @@ from bidistill.evaluation.summary import TEST_COLUMNS, paired_test_table
 from bidistill.runs.rundir import RunDir
 
 DELONG_COLUMNS = ["run", "method", "reference_run", "missing_rate", *TEST_COLUMNS]
-# What `bidistill run` leaves in a run folder, for the message about a folder that is not one.
-RUN_FOLDER = (
-    "a run folder holds config.yaml, splits.json, one <method>/predictions.csv per method and, "
-    "once evaluated, metrics.csv and predictions.csv"
-)
 
 
 @dataclass
@@ -96,7 +91,11 @@ def check_evaluated_run(run: Path) -> None:
     if not evaluated:
         if _has_method_folders(run):
             raise PredictionsError(f"{run}: not evaluated yet (no metrics.csv); run: {evaluate}")
-        raise PredictionsError(f"{run} is not a run folder: {RUN_FOLDER}. {_run_hint(run)}")
+        raise PredictionsError(
+            f"{run} is not a run folder: a run folder holds config.yaml, splits.json, one "
+            "<method>/predictions.csv per method and, once evaluated, metrics.csv and "
+            f"predictions.csv. {_run_hint(run)}"
+        )
     check = evaluation_check(run)
     if check is not None and not check:
         raise PredictionsError(

@@ -324,8 +324,7 @@ def collect_provenance(config: ExperimentConfig | None) -> dict[str, Any]:
             info[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
-    commit = git_commit()
-    if commit:
+    if commit := git_commit():
         info["git commit"] = commit
     return info
 
