@@ -121,7 +121,7 @@ def _figures(
             "AUC versus missing clinical data",
             "Each method's AUC as clinical data is withheld from a growing share of the test "
             "patients; bars are 95% bootstrap CIs, nudged sideways so that they do not overlap.",
-            [("auc_vs_missing", auc, "AUC of every method against the missing rate")],
+            [(auc, "AUC of every method against the missing rate")],
             wide=True,
         )
     ]
@@ -132,7 +132,7 @@ def _figures(
         path = plots.plot_roc(
             test, r, folder / f"roc_r{rate:g}.png", aucs=dict(zip(at_rate.method, at_rate.auc))
         )
-        rocs.append((path.stem, path, f"ROC curves at missing rate {rate:g}"))
+        rocs.append((path, f"ROC curves at missing rate {rate:g}"))
     replicates = sum(len(t.seeds) for t in test)
     groups.append(
         FigureGroup(
@@ -148,7 +148,7 @@ def _figures(
     for r in sorted({0, len(test[0].rates) - 1}):
         rate = float(test[0].rates[r])
         path = plots.plot_calibration(test, r, folder / f"calibration_r{rate:g}.png")
-        calibration.append((path.stem, path, f"Calibration at missing rate {rate:g}"))
+        calibration.append((path, f"Calibration at missing rate {rate:g}"))
     groups.append(
         FigureGroup(
             "calibration",
@@ -165,18 +165,18 @@ def _figures(
         columns = {selection_column(f) for f in logs.values()} - {None}
         score = sorted(columns)[0] if columns else "val_score"
         kept = {m: best_epochs(f, model_json(run_dir, m).get("selection")) for m, f in logs.items()}
-        loss_path = folder / "training_loss.png"
-        auc_path = folder / "training_val_auc.png"
         auc_label = "validation AUC (model selection)"
         curves = [
             (
-                loss_path.stem,
-                plots.plot_training(logs, loss_path, column=loss, label="training loss"),
+                plots.plot_training(
+                    logs, folder / "training_loss.png", column=loss, label="training loss"
+                ),
                 "Training loss per epoch",
             ),
             (
-                auc_path.stem,
-                plots.plot_training(logs, auc_path, column=score, label=auc_label, best=kept),
+                plots.plot_training(
+                    logs, folder / "training_val_auc.png", column=score, label=auc_label, best=kept
+                ),
                 "Validation AUC per epoch",
             ),
         ]

@@ -118,8 +118,7 @@ class Headline:
             first, last = self.rates[0], self.rates[-1]
             return (
                 f"{groups[0][0]} has the highest AUC at every rate: {auc_text(first.auc)} at "
-                f"r = {first.rate:g}, {auc_text(last.auc)} at "
-                f"r = {last.rate:g}."
+                f"r = {first.rate:g}, {auc_text(last.auc)} at r = {last.rate:g}."
             )
         parts = []
         for leaders, rates in groups:

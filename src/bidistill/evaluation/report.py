@@ -64,12 +64,12 @@ METRIC_COLUMNS = {
 
 @dataclass
 class FigureGroup:
-    """Figures shown together under one heading: ``(name, png path, alt text)`` each."""
+    """Figures shown together under one heading: ``(png path, alt text)`` each."""
 
     key: str
     title: str
     caption: str
-    figures: list[tuple[str, Path, str]]
+    figures: list[tuple[Path, str]]
     wide: bool = False  # one figure the width of the page, not a grid of panels
 
 
@@ -238,8 +238,8 @@ def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
     lines += _md_table(auc_cells(inputs.metrics, h)) + [""]
     for group in inputs.figures:
         lines += [f"## {group.title}", "", group.caption, ""]
-        for _name, path, alt in group.figures:
-            rel = Path(path).relative_to(run_dir).as_posix()
+        for path, alt in group.figures:
+            rel = path.relative_to(run_dir).as_posix()
             lines += [f"![{alt}]({rel})", ""]
     lines += ["## Confusion matrices at the chosen threshold", ""]
     if len(inputs.confusion):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import html
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -375,12 +374,12 @@ def _mapping(mapping: dict[str, Any]) -> str:
 
 def _figure_group(group) -> str:
     figures = []
-    for name, path, alt in group.figures:
-        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    for path, alt in group.figures:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
         cls = ' class="wide"' if group.wide else ""
         figures.append(
             f"<figure{cls}>"
-            f"<img id='fig-{e(name)}' alt='{e(alt)}' src='data:image/png;base64,{data}'>"
+            f"<img id='fig-{e(path.stem)}' alt='{e(alt)}' src='data:image/png;base64,{data}'>"
             "</figure>"
         )
     body = "".join(figures) if group.wide else f"<div class='grid'>{''.join(figures)}</div>"

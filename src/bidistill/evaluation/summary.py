@@ -182,22 +182,11 @@ def paired_test_table(cases: list[tuple], labels: np.ndarray, columns: list[str]
     """One row per case ``(where, scores, reference scores, auc, reference auc)``: ``where``
     (with its ``missing_rate``) and the paired test, Holm-corrected across the cases at each
     rate. The run's tests and the comparison's alike."""
-    rows = []
+    rows = []  # p_holm (NaN) is filled in below, once every test at a rate is known
     for where, scores, reference, auc, auc_reference in cases:
         test = M.paired_auc_test(scores, reference, labels)
-        rows.append(
-            {
-                **where,
-                "auc": auc,
-                "auc_reference": auc_reference,
-                "auc_difference": test.difference,
-                "z": test.z,
-                "p_value": test.p_value,
-                "p_holm": np.nan,
-                "test": test.test,
-                "p_floor": test.p_floor,
-            }
-        )
+        result = (test.difference, test.z, test.p_value, np.nan, test.test, test.p_floor)
+        rows.append({**where, **dict(zip(TEST_COLUMNS, (auc, auc_reference, *result)))})
     table = pd.DataFrame(rows, columns=columns)
     if len(table):
         by_rate = table.groupby("missing_rate")["p_value"]
