@@ -75,27 +75,25 @@ def print_results(
 ) -> Headline:
     """Print the table, its legend and the headline sentences; return the headline."""
     console = console or Console()
+    say = partial(console.print, highlight=False)
     headline = build_headline(metrics, delong, reference)
     seeds = int(metrics["n_mask_seeds"].max()) if "n_mask_seeds" in metrics else None
     over = f", mean of {seeds} mask seeds" if seeds and seeds > 1 else ""
-    console.print(
+    say(
         f"AUC on {headline.n_patients} test patients ({headline.n_positive} positive){over}; "
         "95% CI below",
-        highlight=False,
         style="bold",
     )
     rates = sorted(metrics["missing_rate"].unique())
     _print_tables(console, _fitting(rates, console, lambda r: results_table(metrics, headline, r)))
-    console.print(
+    say(
         f"{RATE_MEANING}. bold: highest AUC at that rate. *: differs from {reference} at that "
         f"rate ({tests_label(delong)}, Holm-corrected p < 0.05); no mark: no significant "
-        "difference.",
-        highlight=False,
+        "difference."
     )
-    console.print(f"{headline.winners()} {headline.significance()}", highlight=False)
-    warning = headline.reliability()
-    if warning:
-        console.print(Text.assemble(("warning: ", "bold yellow"), warning), highlight=False)
+    say(f"{headline.winners()} {headline.significance()}")
+    if warning := headline.reliability():
+        say(Text.assemble(("warning: ", "bold yellow"), warning))
     return headline
 
 

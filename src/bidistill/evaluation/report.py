@@ -231,8 +231,7 @@ def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
         lines += [f"> **{inputs.synthetic}**", ""]
     lines += [f"**{h.winners()}** {h.significance()}", "", f"Compared: {h.compared()}", ""]
     lines += _md_table(pd.DataFrame(headline_rows(h)), index=False) + [""]
-    warning = h.reliability()
-    if warning:
+    if warning := h.reliability():
         lines += [f"**Warning:** {warning}", ""]
     lines += ["## AUC by missing rate", "", _legend_text(inputs), ""]
     lines += _md_table(auc_cells(inputs.metrics, h)) + [""]
