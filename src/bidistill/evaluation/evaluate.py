@@ -115,16 +115,6 @@ def _figures(
     folder = RunDir(run_dir).figures
     metrics = tables.metrics
     auc = plots.plot_auc_vs_missing(metrics, folder / "auc_vs_missing.png", reference=reference)
-    groups = [
-        FigureGroup(
-            "auc-vs-missing",
-            "AUC versus missing clinical data",
-            "Each method's AUC as clinical data is withheld from a growing share of the test "
-            "patients; bars are 95% bootstrap CIs, nudged sideways so that they do not overlap.",
-            [(auc, "AUC of every method against the missing rate")],
-            wide=True,
-        )
-    ]
     rocs = []
     for r in plots.roc_rate_indices(test[0].rates):
         rate = float(test[0].rates[r])
@@ -133,8 +123,21 @@ def _figures(
             test, r, folder / f"roc_r{rate:g}.png", aucs=dict(zip(at_rate.method, at_rate.auc))
         )
         rocs.append((path, f"ROC curves at missing rate {rate:g}"))
+    calibration = []
+    for r in sorted({0, len(test[0].rates) - 1}):
+        rate = float(test[0].rates[r])
+        path = plots.plot_calibration(test, r, folder / f"calibration_r{rate:g}.png")
+        calibration.append((path, f"Calibration at missing rate {rate:g}"))
     replicates = sum(len(t.seeds) for t in test)
-    groups.append(
+    groups = [
+        FigureGroup(
+            "auc-vs-missing",
+            "AUC versus missing clinical data",
+            "Each method's AUC as clinical data is withheld from a growing share of the test "
+            "patients; bars are 95% bootstrap CIs, nudged sideways so that they do not overlap.",
+            [(auc, "AUC of every method against the missing rate")],
+            wide=True,
+        ),
         FigureGroup(
             "roc",
             "ROC curves",
@@ -142,14 +145,7 @@ def _figures(
             "rate (at r = 0 and r = 1 every replicate is the same); the legend gives each "
             "method's AUC from the table above.",
             rocs,
-        )
-    )
-    calibration = []
-    for r in sorted({0, len(test[0].rates) - 1}):
-        rate = float(test[0].rates[r])
-        path = plots.plot_calibration(test, r, folder / f"calibration_r{rate:g}.png")
-        calibration.append((path, f"Calibration at missing rate {rate:g}"))
-    groups.append(
+        ),
         FigureGroup(
             "calibration",
             "Calibration",
@@ -157,8 +153,8 @@ def _figures(
             "0.1; underneath, how many test patients fall in each bin. On the dashed line the "
             "probabilities mean what they say.",
             calibration,
-        )
-    )
+        ),
+    ]
     logs = training_logs(run_dir, methods)
     loss = next((c for c in ("loss_total", "loss") if any(c in f for f in logs.values())), None)
     if logs and loss:
