@@ -1,11 +1,10 @@
-"""The results table that `bidistill run`, `evaluate` and `demo` print: AUC with its CI per
-method and missing rate, which differences are significant, and what the numbers can carry.
-
-Everything goes to one stream (stdout), table and legend together, so that redirecting the
-output keeps them side by side.
+"""The results table that `bidistill run`, `evaluate`, `demo` and `compare` print, with its
+legend and headline, all to one stream (stdout) so that a redirect keeps them together.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import pandas as pd
 from rich import box
@@ -19,34 +18,47 @@ from bidistill.evaluation.headline import (
     Headline,
     auc_text,
     build_headline,
+    format_p,
     tests_label,
 )
 
 
 def results_table(metrics: pd.DataFrame, headline: Headline, rates: list[float]) -> Table:
-    """Methods as rows, ``rates`` as columns; each cell the AUC over its 95% CI.
-
-    Bold: the highest AUC at that rate. ``*``: differs from the reference method at that rate
-    (DeLong, Holm-corrected p < 0.05).
-    """
+    """Methods as rows, ``rates`` as columns; each cell the AUC over its 95% CI. Bold: the
+    highest AUC at that rate (ties: all). ``*``: differs from the reference method there."""
     best = metrics.groupby("missing_rate")["auc"].max().map(auc_text)
-    table = _table()
-    table.add_column("method", no_wrap=True)
+
+    def cell(names: tuple, rate: float, row: pd.Series) -> Text:
+        mark = "*" if (*names, float(rate)) in headline.significant_cells else " "
+        return _auc_cell(row, mark, "bold" if auc_text(row.auc) == best[rate] else "")
+
+    return _rate_table(metrics, ["method"], rates, cell)
+
+
+def _rate_table(frame: pd.DataFrame, keys: list[str], rates: list[float], cell) -> Table:
+    """One row per group of ``keys``, one column per rate: ``cell(names, rate, row)``, or "–"
+    where the group lacks the rate."""
+    # No edges: the top one would be a line of spaces between the title and the header.
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
+    for key in keys:
+        table.add_column(key, no_wrap=True)
     for rate in rates:
         table.add_column(f"r={rate:g}", justify="right", no_wrap=True)
-    for method, rows in metrics.groupby("method", sort=False):
+    for names, rows in frame.groupby(keys, sort=False):
         by_rate = rows.set_index("missing_rate")
-        cells = []
-        for rate in rates:
-            row = by_rate.loc[rate]
-            mark = "*" if (method, float(rate)) in headline.significant_cells else " "
-            style = "bold" if auc_text(row.auc) == best[rate] else ""  # ties: all bold
-            cell = Text(f"{auc_text(row.auc)}{mark}", style=style)
-            if pd.notna(row.auc_ci_low):
-                cell.append(f"\n{_short(row.auc_ci_low)}–{_short(row.auc_ci_high)} ", style="dim")
-            cells.append(cell)
-        table.add_row(method, *cells)
+        cells = [
+            cell(names, rate, by_rate.loc[rate]) if rate in by_rate.index else Text("–")
+            for rate in rates
+        ]
+        table.add_row(*names, *cells)
     return table
+
+
+def _auc_cell(row: pd.Series, mark: str, style: str = "") -> Text:
+    cell = Text(f"{auc_text(row.auc)}{mark}", style=style)
+    if pd.notna(row.auc_ci_low):
+        cell.append(f"\n{_short(row.auc_ci_low)}–{_short(row.auc_ci_high)} ", style="dim")
+    return cell
 
 
 def _short(value: float) -> str:
@@ -63,27 +75,25 @@ def print_results(
 ) -> Headline:
     """Print the table, its legend and the headline sentences; return the headline."""
     console = console or Console()
+    say = partial(console.print, highlight=False)
     headline = build_headline(metrics, delong, reference)
     seeds = int(metrics["n_mask_seeds"].max()) if "n_mask_seeds" in metrics else None
     over = f", mean of {seeds} mask seeds" if seeds and seeds > 1 else ""
-    console.print(
+    say(
         f"AUC on {headline.n_patients} test patients ({headline.n_positive} positive){over}; "
         "95% CI below",
-        highlight=False,
         style="bold",
     )
     rates = sorted(metrics["missing_rate"].unique())
     _print_tables(console, _fitting(rates, console, lambda r: results_table(metrics, headline, r)))
-    console.print(
+    say(
         f"{RATE_MEANING}. bold: highest AUC at that rate. *: differs from {reference} at that "
         f"rate ({tests_label(delong)}, Holm-corrected p < 0.05); no mark: no significant "
-        "difference.",
-        highlight=False,
+        "difference."
     )
-    console.print(f"{headline.winners()} {headline.significance()}", highlight=False)
-    warning = headline.reliability()
-    if warning:
-        console.print(Text.assemble(("warning: ", "bold yellow"), warning), highlight=False)
+    say(f"{headline.winners()} {headline.significance()}")
+    if warning := headline.reliability():
+        say(Text.assemble(("warning: ", "bold yellow"), warning))
     return headline
 
 
@@ -92,15 +102,10 @@ RUN_NAME_IN_TABLE = 14
 
 
 def print_comparison(result, *, console: Console | None = None) -> None:
-    """The comparison of several runs: AUC and CI per (run, method) and rate, with the paired
-    tests against the first run's same method.
-
-    Fits the console's width without cutting anything: long run names are keyed by number
-    (each name printed whole once), and rates that do not fit go to a second table.
-    """
-    from bidistill.evaluation.headline import format_p
-
+    """AUC and CI per (run, method) and rate, with the paired tests against the first run's
+    same method; long run names are keyed by number (each printed whole once)."""
     console = console or Console()
+    say = partial(console.print, highlight=False, soft_wrap=True)
     table_data = result.table
     reference = result.runs[0]
     counts = {run: int(rows["n_patients"].iloc[0]) for run, rows in table_data.groupby("run")}
@@ -110,19 +115,20 @@ def print_comparison(result, *, console: Console | None = None) -> None:
     for run in result.runs:
         key = f"{short[run]} = " if keyed else ""
         role = " (reference for the tests)" if run == reference else ""
-        console.print(
-            f"  {key}{run}: {counts[run]} test patients{role}", highlight=False, soft_wrap=True
-        )
+        say(f"  {key}{run}: {counts[run]} test patients{role}")
     significant = {
-        (row.run, row.method, float(row.missing_rate))
+        (short[row.run], row.method, float(row.missing_rate))
         for row in result.delong.itertuples()
         if row.p_holm < 0.05
     }
+    shown = table_data.assign(run=table_data["run"].map(short))
+
+    def cell(names: tuple, rate: float, row: pd.Series) -> Text:
+        return _auc_cell(row, "*" if (*names, float(rate)) in significant else " ")
+
     rates = sorted(table_data["missing_rate"].unique())
-    _print_tables(
-        console,
-        _fitting(rates, console, lambda r: _comparison_table(table_data, r, short, significant)),
-    )
+    tables = _fitting(rates, console, lambda r: _rate_table(shown, ["run", "method"], r, cell))
+    _print_tables(console, tables)
     test = tests_label(result.delong)
     console.print(
         f"{RATE_MEANING}. *: differs from the same method in {reference} at that rate "
@@ -130,59 +136,23 @@ def print_comparison(result, *, console: Console | None = None) -> None:
         highlight=False,
     )
     for rate, runs in result.left_out.items():
-        console.print(
+        say(
             Text.assemble(
                 ("left out: ", "yellow"),
                 f"r = {rate:g}, evaluated only in {', '.join(runs)}; the table and tests use "
                 "the rates every run has.",
-            ),
-            highlight=False,
-            soft_wrap=True,
+            )
         )
     if len(result.delong):
         smallest = result.delong.loc[result.delong["p_holm"].idxmin()]
-        console.print(
+        say(
             f"{int((result.delong['p_holm'] < 0.05).sum())} of {len(result.delong)} paired tests "
             f"significant; smallest: {smallest.run} {smallest.method} at r = "
             f"{smallest.missing_rate:g}, {smallest.auc_difference:+.3f} AUC, "
-            f"{format_p(smallest.p_holm)}.",
-            highlight=False,
-            soft_wrap=True,
+            f"{format_p(smallest.p_holm)}."
         )
     for run, why in result.unpaired.items():
-        console.print(
-            Text.assemble(("not tested: ", "yellow"), f"{run} has {why}: compare its CIs only."),
-            highlight=False,
-            soft_wrap=True,
-        )
-
-
-def _comparison_table(table_data: pd.DataFrame, rates: list[float], short, significant) -> Table:
-    table = _table()
-    table.add_column("run", no_wrap=True)
-    table.add_column("method", no_wrap=True)
-    for rate in rates:
-        table.add_column(f"r={rate:g}", justify="right", no_wrap=True)
-    for (run, method), rows in table_data.groupby(["run", "method"], sort=False):
-        by_rate = rows.set_index("missing_rate")
-        cells = []
-        for rate in rates:
-            if rate not in by_rate.index:
-                cells.append(Text("–"))
-                continue
-            row = by_rate.loc[rate]
-            mark = "*" if (run, method, float(rate)) in significant else " "
-            cell = Text(f"{auc_text(row.auc)}{mark}")
-            if pd.notna(row.auc_ci_low):
-                cell.append(f"\n{_short(row.auc_ci_low)}–{_short(row.auc_ci_high)} ", style="dim")
-            cells.append(cell)
-        table.add_row(short[run], method, *cells)
-    return table
-
-
-def _table() -> Table:
-    # No edges: the top one would be a line of spaces between the title and the header.
-    return Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
+        say(Text.assemble(("not tested: ", "yellow"), f"{run} has {why}: compare its CIs only."))
 
 
 def _print_tables(console: Console, tables: list[Table]) -> None:

@@ -1,9 +1,5 @@
-"""Evaluate a run directory: sweep, statistics, tables, figures and report.
-
-Reads ``<run_dir>/<method>/predictions.csv`` for every method, and ``<run_dir>/config.yaml`` and
-``<run_dir>/cohort.json`` when they exist. Writes (atomically) ``predictions.csv``,
-``metrics.csv``, ``metrics_by_seed.csv``, ``delong.csv``, ``figures/*.png``, ``report.html`` and
-``report.md``.
+"""Evaluate a run directory: every method's predictions swept over the missing rates, the
+statistics, tables, figures and report, each written atomically through ``RunDir``.
 """
 
 from __future__ import annotations
@@ -52,20 +48,11 @@ def evaluate_run(
     config: ExperimentConfig | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> EvaluationTables:
-    """Evaluate every method of a run directory and write the tables, figures and report.
+    """Evaluate every method of a run directory, write the tables, figures and report, and
+    return the tables.
 
-    Args:
-        run_dir: the run directory.
-        config: the experiment config; default: ``<run_dir>/config.yaml``, or the default
-            evaluation settings with every method folder that has a ``predictions.csv``.
-        provenance: extra entries for the report's provenance section (e.g. run times).
-
-    Returns:
-        The tables that were written.
-
-    Raises:
-        PredictionsError: no method to evaluate, a configured method without predictions, or
-            predictions that break the contract.
+    ``config`` defaults to the run's own, else the default evaluation settings over every
+    trained method folder; ``provenance`` adds entries to the report's provenance section.
     """
     run = RunDir(run_dir)
     run_dir = run.path
@@ -96,13 +83,8 @@ def evaluate_run(
         delong=tables.delong,
         figures=figures,
         reference=eval_cfg.reference_method,
-        protocol={
-            "seeds": eval_cfg.mask_seeds,
-            "folds": len(test),
-            "bootstrap": eval_cfg.bootstrap,
-            "threshold": eval_cfg.threshold,
-            "ci_level": eval_cfg.ci_level,
-        },
+        evaluation=eval_cfg,
+        folds=len(test),
         cohort=cohort,
         provenance={
             **collect_provenance(config),
@@ -133,26 +115,29 @@ def _figures(
     folder = RunDir(run_dir).figures
     metrics = tables.metrics
     auc = plots.plot_auc_vs_missing(metrics, folder / "auc_vs_missing.png", reference=reference)
+    rocs = []
+    for r in plots.roc_rate_indices(test[0].rates):
+        rate = float(test[0].rates[r])
+        at_rate = metrics[np.isclose(metrics["missing_rate"], rate)]
+        path = plots.plot_roc(
+            test, r, folder / f"roc_r{rate:g}.png", aucs=dict(zip(at_rate.method, at_rate.auc))
+        )
+        rocs.append((path, f"ROC curves at missing rate {rate:g}"))
+    calibration = []
+    for r in sorted({0, len(test[0].rates) - 1}):
+        rate = float(test[0].rates[r])
+        path = plots.plot_calibration(test, r, folder / f"calibration_r{rate:g}.png")
+        calibration.append((path, f"Calibration at missing rate {rate:g}"))
+    replicates = sum(len(t.seeds) for t in test)
     groups = [
         FigureGroup(
             "auc-vs-missing",
             "AUC versus missing clinical data",
             "Each method's AUC as clinical data is withheld from a growing share of the test "
             "patients; bars are 95% bootstrap CIs, nudged sideways so that they do not overlap.",
-            [("auc_vs_missing", auc, "AUC of every method against the missing rate")],
+            [(auc, "AUC of every method against the missing rate")],
             wide=True,
-        )
-    ]
-    rocs = []
-    for r in plots.roc_rate_indices(test[0].rates):
-        rate = float(test[0].rates[r])
-        at_rate = metrics[np.isclose(metrics["missing_rate"], rate)]
-        aucs = dict(zip(at_rate["method"], at_rate["auc"]))
-        name = f"roc_r{rate:g}"
-        path = plots.plot_roc(test, r, folder / f"{name}.png", aucs=aucs)
-        rocs.append((name, path, f"ROC curves at missing rate {rate:g}"))
-    replicates = sum(len(t.seeds) for t in test)
-    groups.append(
+        ),
         FigureGroup(
             "roc",
             "ROC curves",
@@ -160,15 +145,7 @@ def _figures(
             "rate (at r = 0 and r = 1 every replicate is the same); the legend gives each "
             "method's AUC from the table above.",
             rocs,
-        )
-    )
-    calibration = []
-    for r in sorted({0, len(test[0].rates) - 1}):
-        rate = float(test[0].rates[r])
-        name = f"calibration_r{rate:g}"
-        path = plots.plot_calibration(test, r, folder / f"{name}.png")
-        calibration.append((name, path, f"Calibration at missing rate {rate:g}"))
-    groups.append(
+        ),
         FigureGroup(
             "calibration",
             "Calibration",
@@ -176,30 +153,25 @@ def _figures(
             "0.1; underneath, how many test patients fall in each bin. On the dashed line the "
             "probabilities mean what they say.",
             calibration,
-        )
-    )
+        ),
+    ]
     logs = training_logs(run_dir, methods)
     loss = next((c for c in ("loss_total", "loss") if any(c in f for f in logs.values())), None)
     if logs and loss:
         columns = {selection_column(f) for f in logs.values()} - {None}
         score = sorted(columns)[0] if columns else "val_score"
         kept = {m: best_epochs(f, model_json(run_dir, m).get("selection")) for m, f in logs.items()}
+        auc_label = "validation AUC (model selection)"
         curves = [
             (
-                "training_loss",
                 plots.plot_training(
                     logs, folder / "training_loss.png", column=loss, label="training loss"
                 ),
                 "Training loss per epoch",
             ),
             (
-                "training_val_auc",
                 plots.plot_training(
-                    logs,
-                    folder / "training_val_auc.png",
-                    column=score,
-                    label="validation AUC (model selection)",
-                    best=kept,
+                    logs, folder / "training_val_auc.png", column=score, label=auc_label, best=kept
                 ),
                 "Validation AUC per epoch",
             ),
@@ -243,12 +215,9 @@ def _methods(run_dir: Path, config: ExperimentConfig | None) -> list[str]:
 
 
 def check_against_splits(run_dir: Path, predictions: dict[str, pd.DataFrame]) -> None:
-    """Every method predicts exactly the validation and test patients of ``splits.json``: an
-    AUC over what is left of an edited or truncated file would look like a result.
-
-    Raises:
-        PredictionsError: naming the file, the split and the patients missing or extra.
-    """
+    """``PredictionsError`` unless every method predicts exactly the validation and test
+    patients of the run's splits: an AUC over what is left of an edited or truncated file would
+    look like a result."""
     from bidistill.cohort import Splits
 
     splits_path = RunDir(run_dir).splits
@@ -351,8 +320,7 @@ def collect_provenance(config: ExperimentConfig | None) -> dict[str, Any]:
             info[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
-    commit = git_commit()
-    if commit:
+    if commit := git_commit():
         info["git commit"] = commit
     return info
 
@@ -361,21 +329,13 @@ def git_commit() -> str | None:
     """The commit of the bidistill source tree, with ``+dirty`` for local changes; None if
     the package is not in a git checkout (e.g. installed from a wheel)."""
     source = Path(__file__).resolve().parents[1]  # src/bidistill
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(source), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=5, check=True).stdout
+
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(source), "status", "--porcelain", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
+        commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return None
-    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    return commit.strip() + ("+dirty" if dirty.strip() else "")

@@ -1,10 +1,5 @@
-"""Is a run's evaluation current? The ``evaluate`` stage's inputs in ``run.json``.
-
-The evaluation consumes the run's evaluation settings, ``splits.json`` and every method's
-``predictions.csv``; ``bidistill run`` records their digests when it evaluates, ``bidistill
-evaluate`` does the same, and ``bidistill train`` (which rewrites a method's predictions) leaves
-the record as it was, so that a retrained method makes the evaluation stale. Whatever shows a
-run's ``metrics.csv`` (``bidistill compare``) asks ``evaluation_check`` first.
+"""Is a run's evaluation current? The ``evaluate`` stage's inputs as the run records them, so
+that a retrained method makes the evaluation stale.
 """
 
 from __future__ import annotations

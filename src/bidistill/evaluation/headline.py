@@ -1,12 +1,5 @@
-"""What a run's results say, in a few sentences: who won at which rates, and does it hold up.
-
-Shared by the console table (`bidistill run` / `evaluate`) and the report's headline box, so both
-say the same thing. Significance is the paired test against the reference method with Holm's
-correction across methods at each rate (``delong.csv``: DeLong's test, or the permutation test on
-small test sets); nothing here tests anything new.
-
-Ties. Methods whose AUCs print the same (three decimals) tie: a tie is reported with every tied
-method named, and is not a lead to test.
+"""What a run's results say, in a few sentences: who won at which rates, and does it hold up;
+the console table and the report's headline box both say it, from the run's paired tests.
 """
 
 from __future__ import annotations
@@ -22,6 +15,8 @@ ALPHA = 0.05
 MIN_RELIABLE_PATIENTS = 100
 MIN_RELIABLE_PER_CLASS = 30
 
+# (versus, difference, p_holm, test, p_floor) where no lead is tested.
+NO_TEST = (None, float("nan"), float("nan"), "DeLong", 0.0)
 RATE_MEANING = "r = share of test patients whose clinical data is withheld (0: all have it)"
 
 
@@ -38,7 +33,7 @@ def format_p(p: float) -> str:
 
 
 def tests_label(delong: pd.DataFrame) -> str:
-    """The paired test(s) behind ``delong.csv``: ``DeLong``, ``exact permutation test``."""
+    """The paired test(s) of a tests table: ``DeLong``, ``exact permutation test``."""
     names = list(dict.fromkeys(delong["test"].dropna())) if "test" in delong else []
     return " / ".join(test_name(str(n)) for n in names) or "DeLong"
 
@@ -47,15 +42,11 @@ def test_name(test: str) -> str:
     return test if test == "DeLong" else f"{test} test"
 
 
-def rate_label(rate: float) -> str:
-    return f"{rate:g}"
-
-
 def rate_span(rates: list[float]) -> str:
     """``r = 0-0.6`` for consecutive rates, ``r = 0.2`` for one."""
     if len(rates) == 1:
-        return f"r = {rate_label(rates[0])}"
-    return f"r = {rate_label(rates[0])}–{rate_label(rates[-1])}"
+        return f"r = {rates[0]:g}"
+    return f"r = {rates[0]:g}–{rates[-1]:g}"
 
 
 def auc_text(auc: float) -> str:
@@ -65,13 +56,9 @@ def auc_text(auc: float) -> str:
 
 @dataclass
 class RateResult:
-    """The winner at one missing rate and the test that says whether its lead is real.
-
-    ``versus`` is the method it is tested against: the runner-up when the winner is the
-    reference method, else the reference (the paired tests are all against the reference).
-    When several methods share the highest printed AUC, ``tied`` names them all (``best``
-    first) and there is no lead to test.
-    """
+    """The winner at one missing rate and the test of its lead against ``versus``: the
+    runner-up when the winner is the reference method, else the reference (every paired test
+    is against it). ``tied``: every method sharing the highest printed AUC, no lead tested."""
 
     rate: float
     best: str
@@ -80,9 +67,9 @@ class RateResult:
     versus: str | None
     difference: float  # best minus versus
     p_holm: float
+    test: str  # the paired test behind p_holm
+    p_floor: float  # the smallest p-value that test can give here (before Holm)
     tied: list[str] = field(default_factory=list)
-    test: str = "DeLong"  # the paired test behind p_holm
-    p_floor: float = 0.0  # the smallest p-value that test can give here (before Holm)
 
     @property
     def significant(self) -> bool:
@@ -119,8 +106,8 @@ class Headline:
         return (
             f"{len(self.methods)} methods ({', '.join(self.methods)}) on "
             f"{self.n_patients} test patients ({self.n_positive} positive), with clinical data "
-            f"withheld from {_share(rates[0])} to {_share(rates[-1])} of them (r = "
-            f"{rate_label(rates[0])} to {rate_label(rates[-1])})."
+            f"withheld from {rates[0]:.0%} to {rates[-1]:.0%} of them (r = "
+            f"{rates[0]:g} to {rates[-1]:g})."
         )
 
     def winners(self) -> str:
@@ -131,8 +118,7 @@ class Headline:
             first, last = self.rates[0], self.rates[-1]
             return (
                 f"{groups[0][0]} has the highest AUC at every rate: {auc_text(first.auc)} at "
-                f"r = {rate_label(first.rate)}, {auc_text(last.auc)} at "
-                f"r = {rate_label(last.rate)}."
+                f"r = {first.rate:g}, {auc_text(last.auc)} at r = {last.rate:g}."
             )
         parts = []
         for leaders, rates in groups:
@@ -157,7 +143,8 @@ class Headline:
             )
         how = (
             f"top AUC against {self.reference}, or against the runner-up where "
-            f"{self.reference} is top; {self._tests(tested)}"
+            f"{self.reference} is top; "
+            f"{' / '.join(dict.fromkeys(test_name(r.test) for r in tested))}, Holm-corrected"
         )
         sig = [r for r in tested if r.significant]
         nonsig = [r for r in tested if not r.significant]
@@ -174,10 +161,6 @@ class Headline:
             )
         return verdict + tie_note + self._floor_note(tested)
 
-    def _tests(self, tested: list[RateResult]) -> str:
-        names = list(dict.fromkeys(test_name(r.test) for r in tested))
-        return f"{' / '.join(names)}, Holm-corrected"
-
     def _floor_note(self, tested: list[RateResult]) -> str:
         """On small test sets, the smallest p-value the test could give at all."""
         floors = [r.p_floor for r in tested if r.p_floor > 0]
@@ -185,7 +168,7 @@ class Headline:
             return ""
         return (
             f" With {self.n_patients} test patients no p-value can fall below "
-            f"{_p_value(min(floors))} (before Holm's correction)."
+            f"{min(floors):.2g} (before Holm's correction)."
         )
 
     def reliability(self) -> str | None:
@@ -201,15 +184,6 @@ class Headline:
         )
 
 
-def _share(rate: float) -> str:
-    return f"{rate:.0%}"
-
-
-def _p_value(p: float) -> str:
-    """A p-value with two significant digits (``0.016``, ``0.0001``)."""
-    return f"{p:.2g}"
-
-
 def _p_floor(low: float, rows: list[RateResult]) -> str:
     if len(rows) == 1:
         return format_p(low)
@@ -217,7 +191,7 @@ def _p_floor(low: float, rows: list[RateResult]) -> str:
 
 
 def _rates_text(rates: list[float]) -> str:
-    return ", ".join(f"r = {rate_label(r)}" for r in rates)
+    return ", ".join(f"r = {r:g}" for r in rates)
 
 
 def _runs(items: list[tuple[str, float]]) -> list[tuple[str, list[float]]]:
@@ -232,7 +206,7 @@ def _runs(items: list[tuple[str, float]]) -> list[tuple[str, list[float]]]:
 
 
 def build_headline(metrics: pd.DataFrame, delong: pd.DataFrame, reference: str) -> Headline:
-    """The headline facts from ``metrics.csv`` and ``delong.csv``."""
+    """The headline facts from the run's metrics and paired tests."""
     methods = list(dict.fromkeys(metrics["method"]))
     significant = {
         (row.method, float(row.missing_rate))
@@ -245,25 +219,13 @@ def build_headline(metrics: pd.DataFrame, delong: pd.DataFrame, reference: str) 
         best = ranked.iloc[0]
         tied = [str(m) for m in ranked["method"][ranked["auc_text"] == auc_text(best.auc)]]
         if len(tied) > 1:
-            test: tuple = (None, float("nan"), float("nan"), "DeLong", 0.0)
+            test: tuple = NO_TEST
         else:
             tied = []
             test = _test_of_lead(ranked, delong, reference, float(rate))
-        versus, difference, p, name, floor = test
-        results.append(
-            RateResult(
-                rate=float(rate),
-                best=str(best.method),
-                auc=float(best.auc),
-                ci=(float(best.auc_ci_low), float(best.auc_ci_high)),
-                versus=versus,
-                difference=difference,
-                p_holm=p,
-                tied=tied,
-                test=name,
-                p_floor=floor,
-            )
-        )
+        ci = (float(best.auc_ci_low), float(best.auc_ci_high))
+        # The test's fields follow the winner's in RateResult's order.
+        results.append(RateResult(float(rate), str(best.method), float(best.auc), ci, *test, tied))
     widths = (metrics["auc_ci_high"] - metrics["auc_ci_low"]).to_numpy(dtype=float)
     widths = widths[np.isfinite(widths)]
     n_positive = int(metrics["n_positive"].iloc[0]) if "n_positive" in metrics else 0
@@ -293,16 +255,16 @@ def _ranked(rows: pd.DataFrame, reference: str) -> pd.DataFrame:
 def _test_of_lead(
     ranked: pd.DataFrame, delong: pd.DataFrame, reference: str, rate: float
 ) -> tuple[str | None, float, float, str, float]:
-    """``(versus, difference, p_holm, test, p_floor)`` of the top method's lead."""
-    none = (None, float("nan"), float("nan"), "DeLong", 0.0)
+    """``(versus, difference, p_holm, test, p_floor)`` of the top method's lead, the fields of
+    ``RateResult`` in their order."""
     at_rate = delong[np.isclose(delong["missing_rate"].astype(float), rate)]
     if at_rate.empty or len(ranked) < 2:
-        return none
+        return NO_TEST
     best = str(ranked.iloc[0].method)
     versus = str(ranked.iloc[1].method) if best == reference else reference
     row = at_rate[at_rate["method"] == (versus if best == reference else best)]
     if row.empty:
-        return none
+        return NO_TEST
     row = row.iloc[0]
     sign = -1.0 if best == reference else 1.0
     test = str(row["test"]) if "test" in row and pd.notna(row["test"]) else "DeLong"

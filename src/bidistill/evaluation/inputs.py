@@ -1,7 +1,5 @@
-"""Reading the evaluation's input: each method's ``<run_dir>/<method>/predictions.csv``.
-
-Columns (docs/internal-interfaces.md): ``patient_id, split, fold, label, clinical_available,
-prob_present, prob_absent``, one row per patient of every split (and per fold in k-fold mode).
+"""Reading and checking each method's predictions, the evaluation's input (columns:
+docs/internal-interfaces.md, "Training → evaluation").
 """
 
 from __future__ import annotations
@@ -30,16 +28,8 @@ class PredictionsError(BidistillError, ValueError):
 
 
 def read_method_predictions(path: str | Path) -> pd.DataFrame:
-    """Read and check one method's predictions.
-
-    Returns:
-        The frame with ``patient_id`` and ``split`` as str, ``fold`` and ``label`` as int,
-        ``clinical_available`` as bool and the probabilities as float64.
-
-    Raises:
-        PredictionsError: missing file or column, bad value (named by file, row and column),
-            or a patient listed twice in a split of a fold.
-    """
+    """Read and check one method's predictions, typed; ``PredictionsError`` names the file,
+    row and column of a missing column, a bad value or a patient listed twice."""
     path = Path(path)
     if not path.is_file():
         raise PredictionsError(f"{path}: predictions file not found (train the method first)")

@@ -1,20 +1,9 @@
 """Statistics for binary classifiers: AUC with bootstrap CIs, DeLong's test, thresholded metrics.
 
-Small test sets. DeLong's test and the percentile bootstrap rest on large-sample approximations:
-with a handful of patients DeLong's variance can be nearly 0 (p = 1e-10 on 7 patients) and the
-bootstrap interval of an AUC of 1 is [1, 1]. Below ``LARGE_SAMPLE_PER_CLASS`` patients in either
-class the paired test is therefore an exact permutation test (``permutation_test``) and the CI
-Newcombe's score interval (``newcombe_ci``), both valid at any size.
-
-Everything works on numpy arrays and is vectorised so that a full missing-modality sweep (10
-methods x 6 rates x 10 mask seeds, 1000 bootstrap resamples) takes seconds.
-
-The AUC is a mean over (positive, negative) pairs of the kernel ψ(x, y) = 1[x > y] + ½·1[x = y].
-Averaging predictions over mask seeds (and folds) averages that kernel, so the seed-averaged AUC
-is again a pairwise mean. Both the bootstrap and DeLong's test work on such averaged kernels,
-which makes them test the seed-averaged AUC that ``metrics.csv`` reports: patients are resampled
-(bootstrap) or treated as the random unit (DeLong), and the randomness of the masks is averaged
-out by the seeds.
+Below ``LARGE_SAMPLE_PER_CLASS`` patients in a class, where DeLong and the bootstrap break down,
+the paired test is an exact permutation test and the CI Newcombe's score interval. Vectorised
+over methods, rates and seeds; the statistics (pair kernels averaged over mask seeds, the small
+sample tests) are explained in docs/internal-interfaces.md, "Results, comparison".
 """
 
 from __future__ import annotations
@@ -43,19 +32,9 @@ def large_sample(labels: np.ndarray) -> bool:
     return min(n_pos, len(labels) - n_pos) >= LARGE_SAMPLE_PER_CLASS
 
 
-# --- AUC kernels --------------------------------------------------------------------------------
-
-
 def pair_kernel(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """ψ over all (positive, negative) pairs.
-
-    Args:
-        scores: ``[..., n]`` scores; leading axes are e.g. methods or mask seeds.
-        labels: ``[n]`` 0/1.
-
-    Returns:
-        ``[..., n_pos, n_neg]`` float64: 1 where the positive scores higher, ½ on ties, else 0.
-    """
+    """ψ of scores ``[..., n]`` over all (positive, negative) pairs: ``[..., n_pos, n_neg]``,
+    1 where the positive scores higher, ½ on ties, else 0."""
     labels = np.asarray(labels).astype(bool)
     pos = scores[..., labels][..., :, None]
     neg = scores[..., ~labels][..., None, :]
@@ -65,22 +44,12 @@ def pair_kernel(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def bootstrap_auc(
     kernels: np.ndarray, *, n_boot: int = 1000, seed: int = 0, chunk: int = 200
 ) -> np.ndarray:
-    """AUCs of stratified patient-level bootstrap resamples.
+    """``[m, n_boot]`` AUCs of stratified patient-level bootstrap resamples of ``kernels``
+    ``[m, n_pos, n_neg]``; NaN when a class is empty.
 
-    Each resample draws ``n_pos`` positives and ``n_neg`` negatives with replacement (so both
-    classes keep their size); its AUC is ``w_pos @ K @ w_neg / (n_pos * n_neg)`` with the
-    multiplicities ``w`` of each patient. The same resamples are used for every kernel, so the
-    resampled AUCs of different methods and rates are paired.
-
-    Args:
-        kernels: ``[m, n_pos, n_neg]`` pair kernels (from ``pair_kernel``, optionally averaged
-            over mask seeds).
-        n_boot: number of resamples.
-        seed: seed of the resampling.
-        chunk: resamples computed at once (bounds memory to ``chunk * n_neg`` per kernel).
-
-    Returns:
-        ``[m, n_boot]`` resampled AUCs; NaN when a class is empty (no AUC to resample).
+    A resample's AUC is ``w_pos @ K @ w_neg / (n_pos * n_neg)`` with each patient's multiplicity
+    ``w``; every kernel uses the same resamples, so methods and rates stay paired. ``chunk``
+    resamples at a time bound the memory.
     """
     m, n_pos, n_neg = kernels.shape
     if not n_pos or not n_neg:
@@ -97,6 +66,11 @@ def bootstrap_auc(
     return out / (n_pos * n_neg)
 
 
+def mean_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The AUC of ``[R, n]`` scores averaged over the replicates (the rows)."""
+    return float(pair_kernel(scores, labels).mean())
+
+
 def percentile_ci(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval along the last axis: ``(low [...], high [...])``."""
     alpha = (1 - level) / 2
@@ -104,17 +78,11 @@ def percentile_ci(samples: np.ndarray, level: float = 0.95) -> tuple[np.ndarray,
     return low, high
 
 
-# --- DeLong -------------------------------------------------------------------------------------
-
-
 @dataclass
 class DelongComponents:
-    """DeLong's structural components of ``m`` correlated AUCs on the same patients.
-
-    ``v10[k, i]``: share of negatives that positive ``i`` outranks under score ``k`` (ties ½);
-    ``v01[k, j]``: share of positives that outrank negative ``j``. Their means are the AUCs.
-    Components of several mask seeds may be averaged: they stay those of the averaged kernel.
-    """
+    """DeLong's structural components of ``m`` correlated AUCs on the same patients: the share
+    of negatives each positive outranks (``v10``) and of positives that outrank each negative
+    (``v01``); averaged over mask seeds they stay those of the averaged kernel."""
 
     v10: np.ndarray  # [m, n_pos]
     v01: np.ndarray  # [m, n_neg]
@@ -124,8 +92,7 @@ class DelongComponents:
         return self.v10.mean(axis=1)
 
     def covariance(self) -> np.ndarray:
-        """``[m, m]`` DeLong covariance of the AUCs; NaN when a class has fewer than 2 patients
-        (a variance needs two)."""
+        """``[m, m]`` DeLong covariance of the AUCs; NaN with fewer than 2 patients in a class."""
         n_pos, n_neg = self.v10.shape[1], self.v01.shape[1]
         if min(n_pos, n_neg) < 2:
             return np.full((len(self.v10), len(self.v10)), np.nan)
@@ -135,12 +102,7 @@ class DelongComponents:
 
 
 def delong_components(scores: np.ndarray, labels: np.ndarray) -> DelongComponents:
-    """Structural components by the midrank algorithm of Sun & Xu (2014), O(m·n log n).
-
-    Args:
-        scores: ``[m, n]`` scores of ``m`` classifiers on the same ``n`` patients.
-        labels: ``[n]`` 0/1, both classes present.
-    """
+    """Components of ``m`` classifiers' scores ``[m, n]`` by the midranks of Sun & Xu (2014)."""
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     labels = np.asarray(labels).astype(bool)
     pos, neg = scores[:, labels], scores[:, ~labels]
@@ -155,12 +117,8 @@ def delong_components(scores: np.ndarray, labels: np.ndarray) -> DelongComponent
 
 
 def delong_test(components: DelongComponents, a: int, b: int) -> tuple[float, float, float]:
-    """Paired two-sided DeLong test of AUC[a] = AUC[b].
-
-    Returns:
-        ``(auc_a - auc_b, z, p)``; identical scores give z = 0 and p = 1; z and p are NaN when
-        a class has fewer than 2 patients (no variance estimate).
-    """
+    """Paired two-sided DeLong test of AUC[a] = AUC[b]: ``(auc_a - auc_b, z, p)``; identical
+    scores give z = 0 and p = 1; z and p are NaN with fewer than 2 patients in a class."""
     aucs = components.aucs
     cov = components.covariance()
     diff = float(aucs[a] - aucs[b])
@@ -185,9 +143,6 @@ def holm(p_values: np.ndarray) -> np.ndarray:
     return adjusted
 
 
-# --- paired test of two AUCs at any sample size -------------------------------------------------
-
-
 @dataclass
 class PairedTest:
     """A paired two-sided test of AUC[a] = AUC[b] on the same patients."""
@@ -202,14 +157,8 @@ class PairedTest:
 def paired_auc_test(
     scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray, *, seed: int = 0
 ) -> PairedTest:
-    """DeLong's test when both classes are large (``large_sample``), else the permutation test.
-
-    Args:
-        scores_a, scores_b: ``[R, n]`` scores of the two methods on the same ``n`` patients, one
-            row per replicate (fold, mask seed); the test is of the replicate-averaged AUCs.
-        labels: ``[n]`` 0/1.
-        seed: seed of the permutation draws (used only above ``EXACT_MAX_PATIENTS``).
-    """
+    """DeLong's test when both classes are large (``large_sample``), else the permutation test,
+    of the replicate-averaged AUCs of ``[R, n]`` scores (one row per fold and mask seed)."""
     scores_a, scores_b = np.atleast_2d(scores_a), np.atleast_2d(scores_b)
     if not large_sample(labels):
         return permutation_test(scores_a, scores_b, labels, seed=seed)
@@ -222,21 +171,9 @@ def paired_auc_test(
 
 
 def swap_weights(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Each patient's share ``w`` of the AUC difference under swaps of the two methods' ranks.
-
-    The permutation test of Bandos, Rockette & Gur (2005) swaps, per patient, the ranks the two
-    methods give it (ranks, so that methods with other score scales can be exchanged). Write
-    ``u_i = -1`` where patient ``i`` is swapped and ``+1`` elsewhere: the AUC difference after the
-    swaps is ``u @ w``, linear in ``u`` (each pair kernel is bilinear in the two patients'
-    choices), and ``sum(w)`` is the observed difference. Averaging over replicates keeps that.
-
-    Args:
-        scores_a, scores_b: ``[R, n]``.
-        labels: ``[n]`` 0/1.
-
-    Returns:
-        ``[n]`` weights in the patients' order.
-    """
+    """``[n]``: each patient's share ``w`` of the AUC difference under swaps of the two methods'
+    ranks (ranks, so that other score scales can be exchanged): with ``u_i = -1`` where patient
+    ``i`` is swapped, else +1, the difference is ``u @ w`` (Bandos, Rockette & Gur 2005)."""
     labels = np.asarray(labels).astype(bool)
     rank_a = stats.rankdata(scores_a, axis=-1)
     rank_b = stats.rankdata(scores_b, axis=-1)
@@ -257,15 +194,8 @@ def swap_weights(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray)
 def permutation_test(
     scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray, *, seed: int = 0
 ) -> PairedTest:
-    """Paired permutation test of the AUC difference, valid at any sample size.
-
-    Up to ``EXACT_MAX_PATIENTS`` patients every one of the ``2^n`` swap patterns is enumerated
-    (exact p); above, ``PERMUTATIONS`` random patterns with a fixed seed give the Monte Carlo
-    p-value ``(k + 1) / (B + 1)``. ``p_floor`` is the smallest p-value possible on these patients:
-    the share of patterns reaching the largest possible difference (at least 2 / 2^n, since
-    swapping every patient mirrors the difference), or ``1 / (B + 1)`` for the drawn patterns.
-    With a class empty there is no AUC: difference and p are NaN.
-    """
+    """Paired permutation test of the AUC difference, valid at any sample size: exact up to
+    ``EXACT_MAX_PATIENTS`` patients, else ``PERMUTATIONS`` seeded draws. NaN with a class empty."""
     if len(np.unique(labels)) < 2:
         return PairedTest(float("nan"), float("nan"), float("nan"), "none (one class)", 0.0)
     weights = swap_weights(np.atleast_2d(scores_a), np.atleast_2d(scores_b), labels)
@@ -287,19 +217,9 @@ def permutation_test(
     return PairedTest(observed, float("nan"), p, "permutation", 1 / (PERMUTATIONS + 1))
 
 
-# --- confidence interval of one AUC at any sample size ------------------------------------------
-
-
 def newcombe_ci(auc: float, n_pos: int, n_neg: int, level: float = 0.95) -> tuple[float, float]:
-    """Newcombe's score interval for an AUC (Newcombe 2006, Statistics in Medicine 25, "Confidence
-    intervals for an effect size measure based on the Mann-Whitney statistic", part 2, method 5).
-
-    The AUCs θ not rejected by the Wald test with the Hanley–McNeil variance evaluated at θ
-    (not at the estimate), with both class sizes replaced by N* = (n_pos + n_neg) / 2 − 1:
-    (AUC − θ)² ≤ z² V(θ). Like Wilson's interval for a proportion it stays inside [0, 1] and is
-    not degenerate at an AUC of 0 or 1, where the bootstrap and Wald intervals collapse.
-    NaN when a class is empty (no AUC).
-    """
+    """Newcombe's score interval for an AUC (Newcombe 2006, part 2, method 5): not degenerate
+    at an AUC of 0 or 1, where the bootstrap and Wald intervals collapse. NaN with a class empty."""
     if not n_pos or not n_neg or np.isnan(auc):
         return float("nan"), float("nan")
     z = stats.norm.ppf(0.5 + level / 2)
@@ -314,9 +234,6 @@ def newcombe_ci(auc: float, n_pos: int, n_neg: int, level: float = 0.95) -> tupl
     low = optimize.brentq(excess, 0.0, auc - step) if auc > step else 0.0
     high = optimize.brentq(excess, auc + step, 1.0) if auc < 1 - step else 1.0
     return float(low), float(high)
-
-
-# --- threshold and thresholded metrics ----------------------------------------------------------
 
 
 def threshold_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:

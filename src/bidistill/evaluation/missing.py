@@ -1,22 +1,6 @@
-"""Simulated missing clinical data: nested, label-stratified, reproducible masks, and the sweep.
-
-A mask withholds a patient's whole clinical record (the modality), never single values. At rate
-``r`` the share of patients without clinical data in each label stratum is ``r`` (rounded), and
-it can never be less than the share that is genuinely missing in the table: those patients are
-missing at every rate, and the masks add patients that do have clinical data until the stratum
-reaches its target.
-
-Which patients are added first is decided by a per-patient key, a hash of (mask seed, patient
-id): within a stratum the patients with the lowest keys are masked. So the masks are
-
-- nested: a patient masked at a rate is masked at every higher rate (the count only grows);
-- reproducible: they depend on the ids and the seed only, not on the row order, the machine or
-  the other patients of the table;
-- paired: every method sees the same masks, so methods can be compared patient by patient.
-
-The sweep needs no model: every method's ``predictions.csv`` holds the probability with the
-patient's clinical data (``prob_present``) and without it (``prob_absent``), and a mask picks
-one of the two per patient.
+"""Simulated missing clinical data: nested, label-stratified, reproducible masks keyed by a
+hash of (mask seed, patient id), and the sweep that picks each patient's probability with or
+without clinical data (docs/internal-interfaces.md, "Results, comparison").
 """
 
 from __future__ import annotations
@@ -45,18 +29,8 @@ def nested_masks(
     rates: Sequence[float],
     seeds: Sequence[int],
 ) -> np.ndarray:
-    """Which patients lack clinical data at each (mask seed, rate).
-
-    Args:
-        patient_ids: ``[n]`` patient ids.
-        labels: ``[n]`` 0/1; the masks are stratified by label.
-        clinical_available: ``[n]`` bool, False where the table has no clinical value at all.
-        rates: ``[R]`` target shares of patients without clinical data, in [0, 1].
-        seeds: ``[K]`` mask seeds.
-
-    Returns:
-        ``[K, R, n]`` bool, True = clinical data withheld (or genuinely missing).
-    """
+    """``[K, R, n]`` bool: True where a patient lacks clinical data (withheld, or genuinely
+    missing where ``clinical_available`` is False) at each mask seed and target rate."""
     labels = np.asarray(labels)
     available = np.asarray(clinical_available, dtype=bool)
     masks = np.zeros((len(seeds), len(rates), len(patient_ids)), dtype=bool)
@@ -76,11 +50,8 @@ def nested_masks(
 
 @dataclass
 class SplitSweep:
-    """The probabilities of every method on one split under every (mask seed, rate).
-
-    ``probs[method]`` is ``[K, R, n]``: ``prob_absent`` where ``masks`` is True, else
-    ``prob_present``. Patients are in ``patient_ids`` order for every method.
-    """
+    """Every method's probabilities ``[K, R, n]`` on one split under every (mask seed, rate):
+    ``prob_absent`` where ``masks`` is True, else ``prob_present``; patients in one order."""
 
     split: str
     fold: int
@@ -126,18 +97,8 @@ def sweep_split(
     rates: Sequence[float],
     seeds: Sequence[int],
 ) -> SplitSweep:
-    """Apply the nested masks to every method's predictions on one split of one fold.
-
-    Args:
-        predictions: method -> that method's ``predictions.csv`` (already validated).
-        split: ``"test"`` or ``"val"``.
-        fold: the fold whose rows to use.
-        rates, seeds: the sweep grid.
-
-    Raises:
-        PredictionsError: the methods do not cover the same patients of this split, or a label
-            differs between methods.
-    """
+    """Apply the nested masks to every method's (validated) predictions on one split of one
+    fold; ``PredictionsError`` when the methods differ in this split's patients or labels."""
     from bidistill.evaluation.inputs import PredictionsError
 
     reference: pd.DataFrame | None = None

@@ -1,11 +1,5 @@
-"""The report's figures, each a PNG written atomically into ``figures/``.
-
-Made to be read at the report's narrowest width (820 px) and on paper: one panel per file (the
-report lays panels out in a grid that wraps), fonts of at least 10 pt at a panel width of 4.2 in,
-a legend in every panel that needs one, and a colour per method that is the same in every report
-(``method_colours``). Curves over mask seeds are averaged, never a single seed picked: the ROC
-curve is the mean true-positive rate over every (fold, mask seed) replicate at each
-false-positive rate, as the AUC of the tables is the mean over the same replicates.
+"""The report's figures, each a PNG panel written atomically, readable at the report's narrowest
+width and on paper; curves over mask seeds are averaged, as the tables' AUCs are.
 """
 
 from __future__ import annotations
@@ -68,60 +62,63 @@ def method_colour(method: str) -> str:
     return _EXTRA_COLOURS[int.from_bytes(digest, "little") % len(_EXTRA_COLOURS)]
 
 
-def method_colours(methods: Sequence[str]) -> dict[str, str]:
-    return {m: method_colour(m) for m in methods}
-
-
-def _line_width(method: str, reference: str) -> float:
-    return 2.6 if method == reference else 1.6
-
-
-# --- AUC versus missing rate --------------------------------------------------------------------
-
-
 def plot_auc_vs_missing(metrics: pd.DataFrame, path: Path, *, reference: str = "bd") -> Path:
-    """AUC against the share of test patients without clinical data, one line per method.
+    """AUC against the share of test patients without clinical data, one line per method (the
+    reference drawn thicker)."""
+    lines = [
+        (
+            metrics[metrics["method"] == method],
+            {
+                "color": method_colour(method),
+                "lw": 2.6 if method == reference else 1.6,
+                "marker": "o",
+                "label": method,
+                "zorder": 3 if method == reference else 2,
+            },
+        )
+        for method in dict.fromkeys(metrics["method"])
+    ]
+    return plot_auc_lines(lines, np.sort(metrics["missing_rate"].unique()), path, legend="method")
 
-    The 95% CIs are error bars, each method's nudged sideways so that they do not overlap (a
-    shaded band per method would merge into one smear).
-    """
-    methods = list(dict.fromkeys(metrics["method"]))
-    rates = np.sort(metrics["missing_rate"].unique())
+
+def plot_auc_lines(
+    lines: list[tuple[pd.DataFrame, dict]], rates: np.ndarray, path: Path, *, legend: str
+) -> Path:
+    """One line of AUCs against the missing rate per ``(rows, matplotlib style)``, with the 95%
+    CIs as error bars, each line's nudged sideways so that they do not overlap (a shaded band
+    per line would merge into one smear)."""
     step = np.min(np.diff(rates)) if len(rates) > 1 else 1.0
-    offsets = (np.arange(len(methods)) - (len(methods) - 1) / 2) * step * 0.6 / max(len(methods), 1)
+    offsets = (np.arange(len(lines)) - (len(lines) - 1) / 2) * step * 0.6 / max(len(lines), 1)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=WIDE, layout="constrained")
-        for method, offset in zip(methods, offsets):
-            rows = metrics[metrics["method"] == method].sort_values("missing_rate")
-            x = rows["missing_rate"].to_numpy(float) + offset
+        for (rows, style), offset in zip(lines, offsets):
+            rows = rows.sort_values("missing_rate")
             auc = rows["auc"].to_numpy(float)
             err = np.vstack([auc - rows["auc_ci_low"], rows["auc_ci_high"] - auc])
-            colour = method_colour(method)
             ax.errorbar(
-                x,
+                rows["missing_rate"].to_numpy(float) + offset,
                 auc,
                 yerr=None if np.isnan(err).all() else err,
-                color=colour,
-                lw=_line_width(method, reference),
-                marker="o",
                 ms=4.5,
                 capsize=2.5,
                 elinewidth=1.0,
-                label=method,
-                zorder=3 if method == reference else 2,
+                **style,
             )
         ax.set_xticks(rates, [f"{r:.0%}" for r in rates])
         ax.set_xlabel("test patients without clinical data (r)")
         ax.set_ylabel("AUC (bars: 95% CI)")
         ax.axhline(0.5, color="#999999", lw=0.8, ls=":")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title="method")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title=legend)
     return save_figure(fig, path)
 
 
-# --- ROC ----------------------------------------------------------------------------------------
-
 FPR_GRID = np.linspace(0.0, 1.0, 201)
+
+
+def _replicates(sweeps: Sequence[SplitSweep], method: str, rate_index: int) -> list[np.ndarray]:
+    """The method's probabilities at one rate in every (fold, mask seed) replicate."""
+    return [s.probs[method][k, rate_index] for s in sweeps for k in range(len(s.seeds))]
 
 
 def mean_roc(labels: np.ndarray, replicates: Sequence[np.ndarray]) -> np.ndarray:
@@ -144,22 +141,14 @@ def roc_rate_indices(rates: np.ndarray) -> list[int]:
 def plot_roc(
     sweeps: Sequence[SplitSweep], rate_index: int, path: Path, *, aucs: dict[str, float]
 ) -> Path:
-    """ROC curves of every method at one missing rate, averaged over every replicate.
-
-    Args:
-        sweeps: the test sweep of each fold (same patients).
-        rate_index: which of the sweep's rates.
-        aucs: method -> the AUC of the metrics table at that rate, for the legend.
-    """
+    """ROC curves of every method at one missing rate, averaged over every replicate of each
+    fold's test sweep; ``aucs`` (the metrics table's, at that rate) go in the legend."""
     first = sweeps[0]
     rate = float(first.rates[rate_index])
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=PANEL, layout="constrained")
         for method in first.methods:
-            replicates = [
-                s.probs[method][k, rate_index] for s in sweeps for k in range(len(s.seeds))
-            ]
-            tpr = mean_roc(first.labels, replicates)
+            tpr = mean_roc(first.labels, _replicates(sweeps, method, rate_index))
             ax.plot(
                 FPR_GRID,
                 tpr,
@@ -176,9 +165,6 @@ def plot_roc(
     return save_figure(fig, path)
 
 
-# --- calibration --------------------------------------------------------------------------------
-
-
 def reliability(labels: np.ndarray, probs: np.ndarray, bins: int):
     """Per equal-width bin of predicted probability: mean prediction, observed share of
     positives and count (bins without patients left out)."""
@@ -193,11 +179,8 @@ def reliability(labels: np.ndarray, probs: np.ndarray, bins: int):
 def plot_calibration(
     sweeps: Sequence[SplitSweep], rate_index: int, path: Path, *, bins: int = 10
 ) -> Path:
-    """Reliability curve per method at one rate, with the patients per bin underneath.
-
-    Replicates are pooled (at rates 0 and 1 every mask seed withholds the same patients, so in
-    a holdout run this is the one set of test predictions); counts are per replicate.
-    """
+    """Reliability curve per method at one rate, replicates pooled, with the patients per bin
+    (per replicate) underneath."""
     first = sweeps[0]
     rate = float(first.rates[rate_index])
     edges = np.linspace(0, 1, bins + 1)
@@ -211,15 +194,12 @@ def plot_calibration(
             gridspec_kw={"height_ratios": [3.2, 1]},
         )
         for method in first.methods:
-            probs = np.concatenate(
-                [s.probs[method][k, rate_index] for s in sweeps for k in range(len(s.seeds))]
-            )
+            replicates = _replicates(sweeps, method, rate_index)
             labels = np.concatenate([s.labels for s in sweeps for _ in s.seeds])
-            replicates = sum(len(s.seeds) for s in sweeps)
-            predicted, observed, counts = reliability(labels, probs, bins)
+            predicted, observed, counts = reliability(labels, np.concatenate(replicates), bins)
             colour = method_colour(method)
             ax.plot(predicted, observed, marker="o", ms=3.5, color=colour, lw=1.5, label=method)
-            hist.stairs(counts / replicates, edges, color=colour, lw=1.3)
+            hist.stairs(counts / len(replicates), edges, color=colour, lw=1.3)
         ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
         # A margin so that points at 0 or 1 are drawn whole inside the frame.
         ax.set(xlim=(-0.02, 1.02), ylim=(-0.03, 1.03))
@@ -229,9 +209,6 @@ def plot_calibration(
         hist.set_xlabel("predicted probability (bins of 0.1)")
         hist.set_ylabel("patients")
     return save_figure(fig, path)
-
-
-# --- training curves ----------------------------------------------------------------------------
 
 
 def plot_training(

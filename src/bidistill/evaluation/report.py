@@ -1,11 +1,5 @@
-"""The run report: a self-contained ``report.html`` (figures embedded, opens offline) and
-``report.md`` (figures linked from ``figures/``), built from the evaluation tables.
-
-Both open with the headline (what was compared on how many patients, what won at which rates,
-with p-values) and, for synthetic or random features, a banner saying so; then the tables and
-figures, the methods with their options, the cohort, how the numbers were made, the intended use
-and limitations (model-card style), provenance and the resolved config. The HTML is in
-``report_html``; the texts both formats share are here.
+"""The run report's content: ``ReportInputs``, the texts and tables ``report.html``
+(``report_html``) and ``report.md`` (here, figures linked from ``figures/``) share.
 """
 
 from __future__ import annotations
@@ -19,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bidistill.config import EvaluationConfig
 from bidistill.evaluation.headline import Headline, auc_text, build_headline, format_p, tests_label
 from bidistill.evaluation.metrics import LARGE_SAMPLE_PER_CLASS
 
@@ -52,15 +47,9 @@ SMALL_SAMPLE = (
     "and the bootstrap do not hold (the bootstrap CI of an AUC of 1 is [1, 1]): hence the "
     "permutation test, valid at any size, and the score interval."
 )
-# Columns where the best value per rate is marked, and whether higher is better.
-MARKED = {
-    "auc": True,
-    "accuracy": True,
-    "balanced_accuracy": True,
-    "f1": True,
-    "brier": False,
-    "ece": False,
-}
+# Columns where the best value per rate is marked: the highest, or the lowest for these two.
+MARKED = ("auc", "accuracy", "balanced_accuracy", "f1", "brier", "ece")
+LOWER_IS_BETTER = ("brier", "ece")
 METRIC_COLUMNS = {
     "accuracy": "accuracy",
     "balanced_accuracy": "bal. acc.",
@@ -75,12 +64,12 @@ METRIC_COLUMNS = {
 
 @dataclass
 class FigureGroup:
-    """Figures shown together under one heading: ``(name, png path, alt text)`` each."""
+    """Figures shown together under one heading: ``(png path, alt text)`` each."""
 
     key: str
     title: str
     caption: str
-    figures: list[tuple[str, Path, str]]
+    figures: list[tuple[Path, str]]
     wide: bool = False  # one figure the width of the page, not a grid of panels
 
 
@@ -91,7 +80,8 @@ class ReportInputs:
     delong: pd.DataFrame
     figures: list[FigureGroup]
     reference: str
-    protocol: dict[str, Any]  # seeds, folds, bootstrap, threshold, ci_level
+    evaluation: EvaluationConfig
+    folds: int
     cohort: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     config_text: str = ""
@@ -105,29 +95,25 @@ class ReportInputs:
         return build_headline(self.metrics, self.delong, self.reference)
 
 
-# --- texts and tables both formats share --------------------------------------------------------
-
-
 def protocol_text(inputs: ReportInputs) -> str:
-    p = inputs.protocol
+    p = inputs.evaluation
     folds = (
-        f" and {p['folds']} cross-validation folds ('fold sd': standard deviation over folds)"
-        if (p.get("folds", 1) > 1)
+        f" and {inputs.folds} cross-validation folds ('fold sd': standard deviation over folds)"
+        if inputs.folds > 1
         else ""
     )
-    threshold = "Youden's J" if p["threshold"] == "youden" else f"fixed threshold {p['threshold']}"
+    threshold = "Youden's J" if p.threshold == "youden" else f"fixed threshold {p.threshold}"
     methods = set(inputs.metrics.get("auc_ci_method", pd.Series(["bootstrap"])).dropna())
-    level = p.get("ci_level", 0.95)
-    if not p["bootstrap"]:
+    if not p.bootstrap:
         ci = "No CI (evaluation.bootstrap: 0)."
     elif "newcombe" in methods:
-        ci = NEWCOMBE_CI.format(level=level)
+        ci = NEWCOMBE_CI.format(level=p.ci_level)
     else:
-        ci = BOOTSTRAP_CI.format(level=level, boot=p["bootstrap"])
+        ci = BOOTSTRAP_CI.format(level=p.ci_level, boot=p.bootstrap)
     tests = list(dict.fromkeys(inputs.delong.get("test", pd.Series(["DeLong"])).dropna()))
     small = "newcombe" in methods or any(t != "DeLong" for t in tests)
     return PROTOCOL.format(
-        seeds=p["seeds"],
+        seeds=p.mask_seeds,
         folds=folds,
         ci=ci,
         threshold=threshold,
@@ -160,11 +146,11 @@ def headline_rows(headline: Headline) -> list[dict[str, str]]:
 def best_flags(metrics: pd.DataFrame) -> pd.DataFrame:
     """Boolean frame: True where a row holds the best value of its rate for a marked column."""
     flags = pd.DataFrame(False, index=metrics.index, columns=list(MARKED))
-    for column, higher in MARKED.items():
+    for column in MARKED:
         if column not in metrics:
             continue
         grouped = metrics.groupby("missing_rate")[column]
-        best = grouped.transform("max" if higher else "min")
+        best = grouped.transform("min" if column in LOWER_IS_BETTER else "max")
         # As printed (three decimals): values that print the same tie and are all marked.
         printed = metrics[column].map("{:.3f}".format)
         flags[column] = (printed == best.map("{:.3f}".format)) & metrics[column].notna()
@@ -174,7 +160,7 @@ def best_flags(metrics: pd.DataFrame) -> pd.DataFrame:
 def limitations(inputs: ReportInputs) -> list[tuple[str, str]]:
     """The model card's intended use and limitations: ``(heading, text)`` pairs."""
     h = inputs.headline
-    folds = inputs.protocol.get("folds", 1)
+    folds = inputs.folds
     encoder = inputs.cohort.get("feature encoder", "the configured patch encoder")
     split = (
         f"{folds}-fold cross-validation with one fixed test set"
@@ -238,9 +224,6 @@ def options_text(options: dict[str, Any]) -> str:
     return ", ".join(f"{k} {fmt(v)}" for k, v in options.items()) or "–"
 
 
-# --- Markdown -----------------------------------------------------------------------------------
-
-
 def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
     h = inputs.headline
     lines = [f"# {inputs.title}", ""]
@@ -248,15 +231,14 @@ def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
         lines += [f"> **{inputs.synthetic}**", ""]
     lines += [f"**{h.winners()}** {h.significance()}", "", f"Compared: {h.compared()}", ""]
     lines += _md_table(pd.DataFrame(headline_rows(h)), index=False) + [""]
-    warning = h.reliability()
-    if warning:
+    if warning := h.reliability():
         lines += [f"**Warning:** {warning}", ""]
     lines += ["## AUC by missing rate", "", _legend_text(inputs), ""]
     lines += _md_table(auc_cells(inputs.metrics, h)) + [""]
     for group in inputs.figures:
         lines += [f"## {group.title}", "", group.caption, ""]
-        for _name, path, alt in group.figures:
-            rel = Path(path).relative_to(run_dir).as_posix()
+        for path, alt in group.figures:
+            rel = path.relative_to(run_dir).as_posix()
             lines += [f"![{alt}]({rel})", ""]
     lines += ["## Confusion matrices at the chosen threshold", ""]
     if len(inputs.confusion):
@@ -315,25 +297,21 @@ def auc_cells(metrics: pd.DataFrame, headline: Headline) -> pd.DataFrame:
         ci = "" if np.isnan(row.auc_ci_low) else f" [{row.auc_ci_low:.2f}, {row.auc_ci_high:.2f}]"
         return f"{value}{mark}{ci}"
 
-    table = metrics.assign(cell=[cell(i, r) for i, r in metrics.iterrows()])
-    wide = table.pivot(index="method", columns="missing_rate", values="cell")
-    wide = wide.loc[list(dict.fromkeys(metrics["method"]))]
-    wide.columns = [f"r={c:g}" for c in wide.columns]
-    return wide
+    return _by_rate(metrics, [cell(i, r) for i, r in metrics.iterrows()])
 
 
 def delong_cells(delong: pd.DataFrame) -> pd.DataFrame:
     """Method x rate table of ``difference (p)`` strings."""
     if delong.empty:
         return pd.DataFrame()
+    cells = [f"{r.auc_difference:+.3f} ({format_p(r.p_holm)})" for r in delong.itertuples()]
+    return _by_rate(delong, cells)
 
-    def cell(row: pd.Series) -> str:
-        return f"{row.auc_difference:+.3f} ({format_p(row.p_holm)})"
 
-    wide = delong.assign(cell=delong.apply(cell, axis=1)).pivot(
-        index="method", columns="missing_rate", values="cell"
-    )
-    wide = wide.loc[list(dict.fromkeys(delong["method"]))]
+def _by_rate(frame: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
+    """``cells`` (one per row of ``frame``) as a method x rate table, methods in table order."""
+    wide = frame.assign(cell=cells).pivot(index="method", columns="missing_rate", values="cell")
+    wide = wide.loc[list(dict.fromkeys(frame["method"]))]
     wide.columns = [f"r={c:g}" for c in wide.columns]
     return wide
 

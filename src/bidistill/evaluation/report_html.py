@@ -1,18 +1,11 @@
 """``report.html``: one self-contained page (no script, no external resource) that reads at any
-width from 820 px up and prints on A4/Letter.
-
-Layout: the headline box first (and the synthetic-data banner above it), then the tables and the
-figures. Panels sit in a grid that wraps (three across at 1280 px, two at 820 px and on paper);
-wide tables scroll inside their own box, so the page itself never scrolls sideways; the
-resolved config is collapsed. Every method is drawn in the same colour in every report, and a
-swatch of that colour stands beside its name in the tables.
+width from 820 px up and prints on A4/Letter, each method in its colour.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -104,23 +97,20 @@ def render_html(inputs: ReportInputs) -> str:
             "<div class='banner' id='synthetic-banner' role='note'>"
             f"<strong>{e(title)}:</strong> {e(text)}</div>"
         )
-    parts.append(_headline(inputs, headline))
-    parts.append(_nav(inputs))
-    parts.append(_section("auc", "AUC by missing rate", _auc_table(inputs, headline)))
-    for group in inputs.figures:
-        parts.append(_section(group.key, group.title, _figure_group(group)))
-    parts.append(
-        _section("confusion", "Confusion matrices at the chosen threshold", _confusion(inputs))
-    )
-    parts.append(_section("metrics", "All metrics", _metrics_table(inputs)))
-    parts.append(_section("delong", f"Paired tests against {inputs.reference}", _delong(inputs)))
-    parts.append(_section("methods", "Methods and their options", _methods(inputs)))
-    parts.append(_section("cohort", "Cohort", _cohort(inputs.cohort)))
-    parts.append(
-        _section("protocol", "How the numbers were made", f"<p>{e(protocol_text(inputs))}</p>")
-    )
-    parts.append(_section("limitations", "Intended use and limitations", _limitations(inputs)))
-    parts.append(_section("provenance", "Provenance", _mapping(inputs.provenance)))
+    sections = [
+        ("auc", "AUC by missing rate", _auc_table(inputs, headline)),
+        *[(group.key, group.title, _figure_group(group)) for group in inputs.figures],
+        ("confusion", "Confusion matrices at the chosen threshold", _confusion(inputs)),
+        ("metrics", "All metrics", _metrics_table(inputs)),
+        ("delong", f"Paired tests against {inputs.reference}", _delong(inputs)),
+        ("methods", "Methods and their options", _methods(inputs)),
+        ("cohort", "Cohort", _cohort(inputs.cohort)),
+        ("protocol", "How the numbers were made", f"<p>{e(protocol_text(inputs))}</p>"),
+        ("limitations", "Intended use and limitations", _limitations(inputs)),
+        ("provenance", "Provenance", _mapping(inputs.provenance)),
+    ]
+    parts += [_headline(inputs, headline), _nav(inputs)]
+    parts += [f"<section id='{e(k)}'><h2>{e(t)}</h2>{body}</section>" for k, t, body in sections]
     if inputs.config_text:
         lines = inputs.config_text.count("\n")
         parts.append(
@@ -137,10 +127,6 @@ def _meta(inputs: ReportInputs) -> str:
         if key in inputs.provenance:
             items.append(f"{key} {inputs.provenance[key]}")
     return f"<p class='meta'>{e(' · '.join(items))}</p>"
-
-
-def _section(key: str, title: str, body: str) -> str:
-    return f"<section id='{e(key)}'><h2>{e(title)}</h2>{body}</section>"
 
 
 def _nav(inputs: ReportInputs) -> str:
@@ -160,9 +146,6 @@ def _nav(inputs: ReportInputs) -> str:
 
 def _swatch(method: str) -> str:
     return f"<span class='sw' style='background:{method_colour(method)}'></span>{e(method)}"
-
-
-# --- headline -----------------------------------------------------------------------------------
 
 
 def _headline(inputs: ReportInputs, headline) -> str:
@@ -186,8 +169,7 @@ def _headline(inputs: ReportInputs, headline) -> str:
         f"<p class='lead'>{e(headline.winners())}</p>"
         f"<p class='{verdict_cls}'>{e(headline.significance())}</p>"
         f"<p>Compared: {e(headline.compared())}</p>"
-        f"<div class='scroll'><table><thead><tr>{head}</tr></thead>"
-        f"<tbody>{''.join(body)}</tbody></table></div>"
+        + _table(head, body)
         + (f"<p class='warn'><strong>Warning:</strong> {e(warning)}</p>" if warning else "")
         + "</section>"
     )
@@ -197,39 +179,52 @@ def _align(key: str) -> str:
     return "l" if key in ("highest AUC", "tested against", "method") else ""
 
 
-# --- tables -------------------------------------------------------------------------------------
-
-
 def _auc_table(inputs: ReportInputs, headline) -> str:
-    metrics = inputs.metrics
-    flags = best_flags(metrics)
-    rates = sorted(metrics["missing_rate"].unique())
-    head = "<th class='l'>method</th>" + "".join(f"<th>r = {r:g}</th>" for r in rates)
-    rows = []
-    for method in dict.fromkeys(metrics["method"]):
-        cells = [f"<td class='l'>{_swatch(method)}</td>"]
-        for rate in rates:
-            match = metrics[(metrics["method"] == method) & (metrics["missing_rate"] == rate)]
-            row = match.iloc[0]
-            mark = "*" if (method, float(rate)) in headline.significant_cells else ""
-            ci = (
-                ""
-                if pd.isna(row.auc_ci_low)
-                else f"<span class='ci'>{row.auc_ci_low:.2f}–{row.auc_ci_high:.2f}</span>"
-            )
-            best = " class='best'" if flags.at[match.index[0], "auc"] else ""
-            cells.append(f"<td{best}>{row.auc:.3f}{mark}{ci}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
+    flags = best_flags(inputs.metrics)
+
+    def cell(i: int, row: pd.Series) -> str:
+        mark = "*" if (row.method, float(row.missing_rate)) in headline.significant_cells else ""
+        ci = (
+            ""
+            if pd.isna(row.auc_ci_low)
+            else f"<span class='ci'>{row.auc_ci_low:.2f}–{row.auc_ci_high:.2f}</span>"
+        )
+        best = " class='best'" if flags.at[i, "auc"] else ""
+        return f"<td{best}>{row.auc:.3f}{mark}{ci}</td>"
+
     legend = (
         "r: share of test patients whose clinical data is withheld (0: all have it). Each cell: "
         "the AUC (mean over mask seeds) over its 95% CI. Bold: the highest AUC at that rate. "
         f"*: differs from {inputs.reference} at that rate ({tests_label(inputs.delong)}, "
         "Holm-corrected p < 0.05)."
     )
+    return _note(legend) + _by_rate(inputs.metrics, cell)
+
+
+def _by_rate(frame: pd.DataFrame, cell) -> str:
+    """A method x rate table; ``cell(index, row)`` makes the ``<td>`` of each row of ``frame``."""
+    rates = sorted(frame["missing_rate"].unique())
+    head = "<th class='l'>method</th>" + "".join(f"<th>r = {r:g}</th>" for r in rates)
+    rows = []
+    for method in dict.fromkeys(frame["method"]):
+        cells = [f"<td class='l'>{_swatch(method)}</td>"]
+        for rate in rates:
+            match = frame[(frame["method"] == method) & (frame["missing_rate"] == rate)]
+            cells.append(cell(match.index[0], match.iloc[0]))
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return _table(head, rows)
+
+
+def _table(head: str, rows: list[str]) -> str:
+    """A table in its own scrolling box, so that the page never scrolls sideways."""
     return (
-        f"<p class='note'>{e(legend)}</p><div class='scroll'><table><thead><tr>{head}</tr>"
-        f"</thead><tbody>{''.join(rows)}</tbody></table></div>"
+        f"<div class='scroll'><table><thead><tr>{head}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
+
+
+def _note(text: str) -> str:
+    return f"<p class='note'>{e(text)}</p>"
 
 
 def _metrics_table(inputs: ReportInputs) -> str:
@@ -251,7 +246,7 @@ def _metrics_table(inputs: ReportInputs) -> str:
         "on the validation patients."
     )
     return (
-        f"<p class='note'>{e(note)}</p><div class='scroll'><table class='dense'><thead><tr>"
+        f"{_note(note)}<div class='scroll'><table class='dense'><thead><tr>"
         f"{head}</tr></thead>" + "".join(bodies) + "</table></div>"
     )
 
@@ -260,28 +255,17 @@ def _delong(inputs: ReportInputs) -> str:
     delong = inputs.delong
     if delong.empty:
         return f"<p>No paired tests: '{e(inputs.reference)}' was not evaluated.</p>"
-    rates = sorted(delong["missing_rate"].unique())
-    head = "<th class='l'>method</th>" + "".join(f"<th>r = {r:g}</th>" for r in rates)
-    rows = []
-    for method in dict.fromkeys(delong["method"]):
-        cells = [f"<td class='l'>{_swatch(method)}</td>"]
-        for rate in rates:
-            row = delong[(delong["method"] == method) & (delong["missing_rate"] == rate)].iloc[0]
-            sig = row.p_holm < 0.05
-            cls = ' class="best"' if sig else ""
-            cells.append(
-                f"<td{cls}>{row.auc_difference:+.3f}"
-                f"<span class='ci'>{e(format_p(row.p_holm))}</span></td>"
-            )
-        rows.append("<tr>" + "".join(cells) + "</tr>")
+
+    def cell(_: int, row: pd.Series) -> str:
+        cls = ' class="best"' if row.p_holm < 0.05 else ""
+        p = e(format_p(row.p_holm))
+        return f"<td{cls}>{row.auc_difference:+.3f}<span class='ci'>{p}</span></td>"
+
     note = (
         f"AUC difference to {inputs.reference} (method minus {inputs.reference}) and the "
         f"Holm-corrected p-value ({tests_label(delong)}); highlighted: p < 0.05."
     )
-    return (
-        f"<p class='note'>{e(note)}</p><div class='scroll'><table><thead><tr>{head}</tr>"
-        f"</thead><tbody>{''.join(rows)}</tbody></table></div>"
-    )
+    return _note(note) + _by_rate(delong, cell)
 
 
 def _confusion(inputs: ReportInputs) -> str:
@@ -316,7 +300,7 @@ def _confusion(inputs: ReportInputs) -> str:
         "threshold chosen on the validation patients (Youden's J unless the config fixes one); "
         "first mask seed (at these two rates every seed withholds the same patients)."
     )
-    return f"<p class='note'>{e(note)}</p><div class='cards'>{''.join(cards)}</div>"
+    return f"{_note(note)}<div class='cards'>{''.join(cards)}</div>"
 
 
 def _methods(inputs: ReportInputs) -> str:
@@ -342,25 +326,18 @@ def _methods(inputs: ReportInputs) -> str:
         "and every option it trained with. Best epoch: the epoch whose weights were kept (one "
         "per training stage), counted from 1."
     )
-    return (
-        f"<p class='note'>{e(note)}</p><div class='scroll'><table><thead><tr>{head}</tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
-    )
+    return _note(note) + _table(head, rows)
 
 
 def _cohort(cohort: dict[str, Any]) -> str:
     parts = []
     if cohort.get("splits"):
         parts.append(_frame(pd.DataFrame(cohort["splits"])))
-    if cohort.get("clinical_missing"):
-        frame = pd.DataFrame(
-            {
-                "column": list(cohort["clinical_missing"]),
-                "share missing": [f"{v:.1%}" for v in cohort["clinical_missing"].values()],
-            }
-        )
+    missing = cohort.get("clinical_missing")
+    if missing:
+        shares = {"column": list(missing), "share missing": [f"{v:.1%}" for v in missing.values()]}
         parts.append("<h3>Clinical missingness per column (whole cohort)</h3>")
-        parts.append(_frame(frame))
+        parts.append(_frame(pd.DataFrame(shares)))
     details = {k: v for k, v in cohort.items() if k not in ("splits", "clinical_missing")}
     if details:
         parts.append(_mapping(details))
@@ -384,10 +361,7 @@ def _frame(frame: pd.DataFrame) -> str:
             f"<td class='{'l' if i == 0 else ''}'>{e(fmt(v))}</td>" for i, v in enumerate(row)
         )
         rows.append(f"<tr>{cells}</tr>")
-    return (
-        f"<div class='scroll'><table><thead><tr>{head}</tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
-    )
+    return _table(head, rows)
 
 
 def _mapping(mapping: dict[str, Any]) -> str:
@@ -398,18 +372,15 @@ def _mapping(mapping: dict[str, Any]) -> str:
     return f"<div class='scroll'><table><tbody>{rows}</tbody></table></div>"
 
 
-# --- figures ------------------------------------------------------------------------------------
-
-
 def _figure_group(group) -> str:
     figures = []
-    for name, path, alt in group.figures:
-        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    for path, alt in group.figures:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
         cls = ' class="wide"' if group.wide else ""
         figures.append(
             f"<figure{cls}>"
-            f"<img id='fig-{e(name)}' alt='{e(alt)}' src='data:image/png;base64,{data}'>"
+            f"<img id='fig-{e(path.stem)}' alt='{e(alt)}' src='data:image/png;base64,{data}'>"
             "</figure>"
         )
     body = "".join(figures) if group.wide else f"<div class='grid'>{''.join(figures)}</div>"
-    return f"<p class='note'>{e(group.caption)}</p>{body}"
+    return _note(group.caption) + body

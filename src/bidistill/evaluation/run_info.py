@@ -1,8 +1,5 @@
-"""What the report says about a run beyond its metrics: each method's options and training, its
-confusion matrix at the chosen threshold, and whether the data is synthetic.
-
-Read from the run directory (``<method>/model.json``, ``<method>/train_log.csv``,
-``cohort.json``) and from the evaluation's own tables; nothing here is recomputed from the model.
+"""What the report says about a run beyond its metrics (method options and training, confusion
+matrices, synthetic data), read from the run folder and the evaluation's tables.
 """
 
 from __future__ import annotations
@@ -58,19 +55,13 @@ def method_infos(run_dir: Path, methods: list[str], config: ExperimentConfig | N
 
 def selection_column(log: pd.DataFrame) -> str | None:
     """The training log's model-selection score (what early stopping watched)."""
-    for column in ("val_score", "val_auc_present"):
-        if column in log:
-            return column
-    return None
+    return next((c for c in ("val_score", "val_auc_present") if c in log), None)
 
 
 def best_epochs(log: pd.DataFrame, selection: list[dict] | None = None) -> list[int]:
-    """The kept epochs, counted from 1 over the whole log (the rows are the epochs in order,
-    whatever the log's own epoch numbering): per stage, one per selected part.
-
-    ``selection`` is ``model.json``'s record of what the trainer kept (it knows the parts and
-    the epochs that were no candidates); without it, each stage's best selection score.
-    """
+    """The kept epochs, counted from 1 over the whole log's rows: per stage, one per part, from
+    the trainer's record ``selection`` (it knows the parts and the epochs that were no
+    candidates), else each stage's best selection score."""
     stages = log["stage"].astype(str).to_numpy() if "stage" in log else np.zeros(len(log), str)
     if selection and "epoch" in log:
         epochs = log["epoch"].to_numpy()
@@ -147,12 +138,8 @@ def confusion_rows(sweep: SplitSweep, by_seed: pd.DataFrame) -> pd.DataFrame:
 
 
 def synthetic_notice(cohort: dict[str, Any], config: ExperimentConfig | None) -> str | None:
-    """The banner text when the features are synthetic or come from an untrained encoder.
-
-    The feature files' own ``encoder`` attribute (``cohort.json``) decides; the config's encoder
-    name is the fallback. Features made by ``bidistill.synthetic`` say ``synthetic``;
-    random-init encoders carry ``random`` in their name.
-    """
+    """The banner text when the features are synthetic or come from an untrained encoder: the
+    feature files' own encoder name decides (the config's is the fallback)."""
     encoder = str(cohort.get("feature encoder") or (config.features.encoder if config else ""))
     lowered = encoder.lower()
     if lowered.startswith("synthetic"):

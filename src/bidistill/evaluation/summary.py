@@ -1,34 +1,5 @@
-"""From swept predictions to the tables of the run directory.
-
-Replicates. Every statistic is computed for each replicate, one (fold, mask seed) pair; in holdout
-mode there is one fold. ``metrics.csv`` reports the mean over replicates, and ``auc_std`` the
-standard deviation over mask seeds (of the fold-averaged AUC), i.e. how much the AUC depends on
-*which* patients lose their clinical data. In k-fold mode ``auc_fold_std`` is the standard
-deviation over folds (of the seed-averaged AUC).
-
-Confidence interval. ``auc_ci_low``/``auc_ci_high`` are the percentile interval of a stratified
-patient-level bootstrap of the replicate-averaged AUC: each resample draws test patients with
-replacement within each label, and its AUC is the mean over replicates of the resample's AUC
-(see ``metrics.bootstrap_auc``; the resamples are shared by every method and rate). The interval
-thus covers the patient-sampling uncertainty of the reported number, with the mask randomness
-averaged out rather than added.
-
-Threshold. Per method, rate and replicate, the threshold is chosen on the validation patients of
-that fold, masked by the same nested scheme at the same rate and seed (Youden's J by default, or
-the fixed threshold of the config), and then applied to the test patients. Nothing about the
-test set enters the threshold.
-
-Small test sets. Below ``metrics.LARGE_SAMPLE_PER_CLASS`` test patients in either class the CI
-is Newcombe's score interval around the seed-averaged AUC (``auc_ci_method`` says which), since
-the percentile bootstrap collapses to [1, 1] at an AUC of 1 and is too narrow on a handful of
-patients.
-
-Paired tests (``delong.csv``, named for the large-sample test). At each rate, each method's
-seed-averaged AUC is compared with the reference method's (``bd`` by default): by DeLong's paired
-test on the replicate-averaged structural components when both classes are large, else by the
-paired permutation test (exact up to ``metrics.EXACT_MAX_PATIENTS`` patients); the ``test`` column
-names it and ``p_floor`` is the smallest p-value it can give on these patients. p-values are
-Holm-corrected across the methods at that rate.
+"""From swept predictions to the run's tables: metrics per method and rate, per replicate, and
+the paired tests against the reference method (docs/internal-interfaces.md, "Results").
 """
 
 from __future__ import annotations
@@ -43,6 +14,7 @@ from bidistill.config import EvaluationConfig
 from bidistill.evaluation import metrics as M
 from bidistill.evaluation.inputs import PredictionsError
 from bidistill.evaluation.missing import SplitSweep
+from bidistill.thresholds import FALLBACK_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +34,17 @@ CONTRACT_COLUMNS = [
 ]
 THRESHOLD_METRICS = ["accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity"]
 SEED_METRICS = ["auc", *THRESHOLD_METRICS, "brier", "ece", "threshold", "missing_share"]
-FALLBACK_THRESHOLD = 0.5
+# The columns of one paired test (``paired_test_table``).
+TEST_COLUMNS = [
+    "auc",
+    "auc_reference",
+    "auc_difference",
+    "z",
+    "p_value",
+    "p_holm",
+    "test",
+    "p_floor",
+]
 
 
 @dataclass
@@ -70,27 +52,19 @@ class EvaluationTables:
     metrics: pd.DataFrame  # one row per (method, missing_rate): metrics.csv
     by_seed: pd.DataFrame  # one row per (method, missing_rate, fold, mask_seed)
     delong: pd.DataFrame  # one row per (method, missing_rate) other than the reference
-    bootstrap: dict[str, np.ndarray]  # method -> [R, n_boot] resampled AUCs
 
 
 def summarize(
     test: list[SplitSweep], val: list[SplitSweep | None], cfg: EvaluationConfig
 ) -> EvaluationTables:
-    """Compute every table from the test sweeps and the validation sweeps of each fold.
-
-    Args:
-        test: one test sweep per fold (same patients, methods, rates and seeds in each).
-        val: the validation sweep of each fold, or None where a fold has no validation patients
-            (the threshold then falls back to 0.5, with a warning).
-        cfg: the evaluation section of the config.
-    """
+    """Every table from each fold's test sweep (same patients, methods, rates and seeds) and
+    validation sweep (None where a fold has none: the threshold falls back, with a warning)."""
     first = test[0]
     if len(np.unique(first.labels)) < 2:
         raise PredictionsError(
             f"the test split has only label {first.labels[0]}: AUC needs both classes"
         )
     by_seed = pd.DataFrame([row for t, v in zip(test, val) for row in _replicate_rows(t, v, cfg)])
-    bootstrap: dict[str, np.ndarray] = {}
     ci_rows = []
     n_rates = len(first.rates)
     large = M.large_sample(first.labels)
@@ -100,8 +74,8 @@ def summarize(
         if cfg.bootstrap:
             kernels = _averaged_kernels(test, method)  # [R, n_pos, n_neg]
             if large:
-                bootstrap[method] = M.bootstrap_auc(kernels, n_boot=cfg.bootstrap, seed=0)
-                low, high = M.percentile_ci(bootstrap[method], cfg.ci_level)
+                resampled = M.bootstrap_auc(kernels, n_boot=cfg.bootstrap, seed=0)
+                low, high = M.percentile_ci(resampled, cfg.ci_level)
             else:
                 n_neg = len(first.labels) - n_pos
                 bounds = [
@@ -117,7 +91,7 @@ def summarize(
     metrics["n_positive"] = n_pos
     metrics["auc_ci_method"] = ("bootstrap" if large else "newcombe") if cfg.bootstrap else ""
     delong = _delong_table(test, cfg.reference_method)
-    return EvaluationTables(metrics=metrics, by_seed=by_seed, delong=delong, bootstrap=bootstrap)
+    return EvaluationTables(metrics=metrics, by_seed=by_seed, delong=delong)
 
 
 def _replicate_rows(
@@ -187,58 +161,39 @@ def _aggregate(by_seed: pd.DataFrame, ci: pd.DataFrame, *, n_patients: int) -> p
 
 
 def _delong_table(test: list[SplitSweep], reference: str) -> pd.DataFrame:
-    columns = [
-        "method",
-        "reference",
-        "missing_rate",
-        "auc",
-        "auc_reference",
-        "auc_difference",
-        "z",
-        "p_value",
-        "p_holm",
-        "test",
-        "p_floor",
-    ]
+    columns = ["method", "reference", "missing_rate", *TEST_COLUMNS]
     methods = test[0].methods
     if reference not in methods:
         log.warning("reference method '%s' not evaluated: no paired tests", reference)
         return pd.DataFrame(columns=columns)
     labels = test[0].labels
-    rows = []
+    cases = []
     for r, rate in enumerate(test[0].rates):
         ref_scores = _replicate_scores(test, reference, r)
-        aucs = {m: _replicate_scores(test, m, r) for m in methods}
-        tests = {
-            m: M.paired_auc_test(scores, ref_scores, labels)
-            for m, scores in aucs.items()
-            if m != reference
-        }
-        adjusted = M.holm(np.array([t.p_value for t in tests.values()]))
-        ref_auc = _mean_auc(ref_scores, labels)
-        for (method, result), p_adj in zip(tests.items(), adjusted):
-            rows.append(
-                {
-                    "method": method,
-                    "reference": reference,
-                    "missing_rate": rate,
-                    "auc": _mean_auc(aucs[method], labels),
-                    "auc_reference": ref_auc,
-                    "auc_difference": result.difference,
-                    "z": result.z,
-                    "p_value": result.p_value,
-                    "p_holm": p_adj,
-                    "test": result.test,
-                    "p_floor": result.p_floor,
-                }
-            )
-    return pd.DataFrame(rows, columns=columns)
+        ref_auc = M.mean_auc(ref_scores, labels)
+        for method in [m for m in methods if m != reference]:
+            scores = _replicate_scores(test, method, r)
+            where = {"method": method, "reference": reference, "missing_rate": rate}
+            cases.append((where, scores, ref_scores, M.mean_auc(scores, labels), ref_auc))
+    return paired_test_table(cases, labels, columns)
+
+
+def paired_test_table(cases: list[tuple], labels: np.ndarray, columns: list[str]) -> pd.DataFrame:
+    """One row per case ``(where, scores, reference scores, auc, reference auc)``: ``where``
+    (with its ``missing_rate``) and the paired test, Holm-corrected across the cases at each
+    rate. The run's tests and the comparison's alike."""
+    rows = []  # p_holm (NaN) is filled in below, once every test at a rate is known
+    for where, scores, reference, auc, auc_reference in cases:
+        test = M.paired_auc_test(scores, reference, labels)
+        result = (test.difference, test.z, test.p_value, np.nan, test.test, test.p_floor)
+        rows.append({**where, **dict(zip(TEST_COLUMNS, (auc, auc_reference, *result)))})
+    table = pd.DataFrame(rows, columns=columns)
+    if len(table):
+        by_rate = table.groupby("missing_rate")["p_value"]
+        table["p_holm"] = by_rate.transform(lambda p: M.holm(p.to_numpy()))
+    return table
 
 
 def _replicate_scores(test: list[SplitSweep], method: str, r: int) -> np.ndarray:
     """``[folds x seeds, n]``: the method's test scores at rate index ``r`` in every replicate."""
     return np.concatenate([t.probs[method][:, r] for t in test])
-
-
-def _mean_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    return float(M.pair_kernel(scores, labels).mean())
