@@ -10,24 +10,18 @@ score is kept (4 bytes). An aggregator that attends between instances (TransMIL)
 streamed: it runs on the whole bag when an estimate of its memory fits, and is refused with a
 ``BagTooLargeError`` otherwise.
 
-The method itself runs unchanged: each of its aggregators (``find_aggregators``) answers for the
-block through a substituted ``forward``, so BD's two branches, ``switch``, ``kd`` and any new
-method predict without code of their own. Two ways in:
-
-- ``streaming_aggregation(method)``: padded batches of whole bags (the trainer's predictions,
-  ``BoundedBatchSampler`` caps a batch in bytes, ``check_prediction_memory`` refuses before
-  allocating a bag too large for the machine); bags up to the chunk take the one-pass code, so
-  ordinary predictions stay bit-identical;
-- ``predict_bag(method, bag)``: one patient read a chunk at a time (``ArrayBag``, or
-  ``training.data.FileBag`` over its ``.h5`` files) within a memory budget; every aggregator is
-  encoded once (``encode_bag``) and its result replayed into the method's forward.
+The method itself runs unchanged: each of its aggregators (``find_aggregators``) is encoded once
+per bag (``encode_bag``, one patient read a chunk at a time) and its result replayed into the
+method's forward (``predict_encoded``), so BD's two branches, ``switch``, ``kd`` and any new
+method predict without code of their own, and one encoding serves the clinical data given and
+withheld.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,12 +36,6 @@ from bidistill.models.batch import Batch, Output
 
 MiB = 2**20
 DEFAULT_MEMORY_BUDGET = 512 * MiB
-# Instances projected at once by a streamed aggregator in a padded batch (64k x 128 floats).
-CHUNK_INSTANCES = 65_536
-# Padded input per prediction batch (B x N_max x D float32).
-BATCH_BYTES = 256 * MiB
-# A prediction may use at most this share of the available memory.
-MEMORY_SHARE = 0.6
 _FLOAT = 4  # bytes per float32
 
 
@@ -203,105 +191,6 @@ class PoolStream:
         shift = torch.where(torch.isfinite(self.running_max), self.running_max, 0.0)
         weights = self.scores.sub_(shift).exp_().div_(self.total.clamp_min(tiny))
         return Aggregate(embedding, weights)
-
-
-# --- padded batches of whole bags ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def streaming_aggregation(method: nn.Module, chunk: int | None = None) -> Iterator[None]:
-    """Within the block, the method's streamable aggregators process bags larger than ``chunk``
-    (default ``CHUNK_INSTANCES``) instances ``chunk`` at a time (eval mode: dropout is off)."""
-    chunk = CHUNK_INSTANCES if chunk is None else chunk
-    streamed = {m: _chunked(m, chunk) for m in find_aggregators(method).values() if streams(m)}
-    with _answering(streamed):
-        yield
-
-
-def _chunked(module: nn.Module, chunk: int) -> Callable[[Tensor, Tensor], Aggregate]:
-    one_pass = type(module).forward.__get__(module)
-
-    def forward(bags: Tensor, tile_valid: Tensor) -> Aggregate:
-        if bags.shape[1] <= chunk:
-            return one_pass(bags, tile_valid)
-        stream = PoolStream(module, bags.shape[1])  # no [B, N, H] tensor is ever held
-        for start in range(0, bags.shape[1], chunk):
-            stream.update(bags[:, start : start + chunk], tile_valid[:, start : start + chunk])
-        return stream.result()
-
-    return forward
-
-
-def prediction_bytes(method: nn.Module, n_instances: int, dim: int) -> int:
-    """Peak bytes to predict one bag of ``n_instances`` x ``dim`` (float32) in a padded batch.
-
-    The bag itself is held about three times (as read, concatenated over the patient's slides,
-    and padded into a batch); streamed aggregators add a constant per chunk; TransMIL's exact
-    self-attention holds (1 + n)² weights per head.
-    """
-    work = 0
-    for module in find_aggregators(method).values():
-        if streams(module):
-            chunk = min(n_instances, CHUNK_INSTANCES)
-            work = max(work, 6 * chunk * module.out_dim * _FLOAT + 8 * n_instances)
-        elif isinstance(module, TransMIL):
-            heads = module.attentions[0].num_heads
-            work = max(work, 3 * heads * (n_instances + 1) ** 2 * _FLOAT)
-    return 3 * n_instances * dim * _FLOAT + work
-
-
-def check_prediction_memory(
-    method: nn.Module,
-    lengths: Sequence[int],
-    dim: int,
-    names: Sequence[str] | None,
-    available: int,
-) -> None:
-    """Refuse, before allocating anything, a bag that cannot be predicted in the ``available``
-    bytes of memory.
-
-    Raises:
-        BagTooLargeError: naming the bag (patient), its size, the need and what is free.
-    """
-    if not len(lengths):
-        return
-    largest = int(np.argmax(lengths))
-    needed = prediction_bytes(method, int(lengths[largest]), dim)
-    if needed > MEMORY_SHARE * available:
-        who = f"patient '{names[largest]}'" if names is not None else f"bag {largest}"
-        kinds = sorted({type(m).__name__ for m in find_aggregators(method).values()})
-        raise BagTooLargeError(
-            f"{who}: predicting its bag of {int(lengths[largest]):,} instances x {dim} needs "
-            f"about {needed / MiB:,.1f} MiB, more than {MEMORY_SHARE:.0%} of the "
-            f"{available / MiB:,.1f} MiB of memory available (with aggregator "
-            f"{', '.join(kinds) or 'none'}); tile the slide coarser or split it"
-        )
-
-
-class BoundedBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Bags sorted by size (as the training sampler does for prediction), cut into batches of
-    at most ``batch_size`` bags and ``max_bytes`` of padded float32 input (a huge bag alone)."""
-
-    def __init__(
-        self, lengths: Sequence[int], batch_size: int, dim: int, max_bytes: int = BATCH_BYTES
-    ):
-        lengths = torch.as_tensor(list(lengths), dtype=torch.int64)
-        self.batches: list[list[int]] = []
-        current: list[int] = []
-        for i in torch.argsort(lengths, stable=True).tolist():
-            padded = (len(current) + 1) * max(int(lengths[i]), 1) * dim * _FLOAT
-            if current and (len(current) == batch_size or padded > max_bytes):
-                self.batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            self.batches.append(current)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        yield from (list(b) for b in self.batches)
 
 
 # --- one bag read a chunk at a time -------------------------------------------------------------
@@ -461,17 +350,31 @@ def predict_bag(
 
     Args:
         method: a trained method (``load_trained``), already on ``device``.
-        bag: the patient's instances.
         clinical: the encoded clinical row [C]; clinical_valid: [F]; clinical_present: routes.
         memory_budget: bytes for what grows with the bag (see ``chunk_rows``).
     """
     method.eval()
-    device = torch.device(device)
-    aggregates, rows = encode_bag(method, bag, memory_budget=memory_budget, device=device)
+    encoded = encode_bag(method, bag, memory_budget=memory_budget, device=device)
+    return predict_encoded(method, encoded, bag.dim, clinical, clinical_valid, clinical_present)
+
+
+@torch.no_grad()
+def predict_encoded(
+    method: nn.Module,
+    encoded: tuple[dict[str, Aggregate], int],
+    dim: int,
+    clinical: Tensor,
+    clinical_valid: Tensor,
+    clinical_present: bool,
+) -> BagOutput:
+    """The method's prediction from its aggregators' results on a bag (``encode_bag``), in
+    eval mode on the aggregates' device; ``dim`` is the bag's instance dimension."""
+    aggregates, rows = encoded
+    device = next(method.parameters()).device
     # NaN features: a method that read the bag anywhere but through its aggregators would
     # return NaN instead of a wrong number.
     batch = Batch(
-        bags=torch.full((1, 1, max(bag.dim, 1)), math.nan, device=device),
+        bags=torch.full((1, 1, max(dim, 1)), math.nan, device=device),
         tile_valid=torch.ones(1, 1, dtype=torch.bool, device=device),
         clinical=clinical.reshape(1, -1).to(device=device, dtype=torch.float32),
         clinical_valid=clinical_valid.reshape(1, -1).to(device=device, dtype=torch.bool),
