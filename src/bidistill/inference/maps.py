@@ -1,18 +1,7 @@
-"""``bidistill heatmap``: for each slide of the chosen patients, every file a reviewer needs.
-
-Per slide, in the output folder:
-
-- ``<slide_id>.heatmap.png``: attention over the thumbnail, one panel per branch;
-- ``<slide_id>.montage.png``: the top-k and bottom-k tiles (needs the slide's pixels);
-- ``<slide_id>.tiles.csv``: every tile's level-0 box, scores and percentiles;
-- ``<slide_id>.tiles.geojson``: the tiles as QuPath detections with the scores as measurements;
-- ``<slide_id>.tissue.geojson``: the outline of the mask tiling kept tiles from.
-
-Plus the predictions table of the patients drawn (named as a run's, ``RunDir.predictions``).
-A slide given as a patch folder has no geometry: it gets the montage and the CSV. A slide
-without an image (no ``--slides`` match) gets the map over a white canvas, the CSV and the tile
-GeoJSON.
-"""
+"""``bidistill heatmap``: for each slide of the chosen patients, every file a reviewer needs
+(heatmap, montage, tiles CSV and GeoJSON, tissue outline; see the README), plus the drawn
+patients' predictions table. A patch folder has no geometry (montage and CSV only); a slide
+without an image gets the map over a white canvas."""
 
 from __future__ import annotations
 

@@ -1,23 +1,7 @@
-"""A trained run as an object that predicts for new patients and shows its attention.
-
-    run = load_run("runs/exp1")                       # the reference method (bd) unless told
-    table = run.predict("new/features", clinical="new/patients.csv")
-    patients = run.attention("new/features", clinical="new/patients.csv", patients=["P7"])
-
-New patients come as ``.h5`` feature files (one per slide, the DESIGN layout), or as new slides
-(``Tiles``), and, optionally, a table in the layout of the training table without labels
-(``cohort.prediction``). Where the bags come from is the run's bag source, chosen once when the
-run is loaded: feature files (``inference.feature_source``; new slides are encoded with the
-run's settings first) or tiles for an end-to-end run (``inference.tile_source``). Everything
-else is one path: each patient's clinical values go through the run's fitted encoder; the method
-routes the patient by what is present (BD: the multi-modal branch with clinical data, the
-single-modal without); attention is mapped back to each slide's tiles. A k-fold run predicts
-with the mean of its fold models.
-
-The decision threshold is the one the evaluation uses: chosen on the run's validation patients
-(Youden's J unless the config fixes one), with their clinical data as recorded for patients who
-have clinical data, and with it withheld for patients who have none.
-"""
+"""A trained run as an object that predicts for new patients and shows its attention
+(``load_run``). Where the bags come from is the run's bag source, chosen when the run is loaded
+(feature files or tiles); everything else is one path. A k-fold run predicts with the mean of
+its fold models, decided at the mean of their validation thresholds for the patient's route."""
 
 from __future__ import annotations
 

@@ -1,21 +1,13 @@
 """Prediction in bounded memory, for bags of any size: the one engine of training's
 predictions, ``predict``, ``heatmap`` and ``load_run``.
 
-A MIL aggregator spends its memory per instance (the projection D → H and the attention layers);
-only the softmax over the instances couples them. ``PoolStream`` projects and scores a bag a
-chunk at a time and combines the chunks with an online softmax (a running maximum and rescaled
-sums, Milakov & Gimelshein 2018, as in FlashAttention): the embedding equals the whole-bag one
-up to float rounding while the memory grows with the chunk, and per instance only the attention
-score is kept (4 bytes). An aggregator that attends between instances (TransMIL) cannot be
-streamed: it runs on the whole bag when an estimate of its memory fits, and is refused with a
-``BagTooLargeError`` otherwise.
-
-The method itself runs unchanged: each of its aggregators (``find_aggregators``) is encoded once
-per bag (``encode_bag``, one patient read a chunk at a time) and its result replayed into the
-method's forward (``predict_encoded``), so BD's two branches, ``switch``, ``kd`` and any new
-method predict without code of their own, and one encoding serves the clinical data given and
-withheld.
-"""
+``PoolStream`` projects and scores a bag a chunk at a time with an online softmax (Milakov &
+Gimelshein 2018, as in FlashAttention): the embedding equals the whole-bag one up to float
+rounding, and per instance only the attention score is kept. TransMIL attends between
+instances: it runs on the whole bag when it fits the budget, else ``BagTooLargeError``. Each
+aggregator is encoded once per bag and its result replayed into the method's unchanged forward,
+so every method predicts without code of its own, and one encoding serves clinical data given
+and withheld."""
 
 from __future__ import annotations
 

@@ -1,25 +1,13 @@
-"""The pixel bag source of end-to-end mode: bags of tiles drawn from each patient's slides.
-
-A patient's tiles are those of its slides' coords files (``bidistill tile``: tiles of whole
-slides, or the patches of a patch folder such as BCNB's ``paper_patches``), in slide order.
-A bag is ``bag_size`` of them, read and decoded in data-loader worker processes that open their
-own slides (OpenSlide and libvips handles must not cross processes), augmented there (uint8,
-cheap), collated into padded uint8 ``[B, N, 3, H, W]`` batches and pinned for the GPU; the
-patch encoder normalises and resizes them on the device.
+"""End-to-end mode's bags: tiles drawn from each patient's slides, read and decoded in loader
+workers that open their own slides (OpenSlide and libvips handles must not cross processes),
+collated into padded uint8 ``[B, N, 3, H, W]`` batches; the patch encoder normalises on device.
 
 Which tiles go into which bag is decided in the main process from the seed alone (never from
-the worker or process that reads them), so that runs repeat exactly and any number of processes
-sees the same bags:
-
-- training: each epoch, each patient's tiles are shuffled (seed, epoch, patient) and cut into
-  bags of ``bag_size``, every tile once per epoch as in the BCNB authors' code (or at most
-  ``train_bags_per_patient`` bags); the bags of all patients are then shuffled;
-- validation and prediction: a fixed shuffle (seed, patient) cut into bags, every tile once (or
-  the first ``bags_per_patient`` bags); a patient's bags depend on its id, not on the patients
-  predicted with it.
-
-A patient without tiles gets one empty bag (its aggregators see no valid tile).
-"""
+the worker or process that reads them), so that runs repeat exactly with any number of
+processes: training reshuffles each patient's tiles per epoch (every tile once per epoch, as
+the BCNB authors' code); validation and prediction use a fixed shuffle per (seed, patient id),
+so a patient's bags do not depend on the patients predicted with it. A patient without tiles
+gets one empty bag."""
 
 from __future__ import annotations
 
@@ -57,12 +45,8 @@ class SlideTiles:
 
 
 class TileIndex:
-    """Every patient's tiles: patient i's are its slides' tiles, in slide order.
-
-    Args:
-        slides: the slides.
-        patients: per patient, the indices of its slides in ``slides``.
-    """
+    """Every patient's tiles: patient i's are its slides' tiles, in slide order (``patients``:
+    per patient, the indices of its slides in ``slides``)."""
 
     def __init__(self, slides: Sequence[SlideTiles], patients: Sequence[Sequence[int]]):
         self.slides = list(slides)
@@ -78,6 +62,17 @@ class TileIndex:
                 f"{self.slides[0].coords_path}); tile them again with one `tiling` section"
             )
         self.patch_size = sizes.pop() if sizes else 0
+
+    @classmethod
+    def of(cls, slides_per_patient: Sequence[Sequence[str]], read) -> TileIndex:
+        """The patients' tiles, each distinct slide read once (``read(slide_id)``)."""
+        order: dict[str, int] = {}
+        slides: list[SlideTiles] = []
+        for slide_id in (s for ids in slides_per_patient for s in ids):
+            if slide_id not in order:
+                order[slide_id] = len(slides)
+                slides.append(read(slide_id))
+        return cls(slides, [[order[s] for s in ids] for ids in slides_per_patient])
 
     def __len__(self) -> int:
         return len(self.patients)
@@ -147,20 +142,13 @@ def tile_index_from_config(
         reason = missing.get(absent[0], f"slide '{absent[0]}' is not in the cohort")
         more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
         raise SlideError(f"{reason}{more}")
-    order: dict[str, int] = {}
-    slides: list[SlideTiles] = []
-    patients = []
-    for slide_ids in slides_per_patient:
-        indices = []
-        for slide_id in slide_ids:
-            if slide_id not in order:
-                job = by_id[slide_id]
-                coords_file = coords_path(config.tiling.coords_dir, slide_id)
-                order[slide_id] = len(slides)
-                slides.append(read_slide_tiles(slide_id, job.path, coords_file, job.mpp))
-            indices.append(order[slide_id])
-        patients.append(indices)
-    return TileIndex(slides, patients)
+
+    def read(slide_id: str) -> SlideTiles:
+        job = by_id[slide_id]
+        coords_file = coords_path(config.tiling.coords_dir, slide_id)
+        return read_slide_tiles(slide_id, job.path, coords_file, job.mpp)
+
+    return TileIndex.of(slides_per_patient, read)
 
 
 # --- which tiles go into which bag --------------------------------------------------------------
