@@ -121,14 +121,8 @@ class FeatureSource:
 
 
 def run_identity(meta: dict[str, Any], meta_path: Path) -> tuple[FeatureIdentity, str]:
-    """What a trained method's features were, and where that was read from.
-
-    Args:
-        meta: the method's options, read from ``meta_path``.
-
-    Returns:
-        (the identity, a description of its source for error messages).
-    """
+    """(what a trained method's features were, where that was read from): the identity
+    recorded in its options, else its training files', else its config's encoder name."""
     recorded = meta.get("features") or {}
     identity = FeatureIdentity.from_dict(recorded.get("identity") or {})
     if identity != FeatureIdentity():
@@ -158,11 +152,7 @@ def identity_problems(found: FeatureIdentity, expected: FeatureIdentity) -> list
 def check_feature_identity(
     path: str | Path, expected: FeatureIdentity, source: str, *, dim: int | None = None
 ) -> None:
-    """Refuse a feature file whose identity or dimension differs from the run's.
-
-    Raises:
-        FeatureIdentityError: names the file, each differing attribute and the run's value.
-    """
+    """Refuse a feature file whose identity or dimension differs from the run's."""
     problems = identity_problems(read_identity(path), expected)
     if dim is not None:
         with h5py.File(path, "r") as h5:

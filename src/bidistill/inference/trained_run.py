@@ -62,16 +62,8 @@ class FoldModel:
 
 
 class TrainedRun:
-    """A trained method of a run directory, ready to predict (``load_run`` makes one).
-
-    Attributes:
-        run_dir: the run directory.
-        method: the method's key (its folder name).
-        config: the run's experiment config.
-        folds: the fold models (one for a holdout run).
-        device: where the models run.
-        source: where bags come from (feature files, or tiles for an end-to-end run).
-    """
+    """A trained method of a run directory (``method``: its folder name), ready to predict;
+    ``folds``: one model for a holdout run."""
 
     def __init__(
         self,
@@ -111,37 +103,20 @@ class TrainedRun:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         progress: bool = False,
     ) -> pd.DataFrame:
-        """Predict new patients.
+        """One row per patient (``PREDICTION_COLUMNS``).
 
         Args:
             features: a folder of ``<slide_id>.h5`` files, one file, or a list of files; or a
                 ``Tiles`` of new slides (tiled, and for a feature run encoded, with the run's
                 settings first; what an end-to-end run needs).
-            clinical: a table (path or DataFrame) in the training table's layout, labels not
-                needed. Without it, each feature file is one patient without clinical data.
-            patients: predict only these patient ids.
+            clinical: a table in the training table's layout, labels not needed. Without it,
+                each feature file is one patient without clinical data.
             memory_budget: bytes for what grows with a bag (see ``models.streaming``).
-
-        Returns:
-            One row per patient: ``patient_id, method, probability, positive_class,
-            threshold, decision, predicted, branch, clinical_present, clinical_missing,
-            slides, tiles`` (``probability`` is of the class named in ``positive_class``).
-
-        Raises:
-            CohortError: a bad table. FeatureFileError: a missing or foreign feature file.
-            TilesError: an end-to-end run given no slides, or tiles of another kind.
         """
-        rows = [
-            p.row(self.method)
-            for p in self.iter_patients(
-                features,
-                clinical,
-                patients=patients,
-                memory_budget=memory_budget,
-                progress=progress,
-            )
-        ]
-        return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+        found = self.iter_patients(
+            features, clinical, patients=patients, memory_budget=memory_budget, progress=progress
+        )
+        return pd.DataFrame([p.row(self.method) for p in found], columns=PREDICTION_COLUMNS)
 
     def attention(
         self,
@@ -151,20 +126,11 @@ class TrainedRun:
         patients: Sequence[str] | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> list[PatientPrediction]:
-        """Predict and keep every branch's attention over each slide's tiles.
-
-        Same arguments as ``predict``; each ``PatientPrediction.slides`` holds a
-        ``SlideAttention`` per slide (``.frame()`` gives one row per tile).
-        """
-        return list(
-            self.iter_patients(
-                features,
-                clinical,
-                patients=patients,
-                with_attention=True,
-                memory_budget=memory_budget,
-            )
+        """``predict``, keeping every branch's attention (a ``SlideAttention`` per slide)."""
+        found = self.iter_patients(
+            features, clinical, patients=patients, with_attention=True, memory_budget=memory_budget
         )
+        return list(found)
 
     def iter_patients(
         self,
@@ -176,11 +142,8 @@ class TrainedRun:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         progress: bool = False,
     ) -> Iterator[PatientPrediction]:
-        """Patients one at a time (so that attention is held for one patient only).
-
-        Every input is checked before the first prediction: the table, and the bags' files
-        (feature files: presence, identity, dimension and values; tiles: patch size and MPP).
-        """
+        """Patients one at a time (so that attention is held for one patient only), every
+        input checked before the first prediction."""
         cohort = self._cohort(clinical)
         needs_bags = bool(self.aggregators)
         inputs = self.source.patients(features, cohort, patients, needs_bags=needs_bags)
@@ -228,9 +191,6 @@ class TrainedRun:
         present: bool,
         clinical_missing: list[str],
     ) -> PatientPrediction:
-        """One patient's result from its folds' predictions: the fold mean, decided at the
-        run's mean threshold for the patient's route, with the attention (when kept) cut into
-        the patient's slides."""
         route = "present" if present else "absent"
         probability = float(np.mean(bags.probabilities))
         threshold = float(np.mean([f.thresholds[route] for f in self.folds]))
@@ -277,7 +237,6 @@ class TrainedRun:
 
     @property
     def positive_class(self) -> str:
-        """The class the probabilities are of, as the run's config names it."""
         return self.config.cohort.label.positive_class
 
     def _label_name(self, decision: int) -> str:

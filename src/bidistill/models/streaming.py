@@ -67,17 +67,13 @@ def _answering(modules: dict[nn.Module, Callable]) -> Iterator[None]:
 
 class PoolStream:
     """Feed ``update(chunk, valid)`` with [B, c, D] instances and their [B, c] validity, then
-    ``result()`` gives the module's ``Aggregate`` for the whole bags. It serves prediction: eval
-    mode is assumed (the projection's dropout would otherwise differ from a one-pass forward),
-    and it runs without gradients (the buffers are updated in place). The layers are applied
-    by their weights (``addmm`` into the buffers), so forward hooks on them do not fire.
+    ``result()`` gives the module's ``Aggregate`` for the whole bags. Eval mode and no gradients
+    (the buffers are updated in place); the layers are applied by their weights, so forward
+    hooks on them do not fire.
 
-    Nothing of size c or n is allocated per chunk: what is kept per instance (the attention
-    scores, the validity) goes into buffers of the whole bag's length, ``n_instances``,
-    allocated once, the layers write their activations into buffers that every chunk reuses, and
-    the running sums are updated in place. Tensors allocated per chunk, the kept ones among the
-    freed ones, fragment the heap: the process grew with the number of chunks (256 MiB for a bag
-    of 1M tiles at a 64 MiB budget) instead of staying near one chunk's worth.
+    Nothing is allocated per chunk (buffers of ``n_instances`` allocated once, activations in
+    reused buffers): tensors allocated per chunk fragmented the heap, and the process grew with
+    the number of chunks (256 MiB for 1M tiles at a 64 MiB budget) instead of one chunk's worth.
     """
 
     def __init__(self, module: nn.Module, n_instances: int):
@@ -242,17 +238,10 @@ def whole_bag_bytes(module: nn.Module, n: int, dim: int) -> int:
 def chunk_rows(
     method: nn.Module, n_instances: int, dim: int, memory_budget: int
 ) -> tuple[int, int]:
-    """Rows per chunk for ``method`` on a bag of ``n_instances`` within ``memory_budget`` bytes
-    (what grows with the bag: the features as read, their activations, the per-instance scores;
-    not the model's weights).
-
-    Returns:
-        (rows per chunk, bytes the per-instance results take whatever the chunk).
-
-    Raises:
-        BagTooLargeError: the budget cannot hold even the per-instance results, or an
-            aggregator that cannot be streamed needs more than the budget for this bag.
-    """
+    """(rows per chunk, bytes of the per-instance results) for ``method`` on a bag of
+    ``n_instances`` within ``memory_budget`` bytes (what grows with the bag, not the weights);
+    ``BagTooLargeError`` when not even the per-instance results, or a bag that an aggregator
+    needs whole, fit."""
     found = find_aggregators(method)
     for name, module in found.items():
         need = 0 if streams(module) else whole_bag_bytes(module, n_instances, dim)
@@ -280,20 +269,12 @@ def chunk_rows(
 
 @dataclass
 class BagOutput:
-    """One bag's prediction.
+    """One bag's prediction."""
 
-    Attributes:
-        probability: P(label = 1).
-        attention: per aggregator path, the instance weights [n] (empty without aggregators).
-        routed: the aggregator whose weights the prediction used (None for methods without a
-            bag, e.g. clinical-only).
-        chunk_rows: the most instances encoded at once.
-    """
-
-    probability: float
-    attention: dict[str, np.ndarray]
-    routed: str | None
-    chunk_rows: int
+    probability: float  # P(label = 1)
+    attention: dict[str, np.ndarray]  # aggregator path → instance weights [n]
+    routed: str | None  # the aggregator whose weights it used (None: no bag, clinical-only)
+    chunk_rows: int  # the most instances encoded at once
 
 
 @torch.no_grad()
@@ -304,11 +285,8 @@ def encode_bag(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     device: str | torch.device = "cpu",
 ) -> tuple[dict[str, Aggregate], int]:
-    """Every aggregator's result on ``bag``, reading it once, a chunk at a time.
-
-    Returns:
-        (aggregator path → Aggregate with embedding [1, H] and attention [1, n], rows per chunk).
-    """
+    """(aggregator path → its ``Aggregate`` [1, H] / [1, n], rows per chunk) on ``bag``, read
+    once, a chunk at a time."""
     found = find_aggregators(method)
     if not found:
         return {}, 0
