@@ -17,45 +17,27 @@ from bidistill.features.identity import read_attrs
 
 @dataclass
 class PatientBags:
-    """What a bag source predicts for one patient, per fold model of the run.
-
-    Attributes:
-        probabilities: each fold model's P(positive class).
-        routed: the aggregator (module path) that predicted, None without a bag.
-        attention: per fold, aggregator path → weights over the patient's tiles (empty unless
-            asked for).
-        lengths: tiles per slide, in the order of the patient's slides.
-        n_tiles: the patient's tiles.
-    """
+    """What a bag source predicts for one patient, per fold model of the run."""
 
     probabilities: list[float]
-    routed: str | None
-    attention: list[dict[str, np.ndarray]]
-    lengths: list[int]
+    routed: str | None  # the aggregator (module path) that predicted, None without a bag
+    attention: list[dict[str, np.ndarray]]  # per fold, aggregator path → weights (if asked)
+    lengths: list[int]  # tiles per slide, in the order of the patient's slides
     n_tiles: int
 
 
 @dataclass
 class SlideAttention:
-    """Attention over one slide's tiles.
-
-    Attributes:
-        slide_id: the feature file's stem.
-        feature_file: the ``.h5`` file.
-        coords: int64 [n, 2], level-0 (x, y) of each tile's top-left corner (patch folders:
-            the patch index and 0).
-        scores: branch → attention weights [n] (this slide's part of the patient's bag, whose
-            weights sum to 1 over all of the patient's slides).
-        routed: the branch whose weights the prediction used (None without a bag).
-        attrs: the feature file's attributes (``patch_size``, ``mpp``, ...).
-    """
+    """Attention over one slide's tiles."""
 
     slide_id: str
     feature_file: Path
-    coords: np.ndarray
+    coords: np.ndarray  # int64 [n, 2], level-0 top-left (x, y) (patch folders: index, 0)
+    # branch → weights [n], this slide's part of the patient's bag (summing to 1 over all of
+    # the patient's slides)
     scores: dict[str, np.ndarray]
-    routed: str | None
-    attrs: dict[str, Any] = field(default_factory=dict)
+    routed: str | None  # the branch whose weights the prediction used (None without a bag)
+    attrs: dict[str, Any] = field(default_factory=dict)  # the file's attributes
 
     @property
     def branches(self) -> list[str]:

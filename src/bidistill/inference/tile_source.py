@@ -57,12 +57,7 @@ class TileSource:
         *,
         needs_bags: bool,
     ) -> list[PatientInput]:
-        """The patients to predict, every slide tiled and its tiles checked.
-
-        Raises:
-            TilesError: no ``Tiles`` given, a slide not found, or tiles of another patch size
-                or MPP than the run's.
-        """
+        """The patients to predict, every slide tiled and its tiles checked."""
         found: dict[str, tuple[Path, Path]] = {}
         if needs_bags:
             if not isinstance(features, Tiles):

@@ -34,12 +34,16 @@ class Batch:
     clinical_present: Tensor
     labels: Tensor | None = None
 
-    def to(self, device: torch.device | str) -> Batch:
-        moved = {
-            f.name: getattr(self, f.name).to(device) if getattr(self, f.name) is not None else None
-            for f in fields(self)
-        }
-        return Batch(**moved)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._apply(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (what a ``DataLoader`` with ``pin_memory`` calls)."""
+        return self._apply(torch.Tensor.pin_memory)
+
+    def _apply(self, change) -> Batch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: None if v is None else change(v) for k, v in values.items()})
 
     def __len__(self) -> int:
         return self.bags.shape[0]

@@ -316,13 +316,8 @@ def predict_bag(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     device: str | torch.device = "cpu",
 ) -> BagOutput:
-    """Predict one patient from its whole bag in bounded memory (the method in eval mode).
-
-    Args:
-        method: a trained method (``load_trained``), already on ``device``.
-        clinical: the encoded clinical row [C]; clinical_valid: [F]; clinical_present: routes.
-        memory_budget: bytes for what grows with the bag (see ``chunk_rows``).
-    """
+    """Predict one patient (encoded clinical row [C], its validity [F], presence) from its
+    whole bag in bounded memory (``memory_budget``: bytes for what grows with the bag)."""
     method.eval()
     encoded = encode_bag(method, bag, memory_budget=memory_budget, device=device)
     return predict_encoded(method, encoded, bag.dim, clinical, clinical_valid, clinical_present)

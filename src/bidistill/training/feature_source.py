@@ -45,13 +45,8 @@ def open_feature_store(
 
 
 class FeatureSource:
-    """Bags of feature rows (``training.data.PatientBags``) per split.
-
-    Args:
-        parts: split → (patient ids, their bags); training subsets and instance dropout apply
-            to the ``train`` split's bags only.
-        features: ``model.json``'s ``features`` block.
-    """
+    """Bags of feature rows per split (``parts``: split → (patient ids, their
+    ``PatientBags``); ``features``: ``model.json``'s ``features`` block)."""
 
     patch_encoder = None
     precision = torch.float32
@@ -150,13 +145,8 @@ class FeatureSource:
 def predict_loader(
     method: Method, loader: DataLoader, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
-    """P(label = 1) per patient, in dataset order, with clinical data as given and withheld.
-
-    Runs in ``eval()`` mode under ``no_grad`` and restores the previous mode.
-
-    Returns:
-        (prob_present [n], prob_absent [n]).
-    """
+    """(P(label = 1) with clinical data as given, withheld) per patient, in dataset order, in
+    ``eval()`` mode (the previous mode restored)."""
     was_training = method.training
     method.eval()
     n = len(loader.dataset)

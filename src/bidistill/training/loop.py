@@ -250,19 +250,9 @@ def fit(
     fingerprint: str = "",
 ) -> FitResult:
     """Train ``method`` on ``source`` through its stages; leave it holding each stage's (parts')
-    best weights.
-
-    Args:
-        epochs: overrides ``cfg.epochs`` (stages with their own epoch count keep it).
-        processes: this process's place under torchrun (gradients summed over them).
-        precision: mixed precision of the forward passes (float32: none).
-        state_file: where the state is kept at every epoch boundary (None: not resumable);
-            resumed from when it holds ``fingerprint``.
-
-    Returns:
-        One log row per epoch (stage, epoch, lr, every named loss term, validation AUCs and
-        selection scores, time) and per stage each part's best epoch and score.
-    """
+    best weights. ``epochs`` overrides ``cfg.epochs`` (not a stage's own); ``precision``: of the
+    forward passes; ``state_file``: kept at every epoch boundary, resumed from when it holds
+    ``fingerprint`` (None: not resumable). Returns the log rows and each stage's selection."""
     loop = _Loop(method, source, cfg, device, progress, processes, precision, state_file)
     state, payload = loop.resume(fingerprint)
     stages = method.stages()

@@ -11,6 +11,7 @@ gets one empty bag."""
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 
 from bidistill.config import AugmentConfig, ExperimentConfig
 from bidistill.errors import ConfigError, SlideError
-from bidistill.training.data import pad_bags, stack_clinical
+from bidistill.training.data import clinical_tensors, collate_bags
 
 MAX_OPEN_SLIDES = 8  # per worker process: enough for bags that span a patient's slides
 
@@ -95,11 +96,7 @@ class TileIndex:
 def read_slide_tiles(
     slide_id: str, slide_path: Path, coords_file: Path, mpp: float | None
 ) -> SlideTiles:
-    """A slide's tiles from its coords file (``bidistill tile``).
-
-    Raises:
-        SlideError: no coords file (the message says to tile first), or an unreadable one.
-    """
+    """A slide's tiles from its coords file (``bidistill tile``)."""
     from bidistill.slides import read_coords
 
     if not coords_file.is_file():
@@ -125,11 +122,7 @@ def read_slide_tiles(
 def tile_index_from_config(
     config: ExperimentConfig, slides_per_patient: Sequence[Sequence[str]]
 ) -> TileIndex:
-    """The tiles of the patients' slides, with the config's slide files and coords files.
-
-    Raises:
-        ConfigError: no slides section. SlideError: a slide file or coords file is missing.
-    """
+    """The tiles of the patients' slides, with the config's slide files and coords files."""
     from bidistill.slides import coords_path, jobs_from_config
 
     if not any(slides_per_patient):  # a method that reads no slides (clinical-only)
@@ -156,17 +149,11 @@ def tile_index_from_config(
 
 @dataclass(frozen=True)
 class BagSpec:
-    """One bag: a patient (its row in the dataset) and some of its tiles.
-
-    Attributes:
-        item: the patient's index in the dataset.
-        tiles: indices into the patient's tiles (empty: a bag without tiles).
-        augment_seed: seed of this bag's augmentation; None: no augmentation.
-    """
+    """One bag: a patient (its row in the dataset) and some of its tiles."""
 
     item: int
-    tiles: tuple[int, ...]
-    augment_seed: int | None = None
+    tiles: tuple[int, ...]  # indices into the patient's tiles (empty: a bag without tiles)
+    augment_seed: int | None = None  # None: no augmentation
 
 
 def patient_key(patient_id: str) -> int:
@@ -241,15 +228,9 @@ def _factor(rng: np.random.Generator, amount: float) -> float:
 
 
 class PixelBags(torch.utils.data.Dataset):
-    """Bags of decoded tiles; an item is a ``BagSpec`` (the sampler decides the bags).
-
-    Args:
-        tiles: the patients' tiles (row i of the clinical arrays is patient i of ``tiles``).
-        clinical: float [n, C]; clinical_valid: bool [n, F]; clinical_present: bool [n].
-        labels: int [n] or None.
-        augment: how training bags are augmented (a bag with an ``augment_seed``).
-        cache_dir: the plain-image cache of the tiling stage.
-    """
+    """Bags of decoded tiles; an item is a ``BagSpec`` (the sampler decides the bags). Row i of
+    the clinical arrays is patient i of ``tiles``; ``augment`` applies to bags with an
+    ``augment_seed``; ``cache_dir``: the tiling stage's plain-image cache."""
 
     def __init__(
         self,
@@ -263,10 +244,8 @@ class PixelBags(torch.utils.data.Dataset):
         cache_dir: Path | None,
     ) -> None:
         self.tiles = tiles
-        self.clinical = torch.as_tensor(np.array(clinical, dtype=np.float32))
-        self.clinical_valid = torch.as_tensor(np.array(clinical_valid, dtype=bool))
-        self.clinical_present = torch.as_tensor(np.array(clinical_present, dtype=bool))
-        self.labels = None if labels is None else torch.as_tensor(np.array(labels, np.int64))
+        rows = clinical_tensors(clinical, clinical_valid, clinical_present, labels)
+        self.clinical, self.clinical_valid, self.clinical_present, self.labels = rows
         self.augment = augment
         self.cache_dir = cache_dir
         self._open: dict[int, object] = {}  # slide index → open slide, per process
@@ -325,23 +304,7 @@ class PixelBags(torch.utils.data.Dataset):
         self._open.clear()
 
 
-def collate_pixel_bags(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Pad the bags to the largest in the batch: a dict of tensors (pinnable), see ``to_batch``."""
-    bags, tile_valid = pad_bags([item["pixels"] for item in items], torch.uint8)
-    clinical, valid, present = stack_clinical(items)
-    out = {"bags": bags, "tile_valid": tile_valid, "clinical": clinical}
-    out |= {"clinical_valid": valid, "clinical_present": present}
-    if items[0]["label"] is not None:
-        out["labels"] = torch.stack([i["label"] for i in items])
-    return out
-
-
-def to_batch(collated: dict[str, torch.Tensor], device: torch.device):
-    """The collated dict as a ``Batch`` on ``device`` (asynchronous copies from pinned memory)."""
-    from bidistill.models.batch import Batch
-
-    moved = {k: v.to(device, non_blocking=True) for k, v in collated.items()}
-    return Batch(**{"labels": None, **moved})
+collate_pixel_bags = functools.partial(collate_bags, key="pixels", dtype=torch.uint8)
 
 
 class PlanSampler(torch.utils.data.Sampler[list[BagSpec]]):

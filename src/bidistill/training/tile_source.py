@@ -32,7 +32,6 @@ from bidistill.training.pixel_bags import (
     pixel_loader,
     prediction_bags,
     tile_index_from_config,
-    to_batch,
     training_bags,
 )
 from bidistill.training.pixel_predict import GIVEN, WITHHELD, reduce_bags, run_bags
@@ -166,7 +165,7 @@ class TileSource:
     def _passes(self, batches, step, drawn: int, index: int) -> Iterator[Pass]:
         for j, passes, _ in step:  # read one micro-batch at a time: a step may not fit at once
             seed = micro_seed(self.tcfg.seed, drawn, index, j)
-            yield Pass(to_batch(next(batches), self.device), seed, passes)
+            yield Pass(next(batches).to(self.device, non_blocking=True), seed, passes)
 
     def probabilities(
         self, method: Method, split: str, *, final: bool = False
