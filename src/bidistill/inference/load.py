@@ -48,11 +48,10 @@ def load_run(
     """Load a trained method of a run directory for prediction.
 
     Args:
-        run_dir: what ``bidistill run`` (or ``bidistill train``) wrote.
         method: the method's folder name; default: the config's reference method (``bd``)
             when it was trained, else the first trained method of the config.
-        config: the experiment YAML; default: the run's own copy (``RunDir.config``:
-            ``bidistill run`` writes it; pass it for a run made by ``bidistill train``).
+        config: the experiment YAML; default: the run's own copy (pass it for a run made by
+            ``bidistill train``).
         device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ...
 
     Raises:

@@ -72,35 +72,22 @@ class SlideAttention:
 
 @dataclass
 class PatientPrediction:
-    """One patient's prediction, with attention per slide when asked for.
-
-    Attributes:
-        probability: P(positive class); the mean over the fold models of a k-fold run.
-        positive_class: the class ``probability`` is the probability of, as the run's config
-            names it (``label.positive_name``, else its positive values joined with "or").
-        threshold: the run's validation threshold for the patient's route.
-        decision: 1 when ``probability >= threshold``.
-        predicted: the decision as a class of the run (``positive_class`` or the negative
-            class, e.g. ``N+(1-2) or N+(>2)`` / ``N0``).
-        branch: the branch (or model) that predicted: ``multi-modal`` or ``single-modal`` for
-            BD, the sub-model for ``switch``/``kd``, the method's name for one-model methods.
-        clinical_present: the patient had at least one clinical value.
-        clinical_missing: the run's clinical features the patient lacks.
-        slides: per slide attention (``TrainedRun.attention`` only).
-    """
+    """One patient's prediction, with attention per slide when asked for. ``branch``: what
+    predicted (BD's ``multi-modal`` or ``single-modal``, the sub-model of ``switch``/``kd``,
+    else the method's name)."""
 
     patient_id: str
-    probability: float
-    positive_class: str
-    threshold: float
-    decision: int
-    predicted: str
+    probability: float  # of positive_class; a k-fold run's mean over its fold models
+    positive_class: str  # as the run's config names it
+    threshold: float  # the run's validation threshold for the patient's route
+    decision: int  # probability >= threshold
+    predicted: str  # the decision as a class of the run
     branch: str
-    clinical_present: bool
-    clinical_missing: list[str]
+    clinical_present: bool  # at least one clinical value
+    clinical_missing: list[str]  # the run's clinical features the patient lacks
     slide_ids: list[str]
     n_tiles: int
-    slides: list[SlideAttention] = field(default_factory=list)
+    slides: list[SlideAttention] = field(default_factory=list)  # TrainedRun.attention only
 
     def row(self, method: str) -> dict[str, Any]:
         return {

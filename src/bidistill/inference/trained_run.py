@@ -105,13 +105,9 @@ class TrainedRun:
     ) -> pd.DataFrame:
         """One row per patient (``PREDICTION_COLUMNS``).
 
-        Args:
-            features: a folder of ``<slide_id>.h5`` files, one file, or a list of files; or a
-                ``Tiles`` of new slides (tiled, and for a feature run encoded, with the run's
-                settings first; what an end-to-end run needs).
-            clinical: a table in the training table's layout, labels not needed. Without it,
-                each feature file is one patient without clinical data.
-            memory_budget: bytes for what grows with a bag (see ``models.streaming``).
+        ``features``: a folder of ``<slide_id>.h5`` files, one file or a list of files, or a
+        ``Tiles`` of new slides (what an end-to-end run needs); ``clinical``: a table in the
+        training table's layout (without it each file is a patient without clinical data).
         """
         found = self.iter_patients(
             features, clinical, patients=patients, memory_budget=memory_budget, progress=progress

@@ -38,21 +38,13 @@ class MethodOptions(BaseModel):
 
 @dataclass(frozen=True)
 class MethodDims:
-    """The shapes a method is built for.
+    """The shapes a method is built for; with ``patch_encoder`` (end-to-end mode: a factory of
+    trainable patch encoders) each aggregator takes tiles (``models.patch_encoder``)."""
 
-    Attributes:
-        in_dim: D, the instance feature dimension (from the .h5 files, or the patch encoder's).
-        clinical_dim: C, the encoded clinical width (values + one indicator per feature).
-        n_clinical_features: F, the number of clinical features.
-        feature_slices: feature f's value columns are ``clinical[:, start:stop]``.
-        patch_encoder: end-to-end mode: a factory of trainable patch encoders; each aggregator
-            then takes tiles (``models.patch_encoder``).
-    """
-
-    in_dim: int
-    clinical_dim: int
-    n_clinical_features: int
-    feature_slices: tuple[tuple[int, int], ...]
+    in_dim: int  # D (the .h5 files', or the patch encoder's)
+    clinical_dim: int  # C: the values, then one missing indicator per feature
+    n_clinical_features: int  # F
+    feature_slices: tuple[tuple[int, int], ...]  # feature f's value columns: clinical[:, a:b]
     patch_encoder: Callable[[], nn.Module] | None = field(default=None, compare=False, repr=False)
 
     @property

@@ -39,15 +39,10 @@ class _CheckpointedSequential(nn.Sequential):
 class PatchEncoder(nn.Module):
     """uint8 tiles ``[n, 3, H, W]`` → features ``[n, D]``: preprocessing, then the backbone.
 
-    Args:
-        preprocess: uint8 ``[n, 3, H, W]`` → float ``[n, 3, S, S]`` (resize and normalise, as
-            the encoder's authors do; runs on the tiles' device).
-        freeze_until: freeze the backbone's parameters up to and including this named module
-            (in registration order), or ``"all"``; frozen batch-norm layers keep their running
-            statistics (they stay in eval mode).
-        checkpointing: recompute the backbone's activations in the backward pass. Batch-norm
-            running statistics are then updated twice per step (as with timm's own
-            checkpointing): a momentum of m acts like 2m.
+    ``preprocess`` resizes and normalises on the tiles' device, as the encoder's authors do;
+    ``freeze_until`` freezes the backbone up to and including a named module (or ``"all"``),
+    its batch-norm layers kept in eval mode; with ``checkpointing`` batch-norm statistics are
+    updated twice per step (as with timm's own): a momentum of m acts like 2m.
     """
 
     def __init__(
