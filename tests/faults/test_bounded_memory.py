@@ -7,15 +7,8 @@ import pytest
 import torch
 
 from bidistill.models import create_method
-from bidistill.models.aggregators import GatedAttentionMIL, MeanPoolMIL, TransMIL
-from bidistill.models.streaming import (
-    BagTooLargeError,
-    BoundedBatchSampler,
-    PoolStream,
-    check_prediction_memory,
-    streaming_aggregation,
-)
-from bidistill.training.data import LengthBucketSampler
+from bidistill.models.aggregators import GatedAttentionMIL, MeanPoolMIL
+from bidistill.models.streaming import PoolStream
 
 from .conftest import assert_one_line_error, invoke, small_cohort
 
@@ -43,12 +36,13 @@ def test_streamed_pooling_equals_the_one_pass_result(aggregator):
     valid[2] = False  # an empty bag
     with torch.no_grad():
         expected = module(bags, valid)
-        with streaming_aggregation(method, chunk=97):
-            streamed = module(bags, valid)
+    stream = PoolStream(module, 1000)
+    for start in range(0, 1000, 97):
+        stream.update(bags[:, start : start + 97], valid[:, start : start + 97])
+    streamed = stream.result()
     torch.testing.assert_close(streamed.embedding, expected.embedding, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(streamed.attention, expected.attention, rtol=1e-5, atol=1e-7)
     assert torch.all(streamed.embedding[2] == 0)
-    assert "forward" not in vars(module)  # restored after the block
 
 
 @pytest.fixture
@@ -65,55 +59,14 @@ def chunk_widths(monkeypatch) -> list[int]:
     return widths
 
 
-def test_a_large_bag_is_projected_a_chunk_at_a_time(chunk_widths):
-    method = _method()
-    widths = chunk_widths
-    bag = torch.randn(1, 20_000, 8)
-    with torch.no_grad(), streaming_aggregation(method, chunk=4096):
-        from bidistill.models.batch import Batch
-
-        batch = Batch(
-            bags=bag,
-            tile_valid=torch.ones(1, 20_000, dtype=torch.bool),
-            clinical=torch.zeros(1, 2),
-            clinical_valid=torch.zeros(1, 1, dtype=torch.bool),
-            clinical_present=torch.zeros(1, dtype=torch.bool),
-        )
-        probability = method(batch).probabilities
-    assert max(widths) == 4096 and sum(widths) == 20_000
-    assert torch.isfinite(probability).all()
-
-
-def test_batches_are_capped_in_bytes_and_otherwise_match_the_training_sampler():
-    lengths = [5, 90, 7, 2_000_000, 30, 12, 8, 44]
-    ordinary = list(LengthBucketSampler(lengths, 3, shuffle=False))
-    capped = list(BoundedBatchSampler(lengths, 3, dim=8, max_bytes=10**9))
-    assert capped == ordinary  # nothing binds: the same batches, so the same numbers
-    tight = list(BoundedBatchSampler(lengths, 3, dim=8, max_bytes=8 * 4 * 200))
-    assert [3] in tight  # the huge bag alone
-    assert sorted(i for b in tight for i in b) == list(range(len(lengths)))
-
-
-def test_a_bag_too_large_for_memory_is_refused_before_allocating():
-    with pytest.raises(BagTooLargeError, match=r"patient 'P7': .*2,000,000,000 instances"):
-        check_prediction_memory(
-            _method(), [10, 2 * 10**9], 8, names=["P1", "P7"], available=16 * 2**30
-        )
-    # A bag that fits streamed passes; TransMIL's exact attention over 2e5 instances does not.
-    check_prediction_memory(_method(), [2 * 10**7], 8, None, available=16 * 2**30)
-    transmil = _method(aggregator="transmil")
-    assert any(isinstance(m, TransMIL) for m in transmil.modules())
-    with pytest.raises(BagTooLargeError, match="TransMIL"):
-        check_prediction_memory(transmil, [200_000], 8, None, available=16 * 2**30)
-
-
 def test_the_run_checks_prediction_memory_before_training(tmp_path, monkeypatch):
-    import bidistill.features.hygiene as hygiene
+    import bidistill.training.feature_source as feature_source
 
-    monkeypatch.setattr(hygiene, "available_memory_bytes", lambda: 10_000)
+    # The predictions table's budget, too small for the attention scores of any bag.
+    monkeypatch.setattr(feature_source, "DEFAULT_MEMORY_BUDGET", 64)
     config = small_cohort(tmp_path / "cohort", methods=["wsi-only"])
     result = invoke("run", config, "--out", tmp_path / "run", "--no-progress")
-    assert_one_line_error(result, "predicting its bag of", "memory available")
+    assert_one_line_error(result, "patient '", "cannot hold the attention scores")
     assert not (tmp_path / "run" / "wsi-only" / "model.safetensors").exists()
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from bidistill.config import TrainingConfig
-from bidistill.models import Batch, Method, MethodDims, MethodOptions, Output
+from bidistill.models import Batch, Method, MethodDims, MethodOptions, Output, create_method
 from bidistill.models.base import Part, Stage
 from bidistill.training.bag_source import Pass, Schedule
 from bidistill.training.data import ArrayBags, PatientBags
@@ -221,7 +221,12 @@ def test_one_function_builds_the_predictions_table():
     ids = {"train": [f"T{i}" for i in range(30)], "test": [f"P{i}" for i in range(40)]}
     source = FeatureSource({k: (ids[k], d) for k, d in [("train", train), ("test", test)]}, cfg, 2)
     source.device = CPU
-    method = TwoBranches(1, 1)
+    torch.manual_seed(0)
+    # A real method: the table goes through the bounded-memory predictor, which reads a bag
+    # only through the method's aggregators.
+    method = create_method(
+        "bd", in_dim=2, clinical_dim=2, n_clinical_features=1, feature_slices=((0, 1),)
+    )
     table = predictions_table(method, source, fold=3)
     assert list(table.columns) == [
         "patient_id",

@@ -108,8 +108,8 @@ def test_bags_read_the_tiles_of_the_patients_slides(tiled):
     assert dataset._open  # slides stay open in this process ...
     assert not pickle.loads(pickle.dumps(dataset))._open  # ... and never travel to workers
     batch = collate_pixel_bags([item, dataset[BagSpec(0, (3,))]])
-    assert batch["bags"].shape == (2, 2, 3, 16, 16)
-    assert batch["tile_valid"].tolist() == [[True, True], [True, False]]
+    assert batch.bags.shape == (2, 2, 3, 16, 16) and batch.bags.dtype == torch.uint8
+    assert batch.tile_valid.tolist() == [[True, True], [True, False]]
     dataset.close()
 
 

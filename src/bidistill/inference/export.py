@@ -23,12 +23,9 @@ TISSUE_COLOUR = [0, 200, 0]  # QuPath draws an annotation in its classification'
 
 
 def tile_size_level0(attention: SlideAttention, slide_mpp: float | None = None) -> int:
-    """A tile's side in level-0 pixels.
-
-    From the feature file's ``patch_size_level0`` (TRIDENT; bidistill's coords files), else
-    its ``patch_size`` at its ``mpp`` scaled to the slide's MPP, else the spacing of the tile
-    grid (exact for tiles without overlap), else ``patch_size``.
-    """
+    """A tile's side in level-0 pixels: the file's ``patch_size_level0`` (TRIDENT; bidistill's
+    coords files), else its ``patch_size`` at its ``mpp`` scaled to the slide's MPP, else the
+    tile grid's spacing (exact for tiles without overlap), else ``patch_size``."""
     attrs = attention.attrs
     if attrs.get("patch_size_level0"):
         return int(attrs["patch_size_level0"])
@@ -87,16 +84,8 @@ def contours_geojson(
     *,
     name: str = "Tissue",
 ) -> dict[str, Any]:
-    """The outlines of a thumbnail mask as QuPath annotations (polygons with their holes).
-
-    Args:
-        mask: bool [h, w] at thumbnail resolution.
-        downsample: (dx, dy) level-0 pixels per mask pixel.
-        name: the annotations' classification.
-
-    Returns:
-        A FeatureCollection with one Polygon per connected region, in level-0 pixels.
-    """
+    """The outlines of a thumbnail mask (``downsample``: level-0 pixels per mask pixel) as
+    QuPath annotations classified ``name``: one Polygon with its holes per connected region."""
     from contourpy import FillType, contour_generator
 
     # Pad with background so that regions touching the border close; the 0.5 level runs along
@@ -133,6 +122,5 @@ def contours_geojson(
 
 
 def write_geojson(path: str | Path, collection: dict[str, Any]) -> Path:
-    """Write a FeatureCollection (atomically)."""
     write_text(path, json.dumps(collection, separators=(",", ":")) + "\n")
     return Path(path)

@@ -1,20 +1,9 @@
-"""Bags from feature files: a feature run's new patients, read from ``.h5`` files (or from new
-slides, tiled and encoded with the run's own settings first) and predicted in bounded memory
-(``models.streaming``).
+"""Bags from feature files: a feature run's new patients, read from ``.h5`` files (or new slides
+tiled and encoded with the run's settings) and predicted in bounded memory.
 
-Before the first prediction every file is checked: its values (tiles present, finite) and its
-identity, since a model trained on one encoder's features outputs numbers for another encoder's
-features too, and they mean nothing. Each file's identity (``features.identity.read_identity``,
-the reader training used) is compared with what the run was trained on:
-
-1. the method's options (``MethodDir.meta``) → ``features.identity`` where the run recorded one;
-2. else the identity of the run's own training feature files (``features.dir``), when they can
-   still be read;
-3. else the encoder name of the run's config (``features.encoder``).
-
-Only what both sides record is compared (``FeatureIdentity.disagreements``): CLAM's files carry
-no attributes and load as they are.
-"""
+Every file's identity is checked first, since a model trained on one encoder's features
+outputs numbers for another's too, and they mean nothing. Only what both sides record is
+compared: CLAM's files carry no attributes and load as they are."""
 
 from __future__ import annotations
 
@@ -132,14 +121,8 @@ class FeatureSource:
 
 
 def run_identity(meta: dict[str, Any], meta_path: Path) -> tuple[FeatureIdentity, str]:
-    """What a trained method's features were, and where that was read from.
-
-    Args:
-        meta: the method's options, read from ``meta_path``.
-
-    Returns:
-        (the identity, a description of its source for error messages).
-    """
+    """(what a trained method's features were, where that was read from): the identity
+    recorded in its options, else its training files', else its config's encoder name."""
     recorded = meta.get("features") or {}
     identity = FeatureIdentity.from_dict(recorded.get("identity") or {})
     if identity != FeatureIdentity():
@@ -169,11 +152,7 @@ def identity_problems(found: FeatureIdentity, expected: FeatureIdentity) -> list
 def check_feature_identity(
     path: str | Path, expected: FeatureIdentity, source: str, *, dim: int | None = None
 ) -> None:
-    """Refuse a feature file whose identity or dimension differs from the run's.
-
-    Raises:
-        FeatureIdentityError: names the file, each differing attribute and the run's value.
-    """
+    """Refuse a feature file whose identity or dimension differs from the run's."""
     problems = identity_problems(read_identity(path), expected)
     if dim is not None:
         with h5py.File(path, "r") as h5:

@@ -33,18 +33,8 @@ def score_grid(
     downsample: tuple[float, float],
     shape: tuple[int, int],
 ) -> np.ndarray:
-    """The mean of ``values`` of the tiles covering each thumbnail pixel; NaN where none does.
-
-    Args:
-        coords: int [n, 2] level-0 (x, y) top-left corners.
-        values: float [n].
-        tile_size: tile side in level-0 pixels.
-        downsample: (dx, dy) level-0 pixels per thumbnail pixel.
-        shape: (h, w) of the thumbnail.
-
-    Returns:
-        float [h, w].
-    """
+    """The mean of ``values`` of the tiles (level-0 top-left ``coords``, side ``tile_size``)
+    covering each pixel of a thumbnail of ``shape`` at ``downsample``; NaN where none does."""
     h, w = shape
     dx, dy = downsample
     # Rounded edges: neighbouring tiles share an edge exactly, so no pixel mixes two of them.
@@ -92,13 +82,8 @@ def render_heatmap(
     slide=None,
 ) -> Path:
     """One panel per branch (BD: multi-modal and single-modal): percentile-scaled attention
-    over the thumbnail, with a colour bar; the routed branch's panel says it was used.
-
-    Args:
-        slide: a ``WholeSlide`` for the thumbnail, or None (a white canvas).
-
-    Side effects: writes the PNG at ``path`` (atomically).
-    """
+    over the thumbnail of ``slide`` (None: a white canvas), with a colour bar; the routed
+    branch's panel says it was used. Writes the PNG at ``path`` (atomically)."""
     thumbnail, downsample = _canvas(attention, tile_size, slide)
     h, w = thumbnail.shape[:2]
     branches = attention.branches
@@ -156,10 +141,7 @@ def render_montage(
     display: int = 192,
 ) -> Path:
     """The ``k`` tiles with the highest and the ``k`` with the lowest attention of the routed
-    branch, read from the slide (a ``WholeSlide`` or a ``PatchFolder``).
-
-    Side effects: writes the PNG at ``path`` (atomically).
-    """
+    branch, read from the slide (a ``WholeSlide`` or a ``PatchFolder``), as a PNG at ``path``."""
     branch = attention.routed or attention.branches[0]
     scores = attention.scores[branch]
     percentiles = attention.percentiles(branch)

@@ -40,18 +40,9 @@ def patient_inputs(
     *,
     needs_bags: bool,
 ) -> list[PatientInput]:
-    """The patients to predict, each with its slides' feature files.
-
-    Args:
-        files: slide id → feature file (``feature_files``), or None.
-        cohort: the table of new patients, or None (then every file is a patient).
-        wanted: only these patient ids, in this order.
-        needs_bags: the method reads slides, so every patient needs a feature file.
-
-    Raises:
-        FeatureFileError: a slide of the table without a feature file. CohortError: an
-            unknown patient id, or a patient without slides for a method that needs them.
-    """
+    """The patients to predict (only ``wanted``, in that order), each with its slides' feature
+    files; without ``cohort`` every file is a patient. With ``needs_bags`` every patient needs
+    a feature file for each of its slides."""
     if cohort is None:
         if files is None:
             raise FeatureFileError("no features given: pass a folder or files of .h5 features")
@@ -84,15 +75,8 @@ def patient_inputs(
 
 
 def feature_files(features: FeaturesArg) -> dict[str, Path] | None:
-    """slide id → .h5 file, from folders and files.
-
-    Files that a killed write left (``.<name>.<random>.tmp.h5``) are not features and are
-    skipped.
-
-    Raises:
-        FeatureFileError: an item that does not exist, no feature file at all, or one slide id
-            with two different files (which one holds the slide cannot be guessed).
-    """
+    """slide id → .h5 file, from folders and files (skipping what a killed write left); one
+    slide id with two different files is refused, since which one holds it cannot be guessed."""
     if features is None:
         return None
     items = [features] if isinstance(features, str | Path) else list(features)
@@ -123,11 +107,7 @@ def _add_feature_file(files: dict[str, Path], path: Path) -> None:
 
 def check_feature_values(path: Path) -> None:
     """Refuse a feature file without tiles, or with NaN or infinite values, before any patient
-    is predicted (the values are read a block at a time).
-
-    Raises:
-        FeatureFileError: names the file and what to do.
-    """
+    is predicted (the values are read a block at a time)."""
     try:
         with h5py.File(path, "r") as h5:
             dataset = h5["features"]

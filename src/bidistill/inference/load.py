@@ -48,17 +48,15 @@ def load_run(
     """Load a trained method of a run directory for prediction.
 
     Args:
-        run_dir: what ``bidistill run`` (or ``bidistill train``) wrote.
         method: the method's folder name; default: the config's reference method (``bd``)
             when it was trained, else the first trained method of the config.
-        config: the experiment YAML; default: the run's own copy (``RunDir.config``:
-            ``bidistill run`` writes it; pass it for a run made by ``bidistill train``).
+        config: the experiment YAML; default: the run's own copy (pass it for a run made by
+            ``bidistill train``).
         device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ...
 
     Raises:
-        CheckpointError: no such run or method, a method trained by a newer bidistill, a
-            method whose training did not finish (k-fold: on every fold of the run's splits),
-            or a damaged checkpoint file (each named, with the command that fixes it).
+        CheckpointError: no such run or method, one trained by a newer bidistill or not
+            finished on every fold, or a damaged file (each named, with the fix).
         ConfigError: no config to read the table layout from.
     """
     from bidistill.devices import resolve_device
@@ -96,15 +94,8 @@ def load_run(
 def load_trained(
     method_dir: str | Path | MethodDir, *, device: str | torch.device = "cpu"
 ) -> tuple[Method, ClinicalEncoder, dict[str, Any]]:
-    """Rebuild a trained method in ``eval()`` mode with its fitted clinical encoder.
-
-    Returns:
-        (method, encoder, meta): ``meta`` is the method's options (``MethodDir.meta``).
-
-    Raises:
-        CheckpointError: a file is missing or unreadable, or the checkpoint comes from a newer
-            bidistill.
-    """
+    """(method in ``eval()`` mode, its fitted clinical encoder, its options); a missing,
+    unreadable or newer checkpoint raises ``CheckpointError``."""
     folder = method_dir if isinstance(method_dir, MethodDir) else MethodDir(method_dir)
     for path in (folder.weights, folder.meta, folder.clinical_encoder):
         if not path.is_file():  # every file named before any is read
@@ -153,7 +144,6 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def _patch_encoders(meta: dict[str, Any]):
-    """End-to-end runs: the patch encoders' architecture, weights to be loaded."""
     block = meta.get("end_to_end")
     if not block:
         return None

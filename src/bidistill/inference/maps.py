@@ -1,18 +1,7 @@
-"""``bidistill heatmap``: for each slide of the chosen patients, every file a reviewer needs.
-
-Per slide, in the output folder:
-
-- ``<slide_id>.heatmap.png``: attention over the thumbnail, one panel per branch;
-- ``<slide_id>.montage.png``: the top-k and bottom-k tiles (needs the slide's pixels);
-- ``<slide_id>.tiles.csv``: every tile's level-0 box, scores and percentiles;
-- ``<slide_id>.tiles.geojson``: the tiles as QuPath detections with the scores as measurements;
-- ``<slide_id>.tissue.geojson``: the outline of the mask tiling kept tiles from.
-
-Plus the predictions table of the patients drawn (named as a run's, ``RunDir.predictions``).
-A slide given as a patch folder has no geometry: it gets the montage and the CSV. A slide
-without an image (no ``--slides`` match) gets the map over a white canvas, the CSV and the tile
-GeoJSON.
-"""
+"""``bidistill heatmap``: for each slide of the chosen patients, every file a reviewer needs
+(heatmap, montage, tiles CSV and GeoJSON, tissue outline; see the README), plus the drawn
+patients' predictions table. A patch folder has no geometry (montage and CSV only); a slide
+without an image gets the map over a white canvas."""
 
 from __future__ import annotations
 
@@ -46,18 +35,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MapsSummary:
-    """What ``write_attention_maps`` wrote.
-
-    Attributes:
-        predictions: one row per patient drawn (also written to ``out_dir``).
-        files: slide id → the files written for it.
-        without_image: slides drawn without a slide image (no ``--slides`` match).
-    """
+    """What ``write_attention_maps`` wrote."""
 
     out_dir: Path
-    predictions: pd.DataFrame
-    files: dict[str, list[Path]] = field(default_factory=dict)
-    without_image: list[str] = field(default_factory=list)
+    predictions: pd.DataFrame  # one row per patient drawn (also written to out_dir)
+    files: dict[str, list[Path]] = field(default_factory=dict)  # slide id → its files
+    without_image: list[str] = field(default_factory=list)  # no --slides match
 
 
 def write_attention_maps(
@@ -72,12 +55,8 @@ def write_attention_maps(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
 ) -> MapsSummary:
-    """Predict the patients and write heatmaps, montages and exports for each of their slides.
-
-    Raises:
-        BidistillError: the method has no attention (clinical-only). SlideError: a slide file
-            cannot be read. FeatureFileError, CohortError: as ``TrainedRun.predict``.
-    """
+    """Predict the patients and write heatmaps, montages and exports for each of their slides
+    (a method without attention, clinical-only, is refused)."""
     if not run.aggregators:
         raise BidistillError(
             f"{run.method} does not read slides, so it has no attention to draw; pick a method "
@@ -174,12 +153,9 @@ def write_slide_maps(
 
 
 def tiling_mask(slide, config: ExperimentConfig, slide_id: str, tile_size: int):
-    """The mask tiling keeps tiles from, made as ``bidistill tile`` makes it with the run's
-    tiling settings (a new slide without an annotation file gets tissue detection).
-
-    Returns:
-        (mask bool [h, w], (dx, dy) level-0 pixels per mask pixel, the mask kind used).
-    """
+    """(mask, (dx, dy) level-0 pixels per mask pixel, its kind): the mask tiling keeps tiles
+    from, as ``bidistill tile`` makes it with the run's settings (tissue detection for a new
+    slide without an annotation file)."""
     from bidistill.slides.tiling import slide_mask, thumbnail_downsample
 
     annotations_dir = config.slides.annotations_dir if config.slides else None

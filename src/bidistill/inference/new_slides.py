@@ -32,16 +32,9 @@ class TilesError(BidistillError, ValueError):
 
 @dataclass(frozen=True)
 class Tiles:
-    """New patients' slides and where their tiles (and, for a feature run, features) go.
-
-    Attributes:
-        coords: folder of ``<slide_id>.h5`` coords files (``bidistill tile``); slides without
-            one are tiled into it with the run's tiling settings. A feature run writes the new
-            features to ``coords/features/``.
-        slides: slide files, patch folders, or folders of them.
-        annotations: folder of ``<slide_id>.json``/``.geojson`` for tiling; default: beside each
-            slide file. A slide without one is tiled on its detected tissue.
-    """
+    """New patients' slides (files, patch folders, or folders of them) and the folder of their
+    coords files (a feature run's new features go to ``coords/features/``); ``annotations``:
+    ``<slide_id>.json``/``.geojson`` for tiling, default beside each slide file."""
 
     coords: Path
     slides: Sequence[Path] = field(default_factory=tuple)
@@ -60,16 +53,8 @@ def listed_slides(cohort: PredictionCohort | None) -> list[str] | None:
 def tile_new_slides(
     config: ExperimentConfig, tiles: Tiles, slide_ids: Sequence[str] | None = None
 ) -> dict[str, tuple[Path, Path]]:
-    """slide id → (slide file, coords file), tiling the slides without coords first.
-
-    Args:
-        config: the run's config (its ``tiling`` and ``slides.mpp``).
-        slide_ids: the slides to make ready; default: every slide ``tiles.slides`` names.
-
-    Raises:
-        TilesError: no slides given, or a slide of ``slide_ids`` not found.
-        SlideError: a slide cannot be tiled.
-    """
+    """slide id → (slide file, coords file) of ``slide_ids`` (default: every slide
+    ``tiles.slides`` names), tiling with the run's settings the slides without coords first."""
     from bidistill.slides import coords_path
     from bidistill.slides.locate import SlideFinder, locate_annotations
     from bidistill.slides.stage import SlideJob, tile_cohort

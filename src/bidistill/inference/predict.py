@@ -15,21 +15,12 @@ from bidistill.models.streaming import DEFAULT_MEMORY_BUDGET, ArrayBag, ChunkedB
 
 @dataclass
 class BagPredictions:
-    """Predictions for n bags.
+    """Predictions for n bags."""
 
-    Attributes:
-        probabilities: float [n], P(label = 1).
-        attention: n arrays [n_i], the routed aggregator's instance weights (None for methods
-            without a bag), in each bag's instance order.
-        branches: n dicts, aggregator path → its instance weights [n_i] (every branch of the
-            method, e.g. BD's ``aggregator_multi`` and ``aggregator_single``).
-        routed: n aggregator paths (or None): the branch each prediction used.
-    """
-
-    probabilities: np.ndarray
-    attention: list[np.ndarray] | None
-    branches: list[dict[str, np.ndarray]] = field(default_factory=list)
-    routed: list[str | None] = field(default_factory=list)
+    probabilities: np.ndarray  # float [n], P(label = 1)
+    attention: list[np.ndarray] | None  # the routed aggregator's weights (None: no bag)
+    branches: list[dict[str, np.ndarray]] = field(default_factory=list)  # every aggregator's
+    routed: list[str | None] = field(default_factory=list)  # the branch each prediction used
 
 
 def predict_bags(
@@ -41,19 +32,9 @@ def predict_bags(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> BagPredictions:
-    """Predict new patients from their whole bags and encoded clinical data (eval mode).
-
-    Each bag is encoded in chunks sized to ``memory_budget`` (``models.streaming``), so a bag
-    of any size predicts in bounded memory, and gives the same numbers as a padded batch.
-
-    Args:
-        method: a trained method (``load_trained``), on ``device``.
-        bags: one per patient: an array [n_i, D] (its slides' features concatenated) or a
-            ``ChunkedBag`` such as ``FileBag`` (read from the .h5 files a chunk at a time).
-        clinical: the fitted encoder's ``transform`` of the patients' clinical rows (use
-            ``encoder.missing_row(n)`` to predict without clinical data).
-        memory_budget: bytes for what grows with a bag.
-    """
+    """Predict new patients from their whole bags (arrays [n_i, D] or ``ChunkedBag``s such as
+    ``FileBag``) and encoded clinical data (``encoder.missing_row(n)``: without it), one bag at
+    a time through ``predict_bag`` in bounded memory: the numbers of the run's predictions."""
     if len(bags) != len(clinical.values):
         raise ValueError(f"{len(bags)} bags but {len(clinical.values)} clinical rows")
     values = torch.as_tensor(np.asarray(clinical.values, dtype=np.float32))

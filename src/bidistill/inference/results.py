@@ -17,45 +17,27 @@ from bidistill.features.identity import read_attrs
 
 @dataclass
 class PatientBags:
-    """What a bag source predicts for one patient, per fold model of the run.
-
-    Attributes:
-        probabilities: each fold model's P(positive class).
-        routed: the aggregator (module path) that predicted, None without a bag.
-        attention: per fold, aggregator path → weights over the patient's tiles (empty unless
-            asked for).
-        lengths: tiles per slide, in the order of the patient's slides.
-        n_tiles: the patient's tiles.
-    """
+    """What a bag source predicts for one patient, per fold model of the run."""
 
     probabilities: list[float]
-    routed: str | None
-    attention: list[dict[str, np.ndarray]]
-    lengths: list[int]
+    routed: str | None  # the aggregator (module path) that predicted, None without a bag
+    attention: list[dict[str, np.ndarray]]  # per fold, aggregator path → weights (if asked)
+    lengths: list[int]  # tiles per slide, in the order of the patient's slides
     n_tiles: int
 
 
 @dataclass
 class SlideAttention:
-    """Attention over one slide's tiles.
-
-    Attributes:
-        slide_id: the feature file's stem.
-        feature_file: the ``.h5`` file.
-        coords: int64 [n, 2], level-0 (x, y) of each tile's top-left corner (patch folders:
-            the patch index and 0).
-        scores: branch → attention weights [n] (this slide's part of the patient's bag, whose
-            weights sum to 1 over all of the patient's slides).
-        routed: the branch whose weights the prediction used (None without a bag).
-        attrs: the feature file's attributes (``patch_size``, ``mpp``, ...).
-    """
+    """Attention over one slide's tiles."""
 
     slide_id: str
     feature_file: Path
-    coords: np.ndarray
+    coords: np.ndarray  # int64 [n, 2], level-0 top-left (x, y) (patch folders: index, 0)
+    # branch → weights [n], this slide's part of the patient's bag (summing to 1 over all of
+    # the patient's slides)
     scores: dict[str, np.ndarray]
-    routed: str | None
-    attrs: dict[str, Any] = field(default_factory=dict)
+    routed: str | None  # the branch whose weights the prediction used (None without a bag)
+    attrs: dict[str, Any] = field(default_factory=dict)  # the file's attributes
 
     @property
     def branches(self) -> list[str]:
@@ -90,35 +72,22 @@ class SlideAttention:
 
 @dataclass
 class PatientPrediction:
-    """One patient's prediction, with attention per slide when asked for.
-
-    Attributes:
-        probability: P(positive class); the mean over the fold models of a k-fold run.
-        positive_class: the class ``probability`` is the probability of, as the run's config
-            names it (``label.positive_name``, else its positive values joined with "or").
-        threshold: the run's validation threshold for the patient's route.
-        decision: 1 when ``probability >= threshold``.
-        predicted: the decision as a class of the run (``positive_class`` or the negative
-            class, e.g. ``N+(1-2) or N+(>2)`` / ``N0``).
-        branch: the branch (or model) that predicted: ``multi-modal`` or ``single-modal`` for
-            BD, the sub-model for ``switch``/``kd``, the method's name for one-model methods.
-        clinical_present: the patient had at least one clinical value.
-        clinical_missing: the run's clinical features the patient lacks.
-        slides: per slide attention (``TrainedRun.attention`` only).
-    """
+    """One patient's prediction, with attention per slide when asked for. ``branch``: what
+    predicted (BD's ``multi-modal`` or ``single-modal``, the sub-model of ``switch``/``kd``,
+    else the method's name)."""
 
     patient_id: str
-    probability: float
-    positive_class: str
-    threshold: float
-    decision: int
-    predicted: str
+    probability: float  # of positive_class; a k-fold run's mean over its fold models
+    positive_class: str  # as the run's config names it
+    threshold: float  # the run's validation threshold for the patient's route
+    decision: int  # probability >= threshold
+    predicted: str  # the decision as a class of the run
     branch: str
-    clinical_present: bool
-    clinical_missing: list[str]
+    clinical_present: bool  # at least one clinical value
+    clinical_missing: list[str]  # the run's clinical features the patient lacks
     slide_ids: list[str]
     n_tiles: int
-    slides: list[SlideAttention] = field(default_factory=list)
+    slides: list[SlideAttention] = field(default_factory=list)  # TrainedRun.attention only
 
     def row(self, method: str) -> dict[str, Any]:
         return {

@@ -1,21 +1,8 @@
-"""Bags from tiles: an end-to-end run's new patients, their tiles through the fine-tuned encoders.
-
-    run = load_run("runs/e2e")
-    table = run.predict(Tiles("new/coords", slides=["new/wsi"]), clinical="new/patients.csv")
-
-An end-to-end method reads tiles, not feature files: ``Tiles`` names the new slides (files,
-patch folders, or folders of them) and the folder of their coords files. Slides without a coords
-file there are tiled first with the run's ``tiling`` settings (annotations from
-``Tiles.annotations``, else tissue detection), so ``--slides`` alone is enough. Tiles must be of
-the run's patch size and MPP. A patient's tiles are cut into bags as in the run's validation
-(``bag_size``, ``bags_per_patient``, a shuffle seeded by the run's seed and the patient id), and
-its probability is the reduction (mean by default) of its bags' probabilities, so a test
-patient's probability here is the one in the run's own predictions.
-
-Attention: each tile's weight within its bag, times the bag's size over the patient's tile
-count (so that the weights of a patient sum to 1, as in feature mode); tiles left out of every
-bag (``bags_per_patient``) get NaN.
-"""
+"""Bags from tiles: an end-to-end run's new patients, their tiles (of the run's patch size and
+MPP) cut into bags as in the run's validation, so a test patient's probability is the one in
+the run's own predictions. A tile's attention is its weight in its bag times the bag's size
+over the patient's tile count (a patient's weights sum to 1, as in feature mode); NaN for a
+tile in no bag."""
 
 from __future__ import annotations
 
@@ -70,12 +57,7 @@ class TileSource:
         *,
         needs_bags: bool,
     ) -> list[PatientInput]:
-        """The patients to predict, every slide tiled and its tiles checked.
-
-        Raises:
-            TilesError: no ``Tiles`` given, a slide not found, or tiles of another patch size
-                or MPP than the run's.
-        """
+        """The patients to predict, every slide tiled and its tiles checked."""
         found: dict[str, tuple[Path, Path]] = {}
         if needs_bags:
             if not isinstance(features, Tiles):
@@ -133,17 +115,15 @@ class TileSource:
 
     def _tile_index(self, inputs: Sequence[PatientInput]) -> TileIndex:
         mpp = self.config.slides.mpp if self.config.slides else None
-        order: dict[str, int] = {}
-        slides, patients = [], []
-        for item in inputs:
-            indices = []
-            for slide_id, slide_file, coords in zip(item.slide_ids, item.slide_files, item.paths):
-                if slide_id not in order:
-                    order[slide_id] = len(slides)
-                    slides.append(read_slide_tiles(slide_id, slide_file, coords, mpp))
-                indices.append(order[slide_id])
-            patients.append(indices)
-        return TileIndex(slides, patients)
+        files = {
+            slide_id: (slide_file, coords)
+            for item in inputs
+            for slide_id, slide_file, coords in zip(item.slide_ids, item.slide_files, item.paths)
+        }
+        return TileIndex.of(
+            [[s for s in item.slide_ids if s in files] for item in inputs],
+            lambda slide_id: read_slide_tiles(slide_id, *files[slide_id], mpp),
+        )
 
     def _loader(self, index: TileIndex, clinical: EncodedClinical, device: torch.device):
         from bidistill.slides.stage import slide_cache_dir

@@ -1,23 +1,7 @@
-"""A trained run as an object that predicts for new patients and shows its attention.
-
-    run = load_run("runs/exp1")                       # the reference method (bd) unless told
-    table = run.predict("new/features", clinical="new/patients.csv")
-    patients = run.attention("new/features", clinical="new/patients.csv", patients=["P7"])
-
-New patients come as ``.h5`` feature files (one per slide, the DESIGN layout), or as new slides
-(``Tiles``), and, optionally, a table in the layout of the training table without labels
-(``cohort.prediction``). Where the bags come from is the run's bag source, chosen once when the
-run is loaded: feature files (``inference.feature_source``; new slides are encoded with the
-run's settings first) or tiles for an end-to-end run (``inference.tile_source``). Everything
-else is one path: each patient's clinical values go through the run's fitted encoder; the method
-routes the patient by what is present (BD: the multi-modal branch with clinical data, the
-single-modal without); attention is mapped back to each slide's tiles. A k-fold run predicts
-with the mean of its fold models.
-
-The decision threshold is the one the evaluation uses: chosen on the run's validation patients
-(Youden's J unless the config fixes one), with their clinical data as recorded for patients who
-have clinical data, and with it withheld for patients who have none.
-"""
+"""A trained run as an object that predicts for new patients and shows its attention
+(``load_run``). Where the bags come from is the run's bag source, chosen when the run is loaded
+(feature files or tiles); everything else is one path. A k-fold run predicts with the mean of
+its fold models, decided at the mean of their validation thresholds for the patient's route."""
 
 from __future__ import annotations
 
@@ -78,16 +62,8 @@ class FoldModel:
 
 
 class TrainedRun:
-    """A trained method of a run directory, ready to predict (``load_run`` makes one).
-
-    Attributes:
-        run_dir: the run directory.
-        method: the method's key (its folder name).
-        config: the run's experiment config.
-        folds: the fold models (one for a holdout run).
-        device: where the models run.
-        source: where bags come from (feature files, or tiles for an end-to-end run).
-    """
+    """A trained method of a run directory (``method``: its folder name), ready to predict;
+    ``folds``: one model for a holdout run."""
 
     def __init__(
         self,
@@ -127,37 +103,16 @@ class TrainedRun:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         progress: bool = False,
     ) -> pd.DataFrame:
-        """Predict new patients.
+        """One row per patient (``PREDICTION_COLUMNS``).
 
-        Args:
-            features: a folder of ``<slide_id>.h5`` files, one file, or a list of files; or a
-                ``Tiles`` of new slides (tiled, and for a feature run encoded, with the run's
-                settings first; what an end-to-end run needs).
-            clinical: a table (path or DataFrame) in the training table's layout, labels not
-                needed. Without it, each feature file is one patient without clinical data.
-            patients: predict only these patient ids.
-            memory_budget: bytes for what grows with a bag (see ``models.streaming``).
-
-        Returns:
-            One row per patient: ``patient_id, method, probability, positive_class,
-            threshold, decision, predicted, branch, clinical_present, clinical_missing,
-            slides, tiles`` (``probability`` is of the class named in ``positive_class``).
-
-        Raises:
-            CohortError: a bad table. FeatureFileError: a missing or foreign feature file.
-            TilesError: an end-to-end run given no slides, or tiles of another kind.
+        ``features``: a folder of ``<slide_id>.h5`` files, one file or a list of files, or a
+        ``Tiles`` of new slides (what an end-to-end run needs); ``clinical``: a table in the
+        training table's layout (without it each file is a patient without clinical data).
         """
-        rows = [
-            p.row(self.method)
-            for p in self.iter_patients(
-                features,
-                clinical,
-                patients=patients,
-                memory_budget=memory_budget,
-                progress=progress,
-            )
-        ]
-        return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+        found = self.iter_patients(
+            features, clinical, patients=patients, memory_budget=memory_budget, progress=progress
+        )
+        return pd.DataFrame([p.row(self.method) for p in found], columns=PREDICTION_COLUMNS)
 
     def attention(
         self,
@@ -167,20 +122,11 @@ class TrainedRun:
         patients: Sequence[str] | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> list[PatientPrediction]:
-        """Predict and keep every branch's attention over each slide's tiles.
-
-        Same arguments as ``predict``; each ``PatientPrediction.slides`` holds a
-        ``SlideAttention`` per slide (``.frame()`` gives one row per tile).
-        """
-        return list(
-            self.iter_patients(
-                features,
-                clinical,
-                patients=patients,
-                with_attention=True,
-                memory_budget=memory_budget,
-            )
+        """``predict``, keeping every branch's attention (a ``SlideAttention`` per slide)."""
+        found = self.iter_patients(
+            features, clinical, patients=patients, with_attention=True, memory_budget=memory_budget
         )
+        return list(found)
 
     def iter_patients(
         self,
@@ -192,11 +138,8 @@ class TrainedRun:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         progress: bool = False,
     ) -> Iterator[PatientPrediction]:
-        """Patients one at a time (so that attention is held for one patient only).
-
-        Every input is checked before the first prediction: the table, and the bags' files
-        (feature files: presence, identity, dimension and values; tiles: patch size and MPP).
-        """
+        """Patients one at a time (so that attention is held for one patient only), every
+        input checked before the first prediction."""
         cohort = self._cohort(clinical)
         needs_bags = bool(self.aggregators)
         inputs = self.source.patients(features, cohort, patients, needs_bags=needs_bags)
@@ -244,9 +187,6 @@ class TrainedRun:
         present: bool,
         clinical_missing: list[str],
     ) -> PatientPrediction:
-        """One patient's result from its folds' predictions: the fold mean, decided at the
-        run's mean threshold for the patient's route, with the attention (when kept) cut into
-        the patient's slides."""
         route = "present" if present else "absent"
         probability = float(np.mean(bags.probabilities))
         threshold = float(np.mean([f.thresholds[route] for f in self.folds]))
@@ -293,7 +233,6 @@ class TrainedRun:
 
     @property
     def positive_class(self) -> str:
-        """The class the probabilities are of, as the run's config names it."""
         return self.config.cohort.label.positive_class
 
     def _label_name(self, decision: int) -> str:

@@ -55,12 +55,6 @@ class GatedAttentionMIL(nn.Module):
     It is not the default because the attention half is then free to look anywhere: on the demo
     cohort the WSI-only branch's top-attention tiles were planted key instances less often than
     chance, so its heatmaps would mislead (tests/inference/test_heatmap.py).
-
-    Args:
-        in_dim: D, the feature dimension of the .h5 files.
-        hidden_dim: H, the embedding size.
-        attention_dim: size of the gated attention layer.
-        dropout: on the projected instances.
     """
 
     def __init__(

@@ -1,19 +1,7 @@
-"""The method interface: one ``nn.Module`` contract shared by BD and every baseline.
-
-A method is built from ``MethodDims`` (what the data looks like) and its validated options. It
-implements ``forward(batch) -> Output`` and ``loss(batch, output) -> dict`` whose ``"total"`` is
-optimised and whose other entries are the named, already weighted terms that make up the total
-(logged one column each). A method decides per sample what to do when ``clinical_present`` is
-False.
-
-Methods that train in steps declare ``stages()``: the trainer runs the stages in order, each a
-full training run with its own optimiser and early stopping, and sets ``method.stage`` before
-each. ``select`` names the validation AUC a stage is selected on: with clinical data
-``present`` (scored on the patients that have it), with it ``absent``, or ``routed`` (the mean
-of both, for methods that route by modality). A stage may split the method into ``parts`` that
-are each selected on their own score, e.g. a multi-modal branch on ``present`` and a WSI-only
-branch on ``absent``.
-"""
+"""The method interface: one ``nn.Module`` contract shared by BD and every baseline
+(``forward(batch) -> Output``, ``loss(batch, output)`` with its ``"total"`` and named, already
+weighted terms, ``stages()``; docs/internal-interfaces.md). A method decides per sample what to
+do when ``clinical_present`` is False."""
 
 from __future__ import annotations
 
@@ -50,22 +38,13 @@ class MethodOptions(BaseModel):
 
 @dataclass(frozen=True)
 class MethodDims:
-    """The shapes a method is built for.
+    """The shapes a method is built for; with ``patch_encoder`` (end-to-end mode: a factory of
+    trainable patch encoders) each aggregator takes tiles (``models.patch_encoder``)."""
 
-    Attributes:
-        in_dim: D, the instance feature dimension (from the .h5 files, or the patch encoder's).
-        clinical_dim: C, the encoded clinical width (values + one indicator per feature).
-        n_clinical_features: F, the number of clinical features.
-        feature_slices: feature f's value columns are ``clinical[:, start:stop]``.
-        patch_encoder: end-to-end mode: a factory of trainable patch encoders; each aggregator
-            then takes tiles (``models.patch_encoder``).
-    """
-
-    in_dim: int
-    clinical_dim: int
-    n_clinical_features: int
-    feature_slices: tuple[tuple[int, int], ...]
-    # End-to-end mode (issue 13): builds a fresh trainable patch encoder for each aggregator.
+    in_dim: int  # D (the .h5 files', or the patch encoder's)
+    clinical_dim: int  # C: the values, then one missing indicator per feature
+    n_clinical_features: int  # F
+    feature_slices: tuple[tuple[int, int], ...]  # feature f's value columns: clinical[:, a:b]
     patch_encoder: Callable[[], nn.Module] | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -75,34 +54,22 @@ class MethodDims:
 
 @dataclass(frozen=True)
 class Part:
-    """Parameters selected on their own validation score within a stage.
+    """Parameters selected on their own validation score within a stage."""
 
-    Attributes:
-        name: the part's name (``train_log.csv`` column ``val_score_<name>``).
-        select: the score its best epoch is chosen on.
-        modules: the method's submodules (attribute names) that make up the part.
-    """
-
-    name: str
+    name: str  # train_log.csv's column val_score_<name>
     select: Selection
-    modules: tuple[str, ...]
+    modules: tuple[str, ...]  # the method's submodules (attribute names) that make it up
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One training run of a method's: a fresh optimiser, its own early stopping.
-
-    Attributes:
-        select: the validation score the stage's best epoch is chosen on.
-        epochs: None: the training config's epochs.
-        parts: when given, each part keeps its own best epoch on its own score (parts that share
-            no parameters and do not use each other at prediction, e.g. BD's two branches);
-            together they must hold every parameter the stage trains.
-    """
+    """One training run of a method's: a fresh optimiser, its own early stopping. Each of its
+    ``parts`` (sharing no parameters, not using each other at prediction, e.g. BD's branches)
+    keeps its own best epoch; together they must hold every parameter the stage trains."""
 
     name: str
     select: Selection
-    epochs: int | None = None
+    epochs: int | None = None  # None: the training config's
     parts: tuple[Part, ...] = ()
 
 
@@ -159,12 +126,10 @@ class Method(nn.Module):
         return aggregator
 
     def make_wsi_classifier(self) -> WSIClassifier:
-        """A WSI-only model (own aggregator + head) sized by this method's options."""
         o = self.options
         return WSIClassifier(self.make_aggregator(), o.clinical_hidden, o.dropout)
 
     def make_fusion_model(self) -> FusionModel:
-        """A WSI + clinical fusion model (own aggregator) sized by this method's options."""
         o = self.options
         return FusionModel(
             self.make_aggregator(), self.dims.clinical_dim, o.clinical_hidden, o.dropout
@@ -185,11 +150,8 @@ class Method(nn.Module):
         return columns
 
     def drop_features(self, clinical: Tensor, clinical_valid: Tensor, rate: float) -> Tensor:
-        """Training augmentation: mark each observed feature missing with probability ``rate``.
-
-        A dropped feature gets exactly what the encoder gives a blank cell: its imputed value
-        and indicator 1.
-        """
+        """Training augmentation: mark each observed feature missing with probability ``rate``
+        (exactly what the encoder gives a blank cell: its imputed value and indicator 1)."""
         if rate <= 0 or not self.training:
             return clinical
         drop = (torch.rand(clinical_valid.shape, device=clinical.device) < rate) & clinical_valid
@@ -207,10 +169,8 @@ class Method(nn.Module):
     # --- loss helpers -----------------------------------------------------------------------
 
     def ce(self, logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Class-weighted cross-entropy, averaged over the samples where ``mask`` [B] is True.
-
-        Returns 0 (connected to the graph) when no sample is selected.
-        """
+        """Class-weighted cross-entropy averaged over ``mask`` [B]; 0 (connected to the graph)
+        when no sample is selected."""
         weights = self.class_weights[labels]
         if mask is not None:
             weights = weights * mask.to(weights.dtype)

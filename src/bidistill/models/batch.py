@@ -14,32 +14,25 @@ from torch import Tensor
 
 @dataclass
 class Batch:
-    """B patients, each a bag of up to N instances (a patient's slides pooled into one bag).
+    """B patients, each a bag of up to N instances (a patient's slides pooled into one bag)."""
 
-    Attributes:
-        bags: float [B, N, D] instance features, zero-padded to the largest bag.
-        tile_valid: bool [B, N], True for a real instance, False for padding.
-        clinical: float [B, C] encoded clinical values then one missing indicator per feature
-            (``ClinicalEncoder`` layout: C = n_values + F).
-        clinical_valid: bool [B, F], True where a feature was observed.
-        clinical_present: bool [B], True where the patient has any clinical data; methods route
-            on it.
-        labels: long [B] (0/1), or None at prediction time.
-    """
+    bags: Tensor  # float [B, N, D], zero-padded to the largest bag (end-to-end: uint8 tiles)
+    tile_valid: Tensor  # bool [B, N], True for a real instance
+    clinical: Tensor  # float [B, C]: ClinicalEncoder's values, then one indicator per feature
+    clinical_valid: Tensor  # bool [B, F], True where a feature was observed
+    clinical_present: Tensor  # bool [B], the patient has any clinical data: methods route on it
+    labels: Tensor | None = None  # long [B] (0/1), None at prediction time
 
-    bags: Tensor
-    tile_valid: Tensor
-    clinical: Tensor
-    clinical_valid: Tensor
-    clinical_present: Tensor
-    labels: Tensor | None = None
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._apply(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def to(self, device: torch.device | str) -> Batch:
-        moved = {
-            f.name: getattr(self, f.name).to(device) if getattr(self, f.name) is not None else None
-            for f in fields(self)
-        }
-        return Batch(**moved)
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (what a ``DataLoader`` with ``pin_memory`` calls)."""
+        return self._apply(torch.Tensor.pin_memory)
+
+    def _apply(self, change) -> Batch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: None if v is None else change(v) for k, v in values.items()})
 
     def __len__(self) -> int:
         return self.bags.shape[0]
@@ -47,19 +40,12 @@ class Batch:
 
 @dataclass
 class Output:
-    """What ``forward`` returns.
+    """What ``forward`` returns."""
 
-    Attributes:
-        logits: float [B, 2], the method's prediction (routed where the method routes);
-            P(label = 1) = softmax(logits)[:, 1].
-        attention: float [B, N] instance weights of the prediction's aggregator (zeros on
-            padding), or None for methods without a bag (clinical-only).
-        extras: named intermediate tensors the loss needs (embeddings, branch logits).
-    """
-
-    logits: Tensor
+    logits: Tensor  # float [B, 2], routed where the method routes
+    # The prediction's aggregator's instance weights [B, N] (zeros on padding); None: no bag.
     attention: Tensor | None = None
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)  # what the loss needs
 
     @property
     def probabilities(self) -> Tensor:

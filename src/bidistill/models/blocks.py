@@ -32,10 +32,6 @@ class ClinicalMLP(nn.Module):
     The input is the ``ClinicalEncoder`` layout (values, then one indicator per feature, 1 =
     missing), so per-feature missingness is an explicit input: a blank grade is imputed with the
     training mean *and* flagged, and the network learns what a flag means.
-
-    Args:
-        clinical_dim: C, the width of the encoded clinical vector (values + indicators).
-        hidden_dim: width of the hidden layer and of the clinical embedding e.
     """
 
     def __init__(self, clinical_dim: int, hidden_dim: int = 64, dropout: float = 0.1):
@@ -66,12 +62,7 @@ class FusionHead(nn.Module):
 
 
 class WSIClassifier(nn.Module):
-    """Aggregator → MLP head: the attention-MIL model of the BCNB paper (WSI only).
-
-    Args:
-        aggregator: bag [B, N, D] → ``Aggregate`` with an embedding of size ``out_dim``.
-        head_hidden: width of the head's hidden layer.
-    """
+    """Aggregator → MLP head: the attention-MIL model of the BCNB paper (WSI only)."""
 
     def __init__(self, aggregator: nn.Module, head_hidden: int, dropout: float):
         super().__init__()
@@ -88,11 +79,6 @@ class FusionModel(nn.Module):
 
     Methods that treat the clinical embedding in their own way (a learned missing token, an
     imputed embedding) call the three steps ``embed_bag``, ``embed_clinical`` and ``classify``.
-
-    Args:
-        aggregator: bag [B, N, D] → ``Aggregate`` with an embedding of size ``out_dim``.
-        clinical_dim: C, the encoded clinical width.
-        clinical_hidden: the clinical embedding size (and the head's hidden width).
     """
 
     def __init__(self, aggregator: nn.Module, clinical_dim: int, clinical_hidden: int, dropout):

@@ -1,15 +1,7 @@
-"""End-to-end mode: a trainable patch encoder in front of a MIL aggregator.
-
-In end-to-end mode a method is built with a patch-encoder factory (``MethodDims.patch_encoder``)
-and ``Method.make_aggregator`` returns ``EncodedAggregator(factory(), aggregator)``: every
-aggregator a method builds gets its own encoder, so BD has one backbone per branch as the BD
-paper had, and every baseline works unchanged through the ``Method`` interface. The bags a
-method sees are then tiles, uint8 ``[B, N, 3, H, W]``; the aggregator still receives features
-``[B, N, D]`` with ``tile_valid``.
-
-Nothing here reads files or knows the encoder registry: the training stage builds the backbone
-(``bidistill.training.backbone``) and hands over a factory.
-"""
+"""End-to-end mode: a trainable patch encoder in front of a MIL aggregator. Every aggregator a
+method builds gets its own encoder (``EncodedAggregator``), so BD has one backbone per branch as
+the BD paper had, and every baseline works unchanged. Nothing here reads files: the training
+stage builds the backbone (``training.backbone``) and hands over a factory."""
 
 from __future__ import annotations
 
@@ -34,10 +26,8 @@ class PatchEncoderError(ValueError):
 
 
 class _CheckpointedSequential(nn.Sequential):
-    """An ``nn.Sequential`` that recomputes its activations in the backward pass (training only).
-
-    Same children, so the same state-dict keys as the module it replaces.
-    """
+    """An ``nn.Sequential`` that recomputes its activations in the backward pass (training
+    only); same children, so the same state-dict keys as the module it replaces."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and torch.is_grad_enabled()):
@@ -49,17 +39,10 @@ class _CheckpointedSequential(nn.Sequential):
 class PatchEncoder(nn.Module):
     """uint8 tiles ``[n, 3, H, W]`` → features ``[n, D]``: preprocessing, then the backbone.
 
-    Args:
-        backbone: a module mapping normalised images ``[n, 3, S, S]`` to ``[n, D]``.
-        preprocess: uint8 ``[n, 3, H, W]`` → float ``[n, 3, S, S]`` (resize and normalise, as
-            the encoder's authors do; runs on the tiles' device).
-        dim: D.
-        freeze_until: freeze the backbone's parameters up to and including this named module
-            (in registration order), or ``"all"``; frozen batch-norm layers keep their running
-            statistics (they stay in eval mode).
-        checkpointing: recompute the backbone's activations in the backward pass. Batch-norm
-            running statistics are then updated twice per step (as with timm's own
-            checkpointing): a momentum of m acts like 2m.
+    ``preprocess`` resizes and normalises on the tiles' device, as the encoder's authors do;
+    ``freeze_until`` freezes the backbone up to and including a named module (or ``"all"``),
+    its batch-norm layers kept in eval mode; with ``checkpointing`` batch-norm statistics are
+    updated twice per step (as with timm's own): a momentum of m acts like 2m.
     """
 
     def __init__(
@@ -99,15 +82,8 @@ class PatchEncoder(nn.Module):
 
 
 def freeze_parameters(backbone: nn.Module, until: str) -> list[str]:
-    """Freeze every parameter registered before the end of module ``until`` (or all of them).
-
-    Returns:
-        the frozen parameters' names.
-
-    Raises:
-        PatchEncoderError: no module of that name holds parameters; the message lists the
-            backbone's blocks.
-    """
+    """Freeze every parameter registered before the end of module ``until`` (or all of them);
+    the frozen parameters' names."""
     names = [name for name, _ in backbone.named_parameters()]
     if until == FREEZE_ALL:
         last = len(names) - 1
@@ -120,9 +96,8 @@ def freeze_parameters(backbone: nn.Module, until: str) -> list[str]:
             )
         last = max(inside)
     frozen = names[: last + 1]
-    chosen = set(frozen)
     for name, param in backbone.named_parameters():
-        if name in chosen:
+        if name in frozen:
             param.requires_grad_(False)
     return frozen
 
@@ -137,11 +112,8 @@ def block_names(backbone: nn.Module, depth: int = 2) -> list[str]:
 
 
 def _enable_checkpointing(backbone: nn.Module) -> bool:
-    """Turn on the backbone's own gradient checkpointing; False when it has none.
-
-    timm models have ``set_grad_checkpointing``; a backbone whose body is an ``nn.Sequential``
-    (e.g. VGG's convolutions) gets that body checkpointed in segments.
-    """
+    """Turn on the backbone's own gradient checkpointing (timm's), or checkpoint its body in
+    segments when that is an ``nn.Sequential`` (VGG's convolutions); False when neither."""
     for module in backbone.modules():
         setter = getattr(module, "set_grad_checkpointing", None)
         if callable(setter):
@@ -153,22 +125,14 @@ def _enable_checkpointing(backbone: nn.Module) -> bool:
     for parent in backbone.modules():
         for name, child in parent.named_children():
             if type(child) is nn.Sequential and len(child) > 2:
-                replacement = _CheckpointedSequential(*child)
-                setattr(parent, name, replacement)
+                setattr(parent, name, _CheckpointedSequential(*child))
                 return True
     return False
 
 
 class EncodedAggregator(nn.Module):
-    """A patch encoder, then a MIL aggregator: tiles in, one ``Aggregate`` out.
-
-    Only the valid tiles are encoded; padding stays zero and ``tile_valid`` goes to the
-    aggregator, so padding never changes the result.
-
-    Args:
-        encoder: the ``PatchEncoder``.
-        aggregator: any aggregator of ``models.aggregators`` (``out_dim`` is passed on).
-    """
+    """A patch encoder, then a MIL aggregator: tiles in, one ``Aggregate`` out. Only the valid
+    tiles are encoded, so padding never changes the result."""
 
     def __init__(self, encoder: PatchEncoder, aggregator: nn.Module) -> None:
         super().__init__()

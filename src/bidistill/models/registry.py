@@ -65,15 +65,9 @@ def create_method(
     patch_encoder: Callable[[], Any] | None = None,
     **options: Any,
 ) -> Method:
-    """Build a method by name with validated options.
-
-    ``None`` options are dropped so that the method's own defaults apply. ``patch_encoder``
-    (end-to-end mode) gives each of the method's aggregators its own trainable patch encoder.
-
-    Raises:
-        ConfigError: unknown method, or an option that is unknown or invalid (named, with the
-            method's valid options).
-    """
+    """Build a method by name with validated options (``None`` options are dropped so that the
+    method's defaults apply); ``patch_encoder`` (end-to-end mode) gives each aggregator its own
+    trainable patch encoder."""
     validated = validate_options(name, options)
     dims = MethodDims(
         in_dim=int(in_dim),
@@ -86,11 +80,7 @@ def create_method(
 
 
 def validate_options(name: str, options: dict[str, Any]) -> Any:
-    """The method's validated options model (run before any work, so typos fail fast).
-
-    Raises:
-        ConfigError: unknown method, or an option that is unknown or invalid.
-    """
+    """The method's validated options model (run before any work, so typos fail fast)."""
     cls = get_method_class(name)
     given = {k: v for k, v in options.items() if v is not None}
     try:
@@ -112,12 +102,8 @@ def validate_options(name: str, options: dict[str, Any]) -> Any:
 
 
 def check_method_configs(methods: Sequence[Any], *, source: Any) -> None:
-    """Validate every configured method's name and options before any work starts.
-
-    Args:
-        methods: the config's ``MethodConfig`` entries (``name`` and ``options``).
-        source: the config file, named in the error.
-    """
+    """Validate every configured method's name and options before any work starts (``source``:
+    the config file, named in the error)."""
     for method in methods:
         try:
             validate_options(method.name, method.options)

@@ -1,33 +1,19 @@
 """Prediction in bounded memory, for bags of any size: the one engine of training's
 predictions, ``predict``, ``heatmap`` and ``load_run``.
 
-A MIL aggregator spends its memory per instance (the projection D → H and the attention layers);
-only the softmax over the instances couples them. ``PoolStream`` projects and scores a bag a
-chunk at a time and combines the chunks with an online softmax (a running maximum and rescaled
-sums, Milakov & Gimelshein 2018, as in FlashAttention): the embedding equals the whole-bag one
-up to float rounding while the memory grows with the chunk, and per instance only the attention
-score is kept (4 bytes). An aggregator that attends between instances (TransMIL) cannot be
-streamed: it runs on the whole bag when an estimate of its memory fits, and is refused with a
-``BagTooLargeError`` otherwise.
-
-The method itself runs unchanged: each of its aggregators (``find_aggregators``) answers for the
-block through a substituted ``forward``, so BD's two branches, ``switch``, ``kd`` and any new
-method predict without code of their own. Two ways in:
-
-- ``streaming_aggregation(method)``: padded batches of whole bags (the trainer's predictions,
-  ``BoundedBatchSampler`` caps a batch in bytes, ``check_prediction_memory`` refuses before
-  allocating a bag too large for the machine); bags up to the chunk take the one-pass code, so
-  ordinary predictions stay bit-identical;
-- ``predict_bag(method, bag)``: one patient read a chunk at a time (``ArrayBag``, or
-  ``training.data.FileBag`` over its ``.h5`` files) within a memory budget; every aggregator is
-  encoded once (``encode_bag``) and its result replayed into the method's forward.
-"""
+``PoolStream`` projects and scores a bag a chunk at a time with an online softmax (Milakov &
+Gimelshein 2018, as in FlashAttention): the embedding equals the whole-bag one up to float
+rounding, and per instance only the attention score is kept. TransMIL attends between
+instances: it runs on the whole bag when it fits the budget, else ``BagTooLargeError``. Each
+aggregator is encoded once per bag and its result replayed into the method's unchanged forward,
+so every method predicts without code of its own, and one encoding serves clinical data given
+and withheld."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,12 +28,6 @@ from bidistill.models.batch import Batch, Output
 
 MiB = 2**20
 DEFAULT_MEMORY_BUDGET = 512 * MiB
-# Instances projected at once by a streamed aggregator in a padded batch (64k x 128 floats).
-CHUNK_INSTANCES = 65_536
-# Padded input per prediction batch (B x N_max x D float32).
-BATCH_BYTES = 256 * MiB
-# A prediction may use at most this share of the available memory.
-MEMORY_SHARE = 0.6
 _FLOAT = 4  # bytes per float32
 
 
@@ -87,17 +67,13 @@ def _answering(modules: dict[nn.Module, Callable]) -> Iterator[None]:
 
 class PoolStream:
     """Feed ``update(chunk, valid)`` with [B, c, D] instances and their [B, c] validity, then
-    ``result()`` gives the module's ``Aggregate`` for the whole bags. It serves prediction: eval
-    mode is assumed (the projection's dropout would otherwise differ from a one-pass forward),
-    and it runs without gradients (the buffers are updated in place). The layers are applied
-    by their weights (``addmm`` into the buffers), so forward hooks on them do not fire.
+    ``result()`` gives the module's ``Aggregate`` for the whole bags. Eval mode and no gradients
+    (the buffers are updated in place); the layers are applied by their weights, so forward
+    hooks on them do not fire.
 
-    Nothing of size c or n is allocated per chunk: what is kept per instance (the attention
-    scores, the validity) goes into buffers of the whole bag's length, ``n_instances``,
-    allocated once, the layers write their activations into buffers that every chunk reuses, and
-    the running sums are updated in place. Tensors allocated per chunk, the kept ones among the
-    freed ones, fragment the heap: the process grew with the number of chunks (256 MiB for a bag
-    of 1M tiles at a 64 MiB budget) instead of staying near one chunk's worth.
+    Nothing is allocated per chunk (buffers of ``n_instances`` allocated once, activations in
+    reused buffers): tensors allocated per chunk fragmented the heap, and the process grew with
+    the number of chunks (256 MiB for 1M tiles at a 64 MiB budget) instead of one chunk's worth.
     """
 
     def __init__(self, module: nn.Module, n_instances: int):
@@ -205,105 +181,6 @@ class PoolStream:
         return Aggregate(embedding, weights)
 
 
-# --- padded batches of whole bags ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def streaming_aggregation(method: nn.Module, chunk: int | None = None) -> Iterator[None]:
-    """Within the block, the method's streamable aggregators process bags larger than ``chunk``
-    (default ``CHUNK_INSTANCES``) instances ``chunk`` at a time (eval mode: dropout is off)."""
-    chunk = CHUNK_INSTANCES if chunk is None else chunk
-    streamed = {m: _chunked(m, chunk) for m in find_aggregators(method).values() if streams(m)}
-    with _answering(streamed):
-        yield
-
-
-def _chunked(module: nn.Module, chunk: int) -> Callable[[Tensor, Tensor], Aggregate]:
-    one_pass = type(module).forward.__get__(module)
-
-    def forward(bags: Tensor, tile_valid: Tensor) -> Aggregate:
-        if bags.shape[1] <= chunk:
-            return one_pass(bags, tile_valid)
-        stream = PoolStream(module, bags.shape[1])  # no [B, N, H] tensor is ever held
-        for start in range(0, bags.shape[1], chunk):
-            stream.update(bags[:, start : start + chunk], tile_valid[:, start : start + chunk])
-        return stream.result()
-
-    return forward
-
-
-def prediction_bytes(method: nn.Module, n_instances: int, dim: int) -> int:
-    """Peak bytes to predict one bag of ``n_instances`` x ``dim`` (float32) in a padded batch.
-
-    The bag itself is held about three times (as read, concatenated over the patient's slides,
-    and padded into a batch); streamed aggregators add a constant per chunk; TransMIL's exact
-    self-attention holds (1 + n)² weights per head.
-    """
-    work = 0
-    for module in find_aggregators(method).values():
-        if streams(module):
-            chunk = min(n_instances, CHUNK_INSTANCES)
-            work = max(work, 6 * chunk * module.out_dim * _FLOAT + 8 * n_instances)
-        elif isinstance(module, TransMIL):
-            heads = module.attentions[0].num_heads
-            work = max(work, 3 * heads * (n_instances + 1) ** 2 * _FLOAT)
-    return 3 * n_instances * dim * _FLOAT + work
-
-
-def check_prediction_memory(
-    method: nn.Module,
-    lengths: Sequence[int],
-    dim: int,
-    names: Sequence[str] | None,
-    available: int,
-) -> None:
-    """Refuse, before allocating anything, a bag that cannot be predicted in the ``available``
-    bytes of memory.
-
-    Raises:
-        BagTooLargeError: naming the bag (patient), its size, the need and what is free.
-    """
-    if not len(lengths):
-        return
-    largest = int(np.argmax(lengths))
-    needed = prediction_bytes(method, int(lengths[largest]), dim)
-    if needed > MEMORY_SHARE * available:
-        who = f"patient '{names[largest]}'" if names is not None else f"bag {largest}"
-        kinds = sorted({type(m).__name__ for m in find_aggregators(method).values()})
-        raise BagTooLargeError(
-            f"{who}: predicting its bag of {int(lengths[largest]):,} instances x {dim} needs "
-            f"about {needed / MiB:,.1f} MiB, more than {MEMORY_SHARE:.0%} of the "
-            f"{available / MiB:,.1f} MiB of memory available (with aggregator "
-            f"{', '.join(kinds) or 'none'}); tile the slide coarser or split it"
-        )
-
-
-class BoundedBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Bags sorted by size (as the training sampler does for prediction), cut into batches of
-    at most ``batch_size`` bags and ``max_bytes`` of padded float32 input (a huge bag alone)."""
-
-    def __init__(
-        self, lengths: Sequence[int], batch_size: int, dim: int, max_bytes: int = BATCH_BYTES
-    ):
-        lengths = torch.as_tensor(list(lengths), dtype=torch.int64)
-        self.batches: list[list[int]] = []
-        current: list[int] = []
-        for i in torch.argsort(lengths, stable=True).tolist():
-            padded = (len(current) + 1) * max(int(lengths[i]), 1) * dim * _FLOAT
-            if current and (len(current) == batch_size or padded > max_bytes):
-                self.batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            self.batches.append(current)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        yield from (list(b) for b in self.batches)
-
-
 # --- one bag read a chunk at a time -------------------------------------------------------------
 
 
@@ -361,17 +238,10 @@ def whole_bag_bytes(module: nn.Module, n: int, dim: int) -> int:
 def chunk_rows(
     method: nn.Module, n_instances: int, dim: int, memory_budget: int
 ) -> tuple[int, int]:
-    """Rows per chunk for ``method`` on a bag of ``n_instances`` within ``memory_budget`` bytes
-    (what grows with the bag: the features as read, their activations, the per-instance scores;
-    not the model's weights).
-
-    Returns:
-        (rows per chunk, bytes the per-instance results take whatever the chunk).
-
-    Raises:
-        BagTooLargeError: the budget cannot hold even the per-instance results, or an
-            aggregator that cannot be streamed needs more than the budget for this bag.
-    """
+    """(rows per chunk, bytes of the per-instance results) for ``method`` on a bag of
+    ``n_instances`` within ``memory_budget`` bytes (what grows with the bag, not the weights);
+    ``BagTooLargeError`` when not even the per-instance results, or a bag that an aggregator
+    needs whole, fit."""
     found = find_aggregators(method)
     for name, module in found.items():
         need = 0 if streams(module) else whole_bag_bytes(module, n_instances, dim)
@@ -399,20 +269,12 @@ def chunk_rows(
 
 @dataclass
 class BagOutput:
-    """One bag's prediction.
+    """One bag's prediction."""
 
-    Attributes:
-        probability: P(label = 1).
-        attention: per aggregator path, the instance weights [n] (empty without aggregators).
-        routed: the aggregator whose weights the prediction used (None for methods without a
-            bag, e.g. clinical-only).
-        chunk_rows: the most instances encoded at once.
-    """
-
-    probability: float
-    attention: dict[str, np.ndarray]
-    routed: str | None
-    chunk_rows: int
+    probability: float  # P(label = 1)
+    attention: dict[str, np.ndarray]  # aggregator path → instance weights [n]
+    routed: str | None  # the aggregator whose weights it used (None: no bag, clinical-only)
+    chunk_rows: int  # the most instances encoded at once
 
 
 @torch.no_grad()
@@ -423,11 +285,8 @@ def encode_bag(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     device: str | torch.device = "cpu",
 ) -> tuple[dict[str, Aggregate], int]:
-    """Every aggregator's result on ``bag``, reading it once, a chunk at a time.
-
-    Returns:
-        (aggregator path → Aggregate with embedding [1, H] and attention [1, n], rows per chunk).
-    """
+    """(aggregator path → its ``Aggregate`` [1, H] / [1, n], rows per chunk) on ``bag``, read
+    once, a chunk at a time."""
     found = find_aggregators(method)
     if not found:
         return {}, 0
@@ -457,21 +316,30 @@ def predict_bag(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     device: str | torch.device = "cpu",
 ) -> BagOutput:
-    """Predict one patient from its whole bag in bounded memory (the method in eval mode).
-
-    Args:
-        method: a trained method (``load_trained``), already on ``device``.
-        bag: the patient's instances.
-        clinical: the encoded clinical row [C]; clinical_valid: [F]; clinical_present: routes.
-        memory_budget: bytes for what grows with the bag (see ``chunk_rows``).
-    """
+    """Predict one patient (encoded clinical row [C], its validity [F], presence) from its
+    whole bag in bounded memory (``memory_budget``: bytes for what grows with the bag)."""
     method.eval()
-    device = torch.device(device)
-    aggregates, rows = encode_bag(method, bag, memory_budget=memory_budget, device=device)
+    encoded = encode_bag(method, bag, memory_budget=memory_budget, device=device)
+    return predict_encoded(method, encoded, bag.dim, clinical, clinical_valid, clinical_present)
+
+
+@torch.no_grad()
+def predict_encoded(
+    method: nn.Module,
+    encoded: tuple[dict[str, Aggregate], int],
+    dim: int,
+    clinical: Tensor,
+    clinical_valid: Tensor,
+    clinical_present: bool,
+) -> BagOutput:
+    """The method's prediction from its aggregators' results on a bag (``encode_bag``), in
+    eval mode on the aggregates' device; ``dim`` is the bag's instance dimension."""
+    aggregates, rows = encoded
+    device = next(method.parameters()).device
     # NaN features: a method that read the bag anywhere but through its aggregators would
     # return NaN instead of a wrong number.
     batch = Batch(
-        bags=torch.full((1, 1, max(bag.dim, 1)), math.nan, device=device),
+        bags=torch.full((1, 1, max(dim, 1)), math.nan, device=device),
         tile_valid=torch.ones(1, 1, dtype=torch.bool, device=device),
         clinical=clinical.reshape(1, -1).to(device=device, dtype=torch.float32),
         clinical_valid=clinical_valid.reshape(1, -1).to(device=device, dtype=torch.bool),

@@ -24,24 +24,13 @@ from bidistill.models.patch_encoder import PatchEncoder, PatchEncoderError
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What a run's patch encoders are (saved in ``model.json`` under ``end_to_end.backbone``).
+    """What a run's patch encoders are (saved in ``model.json`` under ``end_to_end.backbone``)."""
 
-    Attributes:
-        encoder: the registry name, as the config spelt it.
-        dim: D, the encoder's output dimension.
-        preprocess: size, resize, interpolation, mean, std (``features.spec.Preprocess``).
-        weights_sha256: digest of the starting weights (pretrained, a checkpoint, or random).
-        source: where the starting weights came from.
-        random_init: the starting weights were random (tests and demos).
-        freeze_until: the frozen part (``training.end_to_end.freeze_until``).
-        checkpointing: gradient checkpointing in training.
-    """
-
-    encoder: str
+    encoder: str  # the registry name, as the config spelt it
     dim: int
-    preprocess: dict[str, Any]
-    weights_sha256: str
-    source: str
+    preprocess: dict[str, Any]  # features.spec.Preprocess's fields
+    weights_sha256: str  # of the starting weights (pretrained, a checkpoint, or random)
+    source: str  # where the starting weights came from
     random_init: bool
     freeze_until: str | None = None
     checkpointing: bool = False
@@ -65,11 +54,7 @@ class BackboneSpec:
 
 
 def load_backbone(config: ExperimentConfig) -> tuple[nn.Module, BackboneSpec]:
-    """The configured encoder with its starting weights, and its spec.
-
-    Raises:
-        EncoderError: unknown encoder, weights that cannot be loaded (with what to do).
-    """
+    """The configured encoder with its starting weights, and its spec."""
     from bidistill.features.extract import load_config_encoder
 
     encoder = load_config_encoder(config.features)
@@ -99,11 +84,8 @@ def load_backbone(config: ExperimentConfig) -> tuple[nn.Module, BackboneSpec]:
 def patch_encoder_factory(
     model: nn.Module, spec: BackboneSpec, *, training: bool = True
 ) -> Callable[[], PatchEncoder]:
-    """Each call gives a ``PatchEncoder`` holding its own copy of ``model`` (one per aggregator).
-
-    Raises (when called):
-        ConfigError: ``freeze_until`` names no block of the encoder.
-    """
+    """Each call gives a ``PatchEncoder`` holding its own copy of ``model`` (one per aggregator;
+    ``ConfigError`` when ``freeze_until`` names no block of the encoder)."""
     preprocess = spec.make_preprocess()
 
     def make() -> PatchEncoder:

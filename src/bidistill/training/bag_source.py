@@ -1,19 +1,6 @@
-"""The seam between the trainer and its data: what a bag source gives (``BagSource``), a step's
-forward passes (``Pass``) and a stage's optimiser and schedule (``Schedule``).
-
-``training.mode`` chooses the source once (``training.train.open_bag_source``):
-
-- ``features``: bags of feature rows from the ``.h5`` files (``training.feature_source``), the
-  method's input dimension the files'; AdamW with a per-step learning-rate warm-up and cosine
-  decay;
-- ``end-to-end``: bags of tiles decoded from the slides and encoded by a trainable patch encoder
-  (``training.tile_source``), the input dimension the backbone's.
-
-The trainer (``training.train``) and its loop (``training.loop``) are the same for both; a
-source gives the method's input, each epoch's steps, the patients' probabilities of a split
-(clinical data given and withheld), its ``model.json`` blocks and what its resumable state
-depends on.
-"""
+"""The seam between the trainer and its data: ``BagSource`` (chosen once from ``training.mode``
+by ``training.train.open_bag_source``), a step's forward passes (``Pass``) and a stage's
+optimiser and schedule (``Schedule``)."""
 
 from __future__ import annotations
 

@@ -61,18 +61,10 @@ class ArrayBags:
 
 
 class PatientBags(torch.utils.data.Dataset):
-    """One item per patient: its bag, encoded clinical data and label.
-
-    In training two augmentations draw a random subset of each bag: ``instance_dropout`` drops
-    that share of the instances (at least one is kept), and a bag still larger than
-    ``max_instances`` is cut to ``max_instances`` (also a memory bound). The subset depends only
-    on (seed, epoch, patient), never on the worker that draws it, so runs repeat exactly.
-
-    Args:
-        bags: callable i → features [n_i, D].
-        clinical: float [n, C]; clinical_valid: bool [n, F]; clinical_present: bool [n].
-        labels: int [n] or None.
-    """
+    """One item per patient: its bag (``bags(i)``: features [n_i, D]), encoded clinical data
+    and label. In training ``instance_dropout`` drops that share of a bag's instances (at least
+    one is kept) and ``max_instances`` caps it (also a memory bound); the subset depends only on
+    (seed, epoch, patient), never on the worker that draws it, so runs repeat exactly."""
 
     def __init__(
         self,
@@ -87,10 +79,8 @@ class PatientBags(torch.utils.data.Dataset):
         seed: int = 0,
     ):
         self.bags = bags
-        self.clinical = torch.as_tensor(np.array(clinical, dtype=np.float32))
-        self.clinical_valid = torch.as_tensor(np.array(clinical_valid, dtype=bool))
-        self.clinical_present = torch.as_tensor(np.array(clinical_present, dtype=bool))
-        self.labels = None if labels is None else torch.as_tensor(np.array(labels, np.int64))
+        rows = clinical_tensors(clinical, clinical_valid, clinical_present, labels)
+        self.clinical, self.clinical_valid, self.clinical_present, self.labels = rows
         self.max_instances = max_instances
         self.instance_dropout = instance_dropout
         self.seed = seed
@@ -128,17 +118,10 @@ class PatientBags(torch.utils.data.Dataset):
 
 
 class LengthBucketSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of bags of similar size, so that little compute goes into padding.
-
-    Shuffled: the patients are shuffled, cut into pools of ``pool_batches`` batches, sorted by
-    bag length within a pool and batched, and the batches are shuffled. Not shuffled: all
-    patients sorted by length (prediction: iterate the sampler beside the loader to
-    know which patients each batch holds).
-
-    Args:
-        lengths: instances per item.
-        generator: the source of the shuffles (seeded by the trainer).
-    """
+    """Batches of bags of similar size, so that little compute goes into padding: shuffled
+    patients cut into pools of ``pool_batches`` batches, sorted by length within a pool, the
+    batches shuffled; unshuffled, all patients sorted by length (iterate the sampler beside the
+    loader to know which patients each batch holds)."""
 
     def __init__(
         self,
@@ -178,10 +161,20 @@ class LengthBucketSampler(torch.utils.data.Sampler[list[int]]):
             yield batches[b]
 
 
-def collate_bags(items: list[dict]) -> Batch:
-    """Pad the bags to the largest one in the batch; ``tile_valid`` marks the real instances."""
-    # float16 files are computed in float32
-    bags, tile_valid = pad_bags([item["features"] for item in items], torch.float32)
+def clinical_tensors(clinical, clinical_valid, clinical_present, labels) -> tuple:
+    """Per-patient clinical rows [n, C], validity [n, F], presence and labels as tensors."""
+    return (
+        torch.as_tensor(np.array(clinical, dtype=np.float32)),
+        torch.as_tensor(np.array(clinical_valid, dtype=bool)),
+        torch.as_tensor(np.array(clinical_present, dtype=bool)),
+        None if labels is None else torch.as_tensor(np.array(labels, np.int64)),
+    )
+
+
+def collate_bags(items: list[dict], key: str = "features", dtype=torch.float32) -> Batch:
+    """Pad the bags (``item[key]``) to the largest one in the batch as ``dtype`` (float16 files
+    are computed in float32; tiles stay uint8); ``tile_valid`` marks the real instances."""
+    bags, tile_valid = pad_bags([item[key] for item in items], dtype)
     labels = None if items[0]["label"] is None else torch.stack([i["label"] for i in items])
     return Batch(bags, tile_valid, *stack_clinical(items), labels=labels)
 
@@ -205,11 +198,8 @@ def stack_clinical(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def withhold_clinical(batch: Batch, blank_clinical: torch.Tensor) -> Batch:
-    """The batch as if no patient had clinical data (what "prob_absent" predicts from).
-
-    Args:
-        blank_clinical: [C], the fitted encoder's output for an all-blank row.
-    """
+    """The batch as if no patient had clinical data (``blank_clinical`` [C]: the fitted
+    encoder's output for an all-blank row)."""
     return Batch(
         bags=batch.bags,
         tile_valid=batch.tile_valid,
@@ -237,14 +227,8 @@ def bag_loader(dataset: PatientBags, batch_size: int, *, shuffle: bool, workers:
 
 
 class FileBag:
-    """A patient's bag: its slides' ``.h5`` feature files, in order, read a chunk at a time.
-
-    Only the file headers are read here; ``chunks`` reads row slices of ``features`` (CLAM's
-    older ``[1, n, D]`` layout included).
-
-    Raises:
-        FeatureFileError: a file is missing or not a feature file, or the files disagree on D.
-    """
+    """A patient's bag: its slides' ``.h5`` feature files, in order, read a chunk at a time
+    (CLAM's older ``[1, n, D]`` layout included); only the headers are read here."""
 
     def __init__(self, paths: Sequence[str | Path]):
         self.paths = [Path(p) for p in paths]

@@ -1,22 +1,17 @@
 """Data parallel training under ``torchrun``: one process per GPU (or CPU process, gloo).
 
-Started by ``torchrun --nproc_per_node=N -m bidistill train ...`` (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK`` and ``MASTER_ADDR`` in the environment), each process trains the same model on its
-share of every step's bags. After the backward passes of a step, the gradients of all processes
-are summed with one all-reduce over a flat buffer (what ``DistributedDataParallel`` does, without
-its overlap of communication and backward), so that a step's gradient is the mean over all of its
-forward passes however they are spread over processes: N processes give the weights of one,
-up to floating-point summation order. Doing it by hand rather than with the DDP wrapper keeps
-that exact for stages that freeze part of a method or leave parameters unused (BD's warm-up,
-``kd``'s student stage), which the wrapper would need ``find_unused_parameters`` and a re-wrap
-per stage for. Batch-norm running statistics are averaged over processes at the end of each
-epoch (each process's statistics saw other bags; DDP keeps rank 0's).
+A step's gradients are summed over the processes with one all-reduce over a flat buffer, so N
+processes give the weights of one up to summation order. By hand rather than with the DDP
+wrapper, because stages that freeze part of a method or leave parameters unused (BD's warm-up,
+``kd``'s student stage) would need ``find_unused_parameters`` and a re-wrap per stage. Batch-norm
+statistics are averaged at each epoch's end (each process's saw other bags; DDP keeps rank 0's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,23 +124,18 @@ def barrier(processes: Processes) -> None:
         dist.barrier()
 
 
-def process_group(device_name: str):
-    """Context manager for ``bidistill train``: join torchrun's process group (if launched by
-    torchrun) for the whole command and leave it at the end; yields ``Processes``."""
-    import contextlib
+@contextlib.contextmanager
+def process_group(device_name: str) -> Iterator[Processes]:
+    """For a whole command: join torchrun's process group (if launched by torchrun) and leave
+    it at the end."""
+    if not launched_by_torchrun():
+        yield Processes()
+        return
+    import torch.distributed as dist
 
-    @contextlib.contextmanager
-    def joined():
-        if not launched_by_torchrun():
-            yield Processes()
-            return
-        import torch.distributed as dist
-
-        processes = start_processes(resolve_device(device_name))
-        try:
-            yield processes
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-    return joined()
+    processes = start_processes(resolve_device(device_name))
+    try:
+        yield processes
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -11,21 +11,22 @@ from torch.utils.data import DataLoader
 
 from bidistill.cohort import ClinicalEncoder, Cohort
 from bidistill.config import ExperimentConfig, TrainingConfig
-from bidistill.features import hygiene
 from bidistill.features.identity import config_identity
 from bidistill.features.store import FeatureStore
 from bidistill.models import Method
 from bidistill.models.streaming import (
-    BoundedBatchSampler,
-    check_prediction_memory,
-    streaming_aggregation,
+    DEFAULT_MEMORY_BUDGET,
+    ArrayBag,
+    BagTooLargeError,
+    chunk_rows,
+    encode_bag,
+    predict_encoded,
 )
 from bidistill.training.bag_source import Pass, Patients, Schedule, warmup_cosine
 from bidistill.training.data import (
     PatientBags,
     StoreBags,
     bag_loader,
-    collate_bags,
     withhold_clinical,
 )
 from bidistill.training.threads import cpu_threads_for
@@ -44,13 +45,8 @@ def open_feature_store(
 
 
 class FeatureSource:
-    """Bags of feature rows (``training.data.PatientBags``) per split.
-
-    Args:
-        parts: split → (patient ids, their bags); training subsets and instance dropout apply
-            to the ``train`` split's bags only.
-        features: ``model.json``'s ``features`` block.
-    """
+    """Bags of feature rows per split (``parts``: split → (patient ids, their
+    ``PatientBags``); ``features``: ``model.json``'s ``features`` block)."""
 
     patch_encoder = None
     precision = torch.float32
@@ -74,9 +70,8 @@ class FeatureSource:
 
     def start(self, method: Method, device: torch.device) -> None:
         self.device = device
-        available = hygiene.available_memory_bytes()
         for ids, bags in self.parts.values():  # a bag too large to predict fails now
-            check_prediction_memory(method, bags.bags.lengths(), self.in_dim, ids, available)
+            _check_predictable(method, ids, bags.bags.lengths(), self.in_dim)
         cfg = self.cfg
         self.loaders = {
             name: bag_loader(
@@ -117,13 +112,24 @@ class FeatureSource:
     ) -> tuple[np.ndarray, np.ndarray]:
         if not final:
             return predict_loader(method, self.loaders[split], self.device)
-        ids, bags = self.parts[split]
-        # Whole bags for every split: the training subsets are an augmentation.
-        bags.max_instances, bags.instance_dropout = None, 0.0
-        batches = BoundedBatchSampler(bags.lengths(), self.cfg.batch_size, self.in_dim)
-        loader = DataLoader(bags, batch_sampler=batches, collate_fn=collate_bags, num_workers=0)
-        with streaming_aggregation(method):
-            return predict_loader(method, loader, self.device)
+        # Whole bags for every split (the training subsets are an augmentation), each through
+        # the bounded-memory predictor of ``predict``, encoded once for both clinical passes.
+        bags = self.parts[split][1]
+        was_training = method.training
+        method.eval()
+        n = len(bags)
+        present, absent = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        for i in range(n):
+            bag = ArrayBag(bags.bags(i))
+            encoded = encode_bag(
+                method, bag, memory_budget=DEFAULT_MEMORY_BUDGET, device=self.device
+            )
+            given = (bags.clinical[i], bags.clinical_valid[i], bool(bags.clinical_present[i]))
+            withheld = (method.blank_clinical, torch.zeros_like(bags.clinical_valid[i]), False)
+            present[i] = predict_encoded(method, encoded, bag.dim, *given).probability
+            absent[i] = predict_encoded(method, encoded, bag.dim, *withheld).probability
+        method.train(was_training)
+        return present, absent
 
     def meta(self) -> dict[str, Any]:
         return {"features": self.features}
@@ -139,13 +145,8 @@ class FeatureSource:
 def predict_loader(
     method: Method, loader: DataLoader, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
-    """P(label = 1) per patient, in dataset order, with clinical data as given and withheld.
-
-    Runs in ``eval()`` mode under ``no_grad`` and restores the previous mode.
-
-    Returns:
-        (prob_present [n], prob_absent [n]).
-    """
+    """(P(label = 1) with clinical data as given, withheld) per patient, in dataset order, in
+    ``eval()`` mode (the previous mode restored)."""
     was_training = method.training
     method.eval()
     n = len(loader.dataset)
@@ -158,6 +159,17 @@ def predict_loader(
         absent[indices] = method(blank).probabilities.float().cpu().numpy()
     method.train(was_training)
     return present, absent
+
+
+def _check_predictable(method: Method, ids: list[str], lengths: list[int], dim: int) -> None:
+    """Refuse, before training, a bag that the predictions table could not predict."""
+    if not lengths:
+        return
+    largest = int(np.argmax(lengths))
+    try:
+        chunk_rows(method, lengths[largest], dim, DEFAULT_MEMORY_BUDGET)
+    except BagTooLargeError as err:
+        raise BagTooLargeError(f"patient '{ids[largest]}': {err}") from None
 
 
 def _patient_bags(

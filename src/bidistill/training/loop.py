@@ -1,33 +1,11 @@
-"""The one training loop: stages, epochs, steps, model selection with early stopping, and its
-resumable state, over any bag source (``training.bag_source``).
+"""The one training loop over any bag source (``training.bag_source``): stages, epochs, steps,
+selection with early stopping, and the resumable state (docs/internal-interfaces.md).
 
-A method's ``stages()`` run in order, each with a fresh optimiser (the source's: feature mode's
-AdamW with a per-step warm-up and cosine decay, end-to-end's configured optimiser and per-epoch
-schedule). A step is one or more forward passes (micro-batches) whose gradients add up, summed
-over the processes under torchrun, with mixed precision when asked. After every epoch the
-validation patients are predicted twice, with their clinical data as in the table and with all
-of it withheld, which gives three AUCs (``train_log.csv`` columns):
-
-- ``val_auc_present``: every validation patient, clinical data as given;
-- ``val_auc_with_clinical``: only the validation patients that have clinical data, as given;
-- ``val_auc_absent``: every validation patient, clinical data withheld.
-
-A stage selects its best epoch on the score it names (``Stage.select``, see ``SELECTION``). A
-stage made of parts (``Stage.parts``: e.g. BD's multi-modal and single-modal branches, which
-share no parameters and never use each other at prediction) keeps each part's own best epoch on
-the part's own score, because one checkpoint for two branches that peak at different epochs
-shortchanges one of them. A part that has not improved for ``patience`` epochs while others
-still do goes back to its best weights and is frozen for the rest of the stage; the stage ends
-when no part is left improving.
-
-With a state file (end-to-end mode) everything above (weights, optimiser, scheduler, gradient
-scaler, each part's best weights and counters, the log) is written atomically at every epoch
-boundary, and a rerun whose fingerprint matches resumes from it with the weights an
-uninterrupted run would have reached.
-
-Epochs count from 1 within each stage everywhere: progress bar, run.log, ``train_log.csv`` and
-``model.json``.
-"""
+A stage made of parts (e.g. BD's multi-modal and single-modal branches, which share no
+parameters and never use each other at prediction) keeps each part's own best epoch, because
+one checkpoint for two branches that peak at different epochs shortchanges one of them; a part
+that stops improving for ``patience`` epochs is frozen at its best while the others train on.
+Epochs count from 1 within each stage everywhere (progress, run.log, train_log.csv, model.json)."""
 
 from __future__ import annotations
 
@@ -272,19 +250,9 @@ def fit(
     fingerprint: str = "",
 ) -> FitResult:
     """Train ``method`` on ``source`` through its stages; leave it holding each stage's (parts')
-    best weights.
-
-    Args:
-        epochs: overrides ``cfg.epochs`` (stages with their own epoch count keep it).
-        processes: this process's place under torchrun (gradients summed over them).
-        precision: mixed precision of the forward passes (float32: none).
-        state_file: where the state is kept at every epoch boundary (None: not resumable);
-            resumed from when it holds ``fingerprint``.
-
-    Returns:
-        One log row per epoch (stage, epoch, lr, every named loss term, validation AUCs and
-        selection scores, time) and per stage each part's best epoch and score.
-    """
+    best weights. ``epochs`` overrides ``cfg.epochs`` (not a stage's own); ``precision``: of the
+    forward passes; ``state_file``: kept at every epoch boundary, resumed from when it holds
+    ``fingerprint`` (None: not resumable). Returns the log rows and each stage's selection."""
     loop = _Loop(method, source, cfg, device, progress, processes, precision, state_file)
     state, payload = loop.resume(fingerprint)
     stages = method.stages()

@@ -1,28 +1,17 @@
-"""The pixel bag source of end-to-end mode: bags of tiles drawn from each patient's slides.
-
-A patient's tiles are those of its slides' coords files (``bidistill tile``: tiles of whole
-slides, or the patches of a patch folder such as BCNB's ``paper_patches``), in slide order.
-A bag is ``bag_size`` of them, read and decoded in data-loader worker processes that open their
-own slides (OpenSlide and libvips handles must not cross processes), augmented there (uint8,
-cheap), collated into padded uint8 ``[B, N, 3, H, W]`` batches and pinned for the GPU; the
-patch encoder normalises and resizes them on the device.
+"""End-to-end mode's bags: tiles drawn from each patient's slides, read and decoded in loader
+workers that open their own slides (OpenSlide and libvips handles must not cross processes),
+collated into padded uint8 ``[B, N, 3, H, W]`` batches; the patch encoder normalises on device.
 
 Which tiles go into which bag is decided in the main process from the seed alone (never from
-the worker or process that reads them), so that runs repeat exactly and any number of processes
-sees the same bags:
-
-- training: each epoch, each patient's tiles are shuffled (seed, epoch, patient) and cut into
-  bags of ``bag_size``, every tile once per epoch as in the BCNB authors' code (or at most
-  ``train_bags_per_patient`` bags); the bags of all patients are then shuffled;
-- validation and prediction: a fixed shuffle (seed, patient) cut into bags, every tile once (or
-  the first ``bags_per_patient`` bags); a patient's bags depend on its id, not on the patients
-  predicted with it.
-
-A patient without tiles gets one empty bag (its aggregators see no valid tile).
-"""
+the worker or process that reads them), so that runs repeat exactly with any number of
+processes: training reshuffles each patient's tiles per epoch (every tile once per epoch, as
+the BCNB authors' code); validation and prediction use a fixed shuffle per (seed, patient id),
+so a patient's bags do not depend on the patients predicted with it. A patient without tiles
+gets one empty bag."""
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +22,7 @@ import torch
 
 from bidistill.config import AugmentConfig, ExperimentConfig
 from bidistill.errors import ConfigError, SlideError
-from bidistill.training.data import pad_bags, stack_clinical
+from bidistill.training.data import clinical_tensors, collate_bags
 
 MAX_OPEN_SLIDES = 8  # per worker process: enough for bags that span a patient's slides
 
@@ -57,12 +46,8 @@ class SlideTiles:
 
 
 class TileIndex:
-    """Every patient's tiles: patient i's are its slides' tiles, in slide order.
-
-    Args:
-        slides: the slides.
-        patients: per patient, the indices of its slides in ``slides``.
-    """
+    """Every patient's tiles: patient i's are its slides' tiles, in slide order (``patients``:
+    per patient, the indices of its slides in ``slides``)."""
 
     def __init__(self, slides: Sequence[SlideTiles], patients: Sequence[Sequence[int]]):
         self.slides = list(slides)
@@ -78,6 +63,17 @@ class TileIndex:
                 f"{self.slides[0].coords_path}); tile them again with one `tiling` section"
             )
         self.patch_size = sizes.pop() if sizes else 0
+
+    @classmethod
+    def of(cls, slides_per_patient: Sequence[Sequence[str]], read) -> TileIndex:
+        """The patients' tiles, each distinct slide read once (``read(slide_id)``)."""
+        order: dict[str, int] = {}
+        slides: list[SlideTiles] = []
+        for slide_id in (s for ids in slides_per_patient for s in ids):
+            if slide_id not in order:
+                order[slide_id] = len(slides)
+                slides.append(read(slide_id))
+        return cls(slides, [[order[s] for s in ids] for ids in slides_per_patient])
 
     def __len__(self) -> int:
         return len(self.patients)
@@ -100,11 +96,7 @@ class TileIndex:
 def read_slide_tiles(
     slide_id: str, slide_path: Path, coords_file: Path, mpp: float | None
 ) -> SlideTiles:
-    """A slide's tiles from its coords file (``bidistill tile``).
-
-    Raises:
-        SlideError: no coords file (the message says to tile first), or an unreadable one.
-    """
+    """A slide's tiles from its coords file (``bidistill tile``)."""
     from bidistill.slides import read_coords
 
     if not coords_file.is_file():
@@ -130,11 +122,7 @@ def read_slide_tiles(
 def tile_index_from_config(
     config: ExperimentConfig, slides_per_patient: Sequence[Sequence[str]]
 ) -> TileIndex:
-    """The tiles of the patients' slides, with the config's slide files and coords files.
-
-    Raises:
-        ConfigError: no slides section. SlideError: a slide file or coords file is missing.
-    """
+    """The tiles of the patients' slides, with the config's slide files and coords files."""
     from bidistill.slides import coords_path, jobs_from_config
 
     if not any(slides_per_patient):  # a method that reads no slides (clinical-only)
@@ -147,20 +135,13 @@ def tile_index_from_config(
         reason = missing.get(absent[0], f"slide '{absent[0]}' is not in the cohort")
         more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
         raise SlideError(f"{reason}{more}")
-    order: dict[str, int] = {}
-    slides: list[SlideTiles] = []
-    patients = []
-    for slide_ids in slides_per_patient:
-        indices = []
-        for slide_id in slide_ids:
-            if slide_id not in order:
-                job = by_id[slide_id]
-                coords_file = coords_path(config.tiling.coords_dir, slide_id)
-                order[slide_id] = len(slides)
-                slides.append(read_slide_tiles(slide_id, job.path, coords_file, job.mpp))
-            indices.append(order[slide_id])
-        patients.append(indices)
-    return TileIndex(slides, patients)
+
+    def read(slide_id: str) -> SlideTiles:
+        job = by_id[slide_id]
+        coords_file = coords_path(config.tiling.coords_dir, slide_id)
+        return read_slide_tiles(slide_id, job.path, coords_file, job.mpp)
+
+    return TileIndex.of(slides_per_patient, read)
 
 
 # --- which tiles go into which bag --------------------------------------------------------------
@@ -168,17 +149,11 @@ def tile_index_from_config(
 
 @dataclass(frozen=True)
 class BagSpec:
-    """One bag: a patient (its row in the dataset) and some of its tiles.
-
-    Attributes:
-        item: the patient's index in the dataset.
-        tiles: indices into the patient's tiles (empty: a bag without tiles).
-        augment_seed: seed of this bag's augmentation; None: no augmentation.
-    """
+    """One bag: a patient (its row in the dataset) and some of its tiles."""
 
     item: int
-    tiles: tuple[int, ...]
-    augment_seed: int | None = None
+    tiles: tuple[int, ...]  # indices into the patient's tiles (empty: a bag without tiles)
+    augment_seed: int | None = None  # None: no augmentation
 
 
 def patient_key(patient_id: str) -> int:
@@ -253,15 +228,9 @@ def _factor(rng: np.random.Generator, amount: float) -> float:
 
 
 class PixelBags(torch.utils.data.Dataset):
-    """Bags of decoded tiles; an item is a ``BagSpec`` (the sampler decides the bags).
-
-    Args:
-        tiles: the patients' tiles (row i of the clinical arrays is patient i of ``tiles``).
-        clinical: float [n, C]; clinical_valid: bool [n, F]; clinical_present: bool [n].
-        labels: int [n] or None.
-        augment: how training bags are augmented (a bag with an ``augment_seed``).
-        cache_dir: the plain-image cache of the tiling stage.
-    """
+    """Bags of decoded tiles; an item is a ``BagSpec`` (the sampler decides the bags). Row i of
+    the clinical arrays is patient i of ``tiles``; ``augment`` applies to bags with an
+    ``augment_seed``; ``cache_dir``: the tiling stage's plain-image cache."""
 
     def __init__(
         self,
@@ -275,10 +244,8 @@ class PixelBags(torch.utils.data.Dataset):
         cache_dir: Path | None,
     ) -> None:
         self.tiles = tiles
-        self.clinical = torch.as_tensor(np.array(clinical, dtype=np.float32))
-        self.clinical_valid = torch.as_tensor(np.array(clinical_valid, dtype=bool))
-        self.clinical_present = torch.as_tensor(np.array(clinical_present, dtype=bool))
-        self.labels = None if labels is None else torch.as_tensor(np.array(labels, np.int64))
+        rows = clinical_tensors(clinical, clinical_valid, clinical_present, labels)
+        self.clinical, self.clinical_valid, self.clinical_present, self.labels = rows
         self.augment = augment
         self.cache_dir = cache_dir
         self._open: dict[int, object] = {}  # slide index → open slide, per process
@@ -337,23 +304,7 @@ class PixelBags(torch.utils.data.Dataset):
         self._open.clear()
 
 
-def collate_pixel_bags(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Pad the bags to the largest in the batch: a dict of tensors (pinnable), see ``to_batch``."""
-    bags, tile_valid = pad_bags([item["pixels"] for item in items], torch.uint8)
-    clinical, valid, present = stack_clinical(items)
-    out = {"bags": bags, "tile_valid": tile_valid, "clinical": clinical}
-    out |= {"clinical_valid": valid, "clinical_present": present}
-    if items[0]["label"] is not None:
-        out["labels"] = torch.stack([i["label"] for i in items])
-    return out
-
-
-def to_batch(collated: dict[str, torch.Tensor], device: torch.device):
-    """The collated dict as a ``Batch`` on ``device`` (asynchronous copies from pinned memory)."""
-    from bidistill.models.batch import Batch
-
-    moved = {k: v.to(device, non_blocking=True) for k, v in collated.items()}
-    return Batch(**{"labels": None, **moved})
+collate_pixel_bags = functools.partial(collate_bags, key="pixels", dtype=torch.uint8)
 
 
 class PlanSampler(torch.utils.data.Sampler[list[BagSpec]]):

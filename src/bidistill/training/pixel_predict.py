@@ -20,25 +20,19 @@ from bidistill.models.batch import Batch
 from bidistill.models.patch_encoder import encoded_aggregators, remember_encodings
 from bidistill.models.streaming import routed_aggregator
 from bidistill.training.data import withhold_clinical
-from bidistill.training.pixel_bags import BagSpec, to_batch
+from bidistill.training.pixel_bags import BagSpec
 
 GIVEN, WITHHELD = "given", "withheld"
 
 
 @dataclass
 class BagRun:
-    """Per bag, in the order given: P(label = 1) per pass and, when asked, attention.
+    """Per bag, in the order given: P(label = 1) per pass and, when asked, attention."""
 
-    Attributes:
-        probabilities: pass (``given``/``withheld``) → float [n_bags].
-        attention: per bag, aggregator path → weights over the bag's tiles (every aggregator of
-            the method, not only the one that predicted).
-        routed: per bag, the aggregator whose weights the prediction used.
-    """
-
-    probabilities: dict[str, np.ndarray]
+    probabilities: dict[str, np.ndarray]  # pass (given/withheld) → float [n_bags]
+    # Per bag, every aggregator's weights over its tiles (not only the predicting one's).
     attention: list[dict[str, np.ndarray]] = field(default_factory=list)
-    routed: list[str | None] = field(default_factory=list)
+    routed: list[str | None] = field(default_factory=list)  # the aggregator that predicted
 
 
 @torch.no_grad()
@@ -56,12 +50,8 @@ def run_bags(
 ) -> BagRun:
     """Run ``method`` (in eval mode) over the bags ``specs`` read by ``loader``.
 
-    Args:
-        loader: a ``pixel_loader`` over the patients' dataset (its batches are set here).
-        eval_batch: bags per forward pass.
-        passes: ``given`` and/or ``withheld`` (clinical data withheld for every patient).
-        attention: keep every aggregator's attention per bag (with the ``given`` pass).
-        routes: say per bag which aggregator predicted (``routed``; implied by ``attention``).
+    ``loader``: a ``pixel_loader`` (its batches are set here); ``attention``: keep every
+    aggregator's attention per bag (given pass); ``routes``: say which aggregator predicted.
     """
     was_training = method.training
     method.eval()
@@ -74,7 +64,7 @@ def run_bags(
     try:
         with remember_encodings(method), autocast(device, precision):
             for collated in loader:
-                batch = to_batch(collated, device)
+                batch = collated.to(device, non_blocking=True)
                 n = len(batch)
                 for name in passes:
                     blank = name != GIVEN

@@ -40,14 +40,9 @@ def cpu_threads_for(
     batch_size: int,
     bag_lengths: Sequence[int],
 ) -> Iterator[int]:
-    """Use one torch thread for small work on the CPU, and restore the setting afterwards.
-
-    Leaves the setting alone on an accelerator, when ``OMP_NUM_THREADS`` is set (the user's
-    choice) and when torch already uses one thread.
-
-    Yields:
-        The number of threads used.
-    """
+    """Use one torch thread for small work on the CPU (yields the threads used), and restore
+    the setting afterwards; left alone on an accelerator, when ``OMP_NUM_THREADS`` is set (the
+    user's choice) and when torch already uses one thread."""
     previous = torch.get_num_threads()
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or previous == 1:
         yield previous

@@ -1,22 +1,11 @@
-"""The tile source of end-to-end mode: bags of tiles, encoded by a trainable patch encoder.
+"""End-to-end mode's bag source: bags of tiles through a trainable patch encoder (the BCNB and BD
+papers' protocol: an ImageNet backbone fine-tuned on bags of random patches, the patient's score
+the mean of its bags' probabilities); loop, selection and run folder are the feature trainer's.
 
-The protocol of the BCNB and BD papers: an ImageNet backbone fine-tuned end to end on bags of
-10 random patches of a patient (each branch of BD with its own backbone), the patient's score
-the mean of its bags' probabilities. Everything else is the feature trainer's (``training.train``,
-``training.loop``): the same methods, stages, selection, clinical encoding and run folder.
-
-A training step is ``training.batch_size`` bags, processed ``micro_batch`` bags per forward
-pass; its gradient is the mean of its forward passes' gradients, spread over the processes under
-torchrun. Each forward pass re-seeds torch from (seed, epoch, step, pass), so dropout draws, like
-the bags and their augmentation (``training.pixel_bags``), depend on the seed alone: one process
-and N processes give the same weights up to floating point, and a run killed and resumed gives
-the weights of an uninterrupted one (the state is kept at every epoch boundary).
-
-Optimisers: AdamW, or SGD with momentum as the BCNB authors' code (lr 1e-4, momentum 0.3,
-weight decay 1e-3; github.com/bupt-ai-cz/BALNMP, ``code/train.py``), over two parameter groups
-(the patch encoders, ``end_to_end.backbone_lr``, and everything else). Schedulers, stepped per
-epoch: cosine decay over the stage, cosine annealing with warm restarts or constant.
-"""
+Each forward pass re-seeds torch from (seed, epoch, step, pass), so dropout, like the bags and
+their augmentation, depends on the seed alone: one process and N processes give the same
+weights up to floating point, and a resumed run the weights of an uninterrupted one. SGD's
+defaults follow the BCNB authors' code (github.com/bupt-ai-cz/BALNMP, ``code/train.py``)."""
 
 from __future__ import annotations
 
@@ -43,7 +32,6 @@ from bidistill.training.pixel_bags import (
     pixel_loader,
     prediction_bags,
     tile_index_from_config,
-    to_batch,
     training_bags,
 )
 from bidistill.training.pixel_predict import GIVEN, WITHHELD, reduce_bags, run_bags
@@ -177,7 +165,7 @@ class TileSource:
     def _passes(self, batches, step, drawn: int, index: int) -> Iterator[Pass]:
         for j, passes, _ in step:  # read one micro-batch at a time: a step may not fit at once
             seed = micro_seed(self.tcfg.seed, drawn, index, j)
-            yield Pass(to_batch(next(batches), self.device), seed, passes)
+            yield Pass(next(batches).to(self.device, non_blocking=True), seed, passes)
 
     def probabilities(
         self, method: Method, split: str, *, final: bool = False

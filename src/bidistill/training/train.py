@@ -1,12 +1,6 @@
-"""``train_method``: one method, one fold, from a cohort and its bags to a method's files.
-
-One trainer for both modes: the clinical encoder fitted on the training patients, the method
-created on the bag source's input (``training.bag_source``: feature rows or tiles through a
-trainable patch encoder), class weights, the loop (``training.loop``), then the predictions
-table and ``model.json``, handed to the run folder (``MethodFiles``) to write. Every statistic
-(clinical encoding, class weights, model selection) comes from the training and validation
-patients only.
-"""
+"""``train_method``: one method, one fold, from a cohort and its bags to a method's files, for
+both modes (the bag source, ``training.bag_source``, is what differs). Every statistic (clinical
+encoding, class weights, model selection) comes from the training and validation patients only."""
 
 from __future__ import annotations
 
@@ -68,15 +62,8 @@ def train_method(
     store: FeatureStore | None = None,
     progress: bool = True,
 ) -> None:
-    """Train one method on one fold and hand its files to ``out``.
-
-    Under torchrun every process trains and process 0 saves.
-
-    Args:
-        config: the experiment; ``config.training`` gives the mode, optimiser, epochs and seed.
-        method_cfg: the method's name and options.
-        store: feature files already opened (several methods on one cohort share one).
-        progress: show a progress bar per epoch.
+    """Train one method on one fold and hand its files to ``out`` (under torchrun every process
+    trains and process 0 saves; ``store``: feature files already opened, shared by methods).
 
     Raises:
         ConfigError: unknown method or option. CohortError: a separating clinical feature.
