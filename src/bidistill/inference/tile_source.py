@@ -11,13 +11,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bidistill.cohort import EncodedClinical
 from bidistill.cohort.prediction import PredictionCohort
 from bidistill.config import ExperimentConfig
-from bidistill.devices import resolve_precision
 from bidistill.features.identity import FeatureIdentity, read_identity
 from bidistill.inference.feature_source import identity_problems
 from bidistill.inference.inputs import PatientInput, patient_inputs
@@ -25,15 +23,8 @@ from bidistill.inference.new_slides import Tiles, TilesError, listed_slides, til
 from bidistill.inference.results import PatientBags
 from bidistill.models import Method
 from bidistill.models.patch_encoder import encoded_aggregators
-from bidistill.training.pixel_bags import (
-    BagSpec,
-    PixelBags,
-    TileIndex,
-    pixel_loader,
-    prediction_bags,
-    read_slide_tiles,
-)
-from bidistill.training.pixel_predict import GIVEN, reduce_bags, run_bags
+from bidistill.training.pixel_bags import PixelBags, TileIndex, pixel_loader, read_slide_tiles
+from bidistill.training.pixel_predict import GIVEN, predict_patients
 
 
 class TileSource:
@@ -106,8 +97,25 @@ class TileSource:
         loaders = [self._loader(index, clinical, device) for clinical in encoded]
         try:
             for i, item in enumerate(inputs):
-                yield self._predict_patient(
-                    i, item.patient_id, index, methods, loaders, device, with_attention
+                results = [
+                    predict_patients(
+                        method,
+                        loader,
+                        [(i, item.patient_id)],
+                        self.settings,
+                        device,
+                        attention=with_attention,
+                        routes=True,
+                    )
+                    for method, loader in zip(methods, loaders)
+                ]
+                routed = results[-1].routed
+                yield PatientBags(
+                    [result.probabilities[GIVEN][0] for result in results],
+                    routed[0] if routed else None,
+                    [tiles for result in results for tiles in result.attention],
+                    index.lengths(i),
+                    index.n_tiles(i),
                 )
         finally:
             for loader in loaders:
@@ -138,46 +146,3 @@ class TileSource:
             cache_dir=slide_cache_dir(self.config),
         )
         return pixel_loader(dataset, workers=self.config.training.num_workers, device=device)
-
-    def _predict_patient(
-        self, i, patient_id, index, methods, loaders, device, with_attention
-    ) -> PatientBags:
-        s = self.settings
-        n = index.n_tiles(i)
-        bags = prediction_bags(
-            n, patient_id, seed=s["seed"], bag_size=s["bag_size"], limit=s["bags_per_patient"]
-        )
-        specs = [BagSpec(i, tiles) for tiles in bags]
-        precision = resolve_precision(s.get("precision", "auto"), device)
-        probabilities, attention, routed = [], [], None
-        for method, loader in zip(methods, loaders):
-            result = run_bags(
-                method,
-                loader,
-                specs,
-                device,
-                eval_batch=s["eval_batch"],
-                precision=precision,
-                attention=with_attention,
-                routes=True,
-            )
-            bag_probabilities = result.probabilities[GIVEN]
-            probabilities.append(reduce_bags(specs, bag_probabilities, i + 1, s["reduction"])[i])
-            routed = result.routed[0] if result.routed else None
-            if with_attention:
-                attention.append(_tile_attention(specs, result.attention, n))
-        return PatientBags(probabilities, routed, attention, index.lengths(i), n)
-
-
-def _tile_attention(specs, attention: list[dict[str, np.ndarray]], n_tiles: int) -> dict:
-    """Per aggregator, each tile's weight over the patient: its weight in its bag times the
-    bag's size over the patient's tile count (NaN for a tile in no bag)."""
-    names = attention[0].keys() if attention else []
-    out = {name: np.full(n_tiles, np.nan) for name in names}
-    for spec, weights in zip(specs, attention):
-        if not spec.tiles:
-            continue
-        scale = len(spec.tiles) / n_tiles
-        for name, w in weights.items():
-            out[name][list(spec.tiles)] = w * scale
-    return out

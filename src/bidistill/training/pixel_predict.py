@@ -8,57 +8,70 @@ encoded tiles (``remember_encodings``), so a method with one backbone runs it on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bidistill.devices import autocast
+from bidistill.devices import autocast, resolve_precision
 from bidistill.models.batch import Batch
 from bidistill.models.patch_encoder import encoded_aggregators, remember_encodings
 from bidistill.models.streaming import routed_aggregator
 from bidistill.training.data import withhold_clinical
-from bidistill.training.pixel_bags import BagSpec
+from bidistill.training.pixel_bags import BagSpec, prediction_bags
 
 GIVEN, WITHHELD = "given", "withheld"
 
 
 @dataclass
 class BagRun:
-    """Per bag, in the order given: P(label = 1) per pass and, when asked, attention."""
+    """Per patient: P(label = 1) per pass and, when asked, attention over its tiles."""
 
-    probabilities: dict[str, np.ndarray]  # pass (given/withheld) → float [n_bags]
-    # Per bag, every aggregator's weights over its tiles (not only the predicting one's).
+    probabilities: dict[str, np.ndarray]  # pass (given/withheld) → float [patients], reduced
+    # Per patient, every aggregator's weight per tile (not only the predicting one's).
     attention: list[dict[str, np.ndarray]] = field(default_factory=list)
     routed: list[str | None] = field(default_factory=list)  # the aggregator that predicted
 
 
 @torch.no_grad()
-def run_bags(
+def predict_patients(
     method: nn.Module,
     loader,
-    specs: Sequence[BagSpec],
+    patients: Sequence[tuple[int, str]],
+    settings: Mapping[str, Any],
     device: torch.device,
     *,
-    eval_batch: int,
-    precision: torch.dtype = torch.float32,
     passes: Sequence[str] = (GIVEN,),
     attention: bool = False,
     routes: bool = False,
 ) -> BagRun:
-    """Run ``method`` (in eval mode) over the bags ``specs`` read by ``loader``.
-
-    ``loader``: a ``pixel_loader`` (its batches are set here); ``attention``: keep every
-    aggregator's attention per bag (given pass); ``routes``: say which aggregator predicted.
-    """
+    """Run ``method`` (in eval mode) over the bags of ``patients`` ((item in ``loader``'s
+    dataset, patient id); results in this order), each patient's bag probabilities reduced as
+    ``settings`` (a run's ``end_to_end`` block) says. ``attention``: keep every aggregator's
+    attention (given pass); ``routes``: say which aggregator predicted."""
+    tiles = loader.dataset.tiles
+    specs = [
+        BagSpec(item, bag)
+        for item, patient_id in patients
+        for bag in prediction_bags(
+            tiles.n_tiles(item),
+            patient_id,
+            seed=settings["seed"],
+            bag_size=settings["bag_size"],
+            limit=settings["bags_per_patient"],
+        )
+    ]
+    precision = resolve_precision(settings.get("precision", "auto"), device)
     was_training = method.training
     method.eval()
-    batches = [list(specs[i : i + eval_batch]) for i in range(0, len(specs), eval_batch)]
-    loader.batch_sampler.set_plan(batches)
+    size = settings["eval_batch"]
+    loader.batch_sampler.set_plan([specs[i : i + size] for i in range(0, len(specs), size)])
     out = {p: np.zeros(len(specs), np.float32) for p in passes}
     result = BagRun(out)
+    bag_attention: list[dict[str, np.ndarray]] = []
     capture = _AttentionCapture(method, complete=attention) if attention or routes else None
     start = 0
     try:
@@ -74,12 +87,20 @@ def run_bags(
                     output = method(given)
                     out[name][start : start + n] = output.probabilities.float().cpu().numpy()
                     if capture is not None and name == GIVEN:
-                        capture.finish(given, output, result)
+                        result.routed += capture.finish(given, output, bag_attention)
                 start += n
     finally:
         if capture is not None:
             capture.remove()
         method.train(was_training)
+    items = [item for item, _ in patients]
+    result.probabilities = {
+        name: _reduce(specs, p, items, settings["reduction"]) for name, p in out.items()
+    }
+    if attention:
+        for item in items:
+            mine = [(s, a) for s, a in zip(specs, bag_attention) if s.item == item]
+            result.attention.append(_tile_attention(mine, tiles.n_tiles(item)))
     return result
 
 
@@ -104,31 +125,45 @@ class _AttentionCapture:
     def start(self) -> None:
         self.seen = {}
 
-    def finish(self, batch: Batch, output, result: BagRun) -> None:
+    def finish(self, batch: Batch, output, attention: list) -> list[str | None]:
+        """Which aggregator predicted each bag; each bag's attention appended to ``attention``."""
         routed = routed_aggregator(output.attention, self.seen)
         counts = batch.tile_valid.sum(dim=1).tolist()
-        result.routed += [routed] * len(counts)
-        if not self.complete:
-            return
-        for name, module in self.modules.items():
-            if name not in self.seen:
-                module(batch.bags, batch.tile_valid)  # fills self.seen through the hook
-        for b, n in enumerate(counts):
-            result.attention.append(
-                {name: w[b, :n].float().cpu().numpy() for name, w in self.seen.items()}
-            )
+        if self.complete:
+            for name, module in self.modules.items():
+                if name not in self.seen:
+                    module(batch.bags, batch.tile_valid)  # fills self.seen through the hook
+            for b, n in enumerate(counts):
+                attention.append(
+                    {name: w[b, :n].float().cpu().numpy() for name, w in self.seen.items()}
+                )
+        return [routed] * len(counts)
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
 
 
-def reduce_bags(
-    specs: Sequence[BagSpec], probabilities: np.ndarray, n_items: int, reduction: str
+def _reduce(
+    specs: Sequence[BagSpec], probabilities: np.ndarray, items: Sequence[int], reduction: str
 ) -> np.ndarray:
     """Each patient's probability from its bags' (``mean``, ``max`` or ``median``)."""
-    per_item: list[list[float]] = [[] for _ in range(n_items)]
+    per_item: dict[int, list[float]] = {item: [] for item in items}
     for spec, p in zip(specs, probabilities):
         per_item[spec.item].append(float(p))
     reduce = {"mean": np.mean, "max": np.max, "median": np.median}[reduction]
-    return np.array([reduce(v) if v else np.nan for v in per_item], dtype=np.float64)
+    return np.array([reduce(v) if v else np.nan for v in per_item.values()], dtype=np.float64)
+
+
+def _tile_attention(bags: Sequence[tuple[BagSpec, dict[str, np.ndarray]]], n_tiles: int) -> dict:
+    """Per aggregator, each tile's weight over the patient: its weight in its bag times the
+    bag's size over the patient's tile count (NaN for a tile in no bag)."""
+    names = bags[0][1].keys() if bags else []
+    out = {name: np.full(n_tiles, np.nan) for name in names}
+    for spec, weights in bags:
+        if not spec.tiles:
+            continue
+        scale = len(spec.tiles) / n_tiles
+        for name, w in weights.items():
+            out[name][list(spec.tiles)] = w * scale
+    return out

@@ -30,11 +30,10 @@ from bidistill.training.pixel_bags import (
     PixelBags,
     check_bag_settings,
     pixel_loader,
-    prediction_bags,
     tile_index_from_config,
     training_bags,
 )
-from bidistill.training.pixel_predict import GIVEN, WITHHELD, reduce_bags, run_bags
+from bidistill.training.pixel_predict import GIVEN, WITHHELD, predict_patients
 from bidistill.training.threads import cpu_threads_for
 
 
@@ -173,35 +172,18 @@ class TileSource:
         """Each patient's bags' probabilities reduced (``end_to_end.reduction``), over every
         process's share of the patients (dealt round-robin)."""
         ids, world, rank = self.split_ids[split], self.processes.world, self.processes.rank
-        dataset = self.datasets[split]
-        specs = [
-            BagSpec(item, tiles)
-            for item, pid in enumerate(ids)
-            if item % world == rank
-            for tiles in prediction_bags(
-                dataset.tiles.n_tiles(item),
-                pid,
-                seed=self.tcfg.seed,
-                bag_size=self.e2e.bag_size,
-                limit=self.e2e.bags_per_patient,
-            )
-        ]
-        result = run_bags(
+        result = predict_patients(
             method,
             self.loaders[split],
-            specs,
+            [(item, pid) for item, pid in enumerate(ids) if item % world == rank],
+            self.meta()["end_to_end"],
             self.device,
-            eval_batch=self.e2e.eval_batch,
-            precision=self.precision,
             passes=(GIVEN, WITHHELD),
         )
-        mine = [
-            reduce_bags(specs, result.probabilities[name], len(ids), self.e2e.reduction)
-            for name in (GIVEN, WITHHELD)
-        ]
-        shares = gather(mine, self.processes)
-        owner, columns = np.arange(len(ids)) % world, np.arange(len(ids))
-        given, withheld = (np.stack([s[k] for s in shares])[owner, columns] for k in (0, 1))
+        shares = gather([result.probabilities[p] for p in (GIVEN, WITHHELD)], self.processes)
+        given, withheld = (
+            np.array([shares[i % world][k][i // world] for i in range(len(ids))]) for k in (0, 1)
+        )
         return given, withheld
 
     def meta(self) -> dict[str, Any]:
