@@ -1,13 +1,9 @@
 """New patients' slides, made ready with a trained run's own settings.
 
-``Tiles`` names the new slides (files, patch folders, or folders of them) and a work folder for
-their coords files. ``tile_new_slides`` tiles the slides that have no coords file there yet with
-the run's ``tiling`` settings (annotations from ``Tiles.annotations``, else beside each slide
-file; a slide without any is tiled on its detected tissue). A feature run then encodes them with
-the run's encoder (``extract_new_slides``: same name, weights file or seeded random weights, so
-the features' identity is the run's), into ``<coords>/features/``; an end-to-end run reads the
-tiles themselves (``tile_source``). Both stages skip what is done, so a rerun is cheap.
-"""
+``tile_new_slides`` tiles the slides without a coords file yet with the run's ``tiling`` (a
+slide without annotations is tiled on its detected tissue); a feature run then encodes them
+with the run's encoder (``extract_new_slides``: so the features' identity is the run's); an
+end-to-end run reads the tiles themselves. Both skip what is done, so a rerun is cheap."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
 """Bags from tiles: an end-to-end run's new patients, their tiles (of the run's patch size and
 MPP) cut into bags as in the run's validation, so a test patient's probability is the one in
-the run's own predictions. A tile's attention is its weight in its bag times the bag's size
-over the patient's tile count (a patient's weights sum to 1, as in feature mode); NaN for a
-tile in no bag."""
+the run's own predictions."""
 
 from __future__ import annotations
 

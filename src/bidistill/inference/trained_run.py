@@ -209,7 +209,7 @@ class TrainedRun:
             positive_class=self.positive_class,
             threshold=threshold,
             decision=decision,
-            predicted=self._label_name(decision),
+            predicted=self.positive_class if decision else self.config.cohort.label.negative_class,
             branch=branch,
             clinical_present=present,
             clinical_missing=clinical_missing,
@@ -234,10 +234,6 @@ class TrainedRun:
     @property
     def positive_class(self) -> str:
         return self.config.cohort.label.positive_class
-
-    def _label_name(self, decision: int) -> str:
-        label = self.config.cohort.label
-        return label.positive_class if decision else label.negative_class
 
 
 def _training_table_columns(config: ExperimentConfig) -> list[str]:

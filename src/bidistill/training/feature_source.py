@@ -197,7 +197,7 @@ def _patient_bags(
     )
 
 
-def _slides_by_patient(cohort: Cohort) -> dict[str, list[str]]:
+def slides_by_patient(cohort: Cohort) -> dict[str, list[str]]:
     # One groupby over the whole table (not a filter per patient): rows of a patient need not
     # be adjacent, and 1000 filters would cost seconds.
     return {str(p): list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
@@ -214,7 +214,7 @@ def open_feature_source(
 ) -> FeatureSource:
     """The feature rows of each split's patients (the store's files, opened unless given)."""
     store = store or open_feature_store(config, cohort, progress=progress)
-    slides = _slides_by_patient(cohort)
+    slides = slides_by_patient(cohort)
     parts = {
         name: (ids, _patient_bags(config.training, cohort, ids, encoder, store, slides, name))
         for name, ids in split_ids.items()

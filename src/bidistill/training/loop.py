@@ -202,10 +202,6 @@ def _freeze(method: Method, track: _Track) -> None:
         p.requires_grad_(False)
 
 
-def _stopped_modules(tracks: list[_Track]) -> list[str]:
-    return [m for t in tracks if t.frozen for m in t.part.modules]
-
-
 def _record(method: Method, tracks: list[_Track], epoch: int, aucs, *, candidate: bool) -> None:
     weights = method.state_dict()
     for track in tracks:
@@ -300,7 +296,8 @@ class _Loop:
         method.set_stage(stage.name)
         steps = self.source.steps_per_epoch()
         schedule = self.source.schedule(method, epochs, steps)
-        scaler = self._scaler()
+        half_on_cuda = self.precision == torch.float16 and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda") if half_on_cuda else None
         tracks = _tracks(method, stage)
         if payload is not None and payload["optimizer"] is not None:
             self._restore(payload, schedule, scaler, tracks, state)
@@ -313,7 +310,7 @@ class _Loop:
             for epoch in range(state.epoch + 1, epochs + 1):
                 started = time.perf_counter()
                 bar.start_epoch(epoch, epochs, steps)
-                stopped = _stopped_modules(tracks)
+                stopped = [m for t in tracks if t.frozen for m in t.part.modules]
                 terms = self._train_epoch(
                     schedule, scaler, epoch, len(state.log_rows), bar, stopped
                 )
@@ -350,11 +347,6 @@ class _Loop:
             absent=auc_or_nan(labels, withheld),
             with_clinical=auc_or_nan(labels[with_clinical], given[with_clinical]),
         )
-
-    def _scaler(self):
-        if self.precision == torch.float16 and self.device.type == "cuda":
-            return torch.amp.GradScaler("cuda")
-        return None
 
     def _train_epoch(
         self, schedule: Schedule, scaler, epoch: int, drawn: int, bar, stopped

@@ -157,7 +157,8 @@ def _reduce(
 
 def _tile_attention(bags: Sequence[tuple[BagSpec, dict[str, np.ndarray]]], n_tiles: int) -> dict:
     """Per aggregator, each tile's weight over the patient: its weight in its bag times the
-    bag's size over the patient's tile count (NaN for a tile in no bag)."""
+    bag's size over the patient's tile count (a patient's weights sum to 1, as in feature mode;
+    NaN for a tile in no bag)."""
     names = bags[0][1].keys() if bags else []
     out = {name: np.full(n_tiles, np.nan) for name in names}
     for spec, weights in bags:

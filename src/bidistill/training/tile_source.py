@@ -25,6 +25,7 @@ from bidistill.models.patch_encoder import encoded_aggregators, patch_encoder_pa
 from bidistill.training.backbone import load_backbone, patch_encoder_factory
 from bidistill.training.bag_source import Pass, Patients, Schedule
 from bidistill.training.distributed import Processes, gather
+from bidistill.training.feature_source import slides_by_patient
 from bidistill.training.pixel_bags import (
     BagSpec,
     PixelBags,
@@ -79,9 +80,7 @@ class TileSource:
             for module in encoded_aggregators(method).values():
                 module.encoder.to(memory_format=torch.channels_last)
         reads_tiles = bool(encoded_aggregators(method))  # clinical-only methods read none
-        slides_of = {
-            str(p): list(s) for p, s in self.cohort.slides.groupby("patient_id")["slide_id"]
-        }
+        slides_of = slides_by_patient(self.cohort)
         self.datasets, self.loaders = {}, {}
         for name, ids in self.split_ids.items():
             encoded = self.encoded[name]
