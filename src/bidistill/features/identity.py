@@ -88,18 +88,6 @@ class FeatureIdentity:
                 out[f.name] = (mine, theirs)
         return out
 
-    def describe(self) -> str:
-        """One line for logs and errors: ``resnet50-trunc (weights 1a2b…), 256 px at 0.5 µm/px``."""
-        parts = [self.encoder or "unknown encoder"]
-        if self.random_init:
-            parts[0] += " (RANDOM weights)"
-        elif self.weights_sha256:
-            parts[0] += f" (weights {self.weights_sha256})"
-        if self.patch_size is not None:
-            where = f" at {self.mpp:g} µm/px" if self.mpp is not None else ""
-            parts.append(f"{self.patch_size} px{where}")
-        return ", ".join(parts)
-
 
 def _number(value: Any) -> float | None:
     if value is None or isinstance(value, (str, bytes)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -43,14 +43,8 @@ class BackboneSpec:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
     def make_preprocess(self) -> Preprocess:
-        p = dict(self.preprocess)
-        return Preprocess(
-            size=int(p["size"]),
-            resize=None if p.get("resize") is None else int(p["resize"]),
-            interpolation=p.get("interpolation", "bilinear"),
-            mean=tuple(p["mean"]),
-            std=tuple(p["std"]),
-        )
+        p = self.preprocess  # JSON gives lists where Preprocess holds tuples
+        return Preprocess(**{**p, "mean": tuple(p["mean"]), "std": tuple(p["std"])})
 
 
 def load_backbone(config: ExperimentConfig) -> tuple[nn.Module, BackboneSpec]:
@@ -61,12 +55,7 @@ def load_backbone(config: ExperimentConfig) -> tuple[nn.Module, BackboneSpec]:
     e2e = config.training.end_to_end
     preprocess = encoder.preprocess
     if e2e.input_size is not None:  # tiles resized to this side, no crop
-        preprocess = Preprocess(
-            size=e2e.input_size,
-            interpolation=preprocess.interpolation,
-            mean=preprocess.mean,
-            std=preprocess.std,
-        )
+        preprocess = replace(preprocess, size=e2e.input_size, resize=None)
     spec = BackboneSpec(
         encoder=encoder.name,
         dim=encoder.dim,
