@@ -65,14 +65,8 @@ class FeatureIdentity:
 
     def filled_from(self, fallback: FeatureIdentity) -> FeatureIdentity:
         """This identity with the fields it does not know taken from ``fallback``."""
-        return replace(
-            self,
-            **{
-                f.name: getattr(fallback, f.name)
-                for f in fields(self)
-                if getattr(self, f.name) is None
-            },
-        )
+        unknown = [f.name for f in fields(self) if getattr(self, f.name) is None]
+        return replace(self, **{name: getattr(fallback, name) for name in unknown})
 
     def disagreements(self, other: FeatureIdentity) -> dict[str, tuple[Any, Any]]:
         """Fields known on both sides that differ: name → (this value, other value)."""

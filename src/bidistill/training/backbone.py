@@ -1,10 +1,7 @@
 """The backbone of end-to-end mode, from the encoder registry: built once, copied per aggregator.
 
-``features.encoder`` (a registry name, ``timm:<name>``, ``hf-hub:<org>/<repo>`` or a local
-model folder), with ``features.checkpoint`` or ``features.random_init``, gives the starting
-weights; ``training.end_to_end`` says how it trains (``freeze_until``, ``checkpointing``,
-``input_size``). A ``BackboneSpec`` records all of it in ``model.json``, so a trained run
-rebuilds the architecture offline and loads its fine-tuned weights from ``model.safetensors``.
+A ``BackboneSpec`` records the starting weights and how they train in the run's metadata, so a
+trained run rebuilds the architecture offline before loading its fine-tuned weights.
 """
 
 from __future__ import annotations
