@@ -48,7 +48,6 @@ def test_identity_comes_from_whatever_attributes_a_file_has(tmp_path):
     trident = read_identity(_trident(tmp_path / "t.h5"))
     assert trident == FeatureIdentity(patch_size=256, mpp=0.5)  # 20x is 0.5 um/px
     assert read_identity(_clam(tmp_path / "c.h5")) == FeatureIdentity()
-    assert ours.describe() == "uni (weights aaaa), 256 px at 0.5 µm/px"
 
 
 def test_a_store_accepts_files_that_agree_on_what_they_state(tmp_path):

@@ -27,11 +27,7 @@ from bidistill._io import write_json
 from bidistill.config import ExperimentConfig, FeaturesConfig
 from bidistill.devices import resolve_device, resolve_precision
 from bidistill.features.encoders import Encoder, load_encoder
-from bidistill.features.identity import (
-    FeatureIdentity,
-    check_matches,
-    common_identity,
-)
+from bidistill.features.identity import FeatureIdentity, check_matches, common_identity
 from bidistill.features.store import feature_path, write_feature_file
 from bidistill.features.tiles import coords_header, load_tiles
 from bidistill.slide_stages import (
@@ -189,21 +185,17 @@ class _ExtractionProgress:
     """A rich bar over patches, with slides done and patches per second."""
 
     def __init__(self, slides: int, patches: int, enabled: bool) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
+        from rich import progress
 
         self.slides, self.slides_done = slides, 0
-        self.bar = Progress(
-            TextColumn("extracting"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("patches, {task.fields[slides]} slides, {task.fields[rate]} patches/s"),
-            TimeRemainingColumn(),
+        self.bar = progress.Progress(
+            progress.TextColumn("extracting"),
+            progress.BarColumn(),
+            progress.MofNCompleteColumn(),
+            progress.TextColumn(
+                "patches, {task.fields[slides]} slides, {task.fields[rate]} patches/s"
+            ),
+            progress.TimeRemainingColumn(),
             disable=not enabled or slides == 0,
         )
         self.task = self.bar.add_task("extract", total=patches, slides=f"0/{slides}", rate="-")

@@ -65,14 +65,8 @@ class FeatureIdentity:
 
     def filled_from(self, fallback: FeatureIdentity) -> FeatureIdentity:
         """This identity with the fields it does not know taken from ``fallback``."""
-        return replace(
-            self,
-            **{
-                f.name: getattr(fallback, f.name)
-                for f in fields(self)
-                if getattr(self, f.name) is None
-            },
-        )
+        unknown = [f.name for f in fields(self) if getattr(self, f.name) is None]
+        return replace(self, **{name: getattr(fallback, name) for name in unknown})
 
     def disagreements(self, other: FeatureIdentity) -> dict[str, tuple[Any, Any]]:
         """Fields known on both sides that differ: name → (this value, other value)."""
@@ -87,18 +81,6 @@ class FeatureIdentity:
             elif mine != theirs:
                 out[f.name] = (mine, theirs)
         return out
-
-    def describe(self) -> str:
-        """One line for logs and errors: ``resnet50-trunc (weights 1a2b…), 256 px at 0.5 µm/px``."""
-        parts = [self.encoder or "unknown encoder"]
-        if self.random_init:
-            parts[0] += " (RANDOM weights)"
-        elif self.weights_sha256:
-            parts[0] += f" (weights {self.weights_sha256})"
-        if self.patch_size is not None:
-            where = f" at {self.mpp:g} µm/px" if self.mpp is not None else ""
-            parts.append(f"{self.patch_size} px{where}")
-        return ", ".join(parts)
 
 
 def _number(value: Any) -> float | None:

@@ -1,11 +1,9 @@
 """What CLAM and TRIDENT read and write: their encoder names and their coordinate attributes.
 
-TRIDENT records the encoder on the ``features`` dataset under its own names
-(``trident/patch_encoder_models/load.py``); those of our registry's encoders are read as the
-registry's name, so TRIDENT's UNI features and ``features.encoder: uni`` are the same thing at
-every stage. CLAM (``Whole_Slide_Bag_FP``, stitching) and TRIDENT (``trident/IO.py``, patchers,
-heatmaps, slide encoders) read their coordinate attributes from the ``coords`` dataset; every
-coords and feature file bidistill writes carries them, so those tools read them as their own.
+TRIDENT's names (``trident/patch_encoder_models/load.py``) of our registry's encoders are read
+as the registry's, so TRIDENT's UNI features and ``features.encoder: uni`` are one thing at every
+stage. Every coords and feature file bidistill writes carries the ``coords`` dataset attributes
+that CLAM (``Whole_Slide_Bag_FP``) and TRIDENT (``trident/IO.py``) read, so they read it as theirs.
 """
 
 from __future__ import annotations

@@ -41,8 +41,7 @@ class FeatureFile:
 
 
 def feature_path(features_dir: str | Path, slide_id: str) -> Path:
-    """``<features_dir>/<slide_id>.h5``, kept inside ``features_dir`` (an id that climbs out
-    is refused) and found under its NFC or NFD spelling alike."""
+    """``<features_dir>/<slide_id>.h5`` (kept inside ``features_dir``; NFC/NFD names alike)."""
     return find_named(features_dir, slide_id, ".h5")
 
 

@@ -162,8 +162,7 @@ def pen_mask(rgb: np.ndarray) -> np.ndarray:
     purple hematoxylin (green below red). Blue ink has blue well above both and green above red;
     green ink has green above both; black ink is dark and grey.
     """
-    blue, green, black = _inks(rgb)
-    return blue | green | black
+    return np.logical_or.reduce(_inks(rgb))
 
 
 def _inks(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

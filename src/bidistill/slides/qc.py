@@ -47,8 +47,9 @@ def _font(size: float) -> ImageFont.ImageFont:
     return ImageFont.truetype(path, size=max(10, int(size)))
 
 
-def draw_tiling(tiling: SlideTiling, slide_id: str = "") -> Image.Image:
-    """The QC picture of a whole slide's tiling: header, picture and scale bar."""
+def write_tiling_qc(target: Path, tiling: SlideTiling) -> Path:
+    """Write the QC PNG of a whole slide's tiling (atomically): header, picture and scale bar;
+    the slide id is the file's stem."""
     picture, shrink = _picture(tiling)
     mpp = _thumbnail_mpp(tiling)
     if mpp is not None:
@@ -56,7 +57,7 @@ def draw_tiling(tiling: SlideTiling, slide_id: str = "") -> Image.Image:
     n = len(tiling.coords)
     spec = tiling.spec
     size = f"{spec.patch_size} px at {spec.mpp:g} µm/px" if spec.mpp else f"{spec.patch_size} px"
-    title = f"{slide_id}: {count(n, 'tile')}" if slide_id else count(n, "tile")
+    title = f"{Path(target).stem}: {count(n, 'tile')}"
     subtitle = (
         f"{size}; kept {n} of {tiling.n_candidates} grid positions; mask: {tiling.mask_kind}"
         + ("" if mpp is not None else "; no scale bar: the slide's MPP is unknown")
@@ -67,7 +68,7 @@ def draw_tiling(tiling: SlideTiling, slide_id: str = "") -> Image.Image:
     ]
     if tiling.pen is not None and tiling.pen.any():
         legend.append(("fill", PEN_COLOUR, PEN_COLOUR, "marker ink (tiles on it dropped)"))
-    return _with_header(picture, title, subtitle, legend)
+    return _save_png(target, _with_header(picture, title, subtitle, legend))
 
 
 def _picture(tiling: SlideTiling) -> tuple[Image.Image, float]:
@@ -173,11 +174,6 @@ def _band(width: int) -> tuple[float, int]:
     unit = max(14, width / 60)
     pad, line = int(unit * 0.7), int(unit * 1.45)
     return unit, pad + int(unit * 1.6) + line * 2 + pad
-
-
-def write_tiling_qc(target: Path, tiling: SlideTiling) -> Path:
-    """Write the QC PNG of a whole slide (atomically); the slide id is the file's stem."""
-    return _save_png(target, draw_tiling(tiling, Path(target).stem))
 
 
 def write_patch_folder_qc(

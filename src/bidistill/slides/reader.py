@@ -155,12 +155,8 @@ class _ClosedOnExit(contextlib.AbstractContextManager):
 
 
 class WholeSlide(_ClosedOnExit):
-    """A whole-slide image: a pyramidal file (OpenSlide) or a plain image's cache (libvips).
-
-    ``read_path`` is where the pixels come from (``path``, or a plain image's cache TIFF);
-    ``mpp_source`` is ``"file"``, ``"config"`` or None; ``reader`` is ``libvips`` or
-    ``openslide``.
-    """
+    """A whole-slide image: a pyramidal file (OpenSlide) or a plain image's cache (libvips);
+    ``read_path`` is where the pixels come from (``path``, or a plain image's cache TIFF)."""
 
     is_patch_folder = False
 
@@ -189,10 +185,8 @@ class WholeSlide(_ClosedOnExit):
         self.properties = self._reader.properties
 
     def best_level(self, downsample: float) -> int:
-        """The coarsest level whose downsample does not exceed ``downsample`` (1% tolerance).
-
-        Reading from it and shrinking never upsamples, so no detail is invented.
-        """
+        """The coarsest level whose downsample does not exceed ``downsample`` (1% tolerance):
+        reading from it and shrinking never upsamples, so no detail is invented."""
         best = 0
         for level, ds in enumerate(self.level_downsamples):
             if ds <= downsample * 1.01:
@@ -250,9 +244,7 @@ class WholeSlide(_ClosedOnExit):
 class PatchFolder(_ClosedOnExit):
     """A folder of pre-cut patches: tile ``i`` is the ``i``-th image file (sorted by name), or,
     once tiled, the ``i``-th of the names the coords file recorded (``tile_names``), so that a
-    patch added or removed since does not shift the tiles.
-
-    Coordinates are synthetic: tile ``i`` sits at (x, y) = (i, 0), in a ``len(files)`` x 1 grid.
+    patch added or removed since does not shift the tiles. Tile ``i`` sits at (x, y) = (i, 0).
     """
 
     is_patch_folder = True

@@ -1,17 +1,14 @@
 """The backbone of end-to-end mode, from the encoder registry: built once, copied per aggregator.
 
-``features.encoder`` (a registry name, ``timm:<name>``, ``hf-hub:<org>/<repo>`` or a local
-model folder), with ``features.checkpoint`` or ``features.random_init``, gives the starting
-weights; ``training.end_to_end`` says how it trains (``freeze_until``, ``checkpointing``,
-``input_size``). A ``BackboneSpec`` records all of it in ``model.json``, so a trained run
-rebuilds the architecture offline and loads its fine-tuned weights from ``model.safetensors``.
+A ``BackboneSpec`` records the starting weights and how they train in the run's metadata, so a
+trained run rebuilds the architecture offline before loading its fine-tuned weights.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -43,14 +40,8 @@ class BackboneSpec:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
     def make_preprocess(self) -> Preprocess:
-        p = dict(self.preprocess)
-        return Preprocess(
-            size=int(p["size"]),
-            resize=None if p.get("resize") is None else int(p["resize"]),
-            interpolation=p.get("interpolation", "bilinear"),
-            mean=tuple(p["mean"]),
-            std=tuple(p["std"]),
-        )
+        p = self.preprocess  # JSON gives lists where Preprocess holds tuples
+        return Preprocess(**{**p, "mean": tuple(p["mean"]), "std": tuple(p["std"])})
 
 
 def load_backbone(config: ExperimentConfig) -> tuple[nn.Module, BackboneSpec]:
@@ -61,12 +52,7 @@ def load_backbone(config: ExperimentConfig) -> tuple[nn.Module, BackboneSpec]:
     e2e = config.training.end_to_end
     preprocess = encoder.preprocess
     if e2e.input_size is not None:  # tiles resized to this side, no crop
-        preprocess = Preprocess(
-            size=e2e.input_size,
-            interpolation=preprocess.interpolation,
-            mean=preprocess.mean,
-            std=preprocess.std,
-        )
+        preprocess = replace(preprocess, size=e2e.input_size, resize=None)
     spec = BackboneSpec(
         encoder=encoder.name,
         dim=encoder.dim,
