@@ -63,11 +63,22 @@ def test_the_run_checks_prediction_memory_before_training(tmp_path, monkeypatch)
     import bidistill.training.feature_source as feature_source
 
     # The predictions table's budget, too small for the attention scores of any bag.
-    monkeypatch.setattr(feature_source, "DEFAULT_MEMORY_BUDGET", 64)
+    monkeypatch.setattr(feature_source, "training_budget", lambda: 64)
     config = small_cohort(tmp_path / "cohort", methods=["wsi-only"])
     result = invoke("run", config, "--out", tmp_path / "run", "--no-progress")
-    assert_one_line_error(result, "patient '", "cannot hold the attention scores")
+    assert_one_line_error(result, "patient '", "cannot hold the attention scores", "free memory")
+    assert "--memory-budget" not in result.output  # an option of predict, not of run
     assert not (tmp_path / "run" / "wsi-only" / "model.safetensors").exists()
+
+
+def test_training_predicts_within_most_of_the_free_memory(monkeypatch):
+    import bidistill.training.feature_source as feature_source
+    from bidistill.models.streaming import DEFAULT_MEMORY_BUDGET
+
+    monkeypatch.setattr(feature_source, "available_memory_bytes", lambda: 100 * 2**30)
+    assert feature_source.training_budget() == int(0.6 * 100 * 2**30)
+    monkeypatch.setattr(feature_source, "available_memory_bytes", lambda: 2**20)
+    assert feature_source.training_budget() == DEFAULT_MEMORY_BUDGET
 
 
 def test_predict_bags_handles_a_bag_far_larger_than_a_chunk(chunk_widths):

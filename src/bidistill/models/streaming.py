@@ -236,12 +236,16 @@ def whole_bag_bytes(module: nn.Module, n: int, dim: int) -> int:
 
 
 def chunk_rows(
-    method: nn.Module, n_instances: int, dim: int, memory_budget: int
+    method: nn.Module,
+    n_instances: int,
+    dim: int,
+    memory_budget: int,
+    more_memory: str = "raise --memory-budget",
 ) -> tuple[int, int]:
     """(rows per chunk, bytes of the per-instance results) for ``method`` on a bag of
     ``n_instances`` within ``memory_budget`` bytes (what grows with the bag, not the weights);
     ``BagTooLargeError`` when not even the per-instance results, or a bag that an aggregator
-    needs whole, fit."""
+    needs whole, fit; ``more_memory`` says how the caller's user gives it more."""
     found = find_aggregators(method)
     for name, module in found.items():
         need = 0 if streams(module) else whole_bag_bytes(module, n_instances, dim)
@@ -249,7 +253,7 @@ def chunk_rows(
             raise BagTooLargeError(
                 f"a bag of {n_instances} tiles needs about {need / MiB:,.0f} MiB in "
                 f"{type(module).__name__} ({name}), which sees every tile at once; the memory "
-                f"budget is {memory_budget / MiB:,.0f} MiB. Raise it (--memory-budget), or train "
+                f"budget is {memory_budget / MiB:,.0f} MiB. {more_memory.capitalize()}, or train "
                 "with `aggregator: abmil` or `mean`, which predict in bounded memory"
             )
     # Per instance, whatever the chunk: each aggregator's scores and attention, the routed copy.
@@ -262,7 +266,7 @@ def chunk_rows(
     if available < per_row:
         raise BagTooLargeError(
             f"a memory budget of {memory_budget / MiB:,.1f} MiB cannot hold the attention scores "
-            f"of a bag of {n_instances} tiles ({fixed / MiB:,.1f} MiB); raise --memory-budget"
+            f"of a bag of {n_instances} tiles ({fixed / MiB:,.1f} MiB); {more_memory}"
         )
     return max(1, available // per_row), fixed
 

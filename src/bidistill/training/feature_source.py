@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from bidistill.cohort import ClinicalEncoder, Cohort
 from bidistill.config import ExperimentConfig, TrainingConfig
+from bidistill.features.hygiene import available_memory_bytes
 from bidistill.features.identity import config_identity
 from bidistill.features.store import FeatureStore
 from bidistill.models import Method
@@ -121,9 +122,7 @@ class FeatureSource:
         present, absent = np.zeros(n, np.float32), np.zeros(n, np.float32)
         for i in range(n):
             bag = ArrayBag(bags.bags(i))
-            encoded = encode_bag(
-                method, bag, memory_budget=DEFAULT_MEMORY_BUDGET, device=self.device
-            )
+            encoded = encode_bag(method, bag, memory_budget=training_budget(), device=self.device)
             given = (bags.clinical[i], bags.clinical_valid[i], bool(bags.clinical_present[i]))
             withheld = (method.blank_clinical, torch.zeros_like(bags.clinical_valid[i]), False)
             present[i] = predict_encoded(method, encoded, bag.dim, *given).probability
@@ -161,13 +160,28 @@ def predict_loader(
     return present, absent
 
 
+# Training has no --memory-budget: its predictions table may use most of the free memory, where
+# predict's default budget is sized for any laptop. A bag that is one chunk under both budgets
+# (any bag of up to millions of instances) is predicted bit for bit as `predict` does.
+TRAINING_MEMORY_SHARE = 0.6
+TRAINING_REMEDY = (
+    f"free memory (training predicts within {TRAINING_MEMORY_SHARE:.0%} of what is free) or tile "
+    "the slides coarser"
+)
+
+
+def training_budget() -> int:
+    """Bytes for what grows with a bag in the predictions table."""
+    return max(DEFAULT_MEMORY_BUDGET, int(TRAINING_MEMORY_SHARE * available_memory_bytes()))
+
+
 def _check_predictable(method: Method, ids: list[str], lengths: list[int], dim: int) -> None:
     """Refuse, before training, a bag that the predictions table could not predict."""
     if not lengths:
         return
     largest = int(np.argmax(lengths))
     try:
-        chunk_rows(method, lengths[largest], dim, DEFAULT_MEMORY_BUDGET)
+        chunk_rows(method, lengths[largest], dim, training_budget(), TRAINING_REMEDY)
     except BagTooLargeError as err:
         raise BagTooLargeError(f"patient '{ids[largest]}': {err}") from None
 
