@@ -81,17 +81,15 @@ def _model_sections(model: type[BaseModel], prefix: str) -> list[str]:
     rows, nested = [], []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
+        meaning = _cell(field.description) or MEANINGS.get(key, "")
         sub = nested_model(field.annotation)
         if sub is not None:
             listed = typing.get_origin(field.annotation) in (list, typing.List)  # noqa: UP006
-            nested.append((f"{key}[]" if listed else key, sub, field.description))
+            nested.append((f"{key}[]" if listed else key, sub))
             if listed:
-                rows.append((name, f"list of `{key}[]` entries", _default(field), field))
+                rows.append((name, f"list of `{key}[]` entries", _default(field), meaning))
             continue
-        rows.append((name, _type_text(field.annotation), _default(field), field))
-    rows = [
-        (n, t, d, _cell(f.description) or MEANINGS.get(f"{prefix}{n}", "")) for n, t, d, f in rows
-    ]
+        rows.append((name, _type_text(field.annotation), _default(field), meaning))
     title = f"## `{prefix.rstrip('.')}`" if prefix else "## Top level"
     lines = [title, ""]
     if model.__doc__ and prefix:
@@ -104,7 +102,7 @@ def _model_sections(model: type[BaseModel], prefix: str) -> list[str]:
         ]
         lines.append("")
     parts = ["\n".join(lines)]
-    for key, sub, _ in nested:
+    for key, sub in nested:
         parts += _model_sections(sub, f"{key}.")
     return parts
 

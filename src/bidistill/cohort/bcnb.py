@@ -69,10 +69,6 @@ class BcnbTask:
     description: str
     leaves_out: bool = False
 
-    @property
-    def excluded_columns(self) -> set[str]:
-        return {self.label, *self.leakage}
-
 
 # One line per task. The molecular subtype is defined from ER, PR, HER2 (and Ki67), and the
 # HER2 IHC score decides the HER2 status, so they leak the receptor labels.
@@ -317,7 +313,7 @@ def feature_columns(task: str, feature_set: str) -> tuple[list[dict[str, Any]], 
     kept, dropped = [], []
     for name in FEATURE_SETS[feature_set]:
         entry = FEATURES[name]
-        if entry["column"] in spec.excluded_columns:
+        if entry["column"] in {spec.label, *spec.leakage}:
             dropped.append(name)
         else:
             kept.append({"name": name, **entry})
