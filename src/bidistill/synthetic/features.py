@@ -193,9 +193,9 @@ def tracked(items, enabled: bool, description: str):
     """``items`` with a progress bar when ``enabled``."""
     if not enabled:
         return items
-    from rich.progress import track
+    from bidistill._progress import transient_track
 
-    return track(items, description=description)
+    return transient_track(items, description)
 
 
 def _splits(rng, labels: np.ndarray, table: list[dict]) -> dict[str, str]:
