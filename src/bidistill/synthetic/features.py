@@ -88,7 +88,6 @@ def _patient_traits(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     key_fraction = _sigmoid(1.6 * (w + rng.normal(scale=0.6, size=n)) - 2.2)  # ≈ 3% to 60%
     marker_fraction = _sigmoid(1.5 * c - 1.5)  # ≈ 5% to 80% marker instances
     return {
-        "w": w,
         "c": c,
         "label": label,
         "key_fraction": key_fraction,
