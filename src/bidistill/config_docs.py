@@ -170,11 +170,8 @@ def _default(field: Any) -> str:
         value = [
             v.model_dump(exclude_defaults=True) if isinstance(v, BaseModel) else v for v in value
         ]
-    if isinstance(value, enum.Enum):
-        value = value.value
-    if isinstance(value, Path):
-        value = str(value)
-    return f"`{json.dumps(value, ensure_ascii=False)}`"
+    # Enums are str enums (json writes their value); a Path as its text.
+    return f"`{json.dumps(value, ensure_ascii=False, default=str)}`"
 
 
 def _cell(text: str | None) -> str:
