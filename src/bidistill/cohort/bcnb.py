@@ -376,23 +376,17 @@ def config_text(
             "check it before trusting tile sizes\n"
         )
         parts.append(slides_yaml)
-    if protocol == "paper":
-        parts.append(_paper_protocol(task))
+    if protocol == "paper":  # the shipped protocol's sections, comments kept, under this task
+        from bidistill.configs import protocol_text
+
+        paper = protocol_text("bcnb-paper")
+        parts.append(paper.replace("name: bcnb-aln-paper", f"name: bcnb-{task}-paper", 1))
     text = "\n".join(part.rstrip("\n") + "\n" for part in parts if part)
     parse_config(yaml.safe_load(text), source="<bcnb config>")  # a bug here must not ship
     return text
 
 
 PROTOCOLS = ("features", "paper")
-
-
-def _paper_protocol(task: str) -> str:
-    """The shipped protocol's sections (comments kept), under this task's name."""
-    from bidistill.configs import protocol_text
-
-    return protocol_text("bcnb-paper").replace(
-        "name: bcnb-aln-paper", f"name: bcnb-{task}-paper", 1
-    )
 
 
 def _yaml(data: dict[str, Any]) -> str:
