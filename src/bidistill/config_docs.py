@@ -95,12 +95,7 @@ def _model_sections(model: type[BaseModel], prefix: str) -> list[str]:
     if model.__doc__ and prefix:
         lines += [" ".join(model.__doc__.split()), ""]
     if rows:
-        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        lines += [
-            f"| `{name}` | {type_text} | {default} | {meaning} |"
-            for name, type_text, default, meaning in rows
-        ]
-        lines.append("")
+        lines += _table("key", rows)
     parts = ["\n".join(lines)]
     for key, sub in nested:
         parts += _model_sections(sub, f"{key}.")
@@ -130,15 +125,17 @@ def _methods_section() -> str:
 
 
 def _options_table(options: type[BaseModel], skip: set[str]) -> list[str]:
-    lines = ["| option | type | default | meaning |", "|---|---|---|---|"]
+    rows = []
     for option, field in options.model_fields.items():
-        if option in skip:
-            continue
-        meaning = _cell(field.description) or OPTION_MEANINGS.get(option, "")
-        lines.append(
-            f"| `{option}` | {_type_text(field.annotation)} | {_default(field)} | {meaning} |"
-        )
-    return [*lines, ""]
+        if option not in skip:
+            meaning = _cell(field.description) or OPTION_MEANINGS.get(option, "")
+            rows.append((option, _type_text(field.annotation), _default(field), meaning))
+    return _table("option", rows)
+
+
+def _table(first: str, rows: list[tuple[str, str, str, str]]) -> list[str]:
+    lines = [f"| {first} | type | default | meaning |", "|---|---|---|---|"]
+    return [*lines, *(f"| `{n}` | {t} | {d} | {m} |" for n, t, d, m in rows), ""]
 
 
 def _type_text(annotation: Any) -> str:
