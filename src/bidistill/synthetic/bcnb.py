@@ -235,8 +235,7 @@ def _write_splits(split_dir: Path, cohort: list[_Patient], seed: int) -> None:
     for node_positive in (False, True):
         ids = [p.patient_id for p in cohort if (p.aln != "N0") == node_positive]
         ids = [ids[i] for i in rng.permutation(len(ids))]
-        n_val = max(1, round(0.2 * len(ids)))
-        n_test = max(1, round(0.2 * len(ids)))
+        n_val = n_test = max(1, round(0.2 * len(ids)))
         members["val"] += ids[:n_val]
         members["test"] += ids[n_val : n_val + n_test]
         members["train"] += ids[n_val + n_test :]
