@@ -1,13 +1,8 @@
 """``ClinicalEncoder``: the clinical table as model input, a scikit-learn-style estimator.
 
 Fitted on the training split only (statistics must never see validation or test patients) and
-saved beside the model, so that prediction uses exactly the training-time encoding. Per kind:
-    numeric      standardised with the training mean and std; missing → 0 (the training mean)
-    binary       1 for a positive value, 0 for the other value seen in training; missing or
-                 unseen → the training prevalence
-    ordinal      level index scaled to [0, 1]; missing → the training mean
-    categorical  one-hot over the training levels; missing or unseen → all zeros
-then one missing-indicator per feature (as ``SimpleImputer(add_indicator=True)``).
+saved beside the model, so that prediction uses exactly the training-time encoding (the encoding
+per kind: docs/internal-interfaces.md).
 """
 
 from __future__ import annotations
