@@ -81,30 +81,23 @@ def _model_sections(model: type[BaseModel], prefix: str) -> list[str]:
     rows, nested = [], []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
+        meaning = _cell(field.description) or MEANINGS.get(key, "")
         sub = nested_model(field.annotation)
         if sub is not None:
             listed = typing.get_origin(field.annotation) in (list, typing.List)  # noqa: UP006
-            nested.append((f"{key}[]" if listed else key, sub, field.description))
+            nested.append((f"{key}[]" if listed else key, sub))
             if listed:
-                rows.append((name, f"list of `{key}[]` entries", _default(field), field))
+                rows.append((name, f"list of `{key}[]` entries", _default(field), meaning))
             continue
-        rows.append((name, _type_text(field.annotation), _default(field), field))
-    rows = [
-        (n, t, d, _cell(f.description) or MEANINGS.get(f"{prefix}{n}", "")) for n, t, d, f in rows
-    ]
+        rows.append((name, _type_text(field.annotation), _default(field), meaning))
     title = f"## `{prefix.rstrip('.')}`" if prefix else "## Top level"
     lines = [title, ""]
     if model.__doc__ and prefix:
         lines += [" ".join(model.__doc__.split()), ""]
     if rows:
-        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
-        lines += [
-            f"| `{name}` | {type_text} | {default} | {meaning} |"
-            for name, type_text, default, meaning in rows
-        ]
-        lines.append("")
+        lines += _table("key", rows)
     parts = ["\n".join(lines)]
-    for key, sub, _ in nested:
+    for key, sub in nested:
         parts += _model_sections(sub, f"{key}.")
     return parts
 
@@ -132,15 +125,17 @@ def _methods_section() -> str:
 
 
 def _options_table(options: type[BaseModel], skip: set[str]) -> list[str]:
-    lines = ["| option | type | default | meaning |", "|---|---|---|---|"]
+    rows = []
     for option, field in options.model_fields.items():
-        if option in skip:
-            continue
-        meaning = _cell(field.description) or OPTION_MEANINGS.get(option, "")
-        lines.append(
-            f"| `{option}` | {_type_text(field.annotation)} | {_default(field)} | {meaning} |"
-        )
-    return [*lines, ""]
+        if option not in skip:
+            meaning = _cell(field.description) or OPTION_MEANINGS.get(option, "")
+            rows.append((option, _type_text(field.annotation), _default(field), meaning))
+    return _table("option", rows)
+
+
+def _table(first: str, rows: list[tuple[str, str, str, str]]) -> list[str]:
+    lines = [f"| {first} | type | default | meaning |", "|---|---|---|---|"]
+    return [*lines, *(f"| `{n}` | {t} | {d} | {m} |" for n, t, d, m in rows), ""]
 
 
 def _type_text(annotation: Any) -> str:
@@ -172,11 +167,8 @@ def _default(field: Any) -> str:
         value = [
             v.model_dump(exclude_defaults=True) if isinstance(v, BaseModel) else v for v in value
         ]
-    if isinstance(value, enum.Enum):
-        value = value.value
-    if isinstance(value, Path):
-        value = str(value)
-    return f"`{json.dumps(value, ensure_ascii=False)}`"
+    # Enums are str enums (json writes their value); a Path as its text.
+    return f"`{json.dumps(value, ensure_ascii=False, default=str)}`"
 
 
 def _cell(text: str | None) -> str:

@@ -69,10 +69,6 @@ class BcnbTask:
     description: str
     leaves_out: bool = False
 
-    @property
-    def excluded_columns(self) -> set[str]:
-        return {self.label, *self.leakage}
-
 
 # One line per task. The molecular subtype is defined from ER, PR, HER2 (and Ki67), and the
 # HER2 IHC score decides the HER2 status, so they leak the receptor labels.
@@ -317,7 +313,7 @@ def feature_columns(task: str, feature_set: str) -> tuple[list[dict[str, Any]], 
     kept, dropped = [], []
     for name in FEATURE_SETS[feature_set]:
         entry = FEATURES[name]
-        if entry["column"] in spec.excluded_columns:
+        if entry["column"] in {spec.label, *spec.leakage}:
             dropped.append(name)
         else:
             kept.append({"name": name, **entry})
@@ -380,23 +376,17 @@ def config_text(
             "check it before trusting tile sizes\n"
         )
         parts.append(slides_yaml)
-    if protocol == "paper":
-        parts.append(_paper_protocol(task))
+    if protocol == "paper":  # the shipped protocol's sections, comments kept, under this task
+        from bidistill.configs import protocol_text
+
+        paper = protocol_text("bcnb-paper")
+        parts.append(paper.replace("name: bcnb-aln-paper", f"name: bcnb-{task}-paper", 1))
     text = "\n".join(part.rstrip("\n") + "\n" for part in parts if part)
     parse_config(yaml.safe_load(text), source="<bcnb config>")  # a bug here must not ship
     return text
 
 
 PROTOCOLS = ("features", "paper")
-
-
-def _paper_protocol(task: str) -> str:
-    """The shipped protocol's sections (comments kept), under this task's name."""
-    from bidistill.configs import protocol_text
-
-    return protocol_text("bcnb-paper").replace(
-        "name: bcnb-aln-paper", f"name: bcnb-{task}-paper", 1
-    )
 
 
 def _yaml(data: dict[str, Any]) -> str:

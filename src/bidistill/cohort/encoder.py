@@ -1,13 +1,8 @@
 """``ClinicalEncoder``: the clinical table as model input, a scikit-learn-style estimator.
 
 Fitted on the training split only (statistics must never see validation or test patients) and
-saved beside the model, so that prediction uses exactly the training-time encoding. Per kind:
-    numeric      standardised with the training mean and std; missing → 0 (the training mean)
-    binary       1 for a positive value, 0 for the other value seen in training; missing or
-                 unseen → the training prevalence
-    ordinal      level index scaled to [0, 1]; missing → the training mean
-    categorical  one-hot over the training levels; missing or unseen → all zeros
-then one missing-indicator per feature (as ``SimpleImputer(add_indicator=True)``).
+saved beside the model, so that prediction uses exactly the training-time encoding (the encoding
+per kind: docs/internal-interfaces.md).
 """
 
 from __future__ import annotations
@@ -177,29 +172,24 @@ class ClinicalEncoder:
         if not hasattr(self, "stats_"):
             raise RuntimeError("ClinicalEncoder is not fitted: call fit() on the training rows")
 
-    def to_dict(self) -> dict[str, Any]:
+    def save(self, path: str | Path) -> None:
         self._check_fitted()
-        return {
+        data = {
             "bidistill_version": __version__,
             "columns": [c.model_dump(mode="json") for c in self.columns],
             "feature_names_in": self.feature_names_in_,
             "stats": self.stats_,
         }
+        write_json(path, data)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClinicalEncoder:
+    def load(cls, path: str | Path) -> ClinicalEncoder:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
         encoder = cls([ClinicalColumn.model_validate(c) for c in data["columns"]])
         encoder.feature_names_in_ = list(data["feature_names_in"])
         encoder.stats_ = data["stats"]
         encoder._set_layout()
         return encoder
-
-    def save(self, path: str | Path) -> None:
-        write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> ClinicalEncoder:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     @property
     def output_names_(self) -> list[str]:

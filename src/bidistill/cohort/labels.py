@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bidistill._text import count
+from bidistill._text import count, verb
 from bidistill.cohort.parsers import is_blank, normalise_text
 from bidistill.config import LabelConfig
 from bidistill.errors import CohortError
@@ -62,10 +62,9 @@ class LabelSummary:
         lines = [f"label '{self.column}': value → class (patients)"]
         for row in self.table.itertuples():
             lines.append(f"  {row.value!r:<{width}} → {_meaning(row.code)} ({row.patients})")
-        if self.blank_patients:
-            verb = "is" if self.blank_patients == 1 else "are"
-            blank = count(self.blank_patients, "patient")
-            lines.append(f"  {blank} with a blank label {verb} left out")
+        if blank := self.blank_patients:
+            is_are = verb(blank, "is", "are")
+            lines.append(f"  {count(blank, 'patient')} with a blank label {is_are} left out")
         if self.dropped:
             listed = ", ".join(f"{v!r} ({n})" for v, n in self.dropped.items())
             lines.append(

@@ -73,16 +73,14 @@ def read_table(path: Path, sheet: str | int | None = None) -> pd.DataFrame:
     if not path.is_file():
         raise CohortError(f"{path}: cohort table not found")
     suffix = path.suffix.lower()
+    if suffix not in (".xlsx", ".xlsm", ".xls", ".csv", ".tsv", ".txt"):
+        raise CohortError(f"{path}: expected a .csv, .tsv or .xlsx cohort table")
     try:
         if suffix in (".xlsx", ".xlsm", ".xls"):
             frame = pd.read_excel(path, sheet_name=sheet or 0, dtype=object)
-        elif suffix in (".csv", ".tsv", ".txt"):
+        else:
             sep = "\t" if suffix == ".tsv" else None
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep, engine="python")
-        else:
-            raise CohortError(f"{path}: expected a .csv, .tsv or .xlsx cohort table")
-    except CohortError:
-        raise
     except Exception as err:  # pandas raises many types for unreadable files
         raise CohortError(f"{path}: cannot read the cohort table ({err})") from err
     frame.columns = [str(c).strip() for c in frame.columns]

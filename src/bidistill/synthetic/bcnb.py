@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from bidistill._io import atomic_path, write_text
 from bidistill.cohort.bcnb import BCNB_COLUMNS, CLINICAL_XLSX, SPLIT_DIR, SPLIT_FILES, WSI_DIR
+from bidistill.synthetic.features import tracked
 
 ALN_CLASSES = ("N0", "N+(1-2)", "N+(>2)")
 ALN_SHARES = (0.55, 0.27, 0.18)  # close to BCNB's 655 / 210 / 193 of 1058
@@ -74,7 +75,7 @@ def make_bcnb_folder(
     _write_splits(out_dir / SPLIT_DIR, cohort, seed)
     if not slides:
         return out_dir
-    for index, patient in _track(list(enumerate(cohort)), progress, "synthetic BCNB slides"):
+    for index, patient in tracked(list(enumerate(cohort)), progress, "synthetic BCNB slides"):
         # One generator per slide: a slide does not change when --patients grows.
         rng = np.random.default_rng([seed, 1, index])
         strength = _strength(patient.aln, signal, signal_noise, rng)
@@ -104,14 +105,6 @@ def signal_oracle_auc(
     levels = np.array([ALN_SIGNAL[c] for c in ALN_CLASSES])[classes] * signal
     strength = np.clip(levels + rng.normal(0, signal_noise, draws), 0, _MAX_STRENGTH)
     return float(roc_auc_score(classes > 0, strength))
-
-
-def _track(items: list, enabled: bool, description: str):
-    if not enabled:
-        return items
-    from bidistill._progress import transient_track
-
-    return transient_track(items, description)
 
 
 # --- clinical table -----------------------------------------------------------------------------
@@ -242,8 +235,7 @@ def _write_splits(split_dir: Path, cohort: list[_Patient], seed: int) -> None:
     for node_positive in (False, True):
         ids = [p.patient_id for p in cohort if (p.aln != "N0") == node_positive]
         ids = [ids[i] for i in rng.permutation(len(ids))]
-        n_val = max(1, round(0.2 * len(ids)))
-        n_test = max(1, round(0.2 * len(ids)))
+        n_val = n_test = max(1, round(0.2 * len(ids)))
         members["val"] += ids[:n_val]
         members["test"] += ids[n_val : n_val + n_test]
         members["train"] += ids[n_val + n_test :]

@@ -59,18 +59,14 @@ def make_feature_cohort(
     # Shuffle rows so that a patient's slides are not adjacent (real tables are not sorted).
     frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     write_csv(out_dir / "cohort.csv", frame)
-    write_key_instances(out_dir / KEY_INSTANCES, key_instances)
+    # The planted key-instance masks, one bool dataset per slide id.
+    with atomic_path(out_dir / KEY_INSTANCES) as tmp, h5py.File(tmp, "w") as h5:
+        for slide_id, mask in key_instances.items():
+            h5.create_dataset(slide_id, data=np.asarray(mask, dtype=bool))
     config_path = out_dir / (config_name or "config.yaml")
     if config_name is not None:
         write_text(config_path, feature_cohort_config(with_split=with_split))
     return config_path
-
-
-def write_key_instances(path: Path, key_instances: dict[str, np.ndarray]) -> None:
-    """Write the planted key-instance masks, one bool dataset per slide id (atomically)."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        for slide_id, mask in key_instances.items():
-            h5.create_dataset(slide_id, data=np.asarray(mask, dtype=bool))
 
 
 def read_key_instances(path: str | Path, slide_id: str) -> np.ndarray:
@@ -88,7 +84,6 @@ def _patient_traits(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     key_fraction = _sigmoid(1.6 * (w + rng.normal(scale=0.6, size=n)) - 2.2)  # ≈ 3% to 60%
     marker_fraction = _sigmoid(1.5 * c - 1.5)  # ≈ 5% to 80% marker instances
     return {
-        "w": w,
         "c": c,
         "label": label,
         "key_fraction": key_fraction,
@@ -193,9 +188,9 @@ def tracked(items, enabled: bool, description: str):
     """``items`` with a progress bar when ``enabled``."""
     if not enabled:
         return items
-    from rich.progress import track
+    from bidistill._progress import transient_track
 
-    return track(items, description=description)
+    return transient_track(items, description)
 
 
 def _splits(rng, labels: np.ndarray, table: list[dict]) -> dict[str, str]:

@@ -383,15 +383,14 @@ def _bag_loglik(spec: LatentSpec, world: _World, grid: _Grid, bag: np.ndarray) -
     n = len(x)
     # Diffuse shifts: each instance's coordinate is N(shift, 1) on its own axis.
     out = np.zeros(np.broadcast_shapes(grid.z.shape, grid.v.shape, grid.c.shape))
-    if spec.w_signal == "diffuse":
-        a = spec.diffuse_w * grid.v
-        out = out + a * x[:, 0].sum() - n * a**2 / 2
-    if spec.c_trace == "diffuse":
-        a = spec.diffuse_c * grid.c
-        out = out + a * x[:, 1].sum() - n * a**2 / 2
-    if spec.diffuse_z:
-        a = spec.diffuse_z * grid.z
-        out = out + a * x[:, 2].sum() - n * a**2 / 2
+    diffuse = (
+        (spec.w_signal == "diffuse", spec.diffuse_w * grid.v),
+        (spec.c_trace == "diffuse", spec.diffuse_c * grid.c),
+        (bool(spec.diffuse_z), spec.diffuse_z * grid.z),
+    )
+    for axis, (shifted, a) in enumerate(diffuse):
+        if shifted:
+            out = out + a * x[:, axis].sum() - n * a**2 / 2
     # Mixture over instance kinds: key, plain tissue, marked tissue (free axes only).
     free = x[:, _DIFFUSE_AXES:]
 
