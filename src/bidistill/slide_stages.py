@@ -20,6 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bidistill._text import count
 from bidistill.errors import BidistillError, ConfigError, SlideError
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,12 @@ class StageSummary:
     shard: str | None = None  # ``i/n`` when sharded
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific figures
+
+    def counts(self) -> str:
+        """What was done, as the stage's closing line begins (``tiled 3 slides (120 tiles), …``)."""
+        verb, unit = ("tiled", "tile") if self.stage == "tiling" else ("extracted", "patch")
+        done = f"{count(len(self.done), 'slide')} ({count(sum(self.done.values()), unit)})"
+        return f"{verb} {done}, {len(self.skipped)} already done"
 
     @property
     def empty(self) -> list[str]:

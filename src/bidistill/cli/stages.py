@@ -31,12 +31,9 @@ _SHARD_HELP = (
 )
 
 
-def _print_stage_summary(summary, *, verb: str, unit: str, outputs: str) -> None:
+def _print_stage_summary(summary, outputs: str) -> None:
     """The closing lines of a per-slide stage: counts, each failure once, where the files are."""
-    line = (
-        f"{verb} {count(len(summary.done), 'slide')} ({count(sum(summary.done.values()), unit)}), "
-        f"{len(summary.skipped)} already done, {len(summary.failed)} failed"
-    )
+    line = f"{summary.counts()}, {len(summary.failed)} failed"
     if summary.shard is not None:
         others = count(summary.other_shards, "slide")
         line += f" (shard {summary.shard}; {others} left to other shards)"
@@ -86,12 +83,7 @@ def tile(
     _check_stage(cfg, config, "tile", skip_errors=skip_errors, shard=shard_)
     summary = tile_from_config(cfg, workers=workers, skip_errors=skip_errors, shard=shard_)
     coords_dir = cfg.tiling.coords_dir
-    _print_stage_summary(
-        summary,
-        verb="tiled",
-        unit="tile",
-        outputs=f"coords in {coords_dir}, QC images in {coords_dir / 'qc'}",
-    )
+    _print_stage_summary(summary, f"coords in {coords_dir}, QC images in {coords_dir / 'qc'}")
     if cfg.tiling.qc:
         from bidistill.slides.qc import write_cohort_overview
 
@@ -144,9 +136,7 @@ def extract(
     summary = extract_from_config(cfg, shard=shard_, skip_errors=skip_errors, progress=show)
     merged = gather_summaries(summary)  # torchrun: every rank's summary, on rank 0
     if merged is not None:
-        _print_stage_summary(
-            merged, verb="extracted", unit="patch", outputs=f"features in {cfg.features.dir}"
-        )
+        _print_stage_summary(merged, f"features in {cfg.features.dir}")
         if summary.extra.get("random_init"):
             console.print(
                 "[bold red]warning:[/] RANDOM encoder weights (features.random_init): for tests "

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 
 from bidistill._io import write_csv, write_json, write_text
-from bidistill._text import count
 from bidistill.config import ExperimentConfig, MethodConfig, dump_config
 from bidistill.errors import ConfigError
 from bidistill.runs.fingerprint import (
@@ -129,11 +128,7 @@ def _say_summary(summary, exp: Experiment) -> None:
         return
     from rich.console import Console
 
-    verb, unit = ("tiled", "tile") if summary.stage == "tiling" else ("extracted", "patch")
-    line = (
-        f"{summary.stage}: {verb} {count(len(summary.done), 'slide')} "
-        f"({count(sum(summary.done.values()), unit)}), {len(summary.skipped)} already done"
-    )
+    line = f"{summary.stage}: {summary.counts()}"
     if summary.redone:
         line += f", {len(summary.redone)} redone ({'; '.join(summary.redone.values())})"
     if summary.failed:
