@@ -1,8 +1,5 @@
 """The checks made before any work: one list per stage (``CHECKS``), and the run folder's own.
-
-`config` runs every stage's checks and the commands those of the stages they run, so `config`
-says ok to exactly what the stages then accept.
-"""
+`config` runs them all, so it says ok to exactly what the stages then accept."""
 
 from __future__ import annotations
 
@@ -120,13 +117,9 @@ def check_stages(
     shard=None,
     in_memory: str = "no",
 ) -> Checks:
-    """Run the checks of ``stages`` (default: those `run` goes through).
-
-    ``run_dir``: its trained methods' feature identity is checked too; ``need_features`` False:
-    every method is trained already, the feature files are not read again; ``in_memory``: how
-    to open the feature store when every file is there (training's setting keeps it for
-    training).
-    """
+    """Run the checks of ``stages`` (default: those `run` goes through). ``need_features``
+    False: every method is trained already, the feature files are not read again; ``in_memory``:
+    how to open the feature store, kept for training when every file is there."""
     context = _Context(config, run_dir, need_features, skip_errors, shard, in_memory)
     if stages is None:
         stages = run_stages(config, context.slide_ids())

@@ -1,10 +1,7 @@
-"""The stages of an experiment in order (``STAGES``), one entry function each over an
-``Experiment``; docs/internal-interfaces.md lists them.
+"""The stages of an experiment in order (``STAGES``; docs/internal-interfaces.md lists them).
 
-Each stage records in ``run.json`` what it consumed (``runs.fingerprint``) after its outputs are
-written, so a rerun redoes exactly the stages whose inputs changed, says why, and keeps the
-others. `run` calls every stage; `train` the splits and train stages; `evaluate` the evaluate
-stage (``experiment.commands``).
+Each stage records what it consumed after its outputs are written, so a rerun redoes exactly the
+stages whose inputs changed, says why, and keeps the others.
 """
 
 from __future__ import annotations
@@ -49,12 +46,9 @@ RANDOM_FEATURES_WARNING = (
 
 @dataclasses.dataclass
 class Experiment:
-    """What the stages share: the config, the run folder, and what earlier stages made.
-
-    ``root`` is the run whose ``run.json`` records the stages (a train-time missingness run's
-    parent); ``is_main`` is False on torchrun's other processes, which train but write nothing
-    else.
-    """
+    """What the stages share. ``root``: the run whose ``run.json`` records the stages (a
+    train-time missingness run's parent); ``is_main`` False: torchrun's other processes, which
+    train but write nothing else."""
 
     config: ExperimentConfig
     run: RunDir
