@@ -21,6 +21,8 @@ _METHOD_HELP = "Method folder of the run (default: the reference method, bd)."
 _CONFIG_HELP = "The run's experiment YAML, for a run made by `bidistill train` (no config.yaml)."
 DEFAULT_BUDGET_MIB = 512
 _BUDGET_HELP = "MiB for one bag's features and activations; larger bags are read in chunks."
+# One option object for both commands (typer reads it, never changes it).
+_BUDGET = typer.Option(DEFAULT_BUDGET_MIB, "--memory-budget", min=4, help=_BUDGET_HELP)
 _TILES_HELP = (
     "With --slides: folder of the slides' coords files (slides without one are tiled into it "
     "with the run's tiling settings; a feature run's new features go to its features/). "
@@ -79,9 +81,7 @@ def predict(
     method: str | None = typer.Option(None, "--method", "-m", help=_METHOD_HELP),
     patient: list[str] = typer.Option(None, "--patient", help="Only this patient (repeatable)."),
     config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
-    memory_budget: float = typer.Option(
-        DEFAULT_BUDGET_MIB, "--memory-budget", min=4, help=_BUDGET_HELP
-    ),
+    memory_budget: float = _BUDGET,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     slides: list[Path] = typer.Option(
         None,
@@ -185,9 +185,7 @@ def heatmap(
     method: str | None = typer.Option(None, "--method", "-m", help=_METHOD_HELP),
     top_k: int = typer.Option(8, "--top-k", min=1, help="Tiles per row of the montage."),
     config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
-    memory_budget: float = typer.Option(
-        DEFAULT_BUDGET_MIB, "--memory-budget", min=4, help=_BUDGET_HELP
-    ),
+    memory_budget: float = _BUDGET,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     tiles: Path | None = typer.Option(None, "--tiles", help=_TILES_HELP),
 ) -> None:
