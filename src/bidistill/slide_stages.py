@@ -210,11 +210,9 @@ def run_slides(
     progress: bool = True,
     description: str = "slides",
 ) -> None:
-    """Run ``work`` on every job, in a pool of ``workers`` processes when above 1.
-
-    ``work`` (module-level: the pool pickles it) never raises for a bad slide: it returns
-    ``(slide id, count, error or None)``, and the recorder decides whether the stage goes on.
-    """
+    """Run ``work`` on every job, in a pool of ``workers`` processes when above 1. ``work``
+    (module-level: the pool pickles it) returns ``(slide id, count, error or None)`` instead of
+    raising for a bad slide, so that the recorder decides whether the stage goes on."""
     start = time.perf_counter()
     with progress_bar(len(todo), progress, description) as advance:
         if workers <= 1 or len(todo) <= 1:
