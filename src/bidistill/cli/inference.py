@@ -117,12 +117,10 @@ def predict(
         )
     write_csv(out, table)
     branches = ", ".join(f"{b} {n}" for b, n in table["branch"].value_counts().items())
-    console.print(
+    say(
         f"predicted {count(len(table), 'patient')} with {trained.method}: "
         f"{int(table['decision'].sum())} {trained.positive_class} at the run's validation "
         f"thresholds (branches: {branches}); wrote {out}",
-        highlight=False,
-        soft_wrap=True,
     )
     _warn_if_random(trained)
     if not trained.aggregators or not (features or slides):
@@ -220,11 +218,9 @@ def heatmap(
             progress=True,
         )
     n_files = sum(len(f) for f in summary.files.values())
-    console.print(
+    say(
         f"wrote {count(n_files, 'file')} for {count(len(summary.files), 'slide')} of "
         f"{count(len(summary.predictions), 'patient')} to {out}",
-        highlight=False,
-        soft_wrap=True,
     )
     _warn_if_random(trained)
     if summary.without_image:

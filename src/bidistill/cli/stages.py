@@ -93,12 +93,10 @@ def tile(
     for slide_id in summary.empty:
         console.print(f"[yellow]warning:[/] {slide_id}: no tile kept; open its QC image")
     if summary.extra.get("cache_mb"):
-        console.print(
+        say(
             f"plain images (JPEG, PNG) converted once to tiled TIFFs: {summary.extra['cache_mb']:g}"
             f" MB in {summary.extra['cache_dir']} (`slides.cache_dir`); extraction reads them, "
             "so keep them until it is done",
-            highlight=False,
-            soft_wrap=True,
         )
     if cfg.training.on_tiles:  # the methods read the tiles: nothing to extract
         run_dir = free_run_dir(config, cfg)
@@ -187,11 +185,9 @@ def encoders() -> None:
             spec.hub,
         )
     Console().print(table)
-    console.print(
+    say(
         "also: timm:<name> (any timm model), hf-hub:<org>/<repo>, or a local model folder; "
         "set features.encoder in your config",
-        highlight=False,
-        soft_wrap=True,
     )
     say_next("bidistill extract CONFIG")
 
