@@ -106,10 +106,11 @@ def predict(
     from bidistill.inference.load import load_run
 
     _check_output_csv(out)  # before any work: the table is written only at the end
+    tiles = tiles or out.parent / "tiles"
     with warnings_shown(python_warnings=True):
         trained = load_run(run_dir, method, config=config, device=device)
         table = trained.predict(
-            _bag_source(trained, features, slides, tiles or out.parent / "tiles"),
+            _bag_source(trained, features, slides, tiles),
             clinical,
             patients=patient or None,
             memory_budget=int(memory_budget * 2**20),
@@ -127,7 +128,7 @@ def predict(
         say_next(f"open {shell_arg(out)}")
         return
     heatmap_args = [
-        *_bag_args(trained, features, slides, tiles or out.parent / "tiles"),
+        *_bag_args(trained, features, slides, tiles),
         *_same_choice_args(clinical, method, patient, config, memory_budget, device),
     ]
     say_next(

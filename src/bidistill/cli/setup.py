@@ -195,7 +195,9 @@ def synth_bcnb(
         signal=signal,
         progress=True,
     )
-    size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
+    from bidistill.slide_stages import folder_size
+
+    size_mb = folder_size(out) / 1e6
     say(f"wrote a synthetic BCNB folder of {patients} patients to {out} ({size_mb:.1f} MB)")
     say_next(
         f"bidistill bcnb prepare --root {shell_arg(out)} --out {shell_arg(str(out) + '-cohort')}"
