@@ -20,6 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bidistill._text import count
 from bidistill.errors import BidistillError, ConfigError, SlideError
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,12 @@ class StageSummary:
     shard: str | None = None  # ``i/n`` when sharded
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific figures
+
+    def counts(self) -> str:
+        """What was done, as the stage's closing line begins (``tiled 3 slides (120 tiles), …``)."""
+        verb, unit = ("tiled", "tile") if self.stage == "tiling" else ("extracted", "patch")
+        done = f"{count(len(self.done), 'slide')} ({count(sum(self.done.values()), unit)})"
+        return f"{verb} {done}, {len(self.skipped)} already done"
 
     @property
     def empty(self) -> list[str]:
@@ -203,11 +210,9 @@ def run_slides(
     progress: bool = True,
     description: str = "slides",
 ) -> None:
-    """Run ``work`` on every job, in a pool of ``workers`` processes when above 1.
-
-    ``work`` (module-level: the pool pickles it) never raises for a bad slide: it returns
-    ``(slide id, count, error or None)``, and the recorder decides whether the stage goes on.
-    """
+    """Run ``work`` on every job, in a pool of ``workers`` processes when above 1. ``work``
+    (module-level: the pool pickles it) returns ``(slide id, count, error or None)`` instead of
+    raising for a bad slide, so that the recorder decides whether the stage goes on."""
     start = time.perf_counter()
     with progress_bar(len(todo), progress, description) as advance:
         if workers <= 1 or len(todo) <= 1:

@@ -21,6 +21,8 @@ _METHOD_HELP = "Method folder of the run (default: the reference method, bd)."
 _CONFIG_HELP = "The run's experiment YAML, for a run made by `bidistill train` (no config.yaml)."
 DEFAULT_BUDGET_MIB = 512
 _BUDGET_HELP = "MiB for one bag's features and activations; larger bags are read in chunks."
+# One option object for both commands (typer reads it, never changes it).
+_BUDGET = typer.Option(DEFAULT_BUDGET_MIB, "--memory-budget", min=4, help=_BUDGET_HELP)
 _TILES_HELP = (
     "With --slides: folder of the slides' coords files (slides without one are tiled into it "
     "with the run's tiling settings; a feature run's new features go to its features/). "
@@ -79,9 +81,7 @@ def predict(
     method: str | None = typer.Option(None, "--method", "-m", help=_METHOD_HELP),
     patient: list[str] = typer.Option(None, "--patient", help="Only this patient (repeatable)."),
     config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
-    memory_budget: float = typer.Option(
-        DEFAULT_BUDGET_MIB, "--memory-budget", min=4, help=_BUDGET_HELP
-    ),
+    memory_budget: float = _BUDGET,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     slides: list[Path] = typer.Option(
         None,
@@ -106,10 +106,11 @@ def predict(
     from bidistill.inference.load import load_run
 
     _check_output_csv(out)  # before any work: the table is written only at the end
+    tiles = tiles or out.parent / "tiles"
     with warnings_shown(python_warnings=True):
         trained = load_run(run_dir, method, config=config, device=device)
         table = trained.predict(
-            _bag_source(trained, features, slides, tiles or out.parent / "tiles"),
+            _bag_source(trained, features, slides, tiles),
             clinical,
             patients=patient or None,
             memory_budget=int(memory_budget * 2**20),
@@ -117,19 +118,17 @@ def predict(
         )
     write_csv(out, table)
     branches = ", ".join(f"{b} {n}" for b, n in table["branch"].value_counts().items())
-    console.print(
+    say(
         f"predicted {count(len(table), 'patient')} with {trained.method}: "
         f"{int(table['decision'].sum())} {trained.positive_class} at the run's validation "
         f"thresholds (branches: {branches}); wrote {out}",
-        highlight=False,
-        soft_wrap=True,
     )
     _warn_if_random(trained)
     if not trained.aggregators or not (features or slides):
         say_next(f"open {shell_arg(out)}")
         return
     heatmap_args = [
-        *_bag_args(trained, features, slides, tiles or out.parent / "tiles"),
+        *_bag_args(trained, features, slides, tiles),
         *_same_choice_args(clinical, method, patient, config, memory_budget, device),
     ]
     say_next(
@@ -185,9 +184,7 @@ def heatmap(
     method: str | None = typer.Option(None, "--method", "-m", help=_METHOD_HELP),
     top_k: int = typer.Option(8, "--top-k", min=1, help="Tiles per row of the montage."),
     config: Path | None = typer.Option(None, "--config", help=_CONFIG_HELP),
-    memory_budget: float = typer.Option(
-        DEFAULT_BUDGET_MIB, "--memory-budget", min=4, help=_BUDGET_HELP
-    ),
+    memory_budget: float = _BUDGET,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     tiles: Path | None = typer.Option(None, "--tiles", help=_TILES_HELP),
 ) -> None:
@@ -222,11 +219,9 @@ def heatmap(
             progress=True,
         )
     n_files = sum(len(f) for f in summary.files.values())
-    console.print(
+    say(
         f"wrote {count(n_files, 'file')} for {count(len(summary.files), 'slide')} of "
         f"{count(len(summary.predictions), 'patient')} to {out}",
-        highlight=False,
-        soft_wrap=True,
     )
     _warn_if_random(trained)
     if summary.without_image:

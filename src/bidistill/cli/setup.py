@@ -22,6 +22,9 @@ from bidistill.cli.base import (
     synth_app,
 )
 
+# One option object for both synth commands (typer reads it, never changes it).
+_SEED = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Random seed: same seed, same bytes.")
+
 
 @app.command(cls=HelpCommand)
 def init(
@@ -129,9 +132,7 @@ def show_config(config: Path = typer.Argument(..., help="Experiment YAML.")) -> 
 def synth_features(
     out: Path = typer.Option(..., "--out", metavar="DIR", help="Folder to write the cohort into."),
     patients: int = typer.Option(200, "--patients", min=20, help="Number of patients."),
-    seed: int = typer.Option(
-        0, "--seed", min=0, max=2**32 - 1, help="Random seed: same seed, same bytes."
-    ),
+    seed: int = _SEED,
     dim: int = typer.Option(64, "--dim", min=2, help="Feature dimension D."),
     min_instances: int = typer.Option(
         50, "--min-instances", min=1, help="Fewest instances (tiles) in a patient's bag."
@@ -168,9 +169,7 @@ def synth_bcnb(
         ..., "--out", metavar="DIR", help="Folder to write the BCNB-layout cohort into."
     ),
     patients: int = typer.Option(30, "--patients", min=10, help="Number of patients (slides)."),
-    seed: int = typer.Option(
-        0, "--seed", min=0, max=2**32 - 1, help="Random seed: same seed, same bytes."
-    ),
+    seed: int = _SEED,
     slide_width: int = typer.Option(2048, "--slide-width", min=512, help="Slide width in px."),
     slide_height: int = typer.Option(1536, "--slide-height", min=512, help="Slide height in px."),
     signal: float = typer.Option(
@@ -196,7 +195,9 @@ def synth_bcnb(
         signal=signal,
         progress=True,
     )
-    size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
+    from bidistill.slide_stages import folder_size
+
+    size_mb = folder_size(out) / 1e6
     say(f"wrote a synthetic BCNB folder of {patients} patients to {out} ({size_mb:.1f} MB)")
     say_next(
         f"bidistill bcnb prepare --root {shell_arg(out)} --out {shell_arg(str(out) + '-cohort')}"

@@ -31,12 +31,9 @@ _SHARD_HELP = (
 )
 
 
-def _print_stage_summary(summary, *, verb: str, unit: str, outputs: str) -> None:
+def _print_stage_summary(summary, outputs: str) -> None:
     """The closing lines of a per-slide stage: counts, each failure once, where the files are."""
-    line = (
-        f"{verb} {count(len(summary.done), 'slide')} ({count(sum(summary.done.values()), unit)}), "
-        f"{len(summary.skipped)} already done, {len(summary.failed)} failed"
-    )
+    line = f"{summary.counts()}, {len(summary.failed)} failed"
     if summary.shard is not None:
         others = count(summary.other_shards, "slide")
         line += f" (shard {summary.shard}; {others} left to other shards)"
@@ -86,12 +83,7 @@ def tile(
     _check_stage(cfg, config, "tile", skip_errors=skip_errors, shard=shard_)
     summary = tile_from_config(cfg, workers=workers, skip_errors=skip_errors, shard=shard_)
     coords_dir = cfg.tiling.coords_dir
-    _print_stage_summary(
-        summary,
-        verb="tiled",
-        unit="tile",
-        outputs=f"coords in {coords_dir}, QC images in {coords_dir / 'qc'}",
-    )
+    _print_stage_summary(summary, f"coords in {coords_dir}, QC images in {coords_dir / 'qc'}")
     if cfg.tiling.qc:
         from bidistill.slides.qc import write_cohort_overview
 
@@ -101,12 +93,10 @@ def tile(
     for slide_id in summary.empty:
         console.print(f"[yellow]warning:[/] {slide_id}: no tile kept; open its QC image")
     if summary.extra.get("cache_mb"):
-        console.print(
+        say(
             f"plain images (JPEG, PNG) converted once to tiled TIFFs: {summary.extra['cache_mb']:g}"
             f" MB in {summary.extra['cache_dir']} (`slides.cache_dir`); extraction reads them, "
             "so keep them until it is done",
-            highlight=False,
-            soft_wrap=True,
         )
     if cfg.training.on_tiles:  # the methods read the tiles: nothing to extract
         run_dir = free_run_dir(config, cfg)
@@ -144,9 +134,7 @@ def extract(
     summary = extract_from_config(cfg, shard=shard_, skip_errors=skip_errors, progress=show)
     merged = gather_summaries(summary)  # torchrun: every rank's summary, on rank 0
     if merged is not None:
-        _print_stage_summary(
-            merged, verb="extracted", unit="patch", outputs=f"features in {cfg.features.dir}"
-        )
+        _print_stage_summary(merged, f"features in {cfg.features.dir}")
         if summary.extra.get("random_init"):
             console.print(
                 "[bold red]warning:[/] RANDOM encoder weights (features.random_init): for tests "
@@ -197,11 +185,9 @@ def encoders() -> None:
             spec.hub,
         )
     Console().print(table)
-    console.print(
+    say(
         "also: timm:<name> (any timm model), hf-hub:<org>/<repo>, or a local model folder; "
         "set features.encoder in your config",
-        highlight=False,
-        soft_wrap=True,
     )
     say_next("bidistill extract CONFIG")
 

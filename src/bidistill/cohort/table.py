@@ -149,8 +149,9 @@ def _patient_ids(cells: pd.Series, column: str, path: Path, rows: pd.Series) -> 
     return ids
 
 
-def _check_columns(raw: pd.DataFrame, cfg: CohortConfig, path: Path, mpp_column: str | None):
-    declared = {
+def declared_columns(cfg: CohortConfig, mpp_column: str | None) -> dict[str, list[str]]:
+    """The table columns the config names, by the config key that names them."""
+    return {
         "cohort.patient_column": [cfg.patient_column],
         "cohort.slide_column": [cfg.slide_column] if cfg.slide_column else [],
         "cohort.label.column": [cfg.label.column],
@@ -158,7 +159,10 @@ def _check_columns(raw: pd.DataFrame, cfg: CohortConfig, path: Path, mpp_column:
         "cohort.clinical": [c.column for c in cfg.clinical],
         "slides.mpp_column": [mpp_column] if mpp_column else [],
     }
-    for key, names in declared.items():
+
+
+def _check_columns(raw: pd.DataFrame, cfg: CohortConfig, path: Path, mpp_column: str | None):
+    for key, names in declared_columns(cfg, mpp_column).items():
         for name in names:
             if name not in raw.columns:
                 raise CohortError(

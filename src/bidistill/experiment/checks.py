@@ -1,8 +1,5 @@
 """The checks made before any work: one list per stage (``CHECKS``), and the run folder's own.
-
-`config` runs every stage's checks and the commands those of the stages they run, so `config`
-says ok to exactly what the stages then accept.
-"""
+`config` runs them all, so it says ok to exactly what the stages then accept."""
 
 from __future__ import annotations
 
@@ -86,6 +83,15 @@ def _blocked(key: str, detail: str) -> list[Finding]:
     return [Finding(key, BLOCK, detail)]
 
 
+def _refused(key: str, check: Callable, *args) -> list[Finding]:
+    """``check(*args)``'s error as the blocking finding of ``key`` (none when it passes)."""
+    try:
+        check(*args)
+    except BidistillError as err:
+        return _blocked(key, str(err))
+    return []
+
+
 def run_stages(config: ExperimentConfig, slide_ids: Sequence[str]) -> list[str]:
     """The stages `run` goes through: tile and extract only with a `slides` section and a
     slide without a feature file."""
@@ -111,13 +117,9 @@ def check_stages(
     shard=None,
     in_memory: str = "no",
 ) -> Checks:
-    """Run the checks of ``stages`` (default: those `run` goes through).
-
-    ``run_dir``: its trained methods' feature identity is checked too; ``need_features`` False:
-    every method is trained already, the feature files are not read again; ``in_memory``: how
-    to open the feature store when every file is there (training's setting keeps it for
-    training).
-    """
+    """Run the checks of ``stages`` (default: those `run` goes through). ``need_features``
+    False: every method is trained already, the feature files are not read again; ``in_memory``:
+    how to open the feature store, kept for training when every file is there."""
     context = _Context(config, run_dir, need_features, skip_errors, shard, in_memory)
     if stages is None:
         stages = run_stages(config, context.slide_ids())
@@ -221,7 +223,7 @@ def _cohort(context: _Context) -> list[Finding]:
 
 
 def _check_table(config: ExperimentConfig) -> list[Finding]:
-    from bidistill.cohort.table import read_table
+    from bidistill.cohort.table import declared_columns, read_table
 
     cohort = config.cohort
     table = Path(cohort.table)
@@ -236,17 +238,8 @@ def _check_table(config: ExperimentConfig) -> list[Finding]:
     except CohortError as err:
         return [Finding("cohort.table", BLOCK, str(err))]
     findings = [Finding("cohort.table", OK, f"{table} ({len(frame)} rows)")]
-    declared = {
-        "cohort.patient_column": [cohort.patient_column],
-        "cohort.slide_column": [cohort.slide_column] if cohort.slide_column else [],
-        "cohort.label.column": [cohort.label.column],
-        "cohort.split_column": [cohort.split_column] if cohort.split_column else [],
-        "cohort.clinical": [c.column for c in cohort.clinical],
-        "slides.mpp_column": (
-            [config.slides.mpp_column] if config.slides and config.slides.mpp_column else []
-        ),
-    }
-    for key, names in declared.items():
+    mpp_column = config.slides.mpp_column if config.slides else None
+    for key, names in declared_columns(cohort, mpp_column).items():
         for name in names:
             if name not in frame.columns:
                 columns = ", ".join(map(str, frame.columns))
@@ -349,20 +342,17 @@ def _tiles(context: _Context) -> list[Finding]:
 
 
 def _extraction_device(context: _Context) -> list[Finding]:
-    return _device(context.config.features.device, "features.device")
+    return _refused(
+        "features.device", check_device, context.config.features.device, "features.device"
+    )
 
 
 def _two_classes(context: _Context) -> list[Finding]:
     from bidistill.cohort.table import check_two_classes
 
-    cohort = context.cohort
-    if cohort is None:
+    if context.cohort is None:
         return []
-    try:
-        check_two_classes(cohort, context.config.cohort)
-    except BidistillError as err:
-        return [Finding("cohort.label", BLOCK, str(err))]
-    return []
+    return _refused("cohort.label", check_two_classes, context.cohort, context.config.cohort)
 
 
 def _bags(context: _Context) -> list[Finding]:
@@ -435,7 +425,9 @@ def _feature_files(context: _Context, slide_ids: list[str]) -> list[Finding]:
 
 
 def _training_device(context: _Context) -> list[Finding]:
-    return _device(context.config.training.device, "training.device")
+    return _refused(
+        "training.device", check_device, context.config.training.device, "training.device"
+    )
 
 
 def _tracking(context: _Context) -> list[Finding]:
@@ -443,19 +435,7 @@ def _tracking(context: _Context) -> list[Finding]:
         return []
     from bidistill.experiment.tracking import require_mlflow
 
-    try:
-        require_mlflow()
-    except BidistillError as err:
-        return [Finding("tracking.mlflow", BLOCK, str(err))]
-    return []
-
-
-def _device(name: str, key: str) -> list[Finding]:
-    try:
-        check_device(name, key)
-    except BidistillError as err:
-        return [Finding(key, BLOCK, str(err))]
-    return []
+    return _refused("tracking.mlflow", require_mlflow)
 
 
 # Each stage's checks, in the order they are reported; a check shared by stages runs once.

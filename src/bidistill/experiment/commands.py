@@ -123,10 +123,8 @@ def train_methods(
     say: Say = log.info,
     store=None,
 ) -> list[MethodDir]:
-    """`bidistill train`: the splits and the train stage for the named methods (default: the
-    config's; one not in the config trains with its default options) on fold ``fold``; returns
-    the methods' folders. Under torchrun every process trains; process 0 holds the lock and
-    writes the splits and the records. ``store``: the feature store the checks opened."""
+    """`bidistill train` (see docs/internal-interfaces.md); a method not in the config trains
+    with its default options. ``store``: the feature store the checks opened."""
     from bidistill.cohort import Splits, load_cohort
     from bidistill.models import get_method_class
     from bidistill.training.distributed import barrier, launched_by_torchrun, process_group

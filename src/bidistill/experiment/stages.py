@@ -1,10 +1,7 @@
-"""The stages of an experiment in order (``STAGES``), one entry function each over an
-``Experiment``; docs/internal-interfaces.md lists them.
+"""The stages of an experiment in order (``STAGES``; docs/internal-interfaces.md lists them).
 
-Each stage records in ``run.json`` what it consumed (``runs.fingerprint``) after its outputs are
-written, so a rerun redoes exactly the stages whose inputs changed, says why, and keeps the
-others. `run` calls every stage; `train` the splits and train stages; `evaluate` the evaluate
-stage (``experiment.commands``).
+Each stage records what it consumed after its outputs are written, so a rerun redoes exactly the
+stages whose inputs changed, says why, and keeps the others.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from bidistill._io import write_csv, write_json, write_text
-from bidistill._text import count
 from bidistill.config import ExperimentConfig, MethodConfig, dump_config
 from bidistill.errors import ConfigError
 from bidistill.runs.fingerprint import (
@@ -50,12 +46,9 @@ RANDOM_FEATURES_WARNING = (
 
 @dataclasses.dataclass
 class Experiment:
-    """What the stages share: the config, the run folder, and what earlier stages made.
-
-    ``root`` is the run whose ``run.json`` records the stages (a train-time missingness run's
-    parent); ``is_main`` is False on torchrun's other processes, which train but write nothing
-    else.
-    """
+    """What the stages share. ``root``: the run whose ``run.json`` records the stages (a
+    train-time missingness run's parent); ``is_main`` False: torchrun's other processes, which
+    train but write nothing else."""
 
     config: ExperimentConfig
     run: RunDir
@@ -129,11 +122,7 @@ def _say_summary(summary, exp: Experiment) -> None:
         return
     from rich.console import Console
 
-    verb, unit = ("tiled", "tile") if summary.stage == "tiling" else ("extracted", "patch")
-    line = (
-        f"{summary.stage}: {verb} {count(len(summary.done), 'slide')} "
-        f"({count(sum(summary.done.values()), unit)}), {len(summary.skipped)} already done"
-    )
+    line = f"{summary.stage}: {summary.counts()}"
     if summary.redone:
         line += f", {len(summary.redone)} redone ({'; '.join(summary.redone.values())})"
     if summary.failed:

@@ -1,15 +1,5 @@
-"""Run fingerprints: what each stage of a run consumed, recorded in ``run.json``.
-
-``run.json``::
-
-    {"calls": [...],
-     "stages": {"bd": {"inputs": {"cohort": "3f2a…", "features": "9c1e…", …},
-                       "finished": "2025-01-01T12:00:00+00:00"}, …},
-     "items": {"3f2a…": {"P0001": "a1b2…", …}, …}}
-
-Per-item digests (one per patient, one per feature file) let a rerun say *what* changed;
-``items`` is content-addressed, so stages with the same cohort rows share one table. The caller
-holds the run directory's lock (``bidistill.runs.lock``).
+"""Run fingerprints: what each stage of a run consumed, recorded in ``run.json`` (its shape is in
+docs/internal-interfaces.md). The caller holds the run directory's lock (``runs.lock``).
 """
 
 from __future__ import annotations

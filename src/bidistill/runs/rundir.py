@@ -1,17 +1,6 @@
-"""The run folder and its one owner: every file name, the fold layout, a trained method's files.
-
-    <run>/config.yaml  splits.json  run.json  run.log  run.lock[.json]  tracking.json
-    <run>/predictions.csv  metrics.csv  metrics_by_seed.csv  delong.csv  report.html  figures/
-    <run>/<method>/                     a holdout run's method (or a k-fold run's joined
-                                        predictions.csv)
-    <run>/folds/fold<k>/<method>/       fold k's method in a k-fold run
-    <run>/train_missing/<rate>/         a run of its own (clinical data withheld in training)
-    <method>/model.safetensors  model.json  clinical_encoder.json  train_log.csv
-             training_state.pt (while training is resumable)  predictions.csv (written last:
-             its presence means the method is trained)
-
-Training and evaluation write, inference and the report read, through these two classes; no
-other module spells a name of this folder.
+"""The run folder and its one owner: every file name, the fold layout, a trained method's files
+(the layout is drawn in docs/internal-interfaces.md). Training and evaluation write, inference and
+the report read, through ``RunDir`` and ``MethodDir``; no other module spells a name of this folder.
 """
 
 from __future__ import annotations
