@@ -87,19 +87,20 @@ def check_evaluated_run(run: Path) -> None:
     evaluate = f"bidistill evaluate {shlex.quote(str(run))}"
     if not run.is_dir():
         raise PredictionsError(f"{run}: no such folder; give the run folders to compare")
-    evaluated = RunDir(run).metrics.is_file() and RunDir(run).predictions.is_file()
-    if not evaluated:
+    folder = RunDir(run)
+    metrics, predictions = folder.metrics.name, folder.predictions.name
+    if not (folder.metrics.is_file() and folder.predictions.is_file()):
         if _has_method_folders(run):
-            raise PredictionsError(f"{run}: not evaluated yet (no metrics.csv); run: {evaluate}")
+            raise PredictionsError(f"{run}: not evaluated yet (no {metrics}); run: {evaluate}")
         raise PredictionsError(
-            f"{run} is not a run folder: a run folder holds config.yaml, splits.json, one "
-            "<method>/predictions.csv per method and, once evaluated, metrics.csv and "
-            f"predictions.csv. {_run_hint(run)}"
+            f"{run} is not a run folder: a run folder holds {folder.config.name}, "
+            f"{folder.splits.name}, one <method>/{predictions} per method and, once evaluated, "
+            f"{metrics} and {predictions}. {_run_hint(run)}"
         )
     check = evaluation_check(run)
     if check is not None and not check:
         raise PredictionsError(
-            f"{run}: metrics.csv is out of date ({check.reason} since it was evaluated); "
+            f"{run}: {metrics} is out of date ({check.reason} since it was evaluated); "
             f"evaluate the run again: {evaluate}"
         )
 

@@ -35,7 +35,7 @@ from bidistill.evaluation.run_info import (
 )
 from bidistill.evaluation.summary import EvaluationTables, summarize
 from bidistill.runs.fingerprint import read_run_info
-from bidistill.runs.rundir import RunDir
+from bidistill.runs.rundir import MethodDir, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,9 @@ def _figures(
             FigureGroup(
                 "training",
                 "Training curves",
-                f"From each method's train_log.csv{fold}: the training loss, and the validation "
-                "AUC that early stopping selects on (a dot marks the epoch whose weights were "
-                "kept). Epochs are counted from 1 across a method's stages.",
+                f"From each method's {MethodDir(run_dir).train_log.name}{fold}: the training loss, "
+                "and the validation AUC that early stopping selects on (a dot marks the epoch "
+                "whose weights were kept). Epochs are counted from 1 across a method's stages.",
                 curves,
             )
         )
@@ -199,18 +199,17 @@ def _label_text(config: ExperimentConfig | None) -> str:
 
 
 def _methods(run_dir: Path, config: ExperimentConfig | None) -> list[str]:
+    run = RunDir(run_dir)
     if config is not None:
         methods = [m.key for m in config.methods]
-        missing = [m for m in methods if not RunDir(run_dir).joined(m).done]
-        if missing:
+        if missing := [m for m in methods if not run.joined(m).done]:
             raise PredictionsError(
-                f"{run_dir}: no predictions.csv for method(s) {missing}; train them with "
-                f"`bidistill run CONFIG --out {run_dir}`"
+                f"{run_dir}: no {run.predictions.name} for method(s) {missing}; train them "
+                f"with `bidistill run CONFIG --out {run_dir}`"
             )
         return methods
-    methods = [m.key for m in RunDir(run_dir).predicted_methods()]
-    if not methods:
-        raise PredictionsError(f"{run_dir}: no <method>/predictions.csv to evaluate")
+    if not (methods := [m.key for m in run.predicted_methods()]):
+        raise PredictionsError(f"{run_dir}: no <method>/{run.predictions.name} to evaluate")
     return methods
 
 
@@ -235,12 +234,12 @@ def check_against_splits(run_dir: Path, predictions: dict[str, pd.DataFrame]) ->
                 if missing or extra:
                     where = f"fold {fold}, " if len(splits.folds) > 1 else ""
                     problem = (
-                        f"{count(len(missing), f'{split} patient')} of splits.json "
+                        f"{count(len(missing), f'{split} patient')} of {splits_path.name} "
                         f"{verb(len(missing), 'has', 'have')} no prediction "
                         f"({_first(missing)})"
                         if missing
                         else f"{count(len(extra), f'{split} patient')} "
-                        f"{verb(len(extra), 'is', 'are')} not in splits.json "
+                        f"{verb(len(extra), 'is', 'are')} not in {splits_path.name} "
                         f"({_first(extra)})"
                     )
                     raise PredictionsError(

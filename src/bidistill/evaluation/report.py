@@ -233,7 +233,13 @@ def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
     lines += _md_table(pd.DataFrame(headline_rows(h)), index=False) + [""]
     if warning := h.reliability():
         lines += [f"**Warning:** {warning}", ""]
-    lines += ["## AUC by missing rate", "", _legend_text(inputs), ""]
+    legend = (
+        "r = share of test patients whose clinical data is withheld (0: all have it). Each cell: "
+        "AUC and its 95% CI; bold: highest at that rate; *: differs from "
+        f"{inputs.reference} at that rate ({tests_label(inputs.delong)}, Holm-corrected "
+        "p < 0.05)."
+    )
+    lines += ["## AUC by missing rate", "", legend, ""]
     lines += _md_table(auc_cells(inputs.metrics, h)) + [""]
     for group in inputs.figures:
         lines += [f"## {group.title}", "", group.caption, ""]
@@ -278,15 +284,6 @@ def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _legend_text(inputs: ReportInputs) -> str:
-    return (
-        "r = share of test patients whose clinical data is withheld (0: all have it). Each cell: "
-        "AUC and its 95% CI; bold: highest at that rate; *: differs from "
-        f"{inputs.reference} at that rate ({tests_label(inputs.delong)}, Holm-corrected "
-        "p < 0.05)."
-    )
-
-
 def auc_cells(metrics: pd.DataFrame, headline: Headline) -> pd.DataFrame:
     """Method x rate table of ``AUC* [CI low, high]`` strings (Markdown)."""
     flags = best_flags(metrics)
@@ -317,8 +314,7 @@ def _by_rate(frame: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
 
 
 def metric_groups(metrics: pd.DataFrame):
-    """Rows of the full metrics table grouped by rate: ``(rate, [(method, cells)])`` where each
-    cell is ``(text, best)``."""
+    """The full metrics table's header and rows by rate: ``(rate, [(method, [(text, best)])])``."""
     flags = best_flags(metrics)
     folds = metrics.get("n_folds", pd.Series([1])).max() > 1
     groups = []

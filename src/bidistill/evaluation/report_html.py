@@ -85,11 +85,17 @@ h2{break-after:avoid}
 
 def render_html(inputs: ReportInputs) -> str:
     headline = inputs.headline
+    meta = [f"{headline.n_patients} test patients"]
+    meta += [
+        f"{k} {inputs.provenance[k]}"
+        for k in ("run started", "bidistill", "git commit")
+        if k in inputs.provenance
+    ]
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>{e(inputs.title)}</title><style>{CSS}</style></head><body>",
-        f"<header><h1>{e(inputs.title)}</h1>{_meta(inputs)}</header>",
+        f"<header><h1>{e(inputs.title)}</h1><p class='meta'>{e(' · '.join(meta))}</p></header>",
     ]
     if inputs.synthetic:
         title, _, text = inputs.synthetic.partition(": ")
@@ -97,6 +103,7 @@ def render_html(inputs: ReportInputs) -> str:
             "<div class='banner' id='synthetic-banner' role='note'>"
             f"<strong>{e(title)}:</strong> {e(text)}</div>"
         )
+    limits = "".join(f"<li><strong>{e(h)}.</strong> {e(t)}</li>" for h, t in limitations(inputs))
     sections = [
         ("auc", "AUC by missing rate", _auc_table(inputs, headline)),
         *[(group.key, group.title, _figure_group(group)) for group in inputs.figures],
@@ -106,7 +113,7 @@ def render_html(inputs: ReportInputs) -> str:
         ("methods", "Methods and their options", _methods(inputs)),
         ("cohort", "Cohort", _cohort(inputs.cohort)),
         ("protocol", "How the numbers were made", f"<p>{e(protocol_text(inputs))}</p>"),
-        ("limitations", "Intended use and limitations", _limitations(inputs)),
+        ("limitations", "Intended use and limitations", f"<ul class='card-list'>{limits}</ul>"),
         ("provenance", "Provenance", _mapping(inputs.provenance)),
     ]
     parts += [_headline(inputs, headline), _nav(inputs)]
@@ -119,14 +126,6 @@ def render_html(inputs: ReportInputs) -> str:
         )
     parts.append("</body></html>\n")
     return "\n".join(parts)
-
-
-def _meta(inputs: ReportInputs) -> str:
-    items = [f"{inputs.headline.n_patients} test patients"]
-    for key in ("run started", "bidistill", "git commit"):
-        if key in inputs.provenance:
-            items.append(f"{key} {inputs.provenance[key]}")
-    return f"<p class='meta'>{e(' · '.join(items))}</p>"
 
 
 def _nav(inputs: ReportInputs) -> str:
@@ -342,13 +341,6 @@ def _cohort(cohort: dict[str, Any]) -> str:
     if details:
         parts.append(_mapping(details))
     return "".join(parts) or "<p>No cohort summary in this run directory.</p>"
-
-
-def _limitations(inputs: ReportInputs) -> str:
-    items = "".join(
-        f"<li><strong>{e(head)}.</strong> {e(text)}</li>" for head, text in limitations(inputs)
-    )
-    return f"<ul class='card-list'>{items}</ul>"
 
 
 def _frame(frame: pd.DataFrame) -> str:

@@ -149,15 +149,12 @@ def synthetic_notice(cohort: dict[str, Any], config: ExperimentConfig | None) ->
             "numbers show how the methods behave, not how well they would predict anything "
             "in patients."
         )
-    if cohort.get("warning") or (config is not None and config.features.random_init):
-        return (
-            f"Random features: the patch encoder '{encoder}' has random, untrained weights: "
-            "the features come from a RANDOMLY INITIALISED encoder (features.random_init). The "
-            "numbers test the pipeline, not what a trained encoder would achieve."
-        )
-    if "random" in lowered:
-        return (
-            f"Random features: the patch encoder '{encoder}' has random, untrained weights. "
-            "The numbers test the pipeline, not what a trained encoder would achieve."
-        )
-    return None
+    initialised = cohort.get("warning") or (config is not None and config.features.random_init)
+    if not initialised and "random" not in lowered:
+        return None
+    how = ": the features come from a RANDOMLY INITIALISED encoder (features.random_init)"
+    return (
+        f"Random features: the patch encoder '{encoder}' has random, untrained weights"
+        f"{how if initialised else ''}. The numbers test the pipeline, not what a trained "
+        "encoder would achieve."
+    )
