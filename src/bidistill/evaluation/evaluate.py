@@ -162,20 +162,13 @@ def _figures(
         score = sorted(columns)[0] if columns else "val_score"
         kept = {m: best_epochs(f, model_json(run_dir, m).get("selection")) for m, f in logs.items()}
         auc_label = "validation AUC (model selection)"
-        curves = [
-            (
-                plots.plot_training(
-                    logs, folder / "training_loss.png", column=loss, label="training loss"
-                ),
-                "Training loss per epoch",
-            ),
-            (
-                plots.plot_training(
-                    logs, folder / "training_val_auc.png", column=score, label=auc_label, best=kept
-                ),
-                "Validation AUC per epoch",
-            ),
-        ]
+        loss_png = plots.plot_training(
+            logs, folder / "training_loss.png", column=loss, label="training loss"
+        )
+        auc_png = plots.plot_training(
+            logs, folder / "training_val_auc.png", column=score, label=auc_label, best=kept
+        )
+        curves = [(loss_png, "Training loss per epoch"), (auc_png, "Validation AUC per epoch")]
         fold = " (fold 0)" if len(test) > 1 else ""
         groups.append(
             FigureGroup(

@@ -34,8 +34,7 @@ def read_method_predictions(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise PredictionsError(f"{path}: predictions file not found (train the method first)")
     frame = pd.read_csv(path, dtype={"patient_id": str, "split": str})
-    missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
-    if missing:
+    if missing := [c for c in PREDICTION_COLUMNS if c not in frame.columns]:
         raise PredictionsError(
             f"{path}: missing columns {missing}; expected {', '.join(PREDICTION_COLUMNS)}"
         )
@@ -43,7 +42,6 @@ def read_method_predictions(path: str | Path) -> pd.DataFrame:
     _check_values(path, frame)
     frame["fold"] = frame["fold"].astype(int)
     frame["label"] = frame["label"].astype(int)
-    frame["clinical_available"] = frame["clinical_available"].map(_as_bool)
     dupes = frame.duplicated(["patient_id", "split", "fold"])
     if dupes.any():
         row = int(np.flatnonzero(dupes)[0])
@@ -52,10 +50,6 @@ def read_method_predictions(path: str | Path) -> pd.DataFrame:
             f"split '{frame.split.iloc[row]}' of fold {frame.fold.iloc[row]}"
         )
     return frame
-
-
-def _as_bool(value: object) -> bool:
-    return str(value).strip().lower() in {"true", "1", "1.0", "yes"}
 
 
 def _check_values(path: Path, frame: pd.DataFrame) -> None:
@@ -78,6 +72,7 @@ def _check_values(path: Path, frame: pd.DataFrame) -> None:
     bad_bool = ~bools.isin({"true", "false", "0", "1", "0.0", "1.0", "yes", "no"})
     if bad_bool.any():
         fail(bad_bool, "clinical_available", "true or false")
+    frame["clinical_available"] = bools.isin({"true", "1", "1.0", "yes"})
     for column in ("prob_present", "prob_absent"):
         values = pd.to_numeric(frame[column], errors="coerce")
         bad = ~((values >= 0) & (values <= 1))
