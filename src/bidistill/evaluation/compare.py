@@ -37,14 +37,6 @@ class Comparison:
     figure_path = property(lambda self: self.out_dir / "compare.png")
 
 
-def run_labels(runs: Sequence[Path]) -> list[str]:
-    """Folder names, or parent/name where two runs share a folder name."""
-    names = [Path(r).name for r in runs]
-    if len(set(names)) == len(names):
-        return names
-    return [f"{Path(r).parent.name}/{Path(r).name}" for r in runs]
-
-
 def compare_runs(
     runs: Sequence[str | Path],
     out_dir: str | Path,
@@ -56,7 +48,11 @@ def compare_runs(
     ``compare.png`` into ``out_dir``; ``PredictionsError`` for duplicate labels, no method left
     after ``methods`` or no missing rate every run has."""
     runs = [Path(r) for r in runs]
-    labels = list(labels) if labels else run_labels(runs)
+    names = [r.name for r in runs]
+    if not labels:  # folder names, or parent/name where two runs share a folder name
+        unique = len(set(names)) == len(names)
+        labels = names if unique else [f"{r.parent.name}/{r.name}" for r in runs]
+    labels = list(labels)
     if len(set(labels)) != len(labels):
         raise PredictionsError(f"two runs share a label ({labels}); give --label for each run")
     frames, predictions = [], {}
