@@ -48,12 +48,9 @@ def evaluate_run(
     config: ExperimentConfig | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> EvaluationTables:
-    """Evaluate every method of a run directory, write the tables, figures and report, and
-    return the tables.
-
-    ``config`` defaults to the run's own, else the default evaluation settings over every
-    trained method folder; ``provenance`` adds entries to the report's provenance section.
-    """
+    """Write the tables, figures and report of every method of a run directory; ``config``
+    defaults to the run's own, else the default evaluation settings over every trained method
+    folder; ``provenance`` adds entries to the report's provenance section."""
     run = RunDir(run_dir)
     run_dir = run.path
     start = time.perf_counter()

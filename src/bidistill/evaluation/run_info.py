@@ -4,7 +4,6 @@ matrices, synthetic data), read from the run folder and the evaluation's tables.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,10 +85,8 @@ def best_epochs(log: pd.DataFrame, selection: list[dict] | None = None) -> list[
 
 
 def model_json(run_dir: Path, key: str) -> dict[str, Any]:
-    path = RunDir(run_dir).model_dir(key).meta
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    method = RunDir(run_dir).model_dir(key)
+    return method.read_meta() if method.meta.is_file() else {}
 
 
 def training_logs(run_dir: Path, methods: list[str]) -> dict[str, pd.DataFrame]:
