@@ -130,11 +130,8 @@ class Headline:
         if len(self.methods) < 2:
             return "One method only: nothing to compare it with."
         if not tested:
-            if ties:
-                return tie_note.strip()
-            return (
-                f"No significance tests: the reference method '{self.reference}' was not evaluated."
-            )
+            no_reference = f"the reference method '{self.reference}' was not evaluated"
+            return tie_note.strip() or f"No significance tests: {no_reference}."
         how = (
             f"top AUC against {self.reference}, or against the runner-up where "
             f"{self.reference} is top; "
