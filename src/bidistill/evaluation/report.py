@@ -146,9 +146,7 @@ def headline_rows(headline: Headline) -> list[dict[str, str]]:
 def best_flags(metrics: pd.DataFrame) -> pd.DataFrame:
     """Boolean frame: True where a row holds the best value of its rate for a marked column."""
     flags = pd.DataFrame(False, index=metrics.index, columns=list(MARKED))
-    for column in MARKED:
-        if column not in metrics:
-            continue
+    for column in [c for c in MARKED if c in metrics]:
         grouped = metrics.groupby("missing_rate")[column]
         best = grouped.transform("min" if column in LOWER_IS_BETTER else "max")
         # As printed (three decimals): values that print the same tie and are all marked.

@@ -320,13 +320,11 @@ def _cohort(cohort: dict[str, Any]) -> str:
     parts = []
     if cohort.get("splits"):
         parts.append(_frame(pd.DataFrame(cohort["splits"])))
-    missing = cohort.get("clinical_missing")
-    if missing:
+    if missing := cohort.get("clinical_missing"):
         shares = {"column": list(missing), "share missing": [f"{v:.1%}" for v in missing.values()]}
         parts.append("<h3>Clinical missingness per column (whole cohort)</h3>")
         parts.append(_frame(pd.DataFrame(shares)))
-    details = {k: v for k, v in cohort.items() if k not in ("splits", "clinical_missing")}
-    if details:
+    if details := {k: v for k, v in cohort.items() if k not in ("splits", "clinical_missing")}:
         parts.append(_mapping(details))
     return "".join(parts) or "<p>No cohort summary in this run directory.</p>"
 
