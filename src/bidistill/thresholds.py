@@ -11,11 +11,9 @@ FALLBACK_THRESHOLD = 0.5
 
 
 def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-    """The threshold maximising sensitivity + specificity − 1 (predict positive if p ≥ t).
-
-    Ties in J go to the highest threshold (the first ROC point reaching the maximum). NaN when
-    a class is empty (no sensitivity or no specificity to trade).
-    """
+    """The threshold maximising sensitivity + specificity − 1 (predict positive if p ≥ t); ties
+    in J go to the highest threshold (the first ROC point reaching the maximum). NaN when a
+    class is empty (no sensitivity or no specificity to trade)."""
     labels = np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         return float("nan")

@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from bidistill._io import write_csv, write_text
-from bidistill.evaluation.console import _short
 from bidistill.evaluation.freshness import evaluation_check
 
 from ..evaluation.synthetic import method_frame
@@ -148,7 +147,7 @@ def test_compare_at_80_columns_cuts_no_name_method_or_ci(long_named_runs, tmp_pa
         assert method in words, method
     table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
     for row in table.itertuples():
-        ci = f"{_short(row.auc_ci_low)}–{_short(row.auc_ci_high)}"
+        ci = "–".join(f"{v:.2f}".removeprefix("0") for v in (row.auc_ci_low, row.auc_ci_high))
         assert ci in words, ci
         assert f"{row.auc:.3f}" in result.stdout
 

@@ -37,14 +37,6 @@ class Comparison:
     figure_path = property(lambda self: self.out_dir / "compare.png")
 
 
-def run_labels(runs: Sequence[Path]) -> list[str]:
-    """Folder names, or parent/name where two runs share a folder name."""
-    names = [Path(r).name for r in runs]
-    if len(set(names)) == len(names):
-        return names
-    return [f"{Path(r).parent.name}/{Path(r).name}" for r in runs]
-
-
 def compare_runs(
     runs: Sequence[str | Path],
     out_dir: str | Path,
@@ -56,7 +48,11 @@ def compare_runs(
     ``compare.png`` into ``out_dir``; ``PredictionsError`` for duplicate labels, no method left
     after ``methods`` or no missing rate every run has."""
     runs = [Path(r) for r in runs]
-    labels = list(labels) if labels else run_labels(runs)
+    names = [r.name for r in runs]
+    if not labels:  # folder names, or parent/name where two runs share a folder name
+        unique = len(set(names)) == len(names)
+        labels = names if unique else [f"{r.parent.name}/{r.name}" for r in runs]
+    labels = list(labels)
     if len(set(labels)) != len(labels):
         raise PredictionsError(f"two runs share a label ({labels}); give --label for each run")
     frames, predictions = [], {}
@@ -87,19 +83,20 @@ def check_evaluated_run(run: Path) -> None:
     evaluate = f"bidistill evaluate {shlex.quote(str(run))}"
     if not run.is_dir():
         raise PredictionsError(f"{run}: no such folder; give the run folders to compare")
-    evaluated = RunDir(run).metrics.is_file() and RunDir(run).predictions.is_file()
-    if not evaluated:
+    folder = RunDir(run)
+    metrics, predictions = folder.metrics.name, folder.predictions.name
+    if not (folder.metrics.is_file() and folder.predictions.is_file()):
         if _has_method_folders(run):
-            raise PredictionsError(f"{run}: not evaluated yet (no metrics.csv); run: {evaluate}")
+            raise PredictionsError(f"{run}: not evaluated yet (no {metrics}); run: {evaluate}")
         raise PredictionsError(
-            f"{run} is not a run folder: a run folder holds config.yaml, splits.json, one "
-            "<method>/predictions.csv per method and, once evaluated, metrics.csv and "
-            f"predictions.csv. {_run_hint(run)}"
+            f"{run} is not a run folder: a run folder holds {folder.config.name}, "
+            f"{folder.splits.name}, one <method>/{predictions} per method and, once evaluated, "
+            f"{metrics} and {predictions}. {_run_hint(run)}"
         )
     check = evaluation_check(run)
     if check is not None and not check:
         raise PredictionsError(
-            f"{run}: metrics.csv is out of date ({check.reason} since it was evaluated); "
+            f"{run}: {metrics} is out of date ({check.reason} since it was evaluated); "
             f"evaluate the run again: {evaluate}"
         )
 

@@ -57,13 +57,10 @@ def _rate_table(frame: pd.DataFrame, keys: list[str], rates: list[float], cell) 
 def _auc_cell(row: pd.Series, mark: str, style: str = "") -> Text:
     cell = Text(f"{auc_text(row.auc)}{mark}", style=style)
     if pd.notna(row.auc_ci_low):
-        cell.append(f"\n{_short(row.auc_ci_low)}–{_short(row.auc_ci_high)} ", style="dim")
+        # 0.812 -> .81: CI bounds at two decimals, so that a cell stays narrow.
+        low, high = (f"{v:.2f}".removeprefix("0") for v in (row.auc_ci_low, row.auc_ci_high))
+        cell.append(f"\n{low}–{high} ", style="dim")
     return cell
-
-
-def _short(value: float) -> str:
-    """0.812 -> .81: CI bounds at two decimals, so that a cell stays narrow."""
-    return f"{value:.2f}".removeprefix("0")
 
 
 def print_results(

@@ -35,7 +35,7 @@ from bidistill.evaluation.run_info import (
 )
 from bidistill.evaluation.summary import EvaluationTables, summarize
 from bidistill.runs.fingerprint import read_run_info
-from bidistill.runs.rundir import RunDir
+from bidistill.runs.rundir import MethodDir, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,9 @@ def evaluate_run(
     config: ExperimentConfig | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> EvaluationTables:
-    """Evaluate every method of a run directory, write the tables, figures and report, and
-    return the tables.
-
-    ``config`` defaults to the run's own, else the default evaluation settings over every
-    trained method folder; ``provenance`` adds entries to the report's provenance section.
-    """
+    """Write the tables, figures and report of every method of a run directory; ``config``
+    defaults to the run's own, else the default evaluation settings over every trained method
+    folder; ``provenance`` adds entries to the report's provenance section."""
     run = RunDir(run_dir)
     run_dir = run.path
     start = time.perf_counter()
@@ -162,28 +159,21 @@ def _figures(
         score = sorted(columns)[0] if columns else "val_score"
         kept = {m: best_epochs(f, model_json(run_dir, m).get("selection")) for m, f in logs.items()}
         auc_label = "validation AUC (model selection)"
-        curves = [
-            (
-                plots.plot_training(
-                    logs, folder / "training_loss.png", column=loss, label="training loss"
-                ),
-                "Training loss per epoch",
-            ),
-            (
-                plots.plot_training(
-                    logs, folder / "training_val_auc.png", column=score, label=auc_label, best=kept
-                ),
-                "Validation AUC per epoch",
-            ),
-        ]
+        loss_png = plots.plot_training(
+            logs, folder / "training_loss.png", column=loss, label="training loss"
+        )
+        auc_png = plots.plot_training(
+            logs, folder / "training_val_auc.png", column=score, label=auc_label, best=kept
+        )
+        curves = [(loss_png, "Training loss per epoch"), (auc_png, "Validation AUC per epoch")]
         fold = " (fold 0)" if len(test) > 1 else ""
         groups.append(
             FigureGroup(
                 "training",
                 "Training curves",
-                f"From each method's train_log.csv{fold}: the training loss, and the validation "
-                "AUC that early stopping selects on (a dot marks the epoch whose weights were "
-                "kept). Epochs are counted from 1 across a method's stages.",
+                f"From each method's {MethodDir(run_dir).train_log.name}{fold}: the training loss, "
+                "and the validation AUC that early stopping selects on (a dot marks the epoch "
+                "whose weights were kept). Epochs are counted from 1 across a method's stages.",
                 curves,
             )
         )
@@ -199,18 +189,17 @@ def _label_text(config: ExperimentConfig | None) -> str:
 
 
 def _methods(run_dir: Path, config: ExperimentConfig | None) -> list[str]:
+    run = RunDir(run_dir)
     if config is not None:
         methods = [m.key for m in config.methods]
-        missing = [m for m in methods if not RunDir(run_dir).joined(m).done]
-        if missing:
+        if missing := [m for m in methods if not run.joined(m).done]:
             raise PredictionsError(
-                f"{run_dir}: no predictions.csv for method(s) {missing}; train them with "
-                f"`bidistill run CONFIG --out {run_dir}`"
+                f"{run_dir}: no {run.predictions.name} for method(s) {missing}; train them "
+                f"with `bidistill run CONFIG --out {run_dir}`"
             )
         return methods
-    methods = [m.key for m in RunDir(run_dir).predicted_methods()]
-    if not methods:
-        raise PredictionsError(f"{run_dir}: no <method>/predictions.csv to evaluate")
+    if not (methods := [m.key for m in run.predicted_methods()]):
+        raise PredictionsError(f"{run_dir}: no <method>/{run.predictions.name} to evaluate")
     return methods
 
 
@@ -235,12 +224,12 @@ def check_against_splits(run_dir: Path, predictions: dict[str, pd.DataFrame]) ->
                 if missing or extra:
                     where = f"fold {fold}, " if len(splits.folds) > 1 else ""
                     problem = (
-                        f"{count(len(missing), f'{split} patient')} of splits.json "
+                        f"{count(len(missing), f'{split} patient')} of {splits_path.name} "
                         f"{verb(len(missing), 'has', 'have')} no prediction "
                         f"({_first(missing)})"
                         if missing
                         else f"{count(len(extra), f'{split} patient')} "
-                        f"{verb(len(extra), 'is', 'are')} not in splits.json "
+                        f"{verb(len(extra), 'is', 'are')} not in {splits_path.name} "
                         f"({_first(extra)})"
                     )
                     raise PredictionsError(

@@ -42,13 +42,6 @@ def test_name(test: str) -> str:
     return test if test == "DeLong" else f"{test} test"
 
 
-def rate_span(rates: list[float]) -> str:
-    """``r = 0-0.6`` for consecutive rates, ``r = 0.2`` for one."""
-    if len(rates) == 1:
-        return f"r = {rates[0]:g}"
-    return f"r = {rates[0]:g}–{rates[-1]:g}"
-
-
 def auc_text(auc: float) -> str:
     """An AUC as every table prints it; equal texts are a tie."""
     return f"{auc:.3f}"
@@ -125,7 +118,8 @@ class Headline:
             aucs = [auc_text(by_rate[r].auc) for r in (rates[0], rates[-1])]
             span = aucs[0] if aucs[0] == aucs[1] else f"{aucs[0]} to {aucs[1]}"
             tie = " (tie)" if by_rate[rates[0]].tied else ""
-            parts.append(f"{leaders}{tie} at {rate_span(rates)} ({span})")
+            where = f"r = {rates[0]:g}" + (f"–{rates[-1]:g}" if len(rates) > 1 else "")
+            parts.append(f"{leaders}{tie} at {where} ({span})")
         return "Highest AUC: " + "; ".join(parts) + "."
 
     def significance(self) -> str:
@@ -136,11 +130,8 @@ class Headline:
         if len(self.methods) < 2:
             return "One method only: nothing to compare it with."
         if not tested:
-            if ties:
-                return tie_note.strip()
-            return (
-                f"No significance tests: the reference method '{self.reference}' was not evaluated."
-            )
+            no_reference = f"the reference method '{self.reference}' was not evaluated"
+            return tie_note.strip() or f"No significance tests: {no_reference}."
         how = (
             f"top AUC against {self.reference}, or against the runner-up where "
             f"{self.reference} is top; "
@@ -149,8 +140,10 @@ class Headline:
         sig = [r for r in tested if r.significant]
         nonsig = [r for r in tested if not r.significant]
         if not sig:
-            low = min(r.p_holm for r in nonsig)
-            verdict = f"No lead is statistically significant ({how}: {_p_floor(low, nonsig)})."
+            low = format_p(min(r.p_holm for r in nonsig))
+            if len(nonsig) > 1:
+                low = "every " + low.replace("p = ", "p ≥ ").replace("p < ", "p ≥ ")
+            verdict = f"No lead is statistically significant ({how}: {low})."
         elif not nonsig:
             high = format_p(max(r.p_holm for r in sig)).replace("p = ", "p ≤ ")
             verdict = f"Every lead is statistically significant ({how}: {high})."
@@ -159,17 +152,14 @@ class Headline:
                 f"Significant leads ({how} p < 0.05) at {_rates_text([r.rate for r in sig])}; "
                 f"not significant at {_rates_text([r.rate for r in nonsig])}."
             )
-        return verdict + tie_note + self._floor_note(tested)
-
-    def _floor_note(self, tested: list[RateResult]) -> str:
-        """On small test sets, the smallest p-value the test could give at all."""
-        floors = [r.p_floor for r in tested if r.p_floor > 0]
-        if not floors:
-            return ""
-        return (
-            f" With {self.n_patients} test patients no p-value can fall below "
-            f"{min(floors):.2g} (before Holm's correction)."
-        )
+        verdict += tie_note
+        # On small test sets, the smallest p-value the test could give at all.
+        if floors := [r.p_floor for r in tested if r.p_floor > 0]:
+            verdict += (
+                f" With {self.n_patients} test patients no p-value can fall below "
+                f"{min(floors):.2g} (before Holm's correction)."
+            )
+        return verdict
 
     def reliability(self) -> str | None:
         """A warning when the test set is too small for a reliable ranking."""
@@ -182,12 +172,6 @@ class Headline:
             "ranking is not reliable. Use a larger test set, or k-fold cross-validation "
             "(cohort.splits.mode: kfold)."
         )
-
-
-def _p_floor(low: float, rows: list[RateResult]) -> str:
-    if len(rows) == 1:
-        return format_p(low)
-    return "every " + format_p(low).replace("p = ", "p ≥ ").replace("p < ", "p ≥ ")
 
 
 def _rates_text(rates: list[float]) -> str:

@@ -34,8 +34,7 @@ def read_method_predictions(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise PredictionsError(f"{path}: predictions file not found (train the method first)")
     frame = pd.read_csv(path, dtype={"patient_id": str, "split": str})
-    missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
-    if missing:
+    if missing := [c for c in PREDICTION_COLUMNS if c not in frame.columns]:
         raise PredictionsError(
             f"{path}: missing columns {missing}; expected {', '.join(PREDICTION_COLUMNS)}"
         )
@@ -43,9 +42,7 @@ def read_method_predictions(path: str | Path) -> pd.DataFrame:
     _check_values(path, frame)
     frame["fold"] = frame["fold"].astype(int)
     frame["label"] = frame["label"].astype(int)
-    frame["clinical_available"] = frame["clinical_available"].map(_as_bool)
-    dupes = frame.duplicated(["patient_id", "split", "fold"])
-    if dupes.any():
+    if (dupes := frame.duplicated(["patient_id", "split", "fold"])).any():
         row = int(np.flatnonzero(dupes)[0])
         raise PredictionsError(
             f"{path}: row {row + 2}: patient '{frame.patient_id.iloc[row]}' listed twice in "
@@ -54,33 +51,27 @@ def read_method_predictions(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def _as_bool(value: object) -> bool:
-    return str(value).strip().lower() in {"true", "1", "1.0", "yes"}
-
-
 def _check_values(path: Path, frame: pd.DataFrame) -> None:
-    def fail(mask: pd.Series, column: str, expected: str) -> None:
-        row = int(np.flatnonzero(mask.to_numpy())[0])
+    def refuse(bad: pd.Series, column: str, expected: str) -> None:
+        """``PredictionsError`` naming the first row where ``bad`` is True, if any."""
+        if not bad.any():
+            return
+        row = int(np.flatnonzero(bad.to_numpy())[0])
         raise PredictionsError(
             f"{path}: row {row + 2}, column '{column}': expected {expected}, "
             f"got {str(frame[column].iloc[row])!r}"
         )
 
-    bad_split = ~frame["split"].isin(SPLITS)
-    if bad_split.any():
-        fail(bad_split, "split", "one of train, val, test")
+    refuse(~frame["split"].isin(SPLITS), "split", "one of train, val, test")
     for column in ("fold", "label"):
         values = pd.to_numeric(frame[column], errors="coerce")
         allowed = values.isin([0, 1]) if column == "label" else (values >= 0) & (values % 1 == 0)
-        if (~allowed).any():
-            fail(~allowed, column, "0 or 1" if column == "label" else "a fold number >= 0")
+        refuse(~allowed, column, "0 or 1" if column == "label" else "a fold number >= 0")
     bools = frame["clinical_available"].astype(str).str.strip().str.lower()
-    bad_bool = ~bools.isin({"true", "false", "0", "1", "0.0", "1.0", "yes", "no"})
-    if bad_bool.any():
-        fail(bad_bool, "clinical_available", "true or false")
+    known = bools.isin({"true", "false", "0", "1", "0.0", "1.0", "yes", "no"})
+    refuse(~known, "clinical_available", "true or false")
+    frame["clinical_available"] = bools.isin({"true", "1", "1.0", "yes"})
     for column in ("prob_present", "prob_absent"):
         values = pd.to_numeric(frame[column], errors="coerce")
-        bad = ~((values >= 0) & (values <= 1))
-        if bad.any():
-            fail(bad, column, "a probability in [0, 1]")
+        refuse(~((values >= 0) & (values <= 1)), column, "a probability in [0, 1]")
         frame[column] = values.astype(np.float64)

@@ -32,12 +32,13 @@ def large_sample(labels: np.ndarray) -> bool:
     return min(n_pos, len(labels) - n_pos) >= LARGE_SAMPLE_PER_CLASS
 
 
-def pair_kernel(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def pair_kernel(scores: np.ndarray, labels: np.ndarray, negatives: np.ndarray | None = None):
     """ψ of scores ``[..., n]`` over all (positive, negative) pairs: ``[..., n_pos, n_neg]``,
-    1 where the positive scores higher, ½ on ties, else 0."""
+    1 where the positive scores higher, ½ on ties, else 0; the negatives' scores come from
+    ``negatives`` when given (the cross terms of a paired test)."""
     labels = np.asarray(labels).astype(bool)
     pos = scores[..., labels][..., :, None]
-    neg = scores[..., ~labels][..., None, :]
+    neg = (scores if negatives is None else negatives)[..., ~labels][..., None, :]
     return (pos > neg) + 0.5 * (pos == neg)
 
 
@@ -177,13 +178,8 @@ def swap_weights(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray)
     labels = np.asarray(labels).astype(bool)
     rank_a = stats.rankdata(scores_a, axis=-1)
     rank_b = stats.rankdata(scores_b, axis=-1)
-
-    def kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # ψ(x of positive, y of negative)
-        pos, neg = x[:, labels][:, :, None], y[:, ~labels][:, None, :]
-        return (pos > neg) + 0.5 * (pos == neg)
-
-    same = kernel(rank_a, rank_a) - kernel(rank_b, rank_b)  # [R, n_pos, n_neg]
-    cross = kernel(rank_a, rank_b) - kernel(rank_b, rank_a)
+    same = pair_kernel(rank_a, labels) - pair_kernel(rank_b, labels)  # [R, n_pos, n_neg]
+    cross = pair_kernel(rank_a, labels, rank_b) - pair_kernel(rank_b, labels, rank_a)
     scale = 2 * labels.sum() * (~labels).sum()
     weights = np.empty(len(labels))
     weights[labels] = (same + cross).sum(axis=2).mean(axis=0) / scale

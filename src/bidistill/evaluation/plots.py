@@ -105,8 +105,7 @@ def plot_auc_lines(
                 **style,
             )
         ax.set_xticks(rates, [f"{r:.0%}" for r in rates])
-        ax.set_xlabel("test patients without clinical data (r)")
-        ax.set_ylabel("AUC (bars: 95% CI)")
+        ax.set(xlabel="test patients without clinical data (r)", ylabel="AUC (bars: 95% CI)")
         ax.axhline(0.5, color="#999999", lw=0.8, ls=":")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title=legend)
@@ -158,8 +157,7 @@ def plot_roc(
             )
         ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
         ax.set(xlim=(0, 1), ylim=(0, 1.005), aspect="equal")
-        ax.set_xlabel("1 − specificity")
-        ax.set_ylabel("sensitivity")
+        ax.set(xlabel="1 − specificity", ylabel="sensitivity")
         ax.set_title(f"r = {rate:g}: {rate:.0%} without clinical data", loc="left")
         ax.legend(loc="lower right", title="method  AUC", frameon=True, framealpha=0.9)
     return save_figure(fig, path)
@@ -202,12 +200,10 @@ def plot_calibration(
             hist.stairs(counts / len(replicates), edges, color=colour, lw=1.3)
         ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
         # A margin so that points at 0 or 1 are drawn whole inside the frame.
-        ax.set(xlim=(-0.02, 1.02), ylim=(-0.03, 1.03))
-        ax.set_ylabel("observed share positive")
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.03, 1.03), ylabel="observed share positive")
         ax.set_title(f"r = {rate:g}: {rate:.0%} without clinical data", loc="left")
         ax.legend(loc="upper left", frameon=True, framealpha=0.9)
-        hist.set_xlabel("predicted probability (bins of 0.1)")
-        hist.set_ylabel("patients")
+        hist.set(xlabel="predicted probability (bins of 0.1)", ylabel="patients")
     return save_figure(fig, path)
 
 
@@ -232,8 +228,7 @@ def plot_training(
             ax.plot(epochs, values, color=colour, lw=1.5, label=method)
             for epoch in (best or {}).get(method, []):
                 ax.plot(epoch, values[epoch - 1], "o", color=colour, ms=5)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
+        ax.set(xlabel="epoch", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", frameon=True, framealpha=0.9)
     return save_figure(fig, path)

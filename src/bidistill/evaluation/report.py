@@ -146,9 +146,7 @@ def headline_rows(headline: Headline) -> list[dict[str, str]]:
 def best_flags(metrics: pd.DataFrame) -> pd.DataFrame:
     """Boolean frame: True where a row holds the best value of its rate for a marked column."""
     flags = pd.DataFrame(False, index=metrics.index, columns=list(MARKED))
-    for column in MARKED:
-        if column not in metrics:
-            continue
+    for column in [c for c in MARKED if c in metrics]:
         grouped = metrics.groupby("missing_rate")[column]
         best = grouped.transform("min" if column in LOWER_IS_BETTER else "max")
         # As printed (three decimals): values that print the same tie and are all marked.
@@ -233,7 +231,13 @@ def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
     lines += _md_table(pd.DataFrame(headline_rows(h)), index=False) + [""]
     if warning := h.reliability():
         lines += [f"**Warning:** {warning}", ""]
-    lines += ["## AUC by missing rate", "", _legend_text(inputs), ""]
+    legend = (
+        "r = share of test patients whose clinical data is withheld (0: all have it). Each cell: "
+        "AUC and its 95% CI; bold: highest at that rate; *: differs from "
+        f"{inputs.reference} at that rate ({tests_label(inputs.delong)}, Holm-corrected "
+        "p < 0.05)."
+    )
+    lines += ["## AUC by missing rate", "", legend, ""]
     lines += _md_table(auc_cells(inputs.metrics, h)) + [""]
     for group in inputs.figures:
         lines += [f"## {group.title}", "", group.caption, ""]
@@ -278,15 +282,6 @@ def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _legend_text(inputs: ReportInputs) -> str:
-    return (
-        "r = share of test patients whose clinical data is withheld (0: all have it). Each cell: "
-        "AUC and its 95% CI; bold: highest at that rate; *: differs from "
-        f"{inputs.reference} at that rate ({tests_label(inputs.delong)}, Holm-corrected "
-        "p < 0.05)."
-    )
-
-
 def auc_cells(metrics: pd.DataFrame, headline: Headline) -> pd.DataFrame:
     """Method x rate table of ``AUC* [CI low, high]`` strings (Markdown)."""
     flags = best_flags(metrics)
@@ -317,8 +312,7 @@ def _by_rate(frame: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
 
 
 def metric_groups(metrics: pd.DataFrame):
-    """Rows of the full metrics table grouped by rate: ``(rate, [(method, cells)])`` where each
-    cell is ``(text, best)``."""
+    """The full metrics table's header and rows by rate: ``(rate, [(method, [(text, best)])])``."""
     flags = best_flags(metrics)
     folds = metrics.get("n_folds", pd.Series([1])).max() > 1
     groups = []

@@ -26,15 +26,12 @@ from bidistill.evaluation.report import (
 e = html.escape
 
 CSS = """
-:root{--ink:#1d1d1f;--muted:#5b5b66;--line:#d9d9de;--soft:#f4f4f6}
-*{box-sizing:border-box}
+:root{--ink:#1d1d1f;--muted:#5b5b66;--line:#d9d9de;--soft:#f4f4f6}*{box-sizing:border-box}
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:var(--ink);
 margin:0 auto;max-width:1120px;padding:1.2em 1.2em 3em}
 h1{font-size:1.5em;margin:.2em 0 .1em}
 h2{font-size:1.2em;margin:2.2em 0 .5em;border-bottom:1px solid var(--line);padding-bottom:.2em}
-h3{font-size:1em;margin:1.2em 0 .4em}
-p{margin:.4em 0}
-.meta,.note{color:var(--muted);font-size:.9em}
+h3{font-size:1em;margin:1.2em 0 .4em}p{margin:.4em 0}.meta,.note{color:var(--muted);font-size:.9em}
 .banner{background:#fdecea;border:2px solid #b3261e;color:#601410;border-radius:8px;
 padding:.7em 1em;margin:1em 0;font-size:1.02em}
 .headline{background:#f1f6fb;border:2px solid #2f5d8a;border-radius:10px;padding:.9em 1.2em;
@@ -44,52 +41,49 @@ margin:1em 0 1.4em}
 .sig{color:#1b5e20;font-weight:600}.nonsig{color:#8a4b00;font-weight:600}
 .warn{background:#fff4e0;border-left:4px solid #e08a00;padding:.45em .8em;margin:.6em 0}
 nav{display:flex;flex-wrap:wrap;gap:.15em 1em;font-size:.9em;margin:.4em 0 0}
-nav a{color:#2f5d8a;text-decoration:none;white-space:nowrap}
-.scroll{overflow-x:auto;max-width:100%}
+nav a{color:#2f5d8a;text-decoration:none;white-space:nowrap}.scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:.86em;font-variant-numeric:tabular-nums;margin:.4em 0}
 th,td{padding:.28em .5em;border-bottom:1px solid var(--line);text-align:right;vertical-align:top;
 white-space:nowrap}
 thead th{background:var(--soft);font-weight:600;border-bottom:2px solid var(--line)}
-.l{text-align:left}
-td.best{font-weight:700;background:#e9f5ea}
+.l{text-align:left}td.best{font-weight:700;background:#e9f5ea}
 td.wrap{white-space:normal;min-width:16em;text-align:left}
 tbody th.group{text-align:left;background:#fff;font-weight:600;padding-top:.9em;
 border-bottom:2px solid var(--line)}
-.ci{display:block;color:var(--muted);font-size:.86em}
-.muted{color:var(--muted);font-size:.86em}
-table.dense th,table.dense td{padding:.28em .38em}
-table.dense th.group{padding-top:.9em}
+.ci{display:block;color:var(--muted);font-size:.86em}.muted{color:var(--muted);font-size:.86em}
+table.dense th,table.dense td{padding:.28em .38em}table.dense th.group{padding-top:.9em}
 .sw{display:inline-block;width:.8em;height:.8em;border-radius:2px;margin-right:.45em;
 vertical-align:-.05em}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:1em 1.2em}
-figure{margin:.4em 0}
-img{display:block;max-width:100%;height:auto}
+figure{margin:.4em 0}img{display:block;max-width:100%;height:auto}
 figure.wide img{width:100%;max-width:900px}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:.8em}
 .card{border:1px solid var(--line);border-radius:8px;padding:.5em .8em}
 .card h3{margin:.2em 0}.card table{font-size:.82em;margin:.2em 0}
 .card th,.card td{padding:.2em .45em;text-align:center}.card th.l{text-align:left}
-ul.card-list li{margin:.35em 0}
-details{margin:2em 0}summary{cursor:pointer;font-weight:600}
+ul.card-list li{margin:.35em 0}details{margin:2em 0}summary{cursor:pointer;font-weight:600}
 pre{background:var(--soft);padding:.8em;overflow-x:auto;font-size:.8em;max-width:100%}
 @media print{
-body{max-width:none;padding:0;font-size:10.5pt}
-nav,details{display:none}
-.grid{grid-template-columns:1fr 1fr}
-.scroll{overflow:visible}
-section,figure,.card,tr,.headline,.banner{break-inside:avoid}
-h2{break-after:avoid}
+body{max-width:none;padding:0;font-size:10.5pt}nav,details{display:none}
+.grid{grid-template-columns:1fr 1fr}.scroll{overflow:visible}
+section,figure,.card,tr,.headline,.banner{break-inside:avoid}h2{break-after:avoid}
 }
 """
 
 
 def render_html(inputs: ReportInputs) -> str:
     headline = inputs.headline
+    meta = [f"{headline.n_patients} test patients"]
+    meta += [
+        f"{k} {inputs.provenance[k]}"
+        for k in ("run started", "bidistill", "git commit")
+        if k in inputs.provenance
+    ]
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>{e(inputs.title)}</title><style>{CSS}</style></head><body>",
-        f"<header><h1>{e(inputs.title)}</h1>{_meta(inputs)}</header>",
+        f"<header><h1>{e(inputs.title)}</h1><p class='meta'>{e(' · '.join(meta))}</p></header>",
     ]
     if inputs.synthetic:
         title, _, text = inputs.synthetic.partition(": ")
@@ -97,6 +91,7 @@ def render_html(inputs: ReportInputs) -> str:
             "<div class='banner' id='synthetic-banner' role='note'>"
             f"<strong>{e(title)}:</strong> {e(text)}</div>"
         )
+    limits = "".join(f"<li><strong>{e(h)}.</strong> {e(t)}</li>" for h, t in limitations(inputs))
     sections = [
         ("auc", "AUC by missing rate", _auc_table(inputs, headline)),
         *[(group.key, group.title, _figure_group(group)) for group in inputs.figures],
@@ -106,7 +101,7 @@ def render_html(inputs: ReportInputs) -> str:
         ("methods", "Methods and their options", _methods(inputs)),
         ("cohort", "Cohort", _cohort(inputs.cohort)),
         ("protocol", "How the numbers were made", f"<p>{e(protocol_text(inputs))}</p>"),
-        ("limitations", "Intended use and limitations", _limitations(inputs)),
+        ("limitations", "Intended use and limitations", f"<ul class='card-list'>{limits}</ul>"),
         ("provenance", "Provenance", _mapping(inputs.provenance)),
     ]
     parts += [_headline(inputs, headline), _nav(inputs)]
@@ -119,14 +114,6 @@ def render_html(inputs: ReportInputs) -> str:
         )
     parts.append("</body></html>\n")
     return "\n".join(parts)
-
-
-def _meta(inputs: ReportInputs) -> str:
-    items = [f"{inputs.headline.n_patients} test patients"]
-    for key in ("run started", "bidistill", "git commit"):
-        if key in inputs.provenance:
-            items.append(f"{key} {inputs.provenance[key]}")
-    return f"<p class='meta'>{e(' · '.join(items))}</p>"
 
 
 def _nav(inputs: ReportInputs) -> str:
@@ -333,22 +320,13 @@ def _cohort(cohort: dict[str, Any]) -> str:
     parts = []
     if cohort.get("splits"):
         parts.append(_frame(pd.DataFrame(cohort["splits"])))
-    missing = cohort.get("clinical_missing")
-    if missing:
+    if missing := cohort.get("clinical_missing"):
         shares = {"column": list(missing), "share missing": [f"{v:.1%}" for v in missing.values()]}
         parts.append("<h3>Clinical missingness per column (whole cohort)</h3>")
         parts.append(_frame(pd.DataFrame(shares)))
-    details = {k: v for k, v in cohort.items() if k not in ("splits", "clinical_missing")}
-    if details:
+    if details := {k: v for k, v in cohort.items() if k not in ("splits", "clinical_missing")}:
         parts.append(_mapping(details))
     return "".join(parts) or "<p>No cohort summary in this run directory.</p>"
-
-
-def _limitations(inputs: ReportInputs) -> str:
-    items = "".join(
-        f"<li><strong>{e(head)}.</strong> {e(text)}</li>" for head, text in limitations(inputs)
-    )
-    return f"<ul class='card-list'>{items}</ul>"
 
 
 def _frame(frame: pd.DataFrame) -> str:

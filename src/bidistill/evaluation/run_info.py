@@ -4,7 +4,6 @@ matrices, synthetic data), read from the run folder and the evaluation's tables.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,10 +85,8 @@ def best_epochs(log: pd.DataFrame, selection: list[dict] | None = None) -> list[
 
 
 def model_json(run_dir: Path, key: str) -> dict[str, Any]:
-    path = RunDir(run_dir).model_dir(key).meta
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    method = RunDir(run_dir).model_dir(key)
+    return method.read_meta() if method.meta.is_file() else {}
 
 
 def training_logs(run_dir: Path, methods: list[str]) -> dict[str, pd.DataFrame]:
@@ -149,15 +146,12 @@ def synthetic_notice(cohort: dict[str, Any], config: ExperimentConfig | None) ->
             "numbers show how the methods behave, not how well they would predict anything "
             "in patients."
         )
-    if cohort.get("warning") or (config is not None and config.features.random_init):
-        return (
-            f"Random features: the patch encoder '{encoder}' has random, untrained weights: "
-            "the features come from a RANDOMLY INITIALISED encoder (features.random_init). The "
-            "numbers test the pipeline, not what a trained encoder would achieve."
-        )
-    if "random" in lowered:
-        return (
-            f"Random features: the patch encoder '{encoder}' has random, untrained weights. "
-            "The numbers test the pipeline, not what a trained encoder would achieve."
-        )
-    return None
+    initialised = cohort.get("warning") or (config is not None and config.features.random_init)
+    if not initialised and "random" not in lowered:
+        return None
+    how = ": the features come from a RANDOMLY INITIALISED encoder (features.random_init)"
+    return (
+        f"Random features: the patch encoder '{encoder}' has random, untrained weights"
+        f"{how if initialised else ''}. The numbers test the pipeline, not what a trained "
+        "encoder would achieve."
+    )

@@ -72,7 +72,9 @@ def summarize(
     for method in first.methods:
         low, high = np.full(n_rates, np.nan), np.full(n_rates, np.nan)
         if cfg.bootstrap:
-            kernels = _averaged_kernels(test, method)  # [R, n_pos, n_neg]
+            # [R, n_pos, n_neg], averaged over folds and mask seeds
+            kernels = sum(M.pair_kernel(t.probs[method], t.labels).mean(axis=0) for t in test)
+            kernels = kernels / len(test)
             if large:
                 resampled = M.bootstrap_auc(kernels, n_boot=cfg.bootstrap, seed=0)
                 low, high = M.percentile_ci(resampled, cfg.ci_level)
@@ -132,12 +134,6 @@ def _replicate_rows(
                     }
                 )
     return rows
-
-
-def _averaged_kernels(test: list[SplitSweep], method: str) -> np.ndarray:
-    """``[R, n_pos, n_neg]`` pair kernel averaged over folds and mask seeds."""
-    total = sum(M.pair_kernel(t.probs[method], t.labels).mean(axis=0) for t in test)
-    return total / len(test)
 
 
 def _aggregate(by_seed: pd.DataFrame, ci: pd.DataFrame, *, n_patients: int) -> pd.DataFrame:
