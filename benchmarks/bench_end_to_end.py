@@ -68,10 +68,10 @@ def loader_rate(config, *, workers: int, seconds: float) -> tuple[float, float]:
     import torch
 
     from bidistill.cohort import load_cohort
-    from bidistill.training.pixel_bags import (
-        PixelBags,
-        pixel_loader,
+    from bidistill.training.tile_bags import (
+        TileBags,
         tile_index_from_config,
+        tile_loader,
         training_bags,
     )
 
@@ -80,11 +80,11 @@ def loader_rate(config, *, workers: int, seconds: float) -> tuple[float, float]:
     slides = {str(p): list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
     index = tile_index_from_config(config, [slides[p] for p in ids])
     n = len(ids)
-    dataset = PixelBags(
+    dataset = TileBags(
         index, np.zeros((n, 1)), np.ones((n, 1), bool), np.ones(n, bool), np.zeros(n, int),
         augment=config.training.end_to_end.augment, cache_dir=None,
     )  # fmt: skip
-    loader = pixel_loader(dataset, workers=workers, device=torch.device("cpu"))
+    loader = tile_loader(dataset, workers=workers, device=torch.device("cpu"))
     e2e = config.training.end_to_end
     bags = tiles = 0
     start = None

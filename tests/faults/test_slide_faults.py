@@ -182,14 +182,14 @@ def test_a_patch_removed_after_tiling_is_a_clear_error(project):
 
 
 def test_end_to_end_bags_read_the_patches_recorded_at_tiling(project):
-    from bidistill.training.pixel_bags import BagSpec, PixelBags, TileIndex, read_slide_tiles
+    from bidistill.training.tile_bags import BagSpec, TileBags, TileIndex, read_slide_tiles
 
     folder = project.parent / "slides" / "P002"
     coords = coords_path(project.parent / "coords", "P002")
     names = read_coords(coords).paths
     Image.new("RGB", (32, 32), (0, 0, 0)).save(folder / "000-added.png")  # sorts first
     tiles = read_slide_tiles("P002", folder, coords, 0.5)
-    bags = PixelBags(
+    bags = TileBags(
         TileIndex([tiles], [[0]]),
         np.zeros((1, 1)),
         np.ones((1, 1), bool),

@@ -21,8 +21,8 @@ from bidistill.inference.new_slides import Tiles, TilesError, listed_slides, til
 from bidistill.inference.results import PatientBags
 from bidistill.models import Method
 from bidistill.models.patch_encoder import encoded_aggregators
-from bidistill.training.pixel_bags import PixelBags, TileIndex, pixel_loader, read_slide_tiles
-from bidistill.training.pixel_predict import GIVEN, predict_patients
+from bidistill.training.tile_bags import TileBags, TileIndex, read_slide_tiles, tile_loader
+from bidistill.training.tile_predict import GIVEN, predict_patients
 
 
 class TileSource:
@@ -134,7 +134,7 @@ class TileSource:
     def _loader(self, index: TileIndex, clinical: EncodedClinical, device: torch.device):
         from bidistill.slides.stage import slide_cache_dir
 
-        dataset = PixelBags(
+        dataset = TileBags(
             index,
             clinical.values,
             clinical.valid,
@@ -143,4 +143,4 @@ class TileSource:
             augment=None,
             cache_dir=slide_cache_dir(self.config),
         )
-        return pixel_loader(dataset, workers=self.config.training.num_workers, device=device)
+        return tile_loader(dataset, workers=self.config.training.num_workers, device=device)

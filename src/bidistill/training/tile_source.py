@@ -26,20 +26,20 @@ from bidistill.training.backbone import load_backbone, patch_encoder_factory
 from bidistill.training.bag_source import Pass, Patients, Schedule
 from bidistill.training.distributed import Processes, gather
 from bidistill.training.feature_source import slides_by_patient
-from bidistill.training.pixel_bags import (
+from bidistill.training.threads import cpu_threads_for
+from bidistill.training.tile_bags import (
     BagSpec,
-    PixelBags,
+    TileBags,
     check_bag_settings,
-    pixel_loader,
     tile_index_from_config,
+    tile_loader,
     training_bags,
 )
-from bidistill.training.pixel_predict import GIVEN, WITHHELD, predict_patients
-from bidistill.training.threads import cpu_threads_for
+from bidistill.training.tile_predict import GIVEN, WITHHELD, predict_patients
 
 
 class TileSource:
-    """Bags of tiles per split, read by loader workers (``training.pixel_bags``)."""
+    """Bags of tiles per split, read by loader workers (``training.tile_bags``)."""
 
     resumable = True
 
@@ -85,7 +85,7 @@ class TileSource:
         for name, ids in self.split_ids.items():
             encoded = self.encoded[name]
             per_patient = [slides_of.get(p, []) if reads_tiles else [] for p in ids]
-            dataset = PixelBags(
+            dataset = TileBags(
                 tile_index_from_config(self.config, per_patient),
                 encoded.values,
                 encoded.valid,
@@ -95,7 +95,7 @@ class TileSource:
                 cache_dir=slide_cache_dir(self.config),
             )
             self.datasets[name] = dataset
-            self.loaders[name] = pixel_loader(dataset, workers=self.tcfg.num_workers, device=device)
+            self.loaders[name] = tile_loader(dataset, workers=self.tcfg.num_workers, device=device)
 
     def cpu_threads(self, method: Method, device: torch.device):
         """One torch thread for a tiny backbone on the CPU, all of them for real ones: the work

@@ -227,7 +227,7 @@ def _factor(rng: np.random.Generator, amount: float) -> float:
     return float(rng.uniform(1 - amount, 1 + amount))
 
 
-class PixelBags(torch.utils.data.Dataset):
+class TileBags(torch.utils.data.Dataset):
     """Bags of decoded tiles; an item is a ``BagSpec`` (the sampler decides the bags). Row i of
     the clinical arrays is patient i of ``tiles``; ``augment`` applies to bags with an
     ``augment_seed``; ``cache_dir``: the tiling stage's plain-image cache."""
@@ -304,7 +304,7 @@ class PixelBags(torch.utils.data.Dataset):
         self._open.clear()
 
 
-collate_pixel_bags = functools.partial(collate_bags, key="pixels", dtype=torch.uint8)
+collate_tile_bags = functools.partial(collate_bags, key="pixels", dtype=torch.uint8)
 
 
 class PlanSampler(torch.utils.data.Sampler[list[BagSpec]]):
@@ -324,14 +324,14 @@ class PlanSampler(torch.utils.data.Sampler[list[BagSpec]]):
         return iter(list(self.batches))
 
 
-def pixel_loader(dataset: PixelBags, *, workers: int, device: torch.device):
+def tile_loader(dataset: TileBags, *, workers: int, device: torch.device):
     """A loader over ``dataset`` whose batches are set per pass (``loader.batch_sampler``)."""
     from bidistill.features.tiles import init_reader_worker
 
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=PlanSampler(),
-        collate_fn=collate_pixel_bags,
+        collate_fn=collate_tile_bags,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=init_reader_worker if workers else None,

@@ -21,7 +21,7 @@ from bidistill.models.batch import Batch
 from bidistill.models.patch_encoder import encoded_aggregators, remember_encodings
 from bidistill.models.streaming import routed_aggregator
 from bidistill.training.data import withhold_clinical
-from bidistill.training.pixel_bags import BagSpec, prediction_bags
+from bidistill.training.tile_bags import BagSpec, prediction_bags
 
 GIVEN, WITHHELD = "given", "withheld"
 

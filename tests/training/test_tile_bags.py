@@ -12,12 +12,12 @@ from bidistill.errors import ConfigError, SlideError
 from bidistill.slides.reader import open_slide
 from bidistill.slides.stage import tile_from_config
 from bidistill.synthetic.patches import make_patch_cohort
-from bidistill.training.pixel_bags import (
+from bidistill.training.tile_bags import (
     BagSpec,
-    PixelBags,
+    TileBags,
     augment_tile,
     check_bag_settings,
-    collate_pixel_bags,
+    collate_tile_bags,
     prediction_bags,
     tile_index_from_config,
     training_bags,
@@ -90,7 +90,7 @@ def test_bags_read_the_tiles_of_the_patients_slides(tiled):
     index = tile_index_from_config(tiled, [["P002"], ["P001", "P003"]])
     n = [len(s.coords) for s in index.slides]
     assert index.n_tiles(1) == n[1] + n[2] and index.lengths(1) == n[1:]
-    dataset = PixelBags(
+    dataset = TileBags(
         index,
         np.zeros((2, 3)),
         np.ones((2, 2), bool),
@@ -107,7 +107,7 @@ def test_bags_read_the_tiles_of_the_patients_slides(tiled):
     assert torch.equal(item["pixels"][1], torch.from_numpy(np.array(expected)).permute(2, 0, 1))
     assert dataset._open  # slides stay open in this process ...
     assert not pickle.loads(pickle.dumps(dataset))._open  # ... and never travel to workers
-    batch = collate_pixel_bags([item, dataset[BagSpec(0, (3,))]])
+    batch = collate_tile_bags([item, dataset[BagSpec(0, (3,))]])
     assert batch.bags.shape == (2, 2, 3, 16, 16) and batch.bags.dtype == torch.uint8
     assert batch.tile_valid.tolist() == [[True, True], [True, False]]
     dataset.close()
