@@ -96,7 +96,7 @@ def load_trained(
 ) -> tuple[Method, ClinicalEncoder, dict[str, Any]]:
     """(method in ``eval()`` mode, its fitted clinical encoder, its options); a missing,
     unreadable or newer checkpoint raises ``CheckpointError``."""
-    folder = method_dir if isinstance(method_dir, MethodDir) else MethodDir(method_dir)
+    folder = MethodDir(method_dir)
     for path in (folder.weights, folder.meta, folder.clinical_encoder):
         if not path.is_file():  # every file named before any is read
             raise CheckpointError(f"{path}: missing; train the method with `bidistill train`")
@@ -160,7 +160,7 @@ def decision_thresholds(
     fixed = cfg.evaluation.threshold
     if not isinstance(fixed, str):
         return {"present": float(fixed), "absent": float(fixed)}
-    folder = method_dir if isinstance(method_dir, MethodDir) else MethodDir(method_dir)
+    folder = MethodDir(method_dir)
     saved = folder.read_predictions()
     try:
         val = saved[saved["split"] == "val"]

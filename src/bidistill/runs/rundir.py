@@ -27,6 +27,9 @@ class MethodDir:
         self.path = Path(path)
         self.fold = fold
 
+    def __fspath__(self) -> str:  # so that MethodDir(a MethodDir) is that folder
+        return str(self.path)
+
     weights = property(lambda self: self.path / "model.safetensors")
     meta = property(lambda self: self.path / "model.json")
     clinical_encoder = property(lambda self: self.path / "clinical_encoder.json")

@@ -120,9 +120,10 @@ class FeatureSource:
         method.eval()
         n = len(bags)
         present, absent = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        budget = training_budget()  # read the free memory once, not once per patient
         for i in range(n):
             bag = ArrayBag(bags.bags(i))
-            encoded = encode_bag(method, bag, memory_budget=training_budget(), device=self.device)
+            encoded = encode_bag(method, bag, memory_budget=budget, device=self.device)
             given = (bags.clinical[i], bags.clinical_valid[i], bool(bags.clinical_present[i]))
             withheld = (method.blank_clinical, torch.zeros_like(bags.clinical_valid[i]), False)
             present[i] = predict_encoded(method, encoded, bag.dim, *given).probability
