@@ -398,9 +398,11 @@ def _feature_files(context: _Context, slide_ids: list[str]) -> list[Finding]:
     folder = Path(config.features.dir)
     present = [s for s in slide_ids if feature_path(folder, s).is_file()]
     try:
-        check_cohort_features(config, present, context.run_dir)
+        identity = check_cohort_features(config, present, context.run_dir)
         if len(present) == len(slide_ids):
-            context.store = FeatureStore(folder, slide_ids, in_memory=context.in_memory)
+            context.store = FeatureStore(
+                folder, slide_ids, in_memory=context.in_memory, identity=identity
+            )
     except BidistillError as err:
         return [Finding("features.dir", BLOCK, str(err))]
     if len(present) == len(slide_ids):

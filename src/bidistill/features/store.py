@@ -25,7 +25,7 @@ from bidistill.features.hygiene import (
     checked_shape,
     scan_values,
 )
-from bidistill.features.identity import common_identity
+from bidistill.features.identity import FeatureIdentity, common_identity
 from bidistill.features.interop import coords_dataset_attrs
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,9 @@ class FeatureStore:
         *,
         in_memory: Literal["auto", "yes", "no"] = "auto",
         progress: bool = False,
+        identity: FeatureIdentity | None = None,
     ):
+        """``identity``: the files' common identity when the caller has read it already."""
         self.features_dir = Path(features_dir)
         self.slide_ids = list(dict.fromkeys(slide_ids))
         self._arrays: dict[str, np.ndarray] = {}
@@ -169,7 +171,9 @@ class FeatureStore:
             )
         self.dim = dims.pop() if dims else 0
         # What made the files (encoder, weights, patch size, MPP); files that disagree are refused.
-        self.identity = common_identity(feature_path(self.features_dir, s) for s in self.slide_ids)
+        self.identity = identity or common_identity(
+            feature_path(self.features_dir, s) for s in self.slide_ids
+        )
         n_bytes = sum(int(np.prod(shape)) * 4 for shape in shapes.values())
         if in_memory == "yes" or (
             in_memory == "auto" and n_bytes <= _RAM_SHARE * available_memory_bytes()
