@@ -98,14 +98,33 @@ def test_float16_files_and_clam_layout_read_in_chunks(tmp_path):
     bag = FileBag(paths)
     assert bag.lengths == [30, 7] and bag.dim == DIM
     chunks = [c.copy() for c in bag.chunks(8)]  # a block is valid until the next is read
-    assert max(len(c) for c in chunks) == 8
-    np.testing.assert_array_equal(np.concatenate(chunks), np.concatenate(parts))
+    # Blocks run across the slides' files: the same blocks as the bag held in memory.
+    in_memory = list(ArrayBag(np.concatenate(parts)).chunks(8))
+    assert [len(c) for c in chunks] == [len(c) for c in in_memory] == [8, 8, 8, 8, 5]
+    for read, held in zip(chunks, in_memory):
+        np.testing.assert_array_equal(read, held)
     method = build("wsi-only")
     valid = torch.zeros(2, dtype=torch.bool)
     out = predict_bag(method, bag, method.blank_clinical, valid, False, memory_budget=2**16)
     joined = np.concatenate(parts).astype(np.float32)
     expected, _ = whole_bag(method, joined, method.blank_clinical, valid, False)
     assert out.probability == pytest.approx(expected, abs=1e-5)
+    # ... so a patient's prediction is the same to the bit whether its tiles are read from one
+    # file or several (training predicts from memory, `predict` from the files).
+    held = predict_bag(method, ArrayBag(joined), method.blank_clinical, valid, False)
+    assert out.probability == held.probability
+
+
+def test_slides_of_float16_and_float32_read_as_one_float32_bag(tmp_path):
+    rng = np.random.default_rng(4)
+    parts = [rng.normal(size=(5, DIM)).astype(dtype) for dtype in (np.float16, np.float32)]
+    paths = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    for path, part in zip(paths, parts):
+        with h5py.File(path, "w") as h5:
+            h5["features"] = part
+    (block,) = FileBag(paths).chunks(100)
+    assert block.dtype == np.float32
+    np.testing.assert_array_equal(block, np.concatenate(parts).astype(np.float32))
 
 
 @pytest.mark.slow

@@ -233,49 +233,55 @@ class FileBag:
     def __init__(self, paths: Sequence[str | Path]):
         self.paths = [Path(p) for p in paths]
         self.lengths: list[int] = []
-        dims = set()
+        dims, dtypes = set(), []
         for path in self.paths:
-            shape = _features_shape(path)
+            shape, dtype = _features_shape(path)
             self.lengths.append(shape[-2])
             dims.add(shape[-1])
+            dtypes.append(dtype)
         if len(dims) > 1:
             raise FeatureFileError(
                 f"{', '.join(map(str, self.paths))}: the slides' feature files have different "
                 f"dimensions {sorted(dims)}; extract every slide with the same encoder"
             )
         self.dim = dims.pop() if dims else 0
+        self.dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.float32)
         self.n_instances = sum(self.lengths)
 
     def chunks(self, rows: int) -> Iterator[np.ndarray]:
-        """Row blocks read into one buffer that every block reuses: a block is valid until the
-        next one is asked for (so two blocks never sit in memory at once)."""
-        buffer: np.ndarray | None = None
+        """Blocks of ``rows`` rows across the files' boundaries (as ``ArrayBag``'s, so that a
+        prediction does not depend on how a patient's tiles are split into slides), read into
+        one buffer that every block reuses: a block is valid until the next one is asked for."""
+        buffer = np.empty((max(1, min(rows, self.n_instances)), self.dim), dtype=self.dtype)
+        filled = 0
         for path in self.paths:
             with h5py.File(path, "r") as h5:
                 dataset = h5["features"]
-                n = dataset.shape[-2]
-                if buffer is None or buffer.dtype != dataset.dtype:
-                    buffer = np.empty((min(rows, max(n, 1)), self.dim), dtype=dataset.dtype)
-                for start in range(0, n, rows):
-                    stop = min(start + rows, n)
-                    if stop - start > len(buffer):
-                        buffer = np.empty((stop - start, self.dim), dtype=dataset.dtype)
-                    block = buffer[: stop - start]
+                n, start = dataset.shape[-2], 0
+                while start < n:
+                    stop = min(n, start + len(buffer) - filled)
+                    block = buffer[filled : filled + stop - start]
                     where = np.s_[0, start:stop] if dataset.ndim == 3 else np.s_[start:stop]
                     dataset.read_direct(block, source_sel=where)
                     # NaN would pass the aggregators and surface as a NaN probability.
                     check_values(path, block, first_row=start)
-                    yield block
+                    filled += stop - start
+                    start = stop
+                    if filled == len(buffer):
+                        yield buffer
+                        filled = 0
+        if filled:
+            yield buffer[:filled]
 
 
-def _features_shape(path: Path) -> tuple[int, ...]:
+def _features_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     if not path.is_file():
         raise FeatureFileError(f"{path}: feature file not found")
     try:
         with h5py.File(path, "r") as h5:
-            shape = tuple(h5["features"].shape)
+            shape, dtype = tuple(h5["features"].shape), h5["features"].dtype
     except (OSError, KeyError) as err:
         raise FeatureFileError(f"{path}: not a readable feature file ({err})") from err
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1):
         raise FeatureFileError(f"{path}: 'features' must be [n, D], got {shape}")
-    return shape
+    return shape, dtype
