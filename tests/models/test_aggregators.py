@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from bidistill.models import make_aggregator, masked_softmax
+from bidistill.models.aggregators import SUM_SCALE
 
 from .helpers import IN_DIM, make_batch, pad_more
 
-AGGREGATORS = ["abmil-mean", "abmil", "mean", "transmil"]
+AGGREGATORS = ["abmil-mean", "abmil", "abmil-sum", "mean", "transmil"]
 
 
 @pytest.mark.parametrize("name", AGGREGATORS)
@@ -62,7 +63,7 @@ def test_masked_softmax_zero_row_instead_of_nan():
 
 
 def test_unknown_aggregator_is_refused():
-    with pytest.raises(ValueError, match="abmil-mean, abmil, mean or transmil"):
+    with pytest.raises(ValueError, match="abmil-mean, abmil, abmil-sum, mean or transmil"):
         make_aggregator("maxpool", IN_DIM, 8, 0.0)
 
 
@@ -80,3 +81,39 @@ def test_abmil_mean_appends_the_plain_mean_to_the_attention_pooling():
     valid = batch.tile_valid[..., None].float()
     mean = (h * valid).sum(dim=1) / valid.sum(dim=1)
     torch.testing.assert_close(out.embedding[:, 16:], mean)
+
+
+def test_abmil_sum_sees_how_many_key_instances_a_bag_holds():
+    """Softmax attention pools a bag of 1 or 40 copies of one instance (among the same
+    background) to nearly the same embedding; the un-normalised gated sum grows with the count,
+    by the copies' gate times their projection over ``SUM_SCALE``."""
+    torch.manual_seed(0)
+    summing = make_aggregator("abmil-sum", IN_DIM, 16, dropout=0.0).eval()
+    softmax = make_aggregator("abmil", IN_DIM, 16, dropout=0.0).eval()
+    softmax.load_state_dict(summing.state_dict())  # the same layers: only the pooling differs
+    background, key = torch.randn(60, IN_DIM), torch.randn(1, IN_DIM) * 3
+
+    def pooled(module, copies):
+        bag = torch.cat([background, key.expand(copies, -1)])[None]
+        with torch.no_grad():
+            return module(bag, torch.ones(bag.shape[:2], dtype=torch.bool))
+
+    with torch.no_grad():
+        h = summing.project(key)
+        gate = torch.tanh(summing.attention_v(h)) * torch.sigmoid(summing.attention_u(h))
+        key_gate = torch.sigmoid(summing.attention_w(gate)).squeeze()
+    one, forty = pooled(summing, 1), pooled(summing, 40)
+    torch.testing.assert_close(
+        forty.embedding - one.embedding, 39 * key_gate * h / SUM_SCALE, atol=1e-5, rtol=1e-4
+    )
+    # Softmax, the same layers: a weighted average, inside the instances' range whatever the
+    # count; the sum of 40 copies leaves it.
+    with torch.no_grad():
+        projected = summing.project(torch.cat([background, key]))
+    low, high = projected.min(dim=0).values, projected.max(dim=0).values
+    averaged = pooled(softmax, 40).embedding[0]
+    assert torch.all((averaged >= low - 1e-5) & (averaged <= high + 1e-5))
+    assert torch.any(forty.embedding[0] > high + 1e-3)
+    # The weights are the gates' shares: they sum to 1, and every copy of the key has one gate.
+    torch.testing.assert_close(forty.attention.sum(), torch.tensor(1.0))
+    assert torch.allclose(forty.attention[0, 60:], forty.attention[0, 60])

@@ -14,7 +14,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-AggregatorName = Literal["abmil-mean", "abmil", "mean", "transmil"]
+AggregatorName = Literal["abmil-mean", "abmil", "abmil-sum", "mean", "transmil"]
+# ``abmil-sum`` divides its sum of gated instances by this: a bag of 10 fully gated instances
+# pools to about one projected instance (bags hold 10 to 100,000; no bag-size normalisation).
+SUM_SCALE = 10.0
 
 
 @dataclass
@@ -55,6 +58,13 @@ class GatedAttentionMIL(nn.Module):
     It is not the default because the attention half is then free to look anywhere: on the demo
     cohort the WSI-only branch's top-attention tiles were planted key instances less often than
     chance, so its heatmaps would mislead (tests/inference/test_heatmap.py).
+
+    ``gate="sigmoid"`` (the ``abmil-sum`` aggregator) does not normalise: each instance's gate
+    is sigmoid(score_k) in (0, 1) and z = Σ_k sigmoid(score_k) h_k / ``SUM_SCALE``, so the
+    embedding grows with the number of telling instances, which a softmax normalises away (it
+    says "there are key instances", not "how many"). The weights returned are the gates'
+    shares, g_k / Σ_j g_j, so that they sum to 1 as every aggregator's do; a heatmap ranks the
+    tiles as the gates do.
     """
 
     def __init__(
@@ -65,8 +75,10 @@ class GatedAttentionMIL(nn.Module):
         dropout=0.25,
         *,
         with_mean: bool = False,
+        gate: Literal["softmax", "sigmoid"] = "softmax",
     ):
         super().__init__()
+        self.gate = gate
         self.project = _Projection(in_dim, hidden_dim, dropout)
         self.attention_v = nn.Linear(hidden_dim, attention_dim)
         self.attention_u = nn.Linear(hidden_dim, attention_dim)
@@ -78,8 +90,13 @@ class GatedAttentionMIL(nn.Module):
         h = self.project(bags)  # [B, N, H]
         gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
         scores = self.attention_w(gate).squeeze(-1)  # [B, N]
-        weights = masked_softmax(scores, tile_valid)
-        embedding = torch.einsum("bn,bnh->bh", weights, h)
+        if self.gate == "sigmoid":
+            gates = torch.sigmoid(scores) * tile_valid
+            embedding = torch.einsum("bn,bnh->bh", gates, h) / SUM_SCALE
+            weights = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+        else:
+            weights = masked_softmax(scores, tile_valid)
+            embedding = torch.einsum("bn,bnh->bh", weights, h)
         if self.with_mean:
             valid = tile_valid.to(h.dtype)
             mean = valid / valid.sum(dim=1, keepdim=True).clamp_min(1.0)
@@ -158,18 +175,22 @@ def make_aggregator(
     name: AggregatorName, in_dim: int, hidden_dim: int, dropout: float
 ) -> nn.Module:
     """An aggregator by name: ``abmil-mean`` (gated attention and the mean, concatenated),
-    ``abmil`` (gated attention), ``mean`` or ``transmil``."""
-    if name in ("abmil", "abmil-mean"):
+    ``abmil`` (gated attention), ``abmil-sum`` (gated instances summed, not normalised),
+    ``mean`` or ``transmil``."""
+    if name in ("abmil", "abmil-mean", "abmil-sum"):
         return GatedAttentionMIL(
             in_dim,
             hidden_dim,
             attention_dim=max(hidden_dim // 2, 8),
             dropout=dropout,
             with_mean=name == "abmil-mean",
+            gate="sigmoid" if name == "abmil-sum" else "softmax",
         )
     if name == "mean":
         return MeanPoolMIL(in_dim, hidden_dim, dropout)
     if name == "transmil":
         heads = 4 if hidden_dim % 4 == 0 else 1
         return TransMIL(in_dim, hidden_dim, heads=heads, dropout=dropout)
-    raise ValueError(f"unknown aggregator {name!r}; choose abmil-mean, abmil, mean or transmil")
+    raise ValueError(
+        f"unknown aggregator {name!r}; choose abmil-mean, abmil, abmil-sum, mean or transmil"
+    )

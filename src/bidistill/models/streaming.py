@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from bidistill.errors import BidistillError
 from bidistill.models import aggregators as _aggregators
-from bidistill.models.aggregators import Aggregate, GatedAttentionMIL, MeanPoolMIL, TransMIL
+from bidistill.models.aggregators import (
+    SUM_SCALE,
+    Aggregate,
+    GatedAttentionMIL,
+    MeanPoolMIL,
+    TransMIL,
+)
 from bidistill.models.batch import Batch, Output
 
 MiB = 2**20
@@ -83,6 +89,7 @@ class PoolStream:
         self.n_instances = n_instances
         self.attention = isinstance(module, GatedAttentionMIL)
         self.with_mean = not self.attention or module.with_mean
+        self.summing = self.attention and module.gate == "sigmoid"  # no softmax: no running max
         self.seen = 0  # instances fed so far
         self.scores: Tensor | None = None  # attention: [B, n], -inf on padding
         self.valid: Tensor | None = None  # [B, n]
@@ -118,6 +125,11 @@ class PoolStream:
         s = self.scores[:, at]
         s.copy_(self._linear("w", m.attention_w, gate).view(batch, width))
         s.masked_fill_(~valid, float("-inf"))  # [B, c]
+        if self.summing:  # padding: sigmoid(-inf) = 0
+            gates = torch.sigmoid(s)
+            self.weighted.add_(torch.einsum("bc,bch->bh", gates, h))
+            self.total.add_(gates.sum(dim=1, keepdim=True))
+            return
         new_max = torch.maximum(self.running_max, s.max(dim=1, keepdim=True).values)
         shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
         rescale = torch.exp(self.running_max - shift)  # exp(-inf) = 0 before the first score
@@ -172,6 +184,9 @@ class PoolStream:
         if not self.attention:
             return Aggregate(mean, self.valid.to(mean.dtype) / self.count.clamp_min(1.0))
         tiny = torch.finfo(self.total.dtype).tiny
+        if self.summing:
+            weights = self.scores.sigmoid_().div_(self.total.clamp_min(tiny))
+            return Aggregate(self.weighted / SUM_SCALE, weights)
         pooled = self.weighted / self.total.clamp_min(tiny)
         embedding = torch.cat([pooled, mean], dim=-1) if self.with_mean else pooled
         # softmax = exp(s - max) / Σ exp(s - max), from the running max and sum: padding and
