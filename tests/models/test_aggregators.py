@@ -6,7 +6,7 @@ from bidistill.models.aggregators import SUM_SCALE
 
 from .helpers import IN_DIM, make_batch, pad_more
 
-AGGREGATORS = ["abmil-mean", "abmil", "abmil-sum", "mean", "transmil"]
+AGGREGATORS = ["abmil-mean", "abmil", "abmil-sum", "abmil-count", "mean", "transmil"]
 
 
 @pytest.mark.parametrize("name", AGGREGATORS)
@@ -20,7 +20,8 @@ def test_padding_never_changes_a_bag(name, hidden):
         padded_batch = pad_more(batch, 7)
         padded = agg(padded_batch.bags, padded_batch.tile_valid)
     assert plain.embedding.shape == (5, agg.out_dim)
-    assert agg.out_dim == (2 * hidden if name == "abmil-mean" else hidden)
+    widths = {"abmil-mean": 2 * hidden, "abmil-count": hidden + 1}
+    assert agg.out_dim == widths.get(name, hidden)
     torch.testing.assert_close(padded.embedding, plain.embedding, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(padded.attention[:, :11], plain.attention, atol=1e-6, rtol=1e-5)
     assert torch.all(padded.attention[:, 11:] == 0)
@@ -63,7 +64,8 @@ def test_masked_softmax_zero_row_instead_of_nan():
 
 
 def test_unknown_aggregator_is_refused():
-    with pytest.raises(ValueError, match="abmil-mean, abmil, abmil-sum, mean or transmil"):
+    choices = "abmil-mean, abmil, abmil-sum, abmil-count, mean or transmil"
+    with pytest.raises(ValueError, match=choices):
         make_aggregator("maxpool", IN_DIM, 8, 0.0)
 
 
@@ -117,3 +119,19 @@ def test_abmil_sum_sees_how_many_key_instances_a_bag_holds():
     # The weights are the gates' shares: they sum to 1, and every copy of the key has one gate.
     torch.testing.assert_close(forty.attention.sum(), torch.tensor(1.0))
     assert torch.allclose(forty.attention[0, 60:], forty.attention[0, 60])
+
+
+def test_abmil_count_appends_the_log_of_how_many_instances_its_attention_finds_telling():
+    torch.manual_seed(0)
+    counting = make_aggregator("abmil-count", IN_DIM, 16, dropout=0.0).eval()
+    softmax = make_aggregator("abmil", IN_DIM, 16, dropout=0.0).eval()
+    softmax.load_state_dict(counting.state_dict())
+    batch = make_batch()
+    with torch.no_grad():
+        out, ref = counting(batch.bags, batch.tile_valid), softmax(batch.bags, batch.tile_valid)
+        h = counting.project(batch.bags)
+        gate = torch.tanh(counting.attention_v(h)) * torch.sigmoid(counting.attention_u(h))
+        gates = torch.sigmoid(counting.attention_w(gate).squeeze(-1)) * batch.tile_valid
+    torch.testing.assert_close(out.embedding[:, :16], ref.embedding)  # the softmax pooling
+    torch.testing.assert_close(out.attention, ref.attention)  # and its heatmap
+    torch.testing.assert_close(out.embedding[:, 16], torch.log1p(gates.sum(dim=1)))

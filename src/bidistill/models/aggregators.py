@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-AggregatorName = Literal["abmil-mean", "abmil", "abmil-sum", "mean", "transmil"]
+AggregatorName = Literal["abmil-mean", "abmil", "abmil-sum", "abmil-count", "mean", "transmil"]
 # ``abmil-sum`` divides its sum of gated instances by this: a bag of 10 fully gated instances
 # pools to about one projected instance (bags hold 10 to 100,000; no bag-size normalisation).
 SUM_SCALE = 10.0
@@ -65,6 +65,10 @@ class GatedAttentionMIL(nn.Module):
     says "there are key instances", not "how many"). The weights returned are the gates'
     shares, g_k / Σ_j g_j, so that they sum to 1 as every aggregator's do; a heatmap ranks the
     tiles as the gates do.
+
+    ``with_count`` (the ``abmil-count`` aggregator) keeps the softmax pooling and appends one
+    number, log(1 + Σ_k sigmoid(score_k)): how many instances the same attention logits find
+    telling, on a log scale that stays small for bags of 100,000 instances.
     """
 
     def __init__(
@@ -75,16 +79,17 @@ class GatedAttentionMIL(nn.Module):
         dropout=0.25,
         *,
         with_mean: bool = False,
+        with_count: bool = False,
         gate: Literal["softmax", "sigmoid"] = "softmax",
     ):
         super().__init__()
-        self.gate = gate
+        self.gate, self.with_count = gate, with_count
         self.project = _Projection(in_dim, hidden_dim, dropout)
         self.attention_v = nn.Linear(hidden_dim, attention_dim)
         self.attention_u = nn.Linear(hidden_dim, attention_dim)
         self.attention_w = nn.Linear(attention_dim, 1)
         self.with_mean = with_mean
-        self.out_dim = 2 * hidden_dim if with_mean else hidden_dim
+        self.out_dim = (2 * hidden_dim if with_mean else hidden_dim) + int(with_count)
 
     def forward(self, bags: Tensor, tile_valid: Tensor) -> Aggregate:
         h = self.project(bags)  # [B, N, H]
@@ -101,6 +106,9 @@ class GatedAttentionMIL(nn.Module):
             valid = tile_valid.to(h.dtype)
             mean = valid / valid.sum(dim=1, keepdim=True).clamp_min(1.0)
             embedding = torch.cat([embedding, torch.einsum("bn,bnh->bh", mean, h)], dim=-1)
+        if self.with_count:
+            count = (torch.sigmoid(scores) * tile_valid).sum(dim=1, keepdim=True)
+            embedding = torch.cat([embedding, torch.log1p(count)], dim=-1)
         return Aggregate(embedding, weights)
 
 
@@ -176,14 +184,15 @@ def make_aggregator(
 ) -> nn.Module:
     """An aggregator by name: ``abmil-mean`` (gated attention and the mean, concatenated),
     ``abmil`` (gated attention), ``abmil-sum`` (gated instances summed, not normalised),
-    ``mean`` or ``transmil``."""
-    if name in ("abmil", "abmil-mean", "abmil-sum"):
+    ``abmil-count`` (gated attention and the log of the gates' sum), ``mean`` or ``transmil``."""
+    if name in ("abmil", "abmil-mean", "abmil-sum", "abmil-count"):
         return GatedAttentionMIL(
             in_dim,
             hidden_dim,
             attention_dim=max(hidden_dim // 2, 8),
             dropout=dropout,
             with_mean=name == "abmil-mean",
+            with_count=name == "abmil-count",
             gate="sigmoid" if name == "abmil-sum" else "softmax",
         )
     if name == "mean":
@@ -192,5 +201,6 @@ def make_aggregator(
         heads = 4 if hidden_dim % 4 == 0 else 1
         return TransMIL(in_dim, hidden_dim, heads=heads, dropout=dropout)
     raise ValueError(
-        f"unknown aggregator {name!r}; choose abmil-mean, abmil, abmil-sum, mean or transmil"
+        f"unknown aggregator {name!r}; choose abmil-mean, abmil, abmil-sum, abmil-count, mean "
+        "or transmil"
     )

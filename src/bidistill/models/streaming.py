@@ -90,11 +90,13 @@ class PoolStream:
         self.attention = isinstance(module, GatedAttentionMIL)
         self.with_mean = not self.attention or module.with_mean
         self.summing = self.attention and module.gate == "sigmoid"  # no softmax: no running max
+        self.counting = self.attention and module.with_count
         self.seen = 0  # instances fed so far
         self.scores: Tensor | None = None  # attention: [B, n], -inf on padding
         self.valid: Tensor | None = None  # [B, n]
         self.running_max: Tensor | None = None  # [B, 1]
         self.total: Tensor | None = None  # Σ exp(s - max), [B, 1]
+        self.gated: Tensor | None = None  # Σ sigmoid(s), [B, 1] (abmil-sum, abmil-count)
         self.weighted: Tensor | None = None  # Σ exp(s - max) h, [B, H]
         self.summed: Tensor | None = None  # Σ h over valid instances, [B, H]
         self.count: Tensor | None = None  # valid instances, [B, 1]
@@ -125,10 +127,11 @@ class PoolStream:
         s = self.scores[:, at]
         s.copy_(self._linear("w", m.attention_w, gate).view(batch, width))
         s.masked_fill_(~valid, float("-inf"))  # [B, c]
-        if self.summing:  # padding: sigmoid(-inf) = 0
+        if self.summing or self.counting:  # padding: sigmoid(-inf) = 0
             gates = torch.sigmoid(s)
+            self.gated.add_(gates.sum(dim=1, keepdim=True))
+        if self.summing:
             self.weighted.add_(torch.einsum("bc,bch->bh", gates, h))
-            self.total.add_(gates.sum(dim=1, keepdim=True))
             return
         new_max = torch.maximum(self.running_max, s.max(dim=1, keepdim=True).values)
         shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
@@ -163,7 +166,7 @@ class PoolStream:
         batch, width = h.shape[0], h.shape[-1]
         zeros = h.new_zeros
         self.running_max = torch.full((batch, 1), float("-inf"), dtype=h.dtype, device=h.device)
-        self.total, self.count = zeros(batch, 1), zeros(batch, 1)
+        self.total, self.count, self.gated = zeros(batch, 1), zeros(batch, 1), zeros(batch, 1)
         self.weighted, self.summed = zeros(batch, width), zeros(batch, width)
         self.valid = torch.zeros(batch, self.n_instances, dtype=torch.bool, device=h.device)
         if self.attention:
@@ -185,10 +188,12 @@ class PoolStream:
             return Aggregate(mean, self.valid.to(mean.dtype) / self.count.clamp_min(1.0))
         tiny = torch.finfo(self.total.dtype).tiny
         if self.summing:
-            weights = self.scores.sigmoid_().div_(self.total.clamp_min(tiny))
+            weights = self.scores.sigmoid_().div_(self.gated.clamp_min(tiny))
             return Aggregate(self.weighted / SUM_SCALE, weights)
         pooled = self.weighted / self.total.clamp_min(tiny)
         embedding = torch.cat([pooled, mean], dim=-1) if self.with_mean else pooled
+        if self.counting:
+            embedding = torch.cat([embedding, torch.log1p(self.gated)], dim=-1)
         # softmax = exp(s - max) / Σ exp(s - max), from the running max and sum: padding and
         # empty bags (max -inf) give exp(-inf) = 0, as masked_softmax does.
         shift = torch.where(torch.isfinite(self.running_max), self.running_max, 0.0)
