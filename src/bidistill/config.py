@@ -468,6 +468,14 @@ class TrainingConfig(_Section):
     grad_clip: float | None = Field(default=1.0, gt=0)
     class_weighting: bool = True
     patience: int = Field(default=10, ge=1, description="Early-stopping patience in epochs.")
+    min_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Optimiser steps a training stage takes at least: where `epochs` x the "
+        "steps of one pass fall short (a small cohort), each epoch makes several passes over the "
+        "training patients, so warm-up, patience and validation keep their meaning in epochs; "
+        "null: one pass an epoch.",
+    )
     max_instances: int | None = Field(
         default=2048, ge=1, description="Instances sampled per bag in training; null: all."
     )

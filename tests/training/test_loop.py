@@ -246,3 +246,54 @@ def test_one_function_builds_the_predictions_table():
     assert np.array_equal(tested["prob_absent"], withheld)
     assert tested["label"].tolist() == test.labels.tolist()
     assert tested["clinical_available"].tolist() == test.clinical_present.tolist()
+
+
+class CountingSource(FeatureSource):
+    """Feature bags that record which draw each pass over the training patients was."""
+
+    def train_steps(self, drawn):
+        self.draws.append(drawn)
+        for step in super().train_steps(drawn):
+            self.steps += 1
+            yield step
+
+
+def _fit_counting(cfg: TrainingConfig):
+    data = _two_branch_data(20)
+    ids = [f"P{i}" for i in range(20)]
+    source = CountingSource({"train": (ids, data), "val": (ids, data)}, cfg, dim=2)
+    source.draws, source.steps = [], 0
+    torch.manual_seed(0)
+    method = create_method(
+        "wsi-only", in_dim=2, clinical_dim=2, n_clinical_features=1, feature_slices=((0, 1),)
+    )
+    source.start(method, CPU)
+    result = fit(method, source, cfg, device=CPU, progress=False)
+    return method, source, result
+
+
+def test_a_small_cohort_trains_at_least_min_steps_in_the_epochs_it_was_given():
+    """20 patients at batch 8: 3 steps a pass, 12 in 4 epochs. With min_steps 30 each epoch is
+    3 passes (36 steps): still 4 epochs logged and validated, every pass a new draw."""
+    cfg = TrainingConfig(epochs=4, patience=10, batch_size=8, min_steps=30, lr_warmup_epochs=1)
+    _, source, result = _fit_counting(cfg)
+    assert source.draws == list(range(12)) and source.steps == 36
+    assert [row["epoch"] for row in result.log_rows] == [1, 2, 3, 4]
+    # The schedule spans the 36 steps: warm-up for epoch 1's 9 steps, then a cosine that after
+    # epoch 2 (step 18) is at cos-factor 0.75, and ends at 0 after epoch 4.
+    lrs = [row["lr"] for row in result.log_rows]
+    assert lrs[0] == pytest.approx(cfg.lr) and lrs[1] == pytest.approx(0.75 * cfg.lr)
+    assert lrs[3] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_min_steps_already_reached_changes_nothing():
+    base = dict(epochs=4, patience=10, batch_size=8, lr_warmup_epochs=1)
+    plain, _, plain_result = _fit_counting(TrainingConfig(**base))
+    reached, source, reached_result = _fit_counting(TrainingConfig(**base, min_steps=12))
+    assert source.draws == [0, 1, 2, 3] and source.steps == 12
+    for a, b in zip(plain.state_dict().values(), reached.state_dict().values()):
+        assert torch.equal(a, b)
+    losses = [
+        [r["loss_total"] for r in result.log_rows] for result in (plain_result, reached_result)
+    ]
+    assert losses[0] == losses[1]

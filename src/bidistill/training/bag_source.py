@@ -83,8 +83,8 @@ class BagSource(Protocol):
     def steps_per_epoch(self) -> int: ...
 
     def train_steps(self, drawn: int) -> Iterator[Iterator[Pass]]:
-        """An epoch's steps, each its forward passes; ``drawn`` (epochs run before) draws the
-        bags."""
+        """One pass's steps over the training patients, each its forward passes; ``drawn``
+        (passes run before) draws the bags."""
 
     def probabilities(
         self, method: Method, split: str, *, final: bool = False

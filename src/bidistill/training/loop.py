@@ -10,6 +10,7 @@ Epochs count from 1 within each stage everywhere (progress, run.log, train_log.c
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -209,6 +210,15 @@ def _record(method: Method, tracks: list[_Track], epoch: int, aucs, *, candidate
             track.update(epoch, aucs.score(track.part.select), weights, candidate)
 
 
+def passes_per_epoch(min_steps: int | None, epochs: int, steps: int) -> int:
+    """Passes over the training patients in one epoch: 1, or on a small cohort as many as make
+    ``epochs`` epochs of ``steps`` steps a pass take at least ``min_steps`` steps. Stretching
+    each epoch, not adding epochs, keeps warm-up, patience and the validation schedule as set."""
+    if not min_steps or steps < 1:
+        return 1
+    return max(1, math.ceil(min_steps / (epochs * steps)))
+
+
 def _stop_stale_parts(method: Method, tracks: list[_Track], patience: int) -> bool:
     """Freeze at its best each part that has not improved for ``patience`` epochs while others
     still do; False when none is left improving (the stage ends)."""
@@ -294,7 +304,14 @@ class _Loop:
     ) -> None:
         method, cfg = self.method, self.cfg
         method.set_stage(stage.name)
-        steps = self.source.steps_per_epoch()
+        passes = passes_per_epoch(cfg.min_steps, epochs, self.source.steps_per_epoch())
+        steps = passes * self.source.steps_per_epoch()
+        if passes > 1:
+            log.info(
+                "%s: %d passes over the training patients an epoch, so that %d epochs take at "
+                "least training.min_steps = %d optimiser steps (%d)",
+                method.name, passes, epochs, cfg.min_steps, epochs * steps,
+            )  # fmt: skip
         schedule = self.source.schedule(method, epochs, steps)
         half_on_cuda = self.precision == torch.float16 and self.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda") if half_on_cuda else None
@@ -311,9 +328,8 @@ class _Loop:
                 started = time.perf_counter()
                 bar.start_epoch(epoch, epochs, steps)
                 stopped = [m for t in tracks if t.frozen for m in t.part.modules]
-                terms = self._train_epoch(
-                    schedule, scaler, epoch, len(state.log_rows), bar, stopped
-                )
+                drawn = range(len(state.log_rows) * passes, (len(state.log_rows) + 1) * passes)
+                terms = self._train_epoch(schedule, scaler, epoch, drawn, bar, stopped)
                 average_buffers(method, self.processes)
                 aucs = self.validate()
                 # The learning-rate warm-up's epochs are no candidates: a barely trained model
@@ -349,10 +365,10 @@ class _Loop:
         )
 
     def _train_epoch(
-        self, schedule: Schedule, scaler, epoch: int, drawn: int, bar, stopped
+        self, schedule: Schedule, scaler, epoch: int, drawn: range, bar, stopped
     ) -> dict:
-        """One epoch of steps (``drawn``: epochs run before, over all stages, which draws the
-        bags); the loss terms averaged over bags."""
+        """One epoch of steps: a pass over the training patients for each of ``drawn`` (passes
+        run before, over all stages, which draws the bags); the loss terms averaged over bags."""
         method, cfg, optimizer = self.method, self.cfg, schedule.optimizer
         method.train()
         for module in stopped:
@@ -360,7 +376,7 @@ class _Loop:
         params = [p for p in method.parameters() if p.requires_grad]
         sums: dict[str, float] = {}
         seen = 0
-        for step in self.source.train_steps(drawn):
+        for step in itertools.chain.from_iterable(map(self.source.train_steps, drawn)):
             optimizer.zero_grad(set_to_none=True)
             for one in step:
                 seen += len(one.batch)
