@@ -95,8 +95,9 @@ class GatedAttentionMIL(nn.Module):
         h = self.project(bags)  # [B, N, H]
         gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
         scores = self.attention_w(gate).squeeze(-1)  # [B, N]
-        if self.gate == "sigmoid":
+        if self.gate == "sigmoid" or self.with_count:
             gates = torch.sigmoid(scores) * tile_valid
+        if self.gate == "sigmoid":
             embedding = torch.einsum("bn,bnh->bh", gates, h) / SUM_SCALE
             weights = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
         else:
@@ -107,7 +108,7 @@ class GatedAttentionMIL(nn.Module):
             mean = valid / valid.sum(dim=1, keepdim=True).clamp_min(1.0)
             embedding = torch.cat([embedding, torch.einsum("bn,bnh->bh", mean, h)], dim=-1)
         if self.with_count:
-            count = (torch.sigmoid(scores) * tile_valid).sum(dim=1, keepdim=True)
+            count = gates.sum(dim=1, keepdim=True)
             embedding = torch.cat([embedding, torch.log1p(count)], dim=-1)
         return Aggregate(embedding, weights)
 

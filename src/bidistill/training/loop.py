@@ -304,8 +304,9 @@ class _Loop:
     ) -> None:
         method, cfg = self.method, self.cfg
         method.set_stage(stage.name)
-        passes = passes_per_epoch(cfg.min_steps, epochs, self.source.steps_per_epoch())
-        steps = passes * self.source.steps_per_epoch()
+        one_pass = self.source.steps_per_epoch()  # a tile source plans an epoch to count them
+        passes = passes_per_epoch(cfg.min_steps, epochs, one_pass)
+        steps = passes * one_pass
         if passes > 1:
             log.info(
                 "%s: %d passes over the training patients an epoch, so that %d epochs take at "
