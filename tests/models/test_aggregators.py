@@ -6,7 +6,7 @@ from bidistill.models.aggregators import SUM_SCALE
 
 from .helpers import IN_DIM, make_batch, pad_more
 
-AGGREGATORS = ["abmil-mean", "abmil", "abmil-sum", "abmil-count", "mean", "transmil"]
+AGGREGATORS = ["abmil-mean", "abmil", "abmil-sum", "abmil-count", "additive", "mean", "transmil"]
 
 
 @pytest.mark.parametrize("name", AGGREGATORS)
@@ -20,13 +20,15 @@ def test_padding_never_changes_a_bag(name, hidden):
         padded_batch = pad_more(batch, 7)
         padded = agg(padded_batch.bags, padded_batch.tile_valid)
     assert plain.embedding.shape == (5, agg.out_dim)
-    widths = {"abmil-mean": 2 * hidden, "abmil-count": hidden + 1}
+    widths = {"abmil-mean": 2 * hidden, "abmil-count": hidden + 1, "additive": 1}
     assert agg.out_dim == widths.get(name, hidden)
     torch.testing.assert_close(padded.embedding, plain.embedding, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(padded.attention[:, :11], plain.attention, atol=1e-6, rtol=1e-5)
     assert torch.all(padded.attention[:, 11:] == 0)
     assert torch.all(plain.attention[~batch.tile_valid] == 0)
-    torch.testing.assert_close(plain.attention.sum(dim=1), torch.ones(5))
+    # Shares sum to 1; an additive aggregator's contributions sum to its embedding.
+    total = plain.embedding[:, 0] if name == "additive" else torch.ones(5)
+    torch.testing.assert_close(plain.attention.sum(dim=1), total)
 
 
 @pytest.mark.parametrize("name", AGGREGATORS)
@@ -64,7 +66,7 @@ def test_masked_softmax_zero_row_instead_of_nan():
 
 
 def test_unknown_aggregator_is_refused():
-    choices = "abmil-mean, abmil, abmil-sum, abmil-count, mean or transmil"
+    choices = "abmil-mean, abmil, abmil-sum, abmil-count, additive, mean or transmil"
     with pytest.raises(ValueError, match=choices):
         make_aggregator("maxpool", IN_DIM, 8, 0.0)
 
@@ -135,3 +137,29 @@ def test_abmil_count_appends_the_log_of_how_many_instances_its_attention_finds_t
     torch.testing.assert_close(out.embedding[:, :16], ref.embedding)  # the softmax pooling
     torch.testing.assert_close(out.attention, ref.attention)  # and its heatmap
     torch.testing.assert_close(out.embedding[:, 16], torch.log1p(gates.sum(dim=1)))
+
+
+def test_additive_adds_each_instance_s_gated_evidence_and_its_heatmap_is_that_contribution():
+    """z = Σ_k sigmoid(score_k) (v^T h_k + b) / SUM_SCALE, one number; the weights are the
+    signed terms, so that 40 copies of a key instance add 39 times its term to z, and a tile that
+    speaks against the positive class has a negative weight."""
+    torch.manual_seed(0)
+    additive = make_aggregator("additive", IN_DIM, 16, dropout=0.0).eval()
+    background, key = torch.randn(60, IN_DIM), torch.randn(1, IN_DIM) * 3
+
+    def pooled(copies):
+        bag = torch.cat([background, key.expand(copies, -1)])[None]
+        with torch.no_grad():
+            return additive(bag, torch.ones(bag.shape[:2], dtype=torch.bool))
+
+    with torch.no_grad():
+        h = additive.project(torch.cat([background, key]))
+        gate = torch.tanh(additive.attention_v(h)) * torch.sigmoid(additive.attention_u(h))
+        terms = torch.sigmoid(additive.attention_w(gate)) * additive.evidence(h) / SUM_SCALE
+    one, forty = pooled(1), pooled(40)
+    torch.testing.assert_close(one.attention[0], terms.squeeze(-1))
+    torch.testing.assert_close(one.embedding[0, 0], terms.sum())
+    torch.testing.assert_close(
+        forty.embedding - one.embedding, 39 * terms[-1:], rtol=1e-4, atol=1e-5
+    )
+    assert (one.attention < 0).any() and (one.attention > 0).any()  # signed, not shares

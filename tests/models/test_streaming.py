@@ -7,7 +7,9 @@ from bidistill.models.aggregators import make_aggregator
 from bidistill.models.streaming import PoolStream, streams
 
 
-@pytest.mark.parametrize("name", ["abmil-mean", "abmil", "abmil-sum", "abmil-count", "mean"])
+@pytest.mark.parametrize(
+    "name", ["abmil-mean", "abmil", "abmil-sum", "abmil-count", "additive", "mean"]
+)
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_chunked_pooling_equals_the_whole_bag(name, chunk):
     torch.manual_seed(0)

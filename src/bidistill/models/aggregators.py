@@ -2,7 +2,8 @@
 
 Every aggregator takes ``bags`` [B, N, D] with ``tile_valid`` [B, N] (True = real instance) and
 returns an ``Aggregate``: the embedding [B, H] and per-instance weights [B, N] that are zero on
-padding. Padding never changes the result. A bag with no valid instance (it cannot come from our
+padding (shares that sum to 1; ``additive``: signed contributions that sum to its embedding).
+Padding never changes the result. A bag with no valid instance (it cannot come from our
 data loader, but a caller may build one) gets a zero embedding and zero weights instead of NaN.
 """
 
@@ -14,16 +15,18 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-AggregatorName = Literal["abmil-mean", "abmil", "abmil-sum", "abmil-count", "mean", "transmil"]
-# ``abmil-sum`` divides its sum of gated instances by this: a bag of 10 fully gated instances
-# pools to about one projected instance (bags hold 10 to 100,000; no bag-size normalisation).
+AggregatorName = Literal[
+    "abmil-mean", "abmil", "abmil-sum", "abmil-count", "additive", "mean", "transmil"
+]
+# ``abmil-sum`` and ``additive`` divide their sums over the instances by this: a bag of 10 fully
+# gated instances pools to about one instance (bags hold 10 to 100,000; no bag-size normalising).
 SUM_SCALE = 10.0
 
 
 @dataclass
 class Aggregate:
     embedding: Tensor  # [B, H]
-    attention: Tensor  # [B, N], sums to 1 over the valid instances of each non-empty bag
+    attention: Tensor  # [B, N]: shares summing to 1 (additive: contributions summing to z)
 
 
 def masked_softmax(scores: Tensor, valid: Tensor) -> Tensor:
@@ -69,6 +72,14 @@ class GatedAttentionMIL(nn.Module):
     ``with_count`` (the ``abmil-count`` aggregator) keeps the softmax pooling and appends one
     number, log(1 + Σ_k sigmoid(score_k)): how many instances the same attention logits find
     telling, on a log scale that stays small for bags of 100,000 instances.
+
+    ``gate="additive"`` (the ``additive`` aggregator; Javed et al., "Additive MIL", NeurIPS
+    2022, with sigmoid gates in place of the softmax so that it also sees how many) gives each
+    instance one number of evidence, e_k = v^T h_k + b, and sums the gated evidence into the
+    slide's evidence, z = Σ_k c_k with c_k = sigmoid(score_k) e_k / ``SUM_SCALE`` (a
+    one-number embedding). The weights returned are the contributions c_k themselves, signed:
+    a tile's heatmap value is exactly what it adds to z, which the method's head reads (with
+    the clinical embedding, where it fuses).
     """
 
     def __init__(
@@ -80,7 +91,7 @@ class GatedAttentionMIL(nn.Module):
         *,
         with_mean: bool = False,
         with_count: bool = False,
-        gate: Literal["softmax", "sigmoid"] = "softmax",
+        gate: Literal["softmax", "sigmoid", "additive"] = "softmax",
     ):
         super().__init__()
         self.gate, self.with_count = gate, with_count
@@ -90,14 +101,20 @@ class GatedAttentionMIL(nn.Module):
         self.attention_w = nn.Linear(attention_dim, 1)
         self.with_mean = with_mean
         self.out_dim = (2 * hidden_dim if with_mean else hidden_dim) + int(with_count)
+        if gate == "additive":
+            self.evidence = nn.Linear(hidden_dim, 1)
+            self.out_dim = 1
 
     def forward(self, bags: Tensor, tile_valid: Tensor) -> Aggregate:
         h = self.project(bags)  # [B, N, H]
         gate = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
         scores = self.attention_w(gate).squeeze(-1)  # [B, N]
-        if self.gate == "sigmoid" or self.with_count:
+        if self.gate != "softmax" or self.with_count:
             gates = torch.sigmoid(scores) * tile_valid
-        if self.gate == "sigmoid":
+        if self.gate == "additive":
+            weights = gates * self.evidence(h).squeeze(-1) / SUM_SCALE
+            embedding = weights.sum(dim=1, keepdim=True)
+        elif self.gate == "sigmoid":
             embedding = torch.einsum("bn,bnh->bh", gates, h) / SUM_SCALE
             weights = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
         else:
@@ -185,8 +202,9 @@ def make_aggregator(
 ) -> nn.Module:
     """An aggregator by name: ``abmil-mean`` (gated attention and the mean, concatenated),
     ``abmil`` (gated attention), ``abmil-sum`` (gated instances summed, not normalised),
-    ``abmil-count`` (gated attention and the log of the gates' sum), ``mean`` or ``transmil``."""
-    if name in ("abmil", "abmil-mean", "abmil-sum", "abmil-count"):
+    ``abmil-count`` (gated attention and the log of the gates' sum), ``additive`` (each instance's
+    gated evidence summed into one number), ``mean`` or ``transmil``."""
+    if name in ("abmil", "abmil-mean", "abmil-sum", "abmil-count", "additive"):
         return GatedAttentionMIL(
             in_dim,
             hidden_dim,
@@ -194,7 +212,7 @@ def make_aggregator(
             dropout=dropout,
             with_mean=name == "abmil-mean",
             with_count=name == "abmil-count",
-            gate="sigmoid" if name == "abmil-sum" else "softmax",
+            gate={"abmil-sum": "sigmoid", "additive": "additive"}.get(name, "softmax"),
         )
     if name == "mean":
         return MeanPoolMIL(in_dim, hidden_dim, dropout)
@@ -202,6 +220,6 @@ def make_aggregator(
         heads = 4 if hidden_dim % 4 == 0 else 1
         return TransMIL(in_dim, hidden_dim, heads=heads, dropout=dropout)
     raise ValueError(
-        f"unknown aggregator {name!r}; choose abmil-mean, abmil, abmil-sum, abmil-count, mean "
-        "or transmil"
+        f"unknown aggregator {name!r}; choose abmil-mean, abmil, abmil-sum, abmil-count, "
+        "additive, mean or transmil"
     )

@@ -30,7 +30,8 @@ class MethodOptions(BaseModel):
         default="abmil",
         description="abmil (gated attention), abmil-mean (attention and the mean, "
         "concatenated), abmil-sum (gated instances summed: sees how many), abmil-count "
-        "(attention and the log of how many instances it finds telling), mean or transmil.",
+        "(attention and the log of how many instances it finds telling), additive (each "
+        "instance's gated evidence summed into one number), mean or transmil.",
     )
     hidden_dim: int = Field(default=128, ge=2, description="Bag embedding size.")
     clinical_hidden: int = Field(default=64, ge=2, description="Clinical embedding size.")

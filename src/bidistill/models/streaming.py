@@ -89,7 +89,8 @@ class PoolStream:
         self.n_instances = n_instances
         self.attention = isinstance(module, GatedAttentionMIL)
         self.with_mean = not self.attention or module.with_mean
-        self.summing = self.attention and module.gate == "sigmoid"  # no softmax: no running max
+        self.summing = self.attention and module.gate != "softmax"  # no softmax: no running max
+        self.additive = self.attention and module.gate == "additive"
         self.counting = self.attention and module.with_count
         self.seen = 0  # instances fed so far
         self.scores: Tensor | None = None  # attention: [B, n], -inf on padding
@@ -130,6 +131,11 @@ class PoolStream:
         if self.summing or self.counting:  # padding: sigmoid(-inf) = 0
             gates = torch.sigmoid(s)
             self.gated.add_(gates.sum(dim=1, keepdim=True))
+        if self.additive:  # the scores' buffer keeps each instance's contribution instead
+            evidence = self._linear("e", m.evidence, flat).view(batch, width)
+            s.copy_(gates).mul_(evidence).div_(SUM_SCALE)
+            self.weighted[:, :1].add_(s.sum(dim=1, keepdim=True))
+            return
         if self.summing:
             self.weighted.add_(torch.einsum("bc,bch->bh", gates, h))
             return
@@ -187,6 +193,8 @@ class PoolStream:
         if not self.attention:
             return Aggregate(mean, self.valid.to(mean.dtype) / self.count.clamp_min(1.0))
         tiny = torch.finfo(self.total.dtype).tiny
+        if self.additive:
+            return Aggregate(self.weighted[:, :1].clone(), self.scores)
         if self.summing:
             weights = self.scores.sigmoid_().div_(self.gated.clamp_min(tiny))
             return Aggregate(self.weighted / SUM_SCALE, weights)
