@@ -36,6 +36,11 @@ class MethodOptions(BaseModel):
     hidden_dim: int = Field(default=128, ge=2, description="Bag embedding size.")
     clinical_hidden: int = Field(default=64, ge=2, description="Clinical embedding size.")
     dropout: float = Field(default=0.25, ge=0, lt=1)
+    clinical_start: Literal["random", "silent"] = Field(
+        default="random",
+        description="How the fusion head starts reading the clinical embedding: random "
+        "weights, or silent (zero weights: the untrained head reads the slides alone).",
+    )
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,11 @@ class Method(nn.Module):
     def make_fusion_model(self) -> FusionModel:
         o = self.options
         return FusionModel(
-            self.make_aggregator(), self.dims.clinical_dim, o.clinical_hidden, o.dropout
+            self.make_aggregator(),
+            self.dims.clinical_dim,
+            o.clinical_hidden,
+            o.dropout,
+            silent_clinical=o.clinical_start == "silent",
         )
 
     # --- clinical input helpers -------------------------------------------------------------

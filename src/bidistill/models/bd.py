@@ -120,8 +120,13 @@ class BidirectionalDistillation(Method):
         bag_dim = self.aggregator_multi.out_dim
         self.clinical = ClinicalMLP(dims.clinical_dim, o.clinical_hidden, o.dropout)
         self.prompt = Prompt(o.prompt, bag_dim, o.clinical_hidden, o.dropout)
-        self.head_multi = FusionHead(bag_dim + o.clinical_hidden, o.clinical_hidden, o.dropout)
-        self.head_single = FusionHead(bag_dim + o.clinical_hidden, o.clinical_hidden, o.dropout)
+        silent = bag_dim if o.clinical_start == "silent" else None
+        self.head_multi = FusionHead(
+            bag_dim + o.clinical_hidden, o.clinical_hidden, o.dropout, silent_from=silent
+        )
+        self.head_single = FusionHead(
+            bag_dim + o.clinical_hidden, o.clinical_hidden, o.dropout, silent_from=silent
+        )
 
     def stages(self) -> list[Stage]:
         warmup = self.options.warmup_epochs

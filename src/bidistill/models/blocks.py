@@ -51,11 +51,24 @@ class ClinicalMLP(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """Classifier over the concatenated embeddings: [h, e] → logits [B, 2]."""
+    """Classifier over the concatenated embeddings: [h, e] → logits [B, 2].
 
-    def __init__(self, in_dim: int, hidden_dim: int = 64, dropout: float = 0.25):
+    ``silent_from``: the input columns from this index on (the clinical embedding) start with
+    zero weights, so that the untrained head reads the slides alone and the clinical data enters
+    only as far as training finds it useful. With random weights the clinical embedding adds
+    noise to every logit from the first step, which a small cohort never trains away (the
+    slides demo at 60 training patients: a fusion model's validation AUC 0.70 with the clinical
+    data, 0.89 with it blanked).
+    """
+
+    def __init__(
+        self, in_dim: int, hidden_dim: int = 64, dropout: float = 0.25, *, silent_from=None
+    ):
         super().__init__()
         self.net = mlp(in_dim, hidden_dim, 2, dropout)
+        if silent_from is not None:
+            with torch.no_grad():
+                self.net[0].weight[:, silent_from:] = 0.0
 
     def forward(self, *embeddings: Tensor) -> Tensor:
         return self.net(torch.cat(embeddings, dim=-1))
@@ -81,11 +94,25 @@ class FusionModel(nn.Module):
     imputed embedding) call the three steps ``embed_bag``, ``embed_clinical`` and ``classify``.
     """
 
-    def __init__(self, aggregator: nn.Module, clinical_dim: int, clinical_hidden: int, dropout):
+    def __init__(
+        self,
+        aggregator: nn.Module,
+        clinical_dim: int,
+        clinical_hidden: int,
+        dropout,
+        *,
+        silent_clinical: bool = False,
+    ):
         super().__init__()
         self.aggregator = aggregator
         self.clinical = ClinicalMLP(clinical_dim, clinical_hidden, dropout)
-        self.head = FusionHead(aggregator.out_dim + clinical_hidden, clinical_hidden, dropout)
+        bag_dim = aggregator.out_dim
+        self.head = FusionHead(
+            bag_dim + clinical_hidden,
+            clinical_hidden,
+            dropout,
+            silent_from=bag_dim if silent_clinical else None,
+        )
 
     @property
     def bag_dim(self) -> int:
