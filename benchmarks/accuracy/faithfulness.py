@@ -42,7 +42,8 @@ def train(config: Path, out: Path, aggregator: str, seed: int, training: dict) -
 
     raw = yaml.safe_load(config.read_text())
     raw["methods"] = [{"name": "bd", "aggregator": aggregator}]
-    raw["training"].update(epochs=12, patience=12, lr=1e-3, device="cpu", seed=seed, **training)
+    test_settings = {"epochs": 12, "patience": 12, "lr": 1e-3, "device": "cpu", "seed": seed}
+    raw["training"].update(test_settings | training)
     raw["evaluation"].update(mask_seeds=2, bootstrap=0)
     variant = config.parent / f"{aggregator}-seed{seed}.yaml"  # its paths are relative
     variant.write_text(yaml.safe_dump(raw, sort_keys=False))
