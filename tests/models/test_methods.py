@@ -1,5 +1,7 @@
 """Every registered method (parametrized over the registry, so a new one is tested too)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -111,3 +113,30 @@ def test_kd_student_stage_freezes_the_teacher():
     batch = make_batch()
     terms = method.loss(batch, method(batch))
     assert set(terms) == {"ce_student", "kl", "total"} and torch.isfinite(terms["kl"])
+
+
+FUSING = ["bd", "fusion-mean", "fusion-zero", "moddrop", "ae-impute", "shaspec", "switch", "kd"]
+
+
+@pytest.mark.parametrize("name", FUSING)
+def test_a_silent_clinical_start_reads_the_slides_alone_until_trained(name):
+    """``clinical_start: silent``: the untrained method's logits do not move with the clinical
+    values (its fusion heads' clinical columns are zero), and one optimiser step on the clinical
+    data makes them move; with the random start they move from the first step."""
+    batch = make_batch(b=8, present=torch.ones(8, dtype=torch.bool))
+    other = make_batch(b=8, seed=1, present=torch.ones(8, dtype=torch.bool))
+    moved = replace(batch, clinical=other.clinical, clinical_valid=other.clinical_valid)
+
+    def logits(method):
+        with torch.no_grad():
+            return method.eval()(batch).logits, method(moved).logits
+
+    silent = build(name, clinical_start="silent", dropout=0.0)
+    torch.testing.assert_close(*logits(silent))
+    assert not torch.allclose(*logits(build(name, clinical_start="random", dropout=0.0)))
+    optimiser = torch.optim.SGD(silent.parameters(), lr=0.1)
+    silent.train()
+    silent.set_stage(silent.stages()[0].name)  # kd: the fusion teacher
+    silent.loss(batch, silent(batch))["total"].backward()
+    optimiser.step()
+    assert not torch.allclose(*logits(silent))
