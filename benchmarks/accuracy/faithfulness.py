@@ -37,11 +37,13 @@ def make_cohort(root: Path) -> Path:
     return make_feature_cohort(root / "cohort", patients=120, seed=3, dim=32, instances=(30, 120))
 
 
-def train(config: Path, out: Path, aggregator: str, seed: int, training: dict) -> Path:
+def train(
+    config: Path, out: Path, aggregator: str, seed: int, training: dict, options: dict
+) -> Path:
     from bidistill.experiment import run_experiment
 
     raw = yaml.safe_load(config.read_text())
-    raw["methods"] = [{"name": "bd", "aggregator": aggregator}]
+    raw["methods"] = [{"name": "bd", **options, "aggregator": aggregator}]
     test_settings = {"epochs": 12, "patience": 12, "lr": 1e-3, "device": "cpu", "seed": seed}
     raw["training"].update(test_settings | training)
     raw["evaluation"].update(mask_seeds=2, bootstrap=0)
@@ -86,6 +88,7 @@ def main() -> None:
         default=[],
         help="KEY=VALUE (YAML value) over the test's training settings, e.g. min_steps=1000.",
     )
+    parser.add_argument("--option", action="append", default=[], help="KEY=VALUE: BD's option.")
     parser.add_argument("--workdir", default=None, help="Folder for the runs (default: temp).")
     parser.add_argument("--out", default=str(RESULTS / "faithfulness.json"))
     args = parser.parse_args()
@@ -94,13 +97,15 @@ def main() -> None:
     torch.set_num_threads(1)
     training = dict(item.split("=", 1) for item in args.training)
     training = {key: yaml.safe_load(value) for key, value in training.items()}
+    options = dict(item.split("=", 1) for item in args.option)
+    options = {key: yaml.safe_load(value) for key, value in options.items()}
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bidistill-faithfulness-"))
     workdir.mkdir(parents=True, exist_ok=True)
     config = make_cohort(workdir)
     rows = []
     for aggregator in args.aggregators.split(","):
         for seed in range(args.seeds):
-            run_dir = train(config, workdir, aggregator, seed, training)
+            run_dir = train(config, workdir, aggregator, seed, training, options)
             for branch, (share, chance) in top_tile_shares(run_dir, config.parent).items():
                 rows.append(
                     {"aggregator": aggregator, "seed": seed, "branch": branch}
