@@ -26,7 +26,9 @@ def _grads(method, term: str) -> dict[str, bool]:
 
 def test_stop_gradients_really_stop_gradients():
     torch.manual_seed(0)
-    bd = build("bd", dropout=0.0).train()
+    # Random clinical columns: a silent start gives the clinical MLP and the prompt no gradient
+    # until the heads' first step, which would hide a missing stop-gradient here.
+    bd = build("bd", dropout=0.0, clinical_start="random").train()
     multi = {"aggregator_multi", "clinical", "head_multi"}
     single = {"aggregator_single", "prompt", "head_single"}
 

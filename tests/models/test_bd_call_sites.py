@@ -22,8 +22,10 @@ N_VALUES = 6  # the clinical columns of helpers.make_batch before its missing in
 
 
 def _bd(**options):
-    """A tiny BD without dropout, so that two forward passes differ only by their inputs."""
-    return build("bd", dropout=0.0, **options)
+    """A tiny BD without dropout, so that two forward passes differ only by their inputs, and
+    with random clinical columns, so that the untrained branches read the clinical values (a
+    silent start reads them only after a step)."""
+    return build("bd", dropout=0.0, **{"clinical_start": "random", **options})
 
 
 def _with_clinical_values(batch: Batch, patients: torch.Tensor, shift: float) -> Batch:

@@ -57,7 +57,7 @@ from bidistill.models.blocks import ClinicalMLP, FusionHead, mlp
 from bidistill.models.registry import register_method
 
 # BD as published (Zhang et al. 2024): the paper's loss weights and temperature, its learned
-# prompt, no warm-up and no feature dropout.
+# prompt, no warm-up, no feature dropout and fusion heads with random weights throughout.
 PAPER_OPTIONS = {
     "lambda_h": 0.2,
     "lambda_e": 0.5,
@@ -67,6 +67,7 @@ PAPER_OPTIONS = {
     "warmup_epochs": 0,
     "feature_dropout": 0.0,
     "branch_selection": False,
+    "clinical_start": "random",
 }
 
 
