@@ -37,10 +37,10 @@ class MethodOptions(BaseModel):
     clinical_hidden: int = Field(default=64, ge=2, description="Clinical embedding size.")
     dropout: float = Field(default=0.25, ge=0, lt=1)
     clinical_start: Literal["random", "silent"] = Field(
-        default="silent",
-        description="How a fusion head starts reading the clinical embedding: silent (zero "
-        "weights: the untrained head reads the slides alone, and the clinical data enters as "
-        "far as training finds it useful) or random weights (as before).",
+        default="random",
+        description="How a fusion head starts reading the clinical embedding: random weights, "
+        "or silent (zero weights: the untrained head reads the slides alone, and the clinical "
+        "data enters as far as training finds it useful; helps small cohorts).",
     )
 
 
