@@ -57,7 +57,7 @@ def train(
 def top_tile_shares(run_dir: Path, cohort: Path) -> dict[str, tuple[float, float]]:
     """Per branch: the mean share of key instances among the top 10% tiles, and chance."""
     import bidistill
-    from bidistill.synthetic.features import KEY_INSTANCES, read_key_instances
+    from bidistill.synthetic.features import hottest_tile_key_shares
 
     saved = pd.read_csv(run_dir / "bd" / "predictions.csv", dtype={"patient_id": str})
     test = saved.loc[saved["split"] == "test", "patient_id"].tolist()
@@ -66,14 +66,7 @@ def top_tile_shares(run_dir: Path, cohort: Path) -> dict[str, tuple[float, float
     slides = [slide for patient in patients for slide in patient.slides]
     shares = {}
     for branch in BRANCHES:
-        hits, chance = [], []
-        for slide in slides:
-            key = read_key_instances(cohort / KEY_INSTANCES, slide.slide_id)
-            tiles = slide.frame()
-            if key.any():
-                hottest = tiles.nlargest(max(1, len(tiles) // 10), f"attention_{branch}")
-                hits.append(key[hottest["tile"]].mean())
-                chance.append(key.mean())
+        hits, chance = hottest_tile_key_shares(slides, cohort, f"attention_{branch}")
         shares[branch] = (float(np.mean(hits)), float(np.mean(chance)))
     return shares
 

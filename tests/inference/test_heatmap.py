@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import bidistill
 from bidistill.cli import app
 from bidistill.inference.heatmap import score_grid, top_and_bottom
-from bidistill.synthetic.features import KEY_INSTANCES, read_key_instances
+from bidistill.synthetic.features import hottest_tile_key_shares
 
 from ..conftest import SHARED_DATA
 from ..slides.helpers import tissue_image, write_pyramid_tiff
@@ -60,14 +60,7 @@ def test_the_hottest_tiles_are_the_planted_key_instances(demo_run, demo_cohort):
     patients = run.attention(demo_cohort / "features", demo_cohort / "cohort.csv", patients=test)
     slides = [slide for patient in patients for slide in patient.slides]
     for branch in ("multi-modal", "single-modal"):
-        hits, chance = [], []
-        for slide in slides:
-            key = read_key_instances(demo_cohort / KEY_INSTANCES, slide.slide_id)
-            tiles = slide.frame()
-            if key.any():
-                hottest = tiles.nlargest(max(1, len(tiles) // 10), f"attention_{branch}")
-                hits.append(key[hottest["tile"]].mean())
-                chance.append(key.mean())
+        hits, chance = hottest_tile_key_shares(slides, demo_cohort, f"attention_{branch}")
         assert len(hits) >= 15
         assert np.mean(hits) > max(2 * np.mean(chance), 0.5), (branch, hits, chance)
 

@@ -137,14 +137,20 @@ class Method(nn.Module):
         o = self.options
         return WSIClassifier(self.make_aggregator(), o.clinical_hidden, o.dropout)
 
+    def silent_from(self, bag_dim: int) -> int | None:
+        """``FusionHead``'s ``silent_from`` for a head over [bag embedding, clinical]: the
+        clinical columns start at zero with ``clinical_start: silent``."""
+        return bag_dim if self.options.clinical_start == "silent" else None
+
     def make_fusion_model(self) -> FusionModel:
         o = self.options
+        aggregator = self.make_aggregator()
         return FusionModel(
-            self.make_aggregator(),
+            aggregator,
             self.dims.clinical_dim,
             o.clinical_hidden,
             o.dropout,
-            silent_clinical=o.clinical_start == "silent",
+            silent_from=self.silent_from(aggregator.out_dim),
         )
 
     # --- clinical input helpers -------------------------------------------------------------

@@ -121,7 +121,7 @@ class BidirectionalDistillation(Method):
         bag_dim = self.aggregator_multi.out_dim
         self.clinical = ClinicalMLP(dims.clinical_dim, o.clinical_hidden, o.dropout)
         self.prompt = Prompt(o.prompt, bag_dim, o.clinical_hidden, o.dropout)
-        silent = bag_dim if o.clinical_start == "silent" else None
+        silent = self.silent_from(bag_dim)
         self.head_multi = FusionHead(
             bag_dim + o.clinical_hidden, o.clinical_hidden, o.dropout, silent_from=silent
         )

@@ -101,17 +101,13 @@ class FusionModel(nn.Module):
         clinical_hidden: int,
         dropout,
         *,
-        silent_clinical: bool = False,
+        silent_from: int | None = None,
     ):
         super().__init__()
         self.aggregator = aggregator
         self.clinical = ClinicalMLP(clinical_dim, clinical_hidden, dropout)
-        bag_dim = aggregator.out_dim
         self.head = FusionHead(
-            bag_dim + clinical_hidden,
-            clinical_hidden,
-            dropout,
-            silent_from=bag_dim if silent_clinical else None,
+            aggregator.out_dim + clinical_hidden, clinical_hidden, dropout, silent_from=silent_from
         )
 
     @property

@@ -57,8 +57,7 @@ class ShaSpec(Method):
         self.fuse_wsi = nn.Linear(2 * d, d)
         self.fuse_clinical = nn.Linear(2 * d, d)
         self.domain_classifier = nn.Linear(d, 2)
-        silent = d if o.clinical_start == "silent" else None
-        self.head = FusionHead(2 * d, o.clinical_hidden, o.dropout, silent_from=silent)
+        self.head = FusionHead(2 * d, o.clinical_hidden, o.dropout, silent_from=self.silent_from(d))
 
     def forward(self, batch: Batch) -> Output:
         agg = self.aggregator(batch.bags, batch.tile_valid)

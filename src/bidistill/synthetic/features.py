@@ -75,6 +75,20 @@ def read_key_instances(path: str | Path, slide_id: str) -> np.ndarray:
         return np.asarray(h5[slide_id][()], dtype=bool)
 
 
+def hottest_tile_key_shares(slides, cohort: Path, column: str) -> tuple[list[float], list[float]]:
+    """Per slide holding key instances: the share of key instances among its top 10% tiles by
+    ``column`` of ``slide.frame()`` (a heatmap's score), and the slide's own share (chance)."""
+    hits, chance = [], []
+    for slide in slides:
+        key = read_key_instances(cohort / KEY_INSTANCES, slide.slide_id)
+        tiles = slide.frame()
+        if key.any():
+            hottest = tiles.nlargest(max(1, len(tiles) // 10), column)
+            hits.append(float(key[hottest["tile"]].mean()))
+            chance.append(float(key.mean()))
+    return hits, chance
+
+
 def _patient_traits(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     w = rng.normal(size=n)  # seen by the slides only
     c = rng.normal(size=n)  # seen by the clinical table only
