@@ -67,9 +67,9 @@ def variants() -> dict[str, tuple[str, dict]]:
 
 def suite_spec(name: str, scale: float):
     """The generator's spec, with ``scale`` times its patients (for smoke tests)."""
-    from bidistill.synthetic.suite import SUITE
+    from bidistill.synthetic.suite import CLASS_SUITE, SUITE
 
-    spec = SUITE[name]
+    spec = (SUITE | CLASS_SUITE)[name]
     if scale == 1:
         return spec
     return replace(
@@ -81,14 +81,16 @@ def suite_spec(name: str, scale: float):
 
 def cohort_dir(cache: Path, spec) -> Path:
     """The cached cohort of a spec, keyed by the spec and the generator's code."""
-    from bidistill.synthetic import latent
+    from bidistill.synthetic import classes, latent
 
-    code = Path(latent.__file__).read_bytes()
+    module = classes if isinstance(spec, classes.ClassSpec) else latent
+    code = Path(module.__file__).read_bytes()
     key = hashlib.sha256(repr(asdict(spec)).encode() + code).hexdigest()[:12]
     return cache / f"{spec.name}-{key}"
 
 
 def make_cohorts(names: list[str], cache: Path, scale: float) -> dict[str, Path]:
+    from bidistill.synthetic.classes import ClassSpec, make_class_cohort
     from bidistill.synthetic.latent import make_latent_cohort
 
     configs = {}
@@ -98,7 +100,8 @@ def make_cohorts(names: list[str], cache: Path, scale: float) -> dict[str, Path]
         config = folder / "config.yaml"
         if not (folder / "bayes.csv").is_file():
             print(f"making cohort {name} in {folder} ...", flush=True)
-            make_latent_cohort(spec, folder, seed=0)
+            make = make_class_cohort if isinstance(spec, ClassSpec) else make_latent_cohort
+            make(spec, folder, seed=0)
         configs[name] = config
     return configs
 
@@ -176,34 +179,47 @@ def test_predictions(workdir: Path, generator: str, label: str, seed: int) -> pd
 
 
 def sweep_aucs(bayes: pd.DataFrame, probs: dict[str, pd.DataFrame]) -> dict[str, np.ndarray]:
-    """AUC per rate (mean over mask seeds) for the Bayes posterior and each prediction set.
+    """AUC per rate (mean over mask seeds) for the Bayes posterior and each prediction set;
+    for a K-class cohort the macro one-vs-rest AUC.
 
     Args:
-        bayes: test patients with ``label``, ``bayes_present``, ``bayes_absent``.
-        probs: key -> frame indexed like ``bayes`` with ``prob_present``, ``prob_absent``.
+        bayes: test patients with ``label``, ``bayes_present``, ``bayes_absent`` (K classes:
+            ``bayes_present_<k>``, ``bayes_absent_<k>``).
+        probs: key -> frame indexed like ``bayes`` with ``prob_present``, ``prob_absent``
+            (K classes: ``prob_present_<k>``, ``prob_absent_<k>``).
 
     Returns:
         key -> ``[R]`` AUCs; the Bayes limit under the key ``"limit"``.
     """
-    from sklearn.metrics import roc_auc_score
-
-    from bidistill.evaluation.missing import nested_masks
+    from bidistill.evaluation.missing import nested_masks, pick
+    from bidistill.scores import auc_or_nan
 
     ids = bayes.index.tolist()
     labels = bayes["label"].to_numpy()
     available = bayes["available"].to_numpy()
-    masks = nested_masks(ids, labels, available, RATES, range(MASK_SEEDS))  # [K, R, n]
-    pairs = {"limit": (bayes["bayes_present"], bayes["bayes_absent"])}
-    pairs |= {k: (f.loc[ids, "prob_present"], f.loc[ids, "prob_absent"]) for k, f in probs.items()}
+    masks = nested_masks(ids, labels, available, RATES, range(MASK_SEEDS))  # [S, R, n]
+    pairs = {"limit": _passes(bayes, "bayes")}
+    pairs |= {k: _passes(f.loc[ids], "prob") for k, f in probs.items()}
     out = {}
     for key, (present, absent) in pairs.items():
-        present, absent = np.asarray(present), np.asarray(absent)
+        scores = pick(masks, present, absent)  # [S, R, n] or [S, R, n, K]
         aucs = np.zeros(masks.shape[:2])
-        for k in range(masks.shape[0]):
+        for s in range(masks.shape[0]):
             for r in range(masks.shape[1]):
-                aucs[k, r] = roc_auc_score(labels, np.where(masks[k, r], absent, present))
+                aucs[s, r] = auc_or_nan(labels, scores[s, r])
         out[key] = aucs.mean(axis=0)
     return out
+
+
+def _passes(frame: pd.DataFrame, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """(present, absent) scores of ``frame``: ``[n]`` from ``<prefix>_present``, or ``[n, K]``
+    from ``<prefix>_present_<k>``."""
+    if f"{prefix}_present" in frame:
+        return tuple(frame[f"{prefix}_{p}"].to_numpy() for p in ("present", "absent"))
+    k = sum(c.startswith(f"{prefix}_present_") for c in frame.columns)
+    return tuple(
+        frame[[f"{prefix}_{p}_{i}" for i in range(k)]].to_numpy() for p in ("present", "absent")
+    )
 
 
 def collect(workdir: Path, configs: dict[str, Path], labels: list[str], seeds: int) -> pd.DataFrame:
@@ -397,11 +413,15 @@ def _key_values(pairs: list[str]) -> dict:
 
 def main() -> int:
     from bidistill.models import list_methods
-    from bidistill.synthetic.suite import SUITE
+    from bidistill.synthetic.suite import CLASS_SUITE, SUITE
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=5, help="Training seeds (default 5).")
-    parser.add_argument("--generators", default="", help="Comma-separated; default: all.")
+    parser.add_argument(
+        "--generators",
+        default="",
+        help=f"Comma-separated; default: the binary ones. Also: {', '.join(CLASS_SUITE)}.",
+    )
     parser.add_argument("--methods", default="", help="Comma-separated registry names.")
     parser.add_argument("--variant", default=None, help="Comma-separated extra labels (bd-paper).")
     parser.add_argument("--workers", type=int, default=2)
@@ -451,7 +471,8 @@ def main() -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bidistill-accuracy-"))
     os.environ["BIDISTILL_SUITE_WORKDIR"] = str(workdir)
     # Longest first: the big cohorts and the two-branch methods, so that both workers end together.
-    size = {g: SUITE[g].patients * sum(SUITE[g].instances) for g in generators}  # ~ cost
+    specs = SUITE | CLASS_SUITE
+    size = {g: specs[g].patients * sum(specs[g].instances) for g in generators}  # ~ cost
     tasks = [
         (g, label, name, options, seed, str(configs[g]), training)
         for g in generators

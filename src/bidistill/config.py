@@ -111,18 +111,30 @@ class ClinicalColumn(_Section):
 
 
 class LabelConfig(_Section):
-    """A binary label made from one column: ``positive`` values are 1, ``negative`` values 0."""
+    """The label made from one column: binary (``positive`` values are 1, ``negative`` values
+    0) or K classes (``classes``: each class's name and its values; codes 0..K-1 in order)."""
 
     column: str = Field(description="The label's column in the table.")
-    positive: list[str] = Field(min_length=1, description="Values of the column that mean 1.")
+    positive: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Binary label: values of the column that mean 1 (give this or `classes`).",
+    )
     negative: list[str] | None = Field(
         default=None,
         description="Values that mean 0; default: every other non-blank value. With `negative` "
         "set, a value in neither list is an error unless `unlisted: drop`.",
     )
+    classes: dict[str, list[str]] | None = Field(
+        default=None,
+        description="A label of two or more named classes, each a list of the column's values "
+        "(e.g. `{N0: [N0], N+(1-2): [N+(1-2)], N+(>2): [N+(>2)]}`); codes follow the order "
+        "written. Two classes are the binary task with the second class positive. A value in "
+        "no list is an error unless `unlisted: drop`.",
+    )
     unlisted: Literal["error", "drop"] = Field(
         default="error",
-        description="What a label value in neither list does: `error` stops with a list of such "
+        description="What a label value in no list does: `error` stops with a list of such "
         "values; `drop` leaves those patients out (and says how many).",
     )
     positive_name: str | None = Field(
@@ -137,22 +149,69 @@ class LabelConfig(_Section):
     )
 
     @property
+    def n_classes(self) -> int:
+        return len(self.classes) if self.classes else 2
+
+    @property
+    def binary(self) -> bool:
+        return self.n_classes == 2
+
+    @property
+    def class_names(self) -> list[str]:
+        """Each class's name, in code order (binary: negative, positive)."""
+        return list(self.classes) if self.classes else [self.negative_class, self.positive_class]
+
+    @property
+    def class_values(self) -> list[list[str]] | None:
+        """Each class's values in code order; None for a binary label whose 0 is "the rest"."""
+        if self.classes:
+            return list(self.classes.values())
+        return None if self.negative is None else [self.negative, self.positive or []]
+
+    @property
     def positive_class(self) -> str:
-        """The class that a probability is the probability of, as the config names it."""
-        return self.positive_name or " or ".join(self.positive)
+        """The class that a binary probability is the probability of, as the config names it."""
+        if self.classes:
+            return list(self.classes)[-1]
+        return self.positive_name or " or ".join(self.positive or [])
 
     @property
     def negative_class(self) -> str:
+        if self.classes:
+            return list(self.classes)[0]
         if self.negative_name:
             return self.negative_name
         if self.negative:
             return " or ".join(self.negative)
-        joined = len(self.positive) > 1 and not self.positive_name
+        joined = len(self.positive or []) > 1 and not self.positive_name
         return f"not ({self.positive_class})" if joined else f"not {self.positive_class}"
 
+    def describe(self) -> str:
+        """The label as the report and messages name it."""
+        if self.classes:
+            return f"'{self.column}' ({' vs '.join(self.classes)})"
+        negative = ", ".join(self.negative) if self.negative else "the rest"
+        return f"'{self.column}' ({', '.join(self.positive or [])} vs {negative})"
+
     @model_validator(mode="after")
-    def _unlisted_needs_negative(self) -> LabelConfig:
-        if self.unlisted == "drop" and self.negative is None:
+    def _one_form(self) -> LabelConfig:
+        if (self.positive is None) == (self.classes is None):
+            raise ValueError(
+                "give the label's classes either as 'positive' (with an optional 'negative': "
+                "a binary label) or as 'classes' (each class's name and values), not both"
+            )
+        if self.classes is not None:
+            binary_keys = ("negative", "positive_name", "negative_name")
+            if given := [k for k in binary_keys if getattr(self, k) is not None]:
+                raise ValueError(
+                    f"{given} belong to the binary form; with 'classes' each class is named "
+                    "by its key"
+                )
+            if len(self.classes) < 2:
+                raise ValueError(f"'classes' needs two or more classes, got {list(self.classes)}")
+            if empty := [name for name, values in self.classes.items() if not values]:
+                raise ValueError(f"classes {empty} list no values of '{self.column}'")
+        elif self.unlisted == "drop" and self.negative is None:
             raise ValueError(
                 "'unlisted: drop' needs 'negative': without it every value that is not "
                 "positive means 0, so no value is unlisted"

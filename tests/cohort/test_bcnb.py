@@ -35,6 +35,14 @@ EXPECTED_TASKS = {
     "pr": ("PR", {"Positive"}, {"Negative"}),
     "her2": ("HER2", {"Positive"}, {"Negative"}),
 }
+# K-class tasks: label column and each class's values, in code order.
+EXPECTED_CLASS_TASKS = {
+    "aln3": ("ALN status", {"N0": {"N0"}, "N+(1-2)": {"N+(1-2)"}, "N+(>2)": {"N+(>2)"}}),
+    "subtype": (
+        "Molecular subtype",
+        {s: {s} for s in ("Luminal A", "Luminal B", "HER2(+)", "Triple negative")},
+    ),
+}
 ALN_LEAKS = {"ALN status", "Number of lymph node metastases", "Surgical"}
 EXPECTED_EXCLUDED = {  # columns that must never be features, per task
     "aln": ALN_LEAKS,
@@ -43,6 +51,8 @@ EXPECTED_EXCLUDED = {  # columns that must never be features, per task
     "er": {"ER", "Molecular subtype"},
     "pr": {"PR", "Molecular subtype"},
     "her2": {"HER2", "HER2 Expression", "Molecular subtype"},
+    "aln3": ALN_LEAKS,
+    "subtype": {"Molecular subtype", "ER", "PR", "HER2", "HER2 Expression", "Ki67"},
 }
 ALL_FEATURES = {
     "age": "Age(years)",
@@ -159,7 +169,7 @@ def test_messy_values_are_parsed_by_the_generic_loader(tmp_path):
 
 
 def test_the_task_table_matches_the_expected_tasks():
-    assert set(TASKS) == set(EXPECTED_TASKS)
+    assert set(TASKS) == set(EXPECTED_TASKS) | set(EXPECTED_CLASS_TASKS)
 
 
 @pytest.mark.parametrize("task", sorted(EXPECTED_TASKS))
@@ -178,7 +188,27 @@ def test_task_label_mapping(bcnb_root, tmp_path, task):
     }
 
 
-@pytest.mark.parametrize("task", sorted(EXPECTED_TASKS))
+@pytest.mark.parametrize("task", sorted(EXPECTED_CLASS_TASKS))
+def test_class_task_label_mapping(bcnb_root, tmp_path, task):
+    label_column, classes = EXPECTED_CLASS_TASKS[task]
+    report = prepare_bcnb(bcnb_root, tmp_path, task=task, feature_set="all")
+    cfg = load_config(report.config_path)
+    assert cfg.cohort.label.class_names == list(classes)
+    cohort = load_cohort(cfg.cohort)
+    raw = _raw_table(bcnb_root)[label_column]
+    code = {v: k for k, values in enumerate(classes.values()) for v in values}
+    assert cohort.labels.to_dict() == {pid: code[v] for pid, v in raw.items()}
+    assert report.label_counts["all"] == {
+        **{name: int(sum(v in values for v in raw)) for name, values in classes.items()},
+        "left out": 0,
+    }
+    text = report.format()
+    assert f"label '{label_column}' classes" in text
+    header = next(line for line in text.splitlines() if line.startswith("  split"))
+    assert header.split()[1:] == [w for name in classes for w in name.split()] + ["left", "out"]
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED_EXCLUDED))
 @pytest.mark.parametrize("feature_set", ["balnmp5", "all"])
 def test_features_never_include_leaking_columns(bcnb_root, tmp_path, task, feature_set):
     report = prepare_bcnb(bcnb_root, tmp_path, task=task, feature_set=feature_set)
@@ -445,3 +475,19 @@ def test_help_shows_examples():
     for command in (["bcnb", "prepare", "--help"], ["synth", "bcnb", "--help"]):
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 0 and "Example:" in result.output
+
+
+def test_aln3_prepares_and_trains_a_clinical_only_three_class_model(tmp_path):
+    root = make_bcnb_folder(tmp_path / "bcnb", patients=120, seed=2, slides=False, progress=False)
+    report = prepare_bcnb(root, tmp_path / "out", task="aln3")
+    config = report.config_path
+    config.write_text(
+        config.read_text()
+        + "methods:\n  - name: clinical-linear\ntraining:\n  epochs: 3\n"
+        + "evaluation:\n  bootstrap: 50\n  mask_seeds: 1\n"
+    )
+    result = CliRunner().invoke(app, ["run", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert {"auc_0", "auc_1", "auc_2", "n_class_2"} <= set(metrics.columns)
+    assert metrics["auc"].between(0, 1).all()

@@ -118,10 +118,17 @@ def predict(
         )
     write_csv(out, table)
     branches = ", ".join(f"{b} {n}" for b, n in table["branch"].value_counts().items())
-    say(
-        f"predicted {count(len(table), 'patient')} with {trained.method}: "
+    label = trained.config.cohort.label
+    decided = (
         f"{int(table['decision'].sum())} {trained.positive_class} at the run's validation "
-        f"thresholds (branches: {branches}); wrote {out}",
+        "thresholds"
+        if label.binary
+        else ", ".join(f"{int((table['predicted'] == c).sum())} {c}" for c in label.class_names)
+        + " (each patient's class of highest probability)"
+    )
+    say(
+        f"predicted {count(len(table), 'patient')} with {trained.method}: {decided} "
+        f"(branches: {branches}); wrote {out}",
     )
     _warn_if_random(trained)
     if not trained.aggregators or not (features or slides):

@@ -213,7 +213,11 @@ def bcnb_prepare(
         ..., "--out", metavar="DIR", help="Folder for cohort.csv and config.yaml."
     ),
     task: str = typer.Option(
-        "aln", "--task", help="aln | aln-n0-vs-1-2 | aln-n0-vs-gt2 | er | pr | her2."
+        "aln",
+        "--task",
+        help="aln | aln-n0-vs-1-2 | aln-n0-vs-gt2 | er | pr | her2 (binary), aln3 (N0, "
+        "N+(1-2), N+(>2)) | subtype (the four molecular subtypes; ER, PR, HER2 and Ki67 are "
+        "never features).",
     ),
     features: str = typer.Option(
         "balnmp5", "--features", help="balnmp5 (age, size, ER, PR, HER2) | all (no leakage)."

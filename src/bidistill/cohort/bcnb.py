@@ -57,10 +57,10 @@ ALN_LEAKAGE = (ALN_STATUS, "Number of lymph node metastases", "Surgical")
 
 @dataclass(frozen=True)
 class BcnbTask:
-    """A binary task: ``label`` column values in ``positive`` are 1, in ``negative`` 0.
-    ``leakage`` lists the columns that reveal the label. A sub-task (``leaves_out``) leaves out
-    the patients with any other value (its config says ``unlisted: drop``); for the others, any
-    other value is an error."""
+    """A binary task: ``label`` column values in ``positive`` are 1, in ``negative`` 0; or,
+    with ``classes`` (name → values), a K-class task. ``leakage`` lists the columns that reveal
+    the label. A sub-task (``leaves_out``) leaves out the patients with any other value (its
+    config says ``unlisted: drop``); for the others, any other value is an error."""
 
     label: str
     positive: tuple[str, ...]
@@ -68,6 +68,31 @@ class BcnbTask:
     leakage: tuple[str, ...]
     description: str
     leaves_out: bool = False
+    classes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def class_values(self) -> dict[str, tuple[str, ...]]:
+        """Class → its values, as the summary counts them (binary: positive, negative)."""
+        if self.classes:
+            return dict(self.classes)
+        return {"positive": self.positive, "negative": self.negative}
+
+    def label_config(self) -> dict[str, Any]:
+        """The config's ``cohort.label`` entry."""
+        if self.classes:
+            label = {"column": self.label, "classes": {n: list(v) for n, v in self.classes}}
+        else:
+            label = {"column": self.label, "positive": list(self.positive)}
+            label["negative"] = list(self.negative)
+        return label | ({"unlisted": "drop"} if self.leaves_out else {})
+
+    def describe(self) -> str:
+        if self.classes:
+            listed = ", ".join(f"{n} {list(v)}" for n, v in self.classes)
+            return f"label '{self.label}' classes {listed}"
+        return (
+            f"label '{self.label}' positive {list(self.positive)}, negative {list(self.negative)}"
+        )
 
 
 # One line per task. The molecular subtype is defined from ER, PR, HER2 (and Ki67), and the
@@ -84,6 +109,26 @@ TASKS: dict[str, BcnbTask] = {
     "pr": BcnbTask("PR", ("Positive",), ("Negative",), ("Molecular subtype",), "PR status"),
     "her2": BcnbTask(
         "HER2", ("Positive",), ("Negative",), ("HER2 Expression", "Molecular subtype"), "HER2"
+    ),
+    # The three ALN classes the BCNB authors report.
+    "aln3": BcnbTask(
+        ALN_STATUS,
+        (),
+        (),
+        ALN_LEAKAGE,
+        "N0 vs N+(1-2) vs N+(>2)",
+        classes=(("N0", ("N0",)), ("N+(1-2)", ("N+(1-2)",)), ("N+(>2)", ("N+(>2)",))),
+    ),
+    # The subtype is defined from ER, PR, HER2 and Ki67: none of them may be a feature.
+    "subtype": BcnbTask(
+        "Molecular subtype",
+        (),
+        (),
+        ("ER", "PR", "HER2", "HER2 Expression", "Ki67"),
+        "molecular subtype (four classes)",
+        classes=tuple(
+            (name, (name,)) for name in ("Luminal A", "Luminal B", "HER2(+)", "Triple negative")
+        ),
     ),
 }
 DEFAULT_TASK = "aln"
@@ -343,13 +388,7 @@ def config_text(
     cohort: dict[str, Any] = {"table": table, "patient_column": "patient_id"}
     if wsi_dir is not None or patch_root is not None:
         cohort["slide_column"] = "slide_id"
-    cohort["label"] = {
-        "column": spec.label,
-        "positive": list(spec.positive),
-        "negative": list(spec.negative),
-    }
-    if spec.leaves_out:
-        cohort["label"]["unlisted"] = "drop"
+    cohort["label"] = spec.label_config()
     if has_splits:
         cohort["split_column"] = "split"
     cohort["clinical"] = clinical
@@ -425,7 +464,8 @@ class PrepareReport:
     patients_without_split: list[str]
     features: list[str]
     dropped_features: list[str]
-    label_counts: dict[str, dict[str, int]]  # split → {"positive", "negative", "left out"}
+    label_counts: dict[str, dict[str, int]]  # split → {each class (binary: "positive",
+    # "negative"), "left out"}
     missing: dict[str, int]  # column → blank cells
     protocol: str = "features"
     slides_from: str = WSI_DIR  # where a paper-protocol run reads its patches
@@ -461,21 +501,22 @@ class PrepareReport:
                 f"  warning: {count(n_no_split, 'patient')} in no split file, left out: "
                 f"{_preview(self.patients_without_split)}"
             )
-        lines += [
-            f"task '{self.task}': {spec.description}; label '{spec.label}' positive "
-            f"{list(spec.positive)}, negative {list(spec.negative)}",
-            f"  {'split':<8}{'positive':>10}{'negative':>10}{'left out':>10}{'% pos':>8}",
-        ]
+        lines.append(f"task '{self.task}': {spec.description}; {spec.describe()}")
+        columns = [*spec.class_values, "left out"]
+        widths = [max(10, len(c) + 2) for c in columns]
+        share = "" if spec.classes else f"{'% pos':>8}"
+        head = "".join(f"{c:>{w}}" for c, w in zip(columns, widths))
+        lines.append(f"  {'split':<8}{head}{share}")
         for split, counts in self.label_counts.items():
-            labelled = counts["positive"] + counts["negative"]
-            share = f"{counts['positive'] / labelled:.0%}" if labelled else "-"
-            lines.append(
-                f"  {split:<8}{counts['positive']:>10}{counts['negative']:>10}"
-                f"{counts['left out']:>10}{share:>8}"
-            )
+            cells = "".join(f"{counts[c]:>{w}}" for c, w in zip(columns, widths))
+            if not spec.classes:
+                labelled = counts["positive"] + counts["negative"]
+                cells += f"{counts['positive'] / labelled:>8.0%}" if labelled else f"{'-':>8}"
+            lines.append(f"  {split:<8}{cells}")
         for split, counts in self.label_counts.items():
-            if split != "all" and min(counts["positive"], counts["negative"]) == 0:
-                lines.append(f"  warning: split '{split}' has one class only for this task")
+            if split != "all" and min(counts[c] for c in spec.class_values) == 0:
+                one = "one class only" if not spec.classes else "a class without patients"
+                lines.append(f"  warning: split '{split}' has {one} for this task")
         lines.append(f"features ({self.feature_set}): {', '.join(self.features) or 'none'}")
         if self.dropped_features:
             lines.append(f"  dropped (reveal the label): {', '.join(self.dropped_features)}")
@@ -582,18 +623,20 @@ def _check_protocol(protocol: str, inventory: SlideInventory, root: Path) -> boo
 
 
 def _label_counts(table: pd.DataFrame, spec: BcnbTask) -> dict[str, dict[str, int]]:
-    """Per split (and ``all``): patients the task counts as positive, negative or leaves out."""
+    """Per split (and ``all``): patients per class of the task, and those it leaves out."""
     # Compare as the cohort loader does: NFKC-normalised and case-insensitive.
-    positive = {normalise_text(v).casefold() for v in spec.positive}
-    negative = {normalise_text(v).casefold() for v in spec.negative}
+    class_of = {
+        normalise_text(v).casefold(): name
+        for name, values in spec.class_values.items()
+        for v in values
+    }
 
     def kind(value: str) -> str:
-        value = normalise_text(value).casefold()
-        return "positive" if value in positive else "negative" if value in negative else "left out"
+        return class_of.get(normalise_text(value).casefold(), "left out")
 
     def tally(rows: pd.DataFrame) -> dict[str, int]:
         found = Counter(kind(v) for v in rows[spec.label])
-        return {k: found.get(k, 0) for k in ("positive", "negative", "left out")}
+        return {k: found.get(k, 0) for k in [*spec.class_values, "left out"]}
 
     if "split" not in table:
         return {"all": tally(table)}

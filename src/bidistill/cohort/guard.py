@@ -23,7 +23,16 @@ MIN_PER_CLASS = 10
 
 def separation_auc(cells: pd.Series, labels: pd.Series, col: ClinicalColumn) -> float | None:
     """AUC of one feature alone on its observed rows (direction-free); None below
-    ``MIN_PER_CLASS`` observed patients of a class."""
+    ``MIN_PER_CLASS`` observed patients of a class. With K > 2 classes the highest one-vs-rest
+    AUC: a feature that singles out one class is as much the label in disguise."""
+    classes = np.unique(labels.dropna().to_numpy())
+    if len(classes) > 2:
+        aucs = [_separation_auc(cells, (labels == k).astype(int), col) for k in classes]
+        return max((a for a in aucs if a is not None), default=None)
+    return _separation_auc(cells, labels, col)
+
+
+def _separation_auc(cells: pd.Series, labels: pd.Series, col: ClinicalColumn) -> float | None:
     observed = ~cells.map(is_blank)
     x, y = cells[observed], labels[observed].to_numpy()
     if col.kind == ClinicalKind.numeric:

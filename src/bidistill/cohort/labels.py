@@ -30,21 +30,25 @@ def label_key(cell: object) -> str | None:
 
 
 def classify_labels(cells: pd.Series, cfg: LabelConfig, path: Path) -> np.ndarray:
-    """Class code per cell: 1 (positive), 0 (negative), NaN (blank) or ``UNLISTED``."""
-    positive = {label_key(v) for v in cfg.positive} - {None}
-    negative = None if cfg.negative is None else {label_key(v) for v in cfg.negative} - {None}
-    overlap = positive & (negative or set())
-    if overlap:
-        raise CohortError(f"{path}: label values {sorted(overlap)} are both positive and negative")
-
-    def code(key: str | None) -> float:
-        if key is None:
-            return np.nan
-        if key in positive:
-            return 1
-        return 0 if negative is None or key in negative else UNLISTED
-
-    return np.array([code(label_key(cell)) for cell in cells], dtype=float)
+    """Class code per cell: 0..K-1 (binary: 1 positive, 0 negative), NaN (blank) or
+    ``UNLISTED``."""
+    listed = cfg.class_values
+    if listed is None:  # binary, 0 is every value that is not positive
+        positive = {label_key(v) for v in cfg.positive or []} - {None}
+        codes = [np.nan if k is None else float(k in positive) for k in map(label_key, cells)]
+        return np.array(codes, dtype=float)
+    code_of: dict[str, int] = {}
+    for code, values in enumerate(listed):
+        for key in {label_key(v) for v in values} - {None}:
+            if key in code_of:
+                names = cfg.class_names
+                raise CohortError(
+                    f"{path}: label value {key!r} is listed for both {names[code_of[key]]!r} "
+                    f"and {names[code]!r}"
+                )
+            code_of[key] = code
+    codes = [np.nan if k is None else code_of.get(k, UNLISTED) for k in map(label_key, cells)]
+    return np.array(codes, dtype=float)
 
 
 @dataclass
@@ -56,12 +60,14 @@ class LabelSummary:
     table: pd.DataFrame
     dropped: dict[str, int] = field(default_factory=dict)
     blank_patients: int = 0
+    class_names: list[str] | None = None  # K-class labels: code k is class_names[k]
 
     def format(self) -> str:
         width = max([len("value")] + [len(repr(v)) for v in self.table["value"]])
         lines = [f"label '{self.column}': value → class (patients)"]
         for row in self.table.itertuples():
-            lines.append(f"  {row.value!r:<{width}} → {_meaning(row.code)} ({row.patients})")
+            meaning = _meaning(row.code, self.class_names)
+            lines.append(f"  {row.value!r:<{width}} → {meaning} ({row.patients})")
         if blank := self.blank_patients:
             is_are = verb(blank, "is", "are")
             lines.append(f"  {count(blank, 'patient')} with a blank label {is_are} left out")
@@ -69,18 +75,24 @@ class LabelSummary:
             listed = ", ".join(f"{v!r} ({n})" for v, n in self.dropped.items())
             lines.append(
                 f"  label.unlisted: drop: left out {count(sum(self.dropped.values()), 'patient')} "
-                f"whose label is in neither list: {listed}"
+                f"whose label is in {'no' if self.class_names else 'neither'} list: {listed}"
             )
         return "\n".join(lines)
 
 
-def _meaning(code: float) -> str:
+def _meaning(code: float, class_names: list[str] | None) -> str:
     if np.isnan(code):
         return "blank: left out"
-    return {1: "1 (positive)", 0: "0 (negative)", UNLISTED: "in neither list"}[int(code)]
+    if int(code) == UNLISTED:
+        return "in no list" if class_names else "in neither list"
+    if class_names:
+        return f"{int(code)} ({class_names[int(code)]})"
+    return {1: "1 (positive)", 0: "0 (negative)"}[int(code)]
 
 
-def summarize_labels(frame: pd.DataFrame, cells: pd.Series, column: str) -> LabelSummary:
+def summarize_labels(
+    frame: pd.DataFrame, cells: pd.Series, column: str, class_names: list[str] | None = None
+) -> LabelSummary:
     """Patients per written label value (``frame``: each row's ``patient_id`` and ``label``)."""
     written = pd.DataFrame(
         {
@@ -98,8 +110,9 @@ def summarize_labels(frame: pd.DataFrame, cells: pd.Series, column: str) -> Labe
             "patients": grouped["patient_id"].nunique(),
         }
     )
-    table = table.sort_values(["code", "value"], ascending=[False, True], kind="stable")
-    return LabelSummary(column=column, table=table.reset_index(drop=True))
+    descending = class_names is None  # binary: positive first; K classes: in code order
+    table = table.sort_values(["code", "value"], ascending=[not descending, True], kind="stable")
+    return LabelSummary(column=column, table=table.reset_index(drop=True), class_names=class_names)
 
 
 def refuse_unlisted(frame: pd.DataFrame, cells: pd.Series, cfg: LabelConfig, path: Path) -> None:
@@ -115,9 +128,13 @@ def refuse_unlisted(frame: pd.DataFrame, cells: pd.Series, cfg: LabelConfig, pat
         for value, group in rows.groupby("value", sort=False)
     ]
     more = f" and {len(described) - _SHOWN} more" if len(described) > _SHOWN else ""
+    lists = (
+        f"any of label.classes {cfg.classes}"
+        if cfg.classes
+        else f"neither label.positive {cfg.positive} nor label.negative {cfg.negative}"
+    )
     raise CohortError(
-        f"{path}: column '{cfg.column}': {len(described)} label value(s) in neither "
-        f"label.positive {cfg.positive} nor label.negative {cfg.negative}: "
+        f"{path}: column '{cfg.column}': {len(described)} label value(s) in {lists}: "
         f"{'; '.join(described[:_SHOWN])}{more}; fix the table, add the values to a list, or "
         "set label.unlisted: drop to leave these patients out"
     )

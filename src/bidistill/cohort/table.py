@@ -118,7 +118,8 @@ def check_two_classes(cohort: Cohort, cfg: CohortConfig) -> None:
         raise CohortError(
             f"{cohort.source}: label '{cfg.label.column}' has one class only "
             f"({int(labels.iloc[0]) if len(labels) else 'no rows'}); "
-            f"check label.positive={cfg.label.positive} against the column's values"
+            f"check the label's values ({cfg.label.class_values or cfg.label.positive}) "
+            "against the column's"
         )
 
 
@@ -204,7 +205,8 @@ def _labels(
     frame = frame.assign(label=classify_labels(cells, cfg.label, path))
     refuse_unlisted(frame, cells, cfg.label, path)
     frame = _fill_patient_labels(frame, cfg, path)
-    summary = summarize_labels(frame, cells, cfg.label.column)
+    names = cfg.label.class_names if cfg.label.classes else None
+    summary = summarize_labels(frame, cells, cfg.label.column, names)
     frame, summary.dropped = drop_unlisted(frame, cells)
     blank = frame["label"].isna()
     summary.blank_patients = int(frame.loc[blank, "patient_id"].nunique())

@@ -13,11 +13,10 @@ import numpy as np
 import pandas as pd
 
 from bidistill._io import write_csv
-from bidistill.evaluation import metrics as M
 from bidistill.evaluation import plots
 from bidistill.evaluation.freshness import evaluation_check
 from bidistill.evaluation.inputs import PredictionsError
-from bidistill.evaluation.summary import TEST_COLUMNS, paired_test_table
+from bidistill.evaluation.summary import TEST_COLUMNS, paired_test_table, replicate_auc
 from bidistill.runs.rundir import RunDir
 
 DELONG_COLUMNS = ["run", "method", "reference_run", "missing_rate", *TEST_COLUMNS]
@@ -167,14 +166,17 @@ def _paired_tests(labels: list[str], table: pd.DataFrame, predictions: dict[str,
 
 
 def _replicates(frame: pd.DataFrame, method: str, rate: float, patients: pd.Series):
-    """One run's scores of ``method`` at ``rate``: ``{(fold, mask_seed): [n]}`` in the order of
-    ``patients``."""
+    """One run's scores of ``method`` at ``rate``: ``{(fold, mask_seed): [n]}`` (K classes:
+    ``[n, K]``) in the order of ``patients``."""
     rows = frame[(frame["method"] == method) & np.isclose(frame["missing_rate"], rate)]
     keys = [c for c in ("fold", "mask_seed") if c in rows]
-    return {
-        key: replicate.set_index("patient")["probability"].reindex(patients.index).to_numpy()
+    binary = "probability" in rows.columns
+    columns = ["probability"] if binary else [c for c in rows if c.startswith("probability_")]
+    scores = {
+        key: replicate.set_index("patient")[columns].reindex(patients.index).to_numpy()
         for key, replicate in rows.groupby(keys)
     }
+    return {key: s[:, 0] for key, s in scores.items()} if binary else scores
 
 
 def _test_cases(
@@ -192,7 +194,7 @@ def _test_cases(
             scores_a, scores_b = (np.stack([x[k] for k in shared]) for x in (a, b))
         else:
             scores_a, scores_b = (np.stack(list(x.values())).mean(axis=0)[None] for x in (a, b))
-        auc_a, auc_b = (M.mean_auc(np.stack(list(x.values())), labels) for x in (a, b))
+        auc_a, auc_b = (replicate_auc(np.stack(list(x.values())), labels) for x in (a, b))
         where = {"run": label, "method": method, "reference_run": reference, "missing_rate": rate}
         cases.append((where, scores_a, scores_b, auc_a, auc_b))
     return cases

@@ -72,8 +72,9 @@ def evaluate_run(
     write_csv(run.metrics_by_seed, tables.by_seed)
     write_csv(run.delong, tables.delong)
 
-    figures = _figures(run_dir, tables, test, eval_cfg.reference_method, methods)
-    cohort = _cohort_section(run_dir, predictions[methods[0]])
+    names = class_names(config, test[0].n_classes)
+    figures = _figures(run_dir, tables, test, eval_cfg.reference_method, methods, names)
+    cohort = _cohort_section(run_dir, predictions[methods[0]], names)
     report = ReportInputs(
         title=f"bidistill report: {config.name if config else run_dir.name}",
         metrics=tables.metrics,
@@ -91,7 +92,7 @@ def evaluate_run(
         },
         config_text=dump_config(config) if config else "",
         methods=method_infos(run_dir, methods, config),
-        confusion=confusion_rows(test[0], tables.by_seed),
+        confusion=confusion_rows(test[0], tables.by_seed, names),
         synthetic=synthetic_notice(cohort, config),
         label=_label_text(config),
     )
@@ -107,49 +108,30 @@ def _figures(
     test: list[SplitSweep],
     reference: str,
     methods: list[str],
+    names: list[str],
 ) -> list[FigureGroup]:
     """Every figure of the report, grouped as the report shows them."""
     folder = RunDir(run_dir).figures
     metrics = tables.metrics
     auc = plots.plot_auc_vs_missing(metrics, folder / "auc_vs_missing.png", reference=reference)
-    rocs = []
-    for r in plots.roc_rate_indices(test[0].rates):
-        rate = float(test[0].rates[r])
-        at_rate = metrics[np.isclose(metrics["missing_rate"], rate)]
-        path = plots.plot_roc(
-            test, r, folder / f"roc_r{rate:g}.png", aucs=dict(zip(at_rate.method, at_rate.auc))
-        )
-        rocs.append((path, f"ROC curves at missing rate {rate:g}"))
-    calibration = []
-    for r in sorted({0, len(test[0].rates) - 1}):
-        rate = float(test[0].rates[r])
-        path = plots.plot_calibration(test, r, folder / f"calibration_r{rate:g}.png")
-        calibration.append((path, f"Calibration at missing rate {rate:g}"))
-    replicates = sum(len(t.seeds) for t in test)
     groups = [
         FigureGroup(
             "auc-vs-missing",
             "AUC versus missing clinical data",
             "Each method's AUC as clinical data is withheld from a growing share of the test "
-            "patients; bars are 95% bootstrap CIs, nudged sideways so that they do not overlap.",
+            "patients; bars are 95% bootstrap CIs, nudged sideways so that they do not overlap."
+            + (
+                " With more than two classes the AUC is the macro one-vs-rest AUC."
+                if len(names) > 2
+                else ""
+            ),
             [(auc, "AUC of every method against the missing rate")],
             wide=True,
         ),
-        FigureGroup(
-            "roc",
-            "ROC curves",
-            f"Mean sensitivity over the {replicates} mask-seed replicates at each false-positive "
-            "rate (at r = 0 and r = 1 every replicate is the same); the legend gives each "
-            "method's AUC from the table above.",
-            rocs,
-        ),
-        FigureGroup(
-            "calibration",
-            "Calibration",
-            "Observed share of positive patients against the predicted probability, in bins of "
-            "0.1; underneath, how many test patients fall in each bin. On the dashed line the "
-            "probabilities mean what they say.",
-            calibration,
+        *(
+            _roc_groups(test, metrics, folder)
+            if len(names) == 2
+            else [_class_roc_group(test, metrics, folder, names)]
         ),
     ]
     logs = training_logs(run_dir, methods)
@@ -180,12 +162,81 @@ def _figures(
     return groups
 
 
+def _roc_groups(test: list[SplitSweep], metrics: pd.DataFrame, folder: Path) -> list[FigureGroup]:
+    """A binary label's ROC curves and calibration."""
+    rocs = []
+    for r in plots.roc_rate_indices(test[0].rates):
+        rate = float(test[0].rates[r])
+        at_rate = metrics[np.isclose(metrics["missing_rate"], rate)]
+        path = plots.plot_roc(
+            test, r, folder / f"roc_r{rate:g}.png", aucs=dict(zip(at_rate.method, at_rate.auc))
+        )
+        rocs.append((path, f"ROC curves at missing rate {rate:g}"))
+    calibration = []
+    for r in sorted({0, len(test[0].rates) - 1}):
+        rate = float(test[0].rates[r])
+        path = plots.plot_calibration(test, r, folder / f"calibration_r{rate:g}.png")
+        calibration.append((path, f"Calibration at missing rate {rate:g}"))
+    replicates = sum(len(t.seeds) for t in test)
+    return [
+        FigureGroup(
+            "roc",
+            "ROC curves",
+            f"Mean sensitivity over the {replicates} mask-seed replicates at each false-positive "
+            "rate (at r = 0 and r = 1 every replicate is the same); the legend gives each "
+            "method's AUC from the table above.",
+            rocs,
+        ),
+        FigureGroup(
+            "calibration",
+            "Calibration",
+            "Observed share of positive patients against the predicted probability, in bins of "
+            "0.1; underneath, how many test patients fall in each bin. On the dashed line the "
+            "probabilities mean what they say.",
+            calibration,
+        ),
+    ]
+
+
+def _class_roc_group(
+    test: list[SplitSweep], metrics: pd.DataFrame, folder: Path, names: list[str]
+) -> FigureGroup:
+    """A K-class label's one-vs-rest ROC curves per class at the first and last rate."""
+    rocs = []
+    for r in sorted({0, len(test[0].rates) - 1}):
+        rate = float(test[0].rates[r])
+        at_rate = metrics[np.isclose(metrics["missing_rate"], rate)]
+        per_class = at_rate[[f"auc_{k}" for k in range(len(names))]].to_numpy()
+        path = plots.plot_class_roc(
+            test,
+            r,
+            folder / f"roc_r{rate:g}.png",
+            class_names=names,
+            aucs=dict(zip(at_rate.method, per_class)),
+        )
+        rocs.append((path, f"One-vs-rest ROC curves per class at missing rate {rate:g}"))
+    return FigureGroup(
+        "roc",
+        "ROC curves per class",
+        "Each class against the rest, by that class's predicted probability: mean sensitivity "
+        "over the mask-seed replicates at each false-positive rate; the legend gives each "
+        "method's one-vs-rest AUC of that class.",
+        rocs,
+        wide=True,
+    )
+
+
+def class_names(config: ExperimentConfig | None, n_classes: int) -> list[str]:
+    """The label's class names in code order (``class <k>`` without a config)."""
+    if config is not None and config.cohort.label.n_classes == n_classes:
+        return config.cohort.label.class_names
+    if n_classes == 2:
+        return ["negative", "positive"]
+    return [f"class {k}" for k in range(n_classes)]
+
+
 def _label_text(config: ExperimentConfig | None) -> str:
-    if config is None:
-        return "the label"
-    label = config.cohort.label
-    negative = ", ".join(label.negative) if label.negative else "the rest"
-    return f"'{label.column}' ({', '.join(label.positive)} vs {negative})"
+    return "the label" if config is None else config.cohort.label.describe()
 
 
 def _methods(run_dir: Path, config: ExperimentConfig | None) -> list[str]:
@@ -262,22 +313,30 @@ def _sweeps(
     return test, val
 
 
-def _cohort_section(run_dir: Path, predictions: pd.DataFrame) -> dict[str, Any]:
+def _cohort_section(run_dir: Path, predictions: pd.DataFrame, names: list[str]) -> dict[str, Any]:
     """Patients per split with label balance and clinical missingness, plus ``cohort.json``."""
     fold0 = predictions[predictions["fold"] == predictions["fold"].min()]
     splits = []
     for split in ("train", "val", "test"):
         rows = fold0[fold0["split"] == split]
-        if len(rows):
-            splits.append(
-                {
-                    "split": split,
-                    "patients": len(rows),
-                    "positive": int(rows["label"].sum()),
-                    "positive share": f"{rows['label'].mean():.1%}",
-                    "no clinical data": int((~rows["clinical_available"]).sum()),
-                }
-            )
+        if not len(rows):
+            continue
+        balance = (
+            {
+                "positive": int(rows["label"].sum()),
+                "positive share": f"{rows['label'].mean():.1%}",
+            }
+            if len(names) == 2
+            else {name: int((rows["label"] == k).sum()) for k, name in enumerate(names)}
+        )
+        splits.append(
+            {
+                "split": split,
+                "patients": len(rows),
+                **balance,
+                "no clinical data": int((~rows["clinical_available"]).sum()),
+            }
+        )
     section: dict[str, Any] = {"splits": splits}
     extra = RunDir(run_dir).cohort_summary
     if extra.is_file():

@@ -84,21 +84,29 @@ class Headline:
     rates: list[RateResult]
     ci_half_width: float  # median over methods and rates
     significant_cells: set[tuple[str, float]]  # (method, rate) that differ from the reference
+    class_sizes: list[int] | None = None  # K > 2 classes: test patients per class
+
+    @property
+    def sizes(self) -> list[int]:
+        """Test patients per class (binary: negative, positive)."""
+        return self.class_sizes or [self.n_patients - self.n_positive, self.n_positive]
 
     @property
     def unreliable(self) -> bool:
-        n_negative = self.n_patients - self.n_positive
-        return (
-            self.n_patients < MIN_RELIABLE_PATIENTS
-            or min(self.n_positive, n_negative) < MIN_RELIABLE_PER_CLASS
-        )
+        return self.n_patients < MIN_RELIABLE_PATIENTS or min(self.sizes) < MIN_RELIABLE_PER_CLASS
+
+    def balance(self) -> str:
+        if self.class_sizes:
+            *rest, last = (str(n) for n in self.class_sizes)
+            return f"classes of {', '.join(rest)} and {last} patients"
+        return f"{self.n_positive} positive"
 
     def compared(self) -> str:
         """What was compared on what: the first sentence of the headline."""
         rates = [r.rate for r in self.rates]
         return (
             f"{len(self.methods)} methods ({', '.join(self.methods)}) on "
-            f"{self.n_patients} test patients ({self.n_positive} positive), with clinical data "
+            f"{self.n_patients} test patients ({self.balance()}), with clinical data "
             f"withheld from {rates[0]:.0%} to {rates[-1]:.0%} of them (r = "
             f"{rates[0]:g} to {rates[-1]:g})."
         )
@@ -166,9 +174,14 @@ class Headline:
         if not self.unreliable:
             return None
         n_negative = self.n_patients - self.n_positive
+        balance = (
+            self.balance()
+            if self.class_sizes
+            else f"{self.n_positive} positive, {n_negative} negative"
+        )
         return (
-            f"Only {self.n_patients} test patients ({self.n_positive} positive, {n_negative} "
-            f"negative): each AUC's 95% CI spans about ±{self.ci_half_width:.2f}, so this "
+            f"Only {self.n_patients} test patients ({balance}): each AUC's 95% CI spans "
+            f"about ±{self.ci_half_width:.2f}, so this "
             "ranking is not reliable. Use a larger test set, or k-fold cross-validation "
             "(cohort.splits.mode: kfold)."
         )
@@ -213,7 +226,9 @@ def build_headline(metrics: pd.DataFrame, delong: pd.DataFrame, reference: str) 
     widths = (metrics["auc_ci_high"] - metrics["auc_ci_low"]).to_numpy(dtype=float)
     widths = widths[np.isfinite(widths)]
     n_positive = int(metrics["n_positive"].iloc[0]) if "n_positive" in metrics else 0
+    per_class = [c for c in metrics.columns if c.startswith("n_class_")]
     return Headline(
+        class_sizes=[int(metrics[c].iloc[0]) for c in per_class] or None,
         methods=methods,
         reference=reference,
         n_patients=int(metrics["n_patients"].iloc[0]),

@@ -58,13 +58,22 @@ def bootstrap_auc(
     rng = np.random.default_rng(seed)
     w_pos = rng.multinomial(n_pos, np.full(n_pos, 1 / n_pos), size=n_boot).astype(np.float64)
     w_neg = rng.multinomial(n_neg, np.full(n_neg, 1 / n_neg), size=n_boot).astype(np.float64)
-    out = np.empty((m, n_boot))
+    return weighted_auc(kernels, w_pos, w_neg, chunk=chunk)
+
+
+def weighted_auc(
+    kernels: np.ndarray, w_pos: np.ndarray, w_neg: np.ndarray, *, chunk: int = 200
+) -> np.ndarray:
+    """``[m, b]``: the AUC of each kernel ``[m, n_pos, n_neg]`` with the patients weighted by
+    ``w_pos`` ``[b, n_pos]`` and ``w_neg`` ``[b, n_neg]`` (a resample's multiplicities)."""
+    n_boot = len(w_pos)
+    out = np.empty((len(kernels), n_boot))
     for start in range(0, n_boot, chunk):
         stop = min(start + chunk, n_boot)
         # [m, b, n_neg] = w_pos[b, n_pos] @ K[m, n_pos, n_neg], then weighted by w_neg.
         weighted = np.einsum("bi,mij->mbj", w_pos[start:stop], kernels, optimize=True)
         out[:, start:stop] = np.einsum("mbj,bj->mb", weighted, w_neg[start:stop])
-    return out / (n_pos * n_neg)
+    return out / (w_pos.sum(axis=1) * w_neg.sum(axis=1))
 
 
 def mean_auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -50,8 +50,9 @@ def nested_masks(
 
 @dataclass
 class SplitSweep:
-    """Every method's probabilities ``[K, R, n]`` on one split under every (mask seed, rate):
-    ``prob_absent`` where ``masks`` is True, else ``prob_present``; patients in one order."""
+    """Every method's probabilities ``[S, R, n]`` (K > 2 classes: ``[S, R, n, K]``) on one
+    split under every (mask seed, rate): ``prob_absent`` where ``masks`` is True, else
+    ``prob_present``; patients in one order."""
 
     split: str
     fold: int
@@ -60,20 +61,26 @@ class SplitSweep:
     clinical_available: np.ndarray  # [n] bool
     rates: np.ndarray  # [R]
     seeds: np.ndarray  # [K]
-    masks: np.ndarray  # [K, R, n] bool, True = missing
-    probs: dict[str, np.ndarray]  # method -> [K, R, n]
+    masks: np.ndarray  # [S, R, n] bool, True = missing
+    probs: dict[str, np.ndarray]  # method -> [S, R, n] or [S, R, n, K]
 
     @property
     def methods(self) -> list[str]:
         return list(self.probs)
+
+    @property
+    def n_classes(self) -> int:
+        first = next(iter(self.probs.values()))
+        return first.shape[-1] if first.ndim == 4 else 2
 
     def to_frame(self) -> pd.DataFrame:
         """Long table: one row per (method, rate, seed, patient) with the DESIGN columns."""
         n_seeds, n_rates, n = self.masks.shape
         rate_col = np.repeat(np.tile(self.rates, n_seeds), n)
         seed_col = np.repeat(np.repeat(self.seeds, n_rates), n)
-        frames = [
-            pd.DataFrame(
+        frames = []
+        for method, probs in self.probs.items():
+            frame = pd.DataFrame(
                 {
                     "patient": np.tile(self.patient_ids, n_seeds * n_rates),
                     "method": method,
@@ -81,11 +88,14 @@ class SplitSweep:
                     "mask_seed": seed_col,
                     "clinical_present": ~self.masks.reshape(-1),
                     "label": np.tile(self.labels, n_seeds * n_rates),
-                    "probability": probs.reshape(-1),
                 }
             )
-            for method, probs in self.probs.items()
-        ]
+            if probs.ndim == 3:
+                frame["probability"] = probs.reshape(-1)
+            else:  # one column per class code
+                for k in range(probs.shape[-1]):
+                    frame[f"probability_{k}"] = probs[..., k].reshape(-1)
+            frames.append(frame)
         return pd.concat(frames, ignore_index=True)
 
 
@@ -99,7 +109,7 @@ def sweep_split(
 ) -> SplitSweep:
     """Apply the nested masks to every method's (validated) predictions on one split of one
     fold; ``PredictionsError`` when the methods differ in this split's patients or labels."""
-    from bidistill.evaluation.inputs import PredictionsError
+    from bidistill.evaluation.inputs import PredictionsError, classes_in, present_absent
 
     reference: pd.DataFrame | None = None
     probs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -116,7 +126,7 @@ def sweep_split(
             )
         elif not rows["label"].equals(reference["label"]):
             raise PredictionsError(f"method '{method}': labels differ from the other methods")
-        probs[method] = (rows["prob_present"].to_numpy(), rows["prob_absent"].to_numpy())
+        probs[method] = present_absent(rows, classes_in(rows))
         available.append(rows["clinical_available"].to_numpy(dtype=bool))
     if reference is None:
         raise PredictionsError("no method predictions to evaluate")
@@ -134,5 +144,10 @@ def sweep_split(
         rates=np.asarray(rates, dtype=np.float64),
         seeds=np.asarray(seeds, dtype=np.int64),
         masks=masks,
-        probs={m: np.where(masks, absent, present) for m, (present, absent) in probs.items()},
+        probs={m: pick(masks, present, absent) for m, (present, absent) in probs.items()},
     )
+
+
+def pick(masks: np.ndarray, present: np.ndarray, absent: np.ndarray) -> np.ndarray:
+    """``absent`` where ``masks`` [S, R, n] is True, else ``present`` ([n] or [n, K])."""
+    return np.where(masks.reshape(masks.shape + (1,) * (present.ndim - 1)), absent, present)

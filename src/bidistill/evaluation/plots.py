@@ -163,6 +163,40 @@ def plot_roc(
     return save_figure(fig, path)
 
 
+def plot_class_roc(
+    sweeps: Sequence[SplitSweep],
+    rate_index: int,
+    path: Path,
+    *,
+    class_names: Sequence[str],
+    aucs: dict[str, Sequence[float]],
+) -> Path:
+    """A K-class label's one-vs-rest ROC curves at one missing rate: a panel per class, every
+    method in each, averaged over the replicates; ``aucs``: each method's per-class AUCs."""
+    first = sweeps[0]
+    rate = float(first.rates[rate_index])
+    n_classes = len(class_names)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            1, n_classes, figsize=(PANEL[0] * 0.85 * n_classes, PANEL[1]), layout="constrained"
+        )
+        for k, ax in enumerate(np.atleast_1d(axes)):
+            for method in first.methods:
+                scores = [p[..., k] for p in _replicates(sweeps, method, rate_index)]
+                tpr = mean_roc(first.labels == k, scores)
+                auc = aucs.get(method, [float("nan")] * n_classes)[k]
+                ax.plot(
+                    FPR_GRID, tpr, color=method_colour(method), lw=1.6, label=f"{method}  {auc:.3f}"
+                )
+            ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
+            ax.set(xlim=(0, 1), ylim=(0, 1.005), aspect="equal", xlabel="1 − specificity")
+            ax.set_title(f"{class_names[k]} vs rest", loc="left")
+            ax.legend(loc="lower right", title="method  AUC", frameon=True, framealpha=0.9)
+        np.atleast_1d(axes)[0].set(ylabel="sensitivity")
+        fig.suptitle(f"r = {rate:g}: {rate:.0%} without clinical data", x=0.01, ha="left")
+    return save_figure(fig, path)
+
+
 def reliability(labels: np.ndarray, probs: np.ndarray, bins: int):
     """Per equal-width bin of predicted probability: mean prediction, observed share of
     positives and count (bins without patients left out)."""

@@ -22,9 +22,8 @@ PROTOCOL = (
     "label-stratified masks (a patient missing at one rate is missing at every higher one; "
     "patients without clinical data in the table are missing at every rate), repeated over "
     "{seeds} mask seed(s). Each method's AUC is the mean over mask seeds{folds}; 'seed sd' is "
-    "the standard deviation over mask seeds. {ci} Accuracy, "
-    "F1, sensitivity and specificity use a threshold chosen on the validation patients masked "
-    "the same way ({threshold}). p-values: {test} against '{reference}' on the "
+    "the standard deviation over mask seeds. {ci} Accuracy, F1, sensitivity and specificity "
+    "use {threshold}. p-values: {test} against '{reference}' on the "
     "seed-averaged AUC, Holm-corrected across methods at each rate.{small}"
 )
 BOOTSTRAP_CI = (
@@ -41,7 +40,20 @@ TESTS = {
     "ranks per patient)",
     "permutation": "the paired permutation test (9999 random swaps of the two methods' ranks per "
     "patient)",
+    "bootstrap": "the paired bootstrap test of the macro AUC (z = difference / sd of the paired "
+    "resampled differences)",
 }
+DECISION_K = (
+    "Accuracy, F1, sensitivity and specificity hold when each patient is given the class of "
+    "highest probability; another population's class shares give other values. There is no "
+    "calibration figure for more than two classes: the Brier score and the top-label ECE are in "
+    "the metrics table."
+)
+MULTICLASS = (
+    " With more than two classes the AUC is the macro one-vs-rest AUC (each class against the "
+    "rest, averaged); F1 is the macro F1, sensitivity the mean recall over classes (the balanced "
+    "accuracy) and specificity the mean per-class specificity."
+)
 SMALL_SAMPLE = (
     " The test set has fewer than {min} patients in a class, where DeLong's normal approximation "
     "and the bootstrap do not hold (the bootstrap CI of an AUC of 1 is [1, 1]): hence the "
@@ -95,6 +107,11 @@ class ReportInputs:
         return build_headline(self.metrics, self.delong, self.reference)
 
 
+def confusion_title(inputs: ReportInputs) -> str:
+    decided = "" if inputs.headline.class_sizes else " at the chosen threshold"
+    return f"Confusion matrices{decided}"
+
+
 def protocol_text(inputs: ReportInputs) -> str:
     p = inputs.evaluation
     folds = (
@@ -102,7 +119,13 @@ def protocol_text(inputs: ReportInputs) -> str:
         if inputs.folds > 1
         else ""
     )
-    threshold = "Youden's J" if p.threshold == "youden" else f"fixed threshold {p.threshold}"
+    rule = "Youden's J" if p.threshold == "youden" else f"fixed threshold {p.threshold}"
+    classes = inputs.headline.class_sizes
+    threshold = (
+        "the class of highest probability (no threshold)"
+        if classes
+        else f"a threshold chosen on the validation patients masked the same way ({rule})"
+    )
     methods = set(inputs.metrics.get("auc_ci_method", pd.Series(["bootstrap"])).dropna())
     if not p.bootstrap:
         ci = "No CI (evaluation.bootstrap: 0)."
@@ -111,7 +134,7 @@ def protocol_text(inputs: ReportInputs) -> str:
     else:
         ci = BOOTSTRAP_CI.format(level=p.ci_level, boot=p.bootstrap)
     tests = list(dict.fromkeys(inputs.delong.get("test", pd.Series(["DeLong"])).dropna()))
-    small = "newcombe" in methods or any(t != "DeLong" for t in tests)
+    small = "newcombe" in methods or any(t.endswith("permutation") for t in tests)
     return PROTOCOL.format(
         seeds=p.mask_seeds,
         folds=folds,
@@ -119,7 +142,8 @@ def protocol_text(inputs: ReportInputs) -> str:
         threshold=threshold,
         test=" / ".join(TESTS.get(t, t) for t in tests) or TESTS["DeLong"],
         reference=inputs.reference,
-        small=SMALL_SAMPLE.format(min=LARGE_SAMPLE_PER_CLASS) if small else "",
+        small=(SMALL_SAMPLE.format(min=LARGE_SAMPLE_PER_CLASS) if small else "")
+        + (MULTICLASS if classes else ""),
     )
 
 
@@ -175,7 +199,7 @@ def limitations(inputs: ReportInputs) -> list[tuple[str, str]]:
         (
             "Data",
             f"{inputs.cohort.get('patients', 'the')} patients of one cohort table, {split}; "
-            f"the test set has {h.n_patients} patients ({h.n_positive} positive). Results on "
+            f"the test set has {h.n_patients} patients ({h.balance()}). Results on "
             "other hospitals, scanners, stains or patient populations may differ.",
         ),
         (
@@ -192,11 +216,15 @@ def limitations(inputs: ReportInputs) -> list[tuple[str, str]]:
             "each method fares.",
         ),
         (
-            "Threshold and calibration",
-            "Accuracy, sensitivity and specificity hold at the threshold chosen on the "
-            "validation patients; another operating point, or another population's prevalence, "
-            "gives other values. The probabilities are calibrated only as the calibration "
-            "figure shows.",
+            ("Decision and calibration", DECISION_K)
+            if h.class_sizes
+            else (
+                "Threshold and calibration",
+                "Accuracy, sensitivity and specificity hold at the threshold chosen on the "
+                "validation patients; another operating point, or another population's "
+                "prevalence, gives other values. The probabilities are calibrated only as the "
+                "calibration figure shows.",
+            )
         ),
         (
             "Features",
@@ -244,7 +272,7 @@ def render_markdown(inputs: ReportInputs, run_dir: Path) -> str:
         for path, alt in group.figures:
             rel = path.relative_to(run_dir).as_posix()
             lines += [f"![{alt}]({rel})", ""]
-    lines += ["## Confusion matrices at the chosen threshold", ""]
+    lines += [f"## {confusion_title(inputs)}", ""]
     if len(inputs.confusion):
         lines += _md_table(inputs.confusion.rename(columns={"missing_rate": "r"}), index=False)
     lines += ["", "## All metrics", "", "Bold: the best value at that rate.", ""]
@@ -315,6 +343,8 @@ def metric_groups(metrics: pd.DataFrame):
     """The full metrics table's header and rows by rate: ``(rate, [(method, [(text, best)])])``."""
     flags = best_flags(metrics)
     folds = metrics.get("n_folds", pd.Series([1])).max() > 1
+    # K classes decide by the highest probability: no threshold column
+    columns = [c for c in METRIC_COLUMNS if c != "threshold" or metrics[c].notna().any()]
     groups = []
     for rate, rows in metrics.groupby("missing_rate", sort=True):
         out = []
@@ -325,13 +355,13 @@ def metric_groups(metrics: pd.DataFrame):
                 (f"{r.auc_std:.3f}", False),
             ]
             cells += [(f"{r.auc_fold_std:.3f}", False)] if folds else []
-            for column in METRIC_COLUMNS:
+            for column in columns:
                 best = bool(flags.at[i, column]) if column in MARKED else False
                 cells.append((f"{r[column]:.3f}", best))
             out.append((str(r.method), cells))
         groups.append((float(rate), out))
     header = ["AUC", "95% CI", "seed sd"] + (["fold sd"] if folds else [])
-    return header + list(METRIC_COLUMNS.values()), groups
+    return header + [METRIC_COLUMNS[c] for c in columns], groups
 
 
 def _md_metrics(metrics: pd.DataFrame) -> list[str]:

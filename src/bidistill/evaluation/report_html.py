@@ -15,6 +15,7 @@ from bidistill.evaluation.plots import method_colour
 from bidistill.evaluation.report import (
     ReportInputs,
     best_flags,
+    confusion_title,
     fmt,
     headline_rows,
     limitations,
@@ -95,7 +96,7 @@ def render_html(inputs: ReportInputs) -> str:
     sections = [
         ("auc", "AUC by missing rate", _auc_table(inputs, headline)),
         *[(group.key, group.title, _figure_group(group)) for group in inputs.figures],
-        ("confusion", "Confusion matrices at the chosen threshold", _confusion(inputs)),
+        ("confusion", confusion_title(inputs), _confusion(inputs)),
         ("metrics", "All metrics", _metrics_table(inputs)),
         ("delong", f"Paired tests against {inputs.reference}", _delong(inputs)),
         ("methods", "Methods and their options", _methods(inputs)),
@@ -227,10 +228,15 @@ def _metrics_table(inputs: ReportInputs) -> str:
             )
             out.append(f"<tr><td class='l'>{_swatch(method)}</td>{tds}</tr>")
         bodies.append("<tbody>" + "".join(out) + "</tbody>")
+    decided = (
+        "Thresholded metrics use the threshold in the last column, chosen on the validation "
+        "patients."
+        if "threshold" in header
+        else "Each patient is given the class of highest probability."
+    )
     note = (
         "Grouped by missing rate; bold: the best value within the group (highest, or lowest for "
-        "Brier score and ECE). Thresholded metrics use the threshold in the last column, chosen "
-        "on the validation patients."
+        f"Brier score and ECE). {decided}"
     )
     return (
         f"{_note(note)}<div class='scroll'><table class='dense'><thead><tr>"
@@ -259,6 +265,8 @@ def _confusion(inputs: ReportInputs) -> str:
     frame = inputs.confusion
     if frame.empty:
         return "<p>No confusion matrices.</p>"
+    if "true" in frame.columns:
+        return _class_confusion(frame)
     cards = []
     for method, rows in frame.groupby("method", sort=False):
         rates = list(rows.itertuples())
@@ -286,6 +294,32 @@ def _confusion(inputs: ReportInputs) -> str:
         "Test patients by true and predicted class at the first and last missing rate, at the "
         "threshold chosen on the validation patients (Youden's J unless the config fixes one); "
         "first mask seed (at these two rates every seed withholds the same patients)."
+    )
+    return f"{_note(note)}<div class='cards'>{''.join(cards)}</div>"
+
+
+def _class_confusion(frame: pd.DataFrame) -> str:
+    """K-class matrices: per method and rate a row per true class, a column per predicted."""
+    predicted = [c for c in frame.columns if c.startswith("→ ")]
+    cards = []
+    for (method, rate), rows in frame.groupby(["method", "missing_rate"], sort=False):
+        head = "<th class='l'>true \\ predicted</th>" + "".join(
+            f"<th>{e(c[2:])}</th>" for c in predicted
+        )
+        body = [
+            f"<tr><th class='l'>{e(r['true'])}</th>"
+            + "".join(f"<td>{int(r[c])}</td>" for c in predicted)
+            + "</tr>"
+            for _, r in rows.iterrows()
+        ]
+        cards.append(
+            f"<div class='card'><h3>{_swatch(method)} · r = {rate:g}</h3><table>"
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+        )
+    note = (
+        "Test patients by true class (rows) and predicted class (columns, the class of highest "
+        "probability) at the first and last missing rate; first mask seed (at these two rates "
+        "every seed withholds the same patients)."
     )
     return f"{_note(note)}<div class='cards'>{''.join(cards)}</div>"
 

@@ -101,11 +101,16 @@ def training_logs(run_dir: Path, methods: list[str]) -> dict[str, pd.DataFrame]:
     return logs
 
 
-def confusion_rows(sweep: SplitSweep, by_seed: pd.DataFrame) -> pd.DataFrame:
+def confusion_rows(
+    sweep: SplitSweep, by_seed: pd.DataFrame, class_names: list[str] | None = None
+) -> pd.DataFrame:
     """TP, FN, FP, TN of every method on the test patients at the first and last missing rate,
     at the threshold the evaluation chose on validation (fold and first mask seed of ``sweep``;
-    at rates 0 and 1 every mask seed withholds the same patients)."""
+    at rates 0 and 1 every mask seed withholds the same patients). With K > 2 classes the K x K
+    matrix at the argmax decision: a row per true class, a column per predicted class."""
     rates = sorted({0, len(sweep.rates) - 1})
+    if sweep.n_classes > 2:
+        return _class_confusion_rows(sweep, rates, class_names)
     seed = int(sweep.seeds[0])
     rows = []
     for method, probs in sweep.probs.items():
@@ -131,6 +136,20 @@ def confusion_rows(sweep: SplitSweep, by_seed: pd.DataFrame) -> pd.DataFrame:
                     "tn": int(np.sum(~predicted & ~truth)),
                 }
             )
+    return pd.DataFrame(rows)
+
+
+def _class_confusion_rows(sweep: SplitSweep, rates: list[int], names) -> pd.DataFrame:
+    from bidistill.evaluation.multiclass import confusion_matrix
+
+    names = names or [f"class {k}" for k in range(sweep.n_classes)]
+    rows = []
+    for method, probs in sweep.probs.items():
+        for r in rates:
+            matrix = confusion_matrix(sweep.labels, probs[0, r])
+            for k, name in enumerate(names):
+                where = {"method": method, "missing_rate": float(sweep.rates[r]), "true": name}
+                rows.append(where | {f"→ {p}": int(n) for p, n in zip(names, matrix[k])})
     return pd.DataFrame(rows)
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 
 from bidistill.config import EvaluationConfig
 from bidistill.evaluation import metrics as M
+from bidistill.evaluation import multiclass as MC
 from bidistill.evaluation.inputs import PredictionsError
 from bidistill.evaluation.missing import SplitSweep
 from bidistill.thresholds import FALLBACK_THRESHOLD
@@ -62,8 +63,10 @@ def summarize(
     first = test[0]
     if len(np.unique(first.labels)) < 2:
         raise PredictionsError(
-            f"the test split has only label {first.labels[0]}: AUC needs both classes"
+            f"the test split has only label {first.labels[0]}: AUC needs two classes or more"
         )
+    if first.n_classes > 2:
+        return summarize_classes(test, cfg)
     by_seed = pd.DataFrame([row for t, v in zip(test, val) for row in _replicate_rows(t, v, cfg)])
     ci_rows = []
     n_rates = len(first.rates)
@@ -166,11 +169,11 @@ def _delong_table(test: list[SplitSweep], reference: str) -> pd.DataFrame:
     cases = []
     for r, rate in enumerate(test[0].rates):
         ref_scores = _replicate_scores(test, reference, r)
-        ref_auc = M.mean_auc(ref_scores, labels)
+        ref_auc = replicate_auc(ref_scores, labels)
         for method in [m for m in methods if m != reference]:
             scores = _replicate_scores(test, method, r)
             where = {"method": method, "reference": reference, "missing_rate": rate}
-            cases.append((where, scores, ref_scores, M.mean_auc(scores, labels), ref_auc))
+            cases.append((where, scores, ref_scores, replicate_auc(scores, labels), ref_auc))
     return paired_test_table(cases, labels, columns)
 
 
@@ -180,7 +183,10 @@ def paired_test_table(cases: list[tuple], labels: np.ndarray, columns: list[str]
     rate. The run's tests and the comparison's alike."""
     rows = []  # p_holm (NaN) is filled in below, once every test at a rate is known
     for where, scores, reference, auc, auc_reference in cases:
-        test = M.paired_auc_test(scores, reference, labels)
+        if scores.ndim == 3:  # [R, n, K]: K classes
+            test = MC.paired_macro_test(scores, reference, labels)
+        else:
+            test = M.paired_auc_test(scores, reference, labels)
         result = (test.difference, test.z, test.p_value, np.nan, test.test, test.p_floor)
         rows.append({**where, **dict(zip(TEST_COLUMNS, (auc, auc_reference, *result)))})
     table = pd.DataFrame(rows, columns=columns)
@@ -190,6 +196,68 @@ def paired_test_table(cases: list[tuple], labels: np.ndarray, columns: list[str]
     return table
 
 
+def replicate_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The AUC of ``[R, n]`` scores (K classes: the macro AUC of ``[R, n, K]``) averaged over
+    the replicates."""
+    return MC.mean_macro_auc(scores, labels) if scores.ndim == 3 else M.mean_auc(scores, labels)
+
+
 def _replicate_scores(test: list[SplitSweep], method: str, r: int) -> np.ndarray:
     """``[folds x seeds, n]``: the method's test scores at rate index ``r`` in every replicate."""
     return np.concatenate([t.probs[method][:, r] for t in test])
+
+
+# --- K classes ----------------------------------------------------------------------------------
+
+
+def summarize_classes(test: list[SplitSweep], cfg: EvaluationConfig) -> EvaluationTables:
+    """Every table for a K-class label (K > 2): the macro one-vs-rest AUC (``auc``) with each
+    class's (``auc_<k>``), stratified bootstrap CIs, the argmax decision's metrics and paired
+    bootstrap tests against the reference, Holm-corrected at each rate."""
+    first = test[0]
+    labels, n_classes = first.labels, first.n_classes
+    by_seed = pd.DataFrame([row for t in test for row in _class_replicate_rows(t)])
+    ci_rows = []
+    for method in first.methods:
+        # per class [R, n_k, n - n_k], averaged over folds and mask seeds
+        per_fold = [MC.class_kernels(t.probs[method], labels) for t in test]
+        kernels = [sum(f[k].mean(axis=0) for f in per_fold) / len(test) for k in range(n_classes)]
+        per_class = np.stack([k.mean(axis=(-2, -1)) for k in kernels], axis=-1)  # [R, K]
+        low = high = np.full(len(first.rates), np.nan)
+        if cfg.bootstrap:
+            draws = MC.class_weights_draws(labels, cfg.bootstrap, seed=0)
+            boot = MC.bootstrap_macro_auc(kernels, labels, draws)  # [R, n_boot]
+            low, high = M.percentile_ci(boot, cfg.ci_level)
+        for r, rate in enumerate(first.rates):
+            ci_rows.append(
+                {"method": method, "missing_rate": rate, "auc_ci_low": low[r]}
+                | {"auc_ci_high": high[r]}
+                | {f"auc_{k}": a for k, a in enumerate(per_class[r])}
+            )
+    metrics = _aggregate(by_seed, pd.DataFrame(ci_rows), n_patients=len(first.patient_ids))
+    for k in range(n_classes):
+        metrics[f"n_class_{k}"] = int(np.sum(labels == k))
+    metrics["auc_ci_method"] = "bootstrap" if cfg.bootstrap else ""
+    tests = _delong_table(test, cfg.reference_method)
+    return EvaluationTables(metrics=metrics, by_seed=by_seed, delong=tests)
+
+
+def _class_replicate_rows(test: SplitSweep) -> list[dict[str, object]]:
+    rows = []
+    for method, probs in test.probs.items():  # [S, R, n, K]
+        aucs, _ = MC.macro_auc(probs, test.labels)  # [S, R]
+        for s, seed in enumerate(test.seeds):
+            for r, rate in enumerate(test.rates):
+                rows.append(
+                    {
+                        "method": method,
+                        "missing_rate": rate,
+                        "fold": test.fold,
+                        "mask_seed": int(seed),
+                        "auc": aucs[s, r],
+                        **MC.decision_metrics(test.labels, probs[s, r]),
+                        "threshold": np.nan,  # the argmax decides
+                        "missing_share": float(test.masks[s, r].mean()),
+                    }
+                )
+    return rows

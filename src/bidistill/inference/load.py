@@ -115,6 +115,7 @@ def load_trained(
             clinical_dim=dims["clinical_dim"],
             n_clinical_features=dims["n_clinical_features"],
             feature_slices=dims["feature_slices"],
+            n_classes=dims.get("n_classes", 2),  # runs before multi-class labels: binary
             patch_encoder=_patch_encoders(meta),
             **meta["options"],
         )
@@ -158,6 +159,8 @@ def decision_thresholds(
     """The method's decision thresholds, with clinical data (``present``) and without
     (``absent``), chosen on its validation patients as the evaluation does."""
     fixed = cfg.evaluation.threshold
+    if cfg.cohort.label.n_classes > 2:  # the class of highest probability: no threshold
+        return {"present": float("nan"), "absent": float("nan")}
     if not isinstance(fixed, str):
         return {"present": float(fixed), "absent": float(fixed)}
     folder = MethodDir(method_dir)

@@ -104,10 +104,15 @@ def write_slide_maps(
     def target(kind: str) -> Path:  # not with_suffix: slide ids may hold dots
         return out_dir / f"{attention.slide_id}.{kind}"
 
+    rule = (
+        "highest probability"
+        if patient.class_probabilities
+        else f"threshold {patient.threshold:.2f}"
+    )
     title = (
         f"{attention.slide_id} (patient {patient.patient_id}): "
         f"P({patient.positive_class}) = {patient.probability:.2f} "
-        f"→ {patient.predicted} (threshold {patient.threshold:.2f}), branch: {patient.branch}"
+        f"→ {patient.predicted} ({rule}), branch: {patient.branch}"
     )
     slide = None
     if image is not None:

@@ -19,7 +19,7 @@ from bidistill.features.identity import read_attrs
 class PatientBags:
     """What a bag source predicts for one patient, per fold model of the run."""
 
-    probabilities: list[float]
+    probabilities: list[float | np.ndarray]  # K > 2 classes: each class's [K]
     routed: str | None  # the aggregator (module path) that predicted, None without a bag
     attention: list[dict[str, np.ndarray]]  # per fold, aggregator path → weights (if asked)
     lengths: list[int]  # tiles per slide, in the order of the patient's slides
@@ -78,9 +78,9 @@ class PatientPrediction:
 
     patient_id: str
     probability: float  # of positive_class; a k-fold run's mean over its fold models
-    positive_class: str  # as the run's config names it
-    threshold: float  # the run's validation threshold for the patient's route
-    decision: int  # probability >= threshold
+    positive_class: str  # as the run's config names it (K > 2 classes: the predicted class)
+    threshold: float  # the run's validation threshold for the patient's route (K > 2: NaN)
+    decision: int  # probability >= threshold (K > 2 classes: the predicted class's code)
     predicted: str  # the decision as a class of the run
     branch: str
     clinical_present: bool  # at least one clinical value
@@ -88,12 +88,15 @@ class PatientPrediction:
     slide_ids: list[str]
     n_tiles: int
     slides: list[SlideAttention] = field(default_factory=list)  # TrainedRun.attention only
+    # K > 2 classes: class name → probability (the argmax is ``predicted``); empty if binary
+    class_probabilities: dict[str, float] = field(default_factory=dict)
 
     def row(self, method: str) -> dict[str, Any]:
         return {
             "patient_id": self.patient_id,
             "method": method,
             "probability": self.probability,
+            **{f"probability_{c}": p for c, p in self.class_probabilities.items()},
             "positive_class": self.positive_class,
             "threshold": self.threshold,
             "decision": self.decision,
@@ -107,6 +110,14 @@ class PatientPrediction:
 
 
 PREDICTION_COLUMNS = list(PatientPrediction("", 0.0, "", 0.0, 0, "", "", False, [], [], 0).row(""))
+
+
+def prediction_columns(class_names: list[str] | None = None) -> list[str]:
+    """``predict``'s columns: ``PREDICTION_COLUMNS`` and, for K > 2 classes, each class's
+    ``probability_<class>`` after ``probability`` (that of the predicted class)."""
+    after = PREDICTION_COLUMNS.index("probability") + 1
+    extra = [f"probability_{name}" for name in class_names or []]
+    return [*PREDICTION_COLUMNS[:after], *extra, *PREDICTION_COLUMNS[after:]]
 
 
 def split_by_slide(

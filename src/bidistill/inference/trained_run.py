@@ -21,9 +21,9 @@ from bidistill.errors import CohortError
 from bidistill.inference.inputs import FeaturesArg, PatientInput, clinical_frame
 from bidistill.inference.new_slides import Tiles
 from bidistill.inference.results import (
-    PREDICTION_COLUMNS,
     PatientBags,
     PatientPrediction,
+    prediction_columns,
     split_by_slide,
 )
 from bidistill.models import Method
@@ -103,7 +103,7 @@ class TrainedRun:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         progress: bool = False,
     ) -> pd.DataFrame:
-        """One row per patient (``PREDICTION_COLUMNS``).
+        """One row per patient (``prediction_columns``).
 
         ``features``: a folder of ``<slide_id>.h5`` files, one file or a list of files, or a
         ``Tiles`` of new slides (what an end-to-end run needs); ``clinical``: a table in the
@@ -112,7 +112,9 @@ class TrainedRun:
         found = self.iter_patients(
             features, clinical, patients=patients, memory_budget=memory_budget, progress=progress
         )
-        return pd.DataFrame([p.row(self.method) for p in found], columns=PREDICTION_COLUMNS)
+        label = self.config.cohort.label
+        columns = prediction_columns(None if label.binary else label.class_names)
+        return pd.DataFrame([p.row(self.method) for p in found], columns=columns)
 
     def attention(
         self,
@@ -188,9 +190,17 @@ class TrainedRun:
         clinical_missing: list[str],
     ) -> PatientPrediction:
         route = "present" if present else "absent"
-        probability = float(np.mean(bags.probabilities))
+        label = self.config.cohort.label
+        scores = np.mean(bags.probabilities, axis=0)  # P(label = 1), or each class's [K]
         threshold = float(np.mean([f.thresholds[route] for f in self.folds]))
-        decision = int(probability >= threshold)
+        if scores.ndim:  # K classes: the class of highest probability
+            decision = int(np.argmax(scores))
+            probability, predicted = float(scores[decision]), label.class_names[decision]
+            named = dict(zip(label.class_names, map(float, scores)))
+        else:
+            probability, named = float(scores), {}
+            decision = int(probability >= threshold)
+            predicted = label.positive_class if decision else label.negative_class
         method_name = self.folds[0].meta["method"]
         routed = bags.routed
         branch = self._branch_names.get(routed, method_name) if routed else method_name
@@ -206,16 +216,17 @@ class TrainedRun:
         return PatientPrediction(
             patient_id=item.patient_id,
             probability=probability,
-            positive_class=self.positive_class,
+            positive_class=predicted if named else self.positive_class,
             threshold=threshold,
             decision=decision,
-            predicted=self.positive_class if decision else self.config.cohort.label.negative_class,
+            predicted=predicted,
             branch=branch,
             clinical_present=present,
             clinical_missing=clinical_missing,
             slide_ids=item.slide_ids,
             n_tiles=bags.n_tiles,
             slides=slides,
+            class_probabilities=named,
         )
 
     @property

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from bidistill.models.aggregators import AggregatorName, make_aggregator
 from bidistill.models.batch import Output
-from bidistill.models.blocks import FusionModel, WSIClassifier
+from bidistill.models.blocks import FusionHead, FusionModel, WSIClassifier
 
 Selection = Literal["present", "absent", "routed"]
 
@@ -53,6 +53,7 @@ class MethodDims:
     clinical_dim: int  # C: the values, then one missing indicator per feature
     n_clinical_features: int  # F
     feature_slices: tuple[tuple[int, int], ...]  # feature f's value columns: clinical[:, a:b]
+    n_classes: int = 2  # K: every head's logits [B, K]
     patch_encoder: Callable[[], nn.Module] | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -93,7 +94,7 @@ class Method(nn.Module):
         self.dims = dims
         self.options = options
         self.stage = self.stages()[0].name
-        self.register_buffer("class_weights", torch.ones(2), persistent=False)
+        self.register_buffer("class_weights", torch.ones(dims.n_classes), persistent=False)
         # What the fitted ClinicalEncoder outputs for a patient with no clinical data (imputed
         # values, indicators 1). Saved with the weights; the trainer sets it before training.
         blank = torch.zeros(dims.clinical_dim)
@@ -112,7 +113,7 @@ class Method(nn.Module):
         self.stage = name
 
     def set_class_weights(self, weights: Tensor) -> None:
-        """Per-class weights [2] for the cross-entropy terms (inverse class frequency)."""
+        """Per-class weights [K] for the cross-entropy terms (inverse class frequency)."""
         self.class_weights = weights.to(self.class_weights)
 
     def set_blank_clinical(self, values: Tensor) -> None:
@@ -135,7 +136,28 @@ class Method(nn.Module):
 
     def make_wsi_classifier(self) -> WSIClassifier:
         o = self.options
-        return WSIClassifier(self.make_aggregator(), o.clinical_hidden, o.dropout)
+        aggregator = self.make_aggregator()
+        return WSIClassifier(aggregator, o.clinical_hidden, o.dropout, n_classes=self.n_classes)
+
+    @property
+    def n_classes(self) -> int:
+        return self.dims.n_classes
+
+    @property
+    def score_shape(self) -> tuple[int, ...]:
+        """A patient's ``Output.probabilities``: one number (binary) or one per class."""
+        return () if self.n_classes == 2 else (self.n_classes,)
+
+    def make_fusion_head(self, in_dim: int, bag_dim: int) -> FusionHead:
+        """A head over [bag embedding (``bag_dim`` columns), clinical embedding] → [B, K]."""
+        o = self.options
+        return FusionHead(
+            in_dim,
+            o.clinical_hidden,
+            o.dropout,
+            silent_from=self.silent_from(bag_dim),
+            n_classes=self.n_classes,
+        )
 
     def silent_from(self, bag_dim: int) -> int | None:
         """``FusionHead``'s ``silent_from`` for a head over [bag embedding, clinical]: the
@@ -151,6 +173,7 @@ class Method(nn.Module):
             o.clinical_hidden,
             o.dropout,
             silent_from=self.silent_from(aggregator.out_dim),
+            n_classes=self.n_classes,
         )
 
     # --- clinical input helpers -------------------------------------------------------------

@@ -42,12 +42,14 @@ class Batch:
 class Output:
     """What ``forward`` returns."""
 
-    logits: Tensor  # float [B, 2], routed where the method routes
+    logits: Tensor  # float [B, K] (K = 2: a binary label), routed where the method routes
     # The prediction's aggregator's instance weights [B, N] (zeros on padding); None: no bag.
     attention: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)  # what the loss needs
 
     @property
     def probabilities(self) -> Tensor:
-        """P(label = 1), float [B]."""
-        return torch.softmax(self.logits, dim=-1)[:, 1]
+        """What a prediction records: P(label = 1) [B] for a binary label, each class's
+        probability [B, K] for K > 2 classes."""
+        probabilities = torch.softmax(self.logits, dim=-1)
+        return probabilities[:, 1] if probabilities.shape[-1] == 2 else probabilities

@@ -53,7 +53,7 @@ from bidistill.models.base import (
     route,
 )
 from bidistill.models.batch import Batch, Output
-from bidistill.models.blocks import ClinicalMLP, FusionHead, mlp
+from bidistill.models.blocks import ClinicalMLP, mlp
 from bidistill.models.registry import register_method
 
 # BD as published (Zhang et al. 2024): the paper's loss weights and temperature, its learned
@@ -121,13 +121,8 @@ class BidirectionalDistillation(Method):
         bag_dim = self.aggregator_multi.out_dim
         self.clinical = ClinicalMLP(dims.clinical_dim, o.clinical_hidden, o.dropout)
         self.prompt = Prompt(o.prompt, bag_dim, o.clinical_hidden, o.dropout)
-        silent = self.silent_from(bag_dim)
-        self.head_multi = FusionHead(
-            bag_dim + o.clinical_hidden, o.clinical_hidden, o.dropout, silent_from=silent
-        )
-        self.head_single = FusionHead(
-            bag_dim + o.clinical_hidden, o.clinical_hidden, o.dropout, silent_from=silent
-        )
+        self.head_multi = self.make_fusion_head(bag_dim + o.clinical_hidden, bag_dim)
+        self.head_single = self.make_fusion_head(bag_dim + o.clinical_hidden, bag_dim)
 
     def stages(self) -> list[Stage]:
         warmup = self.options.warmup_epochs

@@ -51,7 +51,7 @@ class ClinicalMLP(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """Classifier over the concatenated embeddings: [h, e] → logits [B, 2].
+    """Classifier over the concatenated embeddings: [h, e] → logits [B, K].
 
     ``silent_from``: the input columns from this index on (the clinical embedding) start with
     zero weights, so that the untrained head reads the slides alone and the clinical data enters
@@ -62,10 +62,16 @@ class FusionHead(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, hidden_dim: int = 64, dropout: float = 0.25, *, silent_from=None
+        self,
+        in_dim: int,
+        hidden_dim: int = 64,
+        dropout: float = 0.25,
+        *,
+        silent_from=None,
+        n_classes: int = 2,
     ):
         super().__init__()
-        self.net = mlp(in_dim, hidden_dim, 2, dropout)
+        self.net = mlp(in_dim, hidden_dim, n_classes, dropout)
         if silent_from is not None:
             with torch.no_grad():
                 self.net[0].weight[:, silent_from:] = 0.0
@@ -77,10 +83,12 @@ class FusionHead(nn.Module):
 class WSIClassifier(nn.Module):
     """Aggregator → MLP head: the attention-MIL model of the BCNB paper (WSI only)."""
 
-    def __init__(self, aggregator: nn.Module, head_hidden: int, dropout: float):
+    def __init__(
+        self, aggregator: nn.Module, head_hidden: int, dropout: float, *, n_classes: int = 2
+    ):
         super().__init__()
         self.aggregator = aggregator
-        self.head = mlp(aggregator.out_dim, head_hidden, 2, dropout)
+        self.head = mlp(aggregator.out_dim, head_hidden, n_classes, dropout)
 
     def forward(self, batch: Batch) -> Output:
         agg = self.aggregator(batch.bags, batch.tile_valid)
@@ -102,12 +110,17 @@ class FusionModel(nn.Module):
         dropout,
         *,
         silent_from: int | None = None,
+        n_classes: int = 2,
     ):
         super().__init__()
         self.aggregator = aggregator
         self.clinical = ClinicalMLP(clinical_dim, clinical_hidden, dropout)
         self.head = FusionHead(
-            aggregator.out_dim + clinical_hidden, clinical_hidden, dropout, silent_from=silent_from
+            aggregator.out_dim + clinical_hidden,
+            clinical_hidden,
+            dropout,
+            silent_from=silent_from,
+            n_classes=n_classes,
         )
 
     @property
@@ -122,7 +135,7 @@ class FusionModel(nn.Module):
         return self.clinical(clinical)
 
     def classify(self, h: Tensor, e: Tensor) -> Tensor:
-        """[h, e] → logits [B, 2]."""
+        """[h, e] → logits [B, K]."""
         return self.head(h, e)
 
     def forward(self, batch: Batch, clinical: Tensor) -> Output:

@@ -72,7 +72,7 @@ class Ensemble(Method):
         super().__init__(dims, options)
         self.wsi = self.make_wsi_classifier()
         self.clinical = ClinicalMLP(dims.clinical_dim, options.clinical_hidden, options.dropout)
-        self.clinical_head = nn.Linear(options.clinical_hidden, 2)
+        self.clinical_head = nn.Linear(options.clinical_hidden, self.n_classes)
 
     def forward(self, batch: Batch) -> Output:
         wsi = self.wsi(batch)

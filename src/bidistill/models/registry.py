@@ -63,6 +63,7 @@ def create_method(
     n_clinical_features: int,
     feature_slices: Sequence[Sequence[int]],
     patch_encoder: Callable[[], Any] | None = None,
+    n_classes: int = 2,
     **options: Any,
 ) -> Method:
     """Build a method by name with validated options (``None`` options are dropped so that the
@@ -75,6 +76,7 @@ def create_method(
         n_clinical_features=int(n_clinical_features),
         feature_slices=tuple((int(a), int(b)) for a, b in feature_slices),
         patch_encoder=patch_encoder,
+        n_classes=int(n_classes),
     )
     return get_method_class(name)(dims, validated)
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from bidistill.models.base import Method, MethodDims, MethodOptions, masked_mean, mse
 from bidistill.models.batch import Batch, Output
-from bidistill.models.blocks import FusionHead, mlp
+from bidistill.models.blocks import mlp
 from bidistill.models.registry import register_method
 
 
@@ -57,7 +57,7 @@ class ShaSpec(Method):
         self.fuse_wsi = nn.Linear(2 * d, d)
         self.fuse_clinical = nn.Linear(2 * d, d)
         self.domain_classifier = nn.Linear(d, 2)
-        self.head = FusionHead(2 * d, o.clinical_hidden, o.dropout, silent_from=self.silent_from(d))
+        self.head = self.make_fusion_head(2 * d, d)
 
     def forward(self, batch: Batch) -> Output:
         agg = self.aggregator(batch.bags, batch.tile_valid)

@@ -290,6 +290,8 @@ def chunk_rows(
     # The chunk as read (float16 or float32) and as float32, and one aggregator's activations
     # (projection, ReLU, gated attention: about 4.5 H floats; 8 H leaves room).
     per_row = _FLOAT * (2 * dim + 8 * hidden)
+    if not per_row:  # nothing is read per instance (a clinical-only cohort: no bags at all)
+        return max(1, n_instances), fixed
     available = memory_budget - fixed
     if available < per_row:
         raise BagTooLargeError(
@@ -303,7 +305,7 @@ def chunk_rows(
 class BagOutput:
     """One bag's prediction."""
 
-    probability: float  # P(label = 1)
+    probability: float | np.ndarray  # P(label = 1); K > 2 classes: each class's [K]
     attention: dict[str, np.ndarray]  # aggregator path → instance weights [n]
     routed: str | None  # the aggregator whose weights it used (None: no bag, clinical-only)
     chunk_rows: int  # the most instances encoded at once
@@ -381,8 +383,9 @@ def predict_encoded(
     replayed = {found[name]: (lambda *_, a=a: a) for name, a in aggregates.items()}
     with _answering(replayed):
         output: Output = method(batch)
-    probability = float(output.probabilities.float().cpu()[0])
-    if not math.isfinite(probability):
+    scores = output.probabilities.float().cpu().numpy()[0]
+    probability = float(scores) if scores.ndim == 0 else scores
+    if not np.isfinite(scores).all():
         raise RuntimeError(
             f"{type(method).__name__} reads the bag outside its aggregators, which chunked "
             "prediction cannot serve"

@@ -43,7 +43,7 @@ class ClinicalOnly(Method):
         super().__init__(dims, options)
         o = options
         self.encoder = ClinicalMLP(dims.clinical_dim, o.clinical_hidden, o.dropout)
-        self.head = nn.Linear(o.clinical_hidden, 2)
+        self.head = nn.Linear(o.clinical_hidden, self.n_classes)
 
     def forward(self, batch: Batch) -> Output:
         e = self.encoder(batch.clinical)
@@ -66,7 +66,7 @@ class ClinicalLinear(Method):
 
     def __init__(self, dims: MethodDims, options: MethodOptions):
         super().__init__(dims, options)
-        self.linear = nn.Linear(dims.clinical_dim, 2)
+        self.linear = nn.Linear(dims.clinical_dim, self.n_classes)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 

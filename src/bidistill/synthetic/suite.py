@@ -5,6 +5,7 @@ where methods lose, never to be adjusted until a method wins.
 
 from __future__ import annotations
 
+from bidistill.synthetic.classes import ClassSpec
 from bidistill.synthetic.latent import DEFAULT_CLINICAL, ClinicalFeature, LatentSpec
 
 _LYMPHOVASCULAR = ClinicalFeature("lymphovascular", "binary", "label", 0.9, cuts=(0.8,))
@@ -90,3 +91,7 @@ SUITE: dict[str, LatentSpec] = {
         ),
     )
 }
+
+# A K-class cohort (``synthetic.classes``), run on request (`--generators three-class`): the
+# three ALN classes' shape, key instances whose number tells the classes apart.
+CLASS_SUITE: dict[str, ClassSpec] = {"three-class": ClassSpec()}

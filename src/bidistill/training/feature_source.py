@@ -119,7 +119,8 @@ class FeatureSource:
         was_training = method.training
         method.eval()
         n = len(bags)
-        present, absent = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        shape = (n, *method.score_shape)
+        present, absent = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         budget = training_budget()  # read the free memory once, not once per patient
         for i in range(n):
             bag = ArrayBag(bags.bags(i))
@@ -149,8 +150,8 @@ def predict_loader(
     ``eval()`` mode (the previous mode restored)."""
     was_training = method.training
     method.eval()
-    n = len(loader.dataset)
-    present, absent = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    shape = (len(loader.dataset), *method.score_shape)
+    present, absent = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     # The sampler batches bags by size; its batches give each prediction's place.
     for indices, batch in zip(loader.batch_sampler, loader):
         batch = batch.to(device)

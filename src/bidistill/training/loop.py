@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from bidistill._io import atomic_path, remove_temp_files
@@ -27,6 +26,7 @@ from bidistill.config import TrainingConfig
 from bidistill.devices import autocast
 from bidistill.errors import BidistillError
 from bidistill.models.base import Method, Part, Selection, Stage
+from bidistill.scores import auc_or_nan
 from bidistill.training.bag_source import BagSource, Pass, Schedule
 from bidistill.training.distributed import (
     Processes,
@@ -50,12 +50,6 @@ SELECTION: dict[Selection, str] = {
 class TrainingDivergedError(BidistillError, RuntimeError):
     """A loss term or a prediction became NaN or infinite (the settings' doing, e.g. the
     learning rate, since the feature files are checked for NaN/inf when they are opened)."""
-
-
-def auc_or_nan(labels: np.ndarray, scores: np.ndarray) -> float:
-    if len(np.unique(labels)) < 2:
-        return float("nan")
-    return float(roc_auc_score(labels, scores))
 
 
 @dataclass(frozen=True)

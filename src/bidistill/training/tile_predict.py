@@ -28,9 +28,10 @@ GIVEN, WITHHELD = "given", "withheld"
 
 @dataclass
 class BagRun:
-    """Per patient: P(label = 1) per pass and, when asked, attention over its tiles."""
+    """Per patient: P(label = 1) (K > 2 classes: each class's) per pass and, when asked,
+    attention over its tiles."""
 
-    probabilities: dict[str, np.ndarray]  # pass (given/withheld) → float [patients], reduced
+    probabilities: dict[str, np.ndarray]  # pass (given/withheld) → [patients] or [patients, K]
     # Per patient, every aggregator's weight per tile (not only the predicting one's).
     attention: list[dict[str, np.ndarray]] = field(default_factory=list)
     routed: list[str | None] = field(default_factory=list)  # the aggregator that predicted
@@ -69,7 +70,7 @@ def predict_patients(
     method.eval()
     size = settings["eval_batch"]
     loader.batch_sampler.set_plan([specs[i : i + size] for i in range(0, len(specs), size)])
-    out = {p: np.zeros(len(specs), np.float32) for p in passes}
+    out = {p: np.zeros((len(specs), *method.score_shape), np.float32) for p in passes}
     result = BagRun(out)
     bag_attention: list[dict[str, np.ndarray]] = []
     capture = _AttentionCapture(method, complete=attention) if attention or routes else None
@@ -147,12 +148,17 @@ class _AttentionCapture:
 def _reduce(
     specs: Sequence[BagSpec], probabilities: np.ndarray, items: Sequence[int], reduction: str
 ) -> np.ndarray:
-    """Each patient's probability from its bags' (``mean``, ``max`` or ``median``)."""
-    per_item: dict[int, list[float]] = {item: [] for item in items}
+    """Each patient's probability from its bags' (``mean``, ``max`` or ``median``); with K > 2
+    classes per class, then scaled to sum to 1 (a max or median of each class's need not)."""
+    per_item: dict[int, list[np.ndarray]] = {item: [] for item in items}
     for spec, p in zip(specs, probabilities):
-        per_item[spec.item].append(float(p))
+        per_item[spec.item].append(np.asarray(p, dtype=np.float64))
     reduce = {"mean": np.mean, "max": np.max, "median": np.median}[reduction]
-    return np.array([reduce(v) if v else np.nan for v in per_item.values()], dtype=np.float64)
+    blank = np.full(probabilities.shape[1:], np.nan)
+    reduced = np.array([reduce(v, axis=0) if v else blank for v in per_item.values()])
+    if reduced.ndim == 2:
+        reduced /= reduced.sum(axis=1, keepdims=True)
+    return reduced
 
 
 def _tile_attention(bags: Sequence[tuple[BagSpec, dict[str, np.ndarray]]], n_tiles: int) -> dict:

@@ -22,6 +22,7 @@ from bidistill.config import ExperimentConfig, MethodConfig
 from bidistill.devices import resolve_device
 from bidistill.features.store import FeatureStore
 from bidistill.models import Method, create_method
+from bidistill.scores import probability_columns
 from bidistill.training.bag_source import BagSource
 from bidistill.training.distributed import (
     Processes,
@@ -45,10 +46,10 @@ class MethodFiles(Protocol):
     def save(self, *, state_dict, meta, encoder, train_log, predictions) -> None: ...
 
 
-def class_weights(labels: np.ndarray) -> torch.Tensor:
-    """Inverse class frequency, n / (2 n_c), so both classes weigh the same in total."""
-    counts = np.bincount(labels, minlength=2).astype(np.float64)
-    return torch.tensor(len(labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
+def class_weights(labels: np.ndarray, n_classes: int = 2) -> torch.Tensor:
+    """Inverse class frequency, n / (K n_c), so every class weighs the same in total."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
 def train_method(
@@ -104,12 +105,14 @@ def train_method(
         clinical_dim=encoder.n_outputs_,
         n_clinical_features=encoder.n_features_,
         feature_slices=encoder.feature_slices_,
+        n_classes=config.cohort.label.n_classes,
         **encoders,
         **method_cfg.options,
     )
     method.set_blank_clinical(torch.from_numpy(encoder.missing_row().values[0]))
     if tcfg.class_weighting:
-        method.set_class_weights(class_weights(train_rows["label"].to_numpy(np.int64)))
+        labels = train_rows["label"].to_numpy(np.int64)
+        method.set_class_weights(class_weights(labels, method.n_classes))
     method.to(device)
     source.start(method, device)
     broadcast_parameters(method, processes)
@@ -148,30 +151,29 @@ def train_method(
 
 def predictions_table(method: Method, source: BagSource, fold: int) -> pd.DataFrame:
     """``predictions.csv``: per patient of every split its label and P(label = 1) with its
-    clinical data as given (``prob_present``) and withheld (``prob_absent``)."""
+    clinical data as given (``prob_present``) and withheld (``prob_absent``); with K > 2
+    classes each class's (``prob_present_0`` … ``prob_absent_<K-1>``)."""
     frames = []
     for split, patients in source.patients.items():
         given, withheld = source.probabilities(method, split, final=True)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "patient_id": patients.ids,
-                    "split": split,
-                    "fold": fold,
-                    "label": patients.labels,
-                    "clinical_available": patients.clinical_present,
-                    "prob_present": given,
-                    "prob_absent": withheld,
-                }
-            )
-        )
+        columns = {
+            "patient_id": patients.ids,
+            "split": split,
+            "fold": fold,
+            "label": patients.labels,
+            "clinical_available": patients.clinical_present,
+        }
+        for pass_, scores in (("present", given), ("absent", withheld)):
+            names = probability_columns(pass_, method.n_classes)
+            columns |= dict(zip(names, np.asarray(scores).reshape(len(patients.ids), -1).T))
+        frames.append(pd.DataFrame(columns))
     return pd.concat(frames, ignore_index=True)
 
 
 def refuse_non_finite(predictions: pd.DataFrame, key: str) -> None:
     """A method whose predictions hold NaN is never saved, so it is not marked done and a
     rerun trains it again instead of evaluating NaN."""
-    probabilities = predictions[["prob_present", "prob_absent"]].to_numpy()
+    probabilities = predictions.filter(regex="^prob_").to_numpy()
     bad = ~np.isfinite(probabilities).all(axis=1)
     if bad.any():
         patients = predictions.loc[bad, "patient_id"].tolist()
@@ -196,6 +198,7 @@ def _meta(method: Method, source: BagSource, result: FitResult, config, fold, sp
             "clinical_dim": dims.clinical_dim,
             "n_clinical_features": dims.n_clinical_features,
             "feature_slices": [list(s) for s in dims.feature_slices],
+            "n_classes": dims.n_classes,
         },
         "fold": fold,
         "selection": [stage.to_dict() for stage in result.stages],
