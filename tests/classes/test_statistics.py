@@ -86,3 +86,10 @@ def test_the_paired_test_finds_a_real_difference_and_not_a_relabelling():
     # Two equally uninformative scorers: no difference beyond chance.
     _, other_noise = _draw(n=300, seed=7, signal=0.0)
     assert MC.paired_macro_test(noise[None], other_noise[None], labels).p_value > 0.01
+
+
+def test_macro_f1_counts_a_class_that_is_only_predicted_as_scikit_learn_does():
+    labels = np.array([0, 0, 1, 1, 1])
+    probs = np.eye(3)[[0, 2, 1, 1, 0]] * 0.8 + 0.2 / 3
+    expected = skm.f1_score(labels, probs.argmax(axis=1), average="macro")
+    assert MC.decision_metrics(labels, probs)["f1"] == pytest.approx(expected, abs=1e-12)

@@ -79,7 +79,7 @@ def decision_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return {
         "accuracy": float(tp.sum() / len(labels)),
         "balanced_accuracy": float(np.nanmean(recall)),
-        "f1": float(np.mean(f1[truth > 0])),
+        "f1": float(np.mean(f1[truth + predicted > 0])),  # the classes scikit-learn counts
         "sensitivity": float(np.nanmean(recall)),
         "specificity": float(np.nanmean(specificity)),
         "brier": float(np.mean(np.sum((probs - onehot) ** 2, axis=-1))),
