@@ -28,6 +28,7 @@ from scipy.stats import norm
 
 from bidistill._io import write_csv, write_text
 from bidistill.synthetic.features import tracked, write_synthetic_features
+from bidistill.synthetic.latent import synthetic_cohort_config
 
 CLASSES = ("N0", "N+(1-2)", "N+(>2)")
 CLASS_ENCODER = "synthetic-classes"
@@ -174,25 +175,11 @@ def make_class_cohort(
 
 
 def class_cohort_config(spec: ClassSpec) -> str:
-    classes = "\n".join(f'      "{name}": ["{name}"]' for name in CLASSES)
-    return f"""\
-# A three-class cohort `{spec.name}` (bidistill.synthetic.classes): synthetic features with an
-# exactly known Bayes-optimal posterior (bayes.csv).
-name: {spec.name}
-cohort:
-  table: cohort.csv
-  patient_column: patient_id
-  slide_column: slide_id
-  label:
-    column: outcome
-    classes:
-{classes}
-  split_column: split
-  clinical:
-    - {{column: size, kind: numeric}}
-    - {{column: grade, kind: ordinal, categories: ["1", "2", "3"]}}
-    - {{column: age, kind: numeric}}
-features:
-  dir: features
-  encoder: {CLASS_ENCODER}
-"""
+    label = ["classes:", *(f'  "{name}": ["{name}"]' for name in CLASSES)]
+    clinical = [
+        "    - {column: size, kind: numeric}",
+        '    - {column: grade, kind: ordinal, categories: ["1", "2", "3"]}',
+        "    - {column: age, kind: numeric}",
+    ]
+    origin = f"a three-class cohort `{spec.name}` (bidistill.synthetic.classes)"
+    return synthetic_cohort_config(spec.name, origin, "", label, clinical, CLASS_ENCODER)

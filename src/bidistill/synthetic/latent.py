@@ -475,23 +475,37 @@ def latent_cohort_config(spec: LatentSpec) -> str:
         if feature.kind == "binary":
             entry += ', positive: ["1"]'
         lines.append(entry + "}")
-    clinical = "\n".join(lines)
+    origin = f"a latent-trait cohort `{spec.name}` (bidistill.synthetic.latent)"
+    label = ["positive: [pos]", "negative: [neg]"]
+    return synthetic_cohort_config(
+        spec.name, origin, spec.description, label, lines, LATENT_ENCODER
+    )
+
+
+def synthetic_cohort_config(
+    name: str, origin: str, description: str, label: list[str], clinical: list[str], encoder: str
+) -> str:
+    """The experiment config of a synthetic cohort with a known posterior: its table, label
+    lines (under ``label:``, after ``column: outcome``), clinical entries and encoder name; the
+    methods, training and evaluation are the defaults."""
+    label_lines = "\n".join(f"    {line}" for line in label)
+    clinical_lines = "\n".join(clinical)
+    about = f"# exactly known Bayes-optimal posterior (bayes.csv). {description}".rstrip()
     return f"""\
-# A latent-trait cohort `{spec.name}` (bidistill.synthetic.latent): synthetic features with an
-# exactly known Bayes-optimal posterior (bayes.csv). {spec.description}
-name: {spec.name}
+# {origin[0].upper() + origin[1:]}: synthetic features with an
+{about}
+name: {name}
 cohort:
   table: cohort.csv
   patient_column: patient_id
   slide_column: slide_id
   label:
     column: outcome
-    positive: [pos]
-    negative: [neg]
+{label_lines}
   split_column: split
   clinical:
-{clinical}
+{clinical_lines}
 features:
   dir: features
-  encoder: {LATENT_ENCODER}
+  encoder: {encoder}
 """
