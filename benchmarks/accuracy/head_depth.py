@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 from pathlib import Path
@@ -33,33 +32,31 @@ import run as suite  # noqa: E402  (the suite's cohorts, training and evaluation
 
 from bidistill.models.base import Method  # noqa: E402
 from bidistill.models.blocks import WSIClassifier, mlp  # noqa: E402
-from bidistill.models.registry import list_methods, register_method  # noqa: E402
+from bidistill.models.registry import register_method  # noqa: E402
 from bidistill.models.unimodal import WSIOnly  # noqa: E402
 
 LABELS = ("wsi-only", "wsi-deep")
 
 
-if "wsi-deep" not in list_methods():  # module level: spawned workers register it on import
+# Module level: the suite's spawned workers import this script as their main module, and so
+# register the model too.
+@register_method("wsi-deep")
+class WSIDeep(WSIOnly):
+    """``wsi-only`` with one more ReLU layer between the pooled embedding and the head."""
 
-    @register_method("wsi-deep")
-    class WSIDeep(WSIOnly):
-        """``wsi-only`` with one more ReLU layer between the pooled embedding and the head."""
-
-        def __init__(self, dims, options):
-            Method.__init__(self, dims, options)
-            o = options
-            aggregator = self.make_aggregator()
-            d = aggregator.out_dim
-            self.model = WSIClassifier(
-                aggregator, o.clinical_hidden, o.dropout, n_classes=self.n_classes
-            )
-            self.model.head = nn.Sequential(
-                nn.Linear(d, d), nn.ReLU(), mlp(d, o.clinical_hidden, self.n_classes, o.dropout)
-            )
-
-
-def train(task: tuple) -> tuple:
-    return suite.train_task(task)
+    def __init__(self, dims, options):
+        Method.__init__(self, dims, options)
+        o = options
+        aggregator = self.make_aggregator()
+        d = aggregator.out_dim
+        # Built as wsi-only's classifier, then its head replaced: every part before the head
+        # starts from the same random draws as wsi-only's, so only the depth differs.
+        self.model = WSIClassifier(
+            aggregator, o.clinical_hidden, o.dropout, n_classes=self.n_classes
+        )
+        self.model.head = nn.Sequential(
+            nn.Linear(d, d), nn.ReLU(), mlp(d, o.clinical_hidden, self.n_classes, o.dropout)
+        )
 
 
 def main() -> int:
@@ -86,9 +83,7 @@ def main() -> int:
         for label in LABELS
         for seed in range(args.seeds)
     ]
-    with mp.get_context("spawn").Pool(args.workers, initializer=suite._worker_init) as pool:
-        for generator, label, seed, seconds, _ in pool.imap_unordered(train, tasks):
-            print(f"{generator:20s} {label:9s} seed {seed}  {seconds:6.1f} s", flush=True)
+    suite.run_tasks(tasks, args.workers)
     runs = suite.collect(Path(args.workdir), configs, list(LABELS), args.seeds)
     alone = runs[runs["missing_rate"] == 1.0].copy()  # the WSI-only limit
     alone["gap"] = alone["limit"] - alone["auc"]

@@ -181,5 +181,5 @@ def class_cohort_config(spec: ClassSpec) -> str:
         '    - {column: grade, kind: ordinal, categories: ["1", "2", "3"]}',
         "    - {column: age, kind: numeric}",
     ]
-    origin = f"a three-class cohort `{spec.name}` (bidistill.synthetic.classes)"
+    origin = f"A three-class cohort `{spec.name}` (bidistill.synthetic.classes)"
     return synthetic_cohort_config(spec.name, origin, "", label, clinical, CLASS_ENCODER)

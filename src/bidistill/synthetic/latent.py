@@ -475,7 +475,7 @@ def latent_cohort_config(spec: LatentSpec) -> str:
         if feature.kind == "binary":
             entry += ', positive: ["1"]'
         lines.append(entry + "}")
-    origin = f"a latent-trait cohort `{spec.name}` (bidistill.synthetic.latent)"
+    origin = f"A latent-trait cohort `{spec.name}` (bidistill.synthetic.latent)"
     label = ["positive: [pos]", "negative: [neg]"]
     return synthetic_cohort_config(
         spec.name, origin, spec.description, label, lines, LATENT_ENCODER
@@ -492,7 +492,7 @@ def synthetic_cohort_config(
     clinical_lines = "\n".join(clinical)
     about = f"# exactly known Bayes-optimal posterior (bayes.csv). {description}".rstrip()
     return f"""\
-# {origin[0].upper() + origin[1:]}: synthetic features with an
+# {origin}: synthetic features with an
 {about}
 name: {name}
 cohort:
