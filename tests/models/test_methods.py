@@ -119,7 +119,8 @@ FUSING = ["bd", "fusion-mean", "fusion-zero", "moddrop", "ae-impute", "shaspec",
 
 
 @pytest.mark.parametrize("name", FUSING)
-def test_a_silent_clinical_start_reads_the_slides_alone_until_trained(name):
+@pytest.mark.parametrize("bag_layers", [0, 1])
+def test_a_silent_clinical_start_reads_the_slides_alone_until_trained(name, bag_layers):
     """``clinical_start: silent``: the untrained method's logits do not move with the clinical
     values (its fusion heads' clinical columns are zero), and one optimiser step on the clinical
     data makes them move; with the random start they move from the first step."""
@@ -131,12 +132,36 @@ def test_a_silent_clinical_start_reads_the_slides_alone_until_trained(name):
         with torch.no_grad():
             return method.eval()(batch).logits, method(moved).logits
 
-    silent = build(name, clinical_start="silent", dropout=0.0)
+    silent = build(name, clinical_start="silent", dropout=0.0, bag_layers=bag_layers)
     torch.testing.assert_close(*logits(silent))
-    assert not torch.allclose(*logits(build(name, clinical_start="random", dropout=0.0)))
+    random_start = build(name, clinical_start="random", dropout=0.0, bag_layers=bag_layers)
+    assert not torch.allclose(*logits(random_start))
     optimiser = torch.optim.SGD(silent.parameters(), lr=0.1)
     silent.train()
     silent.set_stage(silent.stages()[0].name)  # kd: the fusion teacher
     silent.loss(batch, silent(batch))["total"].backward()
     optimiser.step()
     assert not torch.allclose(*logits(silent))
+
+
+POOLING = [name for name in list_methods() if not name.startswith("clinical-")]
+
+
+@pytest.mark.parametrize("name", POOLING)
+def test_bag_layers_put_a_trained_layer_between_the_pooling_and_every_head(name):
+    """``bag_layers: 1``: every head of the method reads its bag embedding through one Linear
+    → ReLU layer (hidden_dim wide), which training reaches; padding still changes nothing, and
+    ``bag_layers: 0`` holds no such parameters, so checkpoints saved before the option load."""
+    plain, deep = build(name), build(name, bag_layers=1, hidden_dim=16)
+    assert not any("read_bag" in key for key in plain.state_dict())
+    readers = {k: m for k, m in deep.named_modules() if k.endswith("read_bag")}
+    assert readers and all(len(m) == 2 and m[0].out_features == 16 for m in readers.values())
+    deep.train()
+    deep.set_stage(deep.stages()[-1].name)  # the stage that trains every head (kd: student)
+    batch = make_batch()
+    deep.loss(batch, deep(batch))["total"].backward()
+    trained = [k for k, m in readers.items() if m[0].weight.grad is not None]
+    assert trained and all(readers[k][0].weight.grad.abs().sum() > 0 for k in trained)
+    deep.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(deep(pad_more(batch, 4)).logits, deep(batch).logits)

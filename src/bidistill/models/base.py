@@ -36,6 +36,16 @@ class MethodOptions(BaseModel):
     hidden_dim: int = Field(default=128, ge=2, description="Bag embedding size.")
     clinical_hidden: int = Field(default=64, ge=2, description="Clinical embedding size.")
     dropout: float = Field(default=0.25, ge=0, lt=1)
+    bag_layers: int = Field(
+        default=0,
+        ge=0,
+        le=4,
+        description="Linear + ReLU layers (hidden_dim wide) on the pooled bag embedding before "
+        "a head reads it; 0: the head reads the pooling directly. One lets a model read a "
+        "posterior that is not one direction of the pooled embedding (several classes; a "
+        "clinical subtype that changes how much the slides matter). Heatmaps are unchanged: "
+        "they draw the pooling's weights.",
+    )
     clinical_start: Literal["random", "silent"] = Field(
         default="random",
         description="How a fusion head starts reading the clinical embedding: random weights, "
@@ -136,8 +146,13 @@ class Method(nn.Module):
 
     def make_wsi_classifier(self) -> WSIClassifier:
         o = self.options
-        aggregator = self.make_aggregator()
-        return WSIClassifier(aggregator, o.clinical_hidden, o.dropout, n_classes=self.n_classes)
+        return WSIClassifier(
+            self.make_aggregator(),
+            o.clinical_hidden,
+            o.dropout,
+            n_classes=self.n_classes,
+            **self._bag_reading(),
+        )
 
     @property
     def n_classes(self) -> int:
@@ -148,33 +163,36 @@ class Method(nn.Module):
         """A patient's ``Output.probabilities``: one number (binary) or one per class."""
         return () if self.n_classes == 2 else (self.n_classes,)
 
-    def make_fusion_head(self, in_dim: int, bag_dim: int) -> FusionHead:
-        """A head over [bag embedding (``bag_dim`` columns), clinical embedding] → [B, K]."""
+    def make_fusion_head(self, bag_dim: int, other_dim: int) -> FusionHead:
+        """A head over a bag embedding (``bag_dim``) and a clinical (or stand-in) embedding
+        (``other_dim``) → [B, K]; its clinical columns start at zero with ``clinical_start:
+        silent``."""
         o = self.options
         return FusionHead(
-            in_dim,
+            bag_dim,
+            other_dim,
             o.clinical_hidden,
             o.dropout,
-            silent_from=self.silent_from(bag_dim),
+            silent=o.clinical_start == "silent",
             n_classes=self.n_classes,
+            **self._bag_reading(),
         )
-
-    def silent_from(self, bag_dim: int) -> int | None:
-        """``FusionHead``'s ``silent_from`` for a head over [bag embedding, clinical]: the
-        clinical columns start at zero with ``clinical_start: silent``."""
-        return bag_dim if self.options.clinical_start == "silent" else None
 
     def make_fusion_model(self) -> FusionModel:
         o = self.options
-        aggregator = self.make_aggregator()
         return FusionModel(
-            aggregator,
+            self.make_aggregator(),
             self.dims.clinical_dim,
             o.clinical_hidden,
             o.dropout,
-            silent_from=self.silent_from(aggregator.out_dim),
+            silent=o.clinical_start == "silent",
             n_classes=self.n_classes,
+            **self._bag_reading(),
         )
+
+    def _bag_reading(self) -> dict[str, int]:
+        """The layers every head puts between the pooled bag embedding and its classifier."""
+        return {"bag_layers": self.options.bag_layers, "bag_width": self.options.hidden_dim}
 
     # --- clinical input helpers -------------------------------------------------------------
 

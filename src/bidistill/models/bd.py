@@ -121,8 +121,8 @@ class BidirectionalDistillation(Method):
         bag_dim = self.aggregator_multi.out_dim
         self.clinical = ClinicalMLP(dims.clinical_dim, o.clinical_hidden, o.dropout)
         self.prompt = Prompt(o.prompt, bag_dim, o.clinical_hidden, o.dropout)
-        self.head_multi = self.make_fusion_head(bag_dim + o.clinical_hidden, bag_dim)
-        self.head_single = self.make_fusion_head(bag_dim + o.clinical_hidden, bag_dim)
+        self.head_multi = self.make_fusion_head(bag_dim, o.clinical_hidden)
+        self.head_single = self.make_fusion_head(bag_dim, o.clinical_hidden)
 
     def stages(self) -> list[Stage]:
         warmup = self.options.warmup_epochs

@@ -50,49 +50,81 @@ class ClinicalMLP(nn.Module):
         return self.net(clinical)
 
 
-class FusionHead(nn.Module):
-    """Classifier over the concatenated embeddings: [h, e] → logits [B, K].
+def bag_reader(bag_dim: int, width: int, n_layers: int) -> nn.Sequential:
+    """``n_layers`` Linear → ReLU layers on the pooled bag embedding, ``bag_dim`` → ``width``
+    (none: the identity). A head reads one direction of whatever it is given; a layer between
+    the pooling and the head lets it read a posterior that is not one direction of the pooled
+    embedding (several classes, a clinical subtype that changes how much the slides matter)."""
+    layers: list[nn.Module] = []
+    for i in range(n_layers):
+        layers += [nn.Linear(bag_dim if i == 0 else width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
 
-    ``silent_from``: the input columns from this index on (the clinical embedding) start with
-    zero weights, so that the untrained head reads the slides alone and the clinical data enters
-    only as far as training finds it useful. With random weights the clinical embedding adds
-    noise to every logit from the first step, which a small cohort never trains away (the
-    slides demo at 60 training patients: a fusion model's validation AUC 0.70 with the clinical
-    data, 0.89 with it blanked).
+
+def read_width(bag_dim: int, width: int, n_layers: int) -> int:
+    """The bag embedding's width after ``bag_reader``."""
+    return width if n_layers else bag_dim
+
+
+class FusionHead(nn.Module):
+    """Classifier over a bag embedding and a clinical embedding: (h, e) → logits [B, K].
+
+    ``bag_layers``: Linear → ReLU layers on h first (``bag_reader``, to ``bag_width``).
+    ``silent``: the clinical columns start with zero weights, so that the untrained head reads
+    the slides alone and the clinical data enters only as far as training finds it useful. With
+    random weights the clinical embedding adds noise to every logit from the first step, which
+    a small cohort never trains away (the slides demo at 60 training patients: a fusion model's
+    validation AUC 0.70 with the clinical data, 0.89 with it blanked).
     """
 
     def __init__(
         self,
-        in_dim: int,
+        bag_dim: int,
+        clinical_dim: int,
         hidden_dim: int = 64,
         dropout: float = 0.25,
         *,
-        silent_from=None,
+        silent: bool = False,
         n_classes: int = 2,
+        bag_layers: int = 0,
+        bag_width: int = 128,
     ):
         super().__init__()
-        self.net = mlp(in_dim, hidden_dim, n_classes, dropout)
-        if silent_from is not None:
+        self.read_bag = bag_reader(bag_dim, bag_width, bag_layers)
+        width = read_width(bag_dim, bag_width, bag_layers)
+        self.net = mlp(width + clinical_dim, hidden_dim, n_classes, dropout)
+        if silent:
             with torch.no_grad():
-                self.net[0].weight[:, silent_from:] = 0.0
+                self.net[0].weight[:, width:] = 0.0
 
-    def forward(self, *embeddings: Tensor) -> Tensor:
-        return self.net(torch.cat(embeddings, dim=-1))
+    def forward(self, h: Tensor, e: Tensor) -> Tensor:
+        return self.net(torch.cat([self.read_bag(h), e], dim=-1))
 
 
 class WSIClassifier(nn.Module):
-    """Aggregator → MLP head: the attention-MIL model of the BCNB paper (WSI only)."""
+    """Aggregator → MLP head: the attention-MIL model of the BCNB paper (WSI only), with
+    ``bag_layers`` between them (``bag_reader``)."""
 
     def __init__(
-        self, aggregator: nn.Module, head_hidden: int, dropout: float, *, n_classes: int = 2
+        self,
+        aggregator: nn.Module,
+        head_hidden: int,
+        dropout: float,
+        *,
+        n_classes: int = 2,
+        bag_layers: int = 0,
+        bag_width: int = 128,
     ):
         super().__init__()
         self.aggregator = aggregator
-        self.head = mlp(aggregator.out_dim, head_hidden, n_classes, dropout)
+        d = aggregator.out_dim
+        self.read_bag = bag_reader(d, bag_width, bag_layers)
+        self.head = mlp(read_width(d, bag_width, bag_layers), head_hidden, n_classes, dropout)
 
     def forward(self, batch: Batch) -> Output:
         agg = self.aggregator(batch.bags, batch.tile_valid)
-        return Output(self.head(agg.embedding), agg.attention, {"h": agg.embedding})
+        logits = self.head(self.read_bag(agg.embedding))
+        return Output(logits, agg.attention, {"h": agg.embedding})
 
 
 class FusionModel(nn.Module):
@@ -109,18 +141,23 @@ class FusionModel(nn.Module):
         clinical_hidden: int,
         dropout,
         *,
-        silent_from: int | None = None,
+        silent: bool = False,
         n_classes: int = 2,
+        bag_layers: int = 0,
+        bag_width: int = 128,
     ):
         super().__init__()
         self.aggregator = aggregator
         self.clinical = ClinicalMLP(clinical_dim, clinical_hidden, dropout)
         self.head = FusionHead(
-            aggregator.out_dim + clinical_hidden,
+            aggregator.out_dim,
+            clinical_hidden,
             clinical_hidden,
             dropout,
-            silent_from=silent_from,
+            silent=silent,
             n_classes=n_classes,
+            bag_layers=bag_layers,
+            bag_width=bag_width,
         )
 
     @property

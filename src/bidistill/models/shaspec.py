@@ -57,7 +57,7 @@ class ShaSpec(Method):
         self.fuse_wsi = nn.Linear(2 * d, d)
         self.fuse_clinical = nn.Linear(2 * d, d)
         self.domain_classifier = nn.Linear(d, 2)
-        self.head = self.make_fusion_head(2 * d, d)
+        self.head = self.make_fusion_head(d, d)
 
     def forward(self, batch: Batch) -> Output:
         agg = self.aggregator(batch.bags, batch.tile_valid)
