@@ -6,8 +6,10 @@ import json
 
 import h5py
 import pandas as pd
+import pytest
 
 from bidistill.features import feature_path
+from bidistill.models.base import MethodOptions
 
 from .conftest import edit_config, invoke, slide_of_split, table
 
@@ -68,6 +70,32 @@ def test_a_changed_feature_file_retrains_only_the_methods_that_read_it(run_copy)
     after = _finished(run_dir)
     assert after["clinical-only"] == before["clinical-only"]
     assert after["wsi-only"] != before["wsi-only"]
+
+
+@pytest.fixture
+def new_default_bag_layers():
+    """As if a new version of the tool changed a default: ``bag_layers`` 0 → 1, restored after."""
+    field = MethodOptions.model_fields["bag_layers"]
+    field.default = 1
+    MethodOptions.model_rebuild(force=True)
+    yield
+    field.default = 0
+    MethodOptions.model_rebuild(force=True)
+
+
+def test_a_changed_default_retrains_the_methods_that_leave_it_to_the_default(
+    run_copy, new_default_bag_layers
+):
+    """The config is the same, but ``{name: wsi-only}`` now means another model: retrained (a
+    run left to the old default would differ from a fresh run of the same config)."""
+    config, run_dir = run_copy
+    before = _finished(run_dir)
+    output = _rerun(config, run_dir)
+    assert "wsi-only: training again: its options (defaults included) changed" in output
+    assert _finished(run_dir)["wsi-only"] != before["wsi-only"]
+    model = json.loads((run_dir / "wsi-only" / "model.json").read_text())
+    assert model["options"]["bag_layers"] == 1
+    assert "training" not in _rerun(config, run_dir)
 
 
 def test_changed_evaluation_settings_redo_only_the_evaluation(run_copy):

@@ -27,10 +27,11 @@ class MethodOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     aggregator: AggregatorName = Field(
-        default="abmil",
-        description="abmil (gated attention), abmil-mean (attention and the mean, "
-        "concatenated), abmil-sum (gated instances summed: sees how many), abmil-count "
-        "(attention and the log of how many instances it finds telling), additive (each "
+        default="abmil-count",
+        description="abmil-count (gated attention and the log of how many instances it finds "
+        "telling; the default by the accuracy suite's rule, README), abmil (gated attention), "
+        "abmil-mean (attention and the mean, "
+        "concatenated), abmil-sum (gated instances summed: sees how many), additive (each "
         "instance's gated evidence summed into one number), mean or transmil.",
     )
     hidden_dim: int = Field(default=128, ge=2, description="Bag embedding size.")

@@ -68,6 +68,8 @@ PAPER_OPTIONS = {
     "feature_dropout": 0.0,
     "branch_selection": False,
     "clinical_start": "random",
+    "aggregator": "abmil",
+    "bag_layers": 0,
 }
 
 
