@@ -132,9 +132,9 @@ def test_checkpointing_gives_the_same_gradients():
 
 
 def test_encoded_aggregator_reports_the_aggregator_size():
-    method = build_e2e("wsi-only", hidden_dim=24)
+    method = build_e2e("wsi-only", hidden_dim=24, aggregator="abmil-count")
     module = method.model.aggregator
-    assert isinstance(module, EncodedAggregator) and module.out_dim == 24
+    assert isinstance(module, EncodedAggregator) and module.out_dim == 24 + 1  # and the count
 
 
 def test_mixed_precision_trains_in_bfloat16_and_returns_float32_features():
