@@ -50,26 +50,25 @@ class ClinicalMLP(nn.Module):
         return self.net(clinical)
 
 
-def bag_reader(bag_dim: int, width: int, n_layers: int) -> nn.Sequential:
+class BagReader(nn.Sequential):
     """``n_layers`` Linear → ReLU layers on the pooled bag embedding, ``bag_dim`` → ``width``
-    (none: the identity). A head reads one direction of whatever it is given; a layer between
-    the pooling and the head lets it read a posterior that is not one direction of the pooled
-    embedding (several classes, a clinical subtype that changes how much the slides matter)."""
-    layers: list[nn.Module] = []
-    for i in range(n_layers):
-        layers += [nn.Linear(bag_dim if i == 0 else width, width), nn.ReLU()]
-    return nn.Sequential(*layers)
+    (none: the identity; ``out_dim`` says the width it gives). A head reads one direction of
+    whatever it is given; a layer between the pooling and the head lets it read a posterior
+    that is not one direction of the pooled embedding (several classes, a clinical subtype that
+    changes how much the slides matter)."""
 
-
-def read_width(bag_dim: int, width: int, n_layers: int) -> int:
-    """The bag embedding's width after ``bag_reader``."""
-    return width if n_layers else bag_dim
+    def __init__(self, bag_dim: int, width: int, n_layers: int):
+        layers: list[nn.Module] = []
+        for i in range(n_layers):
+            layers += [nn.Linear(bag_dim if i == 0 else width, width), nn.ReLU()]
+        super().__init__(*layers)
+        self.out_dim = width if n_layers else bag_dim
 
 
 class FusionHead(nn.Module):
     """Classifier over a bag embedding and a clinical embedding: (h, e) → logits [B, K].
 
-    ``bag_layers``: Linear → ReLU layers on h first (``bag_reader``, to ``bag_width``).
+    ``bag_layers``: Linear → ReLU layers on h first (``BagReader``, to ``bag_width``).
     ``silent``: the clinical columns start with zero weights, so that the untrained head reads
     the slides alone and the clinical data enters only as far as training finds it useful. With
     random weights the clinical embedding adds noise to every logit from the first step, which
@@ -90,8 +89,8 @@ class FusionHead(nn.Module):
         bag_width: int = 128,
     ):
         super().__init__()
-        self.read_bag = bag_reader(bag_dim, bag_width, bag_layers)
-        width = read_width(bag_dim, bag_width, bag_layers)
+        self.read_bag = BagReader(bag_dim, bag_width, bag_layers)
+        width = self.read_bag.out_dim
         self.net = mlp(width + clinical_dim, hidden_dim, n_classes, dropout)
         if silent:
             with torch.no_grad():
@@ -103,7 +102,7 @@ class FusionHead(nn.Module):
 
 class WSIClassifier(nn.Module):
     """Aggregator → MLP head: the attention-MIL model of the BCNB paper (WSI only), with
-    ``bag_layers`` between them (``bag_reader``)."""
+    ``bag_layers`` between them (``BagReader``)."""
 
     def __init__(
         self,
@@ -117,9 +116,8 @@ class WSIClassifier(nn.Module):
     ):
         super().__init__()
         self.aggregator = aggregator
-        d = aggregator.out_dim
-        self.read_bag = bag_reader(d, bag_width, bag_layers)
-        self.head = mlp(read_width(d, bag_width, bag_layers), head_hidden, n_classes, dropout)
+        self.read_bag = BagReader(aggregator.out_dim, bag_width, bag_layers)
+        self.head = mlp(self.read_bag.out_dim, head_hidden, n_classes, dropout)
 
     def forward(self, batch: Batch) -> Output:
         agg = self.aggregator(batch.bags, batch.tile_valid)
