@@ -79,31 +79,34 @@ def test_the_suite_reports_gaps_to_the_limit_and_paired_differences(tmp_path):
         assert t["cpu"] == pytest.approx(trained, abs=0.051) and trained > 0  # JSON: 0.1 s
 
 
-HEAD_DEPTH_SCRIPT = SUITE_SCRIPT.parent / "head_depth.py"
-
-
 @pytest.mark.slow
-def test_the_head_depth_benchmark_compares_wsi_only_with_one_layer_more(tmp_path):
-    out = tmp_path / "head-depth.json"
-    command = [sys.executable, str(HEAD_DEPTH_SCRIPT), "--generators", "three-class"]
-    command += ["--seeds", "1", "--scale", "0.1", "--workers", "1", "--training", "epochs=2"]
+def test_an_entry_runs_a_method_with_other_options_beside_it(tmp_path):
+    """``--entry wsi-deep:wsi-only:bag_layers=1`` (README, "Three classes"): one layer more
+    after the pooling, trained and reported beside ``wsi-only`` against the same limits."""
+    out = tmp_path / "accuracy.json"
+    command = [sys.executable, str(SUITE_SCRIPT), "--generators", "three-class", "--seeds", "1"]
+    command += [
+        "--methods",
+        "wsi-only",
+        "--variant",
+        "",
+        "--entry",
+        "wsi-deep:wsi-only:bag_layers=1",
+    ]
+    command += ["--scale", "0.1", "--workers", "1", "--training", "epochs=2"]
     command += ["--cache", str(tmp_path / "cache"), "--workdir", str(tmp_path / "runs")]
     done = subprocess.run(
         [*command, "--out", str(out)], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = json.loads(out.read_text())["per_seed"]
-    assert {(r["generator"], r["method"]) for r in rows} == {
-        ("three-class", "wsi-only"),
-        ("three-class", "wsi-deep"),
-    }
-    for row in rows:  # without clinical data, against the WSI-only limit
-        assert row["missing_rate"] == 1.0
-        assert row["limit"] - row["auc"] == pytest.approx(row["gap"], abs=1e-12)
-    # The deeper model is a different model: its predictions differ from wsi-only's.
+    summary = json.loads(out.read_text())["summary"]
+    at_one = {r["method"]: r for r in summary if r["missing_rate"] == "1.0"}
+    assert set(at_one) == {"wsi-only", "wsi-deep"}
+    assert at_one["wsi-only"]["limit"] == at_one["wsi-deep"]["limit"]
     runs = tmp_path / "runs" / "three-class" / "seed0"
+    options = {
+        label: json.loads((runs / label / "model.json").read_text())["options"] for label in at_one
+    }
+    assert options["wsi-deep"] == {**options["wsi-only"], "bag_layers": 1}
     only = (runs / "wsi-only" / "predictions.csv").read_text()
-    deep = (runs / "wsi-deep" / "predictions.csv").read_text()
-    assert only != deep
-    assert "| three-class |" in done.stdout
-    assert "| three-class |" in out.with_suffix(".md").read_text()
+    assert only != (runs / "wsi-deep" / "predictions.csv").read_text()
