@@ -103,6 +103,13 @@ def validate_options(name: str, options: dict[str, Any]) -> Any:
         ) from None
 
 
+def resolved_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option's value, defaults included: what a run records of a method, so that a
+    method whose config leaves an option unset retrains when a new version changes its default
+    (the model it would train is another one)."""
+    return validate_options(name, options).model_dump(mode="json")
+
+
 def check_method_configs(methods: Sequence[Any], *, source: Any) -> None:
     """Validate every configured method's name and options before any work starts (``source``:
     the config file, named in the error)."""

@@ -129,6 +129,8 @@ def method_inputs(
     features: FeatureIdentities,
 ) -> StageInputs:
     """What training one method on one fold consumes."""
+    from bidistill.models.registry import resolved_options
+
     patients = [p for ids in split_ids.values() for p in ids]
     slides = cohort.slides.loc[cohort.slides["patient_id"].isin(patients), "slide_id"]
     inputs = StageInputs()
@@ -137,7 +139,8 @@ def method_inputs(
         {**config_sections(config, TRAINING_SECTIONS), "method": method.model_dump(mode="json")},
         says="the config",
     )
-    inputs.add("options", resolved_options(method), says="its options (defaults included)")
+    options = resolved_options(method.name, method.options)  # a changed default retrains
+    inputs.add("options", options, says="its options (defaults included)")
     inputs.add("splits", {k: sorted(v) for k, v in split_ids.items()}, says="the splits")
     inputs.add_items("cohort", cohort_rows(cohort, patients), says="cohort rows", unit="patient(s)")
     if not len(slides) or not reads_slides(method):
@@ -147,15 +150,6 @@ def method_inputs(
     else:
         name, says, identities = "features", "feature files", features.of(sorted(slides))
     return inputs.add_items(name, identities, says=says, unit="slide(s)")
-
-
-def resolved_options(method: MethodConfig) -> dict[str, Any]:
-    """A method entry's options, every one resolved to its value, defaults included: a method
-    whose config leaves an option to its default retrains when a new version changes the
-    default (the model it would train is another one)."""
-    from bidistill.models.registry import validate_options
-
-    return validate_options(method.name, method.options).model_dump(mode="json")
 
 
 def tile_identities(config: ExperimentConfig, slide_ids: Iterable[str]) -> dict[str, Any]:

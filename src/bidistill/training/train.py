@@ -22,7 +22,7 @@ from bidistill.config import ExperimentConfig, MethodConfig
 from bidistill.devices import resolve_device
 from bidistill.features.store import FeatureStore
 from bidistill.models import Method, create_method
-from bidistill.runs.inputs import resolved_options
+from bidistill.models.registry import resolved_options
 from bidistill.scores import probability_columns
 from bidistill.training.bag_source import BagSource
 from bidistill.training.distributed import (
@@ -221,7 +221,7 @@ def _fingerprint(config, method_cfg, cohort: Cohort, split_ids, source: BagSourc
     data: dict[str, Any] = {
         "training": config.training.model_dump(mode="json", exclude={"num_workers", "device"}),
         "method": method_cfg.model_dump(mode="json"),
-        "options": resolved_options(method_cfg),  # a changed default is another training
+        "options": resolved_options(method_cfg.name, method_cfg.options),  # defaults included
         "patients": split_ids,
         "rows": rows.to_csv(),
         "slides": slides[slides["patient_id"].isin(patients)].to_csv(index=False),
