@@ -26,7 +26,9 @@ def _method(name="wsi-only", aggregator="abmil"):
     return method.eval()
 
 
-@pytest.mark.parametrize("aggregator", ["abmil", "abmil-sum", "abmil-count", "additive", "mean"])
+@pytest.mark.parametrize(
+    "aggregator", ["abmil", "abmil-sum", "abmil-count", "abmil-count-mean", "additive", "mean"]
+)
 def test_streamed_pooling_equals_the_one_pass_result(aggregator):
     method = _method(aggregator=aggregator)
     module = next(m for m in method.modules() if isinstance(m, GatedAttentionMIL | MeanPoolMIL))

@@ -6,7 +6,16 @@ from bidistill.models.aggregators import SUM_SCALE
 
 from .helpers import IN_DIM, make_batch, pad_more
 
-AGGREGATORS = ["abmil-mean", "abmil", "abmil-sum", "abmil-count", "additive", "mean", "transmil"]
+AGGREGATORS = [
+    "abmil-mean",
+    "abmil",
+    "abmil-sum",
+    "abmil-count",
+    "abmil-count-mean",
+    "additive",
+    "mean",
+    "transmil",
+]
 
 
 @pytest.mark.parametrize("name", AGGREGATORS)
@@ -20,7 +29,12 @@ def test_padding_never_changes_a_bag(name, hidden):
         padded_batch = pad_more(batch, 7)
         padded = agg(padded_batch.bags, padded_batch.tile_valid)
     assert plain.embedding.shape == (5, agg.out_dim)
-    widths = {"abmil-mean": 2 * hidden, "abmil-count": hidden + 1, "additive": 1}
+    widths = {
+        "abmil-mean": 2 * hidden,
+        "abmil-count": hidden + 1,
+        "abmil-count-mean": 2 * hidden + 1,
+        "additive": 1,
+    }
     assert agg.out_dim == widths.get(name, hidden)
     torch.testing.assert_close(padded.embedding, plain.embedding, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(padded.attention[:, :11], plain.attention, atol=1e-6, rtol=1e-5)
@@ -66,7 +80,9 @@ def test_masked_softmax_zero_row_instead_of_nan():
 
 
 def test_unknown_aggregator_is_refused():
-    choices = "abmil-mean, abmil, abmil-sum, abmil-count, additive, mean or transmil"
+    choices = (
+        "abmil-mean, abmil, abmil-sum, abmil-count, abmil-count-mean, additive, mean or transmil"
+    )
     with pytest.raises(ValueError, match=choices):
         make_aggregator("maxpool", IN_DIM, 8, 0.0)
 

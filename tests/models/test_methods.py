@@ -58,7 +58,7 @@ def test_every_stage_gives_named_finite_losses_and_gradients(name):
 
 @pytest.mark.parametrize("name", list_methods())
 @pytest.mark.parametrize(
-    "aggregator", ["abmil", "abmil-sum", "abmil-count", "additive", "transmil"]
+    "aggregator", ["abmil", "abmil-sum", "abmil-count", "abmil-count-mean", "additive", "transmil"]
 )
 def test_padding_and_missing_clinical_in_eval(name, aggregator):
     method = build(name, aggregator=aggregator).eval()

@@ -8,7 +8,8 @@ from bidistill.models.streaming import PoolStream, streams
 
 
 @pytest.mark.parametrize(
-    "name", ["abmil-mean", "abmil", "abmil-sum", "abmil-count", "additive", "mean"]
+    "name",
+    ["abmil-mean", "abmil", "abmil-sum", "abmil-count", "abmil-count-mean", "additive", "mean"],
 )
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_chunked_pooling_equals_the_whole_bag(name, chunk):

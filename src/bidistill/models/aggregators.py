@@ -16,7 +16,14 @@ import torch
 from torch import Tensor, nn
 
 AggregatorName = Literal[
-    "abmil-mean", "abmil", "abmil-sum", "abmil-count", "additive", "mean", "transmil"
+    "abmil-mean",
+    "abmil",
+    "abmil-sum",
+    "abmil-count",
+    "abmil-count-mean",
+    "additive",
+    "mean",
+    "transmil",
 ]
 # ``abmil-sum`` and ``additive`` divide their sums over the instances by this: a bag of 10 fully
 # gated instances pools to about one instance (bags hold 10 to 100,000; no bag-size normalising).
@@ -72,6 +79,11 @@ class GatedAttentionMIL(nn.Module):
     ``with_count`` (the ``abmil-count`` aggregator) keeps the softmax pooling and appends one
     number, log(1 + Σ_k sigmoid(score_k)): how many instances the same attention logits find
     telling, on a log scale that stays small for bags of 100,000 instances.
+
+    ``with_count`` and ``with_mean`` together (the ``abmil-count-mean`` aggregator) give
+    [Σ_k a_k h_k, mean_k h_k, log(1 + Σ_k sigmoid(score_k))]: the attention and its count read
+    the telling instances and how many there are, the mean a faint change of every cell (a trait
+    that shifts one tissue's cells a little, which no attention singles out).
 
     ``gate="additive"`` (the ``additive`` aggregator; Javed et al., "Additive MIL", NeurIPS
     2022, with sigmoid gates in place of the softmax so that it also sees how many) gives each
@@ -202,16 +214,18 @@ def make_aggregator(
 ) -> nn.Module:
     """An aggregator by name: ``abmil-mean`` (gated attention and the mean, concatenated),
     ``abmil`` (gated attention), ``abmil-sum`` (gated instances summed, not normalised),
-    ``abmil-count`` (gated attention and the log of the gates' sum), ``additive`` (each instance's
-    gated evidence summed into one number), ``mean`` or ``transmil``."""
-    if name in ("abmil", "abmil-mean", "abmil-sum", "abmil-count", "additive"):
+    ``abmil-count`` (gated attention and the log of the gates' sum), ``abmil-count-mean`` (the
+    three concatenated), ``additive`` (each instance's gated evidence summed into one number),
+    ``mean`` or ``transmil``."""
+    gated = ("abmil", "abmil-mean", "abmil-sum", "abmil-count", "abmil-count-mean", "additive")
+    if name in gated:
         return GatedAttentionMIL(
             in_dim,
             hidden_dim,
             attention_dim=max(hidden_dim // 2, 8),
             dropout=dropout,
-            with_mean=name == "abmil-mean",
-            with_count=name == "abmil-count",
+            with_mean=name in ("abmil-mean", "abmil-count-mean"),
+            with_count=name in ("abmil-count", "abmil-count-mean"),
             gate={"abmil-sum": "sigmoid", "additive": "additive"}.get(name, "softmax"),
         )
     if name == "mean":
@@ -221,5 +235,5 @@ def make_aggregator(
         return TransMIL(in_dim, hidden_dim, heads=heads, dropout=dropout)
     raise ValueError(
         f"unknown aggregator {name!r}; choose abmil-mean, abmil, abmil-sum, abmil-count, "
-        "additive, mean or transmil"
+        "abmil-count-mean, additive, mean or transmil"
     )

@@ -30,9 +30,9 @@ class MethodOptions(BaseModel):
         default="abmil-count",
         description="abmil-count (gated attention and the log of how many instances it finds "
         "telling; the default by the accuracy suite's rule, README), abmil (gated attention), "
-        "abmil-mean (attention and the mean, concatenated), abmil-sum (gated instances summed: "
-        "sees how many), additive (each instance's gated evidence summed into one number), "
-        "mean or transmil.",
+        "abmil-mean (attention and the mean, concatenated), abmil-count-mean (the three), "
+        "abmil-sum (gated instances summed: sees how many), additive (each instance's gated "
+        "evidence summed into one number), mean or transmil.",
     )
     hidden_dim: int = Field(default=128, ge=2, description="Bag embedding size.")
     clinical_hidden: int = Field(default=64, ge=2, description="Clinical embedding size.")
