@@ -1,21 +1,14 @@
+from typing import get_args
+
 import pytest
 import torch
 
 from bidistill.models import make_aggregator, masked_softmax
-from bidistill.models.aggregators import SUM_SCALE
+from bidistill.models.aggregators import SUM_SCALE, AggregatorName
 
 from .helpers import IN_DIM, make_batch, pad_more
 
-AGGREGATORS = [
-    "abmil-mean",
-    "abmil",
-    "abmil-sum",
-    "abmil-count",
-    "abmil-count-mean",
-    "additive",
-    "mean",
-    "transmil",
-]
+AGGREGATORS = get_args(AggregatorName)  # every aggregator a config may name
 
 
 @pytest.mark.parametrize("name", AGGREGATORS)
