@@ -148,6 +148,25 @@ def test_abmil_count_appends_the_log_of_how_many_instances_its_attention_finds_t
     torch.testing.assert_close(out.embedding[:, 16], torch.log1p(gates.sum(dim=1)))
 
 
+def test_abmil_count_mean_is_the_attention_pooling_the_mean_and_the_count():
+    torch.manual_seed(0)
+    both = make_aggregator("abmil-count-mean", IN_DIM, 16, dropout=0.0).eval()
+    counting = make_aggregator("abmil-count", IN_DIM, 16, dropout=0.0).eval()
+    with_mean = make_aggregator("abmil-mean", IN_DIM, 16, dropout=0.0).eval()
+    counting.load_state_dict(both.state_dict())  # the same weights, no more
+    with_mean.load_state_dict(both.state_dict())
+    batch = make_batch()
+    with torch.no_grad():
+        out = both(batch.bags, batch.tile_valid)
+        count, mean = (
+            counting(batch.bags, batch.tile_valid),
+            with_mean(batch.bags, batch.tile_valid),
+        )
+    torch.testing.assert_close(out.embedding[:, :32], mean.embedding)  # pooling, then the mean
+    torch.testing.assert_close(out.embedding[:, 32], count.embedding[:, 16])  # then the count
+    torch.testing.assert_close(out.attention, count.attention)  # the heatmap: the attention
+
+
 def test_additive_adds_each_instance_s_gated_evidence_and_its_heatmap_is_that_contribution():
     """z = Σ_k sigmoid(score_k) (v^T h_k + b) / SUM_SCALE, one number; the weights are the
     signed terms, so that 40 copies of a key instance add 39 times its term to z, and a tile that
