@@ -10,7 +10,7 @@ data loader, but a caller may build one) gets a zero embedding and zero weights 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,15 @@ AggregatorName = Literal[
     "mean",
     "transmil",
 ]
+# The gated-attention aggregators: each name's flags of ``GatedAttentionMIL`` (one place per name).
+GATED_ATTENTION: dict[str, dict[str, Any]] = {
+    "abmil": {},
+    "abmil-mean": {"with_mean": True},
+    "abmil-sum": {"gate": "sigmoid"},
+    "abmil-count": {"with_count": True},
+    "abmil-count-mean": {"with_mean": True, "with_count": True},
+    "additive": {"gate": "additive"},
+}
 # ``abmil-sum`` and ``additive`` divide their sums over the instances by this: a bag of 10 fully
 # gated instances pools to about one instance (bags hold 10 to 100,000; no bag-size normalising).
 SUM_SCALE = 10.0
@@ -217,23 +226,18 @@ def make_aggregator(
     ``abmil-count`` (gated attention and the log of the gates' sum), ``abmil-count-mean`` (the
     three concatenated), ``additive`` (each instance's gated evidence summed into one number),
     ``mean`` or ``transmil``."""
-    gated = ("abmil", "abmil-mean", "abmil-sum", "abmil-count", "abmil-count-mean", "additive")
-    if name in gated:
+    if name in GATED_ATTENTION:
         return GatedAttentionMIL(
             in_dim,
             hidden_dim,
             attention_dim=max(hidden_dim // 2, 8),
             dropout=dropout,
-            with_mean=name in ("abmil-mean", "abmil-count-mean"),
-            with_count=name in ("abmil-count", "abmil-count-mean"),
-            gate={"abmil-sum": "sigmoid", "additive": "additive"}.get(name, "softmax"),
+            **GATED_ATTENTION[name],
         )
     if name == "mean":
         return MeanPoolMIL(in_dim, hidden_dim, dropout)
     if name == "transmil":
         heads = 4 if hidden_dim % 4 == 0 else 1
         return TransMIL(in_dim, hidden_dim, heads=heads, dropout=dropout)
-    raise ValueError(
-        f"unknown aggregator {name!r}; choose abmil-mean, abmil, abmil-sum, abmil-count, "
-        "abmil-count-mean, additive, mean or transmil"
-    )
+    *others, last = get_args(AggregatorName)
+    raise ValueError(f"unknown aggregator {name!r}; choose {', '.join(others)} or {last}")
