@@ -96,6 +96,23 @@ def test_abmil_mean_appends_the_plain_mean_to_the_attention_pooling():
     torch.testing.assert_close(out.embedding[:, 16:], mean)
 
 
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_instance_layers_embed_each_instance_before_the_pooling(name):
+    """Two instance layers: the pooling reads ReLU(W2 ReLU(W1 x + b1) + b2) (D → H, then
+    H → H); one layer, the default, stays the single Linear → ReLU → Dropout of before."""
+    torch.manual_seed(0)
+    deep = make_aggregator(name, IN_DIM, 16, 0.0, instance_layers=2).eval()
+    first, second = deep.project[0], deep.project[3]
+    assert (first.in_features, first.out_features) == (IN_DIM, 16)
+    assert (second.in_features, second.out_features) == (16, 16)
+    batch = make_batch()
+    with torch.no_grad():
+        h = deep.project(batch.bags)
+        expected = torch.relu(second(torch.relu(first(batch.bags))))
+    torch.testing.assert_close(h, expected)
+    assert len(make_aggregator(name, IN_DIM, 16, 0.0).project) == 3
+
+
 def test_abmil_sum_sees_how_many_key_instances_a_bag_holds():
     """Softmax attention pools a bag of 1 or 40 copies of one instance (among the same
     background) to nearly the same embedding; the un-normalised gated sum grows with the count,

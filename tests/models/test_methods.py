@@ -165,3 +165,27 @@ def test_bag_layers_put_a_trained_layer_between_the_pooling_and_every_head(name)
     deep.eval()
     with torch.no_grad():
         torch.testing.assert_close(deep(pad_more(batch, 4)).logits, deep(batch).logits)
+
+
+@pytest.mark.parametrize("name", POOLING)
+def test_instance_layers_embed_every_instance_through_trained_layers_before_the_pooling(name):
+    """``instance_layers: 2``: every aggregator of the method embeds each instance with two
+    Linear → ReLU → Dropout layers (D → H, then H → H), both reached by training; padding
+    still changes nothing, and the default (one layer) keeps the parameter names of
+    checkpoints saved before the option, so they load."""
+    plain, deep = build(name), build(name, instance_layers=2, hidden_dim=16)
+    assert not any(key.endswith("project.3.weight") for key in plain.state_dict())
+    projections = {k: m for k, m in deep.named_modules() if k.endswith("project")}
+    assert projections
+    for module in projections.values():
+        linear = [m for m in module if isinstance(m, torch.nn.Linear)]
+        assert [m.out_features for m in linear] == [16, 16] and linear[1].in_features == 16
+    deep.train()
+    deep.set_stage(deep.stages()[-1].name)
+    batch = make_batch()
+    deep.loss(batch, deep(batch))["total"].backward()
+    second = [m[3].weight.grad for m in projections.values() if m[3].weight.grad is not None]
+    assert second and all(grad.abs().sum() > 0 for grad in second)
+    deep.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(deep(pad_more(batch, 4)).logits, deep(batch).logits)

@@ -12,9 +12,10 @@ from bidistill.models.streaming import PoolStream, streams
     ["abmil-mean", "abmil", "abmil-sum", "abmil-count", "abmil-count-mean", "additive", "mean"],
 )
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_chunked_pooling_equals_the_whole_bag(name, chunk):
+@pytest.mark.parametrize("instance_layers", [1, 2])
+def test_chunked_pooling_equals_the_whole_bag(name, chunk, instance_layers):
     torch.manual_seed(0)
-    module = make_aggregator(name, 12, 16, 0.25).eval()
+    module = make_aggregator(name, 12, 16, 0.25, instance_layers).eval()
     bags = torch.randn(3, 40, 12)
     valid = torch.ones(3, 40, dtype=torch.bool)
     valid[1, 25:] = False  # a padded bag

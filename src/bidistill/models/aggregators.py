@@ -55,10 +55,15 @@ def masked_softmax(scores: Tensor, valid: Tensor) -> Tensor:
 
 
 class _Projection(nn.Sequential):
-    """Instance features D → H: the first and most expensive layer of every aggregator."""
+    """Instance features D → H: the first and most expensive layers of every aggregator,
+    ``layers`` times Linear → ReLU → Dropout (the first D → H, the others H → H)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, dropout: float):
-        super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+    def __init__(self, in_dim: int, hidden_dim: int, dropout: float, layers: int = 1):
+        modules: list[nn.Module] = []
+        for i in range(layers):
+            width = in_dim if i == 0 else hidden_dim
+            modules += [nn.Linear(width, hidden_dim), nn.ReLU(), nn.Dropout(dropout)]
+        super().__init__(*modules)
 
 
 class GatedAttentionMIL(nn.Module):
@@ -113,10 +118,11 @@ class GatedAttentionMIL(nn.Module):
         with_mean: bool = False,
         with_count: bool = False,
         gate: Literal["softmax", "sigmoid", "additive"] = "softmax",
+        instance_layers: int = 1,
     ):
         super().__init__()
         self.gate, self.with_count = gate, with_count
-        self.project = _Projection(in_dim, hidden_dim, dropout)
+        self.project = _Projection(in_dim, hidden_dim, dropout, instance_layers)
         self.attention_v = nn.Linear(hidden_dim, attention_dim)
         self.attention_u = nn.Linear(hidden_dim, attention_dim)
         self.attention_w = nn.Linear(attention_dim, 1)
@@ -154,9 +160,11 @@ class GatedAttentionMIL(nn.Module):
 class MeanPoolMIL(nn.Module):
     """Mean of the projected instances: the simplest baseline aggregator."""
 
-    def __init__(self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25):
+    def __init__(
+        self, in_dim: int, hidden_dim: int = 128, dropout: float = 0.25, instance_layers: int = 1
+    ):
         super().__init__()
-        self.project = _Projection(in_dim, hidden_dim, dropout)
+        self.project = _Projection(in_dim, hidden_dim, dropout, instance_layers)
         self.out_dim = hidden_dim
 
     def forward(self, bags: Tensor, tile_valid: Tensor) -> Aggregate:
@@ -177,10 +185,16 @@ class TransMIL(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, hidden_dim: int = 128, heads: int = 4, layers: int = 2, dropout=0.25
+        self,
+        in_dim: int,
+        hidden_dim: int = 128,
+        heads: int = 4,
+        layers: int = 2,
+        dropout=0.25,
+        instance_layers: int = 1,
     ):
         super().__init__()
-        self.project = _Projection(in_dim, hidden_dim, dropout)
+        self.project = _Projection(in_dim, hidden_dim, dropout, instance_layers)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
         nn.init.normal_(self.cls_token, std=0.02)
         self.norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(layers))
@@ -219,25 +233,29 @@ class TransMIL(nn.Module):
 
 
 def make_aggregator(
-    name: AggregatorName, in_dim: int, hidden_dim: int, dropout: float
+    name: AggregatorName, in_dim: int, hidden_dim: int, dropout: float, instance_layers: int = 1
 ) -> nn.Module:
     """An aggregator by name: ``abmil-mean`` (gated attention and the mean, concatenated),
     ``abmil`` (gated attention), ``abmil-sum`` (gated instances summed, not normalised),
     ``abmil-count`` (gated attention and the log of the gates' sum), ``abmil-count-mean`` (the
     three concatenated), ``additive`` (each instance's gated evidence summed into one number),
-    ``mean`` or ``transmil``."""
+    ``mean`` or ``transmil``; each embeds the instances with ``instance_layers`` Linear → ReLU →
+    Dropout layers first."""
     if name in GATED_ATTENTION:
         return GatedAttentionMIL(
             in_dim,
             hidden_dim,
             attention_dim=max(hidden_dim // 2, 8),
             dropout=dropout,
+            instance_layers=instance_layers,
             **GATED_ATTENTION[name],
         )
     if name == "mean":
-        return MeanPoolMIL(in_dim, hidden_dim, dropout)
+        return MeanPoolMIL(in_dim, hidden_dim, dropout, instance_layers)
     if name == "transmil":
         heads = 4 if hidden_dim % 4 == 0 else 1
-        return TransMIL(in_dim, hidden_dim, heads=heads, dropout=dropout)
+        return TransMIL(
+            in_dim, hidden_dim, heads=heads, dropout=dropout, instance_layers=instance_layers
+        )
     *others, last = get_args(AggregatorName)
     raise ValueError(f"unknown aggregator {name!r}; choose {', '.join(others)} or {last}")

@@ -35,6 +35,14 @@ class MethodOptions(BaseModel):
         "evidence summed into one number), mean or transmil.",
     )
     hidden_dim: int = Field(default=128, ge=2, description="Bag embedding size.")
+    instance_layers: int = Field(
+        default=1,
+        ge=1,
+        le=4,
+        description="Linear + ReLU + Dropout layers (hidden_dim wide) that embed each instance "
+        "before the pooling. One is a linear read of the patch features; two let a model "
+        "measure a tile against its own kind (a faint change of one tissue's cells).",
+    )
     clinical_hidden: int = Field(default=64, ge=2, description="Clinical embedding size.")
     dropout: float = Field(default=0.25, ge=0, lt=1)
     bag_layers: int = Field(
@@ -138,7 +146,9 @@ class Method(nn.Module):
 
     def make_aggregator(self) -> nn.Module:
         o = self.options
-        aggregator = make_aggregator(o.aggregator, self.dims.in_dim, o.hidden_dim, o.dropout)
+        aggregator = make_aggregator(
+            o.aggregator, self.dims.in_dim, o.hidden_dim, o.dropout, o.instance_layers
+        )
         if self.dims.patch_encoder is not None:  # end-to-end: its own encoder in front
             from bidistill.models.patch_encoder import EncodedAggregator
 

@@ -70,6 +70,7 @@ PAPER_OPTIONS = {
     "clinical_start": "random",
     "aggregator": "abmil",
     "bag_layers": 0,
+    "instance_layers": 1,
 }
 
 
