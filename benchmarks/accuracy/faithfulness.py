@@ -9,6 +9,12 @@ are checked against the planted key instances; chance is the slides' share of ke
 The rule that picks the default aggregator (README, accuracy suite) admits a candidate whose
 mean share is >= 75% in both branches.
 
+Beside the drawn heatmap (the attention) it scores each tile by what the branch's logit loses
+without it (``leave_one_out``: the bag evaluated N + 1 times, once whole and once without each
+tile, by the model itself): the tiles the prediction rests on, whatever the aggregator draws.
+``ceiling``: the highest share any top 10% can reach (a slide with fewer key instances than a
+tenth of its tiles cannot fill its top 10% with them).
+
 Usage:
     python benchmarks/accuracy/faithfulness.py --aggregators abmil,abmil-sum --seeds 3
 
@@ -54,8 +60,9 @@ def train(
     return run_dir
 
 
-def top_tile_shares(run_dir: Path, cohort: Path) -> dict[str, tuple[float, float]]:
-    """Per branch: the mean share of key instances among the top 10% tiles, and chance."""
+def top_tile_shares(run_dir: Path, cohort: Path) -> dict[str, dict[str, float]]:
+    """Per branch: the mean share of key instances among the top 10% tiles by attention
+    (``share``) and by leave-one-out (``leave_one_out``), the ``ceiling`` and ``chance``."""
     import bidistill
     from bidistill.synthetic.features import hottest_tile_key_shares
 
@@ -63,12 +70,88 @@ def top_tile_shares(run_dir: Path, cohort: Path) -> dict[str, tuple[float, float
     test = saved.loc[saved["split"] == "test", "patient_id"].tolist()
     run = bidistill.load_run(run_dir)
     patients = run.attention(cohort / "features", cohort / "cohort.csv", patients=test)
+    fold = run.folds[0]
+    blank = fold.encoder.missing_row()
+    for patient, clinical in zip(patients, encoded_clinical(run, cohort, test)):
+        rows = {"multi-modal": clinical, "single-modal": (blank.values[0], blank.valid[0])}
+        whole = add_leave_one_out(fold.method, patient.slides, rows)
+        # The whole bag through the patient's own branch is the prediction `predict` made: a
+        # check that the bag and the clinical row are the ones the run read.
+        routed = 1 / (1 + np.exp(-whole[patient.branch]))
+        if abs(routed - patient.probability) > 1e-4:
+            raise RuntimeError(f"{patient.patient_id}: {routed} != {patient.probability}")
     slides = [slide for patient in patients for slide in patient.slides]
     shares = {}
     for branch in BRANCHES:
         hits, chance = hottest_tile_key_shares(slides, cohort, f"attention_{branch}")
-        shares[branch] = (float(np.mean(hits)), float(np.mean(chance)))
+        loo, _ = hottest_tile_key_shares(slides, cohort, f"attention_loo-{branch}")
+        shares[branch] = {
+            "share": float(np.mean(hits)),
+            "leave_one_out": float(np.mean(loo)),
+            "ceiling": ceiling(slides, cohort),
+            "chance": float(np.mean(chance)),
+        }
     return shares
+
+
+def ceiling(slides, cohort: Path) -> float:
+    """The highest mean share any top 10% can reach (``hottest_tile_key_shares``' slides)."""
+    from bidistill.synthetic.features import KEY_INSTANCES, read_key_instances
+
+    keys = [read_key_instances(cohort / KEY_INSTANCES, slide.slide_id) for slide in slides]
+    return float(np.mean([min(1.0, k.sum() / max(1, len(k) // 10)) for k in keys if k.any()]))
+
+
+def encoded_clinical(run, cohort: Path, patients: list[str]):
+    """The clinical rows of ``patients`` as the run's model reads them (values, valid)."""
+    from bidistill.cohort.prediction import load_prediction_cohort
+    from bidistill.inference.inputs import clinical_frame
+
+    encoder = run.folds[0].encoder
+    columns = pd.read_csv(cohort / "cohort.csv", nrows=0).columns
+    table = load_prediction_cohort(cohort / "cohort.csv", run.config.cohort, other_columns=columns)
+    encoded = encoder.transform(clinical_frame(table, patients, encoder))
+    return list(zip(encoded.values, encoded.valid))
+
+
+def add_leave_one_out(method, slides, clinical: dict) -> dict[str, float]:
+    """Add ``loo-<branch>`` scores to each slide: the branch's logit (log-odds of the positive
+    class) for the patient's whole bag minus its logit without the tile. ``clinical``: per
+    branch, the encoded row (values, valid) that routes the patient to it (BD routes on
+    whether any clinical value is present). Returns each branch's logit for the whole bag."""
+    import h5py
+    import torch
+
+    from bidistill.models.batch import Batch
+
+    bag = []
+    for slide in slides:
+        with h5py.File(slide.feature_file, "r") as h5:
+            bag.append(h5["features"][()])
+    bag = torch.from_numpy(np.concatenate(bag)).float()
+    n = len(bag)
+    keep = torch.ones(n + 1, n, dtype=torch.bool)  # row 0: the whole bag; row k + 1: without k
+    keep[torch.arange(1, n + 1), torch.arange(n)] = False
+    lengths = np.cumsum([0] + [len(s.coords) for s in slides])
+    method.eval()
+    whole = {}
+    for branch, (values, valid) in clinical.items():
+        values, valid = torch.from_numpy(values).float(), torch.from_numpy(valid)
+        batch = Batch(
+            bag.expand(n + 1, -1, -1),
+            keep,
+            values.expand(n + 1, -1),
+            valid.expand(n + 1, -1),
+            torch.full((n + 1,), bool(valid.any())),
+        )
+        with torch.no_grad():
+            logits = method(batch).logits
+        margin = (logits[:, 1] - logits[:, 0]).numpy()
+        loss = margin[0] - margin[1:]
+        for slide, start, stop in zip(slides, lengths[:-1], lengths[1:]):
+            slide.scores[f"loo-{branch}"] = loss[start:stop]
+        whole[branch] = float(margin[0])
+    return whole
 
 
 def main() -> None:
@@ -99,24 +182,34 @@ def main() -> None:
     for aggregator in args.aggregators.split(","):
         for seed in range(args.seeds):
             run_dir = train(config, workdir, aggregator, seed, training, options)
-            for branch, (share, chance) in top_tile_shares(run_dir, config.parent).items():
-                rows.append(
-                    {"aggregator": aggregator, "seed": seed, "branch": branch}
-                    | {"share": share, "chance": chance}
-                )
-            print(f"{aggregator} seed {seed}: " + ", ".join(f"{r['share']:.3f}" for r in rows[-2:]))
-    frame = pd.DataFrame(rows)
-    table = frame.pivot_table(index="aggregator", columns="branch", values="share", aggfunc="mean")
-    table = table.reindex(args.aggregators.split(","))
-    chance = frame["chance"].mean()
-    print(f"\nShare of BD's top-10% tiles that are planted key instances (mean over {args.seeds}")
-    print(f"seeds; chance {chance:.3f}; faithful: >= {THRESHOLD} in both branches)\n")
-    print("| aggregator | multi-modal | single-modal | faithful |\n|---|---|---|---|")
-    for name, row in table.iterrows():
-        ok = all(row[b] >= THRESHOLD for b in BRANCHES)
-        shares = " | ".join(f"{row[b]:.3f}" for b in BRANCHES)
-        print(f"| {name} | {shares} | {'yes' if ok else 'no'} |")
+            for branch, shares in top_tile_shares(run_dir, config.parent).items():
+                rows.append({"aggregator": aggregator, "seed": seed, "branch": branch} | shares)
+            print(
+                f"{aggregator} seed {seed}: attention "
+                + ", ".join(f"{r['share']:.3f}" for r in rows[-2:])
+                + "; leave-one-out "
+                + ", ".join(f"{r['leave_one_out']:.3f}" for r in rows[-2:])
+            )
+    print_table(pd.DataFrame(rows), args.aggregators.split(","), args.seeds)
     Path(args.out).write_text(json.dumps({"rows": rows, "threshold": THRESHOLD}, indent=1))
+
+
+def print_table(frame: pd.DataFrame, aggregators: list[str], seeds: int) -> None:
+    means = frame.pivot_table(
+        index="aggregator", columns="branch", values=["share", "leave_one_out"], aggfunc="mean"
+    ).reindex(aggregators)
+    print(f"\nShare of BD's top-10% tiles that are planted key instances (mean over {seeds}")
+    print(
+        f"seeds; chance {frame['chance'].mean():.3f}, ceiling {frame['ceiling'].mean():.3f}; "
+        f"faithful: the attention >= {THRESHOLD} in both branches)\n"
+    )
+    print("| aggregator | attention (multi / single) | leave-one-out (multi / single) | faithful |")
+    print("|---|---|---|---|")
+    for name, row in means.iterrows():
+        ok = all(row["share", b] >= THRESHOLD for b in BRANCHES)
+        attention = " / ".join(f"{row['share', b]:.3f}" for b in BRANCHES)
+        loo = " / ".join(f"{row['leave_one_out', b]:.3f}" for b in BRANCHES)
+        print(f"| {name} | {attention} | {loo} | {'yes' if ok else 'no'} |")
 
 
 if __name__ == "__main__":

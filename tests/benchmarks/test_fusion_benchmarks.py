@@ -28,10 +28,14 @@ def test_faithfulness_reports_the_share_of_top_tiles_that_are_key_instances(tmp_
     rows = json.loads(out.read_text())["rows"]
     assert {r["branch"] for r in rows} == {"multi-modal", "single-modal"}
     for row in rows:
-        assert 0 <= row["share"] <= 1 and 0.1 < row["chance"] < 0.4
-    # The test's own seed: its heatmap test asserts more than twice chance for both branches.
+        assert 0.1 < row["chance"] < 0.4 and row["chance"] < row["ceiling"] <= 1
+        # No top 10% holds more key instances than the slides have: the ceiling bounds both.
+        assert 0 <= row["share"] <= row["ceiling"] and 0 <= row["leave_one_out"] <= row["ceiling"]
+    # The test's own seed: its heatmap test asserts more than twice chance for both branches;
+    # the tiles the prediction rests on (leave one out) are key instances as often.
     assert all(r["share"] > 2 * r["chance"] for r in rows), rows
-    assert "| abmil |" in done.stdout
+    assert all(r["leave_one_out"] > 2 * r["chance"] for r in rows), rows
+    assert "| abmil |" in done.stdout and "leave-one-out (multi / single)" in done.stdout
 
 
 def test_the_small_cohort_table_pairs_each_method_with_wsi_only_over_seeds():
