@@ -10,6 +10,8 @@ import pytest
 
 from bidistill.features import feature_path
 from bidistill.models.base import MethodOptions
+from bidistill.models.registry import resolved_options
+from bidistill.runs.fingerprint import digest
 
 from .conftest import edit_config, invoke, slide_of_split, table
 
@@ -96,6 +98,23 @@ def test_a_changed_default_retrains_the_methods_that_leave_it_to_the_default(
     model = json.loads((run_dir / "wsi-only" / "model.json").read_text())
     assert model["options"]["bag_layers"] == 1
     assert "training" not in _rerun(config, run_dir)
+
+
+def test_an_option_a_new_version_adds_retrains_nothing_at_its_value_of_before(run_copy):
+    """A run made before ``instance_layers`` existed recorded every option but it; at 1 the
+    new version trains the model of before, so the run is kept (the record compares equal);
+    a config that asks for 2 is another model and retrains."""
+    config, run_dir = run_copy
+    before_the_option = resolved_options("wsi-only", {})
+    assert before_the_option.pop("instance_layers") == 1
+    stages = json.loads((run_dir / "run.json").read_text())["stages"]
+    recorded = [r["inputs"]["options"] for name, r in stages.items() if "wsi-only" in name]
+    assert recorded == [digest(before_the_option)]
+    assert "training" not in _rerun(config, run_dir)
+    edit_config(config, lambda raw: raw["methods"].append({"name": "wsi-only", "label": "deep"}))
+    edit_config(config, lambda raw: raw["methods"][-1].update(instance_layers=2))
+    output = _rerun(config, run_dir)
+    assert "deep: training" in output and "wsi-only: training" not in output
 
 
 def test_changed_evaluation_settings_redo_only_the_evaluation(run_copy):

@@ -103,11 +103,25 @@ def validate_options(name: str, options: dict[str, Any]) -> Any:
         ) from None
 
 
+# Options added after runs were first recorded, each with the value that builds the model of
+# before. At that value an option is left out of a run's fingerprint: a run made before the
+# option existed recorded no value for it, and the model it trained is the one the new version
+# would train, so an upgrade does not retrain it (a changed default still does).
+ADDED_OPTIONS: dict[str, Any] = {"instance_layers": 1}
+
+
 def resolved_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Every option's value, defaults included: what a run records of a method, so that a
     method whose config leaves an option unset retrains when a new version changes its default
     (the model it would train is another one)."""
     return validate_options(name, options).model_dump(mode="json")
+
+
+def fingerprinted_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``resolved_options`` less each of ``ADDED_OPTIONS`` at its value of before: what a run's
+    fingerprint compares."""
+    resolved = resolved_options(name, options)
+    return {k: v for k, v in resolved.items() if k not in ADDED_OPTIONS or ADDED_OPTIONS[k] != v}
 
 
 def check_method_configs(methods: Sequence[Any], *, source: Any) -> None:

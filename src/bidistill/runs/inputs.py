@@ -129,7 +129,7 @@ def method_inputs(
     features: FeatureIdentities,
 ) -> StageInputs:
     """What training one method on one fold consumes."""
-    from bidistill.models.registry import resolved_options
+    from bidistill.models.registry import fingerprinted_options
 
     patients = [p for ids in split_ids.values() for p in ids]
     slides = cohort.slides.loc[cohort.slides["patient_id"].isin(patients), "slide_id"]
@@ -139,7 +139,7 @@ def method_inputs(
         {**config_sections(config, TRAINING_SECTIONS), "method": method.model_dump(mode="json")},
         says="the config",
     )
-    options = resolved_options(method.name, method.options)  # a changed default retrains
+    options = fingerprinted_options(method.name, method.options)  # a changed default retrains
     inputs.add("options", options, says="its options (defaults included)")
     inputs.add("splits", {k: sorted(v) for k, v in split_ids.items()}, says="the splits")
     inputs.add_items("cohort", cohort_rows(cohort, patients), says="cohort rows", unit="patient(s)")
