@@ -288,7 +288,8 @@ def chunk_rows(
     fixed = _FLOAT * n_instances * (2 * len(found) + 1)
     hidden = max((getattr(m, "out_dim", 0) for m in found.values()), default=0)
     # The chunk as read (float16 or float32) and as float32, and one aggregator's activations
-    # (projection, ReLU, gated attention: about 4.5 H floats; 8 H leaves room).
+    # (projection, ReLU, gated attention: about 4.5 H floats, and H more for each further
+    # instance layer, 7.5 H at the most of four; 8 H leaves room).
     per_row = _FLOAT * (2 * dim + 8 * hidden)
     if not per_row:  # nothing is read per instance (a clinical-only cohort: no bags at all)
         return max(1, n_instances), fixed
