@@ -73,7 +73,13 @@ def top_tile_shares(run_dir: Path, cohort: Path) -> dict[str, dict[str, float]]:
     fold = run.folds[0]
     blank = fold.encoder.missing_row()
     for patient, clinical in zip(patients, encoded_clinical(run, cohort, test)):
-        rows = {"multi-modal": clinical, "single-modal": (blank.values[0], blank.valid[0])}
+        # BD routes on clinical presence: the multi-modal branch is asked with the patient's
+        # row marked present (a blank row for a patient without clinical data), the other
+        # branch with a blank row marked absent.
+        rows = {
+            "multi-modal": (*clinical, True),
+            "single-modal": (blank.values[0], blank.valid[0], False),
+        }
         whole = add_leave_one_out(fold.method, patient.slides, rows)
         # The whole bag through the patient's own branch is the prediction `predict` made: a
         # check that the bag and the clinical row are the ones the run read.
@@ -117,8 +123,8 @@ def encoded_clinical(run, cohort: Path, patients: list[str]):
 def add_leave_one_out(method, slides, clinical: dict) -> dict[str, float]:
     """Add ``loo-<branch>`` scores to each slide: the branch's logit (log-odds of the positive
     class) for the patient's whole bag minus its logit without the tile. ``clinical``: per
-    branch, the encoded row (values, valid) that routes the patient to it (BD routes on
-    whether any clinical value is present). Returns each branch's logit for the whole bag."""
+    branch, the encoded row (values, valid) and the presence that routes the patient to it.
+    Returns each branch's logit for the whole bag."""
     import h5py
     import torch
 
@@ -135,14 +141,14 @@ def add_leave_one_out(method, slides, clinical: dict) -> dict[str, float]:
     lengths = np.cumsum([0] + [len(s.coords) for s in slides])
     method.eval()
     whole = {}
-    for branch, (values, valid) in clinical.items():
+    for branch, (values, valid, present) in clinical.items():
         values, valid = torch.from_numpy(values).float(), torch.from_numpy(valid)
         batch = Batch(
             bag.expand(n + 1, -1, -1),
             keep,
             values.expand(n + 1, -1),
             valid.expand(n + 1, -1),
-            torch.full((n + 1,), bool(valid.any())),
+            torch.full((n + 1,), present),
         )
         with torch.no_grad():
             logits = method(batch).logits
