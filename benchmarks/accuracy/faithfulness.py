@@ -87,6 +87,7 @@ def top_tile_shares(run_dir: Path, cohort: Path) -> dict[str, dict[str, float]]:
         if abs(routed - patient.probability) > 1e-4:
             raise RuntimeError(f"{patient.patient_id}: {routed} != {patient.probability}")
     slides = [slide for patient in patients for slide in patient.slides]
+    highest = ceiling(slides, cohort)
     shares = {}
     for branch in BRANCHES:
         hits, chance = hottest_tile_key_shares(slides, cohort, f"attention_{branch}")
@@ -94,7 +95,7 @@ def top_tile_shares(run_dir: Path, cohort: Path) -> dict[str, dict[str, float]]:
         shares[branch] = {
             "share": float(np.mean(hits)),
             "leave_one_out": float(np.mean(loo)),
-            "ceiling": ceiling(slides, cohort),
+            "ceiling": highest,
             "chance": float(np.mean(chance)),
         }
     return shares
@@ -125,16 +126,13 @@ def add_leave_one_out(method, slides, clinical: dict) -> dict[str, float]:
     class) for the patient's whole bag minus its logit without the tile. ``clinical``: per
     branch, the encoded row (values, valid) and the presence that routes the patient to it.
     Returns each branch's logit for the whole bag."""
-    import h5py
     import torch
 
     from bidistill.models.batch import Batch
+    from bidistill.training.data import FileBag
 
-    bag = []
-    for slide in slides:
-        with h5py.File(slide.feature_file, "r") as h5:
-            bag.append(h5["features"][()])
-    bag = torch.from_numpy(np.concatenate(bag)).float()
+    files = FileBag([slide.feature_file for slide in slides])  # read as the run reads a bag
+    bag = torch.from_numpy(next(files.chunks(files.n_instances)).copy()).float()
     n = len(bag)
     keep = torch.ones(n + 1, n, dtype=torch.bool)  # row 0: the whole bag; row k + 1: without k
     keep[torch.arange(1, n + 1), torch.arange(n)] = False
