@@ -9,9 +9,9 @@ are checked against the planted key instances; chance is the slides' share of ke
 The rule that picks the default aggregator (README, accuracy suite) admits a candidate whose
 mean share is >= 75% in both branches.
 
-Beside the drawn heatmap (the attention) it scores each tile by what the branch's logit loses
-without it (``leave_one_out``: the bag evaluated N + 1 times, once whole and once without each
-tile, by the model itself): the tiles the prediction rests on, whatever the aggregator draws.
+Beside the attention it scores each tile by what the branch's log-odds loses without it
+(``bidistill heatmap --score leave-one-out``, ``bidistill.models.leave_one_out``): the tiles the
+prediction rests on, whatever the aggregator's attention draws.
 ``ceiling``: the highest share any top 10% can reach (a slide with fewer key instances than a
 tenth of its tiles cannot fill its top 10% with them).
 
@@ -62,36 +62,29 @@ def train(
 
 def top_tile_shares(run_dir: Path, cohort: Path) -> dict[str, dict[str, float]]:
     """Per branch: the mean share of key instances among the top 10% tiles by attention
-    (``share``) and by leave-one-out (``leave_one_out``), the ``ceiling`` and ``chance``."""
+    (``share``) and by leave-one-out effect (``leave_one_out``; ``bidistill heatmap --score
+    leave-one-out``), the ``ceiling`` and ``chance``."""
     import bidistill
     from bidistill.synthetic.features import hottest_tile_key_shares
 
     saved = pd.read_csv(run_dir / "bd" / "predictions.csv", dtype={"patient_id": str})
     test = saved.loc[saved["split"] == "test", "patient_id"].tolist()
     run = bidistill.load_run(run_dir)
-    patients = run.attention(cohort / "features", cohort / "cohort.csv", patients=test)
-    fold = run.folds[0]
-    blank = fold.encoder.missing_row()
-    for patient, clinical in zip(patients, encoded_clinical(run, cohort, test)):
-        # BD routes on clinical presence: the multi-modal branch is asked with the patient's
-        # row marked present (a blank row for a patient without clinical data), the other
-        # branch with a blank row marked absent.
-        rows = {
-            "multi-modal": (*clinical, True),
-            "single-modal": (blank.values[0], blank.valid[0], False),
-        }
-        whole = add_leave_one_out(fold.method, patient.slides, rows)
-        # The whole bag through the patient's own branch is the prediction `predict` made: a
-        # check that the bag and the clinical row are the ones the run read.
-        routed = 1 / (1 + np.exp(-whole[patient.branch]))
-        if abs(routed - patient.probability) > 1e-4:
-            raise RuntimeError(f"{patient.patient_id}: {routed} != {patient.probability}")
-    slides = [slide for patient in patients for slide in patient.slides]
-    highest = ceiling(slides, cohort)
+    scored = {
+        score: [
+            slide
+            for patient in run.attention(
+                cohort / "features", cohort / "cohort.csv", patients=test, score=score
+            )
+            for slide in patient.slides
+        ]
+        for score in ("attention", "leave-one-out")
+    }
+    highest = ceiling(scored["attention"], cohort)
     shares = {}
     for branch in BRANCHES:
-        hits, chance = hottest_tile_key_shares(slides, cohort, f"attention_{branch}")
-        loo, _ = hottest_tile_key_shares(slides, cohort, f"attention_loo-{branch}")
+        hits, chance = hottest_tile_key_shares(scored["attention"], cohort, f"attention_{branch}")
+        loo, _ = hottest_tile_key_shares(scored["leave-one-out"], cohort, f"effect_{branch}")
         shares[branch] = {
             "share": float(np.mean(hits)),
             "leave_one_out": float(np.mean(loo)),
@@ -107,55 +100,6 @@ def ceiling(slides, cohort: Path) -> float:
 
     keys = [read_key_instances(cohort / KEY_INSTANCES, slide.slide_id) for slide in slides]
     return float(np.mean([min(1.0, k.sum() / max(1, len(k) // 10)) for k in keys if k.any()]))
-
-
-def encoded_clinical(run, cohort: Path, patients: list[str]):
-    """The clinical rows of ``patients`` as the run's model reads them (values, valid)."""
-    from bidistill.cohort.prediction import load_prediction_cohort
-    from bidistill.inference.inputs import clinical_frame
-
-    encoder = run.folds[0].encoder
-    columns = pd.read_csv(cohort / "cohort.csv", nrows=0).columns
-    table = load_prediction_cohort(cohort / "cohort.csv", run.config.cohort, other_columns=columns)
-    encoded = encoder.transform(clinical_frame(table, patients, encoder))
-    return list(zip(encoded.values, encoded.valid))
-
-
-def add_leave_one_out(method, slides, clinical: dict) -> dict[str, float]:
-    """Add ``loo-<branch>`` scores to each slide: the branch's logit (log-odds of the positive
-    class) for the patient's whole bag minus its logit without the tile. ``clinical``: per
-    branch, the encoded row (values, valid) and the presence that routes the patient to it.
-    Returns each branch's logit for the whole bag."""
-    import torch
-
-    from bidistill.models.batch import Batch
-    from bidistill.training.data import FileBag
-
-    files = FileBag([slide.feature_file for slide in slides])  # read as the run reads a bag
-    bag = torch.from_numpy(next(files.chunks(files.n_instances)).copy()).float()
-    n = len(bag)
-    keep = torch.ones(n + 1, n, dtype=torch.bool)  # row 0: the whole bag; row k + 1: without k
-    keep[torch.arange(1, n + 1), torch.arange(n)] = False
-    lengths = np.cumsum([0] + [len(s.coords) for s in slides])
-    method.eval()
-    whole = {}
-    for branch, (values, valid, present) in clinical.items():
-        values, valid = torch.from_numpy(values).float(), torch.from_numpy(valid)
-        batch = Batch(
-            bag.expand(n + 1, -1, -1),
-            keep,
-            values.expand(n + 1, -1),
-            valid.expand(n + 1, -1),
-            torch.full((n + 1,), present),
-        )
-        with torch.no_grad():
-            logits = method(batch).logits
-        margin = (logits[:, 1] - logits[:, 0]).numpy()
-        loss = margin[0] - margin[1:]
-        for slide, start, stop in zip(slides, lengths[:-1], lengths[1:]):
-            slide.scores[f"loo-{branch}"] = loss[start:stop]
-        whole[branch] = float(margin[0])
-    return whole
 
 
 def main() -> None:

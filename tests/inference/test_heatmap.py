@@ -65,6 +65,58 @@ def test_the_hottest_tiles_are_the_planted_key_instances(demo_run, demo_cohort):
         assert np.mean(hits) > max(2 * np.mean(chance), 0.5), (branch, hits, chance)
 
 
+@pytest.mark.slow
+def test_the_tiles_the_predictions_rest_on_are_the_planted_key_instances(demo_run, demo_cohort):
+    """The same by each tile's leave-one-out effect (``--score leave-one-out``): the log-odds
+    each branch loses without the tile."""
+    test = saved_predictions(demo_run, "bd").index.tolist()
+    run = bidistill.load_run(demo_run)
+    patients = run.attention(
+        demo_cohort / "features", demo_cohort / "cohort.csv", patients=test, score="leave-one-out"
+    )
+    slides = [slide for patient in patients for slide in patient.slides]
+    for branch in ("multi-modal", "single-modal"):
+        hits, chance = hottest_tile_key_shares(slides, demo_cohort, f"effect_{branch}")
+        assert len(hits) >= 15
+        assert np.mean(hits) > max(2 * np.mean(chance), 0.5), (branch, hits, chance)
+
+
+@pytest.mark.slow
+def test_a_leave_one_out_map_draws_what_each_branch_loses_without_the_tile(
+    demo_run, demo_cohort, tmp_path
+):
+    """Each tile's value is the branch's log-odds for the whole bag minus that without the
+    tile, as the run's model itself gives it on the bag with the tile masked."""
+    import torch
+
+    from bidistill.training.data import FileBag
+
+    from .test_leave_one_out import masked_effects
+
+    feature_file = demo_cohort / "features" / "S0003.h5"
+    out = tmp_path / "out"
+    result = heatmap("--run", demo_run, "--features", feature_file, "--score", "leave-one-out",
+                     "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tiles = pd.read_csv(out / "S0003.tiles.csv")
+    assert {"effect", "effect_multi-modal", "effect_single-modal"} <= set(tiles.columns)
+    assert not any(c.startswith("attention") for c in tiles.columns)
+    assert (tiles["branch"] == "single-modal").all()  # a file alone: no clinical data
+    np.testing.assert_array_equal(tiles["effect"], tiles["effect_single-modal"])
+    method = bidistill.load_run(demo_run).folds[0].method
+    files = FileBag([feature_file])
+    bag = next(files.chunks(files.n_instances)).astype(np.float32)
+    blank, valid = method.blank_clinical, torch.zeros(method.dims.n_clinical_features, dtype=bool)
+    for branch, present in (("single-modal", False), ("multi-modal", True)):
+        expected = masked_effects(method, bag, blank, valid, present)
+        np.testing.assert_allclose(tiles[f"effect_{branch}"], expected, rtol=1e-3, atol=1e-5)
+    assert tiles["effect_multi-modal"].abs().max() > 1e-3  # it moves the prediction
+    collection = geojson.loads((out / "S0003.tiles.geojson").read_text())
+    measured = collection["features"][0]["properties"]["measurements"]
+    assert measured["effect"] == pytest.approx(tiles["effect"][0])
+    assert (out / "S0003.heatmap.png").is_file()
+
+
 @pytest.fixture(scope="module")
 def slide_image(demo_cohort, tmp_path_factory):
     """A pyramidal TIFF at 0.5 µm/px under the tiles of the smallest synthetic slide, whose

@@ -198,6 +198,13 @@ def test_predict_and_heatmap_commands_take_slides(cohort_config, reference, tmp_
     tiles = pd.read_csv(maps / "P001.tiles.csv")
     assert {"attention_multi-modal", "attention_single-modal"} <= set(tiles.columns)
     assert np.isclose(tiles["attention_multi-modal"].sum(), 1.0)  # weights over the patient
+    # Leaving each tile out would run the backbone once per tile: refused before any tiling.
+    result = runner.invoke(
+        app,
+        ["heatmap", *common, *slides, "--score", "leave-one-out", "--out", str(tmp_path / "loo")],
+    )
+    assert result.exit_code == 1 and "needs a feature run" in result.output, result.output
+    assert not any((tmp_path / "loo").iterdir())  # nothing tiled, nothing drawn
     # Feature files are not what an end-to-end run reads: it says what it needs.
     result = runner.invoke(app, ["predict", *common, "--out", str(out)])
     assert result.exit_code == 1 and "give the slides (--slides" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -171,6 +172,13 @@ def _warn_if_random(trained) -> None:
         console.print(f"[bold red]WARNING:[/] {RANDOM_WEIGHTS_WARNING}", highlight=False)
 
 
+class Score(str, Enum):
+    """``heatmap --score``: ``bidistill.inference.results.HeatmapScore``."""
+
+    attention = "attention"
+    leave_one_out = "leave-one-out"
+
+
 @app.command(cls=HelpCommand)
 def heatmap(
     run_dir: Path = typer.Option(..., "--run", help=_RUN_HELP),
@@ -194,6 +202,13 @@ def heatmap(
     memory_budget: float = _BUDGET,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     tiles: Path | None = typer.Option(None, "--tiles", help=_TILES_HELP),
+    score: Score = typer.Option(
+        "attention",
+        "--score",
+        help="What a tile's value is: its attention weight (where the pooling looked), or "
+        "leave-one-out: the log-odds the branch's prediction loses without the tile (what the "
+        "prediction rests on; 2-3x the time; feature runs).",
+    ),
 ) -> None:
     """Attention heatmaps (both branches for bd), top/bottom tile montages, and the tiles and
     tissue contours as GeoJSON for QuPath.
@@ -204,6 +219,8 @@ def heatmap(
     the run's settings first.
 
     Example: bidistill heatmap --run runs/exp1 --features new/h5 --slides new/wsi --out maps
+
+    Example: bidistill heatmap --run runs/exp1 --features new/h5 --score leave-one-out --out maps
     """
     from bidistill.inference.load import load_run
     from bidistill.inference.maps import write_attention_maps
@@ -224,6 +241,7 @@ def heatmap(
             top_k=top_k,
             memory_budget=int(memory_budget * 2**20),
             progress=True,
+            score=score.value,
         )
     n_files = sum(len(f) for f in summary.files.values())
     say(

@@ -58,7 +58,7 @@ def write_tiles_csv(path: str | Path, attention: SlideAttention, tile_size: int)
 def tiles_geojson(attention: SlideAttention, tile_size: int) -> dict[str, Any]:
     """The tiles as QuPath detections, each with its scores as measurements."""
     frame = attention.frame()
-    measure = [c for c in frame.columns if c.startswith(("attention", "percentile"))]
+    measure = [c for c in frame.columns if c.startswith((attention.column, "percentile"))]
     values = frame[measure].to_numpy(np.float64)
     features = []
     for tile, x, y, scores in zip(frame["tile"], frame["x"], frame["y"], values):

@@ -32,8 +32,9 @@ from bidistill.inference.new_slides import (
     listed_slides,
     tile_new_slides,
 )
-from bidistill.inference.results import PatientBags
+from bidistill.inference.results import HeatmapScore, PatientBags
 from bidistill.models import Method
+from bidistill.models.leave_one_out import leave_one_out
 from bidistill.models.streaming import find_aggregators, predict_bag
 from bidistill.training.data import FileBag
 
@@ -46,6 +47,7 @@ class FeatureSource:
     """A feature run's bags: each patient's slides' feature files, read a chunk at a time."""
 
     reads_tiles = False
+    scores = ("attention", "leave-one-out")
 
     def __init__(self, config: ExperimentConfig, meta: dict[str, Any], meta_path: Path):
         self.config = config
@@ -95,12 +97,15 @@ class FeatureSource:
         device: torch.device,
         with_attention: bool,
         memory_budget: int,
+        score: HeatmapScore = "attention",
     ) -> Iterator[PatientBags]:
-        """Per patient, every fold model's prediction of its whole bag."""
+        """Per patient, every fold model's prediction of its whole bag (with attention: each
+        tile's ``score``)."""
+        predict = leave_one_out if with_attention and score == "leave-one-out" else predict_bag
         for i, item in enumerate(inputs):
             bag = FileBag(item.paths)
             outputs = [
-                predict_bag(
+                predict(
                     method,
                     bag,
                     torch.from_numpy(clinical.values[i]),

@@ -1,4 +1,5 @@
-"""Attention heatmaps over the slide thumbnail, and montages of the top and bottom tiles.
+"""Attention heatmaps over the slide thumbnail, and montages of the top and bottom tiles (or
+the same of each tile's leave-one-out effect: ``SlideAttention.score``).
 
 Each tile's score becomes its percentile within the slide (attention weights span orders of
 magnitude and depend on the bag size; ranks compare across slides and branches). A thumbnail
@@ -110,7 +111,7 @@ def render_heatmap(
             interpolation="none",
         )
         used = " (used for the prediction)" if branch == attention.routed else ""
-        ax.set_title(f"{branch}{used}" if len(branches) > 1 else "attention", fontsize=11)
+        ax.set_title(f"{branch}{used}" if len(branches) > 1 else _what(attention), fontsize=11)
         ax.set_axis_off()
     if slide is None:
         axes[0][0].text(
@@ -118,7 +119,7 @@ def render_heatmap(
             transform=axes[0][0].transAxes,
         )  # fmt: skip
     bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, pad=0.01)
-    bar.set_label("attention percentile within the slide (1 = highest)")
+    bar.set_label(f"{_what(attention)} percentile within the slide (1 = highest)")
     fig.suptitle(title, fontsize=12)
     return _save(fig, path)
 
@@ -140,7 +141,7 @@ def render_montage(
     k: int = 8,
     display: int = 192,
 ) -> Path:
-    """The ``k`` tiles with the highest and the ``k`` with the lowest attention of the routed
+    """The ``k`` tiles with the highest and the ``k`` with the lowest score of the routed
     branch, read from the slide (a ``WholeSlide`` or a ``PatchFolder``), as a PNG at ``path``."""
     branch = attention.routed or attention.branches[0]
     scores = attention.scores[branch]
@@ -162,7 +163,7 @@ def render_montage(
             x, y = attention.coords[i]
             ax.imshow(slide.read_tile(int(x), int(y), tile_size, display), interpolation="none")
             ax.set_title(f"tile {i}: {percentiles[i]:.0%}", fontsize=8)
-        axes[row][0].set_ylabel(f"{label} attention", fontsize=10)
+        axes[row][0].set_ylabel(f"{label} {_what(attention)}", fontsize=10)
     fig.suptitle(f"{title}\n{branch}: top and bottom {len(top)} tiles", fontsize=11)
     return _save(fig, path)
 
@@ -175,3 +176,8 @@ def _save(fig, path: str | Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def _what(attention: SlideAttention) -> str:
+    """What the map draws, in words."""
+    return "attention" if attention.score == "attention" else "leave-one-out effect"

@@ -24,7 +24,7 @@ from bidistill.inference.export import (
 )
 from bidistill.inference.heatmap import render_heatmap, render_montage
 from bidistill.inference.inputs import FeaturesArg
-from bidistill.inference.results import PatientPrediction, SlideAttention
+from bidistill.inference.results import HeatmapScore, PatientPrediction, SlideAttention
 from bidistill.inference.trained_run import ClinicalArg, TrainedRun
 from bidistill.models.streaming import DEFAULT_MEMORY_BUDGET
 from bidistill.runs.rundir import RunDir
@@ -54,9 +54,11 @@ def write_attention_maps(
     top_k: int = 8,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
+    score: HeatmapScore = "attention",
 ) -> MapsSummary:
     """Predict the patients and write heatmaps, montages and exports for each of their slides
-    (a method without attention, clinical-only, is refused)."""
+    (a method without attention, clinical-only, is refused); ``score``: what each tile's value
+    is, its attention or its leave-one-out effect (``TrainedRun.attention``)."""
     if not run.aggregators:
         raise BidistillError(
             f"{run.method} does not read slides, so it has no attention to draw; pick a method "
@@ -73,6 +75,7 @@ def write_attention_maps(
         with_attention=True,
         memory_budget=memory_budget,
         progress=progress,
+        score=score,
     ):
         rows.append(patient.row(run.method))
         for attention in patient.slides:

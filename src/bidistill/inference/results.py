@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -14,6 +14,11 @@ from scipy.stats import rankdata
 from bidistill.errors import FeatureFileError
 from bidistill.features.identity import read_attrs
 
+# What a heatmap draws per tile: the branch's attention weight, or its leave-one-out effect
+# (the log-odds the branch's prediction loses without the tile; models/leave_one_out.py).
+HeatmapScore = Literal["attention", "leave-one-out"]
+SCORE_COLUMNS: dict[str, str] = {"attention": "attention", "leave-one-out": "effect"}
+
 
 @dataclass
 class PatientBags:
@@ -21,14 +26,15 @@ class PatientBags:
 
     probabilities: list[float | np.ndarray]  # K > 2 classes: each class's [K]
     routed: str | None  # the aggregator (module path) that predicted, None without a bag
-    attention: list[dict[str, np.ndarray]]  # per fold, aggregator path → weights (if asked)
+    # per fold, aggregator path → weights (if asked; leave-one-out: each tile's effect)
+    attention: list[dict[str, np.ndarray]]
     lengths: list[int]  # tiles per slide, in the order of the patient's slides
     n_tiles: int
 
 
 @dataclass
 class SlideAttention:
-    """Attention over one slide's tiles."""
+    """Attention over one slide's tiles (``score``: or each tile's leave-one-out effect)."""
 
     slide_id: str
     feature_file: Path
@@ -38,6 +44,12 @@ class SlideAttention:
     scores: dict[str, np.ndarray]
     routed: str | None  # the branch whose weights the prediction used (None without a bag)
     attrs: dict[str, Any] = field(default_factory=dict)  # the file's attributes
+    score: HeatmapScore = "attention"  # what ``scores`` hold
+
+    @property
+    def column(self) -> str:
+        """The tiles table's name for the scores: ``attention`` or ``effect``."""
+        return SCORE_COLUMNS[self.score]
 
     @property
     def branches(self) -> list[str]:
@@ -51,21 +63,22 @@ class SlideAttention:
         return (rankdata(scores) - 1) / (len(scores) - 1)
 
     def frame(self) -> pd.DataFrame:
-        """One row per tile: ``tile, x, y``, the predicting branch's ``attention`` and
-        ``percentile`` (a fraction in [0, 1]), that ``branch``'s name, and with several
-        branches ``attention_<branch>`` and ``percentile_<branch>`` for each."""
+        """One row per tile: ``tile, x, y``, the predicting branch's ``attention`` (or
+        ``effect``, by ``score``) and ``percentile`` (a fraction in [0, 1]), that ``branch``'s
+        name, and with several branches ``attention_<branch>`` (``effect_<branch>``) and
+        ``percentile_<branch>`` for each."""
         frame = pd.DataFrame(
             {"tile": np.arange(len(self.coords)), "x": self.coords[:, 0], "y": self.coords[:, 1]}
         )
         if not self.scores:
             return frame
         main = self.routed or self.branches[0]
-        frame["attention"] = self.scores[main]
+        frame[self.column] = self.scores[main]
         frame["percentile"] = self.percentiles(main)
         frame["branch"] = main  # after the columns it qualifies: their positions stay
         if len(self.scores) > 1:
             for branch, scores in self.scores.items():
-                frame[f"attention_{branch}"] = scores
+                frame[f"{self.column}_{branch}"] = scores
                 frame[f"percentile_{branch}"] = self.percentiles(branch)
         return frame
 
@@ -126,9 +139,10 @@ def split_by_slide(
     lengths: list[int],
     attention: dict[str, np.ndarray],
     routed: str | None,
+    score: HeatmapScore = "attention",
 ) -> list[SlideAttention]:
-    """A patient's attention (branch → weights over its whole bag) cut into its slides, with
-    each slide's tile coordinates."""
+    """A patient's attention (branch → weights over its whole bag; or effects, by ``score``)
+    cut into its slides, with each slide's tile coordinates."""
     slides = []
     stops = np.cumsum(lengths)
     for slide_id, path, stop, n in zip(slide_ids, paths, stops, lengths):
@@ -141,6 +155,7 @@ def split_by_slide(
                 scores={b: a[start:stop] for b, a in attention.items()},
                 routed=routed,
                 attrs=read_attrs(path),
+                score=score,
             )
         )
     return slides

@@ -18,7 +18,7 @@ from bidistill.features.identity import FeatureIdentity, read_identity
 from bidistill.inference.feature_source import identity_problems
 from bidistill.inference.inputs import PatientInput, patient_inputs
 from bidistill.inference.new_slides import Tiles, TilesError, listed_slides, tile_new_slides
-from bidistill.inference.results import PatientBags
+from bidistill.inference.results import HeatmapScore, PatientBags
 from bidistill.models import Method
 from bidistill.models.patch_encoder import encoded_aggregators
 from bidistill.training.tile_bags import TileBags, TileIndex, read_slide_tiles, tile_loader
@@ -29,6 +29,9 @@ class TileSource:
     """An end-to-end run's bags: each patient's tiles, cut into bags as in its validation."""
 
     reads_tiles = True
+    # Its bags are sampled tiles through a trained backbone: leaving each tile out would run
+    # the backbone once per tile of the slide (feature runs compute it in two passes).
+    scores = ("attention",)
 
     def __init__(self, config: ExperimentConfig, meta: dict[str, Any], method_key: str):
         self.config = config
@@ -88,6 +91,7 @@ class TileSource:
         device: torch.device,
         with_attention: bool,
         memory_budget: int,
+        score: HeatmapScore = "attention",
     ) -> Iterator[PatientBags]:
         """Per patient, every fold model's reduction of its bags (``memory_budget`` is for
         feature bags: tile bags are ``bag_size`` tiles)."""

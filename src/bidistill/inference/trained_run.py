@@ -17,10 +17,11 @@ import torch
 from bidistill.cohort import ClinicalEncoder
 from bidistill.cohort.prediction import PredictionCohort, load_prediction_cohort
 from bidistill.config import ExperimentConfig
-from bidistill.errors import CohortError
+from bidistill.errors import BidistillError, CohortError
 from bidistill.inference.inputs import FeaturesArg, PatientInput, clinical_frame
 from bidistill.inference.new_slides import Tiles
 from bidistill.inference.results import (
+    HeatmapScore,
     PatientBags,
     PatientPrediction,
     prediction_columns,
@@ -40,6 +41,8 @@ class BagSource(Protocol):
     checked before any prediction; per patient, in order, every fold model's prediction."""
 
     reads_tiles: bool
+    scores: tuple[str, ...]  # the heatmap scores it computes (``HeatmapScore``)
+    scores: tuple[str, ...]  # the heatmap scores it computes (``HeatmapScore``)
 
     def aggregators(self, method: Method) -> list[str]: ...
 
@@ -48,7 +51,15 @@ class BagSource(Protocol):
     ) -> list[PatientInput]: ...
 
     def predictions(
-        self, methods, inputs, encoded, *, device, with_attention: bool, memory_budget: int
+        self,
+        methods,
+        inputs,
+        encoded,
+        *,
+        device,
+        with_attention: bool,
+        memory_budget: int,
+        score: HeatmapScore = "attention",
     ) -> Iterator[PatientBags]: ...
 
 
@@ -123,10 +134,18 @@ class TrainedRun:
         *,
         patients: Sequence[str] | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        score: HeatmapScore = "attention",
     ) -> list[PatientPrediction]:
-        """``predict``, keeping every branch's attention (a ``SlideAttention`` per slide)."""
+        """``predict``, keeping every branch's attention (a ``SlideAttention`` per slide);
+        ``score="leave-one-out"``: each tile's effect on the branch's log-odds instead (feature
+        runs; ``bidistill.models.leave_one_out``)."""
         found = self.iter_patients(
-            features, clinical, patients=patients, with_attention=True, memory_budget=memory_budget
+            features,
+            clinical,
+            patients=patients,
+            with_attention=True,
+            memory_budget=memory_budget,
+            score=score,
         )
         return list(found)
 
@@ -139,9 +158,16 @@ class TrainedRun:
         with_attention: bool = False,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         progress: bool = False,
+        score: HeatmapScore = "attention",
     ) -> Iterator[PatientPrediction]:
         """Patients one at a time (so that attention is held for one patient only), every
         input checked before the first prediction."""
+        if with_attention and score not in self.source.scores:
+            raise BidistillError(
+                f"{self.method}: a heatmap of {score} scores needs a feature run; this run "
+                f"trains on tiles end to end, so it draws {' or '.join(self.source.scores)} "
+                "(--score attention)"
+            )
         cohort = self._cohort(clinical)
         needs_bags = bool(self.aggregators)
         inputs = self.source.patients(features, cohort, patients, needs_bags=needs_bags)
@@ -157,6 +183,7 @@ class TrainedRun:
             device=self.device,
             with_attention=with_attention,
             memory_budget=memory_budget,
+            score=score,
         )
         sequence: Sequence[int] | Iterator[int] = range(len(inputs))
         if progress:
@@ -169,6 +196,7 @@ class TrainedRun:
                 bags,
                 present=bool(encoded[0].present[i]),
                 clinical_missing=[str(c) for c in names[missing[i]]],
+                score=score,
             )
 
     def _cohort(self, clinical: ClinicalArg) -> PredictionCohort | None:
@@ -188,6 +216,7 @@ class TrainedRun:
         *,
         present: bool,
         clinical_missing: list[str],
+        score: HeatmapScore = "attention",
     ) -> PatientPrediction:
         route = "present" if present else "absent"
         label = self.config.cohort.label
@@ -211,7 +240,12 @@ class TrainedRun:
                 for name in self.aggregators
             }
             slides = split_by_slide(
-                item.slide_ids, item.paths, bags.lengths, mean_attention, branch if routed else None
+                item.slide_ids,
+                item.paths,
+                bags.lengths,
+                mean_attention,
+                branch if routed else None,
+                score=score,
             )
         return PatientPrediction(
             patient_id=item.patient_id,

@@ -243,13 +243,17 @@ class _WholeBag:
     def __init__(self, module: nn.Module, dim: int):
         self.module, self.dim = module, dim
         self.parts: list[Tensor] = []
+        self.valid: list[Tensor] = []
 
     def update(self, x: Tensor, valid: Tensor) -> None:
         self.parts.append(x)
+        self.valid.append(valid)
 
     def result(self) -> Aggregate:
-        bag = torch.cat(self.parts, dim=1) if self.parts else torch.zeros(1, 0, self.dim)
-        return self.module(bag, torch.ones(bag.shape[:2], dtype=torch.bool, device=bag.device))
+        if not self.parts:
+            bag = torch.zeros(1, 0, self.dim)
+            return self.module(bag, torch.ones(1, 0, dtype=torch.bool))
+        return self.module(torch.cat(self.parts, dim=1), torch.cat(self.valid, dim=1))
 
 
 def whole_bag_bytes(module: nn.Module, n: int, dim: int) -> int:
@@ -307,7 +311,7 @@ class BagOutput:
     """One bag's prediction."""
 
     probability: float | np.ndarray  # P(label = 1); K > 2 classes: each class's [K]
-    attention: dict[str, np.ndarray]  # aggregator path → instance weights [n]
+    attention: dict[str, np.ndarray]  # aggregator path → instance weights [n] (or effects)
     routed: str | None  # the aggregator whose weights it used (None: no bag, clinical-only)
     chunk_rows: int  # the most instances encoded at once
 
@@ -326,18 +330,39 @@ def encode_bag(
     if not found:
         return {}, 0
     rows, _ = chunk_rows(method, bag.n_instances, bag.dim, memory_budget)
+    pools = stream_bag(found, bag, rows, device)
+    return {name: stream.result() for name, stream in pools.items()}, rows
+
+
+@torch.no_grad()
+def stream_bag(
+    aggregators: dict[str, nn.Module],
+    bag: ChunkedBag,
+    rows: int,
+    device: str | torch.device = "cpu",
+    *,
+    without: int | None = None,
+) -> dict[str, PoolStream | _WholeBag]:
+    """Each aggregator's stream fed ``bag``, read once in chunks of ``rows`` (``without``: an
+    instance left out, marked invalid); their ``result()`` is the aggregate."""
     pools = {
         name: PoolStream(m, bag.n_instances) if streams(m) else _WholeBag(m, bag.dim)
-        for name, m in found.items()
+        for name, m in aggregators.items()
     }
     device = torch.device(device)
-    valid = torch.ones(1, rows, dtype=torch.bool, device=device)
+    every = torch.ones(1, rows, dtype=torch.bool, device=device)
+    start = 0
     for chunk in bag.chunks(rows):
         x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device=device, dtype=torch.float32)
+        valid = every[:, : len(x)]
+        if without is not None and start <= without < start + len(x):
+            valid = valid.clone()
+            valid[0, without - start] = False
         for stream in pools.values():
-            stream.update(x[None], valid[:, : len(x)])
+            stream.update(x[None], valid)
+        start += len(x)
         del x
-    return {name: stream.result() for name, stream in pools.items()}, rows
+    return pools
 
 
 @torch.no_grad()
