@@ -172,17 +172,18 @@ def _dominant_instance(module: nn.Module, whole: Aggregate) -> int | None:
 def _embeddings_without(module: nn.Module, pool: PoolStream, x: Tensor) -> Tensor:
     """[c, H'] float64: the aggregator's embedding of the whole bag without each of the chunk's
     c instances ``x`` [c, D] in turn, from the stream's sums (module docstring)."""
-    h = module.project(x).double()  # [c, H]
+    projected = module.project(x)  # [c, H], float32 as the first pass computed it
+    h = projected.double()
     n = pool.count.double()  # [1, 1]
     mean = (pool.summed.double() - h) / (n - 1).clamp_min(1.0)
     if not pool.attention:
         return mean
-    gate = torch.tanh(module.attention_v(h.float())) * torch.sigmoid(module.attention_u(h.float()))
+    gate = torch.tanh(module.attention_v(projected)) * torch.sigmoid(module.attention_u(projected))
     s = module.attention_w(gate).double()  # [c, 1]
     g = torch.sigmoid(s)
     weighted = pool.weighted.double()
     if pool.additive:
-        return weighted[:, :1] - g * module.evidence(h.float()).double() / SUM_SCALE
+        return weighted[:, :1] - g * module.evidence(projected).double() / SUM_SCALE
     if pool.summing:
         return (weighted - g * h) / SUM_SCALE
     e = torch.exp(s - pool.running_max.double())
