@@ -51,32 +51,20 @@ def test_top_and_bottom_tiles_are_disjoint_and_ordered():
 
 
 @pytest.mark.slow
-def test_the_hottest_tiles_are_the_planted_key_instances(demo_run, demo_cohort):
+@pytest.mark.parametrize("score", ["attention", "leave-one-out"])
+def test_the_hottest_tiles_are_the_planted_key_instances(demo_run, demo_cohort, score):
     """On the test patients, the top 10% of each slide's tiles by attention (what the heatmap
-    and its tiles.csv show) are key instances far more often than the slide's share of key
+    and its tiles.csv show; or by each tile's leave-one-out effect, what each branch's
+    log-odds loses without it) are key instances far more often than the slide's share of key
     instances (chance), in both of BD's branches."""
     test = saved_predictions(demo_run, "bd").index.tolist()
     run = bidistill.load_run(demo_run)
-    patients = run.attention(demo_cohort / "features", demo_cohort / "cohort.csv", patients=test)
+    features, table = demo_cohort / "features", demo_cohort / "cohort.csv"
+    patients = run.attention(features, table, patients=test, score=score)
     slides = [slide for patient in patients for slide in patient.slides]
     for branch in ("multi-modal", "single-modal"):
-        hits, chance = hottest_tile_key_shares(slides, demo_cohort, f"attention_{branch}")
-        assert len(hits) >= 15
-        assert np.mean(hits) > max(2 * np.mean(chance), 0.5), (branch, hits, chance)
-
-
-@pytest.mark.slow
-def test_the_tiles_the_predictions_rest_on_are_the_planted_key_instances(demo_run, demo_cohort):
-    """The same by each tile's leave-one-out effect (``--score leave-one-out``): the log-odds
-    each branch loses without the tile."""
-    test = saved_predictions(demo_run, "bd").index.tolist()
-    run = bidistill.load_run(demo_run)
-    patients = run.attention(
-        demo_cohort / "features", demo_cohort / "cohort.csv", patients=test, score="leave-one-out"
-    )
-    slides = [slide for patient in patients for slide in patient.slides]
-    for branch in ("multi-modal", "single-modal"):
-        hits, chance = hottest_tile_key_shares(slides, demo_cohort, f"effect_{branch}")
+        column = f"{slides[0].column}_{branch}"  # attention_<branch>, effect_<branch>
+        hits, chance = hottest_tile_key_shares(slides, demo_cohort, column)
         assert len(hits) >= 15
         assert np.mean(hits) > max(2 * np.mean(chance), 0.5), (branch, hits, chance)
 
