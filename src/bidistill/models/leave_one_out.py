@@ -21,30 +21,27 @@ the sums in closed form (in float64: equal to masking to float rounding)
 
 A tile holding over half of a softmax's weight (one at most) would cancel in the first form, so
 it gets a third pass with the tile masked. Each chunk's embeddings are replayed through the
-method's unchanged forward (as ``predict_encoded`` does), so every method gets these effects
-without code of its own. An aggregator that sees the whole bag at once (TransMIL) is run once
-per tile with the tile masked (N passes over the bag in memory).
+method's unchanged forward (``streaming.replay``, as ``predict_encoded`` does), so every method
+gets these effects without code of its own. An aggregator that sees the whole bag at once
+(TransMIL) is run once per tile with the tile masked (N passes over the bag in memory).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from bidistill.models.aggregators import SUM_SCALE, Aggregate, GatedAttentionMIL
-from bidistill.models.batch import Batch
 from bidistill.models.streaming import (
     DEFAULT_MEMORY_BUDGET,
     BagOutput,
     ChunkedBag,
     PoolStream,
-    _answering,
     chunk_rows,
     find_aggregators,
     predict_encoded,
+    replay,
     stream_bag,
     streams,
 )
@@ -75,11 +72,11 @@ def leave_one_out(
     )
     effects = {}
     for name, module in found.items():
-        replay = _route_of(
+        branch = _route_of(
             name, method, aggregates, bag.dim, clinical, clinical_valid, clinical_present
         )
-        whole = replay.log_odds({})
-        without = _without_each(name, module, pools[name], aggregates[name], bag, rows, replay)
+        whole = branch.log_odds({})
+        without = _without_each(name, module, pools[name], aggregates[name], bag, rows, branch)
         effects[name] = (whole - without).cpu().numpy()
     return BagOutput(output.probability, effects, output.routed, rows)
 
@@ -91,30 +88,23 @@ class _Replay:
     def __init__(self, method, aggregates, dim, clinical, clinical_valid, present: bool):
         self.method, self.aggregates, self.dim = method, aggregates, dim
         self.clinical, self.clinical_valid, self.present = clinical, clinical_valid, present
-        self.modules = find_aggregators(method)
         self.device = next(method.parameters()).device
         whole = self.logits({})
         self.target = 1 if whole.shape[-1] == 2 else int(whole[0].argmax())
 
     def logits(self, replaced: dict[str, Tensor]) -> Tensor:
         rows = len(next(iter(replaced.values()))) if replaced else 1
-        device = self.device
-        batch = Batch(  # NaN bags: the method reads them only through its aggregators
-            bags=torch.full((1, 1, max(self.dim, 1)), math.nan, device=device).expand(rows, 1, -1),
-            tile_valid=torch.ones(rows, 1, dtype=torch.bool, device=device),
-            clinical=self.clinical.reshape(1, -1).to(device, torch.float32).expand(rows, -1),
-            clinical_valid=self.clinical_valid.reshape(1, -1)
-            .to(device, torch.bool)
-            .expand(rows, -1),
-            clinical_present=torch.full((rows,), self.present, device=device),
+        answers = {
+            name: Aggregate(
+                replaced.get(name, whole.embedding.expand(rows, -1)).to(self.device, torch.float32),
+                torch.zeros(rows, 1),
+            )
+            for name, whole in self.aggregates.items()
+        }
+        output = replay(
+            self.method, answers, self.dim, self.clinical, self.clinical_valid, self.present
         )
-        answers = {}
-        for name, module in self.modules.items():
-            embedding = replaced.get(name, self.aggregates[name].embedding.expand(rows, -1))
-            pooled = Aggregate(embedding.to(device, torch.float32), torch.zeros(rows, 1))
-            answers[module] = lambda *_, a=pooled: a
-        with _answering(answers):
-            return self.method(batch).logits.double()
+        return output.logits.double()
 
     def log_odds(self, replaced: dict[str, Tensor]) -> Tensor:
         """[rows]: log p_t / (1 − p_t) of the target class t."""
@@ -126,16 +116,19 @@ class _Replay:
 def _route_of(name, method, aggregates, dim, clinical, clinical_valid, present) -> _Replay:
     """The replay on the route whose output depends on aggregator ``name``: the patient's own
     (``present``), else the other."""
-    for route in (present, not present):
-        replay = _Replay(method, aggregates, dim, clinical, clinical_valid, route)
-        moved = replay.logits({name: aggregates[name].embedding + 1.0})
-        if not torch.equal(moved, replay.logits({})):
-            return replay
-    return _Replay(method, aggregates, dim, clinical, clinical_valid, present)
+    replays = [
+        _Replay(method, aggregates, dim, clinical, clinical_valid, route)
+        for route in (present, not present)
+    ]
+    for candidate in replays:
+        moved = candidate.logits({name: aggregates[name].embedding + 1.0})
+        if not torch.equal(moved, candidate.logits({})):
+            return candidate
+    return replays[0]
 
 
-def _without_each(name, module, pool, whole: Aggregate, bag, rows, replay: _Replay) -> Tensor:
-    """[n] the replay's log-odds with the aggregator's embedding of the bag without each
+def _without_each(name, module, pool, whole: Aggregate, bag, rows, branch: _Replay) -> Tensor:
+    """[n] the branch's log-odds with the aggregator's embedding of the bag without each
     instance in turn."""
     if not streams(module):  # the whole bag is in the pool: mask one instance at a time
         x = torch.cat(pool.parts, dim=1)
@@ -143,18 +136,18 @@ def _without_each(name, module, pool, whole: Aggregate, bag, rows, replay: _Repl
         out = []
         for k in range(x.shape[1]):
             keep[0, k] = False
-            out.append(replay.log_odds({name: module(x, keep).embedding}))
+            out.append(branch.log_odds({name: module(x, keep).embedding}))
             keep[0, k] = True
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
     out = []
     for chunk in bag.chunks(rows):
-        x = torch.from_numpy(np.ascontiguousarray(chunk)).to(replay.device, torch.float32)
-        out.append(replay.log_odds({name: _embeddings_without(module, pool, x)}))
+        x = torch.from_numpy(np.ascontiguousarray(chunk)).to(branch.device, torch.float32)
+        out.append(branch.log_odds({name: _embeddings_without(module, pool, x)}))
     effects = torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
     dominant = _dominant_instance(module, whole)
     if dominant is not None:  # the closed form would cancel: mask it instead
-        masked = stream_bag({name: module}, bag, rows, replay.device, without=dominant)
-        effects[dominant] = replay.log_odds({name: masked[name].result().embedding})[0]
+        masked = stream_bag({name: module}, bag, rows, branch.device, without=dominant)
+        effects[dominant] = branch.log_odds({name: masked[name].result().embedding})[0]
     return effects
 
 

@@ -395,20 +395,7 @@ def predict_encoded(
     """The method's prediction from its aggregators' results on a bag (``encode_bag``), in
     eval mode on the aggregates' device; ``dim`` is the bag's instance dimension."""
     aggregates, rows = encoded
-    device = next(method.parameters()).device
-    # NaN features: a method that read the bag anywhere but through its aggregators would
-    # return NaN instead of a wrong number.
-    batch = Batch(
-        bags=torch.full((1, 1, max(dim, 1)), math.nan, device=device),
-        tile_valid=torch.ones(1, 1, dtype=torch.bool, device=device),
-        clinical=clinical.reshape(1, -1).to(device=device, dtype=torch.float32),
-        clinical_valid=clinical_valid.reshape(1, -1).to(device=device, dtype=torch.bool),
-        clinical_present=torch.tensor([bool(clinical_present)], device=device),
-    )
-    found = find_aggregators(method)
-    replayed = {found[name]: (lambda *_, a=a: a) for name, a in aggregates.items()}
-    with _answering(replayed):
-        output: Output = method(batch)
+    output = replay(method, aggregates, dim, clinical, clinical_valid, clinical_present)
     scores = output.probabilities.float().cpu().numpy()[0]
     probability = float(scores) if scores.ndim == 0 else scores
     if not np.isfinite(scores).all():
@@ -419,6 +406,34 @@ def predict_encoded(
     attention = {name: a.attention[0].float().cpu().numpy() for name, a in aggregates.items()}
     routed = routed_aggregator(output.attention, {n: a.attention for n, a in aggregates.items()})
     return BagOutput(probability, attention, routed, rows)
+
+
+def replay(
+    method: nn.Module,
+    aggregates: dict[str, Aggregate],
+    dim: int,
+    clinical: Tensor,
+    clinical_valid: Tensor,
+    clinical_present: bool,
+) -> Output:
+    """The method's unchanged ``forward`` with each aggregator answering its given aggregate
+    (a batch of the aggregates' rows, one clinical row for all of them), on the method's
+    device; ``dim`` is the bag's instance dimension."""
+    rows = len(next(iter(aggregates.values())).embedding) if aggregates else 1
+    device = next(method.parameters()).device
+    # NaN features: a method that read the bag anywhere but through its aggregators would
+    # return NaN instead of a wrong number.
+    batch = Batch(
+        bags=torch.full((1, 1, max(dim, 1)), math.nan, device=device).expand(rows, 1, -1),
+        tile_valid=torch.ones(rows, 1, dtype=torch.bool, device=device),
+        clinical=clinical.reshape(1, -1).to(device, torch.float32).expand(rows, -1),
+        clinical_valid=clinical_valid.reshape(1, -1).to(device, torch.bool).expand(rows, -1),
+        clinical_present=torch.full((rows,), bool(clinical_present), device=device),
+    )
+    found = find_aggregators(method)
+    replayed = {found[name]: (lambda *_, a=a: a) for name, a in aggregates.items()}
+    with _answering(replayed):
+        return method(batch)
 
 
 def routed_aggregator(attention: Tensor | None, candidates: dict[str, Tensor]) -> str | None:
