@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+from typing import get_args
 
 import h5py
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from bidistill.models import create_method, list_methods
+from bidistill.models.aggregators import AggregatorName
 from bidistill.models.streaming import (
     ArrayBag,
     BagTooLargeError,
@@ -71,6 +73,22 @@ def test_chunked_prediction_equals_the_whole_bag_forward(name, present):
         assert out.routed is None
     else:
         np.testing.assert_allclose(out.attention[out.routed], expected_attention, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregator", get_args(AggregatorName))
+def test_every_aggregator_predicts_in_chunks_as_its_forward(aggregator):
+    """Each pooling's running sums (counts and bag sizes too) give the whole bag's answer."""
+    method = build("wsi-only", aggregator=aggregator, instance_layers=2)
+    bag = np.random.default_rng(5).normal(size=(1001, DIM)).astype(np.float32)
+    valid = torch.zeros(2, dtype=torch.bool)
+    budget = 2**28 if aggregator == "transmil" else 2**16  # TransMIL holds the whole bag
+    out = predict_bag(
+        method, ArrayBag(bag), method.blank_clinical, valid, False, memory_budget=budget
+    )
+    expected_p, expected_attention = whole_bag(method, bag, method.blank_clinical, valid, False)
+    assert out.chunk_rows < len(bag) or aggregator == "transmil"
+    assert out.probability == pytest.approx(expected_p, abs=1e-5)
+    np.testing.assert_allclose(out.attention[out.routed], expected_attention, atol=1e-6)
 
 
 def test_bd_routes_by_clinical_presence_and_keeps_both_branches():

@@ -27,6 +27,7 @@ def test_padding_never_changes_a_bag(name, hidden):
         "abmil-count": hidden + 1,
         "abmil-count-mean": 2 * hidden + 1,
         "additive": 1,
+        "mean-count": hidden + 1,
     }
     assert agg.out_dim == widths.get(name, hidden)
     torch.testing.assert_close(padded.embedding, plain.embedding, atol=1e-5, rtol=1e-5)
@@ -74,7 +75,8 @@ def test_masked_softmax_zero_row_instead_of_nan():
 
 def test_unknown_aggregator_is_refused():
     choices = (
-        "abmil-mean, abmil, abmil-sum, abmil-count, abmil-count-mean, additive, mean or transmil"
+        "abmil-mean, abmil, abmil-sum, abmil-count, abmil-count-mean, additive, mean, "
+        "mean-count or transmil"
     )
     with pytest.raises(ValueError, match=choices):
         make_aggregator("maxpool", IN_DIM, 8, 0.0)
@@ -182,6 +184,27 @@ def test_abmil_count_mean_is_the_attention_pooling_the_mean_and_the_count():
     torch.testing.assert_close(out.embedding[:, :32], mean.embedding)  # pooling, then the mean
     torch.testing.assert_close(out.embedding[:, 32], count.embedding[:, 16])  # then the count
     torch.testing.assert_close(out.attention, count.attention)  # the heatmap: the attention
+
+
+def test_mean_count_is_the_mean_and_the_log_of_the_bag_size():
+    """Two bags with the same shares of instance kinds (one key instance in three) but ten times
+    as many instances pool to the same mean and differ only in log(1 + n)."""
+    torch.manual_seed(0)
+    counting = make_aggregator("mean-count", IN_DIM, 16, dropout=0.0).eval()
+    mean = make_aggregator("mean", IN_DIM, 16, dropout=0.0).eval()
+    mean.load_state_dict(counting.state_dict())  # the same weights, no more
+    kinds = torch.randn(3, IN_DIM)
+    small = kinds.repeat(2, 1)[None]  # 6 instances
+    large = kinds.repeat(20, 1)[None]  # 60
+    with torch.no_grad():
+        a = counting(small, torch.ones(1, 6, dtype=torch.bool))
+        b = counting(large, torch.ones(1, 60, dtype=torch.bool))
+        ref = mean(small, torch.ones(1, 6, dtype=torch.bool))
+    torch.testing.assert_close(a.embedding[:, :16], ref.embedding)
+    torch.testing.assert_close(a.embedding[:, :16], b.embedding[:, :16])
+    torch.testing.assert_close(a.embedding[:, 16], torch.log1p(torch.tensor([6.0])))
+    torch.testing.assert_close(b.embedding[:, 16], torch.log1p(torch.tensor([60.0])))
+    torch.testing.assert_close(a.attention, torch.full((1, 6), 1 / 6))  # a flat map
 
 
 def test_additive_adds_each_instance_s_gated_evidence_and_its_heatmap_is_that_contribution():

@@ -32,7 +32,8 @@ class MethodOptions(BaseModel):
         "telling; the default by the accuracy suite's rule, README), abmil (gated attention), "
         "abmil-mean (attention and the mean, concatenated), abmil-count-mean (the three), "
         "abmil-sum (gated instances summed: sees how many), additive (each instance's gated "
-        "evidence summed into one number), mean or transmil.",
+        "evidence summed into one number), mean, mean-count (the mean and the log of the bag's "
+        "size; its heatmaps need --score leave-one-out) or transmil.",
     )
     hidden_dim: int = Field(default=128, ge=2, description="Bag embedding size.")
     instance_layers: int = Field(

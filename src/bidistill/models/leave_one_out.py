@@ -16,6 +16,7 @@ the sums in closed form (in float64: equal to masking to float rounding)
     softmax pooling  (Σ e_j h_j − e_k h_k) / (Σ e_j − e_k),  e_j = exp(s_j − max)
     mean             (Σ h_j − h_k) / (n − 1)
     count            log(1 + Σ g_j − g_k),                   g_j = sigmoid(s_j)
+    bag size         log(1 + n − 1)                          (mean-count)
     sigmoid sum      (Σ g_j h_j − g_k h_k) / SUM_SCALE
     additive         z − c_k.
 
@@ -170,7 +171,10 @@ def _embeddings_without(module: nn.Module, pool: PoolStream, x: Tensor) -> Tenso
     n = pool.count.double()  # [1, 1]
     mean = (pool.summed.double() - h) / (n - 1).clamp_min(1.0)
     if not pool.attention:
-        return mean
+        if not pool.counting:
+            return mean
+        # mean-count: the bag without the tile holds n - 1 instances
+        return torch.cat([mean, torch.log1p(n - 1).expand(len(h), 1)], dim=-1)
     gate = torch.tanh(module.attention_v(projected)) * torch.sigmoid(module.attention_u(projected))
     s = module.attention_w(gate).double()  # [c, 1]
     g = torch.sigmoid(s)

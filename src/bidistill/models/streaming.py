@@ -91,7 +91,7 @@ class PoolStream:
         self.with_mean = not self.attention or module.with_mean
         self.summing = self.attention and module.gate != "softmax"  # no softmax: no running max
         self.additive = self.attention and module.gate == "additive"
-        self.counting = self.attention and module.with_count
+        self.counting = module.with_count
         self.seen = 0  # instances fed so far
         self.scores: Tensor | None = None  # attention: [B, n], -inf on padding
         self.valid: Tensor | None = None  # [B, n]
@@ -191,7 +191,10 @@ class PoolStream:
             raise ValueError(f"{self.seen} instances fed, {self.n_instances} announced")
         mean = self.summed / self.count.clamp_min(1.0)  # an empty bag keeps a zero embedding
         if not self.attention:
-            return Aggregate(mean, self.valid.to(mean.dtype) / self.count.clamp_min(1.0))
+            weights = self.valid.to(mean.dtype) / self.count.clamp_min(1.0)
+            if self.counting:  # mean-count: the log of the bag's size
+                mean = torch.cat([mean, torch.log1p(self.count)], dim=-1)
+            return Aggregate(mean, weights)
         tiny = torch.finfo(self.total.dtype).tiny
         if self.additive:
             return Aggregate(self.weighted[:, :1].clone(), self.scores)
