@@ -1,6 +1,6 @@
-"""The two benchmarks behind issue 20's rules: heatmap faithfulness per aggregator (run end to
-end on the heatmap test's cohort) and the small from-slides cohort's table (fusion against its
-slides-only part, paired over seeds)."""
+"""The benchmarks behind issue 20's rules: heatmap faithfulness per aggregator (run end to end
+on the heatmap test's cohort), the small from-slides cohort's table (fusion against its
+slides-only part, paired over seeds) and the pooling diagnostic (where a WSI-only model loses)."""
 
 from __future__ import annotations
 
@@ -57,3 +57,54 @@ def test_the_small_cohort_table_pairs_each_method_with_wsi_only_over_seeds():
     expected = f"{diff.mean():+.3f} [{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]"
     assert row.split(" | ")[3] == expected
     assert row.split(" | ")[1] == f"{np.mean(aucs['bd']):.3f}"
+
+
+def test_the_pooling_diagnostic_s_oracle_features_are_the_generator_s_likelihood_ratios():
+    """The oracle features (each instance's log LR key : tissue and marked : tissue) are all the
+    exact WSI-only posterior needs: computed from them alone, it is the generator's own
+    posterior of the bag (``bayes_absent``), so a model fed them lacks nothing of the slide."""
+    spec = importlib.util.spec_from_file_location("diagnostic", ACCURACY / "pooling_diagnostic.py")
+    diagnostic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnostic)
+    from dataclasses import replace
+
+    from scipy.special import logsumexp
+
+    from bidistill.synthetic.latent import _V_GRID, _Grid, _key_share, _marker_share
+    from bidistill.synthetic.suite import SUITE
+
+    suite_spec = replace(SUITE["sparse-partial"], patients=40, test_patients=40)
+    cohort = diagnostic.draw_latent_cohort(suite_spec, seed=0)
+    bag = cohort.bags[0]
+    ratios = diagnostic.oracle_features(cohort, bag)
+    assert ratios.shape == (len(bag), 2) and np.isfinite(ratios).all()
+    # The posterior over v and c from the ratios alone (each instance's density relative to the
+    # tissue's): what `bayes_posteriors` computes from the features.
+    grid = _Grid(suite_spec)
+    f = _key_share(suite_spec, _V_GRID)[None, :, None]
+    m = _marker_share(suite_spec, grid.c)
+    key, marked = (
+        np.exp(ratios[:, 0])[:, None, None, None],
+        np.exp(ratios[:, 1])[:, None, None, None],
+    )
+    mix = f * key + (1 - f) * (1 + m * (marked - 1))
+    log_joint = grid.log_prior + np.log(mix).sum(axis=0)
+    weights = np.exp(log_joint - logsumexp(log_joint))
+    from_ratios = float((weights * grid.p_label).sum())
+    exact = cohort.posterior_frame([0])["bayes_absent"].iloc[0]
+    assert from_ratios == pytest.approx(exact, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_pooling_diagnostic_prints_each_variant_s_gap(tmp_path):
+    command = [sys.executable, str(ACCURACY / "pooling_diagnostic.py"), "sparse-partial"]
+    command += ["mean-count+epochs=2,abmil-count+feat=oracle+epochs=2", "--seeds", "1"]
+    command += ["--scale", "0.1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| mean-count")]
+    rows += [line for line in done.stdout.splitlines() if line.startswith("| abmil-count+feat")]
+    assert len(rows) == 2, done.stdout
+    for row in rows:
+        gap, auc = row.split(" | ")[1:3]
+        assert -0.5 < float(gap) < 0.5 and 0 <= float(auc) <= 1

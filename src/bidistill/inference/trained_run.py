@@ -42,7 +42,6 @@ class BagSource(Protocol):
 
     reads_tiles: bool
     scores: tuple[str, ...]  # the heatmap scores it computes (``HeatmapScore``)
-    scores: tuple[str, ...]  # the heatmap scores it computes (``HeatmapScore``)
 
     def aggregators(self, method: Method) -> list[str]: ...
 
