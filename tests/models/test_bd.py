@@ -167,3 +167,28 @@ def test_the_published_form_is_a_valid_option_set():
     assert (o.lambda_h, o.lambda_e, o.lambda_kd, o.temperature) == (0.2, 0.5, 0.5, 1.2)
     assert o.prompt == "learned" and not o.branch_selection
     assert paper.stages()[0].parts == ()
+
+
+def test_the_slide_head_trains_m_s_slide_read_on_every_patient_and_only_that():
+    """λ_slide · CE(slide_head(h_M), y) moves M's aggregator and the slide head alone, counts
+    the patients without clinical data too, belongs to M's part (its best epoch), and changes
+    no prediction; without it the model has no such head (old runs' weights still fit)."""
+    torch.manual_seed(0)
+    assert not hasattr(build("bd"), "slide_head")
+    bd = build("bd", dropout=0.0, lambda_slide=0.5).train()
+    g = _grads(bd, "ce_slide")
+    assert g["aggregator_multi"] and g["slide_head"]
+    assert not any(g[k] for k in ("clinical", "head_multi", "aggregator_single", "prompt"))
+    batch = make_batch()
+    assert not batch.clinical_present.all()  # the helper's batch mixes both kinds of patient
+    terms = bd.loss(batch, bd(batch))
+    h = bd(batch).extras["h_multi"]
+    every = F.cross_entropy(bd.slide_head(h), batch.labels)  # unweighted classes: all 1
+    torch.testing.assert_close(terms["ce_slide"], 0.5 * every)
+    (joint,) = bd.stages()
+    assert "slide_head" in next(p for p in joint.parts if p.name == "multi").modules
+    bd.eval()
+    plain = build("bd", dropout=0.0)
+    plain.load_state_dict({k: v for k, v in bd.state_dict().items() if "slide_head" not in k})
+    plain.eval()
+    torch.testing.assert_close(bd(batch).logits, plain(batch).logits)

@@ -244,3 +244,22 @@ def test_the_report_shows_the_epochs_the_trainer_kept(trained_run, name):
             assert part["best_epoch"] > warmup
     (info,) = method_infos(trained_run, [name], None)
     assert info.best_epochs == kept
+
+
+@pytest.mark.slow
+def test_bd_with_a_slide_head_trains_saves_and_loads_back(tiny_cohort, tmp_path):
+    """`lambda_slide` through the real training loop: its term is logged and positive every
+    epoch, the head is saved in M's part, and the run loads back with it (strict weights)."""
+    from bidistill.inference.load import load_trained
+
+    config = fast_config(tiny_cohort)
+    cohort = load_cohort(config.cohort)
+    splits = resolve_splits(cohort, config.cohort.splits, tmp_path / "splits.json")
+    method_cfg = MethodConfig(name="bd", label="bd-slide", lambda_slide=1.0)
+    method_dir = train_method(config, method_cfg, tmp_path, cohort=cohort, splits=splits)
+    log = pd.read_csv(method_dir / "train_log.csv")
+    assert np.isfinite(log["loss_ce_slide"]).all() and log["loss_ce_slide"].gt(0).all()
+    method, _, _ = load_trained(method_dir)
+    assert method.options.lambda_slide == 1.0 and hasattr(method, "slide_head")
+    predictions = pd.read_csv(method_dir / "predictions.csv")
+    assert predictions["prob_present"].between(0, 1).all()

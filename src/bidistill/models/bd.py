@@ -26,6 +26,10 @@ Options beyond the paper:
   multi-modal model), then both branches together.
 - ``feature_dropout`` marks observed clinical features missing at random during training, so
   that M learns to use the missing indicators (per-feature gaps such as a blank grade).
+- ``lambda_slide`` adds λ_slide · CE(slide_head(h_M), y) over every patient to L_M: a
+  slides-only head on M's bag embedding (gradient blending's unimodal head, Wang et al.,
+  CVPR 2020), so that M's slide read is trained as a WSI-only model's is even where the
+  clinical data, learned first, would let M stop before it. The head is not used to predict.
 - ``branch_selection`` (default on): M and S never use each other at prediction, so each keeps
   its own best epoch, M on the validation AUC with clinical data and S on the one without. With
   one checkpoint for both, chosen on their mean, the branch that peaks at another epoch loses.
@@ -82,6 +86,13 @@ class BDOptions(MethodOptions):
     prompt: Literal["learned", "wsi"] = "learned"
     warmup_epochs: int = Field(default=0, ge=0, description="Epochs of M alone first.")
     feature_dropout: float = Field(default=0.0, ge=0, lt=1)
+    lambda_slide: float = Field(
+        default=0.0,
+        ge=0,
+        description="Weight of CE(slide_head(h_M), y) over every patient: a slides-only head on "
+        "M's bag embedding, so that M's slide read learns what a WSI-only model learns even "
+        "where the clinical data would let it stop (gradient blending, Wang et al. 2020); 0: off.",
+    )
     branch_selection: bool = Field(
         default=True,
         description="Each branch keeps its own best epoch (M on the val AUC with clinical "
@@ -126,11 +137,15 @@ class BidirectionalDistillation(Method):
         self.prompt = Prompt(o.prompt, bag_dim, o.clinical_hidden, o.dropout)
         self.head_multi = self.make_fusion_head(bag_dim, o.clinical_hidden)
         self.head_single = self.make_fusion_head(bag_dim, o.clinical_hidden)
+        if o.lambda_slide:  # only then: the weights of runs without it keep their shapes
+            self.slide_head = nn.Linear(bag_dim, self.n_classes)
 
     def stages(self) -> list[Stage]:
         warmup = self.options.warmup_epochs
+        multi = ("aggregator_multi", "clinical", "head_multi")
+        multi += ("slide_head",) if self.options.lambda_slide else ()
         branches = (
-            Part("multi", "present", ("aggregator_multi", "clinical", "head_multi")),
+            Part("multi", "present", multi),
             Part("single", "absent", ("aggregator_single", "prompt", "head_single")),
         )
         joint = Stage("joint", "routed", parts=branches if self.options.branch_selection else ())
@@ -185,6 +200,8 @@ class BidirectionalDistillation(Method):
         x, o, y = output.extras, self.options, batch.labels
         present = batch.clinical_present
         terms = {"ce_multi": self.ce(x["logits_multi"], y, present)}
+        if o.lambda_slide:
+            terms["ce_slide"] = o.lambda_slide * self.ce(self.slide_head(x["h_multi"]), y)
         if self.stage != "warmup":
             terms["mse_h"] = o.lambda_h * mse(x["h_multi"], x["h_single"].detach())
             terms["ce_single"] = self.ce(x["logits_single"], y)
