@@ -139,17 +139,22 @@ def _without_each(name, module, pool, whole: Aggregate, bag, rows, branch: _Repl
             keep[0, k] = False
             out.append(branch.log_odds({name: module(x, keep).embedding}))
             keep[0, k] = True
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        return _joined(out)
     out = []
     for chunk in bag.chunks(rows):
         x = torch.from_numpy(np.ascontiguousarray(chunk)).to(branch.device, torch.float32)
         out.append(branch.log_odds({name: _embeddings_without(module, pool, x)}))
-    effects = torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    effects = _joined(out)
     dominant = _dominant_instance(module, whole)
     if dominant is not None:  # the closed form would cancel: mask it instead
         masked = stream_bag({name: module}, bag, rows, branch.device, without=dominant)
         effects[dominant] = branch.log_odds({name: masked[name].result().embedding})[0]
     return effects
+
+
+def _joined(effects: list[Tensor]) -> Tensor:
+    """The per-chunk (or per-tile) log-odds in one [n] float64 tensor; an empty bag gives []."""
+    return torch.cat(effects) if effects else torch.zeros(0, dtype=torch.float64)
 
 
 def _dominant_instance(module: nn.Module, whole: Aggregate) -> int | None:

@@ -192,9 +192,10 @@ class PoolStream:
         mean = self.summed / self.count.clamp_min(1.0)  # an empty bag keeps a zero embedding
         if not self.attention:
             weights = self.valid.to(mean.dtype) / self.count.clamp_min(1.0)
-            if self.counting:  # mean-count: the log of the bag's size
-                mean = torch.cat([mean, torch.log1p(self.count)], dim=-1)
-            return Aggregate(mean, weights)
+            if not self.counting:
+                return Aggregate(mean, weights)
+            # mean-count: the log of the bag's size
+            return Aggregate(torch.cat([mean, torch.log1p(self.count)], dim=-1), weights)
         tiny = torch.finfo(self.total.dtype).tiny
         if self.additive:
             return Aggregate(self.weighted[:, :1].clone(), self.scores)
