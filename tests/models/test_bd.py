@@ -192,3 +192,14 @@ def test_the_slide_head_trains_m_s_slide_read_on_every_patient_and_only_that():
     plain.load_state_dict({k: v for k, v in bd.state_dict().items() if "slide_head" not in k})
     plain.eval()
     torch.testing.assert_close(bd(batch).logits, plain(batch).logits)
+
+
+def test_a_bd_run_from_before_lambda_slide_keeps_its_fingerprint():
+    """BD runs recorded before ``lambda_slide`` existed trained the model that 0 builds, so at 0
+    the option is left out of the fingerprint (no retraining on upgrade); any other value is
+    another model and is in it."""
+    from bidistill.models.registry import fingerprinted_options, resolved_options
+
+    assert resolved_options("bd", {})["lambda_slide"] == 0.0
+    assert "lambda_slide" not in fingerprinted_options("bd", {})
+    assert fingerprinted_options("bd", {"lambda_slide": 0.5})["lambda_slide"] == 0.5

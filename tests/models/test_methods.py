@@ -144,6 +144,70 @@ def test_a_silent_clinical_start_reads_the_slides_alone_until_trained(name, bag_
     assert not torch.allclose(*logits(silent))
 
 
+@pytest.mark.parametrize("name", list_methods())
+def test_only_a_slides_start_puts_the_slides_stage_first(name):
+    """``clinical_start: slides`` runs a stage ``slides`` before the method's own stages on
+    every method with a fused slide read (the fusing ones), and changes nothing on the others;
+    without it the trainer runs the method's own stages."""
+    plain, slides = build(name), build(name, clinical_start="slides")
+    assert plain.training_stages() == plain.stages()
+    own = [s.name for s in slides.stages()]
+    expected = ["slides", *own] if name in FUSING else own
+    assert [s.name for s in slides.training_stages()] == expected
+    # The stage after the slides stage, and only it, counts its start (the read) as epoch 0.
+    candidates = [s.name for s in slides.training_stages() if s.start_is_candidate]
+    assert candidates == (own[:1] if name in FUSING else [])
+
+
+@pytest.mark.parametrize("name", FUSING)
+def test_the_slides_stage_trains_the_fused_slide_read_alone(name):
+    """In the slides stage the method predicts every patient with its fused slide read (the
+    clinical data, given or not, changes nothing), its loss is the cross-entropy over every
+    patient, and only the fused read's parameters train; the next stage makes the others
+    trainable again, but not a parameter that was frozen before (an end-to-end backbone's)."""
+    method = build(name, clinical_start="slides", dropout=0.0)
+    frozen_before = next(iter(method.get_submodule(method.fused_read[0]).parameters()))
+    frozen_before.requires_grad_(False)
+    method.set_stage("slides")
+    batch = make_batch(b=8)
+    other = make_batch(b=8, seed=1)
+    blanked = replace(batch, clinical=other.clinical, clinical_present=~batch.clinical_present)
+    with torch.no_grad():
+        method.eval()
+        torch.testing.assert_close(method(batch).logits, method(blanked).logits)
+    method.train()
+    out = method(batch)
+    terms = method.training_loss(batch, out)
+    torch.testing.assert_close(terms["total"], method.ce(out.logits, batch.labels))
+    terms["total"].backward()
+    read = {
+        f"{m}.{k}" for m in method.fused_read for k, _ in method.get_submodule(m).named_parameters()
+    }
+    trained = {n for n, p in method.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    assert trained and trained <= read and trainable <= read
+    method.set_stage(method.stages()[0].name)
+    outside = {n for n, p in method.named_parameters() if n not in read}
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    assert outside <= trainable
+    assert not frozen_before.requires_grad
+
+
+@pytest.mark.parametrize("name", FUSING)
+def test_the_own_stages_start_from_the_slide_read(name):
+    """With ``clinical_start: slides`` the fusion heads start silent: until the method's own
+    stages train, a patient with clinical data gets exactly what the slides stage selected
+    (the fused read with the clinical embedding at zero)."""
+    method = build(name, clinical_start="slides", dropout=0.0).eval()
+    batch = make_batch(b=8, present=torch.ones(8, dtype=torch.bool))
+    with torch.no_grad():
+        method.set_stage("slides")
+        read = method(batch).logits
+        method.set_stage(method.stages()[-1].name)
+        fused = method(batch).logits
+    torch.testing.assert_close(fused, read)
+
+
 POOLING = [name for name in list_methods() if not name.startswith("clinical-")]
 
 

@@ -140,3 +140,41 @@ def test_a_resumed_run_continues_the_schedule_and_the_optimiser(resumed, uninter
     # (a fresh SGD optimiser takes other steps from the same weights).
     losses = [c for c in reference.columns if c.startswith("loss_")]
     pd.testing.assert_frame_equal(log[losses], reference[losses])
+
+
+def test_a_run_stopped_after_the_slides_stage_resumes_in_the_next(cohort_config, tmp_path):
+    """``clinical_start: slides`` adds a stage before BD's joint one: a run stopped in the
+    joint stage's second epoch trains that epoch and no slides epoch again, and ends with the
+    weights of an uninterrupted run."""
+    raw = yaml.safe_load(cohort_config.read_text(encoding="utf-8"))
+    raw["methods"][0]["clinical_start"] = "slides"
+    raw["training"]["epochs"] = 2
+    config = cohort_config.with_name("slides-start.yaml")  # beside its cohort table
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    started: list[tuple[str, int]] = []
+    stop_at = None
+    original = EpochBar.start_epoch
+
+    def start_epoch(self, epoch: int, *args, **kwargs) -> None:
+        if (self.label, epoch) == stop_at:
+            raise KeyboardInterrupt
+        started.append((self.label, epoch))
+        original(self, epoch, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(EpochBar, "start_epoch", start_epoch)
+        whole = train_bd(config, tmp_path / "whole")
+        assert started == [("bd/slides", 1), ("bd/slides", 2), ("bd/joint", 1), ("bd/joint", 2)]
+        started.clear()
+        stop_at = ("bd/joint", 2)
+        with pytest.raises(KeyboardInterrupt):
+            train_bd(config, tmp_path / "stopped")
+        stop_at = None
+        started.clear()
+        resumed = train_bd(config, tmp_path / "stopped")
+    assert started == [("bd/joint", 2)]
+    expected = load_file(str(whole / "model.safetensors"))
+    got = load_file(str(resumed / "model.safetensors"))
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    log = pd.read_csv(resumed / "train_log.csv")
+    assert log["stage"].tolist() == ["slides", "slides", "joint", "joint"]

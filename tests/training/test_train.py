@@ -263,3 +263,59 @@ def test_bd_with_a_slide_head_trains_saves_and_loads_back(tiny_cohort, tmp_path)
     assert method.options.lambda_slide == 1.0 and hasattr(method, "slide_head")
     predictions = pd.read_csv(method_dir / "predictions.csv")
     assert predictions["prob_present"].between(0, 1).all()
+
+
+@pytest.mark.slow
+def test_a_slides_start_trains_the_slide_read_first(tiny_cohort, tmp_path):
+    """`clinical_start: slides` through the real training loop (BD: its own stage has two
+    parts): a stage `slides` first, whose read ignores the clinical data (the validation AUC
+    with it given equals the one without), then BD's joint stage, which starts from the slide
+    read; model.json keeps both selections, and a second run gives the same numbers."""
+    config = fast_config(tiny_cohort, epochs=4, patience=4)
+    cohort = load_cohort(config.cohort)
+    splits = resolve_splits(cohort, config.cohort.splits, tmp_path / "splits.json")
+    method_cfg = MethodConfig(name="bd", clinical_start="slides")
+    first = train_method(config, method_cfg, tmp_path / "first", cohort=cohort, splits=splits)
+    log = pd.read_csv(first / "train_log.csv")
+    assert log["stage"].tolist() == ["slides"] * 4 + ["joint"] * 5
+    assert log["epoch"].tolist() == [1, 2, 3, 4, 0, 1, 2, 3, 4]
+    read, joint = log[log["stage"] == "slides"], log[log["stage"] == "joint"]
+    np.testing.assert_allclose(read["val_auc_present"], read["val_auc_absent"])
+    assert read["loss_ce_slides"].gt(0).all() and joint["loss_kl"].notna().sum() == 4
+    selection = json.loads((first / "model.json").read_text())["selection"]
+    assert [s["stage"] for s in selection] == ["slides", "joint"]
+    assert [p["part"] for p in selection[1]["parts"]] == ["multi", "single"]
+    best = selection[0]["parts"][0]
+    kept = read.iloc[best["best_epoch"] - 1]
+    assert best["val_score"] == kept["val_auc_absent"]
+    # The joint stage's epoch 0 (validated before any step) is the selected slide read: M
+    # predicts each patient with clinical data as the read did.
+    start = joint.iloc[0]
+    assert start["epoch"] == 0 and np.isnan(start["loss_total"])
+    assert start["val_auc_with_clinical"] == kept["val_auc_with_clinical"]
+
+    again = train_method(config, method_cfg, tmp_path / "again", cohort=cohort, splits=splits)
+    timing = ["seconds"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(again / "train_log.csv").drop(columns=timing), log.drop(columns=timing)
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_csv(again / "predictions.csv"), pd.read_csv(first / "predictions.csv")
+    )
+
+
+@pytest.mark.slow
+def test_a_fused_stage_that_never_beats_the_slide_read_keeps_it(tiny_cohort, tmp_path):
+    """The fused stage after the slides stage counts its start (the selected slide read, its
+    clinical columns silent) as epoch 0: where no fused epoch beats it on the validation
+    patients, it is what the method keeps, so the clinical data changes no prediction. A
+    learning rate too small to move anything makes every fused epoch equal to the start."""
+    config = fast_config(tiny_cohort, epochs=3, patience=3, lr=1e-12)
+    cohort = load_cohort(config.cohort)
+    splits = resolve_splits(cohort, config.cohort.splits, tmp_path / "splits.json")
+    method_cfg = MethodConfig(name="fusion-mean", clinical_start="slides")
+    method_dir = train_method(config, method_cfg, tmp_path, cohort=cohort, splits=splits)
+    selection = json.loads((method_dir / "model.json").read_text())["selection"]
+    assert [(s["stage"], s["parts"][0]["best_epoch"]) for s in selection][1] == ("main", 0)
+    predictions = pd.read_csv(method_dir / "predictions.csv")
+    np.testing.assert_allclose(predictions["prob_present"], predictions["prob_absent"], atol=1e-6)

@@ -128,7 +128,7 @@ def load_trained(
         raise folder.damaged(
             folder.weights, f"does not fit {meta['method']} ({reason(err)})"
         ) from err
-    method.set_stage([s.name for s in method.stages()][-1])
+    method.set_stage(method.stages()[-1].name)
     try:
         encoder = ClinicalEncoder.load(folder.clinical_encoder)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:

@@ -6,7 +6,7 @@ do when ``clinical_present`` is False."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 import torch
@@ -15,10 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from bidistill.models.aggregators import AggregatorName, make_aggregator
-from bidistill.models.batch import Output
+from bidistill.models.batch import Batch, Output
 from bidistill.models.blocks import FusionHead, FusionModel, WSIClassifier
 
 Selection = Literal["present", "absent", "routed"]
+
+# The stage ``clinical_start: slides`` puts first: the fused slide read trained alone.
+SLIDES_STAGE = "slides"
 
 
 class MethodOptions(BaseModel):
@@ -56,11 +59,16 @@ class MethodOptions(BaseModel):
         "clinical subtype that changes how much the slides matter). Heatmaps are unchanged: "
         "they draw the pooling's weights.",
     )
-    clinical_start: Literal["random", "silent"] = Field(
+    clinical_start: Literal["random", "silent", "slides"] = Field(
         default="random",
-        description="How a fusion head starts reading the clinical embedding: random weights, "
-        "or silent (zero weights: the untrained head reads the slides alone, and the clinical "
-        "data enters as far as training finds it useful; helps small cohorts).",
+        description="How a fusion head starts reading the clinical embedding: random weights; "
+        "silent (zero weights: the untrained head reads the slides alone, and the clinical "
+        "data enters as far as training finds it useful; helps small cohorts); or slides (a "
+        "first stage trains the fused slide read alone, the aggregator and the fusion head "
+        "with the clinical embedding at zero, on every patient, selected on the val AUC "
+        "without clinical data; the method's own stages start from it, silent, so that the "
+        "clinical data cannot cut short what the slides have to teach). Methods with no fused "
+        "slide read (wsi-only, ensemble, clinical-only) ignore it.",
     )
 
 
@@ -100,6 +108,10 @@ class Stage:
     select: Selection
     epochs: int | None = None  # None: the training config's
     parts: tuple[Part, ...] = ()
+    # Its starting weights are a candidate too (epoch 0, validated before any step): the
+    # stage after the slides stage, whose start is the selected slide read, so that the fused
+    # model is kept only where it beats the slides alone on the validation patients.
+    start_is_candidate: bool = False
 
 
 class Method(nn.Module):
@@ -108,12 +120,16 @@ class Method(nn.Module):
     name: ClassVar[str] = ""  # set by ``register_method``
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     selection: ClassVar[Selection] = "routed"
+    # The submodules of the fused slide read (the aggregator and fusion head that the fused
+    # prediction goes through; ``read_slides``): what the slides stage trains. Empty: none.
+    fused_read: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, dims: MethodDims, options: MethodOptions):
         super().__init__()
         self.dims = dims
         self.options = options
-        self.stage = self.stages()[0].name
+        self._held: list[nn.Parameter] = []  # trainable parameters the stage does not train
+        self.stage = self.training_stages()[0].name
         self.register_buffer("class_weights", torch.ones(dims.n_classes), persistent=False)
         # What the fitted ClinicalEncoder outputs for a patient with no clinical data (imputed
         # values, indicators 1). Saved with the weights; the trainer sets it before training.
@@ -124,13 +140,57 @@ class Method(nn.Module):
     # --- stages and setup -------------------------------------------------------------------
 
     def stages(self) -> list[Stage]:
+        """The method's own stages."""
         return [Stage("main", self.selection)]
 
+    @property
+    def slides_first(self) -> bool:
+        return bool(self.fused_read) and self.options.clinical_start == "slides"
+
+    def training_stages(self) -> list[Stage]:
+        """What the trainer runs: the slides stage first with ``clinical_start: slides``,
+        then the method's own stages."""
+        own = self.stages()
+        if not self.slides_first:
+            return own
+        return [Stage(SLIDES_STAGE, "absent"), replace(own[0], start_is_candidate=True), *own[1:]]
+
     def set_stage(self, name: str) -> None:
-        names = [s.name for s in self.stages()]
+        names = [s.name for s in self.training_stages()]
         if name not in names:
             raise ValueError(f"{self.name}: unknown stage {name!r}; stages are {names}")
         self.stage = name
+        for p in self._held:  # only what the last stage held: a frozen backbone stays frozen
+            p.requires_grad_(True)
+        self._held = [p for p in self.held_in(name) if p.requires_grad]
+        for p in self._held:
+            p.requires_grad_(False)
+
+    def held_in(self, stage: str) -> list[nn.Parameter]:
+        """The parameters ``stage`` does not train (the slides stage: all but the fused read)."""
+        if stage != SLIDES_STAGE:
+            return []
+        inside = {id(p) for m in self.fused_read for p in self.get_submodule(m).parameters()}
+        return [p for p in self.parameters() if id(p) not in inside]
+
+    def __call__(self, batch: Batch) -> Output:
+        # The slides stage predicts with the fused slide read on every route, so that training
+        # and the selection (val AUC without clinical data) both see it.
+        if self.stage == SLIDES_STAGE:
+            return self.read_slides(batch)
+        return super().__call__(batch)
+
+    def read_slides(self, batch: Batch) -> Output:
+        """The fused prediction with the clinical embedding at zero (``fused_read``'s path)."""
+        raise NotImplementedError(f"{self.name} has no fused slide read")
+
+    def training_loss(self, batch: Batch, output: Output) -> dict[str, Tensor]:
+        """The terms the trainer minimises: ``loss``, or in the slides stage the fused slide
+        read's cross-entropy over every patient."""
+        if self.stage == SLIDES_STAGE:
+            ce = self.ce(output.logits, batch.labels)
+            return {"ce_slides": ce, "total": ce}
+        return self.loss(batch, output)
 
     def set_class_weights(self, weights: Tensor) -> None:
         """Per-class weights [K] for the cross-entropy terms (inverse class frequency)."""
@@ -185,7 +245,7 @@ class Method(nn.Module):
             other_dim,
             o.clinical_hidden,
             o.dropout,
-            silent=o.clinical_start == "silent",
+            silent=o.clinical_start != "random",
             n_classes=self.n_classes,
             **self._bag_reading(),
         )
@@ -197,7 +257,7 @@ class Method(nn.Module):
             self.dims.clinical_dim,
             o.clinical_hidden,
             o.dropout,
-            silent=o.clinical_start == "silent",
+            silent=o.clinical_start != "random",
             n_classes=self.n_classes,
             **self._bag_reading(),
         )

@@ -126,6 +126,7 @@ class BidirectionalDistillation(Method):
     """BD: see the module docstring for the losses and the differences from the paper's code."""
 
     Options = BDOptions
+    fused_read = ("aggregator_multi", "head_multi")
 
     def __init__(self, dims: MethodDims, options: BDOptions):
         super().__init__(dims, options)
@@ -179,6 +180,11 @@ class BidirectionalDistillation(Method):
             "attention_multi": agg.attention,
             "logits_multi": self.head_multi(agg.embedding, e),
         }
+
+    def read_slides(self, batch: Batch) -> Output:
+        agg = self.aggregator_multi(batch.bags, batch.tile_valid)
+        logits = self.head_multi.read_slides(agg.embedding)
+        return Output(logits, agg.attention, {"h_multi": agg.embedding})
 
     def _single(self, batch: Batch) -> dict[str, Tensor]:
         agg = self.aggregator_single(batch.bags, batch.tile_valid)

@@ -92,12 +92,17 @@ class FusionHead(nn.Module):
         self.read_bag = BagReader(bag_dim, bag_width, bag_layers)
         width = self.read_bag.out_dim
         self.net = mlp(width + clinical_dim, hidden_dim, n_classes, dropout)
+        self.clinical_dim = clinical_dim
         if silent:
             with torch.no_grad():
                 self.net[0].weight[:, width:] = 0.0
 
     def forward(self, h: Tensor, e: Tensor) -> Tensor:
         return self.net(torch.cat([self.read_bag(h), e], dim=-1))
+
+    def read_slides(self, h: Tensor) -> Tensor:
+        """Logits from the bag embedding with the clinical embedding at zero."""
+        return self(h, h.new_zeros(len(h), self.clinical_dim))
 
 
 class WSIClassifier(nn.Module):
@@ -172,6 +177,11 @@ class FusionModel(nn.Module):
     def classify(self, h: Tensor, e: Tensor) -> Tensor:
         """[h, e] → logits [B, K]."""
         return self.head(h, e)
+
+    def read_slides(self, batch: Batch) -> Output:
+        """The prediction with the clinical embedding at zero: the slides read alone."""
+        agg = self.embed_bag(batch)
+        return Output(self.head.read_slides(agg.embedding), agg.attention, {"h": agg.embedding})
 
     def forward(self, batch: Batch, clinical: Tensor) -> Output:
         agg = self.embed_bag(batch)

@@ -32,10 +32,15 @@ class Switch(Method):
     clinical data, the WSI model on every validation patient without it.
     """
 
+    fused_read = ("fusion.aggregator", "fusion.head")
+
     def __init__(self, dims: MethodDims, options: MethodOptions):
         super().__init__(dims, options)
         self.wsi = self.make_wsi_classifier()
         self.fusion = self.make_fusion_model()
+
+    def read_slides(self, batch: Batch) -> Output:
+        return self.fusion.read_slides(batch)
 
     def stages(self) -> list[Stage]:
         parts = (Part("fusion", "present", ("fusion",)), Part("wsi", "absent", ("wsi",)))
@@ -114,11 +119,15 @@ class OneWayKD(Method):
     """
 
     Options = KDOptions
+    fused_read = ("teacher.aggregator", "teacher.head")
 
     def __init__(self, dims: MethodDims, options: KDOptions):
         super().__init__(dims, options)
         self.teacher = self.make_fusion_model()
         self.student = self.make_wsi_classifier()
+
+    def read_slides(self, batch: Batch) -> Output:
+        return self.teacher.read_slides(batch)
 
     def stages(self) -> list[Stage]:
         # The frozen teacher serves the patients with clinical data; the student is selected
@@ -127,8 +136,12 @@ class OneWayKD(Method):
 
     def set_stage(self, name: str) -> None:
         super().set_stage(name)
-        self.teacher.requires_grad_(name == "teacher")
         self.train(self.training)
+
+    def held_in(self, stage: str) -> list[nn.Parameter]:
+        if stage == "student":
+            return list(self.teacher.parameters())
+        return super().held_in(stage)
 
     def train(self, mode: bool = True) -> OneWayKD:
         super().train(mode)

@@ -16,8 +16,21 @@ from bidistill.models.blocks import mlp
 from bidistill.models.registry import register_method
 
 
+class OneFusionModel(Method):
+    """A method built on one ``FusionModel``: its aggregator and head are the fused slide read."""
+
+    fused_read = ("model.aggregator", "model.head")
+
+    def __init__(self, dims: MethodDims, options: MethodOptions):
+        super().__init__(dims, options)
+        self.model = self.make_fusion_model()
+
+    def read_slides(self, batch: Batch) -> Output:
+        return self.model.read_slides(batch)
+
+
 @register_method("fusion-mean")
-class FusionMean(Method):
+class FusionMean(OneFusionModel):
     """Fusion trained on complete data; a missing value is the training mean, with its flag set.
 
     This is the ``ClinicalEncoder``'s own imputation, so the input is used as encoded. Only
@@ -60,7 +73,7 @@ class ModDropOptions(MethodOptions):
 
 
 @register_method("moddrop")
-class ModDrop(Method):
+class ModDrop(OneFusionModel):
     """Fusion with modality dropout and a learned missing token (Neverova et al. 2016 style).
 
     In training each patient's clinical embedding is replaced, with probability ``drop_rate``,
@@ -72,7 +85,6 @@ class ModDrop(Method):
 
     def __init__(self, dims: MethodDims, options: ModDropOptions):
         super().__init__(dims, options)
-        self.model = self.make_fusion_model()
         self.missing_token = nn.Parameter(torch.zeros(options.clinical_hidden))
 
     def forward(self, batch: Batch) -> Output:
@@ -97,7 +109,7 @@ class AEImputeOptions(MethodOptions):
 
 
 @register_method("ae-impute")
-class AEImpute(Method):
+class AEImpute(OneFusionModel):
     """Fusion with the clinical data imputed from the slides when it is missing.
 
     A decoder learns to reconstruct the clinical input (``reconstruct: input``: the encoded
@@ -112,7 +124,6 @@ class AEImpute(Method):
 
     def __init__(self, dims: MethodDims, options: AEImputeOptions):
         super().__init__(dims, options)
-        self.model = self.make_fusion_model()
         target = dims.n_values if options.reconstruct == "input" else options.clinical_hidden
         self.decoder = mlp(self.model.bag_dim, options.clinical_hidden, target, options.dropout)
 

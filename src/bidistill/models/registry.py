@@ -107,7 +107,7 @@ def validate_options(name: str, options: dict[str, Any]) -> Any:
 # before. At that value an option is left out of a run's fingerprint: a run made before the
 # option existed recorded no value for it, and the model it trained is the one the new version
 # would train, so an upgrade does not retrain it (a changed default still does).
-ADDED_OPTIONS: dict[str, Any] = {"instance_layers": 1}
+ADDED_OPTIONS: dict[str, Any] = {"instance_layers": 1, "lambda_slide": 0.0}
 
 
 def resolved_options(name: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ class ShaSpec(Method):
     """ShaSpec: shared and specific features; see the module docstring."""
 
     Options = ShaSpecOptions
+    fused_read = ("aggregator", "shared", "specific_wsi", "fuse_wsi", "head")
 
     def __init__(self, dims: MethodDims, options: ShaSpecOptions):
         super().__init__(dims, options)
@@ -59,13 +60,23 @@ class ShaSpec(Method):
         self.domain_classifier = nn.Linear(d, 2)
         self.head = self.make_fusion_head(d, d)
 
+    def _wsi_feature(self, stem_wsi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """f_W, with shared_W and specific_W."""
+        shared_wsi, specific_wsi = self.shared(stem_wsi), self.specific_wsi(stem_wsi)
+        f_wsi = shared_wsi + self.fuse_wsi(torch.cat([shared_wsi, specific_wsi], dim=-1))
+        return f_wsi, shared_wsi, specific_wsi
+
+    def read_slides(self, batch: Batch) -> Output:
+        agg = self.aggregator(batch.bags, batch.tile_valid)
+        f_wsi = self._wsi_feature(agg.embedding)[0]
+        return Output(self.head.read_slides(f_wsi), agg.attention, {})
+
     def forward(self, batch: Batch) -> Output:
         agg = self.aggregator(batch.bags, batch.tile_valid)
         stem_wsi, stem_clinical = agg.embedding, self.clinical_stem(batch.clinical)
-        shared_wsi, shared_clinical = self.shared(stem_wsi), self.shared(stem_clinical)
-        specific_wsi = self.specific_wsi(stem_wsi)
+        f_wsi, shared_wsi, specific_wsi = self._wsi_feature(stem_wsi)
+        shared_clinical = self.shared(stem_clinical)
         specific_clinical = self.specific_clinical(stem_clinical)
-        f_wsi = shared_wsi + self.fuse_wsi(torch.cat([shared_wsi, specific_wsi], dim=-1))
         f_clinical = shared_clinical + self.fuse_clinical(
             torch.cat([shared_clinical, specific_clinical], dim=-1)
         )

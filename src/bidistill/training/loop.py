@@ -5,7 +5,8 @@ A stage made of parts (e.g. BD's multi-modal and single-modal branches, which sh
 parameters and never use each other at prediction) keeps each part's own best epoch, because
 one checkpoint for two branches that peak at different epochs shortchanges one of them; a part
 that stops improving for ``patience`` epochs is frozen at its best while the others train on.
-Epochs count from 1 within each stage everywhere (progress, run.log, train_log.csv, model.json)."""
+Epochs count from 1 within each stage everywhere (progress, run.log, train_log.csv, model.json);
+a stage whose start is a candidate (``Stage.start_is_candidate``) records it as epoch 0."""
 
 from __future__ import annotations
 
@@ -255,7 +256,7 @@ def fit(
     ``fingerprint`` (None: not resumable). Returns the log rows and each stage's selection."""
     loop = _Loop(method, source, cfg, device, progress, processes, precision, state_file)
     state, payload = loop.resume(fingerprint)
-    stages = method.stages()
+    stages = method.training_stages()
     for index in range(state.stage, len(stages)):
         stage = stages[index]
         loop.fit_stage(stage, index, stage.epochs or epochs or cfg.epochs, state, payload)
@@ -313,12 +314,14 @@ class _Loop:
         tracks = _tracks(method, stage)
         if payload is not None and payload["optimizer"] is not None:
             self._restore(payload, schedule, scaler, tracks, state)
-        label = f"{method.name}/{stage.name}" if len(method.stages()) > 1 else method.name
+        label = f"{method.name}/{stage.name}" if len(method.training_stages()) > 1 else method.name
         bar = EpochBar(
             self.progress and self.processes.is_main, label, parts=[t.part.name for t in tracks]
         )
         with bar:
             bar.note(_selection_note(label, stage, tracks))
+            if stage.start_is_candidate and state.epoch == 0:
+                self._record_start(stage, schedule, tracks, state)
             for epoch in range(state.epoch + 1, epochs + 1):
                 started = time.perf_counter()
                 bar.start_epoch(epoch, epochs, steps)
@@ -348,6 +351,14 @@ class _Loop:
         state.stages.append(result.to_dict())
         state.stage, state.epoch, state.tracks = index + 1, 0, []
         self._save(state, None, None, [])
+
+    def _record_start(self, stage: Stage, schedule: Schedule, tracks, state: LoopState) -> None:
+        """Epoch 0: the stage's starting weights, validated and recorded as a candidate."""
+        started = time.perf_counter()
+        aucs = self.validate()
+        _record(self.method, tracks, 0, aucs, candidate=True)
+        lr = schedule.optimizer.param_groups[0]["lr"]
+        state.log_rows.append(_log_row(stage, 0, lr, {}, aucs, tracks, started))
 
     def validate(self) -> ValidationAUCs:
         patients = self.source.patients["val"]
@@ -399,7 +410,7 @@ class _Loop:
             torch.manual_seed(one.seed)
         with autocast(self.device, self.precision):
             output = method(one.batch)
-            terms = method.loss(one.batch, output)
+            terms = method.training_loss(one.batch, output)
         total = terms["total"]
         if not torch.isfinite(total):
             values = {k: float(v) for k, v in terms.items()}
