@@ -115,6 +115,18 @@ def test_kd_student_stage_freezes_the_teacher():
     assert set(terms) == {"ce_student", "kl", "total"} and torch.isfinite(terms["kl"])
 
 
+def test_kd_stages_release_only_what_they_froze():
+    """Back in the teacher stage the teacher trains again, except a parameter that was frozen
+    before any stage (an end-to-end backbone's ``freeze_until``), which stays frozen."""
+    method = build("kd")
+    frozen = method.teacher.aggregator.project[0].weight
+    frozen.requires_grad_(False)
+    for stage in ("teacher", "student", "teacher"):
+        method.set_stage(stage)
+    trainable = [p.requires_grad for p in method.teacher.parameters() if p is not frozen]
+    assert all(trainable) and not frozen.requires_grad
+
+
 FUSING = ["bd", "fusion-mean", "fusion-zero", "moddrop", "ae-impute", "shaspec", "switch", "kd"]
 
 

@@ -9,13 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bidistill.cohort import load_cohort
+from bidistill.cohort import load_cohort, resolve_splits
+from bidistill.config import MethodConfig
 from bidistill.errors import CheckpointError
 from bidistill.features import FeatureStore
 from bidistill.inference import load_trained, predict_bags
 from bidistill.training.data import StoreBags
 
-from .conftest import fast_config
+from .conftest import fast_config, train_method
 
 
 @pytest.mark.slow
@@ -44,6 +45,31 @@ def test_loaded_method_reproduces_the_saved_predictions(trained_run, tiny_cohort
     else:
         assert [len(a) for a in present.attention] == [len(b) for b in bag_list]
         assert all(abs(a.sum() - 1) < 1e-4 for a in present.attention)
+
+
+@pytest.mark.slow
+def test_a_slides_start_run_loads_back_and_reproduces_its_predictions(tiny_cohort, tmp_path):
+    """A method trained with ``clinical_start: slides`` loads in its last own stage (not the
+    slides stage: the fused prediction) and predicts what training saved."""
+    config = fast_config(tiny_cohort, epochs=3, patience=3)
+    cohort = load_cohort(config.cohort)
+    splits = resolve_splits(cohort, config.cohort.splits, tmp_path / "splits.json")
+    method_cfg = MethodConfig(name="bd", clinical_start="slides")
+    method_dir = train_method(config, method_cfg, tmp_path, cohort=cohort, splits=splits)
+    method, encoder, _ = load_trained(method_dir)
+    assert method.stage == "joint" and method.training_stages()[0].name == "slides"
+    saved = pd.read_csv(method_dir / "predictions.csv", dtype={"patient_id": str})
+    test = saved[saved["split"] == "test"]
+    ids = test["patient_id"].tolist()
+    store = FeatureStore(config.features.dir, cohort.slides["slide_id"].tolist())
+    slides = {p: list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
+    bags = StoreBags(store, [slides[p] for p in ids])
+    bag_list = [bags(i) for i in range(len(ids))]
+    rows = cohort.subset(ids)[cohort.feature_names]
+    present = predict_bags(method, bag_list, encoder.transform(rows))
+    absent = predict_bags(method, bag_list, encoder.missing_row(len(ids)))
+    np.testing.assert_allclose(present.probabilities, test["prob_present"], atol=1e-5)
+    np.testing.assert_allclose(absent.probabilities, test["prob_absent"], atol=1e-5)
 
 
 @pytest.mark.slow
