@@ -177,4 +177,10 @@ def test_a_run_stopped_after_the_slides_stage_resumes_in_the_next(cohort_config,
     got = load_file(str(resumed / "model.safetensors"))
     assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
     log = pd.read_csv(resumed / "train_log.csv")
-    assert log["stage"].tolist() == ["slides", "slides", "joint", "joint"]
+    assert log["stage"].tolist() == [
+        "slides",
+        "slides",
+        "joint",
+        "joint",
+        "joint",
+    ]  # joint 0: the start

@@ -40,10 +40,6 @@ class FusionMean(OneFusionModel):
 
     selection = "present"
 
-    def __init__(self, dims: MethodDims, options: MethodOptions):
-        super().__init__(dims, options)
-        self.model = self.make_fusion_model()
-
     def clinical_input(self, batch: Batch) -> Tensor:
         return batch.clinical
 
