@@ -19,25 +19,30 @@ from bidistill.training.data import StoreBags
 from .conftest import fast_config, train_method
 
 
+def saved_test_patients(method_dir, config, cohort):
+    """A trained method's saved test predictions, its test patients' bags and clinical rows."""
+    saved = pd.read_csv(method_dir / "predictions.csv", dtype={"patient_id": str})
+    test = saved[saved["split"] == "test"]
+    ids = test["patient_id"].tolist()
+    store = FeatureStore(config.features.dir, cohort.slides["slide_id"].tolist())
+    slides = {p: list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
+    bags = StoreBags(store, [slides[p] for p in ids])
+    return test, [bags(i) for i in range(len(ids))], cohort.subset(ids)[cohort.feature_names]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bd", "kd", "clinical-only"])
 def test_loaded_method_reproduces_the_saved_predictions(trained_run, tiny_cohort, name):
     method, encoder, meta = load_trained(trained_run / name)
     assert not method.training and meta["method"] == name
-    saved = pd.read_csv(trained_run / name / "predictions.csv", dtype={"patient_id": str})
-    test = saved[saved["split"] == "test"]
     config = fast_config(tiny_cohort)
-    cohort = load_cohort(config.cohort)
-    ids = test["patient_id"].tolist()
-    rows = cohort.subset(ids)[cohort.feature_names]
-    store = FeatureStore(config.features.dir, cohort.slides["slide_id"].tolist())
-    slides = {p: list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
-    bags = StoreBags(store, [slides[p] for p in ids])
-    bag_list = [bags(i) for i in range(len(ids))]
+    test, bag_list, rows = saved_test_patients(
+        trained_run / name, config, load_cohort(config.cohort)
+    )
 
     # a small memory budget: bags are encoded in chunks of about 15 instances
     present = predict_bags(method, bag_list, encoder.transform(rows), memory_budget=2**16)
-    absent = predict_bags(method, bag_list, encoder.missing_row(len(ids)))
+    absent = predict_bags(method, bag_list, encoder.missing_row(len(test)))
     np.testing.assert_allclose(present.probabilities, test["prob_present"], atol=1e-5)
     np.testing.assert_array_equal(absent.probabilities, test["prob_absent"].astype(np.float32))
     if name == "clinical-only":
@@ -58,16 +63,9 @@ def test_a_slides_start_run_loads_back_and_reproduces_its_predictions(tiny_cohor
     method_dir = train_method(config, method_cfg, tmp_path, cohort=cohort, splits=splits)
     method, encoder, _ = load_trained(method_dir)
     assert method.stage == "joint" and method.training_stages()[0].name == "slides"
-    saved = pd.read_csv(method_dir / "predictions.csv", dtype={"patient_id": str})
-    test = saved[saved["split"] == "test"]
-    ids = test["patient_id"].tolist()
-    store = FeatureStore(config.features.dir, cohort.slides["slide_id"].tolist())
-    slides = {p: list(s) for p, s in cohort.slides.groupby("patient_id")["slide_id"]}
-    bags = StoreBags(store, [slides[p] for p in ids])
-    bag_list = [bags(i) for i in range(len(ids))]
-    rows = cohort.subset(ids)[cohort.feature_names]
+    test, bag_list, rows = saved_test_patients(method_dir, config, cohort)
     present = predict_bags(method, bag_list, encoder.transform(rows))
-    absent = predict_bags(method, bag_list, encoder.missing_row(len(ids)))
+    absent = predict_bags(method, bag_list, encoder.missing_row(len(test)))
     np.testing.assert_allclose(present.probabilities, test["prob_present"], atol=1e-5)
     np.testing.assert_allclose(absent.probabilities, test["prob_absent"], atol=1e-5)
 

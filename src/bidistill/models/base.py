@@ -181,8 +181,11 @@ class Method(nn.Module):
         return super().__call__(batch)
 
     def read_slides(self, batch: Batch) -> Output:
-        """The fused prediction with the clinical embedding at zero (``fused_read``'s path)."""
-        raise NotImplementedError(f"{self.name} has no fused slide read")
+        """The fused prediction with the clinical embedding at zero (``fused_read``'s path): by
+        default that of the ``FusionModel`` whose aggregator and head ``fused_read`` names; a
+        method whose fused read is built otherwise (BD, ShaSpec) overrides it."""
+        fusion_model = self.get_submodule(self.fused_read[0].removesuffix(".aggregator"))
+        return fusion_model.read_slides(batch)
 
     def training_loss(self, batch: Batch, output: Output) -> dict[str, Tensor]:
         """The terms the trainer minimises: ``loss``, or in the slides stage the fused slide

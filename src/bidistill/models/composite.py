@@ -39,9 +39,6 @@ class Switch(Method):
         self.wsi = self.make_wsi_classifier()
         self.fusion = self.make_fusion_model()
 
-    def read_slides(self, batch: Batch) -> Output:
-        return self.fusion.read_slides(batch)
-
     def stages(self) -> list[Stage]:
         parts = (Part("fusion", "present", ("fusion",)), Part("wsi", "absent", ("wsi",)))
         return [Stage("main", "routed", parts=parts)]
@@ -125,9 +122,6 @@ class OneWayKD(Method):
         super().__init__(dims, options)
         self.teacher = self.make_fusion_model()
         self.student = self.make_wsi_classifier()
-
-    def read_slides(self, batch: Batch) -> Output:
-        return self.teacher.read_slides(batch)
 
     def stages(self) -> list[Stage]:
         # The frozen teacher serves the patients with clinical data; the student is selected

@@ -25,9 +25,6 @@ class OneFusionModel(Method):
         super().__init__(dims, options)
         self.model = self.make_fusion_model()
 
-    def read_slides(self, batch: Batch) -> Output:
-        return self.model.read_slides(batch)
-
 
 @register_method("fusion-mean")
 class FusionMean(OneFusionModel):
