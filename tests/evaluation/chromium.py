@@ -88,7 +88,7 @@ class _Pipe:
         params: dict | None = None,
         *,
         session: str | None = None,
-        timeout: float = 20,
+        timeout: float = 60,
     ) -> dict:
         self._next_id += 1
         message = {"id": self._next_id, "method": method, "params": params or {}}
@@ -97,23 +97,34 @@ class _Pipe:
         os.write(self._to_browser, json.dumps(message).encode() + b"\0")
         deadline = time.monotonic() + timeout
         while True:
-            reply = self.messages.get(timeout=max(deadline - time.monotonic(), 0.01))
+            reply = self._next_message(method, deadline)
             if reply.get("id") == self._next_id:
                 if "error" in reply:
                     raise RuntimeError(f"{method}: {reply['error']}")
                 return reply["result"]
             self.events.append(reply)
 
-    def wait_event(self, name: str, session: str, timeout: float = 20) -> dict:
+    def wait_event(self, name: str, session: str, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             for event in self.events:
                 if event.get("method") == name and event.get("sessionId") == session:
                     return event
-            self.events.append(self.messages.get(timeout=max(deadline - time.monotonic(), 0.01)))
+            self.events.append(self._next_message(name, deadline))
+
+    def _next_message(self, waiting_for: str, deadline: float) -> dict:
+        # Wait in short slices so that a browser that died is reported at once, by its exit code,
+        # rather than as a bare queue timeout.
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return self.messages.get(timeout=min(max(deadline - time.monotonic(), 0.01), 1))
+            if self.proc.poll() is not None and self.messages.empty():
+                raise RuntimeError(f"Chromium exited ({self.proc.returncode}) before {waiting_for}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"Chromium did not answer {waiting_for} in time")
 
     def close(self) -> None:
-        with contextlib.suppress(RuntimeError, queue.Empty, OSError):
+        with contextlib.suppress(RuntimeError, TimeoutError, OSError):
             self.send("Browser.close", timeout=5)
         try:
             self.proc.wait(timeout=10)
@@ -158,7 +169,9 @@ def open_page(
     requested and rendered."""
     pipe = _Pipe(binary, profile)
     try:
-        target = pipe.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        # The first answer waits for the browser to start, which takes long on a loaded machine
+        # (a CI run with every core busy took over 20 s).
+        target = pipe.send("Target.createTarget", {"url": "about:blank"}, timeout=120)["targetId"]
         session = pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
             "sessionId"
         ]
