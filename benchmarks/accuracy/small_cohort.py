@@ -14,6 +14,8 @@ covers training seeds only).
 Usage:
     python benchmarks/accuracy/small_cohort.py --seeds 5
     python benchmarks/accuracy/small_cohort.py --seeds 5 --training min_steps=1000
+    python benchmarks/accuracy/small_cohort.py --seeds 5 --methods bd \
+        --entry bd-reads:bd:clinical_start=reads
 
 Writes ``benchmarks/results/small_cohort.json`` (or ``--out``) and prints a table.
 """
@@ -85,6 +87,13 @@ def main() -> int:
     parser.add_argument(
         "--option", action="append", default=[], help="KEY=VALUE: every method's option."
     )
+    parser.add_argument(
+        "--entry",
+        action="append",
+        default=[],
+        help="LABEL:NAME[:KEY=VALUE,...]: one more method entry with its own options (as the "
+        "suite's), e.g. bd-reads:bd:clinical_start=reads.",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="Reused when given (cohort and runs).")
     parser.add_argument("--out", default=str(RESULTS / "small_cohort.json"))
@@ -92,15 +101,18 @@ def main() -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bidistill-small-cohort-"))
     config = make_cohort(workdir, args.patients)
     training, options = _key_values(args.training), _key_values(args.option)
-    labels = args.methods.split(",") if args.methods else list_methods()
-    if "wsi-only" not in labels:
-        labels.append("wsi-only")
+    methods = args.methods.split(",") if args.methods else list_methods()
+    entries = {m: (m, options) for m in [*methods, "wsi-only"]}
+    for entry in args.entry:
+        label, name, *rest = entry.split(":")
+        entries[label] = (name, options | _key_values(rest[0].split(",") if rest else []))
+    labels = list(entries)
     settings = sorted((training | options).items())
     runs = workdir / ("runs-" + ",".join(f"{k}={v}" for k, v in settings))
     os.environ["BIDISTILL_SUITE_WORKDIR"] = str(runs)
     tasks = [
-        (GENERATOR, label, label, options, seed, str(config), training)
-        for label in labels
+        (GENERATOR, label, name, entry_options, seed, str(config), training)
+        for label, (name, entry_options) in entries.items()
         for seed in range(args.seeds)
     ]
     run_tasks(tasks, args.workers)

@@ -156,15 +156,18 @@ def test_a_silent_clinical_start_reads_the_slides_alone_until_trained(name, bag_
     assert not torch.allclose(*logits(silent))
 
 
+@pytest.mark.parametrize("start", ["slides", "reads"])
 @pytest.mark.parametrize("name", list_methods())
-def test_only_a_slides_start_puts_the_slides_stage_first(name):
+def test_only_a_slides_start_puts_the_slides_stage_first(name, start):
     """``clinical_start: slides`` runs a stage ``slides`` before the method's own stages on
-    every method with a fused slide read (the fusing ones), and changes nothing on the others;
-    without it the trainer runs the method's own stages."""
-    plain, slides = build(name), build(name, clinical_start="slides")
+    every method with a fused slide read (the fusing ones), ``reads`` a stage ``clinical``
+    after it, and neither changes anything on the others; without them the trainer runs the
+    method's own stages."""
+    plain, slides = build(name), build(name, clinical_start=start)
     assert plain.training_stages() == plain.stages()
     own = [s.name for s in slides.stages()]
-    expected = ["slides", *own] if name in FUSING else own
+    reads = ["slides", "clinical"] if start == "reads" else ["slides"]
+    expected = [*reads, *own] if name in FUSING else own
     assert [s.name for s in slides.training_stages()] == expected
     # The stage after the slides stage, and only it, counts its start (the read) as epoch 0.
     candidates = [s.name for s in slides.training_stages() if s.start_is_candidate]
@@ -206,11 +209,66 @@ def test_the_slides_stage_trains_the_fused_slide_read_alone(name):
 
 
 @pytest.mark.parametrize("name", FUSING)
-def test_the_own_stages_start_from_the_slide_read(name):
-    """With ``clinical_start: slides`` the fusion heads start silent: until the method's own
-    stages train, a patient with clinical data gets exactly what the slides stage selected
-    (the fused read with the clinical embedding at zero)."""
-    method = build(name, clinical_start="slides", dropout=0.0).eval()
+def test_the_clinical_stage_trains_the_fused_clinical_embedding_alone(name):
+    """``clinical_start: reads``: in the clinical stage the method predicts from the clinical
+    data alone (other slides change nothing), through the clinical embedding its fusion head
+    reads and a linear read of its own; its loss is the cross-entropy over the patients with
+    clinical data, and only that embedding and its read train. The own stages leave the read
+    alone and train the embedding inside the fused model."""
+    method = build(name, clinical_start="reads", dropout=0.0)
+    method.set_stage("clinical")
+    batch = make_batch(b=8)
+    other_slides = replace(batch, bags=make_batch(b=8, seed=1).bags)
+    with torch.no_grad():
+        method.eval()
+        torch.testing.assert_close(method(batch).logits, method(other_slides).logits)
+    method.train()
+    out = method(batch)
+    terms = method.training_loss(batch, out)
+    expected = method.ce(out.logits, batch.labels, batch.clinical_present)
+    torch.testing.assert_close(terms["total"], expected)
+    terms["total"].backward()
+    clinical = {
+        f"{m}.{k}"
+        for m in (*method.fused_clinical, "clinical_read")
+        for k, _ in method.get_submodule(m).named_parameters()
+    }
+    trained = {n for n, p in method.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    assert trained == clinical and trainable == clinical
+
+    method.zero_grad()
+    method.set_stage(method.stages()[0].name)
+    assert not any(p.requires_grad for p in method.clinical_read.parameters())
+    with torch.no_grad():  # a head that reads the clinical embedding (the silent one does not)
+        for name_, p in method.named_parameters():
+            if "head" in name_ and p.dim() == 2:
+                p.normal_(0, 0.5)
+    method.loss(batch, method(batch))["total"].backward()
+    embedding = [method.get_submodule(m) for m in method.fused_clinical]
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for m in embedding for p in m.parameters()
+    )
+
+
+@pytest.mark.parametrize("name", FUSING)
+def test_a_reads_start_draws_the_same_weights_as_a_slides_start(name):
+    """The clinical stage's read is built after the method, so the two starts' slides stages
+    begin from the same weights (and train the same): they differ only by the clinical stage."""
+    slides = build(name, clinical_start="slides").state_dict()
+    reads = build(name, clinical_start="reads").state_dict()
+    assert set(reads) - set(slides) == {"clinical_read.weight", "clinical_read.bias"}
+    for key, value in slides.items():
+        torch.testing.assert_close(reads[key], value)
+
+
+@pytest.mark.parametrize("start", ["slides", "reads"])
+@pytest.mark.parametrize("name", FUSING)
+def test_the_own_stages_start_from_the_slide_read(name, start):
+    """With ``clinical_start: slides`` (or ``reads``) the fusion heads start silent: until the
+    method's own stages train, a patient with clinical data gets exactly what the slides stage
+    selected (the fused read with the clinical embedding at zero)."""
+    method = build(name, clinical_start=start, dropout=0.0).eval()
     batch = make_batch(b=8, present=torch.ones(8, dtype=torch.bool))
     with torch.no_grad():
         method.set_stage("slides")

@@ -53,16 +53,19 @@ def test_loaded_method_reproduces_the_saved_predictions(trained_run, tiny_cohort
 
 
 @pytest.mark.slow
-def test_a_slides_start_run_loads_back_and_reproduces_its_predictions(tiny_cohort, tmp_path):
-    """A method trained with ``clinical_start: slides`` loads in its last own stage (not the
-    slides stage: the fused prediction) and predicts what training saved."""
+@pytest.mark.parametrize("start", ["slides", "reads"])
+def test_a_slides_start_run_loads_back_and_reproduces_its_predictions(tiny_cohort, tmp_path, start):
+    """A method trained with ``clinical_start: slides`` (or ``reads``, whose clinical read is
+    saved with it) loads in its last own stage (not a read's stage: the fused prediction) and
+    predicts what training saved."""
     config = fast_config(tiny_cohort, epochs=3, patience=3)
     cohort = load_cohort(config.cohort)
     splits = resolve_splits(cohort, config.cohort.splits, tmp_path / "splits.json")
-    method_cfg = MethodConfig(name="bd", clinical_start="slides")
+    method_cfg = MethodConfig(name="bd", clinical_start=start)
     method_dir = train_method(config, method_cfg, tmp_path, cohort=cohort, splits=splits)
     method, encoder, _ = load_trained(method_dir)
     assert method.stage == "joint" and method.training_stages()[0].name == "slides"
+    assert hasattr(method, "clinical_read") == (start == "reads")
     test, bag_list, rows = saved_test_patients(method_dir, config, cohort)
     present = predict_bags(method, bag_list, encoder.transform(rows))
     absent = predict_bags(method, bag_list, encoder.missing_row(len(test)))

@@ -142,21 +142,31 @@ def test_a_resumed_run_continues_the_schedule_and_the_optimiser(resumed, uninter
     pd.testing.assert_frame_equal(log[losses], reference[losses])
 
 
-def test_a_run_stopped_after_the_slides_stage_resumes_in_the_next(cohort_config, tmp_path):
-    """``clinical_start: slides`` adds a stage before BD's joint one: a run stopped in the
-    joint stage's second epoch trains that epoch and no slides epoch again, and ends with the
-    weights of an uninterrupted run."""
+@pytest.mark.parametrize(
+    ("start", "stop_at", "redone"),
+    [
+        ("slides", ("bd/joint", 2), [("bd/joint", 2)]),
+        ("reads", ("bd/clinical", 2), [("bd/clinical", 2), ("bd/joint", 1), ("bd/joint", 2)]),
+    ],
+)
+def test_a_run_stopped_after_the_slides_stage_resumes_in_the_next(
+    cohort_config, tmp_path, start, stop_at, redone
+):
+    """``clinical_start: slides`` adds a stage before BD's joint one (``reads`` two): a run
+    stopped in a later stage's second epoch trains from that epoch on and no earlier epoch
+    again, and ends with the weights of an uninterrupted run."""
     raw = yaml.safe_load(cohort_config.read_text(encoding="utf-8"))
-    raw["methods"][0]["clinical_start"] = "slides"
+    raw["methods"][0]["clinical_start"] = start
     raw["training"]["epochs"] = 2
-    config = cohort_config.with_name("slides-start.yaml")  # beside its cohort table
+    config = cohort_config.with_name(f"{start}-start.yaml")  # beside its cohort table
     config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    reads = ["slides", "clinical"] if start == "reads" else ["slides"]
     started: list[tuple[str, int]] = []
-    stop_at = None
+    stop = None
     original = EpochBar.start_epoch
 
     def start_epoch(self, epoch: int, *args, **kwargs) -> None:
-        if (self.label, epoch) == stop_at:
+        if (self.label, epoch) == stop:
             raise KeyboardInterrupt
         started.append((self.label, epoch))
         original(self, epoch, *args, **kwargs)
@@ -164,17 +174,18 @@ def test_a_run_stopped_after_the_slides_stage_resumes_in_the_next(cohort_config,
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(EpochBar, "start_epoch", start_epoch)
         whole = train_bd(config, tmp_path / "whole")
-        assert started == [("bd/slides", 1), ("bd/slides", 2), ("bd/joint", 1), ("bd/joint", 2)]
+        assert started == [(f"bd/{stage}", e) for stage in [*reads, "joint"] for e in (1, 2)]
         started.clear()
-        stop_at = ("bd/joint", 2)
+        stop = stop_at
         with pytest.raises(KeyboardInterrupt):
             train_bd(config, tmp_path / "stopped")
-        stop_at = None
+        stop = None
         started.clear()
         resumed = train_bd(config, tmp_path / "stopped")
-    assert started == [("bd/joint", 2)]
+    assert started == redone
     expected = load_file(str(whole / "model.safetensors"))
     got = load_file(str(resumed / "model.safetensors"))
     assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
     log = pd.read_csv(resumed / "train_log.csv")
-    assert log["stage"].tolist() == ["slides"] * 2 + ["joint"] * 3  # joint 0: the start
+    expected_stages = [stage for stage in reads for _ in (1, 2)] + ["joint"] * 3
+    assert log["stage"].tolist() == expected_stages  # joint 0: the start

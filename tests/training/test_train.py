@@ -305,6 +305,49 @@ def test_a_slides_start_trains_the_slide_read_first(tiny_cohort, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_reads_start_trains_the_clinical_read_second(tiny_cohort, tmp_path):
+    """`clinical_start: reads` through the real training loop: the slides stage, then a stage
+    `clinical` on the clinical data alone (without it every patient gets the same prediction),
+    which trains the fused model's clinical encoder and nothing of its slide read; the fused
+    stage starts from the slide read (epoch 0 as with `slides`), and a rerun gives the same
+    numbers."""
+    config = fast_config(tiny_cohort, epochs=3, patience=3)
+    cohort = load_cohort(config.cohort)
+    splits = resolve_splits(cohort, config.cohort.splits, tmp_path / "splits.json")
+    slides_dir = train_method(
+        config,
+        MethodConfig(name="fusion-mean", clinical_start="slides"),
+        tmp_path / "slides",
+        cohort=cohort,
+        splits=splits,
+    )
+    method_cfg = MethodConfig(name="fusion-mean", clinical_start="reads")
+    first = train_method(config, method_cfg, tmp_path / "first", cohort=cohort, splits=splits)
+    log = pd.read_csv(first / "train_log.csv")
+    assert log["stage"].tolist() == ["slides"] * 3 + ["clinical"] * 3 + ["main"] * 4
+    clinical = log[log["stage"] == "clinical"]
+    assert clinical["loss_ce_clinical"].gt(0).all()
+    assert (clinical["val_auc_absent"] == 0.5).all()
+    # The same slides stage as `slides` (the clinical read is built after the method), and the
+    # fused stage's epoch 0 is that read again: the clinical stage left it alone.
+    before = pd.read_csv(slides_dir / "train_log.csv")
+    timing = ["seconds"]
+    pd.testing.assert_frame_equal(
+        log[log["stage"] == "slides"].drop(columns=timing).dropna(axis=1, how="all"),
+        before[before["stage"] == "slides"].drop(columns=timing).dropna(axis=1, how="all"),
+    )
+    start = log[log["stage"] == "main"].iloc[0]
+    start_before = before[before["stage"] == "main"].iloc[0]
+    assert start["epoch"] == 0
+    assert start["val_auc_with_clinical"] == start_before["val_auc_with_clinical"]
+
+    again = train_method(config, method_cfg, tmp_path / "again", cohort=cohort, splits=splits)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(again / "train_log.csv").drop(columns=timing), log.drop(columns=timing)
+    )
+
+
+@pytest.mark.slow
 def test_a_fused_stage_that_never_beats_the_slide_read_keeps_it(tiny_cohort, tmp_path):
     """The fused stage after the slides stage counts its start (the selected slide read, its
     clinical columns silent) as epoch 0: where no fused epoch beats it on the validation

@@ -20,8 +20,11 @@ from bidistill.models.blocks import FusionHead, FusionModel, WSIClassifier
 
 Selection = Literal["present", "absent", "routed"]
 
-# The stage ``clinical_start: slides`` puts first: the fused slide read trained alone.
+# The stage ``clinical_start: slides`` (and ``reads``) puts first: the fused slide read alone.
 SLIDES_STAGE = "slides"
+# The stage ``clinical_start: reads`` puts second: the fused clinical embedding with a linear
+# read of its own, trained alone.
+CLINICAL_STAGE = "clinical"
 
 
 class MethodOptions(BaseModel):
@@ -59,7 +62,7 @@ class MethodOptions(BaseModel):
         "clinical subtype that changes how much the slides matter). Heatmaps are unchanged: "
         "they draw the pooling's weights.",
     )
-    clinical_start: Literal["random", "silent", "slides"] = Field(
+    clinical_start: Literal["random", "silent", "slides", "reads"] = Field(
         default="random",
         description="How a fusion head starts reading the clinical embedding: random weights; "
         "silent (zero weights: the untrained head reads the slides alone, and the clinical "
@@ -67,8 +70,11 @@ class MethodOptions(BaseModel):
         "first stage trains the fused slide read alone, the aggregator and the fusion head "
         "with the clinical embedding at zero, on every patient, selected on the val AUC "
         "without clinical data; the method's own stages start from it, silent, so that the "
-        "clinical data cannot cut short what the slides have to teach). Methods with no fused "
-        "slide read (wsi-only, ensemble, clinical-only) ignore it.",
+        "clinical data cannot cut short what the slides have to teach); or reads (as slides, "
+        "then a second stage trains the clinical embedding the fusion head reads, with a "
+        "linear read of its own, on the patients with clinical data, so that neither modality "
+        "is learned in the other's shadow). Methods with no fused slide read (wsi-only, "
+        "ensemble, clinical-only) ignore it.",
     )
 
 
@@ -123,6 +129,9 @@ class Method(nn.Module):
     # The submodules of the fused slide read (the aggregator and fusion head that the fused
     # prediction goes through; ``read_slides``): what the slides stage trains. Empty: none.
     fused_read: ClassVar[tuple[str, ...]] = ()
+    # The submodules that make the clinical embedding the fused head reads
+    # (``embed_clinical_read``): what the clinical stage trains, with ``clinical_read``.
+    fused_clinical: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, dims: MethodDims, options: MethodOptions):
         super().__init__()
@@ -145,15 +154,22 @@ class Method(nn.Module):
 
     @property
     def slides_first(self) -> bool:
-        return bool(self.fused_read) and self.options.clinical_start == "slides"
+        return bool(self.fused_read) and self.options.clinical_start in ("slides", "reads")
+
+    @property
+    def clinical_second(self) -> bool:
+        return bool(self.fused_clinical) and self.options.clinical_start == "reads"
 
     def training_stages(self) -> list[Stage]:
-        """What the trainer runs: the slides stage first with ``clinical_start: slides``,
-        then the method's own stages."""
+        """What the trainer runs: the slides stage first with ``clinical_start: slides`` (and
+        the clinical stage after it with ``reads``), then the method's own stages."""
         own = self.stages()
         if not self.slides_first:
             return own
-        return [Stage(SLIDES_STAGE, "absent"), replace(own[0], start_is_candidate=True), *own[1:]]
+        reads = [Stage(SLIDES_STAGE, "absent")]
+        if self.clinical_second:
+            reads.append(Stage(CLINICAL_STAGE, "present"))
+        return [*reads, replace(own[0], start_is_candidate=True), *own[1:]]
 
     def set_stage(self, name: str) -> None:
         names = [s.name for s in self.training_stages()]
@@ -167,10 +183,16 @@ class Method(nn.Module):
             p.requires_grad_(False)
 
     def held_in(self, stage: str) -> list[nn.Parameter]:
-        """The parameters ``stage`` does not train (the slides stage: all but the fused read)."""
-        if stage != SLIDES_STAGE:
-            return []
-        inside = {id(p) for m in self.fused_read for p in self.get_submodule(m).parameters()}
+        """The parameters ``stage`` does not train: the slides stage trains only the fused slide
+        read, the clinical stage only the fused clinical embedding and its read, and the own
+        stages leave that read (which they do not use) alone."""
+        if stage == SLIDES_STAGE:
+            trained = self.fused_read
+        elif stage == CLINICAL_STAGE:
+            trained = (*self.fused_clinical, "clinical_read")
+        else:
+            return list(self.clinical_read.parameters()) if self.clinical_second else []
+        inside = {id(p) for m in trained for p in self.get_submodule(m).parameters()}
         return [p for p in self.parameters() if id(p) not in inside]
 
     def __call__(self, batch: Batch) -> Output:
@@ -178,6 +200,9 @@ class Method(nn.Module):
         # and the selection (val AUC without clinical data) both see it.
         if self.stage == SLIDES_STAGE:
             return self.read_slides(batch)
+        if self.stage == CLINICAL_STAGE:
+            e = self.embed_clinical_read(batch.clinical)
+            return Output(self.clinical_read(e), None, {"e": e})
         return super().__call__(batch)
 
     def read_slides(self, batch: Batch) -> Output:
@@ -187,12 +212,34 @@ class Method(nn.Module):
         fusion_model = self.get_submodule(self.fused_read[0].removesuffix(".aggregator"))
         return fusion_model.read_slides(batch)
 
+    def embed_clinical_read(self, clinical: Tensor) -> Tensor:
+        """The clinical embedding the fusion head reads (``fused_clinical``'s path): by default
+        the output of its one module; ShaSpec's is built otherwise."""
+        return self.get_submodule(self.fused_clinical[0])(clinical)
+
+    @property
+    def clinical_embedding_dim(self) -> int:
+        """The width of ``embed_clinical_read``'s embedding."""
+        return self.get_submodule(self.fused_clinical[0]).out_dim
+
+    def add_clinical_read(self) -> None:
+        """Build the clinical stage's linear read of the fused clinical embedding (``reads``
+        only: no parameters otherwise). ``create_method`` calls it once the method is built,
+        and its draws leave the random state as they found it, so that the method's modules
+        start, and its slides stage trains, as with ``clinical_start: slides``."""
+        if self.clinical_second:
+            with torch.random.fork_rng(devices=[]):
+                self.clinical_read = nn.Linear(self.clinical_embedding_dim, self.n_classes)
+
     def training_loss(self, batch: Batch, output: Output) -> dict[str, Tensor]:
         """The terms the trainer minimises: ``loss``, or in the slides stage the fused slide
         read's cross-entropy over every patient."""
         if self.stage == SLIDES_STAGE:
             ce = self.ce(output.logits, batch.labels)
             return {"ce_slides": ce, "total": ce}
+        if self.stage == CLINICAL_STAGE:
+            ce = self.ce(output.logits, batch.labels, batch.clinical_present)
+            return {"ce_clinical": ce, "total": ce}
         return self.loss(batch, output)
 
     def set_class_weights(self, weights: Tensor) -> None:

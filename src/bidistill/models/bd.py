@@ -127,6 +127,7 @@ class BidirectionalDistillation(Method):
 
     Options = BDOptions
     fused_read = ("aggregator_multi", "head_multi")
+    fused_clinical = ("clinical",)
 
     def __init__(self, dims: MethodDims, options: BDOptions):
         super().__init__(dims, options)

@@ -33,6 +33,7 @@ class Switch(Method):
     """
 
     fused_read = ("fusion.aggregator", "fusion.head")
+    fused_clinical = ("fusion.clinical",)
 
     def __init__(self, dims: MethodDims, options: MethodOptions):
         super().__init__(dims, options)
@@ -117,6 +118,7 @@ class OneWayKD(Method):
 
     Options = KDOptions
     fused_read = ("teacher.aggregator", "teacher.head")
+    fused_clinical = ("teacher.clinical",)
 
     def __init__(self, dims: MethodDims, options: KDOptions):
         super().__init__(dims, options)

@@ -20,6 +20,7 @@ class OneFusionModel(Method):
     """A method built on one ``FusionModel``: its aggregator and head are the fused slide read."""
 
     fused_read = ("model.aggregator", "model.head")
+    fused_clinical = ("model.clinical",)
 
     def __init__(self, dims: MethodDims, options: MethodOptions):
         super().__init__(dims, options)

@@ -78,7 +78,9 @@ def create_method(
         patch_encoder=patch_encoder,
         n_classes=int(n_classes),
     )
-    return get_method_class(name)(dims, validated)
+    method = get_method_class(name)(dims, validated)
+    method.add_clinical_read()
+    return method
 
 
 def validate_options(name: str, options: dict[str, Any]) -> Any:

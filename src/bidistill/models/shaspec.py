@@ -45,6 +45,8 @@ class ShaSpec(Method):
 
     Options = ShaSpecOptions
     fused_read = ("aggregator", "shared", "specific_wsi", "fuse_wsi", "head")
+    # ``shared`` is the slide read's too: the clinical stage holds it.
+    fused_clinical = ("clinical_stem", "specific_clinical", "fuse_clinical")
 
     def __init__(self, dims: MethodDims, options: ShaSpecOptions):
         super().__init__(dims, options)
@@ -66,6 +68,22 @@ class ShaSpec(Method):
         f_wsi = shared_wsi + self.fuse_wsi(torch.cat([shared_wsi, specific_wsi], dim=-1))
         return f_wsi, shared_wsi, specific_wsi
 
+    def _clinical_feature(self, stem_clinical: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """f_C, with shared_C and specific_C."""
+        shared_clinical = self.shared(stem_clinical)
+        specific_clinical = self.specific_clinical(stem_clinical)
+        f_clinical = shared_clinical + self.fuse_clinical(
+            torch.cat([shared_clinical, specific_clinical], dim=-1)
+        )
+        return f_clinical, shared_clinical, specific_clinical
+
+    @property
+    def clinical_embedding_dim(self) -> int:
+        return self.aggregator.out_dim
+
+    def embed_clinical_read(self, clinical: Tensor) -> Tensor:
+        return self._clinical_feature(self.clinical_stem(clinical))[0]
+
     def read_slides(self, batch: Batch) -> Output:
         agg = self.aggregator(batch.bags, batch.tile_valid)
         f_wsi = self._wsi_feature(agg.embedding)[0]
@@ -75,11 +93,7 @@ class ShaSpec(Method):
         agg = self.aggregator(batch.bags, batch.tile_valid)
         stem_wsi, stem_clinical = agg.embedding, self.clinical_stem(batch.clinical)
         f_wsi, shared_wsi, specific_wsi = self._wsi_feature(stem_wsi)
-        shared_clinical = self.shared(stem_clinical)
-        specific_clinical = self.specific_clinical(stem_clinical)
-        f_clinical = shared_clinical + self.fuse_clinical(
-            torch.cat([shared_clinical, specific_clinical], dim=-1)
-        )
+        f_clinical, shared_clinical, specific_clinical = self._clinical_feature(stem_clinical)
         absent = self.drop_modality(batch.clinical_present, self.options.drop_rate)
         f_clinical = torch.where(absent[:, None], shared_wsi, f_clinical)
         extras = {
