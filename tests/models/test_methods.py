@@ -174,6 +174,18 @@ def test_only_a_slides_start_puts_the_slides_stage_first(name, start):
     assert candidates == (own[:1] if name in FUSING else [])
 
 
+def _predicts_alike(method, batch, changed) -> None:
+    """The method (in eval mode) gives ``batch`` and ``changed`` the same logits; left training."""
+    with torch.no_grad():
+        method.eval()
+        torch.testing.assert_close(method(batch).logits, method(changed).logits)
+    method.train()
+
+
+def _parameter_names(method, modules) -> set[str]:
+    return {f"{m}.{k}" for m in modules for k, _ in method.get_submodule(m).named_parameters()}
+
+
 @pytest.mark.parametrize("name", FUSING)
 def test_the_slides_stage_trains_the_fused_slide_read_alone(name):
     """In the slides stage the method predicts every patient with its fused slide read (the
@@ -187,17 +199,12 @@ def test_the_slides_stage_trains_the_fused_slide_read_alone(name):
     batch = make_batch(b=8)
     other = make_batch(b=8, seed=1)
     blanked = replace(batch, clinical=other.clinical, clinical_present=~batch.clinical_present)
-    with torch.no_grad():
-        method.eval()
-        torch.testing.assert_close(method(batch).logits, method(blanked).logits)
-    method.train()
+    _predicts_alike(method, batch, blanked)
     out = method(batch)
     terms = method.training_loss(batch, out)
     torch.testing.assert_close(terms["total"], method.ce(out.logits, batch.labels))
     terms["total"].backward()
-    read = {
-        f"{m}.{k}" for m in method.fused_read for k, _ in method.get_submodule(m).named_parameters()
-    }
+    read = _parameter_names(method, method.fused_read)
     trained = {n for n, p in method.named_parameters() if p.grad is not None}
     trainable = {n for n, p in method.named_parameters() if p.requires_grad}
     assert trained and trained <= read and trainable <= read
@@ -218,21 +225,13 @@ def test_the_clinical_stage_trains_the_fused_clinical_embedding_alone(name):
     method = build(name, clinical_start="reads", dropout=0.0)
     method.set_stage("clinical")
     batch = make_batch(b=8)
-    other_slides = replace(batch, bags=make_batch(b=8, seed=1).bags)
-    with torch.no_grad():
-        method.eval()
-        torch.testing.assert_close(method(batch).logits, method(other_slides).logits)
-    method.train()
+    _predicts_alike(method, batch, replace(batch, bags=make_batch(b=8, seed=1).bags))
     out = method(batch)
     terms = method.training_loss(batch, out)
     expected = method.ce(out.logits, batch.labels, batch.clinical_present)
     torch.testing.assert_close(terms["total"], expected)
     terms["total"].backward()
-    clinical = {
-        f"{m}.{k}"
-        for m in (*method.fused_clinical, "clinical_read")
-        for k, _ in method.get_submodule(m).named_parameters()
-    }
+    clinical = _parameter_names(method, (*method.fused_clinical, "clinical_read"))
     trained = {n for n, p in method.named_parameters() if p.grad is not None}
     trainable = {n for n, p in method.named_parameters() if p.requires_grad}
     assert trained == clinical and trainable == clinical
